@@ -1,0 +1,173 @@
+"""The `qandc` command line. Expected failures print one line on stderr and exit 2; `--debug` shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .artifacts import atomic_path, sha256_file, write_json
+from .errors import QandcError
+
+
+def library_versions() -> dict:
+    return {"qandc": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise QandcError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QandcError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_init(args) -> None:
+    """Write a randomly initialised DiT checkpoint (original format + sidecar)."""
+    from .model import initialize_weights, named_config, save_checkpoint
+    from .model.dit import DiT
+
+    try:
+        config = named_config(args.config, input_size=args.input_size, in_channels=args.in_channels,
+                              num_classes=args.num_classes, guidance=args.guidance)
+    except ValueError as e:
+        raise QandcError(str(e)) from None
+    model = initialize_weights(DiT(config), seed=args.seed, zero_init=not args.nonzero)
+    record = {"init": {"config_name": args.config, "seed": args.seed, "nonzero": args.nonzero,
+                       "note": "random weights: not a trained model"}}
+    save_checkpoint(model, args.out, record)
+    print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
+
+
+def cmd_generate(args) -> None:
+    """Sample images for the given labels and write grid.png, samples.npz and config.json."""
+    from .images import IMAGE_CHANNELS, decode_latents, save_grid, to_uint8
+    from .model import load_checkpoint
+    from .sampling import CachePlan, check_labels, sample
+
+    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+    model = load_checkpoint(args.checkpoint, **overrides)
+    plan = CachePlan.parse(args.cache)
+    labels = check_labels(args.labels, model.config.num_classes)
+    plan.full_steps(args.steps)
+    plan.reuse_set(model.branch_names)
+    device = _device(args.device)
+    model.to(device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise QandcError(f"{out}: exists and is not a directory")
+    batches = []
+    for start in range(0, len(labels), args.batch_size):
+        print(f"batch {start // args.batch_size + 1}/{-(-len(labels) // args.batch_size)}", file=sys.stderr)
+        batches.append(sample(model, labels[start:start + args.batch_size], args.steps, args.sampler,
+                              args.cfg_scale, seed=args.seed, plan=plan, eta=args.eta, first_index=start,
+                              progress=True).cpu())
+    samples = torch.cat(batches)
+    channels = model.config.in_channels
+    images = None
+    if args.vae:
+        images = decode_latents(samples.to(device), args.vae).cpu()
+    elif channels in IMAGE_CHANNELS:
+        images = samples
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "samples.npz") as tmp:
+        buffer = io.BytesIO()
+        np.savez(buffer, samples=samples.numpy().astype(np.float32), labels=labels.numpy())
+        tmp.write_bytes(buffer.getvalue())
+    if images is not None:
+        save_grid(to_uint8(images), out / "grid.png")
+    write_json(out / "config.json", {
+        "command": "generate", "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": _checkpoint_hash(args.checkpoint),
+        "model": model.config.to_dict(), "guidance": model.config.guidance, "labels": labels.tolist(),
+        "steps": args.steps, "sampler": args.sampler, "eta": args.eta, "cfg_scale": args.cfg_scale,
+        "seed": args.seed, "plan": plan.to_dict(), "noise_keying": "per sample: generator keyed by (seed, index)",
+        "vae": args.vae, "device": str(device), "versions": library_versions(),
+    })
+    if images is None:
+        print(f"{channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without --vae DIR",
+              file=sys.stderr)
+    print(f"wrote {out}")
+
+
+def _checkpoint_hash(path: str) -> str:
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    return {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qandc", description="Post-training quantization plus feature caching (Q&C) for Diffusion Transformers.")
+    parser.add_argument("--version", action="version", version=f"qandc {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a randomly initialised DiT checkpoint",
+                       description=cmd_init.__doc__)
+    p.add_argument("--config", default="DiT-S/2", help="DiT paper config name, e.g. DiT-XL/2 (default DiT-S/2)")
+    p.add_argument("--input-size", type=int, default=32, help="spatial size of the model input (default 32)")
+    p.add_argument("--in-channels", type=int, default=4, help="input channels (default 4, as latent DiTs)")
+    p.add_argument("--num-classes", type=int, default=1000, help="number of classes (default 1000)")
+    p.add_argument("--guidance", choices=["first3", "all"], default="first3",
+                   help="CFG mode: first3 (original DiT) or all predicted-noise channels (diffusers)")
+    p.add_argument("--nonzero", action="store_true",
+                   help="random instead of zero adaLN and final layers, so outputs are not trivially zero")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--out", required=True, help="checkpoint path to write (a sidecar .json goes beside it)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("generate", help="sample images from a DiT",
+                       description=cmd_generate.__doc__ + " Sample i's noise is keyed by (seed, i).")
+    p.add_argument("--checkpoint", required=True,
+                   help="original DiT checkpoint (.pt) or diffusers DiTTransformer2DModel directory")
+    p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+    p.add_argument("--labels", type=_int_list, default=[0, 1, 2, 3], help="comma-separated class labels")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced from 1000 (default 50)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 = off")
+    p.add_argument("--cache", default="none",
+                   help="none | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1] | PLAN.json")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="labels per batch (default 64)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL directory to decode latents into images")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except QandcError as e:
+        if args.debug:
+            raise
+        print(f"qandc: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

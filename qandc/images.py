@@ -1,0 +1,49 @@
+"""Turning model outputs into images: pixel-space samples directly, latents through a local diffusers VAE."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .artifacts import atomic_path
+from .errors import QandcError
+
+IMAGE_CHANNELS = (1, 3)
+LATENT_SCALE = 0.18215  # the Stable Diffusion VAE's latent scale, as DiT uses it
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def decode_latents(latents: torch.Tensor, vae_dir: str | Path) -> torch.Tensor:
+    """Decode DiT latents with a local diffusers AutoencoderKL directory (diffusers is optional)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise QandcError("--vae needs the optional dependency diffusers (pip install diffusers)") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).to(latents.device).eval()
+    except (OSError, ValueError) as e:
+        raise QandcError(f"{vae_dir}: not a local diffusers AutoencoderKL ({str(e).splitlines()[0][:160]})") from None
+    with torch.no_grad():
+        return vae.decode(latents / LATENT_SCALE).sample
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None) -> None:
+    """Tile (N, H, W, C) uint8 images into one PNG, atomically."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp, format="PNG")

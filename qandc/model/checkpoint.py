@@ -1,0 +1,187 @@
+"""Loading and saving DiT weights.
+
+Sources read by `load_checkpoint`:
+- an original facebookresearch/DiT checkpoint: a plain state dict (as the released `DiT-XL-2-256x256.pt`) or a
+  training checkpoint holding `ema` / `model` (and `opt`, `args`); the architecture is inferred from tensor shapes;
+- a diffusers `DiTTransformer2DModel` directory (config.json + safetensors), mapped onto the same module.
+A sidecar `<name>.json` beside an original-format file, when present, supplies what shapes cannot tell (heads,
+guidance mode, ...) under the key "model"; keyword overrides win over both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..artifacts import atomic_path, write_json
+from ..errors import QandcError
+from .dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed
+
+HEADS_BY_HIDDEN = {cfg["hidden_size"]: cfg["num_heads"] for cfg in DIT_CONFIGS.values()}
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def load_checkpoint(path: str | Path, **overrides) -> DiT:
+    """Load a DiT in eval mode, float32, from an original checkpoint file or a diffusers directory."""
+    path = Path(path)
+    if not path.exists():
+        raise QandcError(f"{path}: no such file or directory")
+    if path.is_dir():
+        config, state = _read_diffusers(path)
+    else:
+        config, state = _read_original(path)
+    config = {**config, **overrides}
+    if "num_heads" not in config:
+        raise QandcError(f"{path}: hidden size {config['hidden_size']} matches no named DiT config: "
+                         "give the number of heads (num_heads= / --num-heads)")
+    try:
+        config = DiTConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise QandcError(f"{path}: {e}") from None
+    model = DiT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
+        raise QandcError(f"{path}: weights do not fit the inferred DiT ({what})")
+    return model.float().eval()
+
+
+def save_checkpoint(model: DiT, path: str | Path, record: dict | None = None) -> None:
+    """Write the weights as an original-format plain state dict, and the sidecar JSON (config + `record`)."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    write_json(sidecar_path(path), {"model": model.config.to_dict(), **(record or {})})
+
+
+def _torch_load(path: Path) -> dict:
+    # Original training checkpoints carry their argparse namespace; allow that and nothing else beyond tensors.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        raise QandcError(f"{path}: refused: the file holds Python objects beyond weights ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise QandcError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(obj, dict):
+        raise QandcError(f"{path}: not a DiT checkpoint (holds a {type(obj).__name__}, expected a state dict)")
+    return obj
+
+
+def _read_original(path: Path) -> tuple[dict, dict]:
+    obj = _torch_load(path)
+    state = obj.get("ema", obj.get("model", obj))
+    if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
+        raise QandcError(f"{path}: not a DiT checkpoint (no x_embedder.proj.weight; keys: "
+                         f"{', '.join(list(obj)[:4])})")
+    config = _infer_config(state, path)
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        try:
+            config.update(json.loads(sidecar.read_text()).get("model", {}))
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise QandcError(f"{sidecar}: not a valid sidecar JSON ({e})") from None
+    return config, state
+
+
+def _infer_config(state: dict, path: Path) -> dict:
+    """Architecture from tensor shapes (heads from the DiT config with that hidden size)."""
+    try:
+        hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+        num_tokens = state["pos_embed"].shape[1]
+        num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+        mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise QandcError(f"{path}: not a DiT checkpoint (cannot read its shapes: {e})") from None
+    grid = int(round(num_tokens ** 0.5))
+    config = dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+                  depth=depth, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
+                  learn_sigma=out_channels == 2 * in_channels)
+    if hidden in HEADS_BY_HIDDEN:
+        config["num_heads"] = HEADS_BY_HIDDEN[hidden]
+    return config
+
+
+def _read_diffusers(path: Path) -> tuple[dict, dict]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QandcError(f"{path}: a directory, but not a diffusers model (no config.json)")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise QandcError(f"{config_file}: not valid JSON ({e})") from None
+    if cfg.get("_class_name") not in DIFFUSERS_CLASSES or cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+        raise QandcError(f"{config_file}: not a diffusers DiT (class {cfg.get('_class_name')!r}, "
+                         f"norm {cfg.get('norm_type')!r})")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise QandcError(f"{path}: no .safetensors weights")
+    src = {}
+    for file in files:
+        try:
+            src.update(load_file(file))
+        except Exception as e:  # safetensors raises its own types for every kind of damage
+            raise QandcError(f"{file}: not readable safetensors ({str(e).splitlines()[0][:160]})") from None
+    in_channels = cfg.get("in_channels", 4)
+    out_channels = cfg.get("out_channels") or in_channels
+    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    config = dict(input_size=cfg["sample_size"], patch_size=cfg["patch_size"], in_channels=in_channels,
+                  hidden_size=hidden, depth=cfg["num_layers"], num_heads=cfg["num_attention_heads"],
+                  num_classes=cfg["num_embeds_ada_norm"], learn_sigma=out_channels == 2 * in_channels,
+                  freq_shift=1, mlp_norm_eps=cfg.get("norm_eps", 1e-5), guidance="all")
+    try:
+        state = _map_diffusers(src, cfg["num_layers"])
+    except KeyError as e:
+        raise QandcError(f"{path}: not a diffusers DiT (missing {e.args[0]})") from None
+    config["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    grid = cfg["sample_size"] // cfg["patch_size"]
+    state["pos_embed"] = torch.from_numpy(sincos_pos_embed(hidden, grid)).float().unsqueeze(0)
+    if not config["learn_sigma"] and out_channels != in_channels:
+        raise QandcError(f"{path}: {out_channels} output channels for {in_channels} input channels")
+    return config, state
+
+
+def _map_diffusers(src: dict, depth: int) -> dict:
+    """diffusers DiT keys -> original DiT keys. diffusers gives every block its own timestep/label embedder; in a
+    DiT they are one (conversions copy it), so they must be equal."""
+    emb = "transformer_blocks.{}.norm1.emb."
+    shared = {k[len(emb.format(0)):]: v for k, v in src.items() if k.startswith(emb.format(0))}
+    for i in range(1, depth):
+        for name, tensor in shared.items():
+            if not torch.equal(src[emb.format(i) + name], tensor):
+                raise QandcError(f"block {i}'s timestep/label embedder differs from block 0's: not a DiT "
+                                 "(qandc maps diffusers DiTs whose per-block embedders are copies of one)")
+    state = {
+        "x_embedder.proj.weight": src["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": src["pos_embed.proj.bias"],
+        "t_embedder.mlp.0.weight": shared["timestep_embedder.linear_1.weight"],
+        "t_embedder.mlp.0.bias": shared["timestep_embedder.linear_1.bias"],
+        "t_embedder.mlp.2.weight": shared["timestep_embedder.linear_2.weight"],
+        "t_embedder.mlp.2.bias": shared["timestep_embedder.linear_2.bias"],
+        "y_embedder.embedding_table.weight": shared["class_embedder.embedding_table.weight"],
+        "final_layer.adaLN_modulation.1.weight": src["proj_out_1.weight"],
+        "final_layer.adaLN_modulation.1.bias": src["proj_out_1.bias"],
+        "final_layer.linear.weight": src["proj_out_2.weight"],
+        "final_layer.linear.bias": src["proj_out_2.bias"],
+    }
+    for i in range(depth):
+        b = f"transformer_blocks.{i}."
+        for p in ("weight", "bias"):
+            state[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([src[f"{b}attn1.to_{n}.{p}"] for n in "qkv"])
+            state[f"blocks.{i}.attn.proj.{p}"] = src[f"{b}attn1.to_out.0.{p}"]
+            state[f"blocks.{i}.mlp.fc1.{p}"] = src[f"{b}ff.net.0.proj.{p}"]
+            state[f"blocks.{i}.mlp.fc2.{p}"] = src[f"{b}ff.net.2.{p}"]
+            state[f"blocks.{i}.adaLN_modulation.1.{p}"] = src[f"{b}norm1.linear.{p}"]
+    return state

@@ -1,0 +1,7 @@
+"""Stage 1b: the original DiT diffusion (respacing, DDPM / DDIM, classifier-free guidance) under cache plans."""
+
+from .diffusion import Diffusion, space_timesteps
+from .plan import CachePlan
+from .sampler import SAMPLERS, check_labels, sample, sample_generator
+
+__all__ = ["SAMPLERS", "CachePlan", "Diffusion", "check_labels", "sample", "sample_generator", "space_timesteps"]

@@ -1,0 +1,98 @@
+"""The original DiT diffusion: linear betas over 1000 steps, respacing, learned-sigma DDPM and DDIM steps.
+
+Coefficients are computed in float64 (numpy) and applied as float32 scalars, as the original code does. The model
+always receives the original timesteps (0..999) through the respacing map.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import QandcError
+
+TRAIN_STEPS = 1000
+
+
+def linear_betas(num_steps: int = TRAIN_STEPS) -> np.ndarray:
+    scale = 1000 / num_steps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def space_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """The original `space_timesteps` in its plain "N" form: `count` evenly strided steps, Python rounding."""
+    if not 1 <= count <= num_timesteps:
+        raise QandcError(f"steps must be between 1 and {num_timesteps}, got {count}")
+    stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    return sorted({round(i * stride) for i in range(count)})
+
+
+def _f32(value) -> float:
+    """A coefficient as the float32 scalar the original extracts."""
+    return float(np.float32(value))
+
+
+class Diffusion:
+    """A respaced Gaussian diffusion with `num_steps` sampling steps (index 0 = least noisy)."""
+
+    def __init__(self, num_steps: int, learn_sigma: bool = True):
+        base_alphas_cumprod = np.cumprod(1.0 - linear_betas())
+        self.timestep_map = space_timesteps(TRAIN_STEPS, num_steps)
+        last, betas = 1.0, []
+        for t in self.timestep_map:
+            betas.append(1 - base_alphas_cumprod[t] / last)
+            last = base_alphas_cumprod[t]
+        self.num_steps = len(betas)
+        self.learn_sigma = learn_sigma
+        self.betas = betas = np.array(betas, dtype=np.float64)
+        ac = np.cumprod(1.0 - betas)
+        ac_prev = np.append(1.0, ac[:-1])
+        self.alphas_cumprod, self.alphas_cumprod_prev = ac, ac_prev
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
+        posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # log of the posterior variance, clipped: it is 0 at the first step
+        self.posterior_log_variance_clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:])) \
+            if len(betas) > 1 else np.array([])
+        self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac)
+        # fixed variance when sigma is not learned: the original's FIXED_LARGE
+        self.fixed_log_variance = np.log(np.append(posterior_variance[1], betas[1:])) \
+            if len(betas) > 1 else np.log(betas)
+
+    def model_timesteps(self, index: int, batch: int, device) -> torch.Tensor:
+        """The original timestep the model sees at sampling-step `index`, for a whole batch."""
+        return torch.full((batch,), self.timestep_map[index], dtype=torch.long, device=device)
+
+    def _split(self, model_out, x, index):
+        """(eps, log variance, predicted x0) from the model output at step `index`."""
+        c = x.shape[1]
+        if self.learn_sigma:
+            eps, var_values = model_out[:, :c], model_out[:, c:]
+            min_log, max_log = _f32(self.posterior_log_variance_clipped[index]), _f32(np.log(self.betas)[index])
+            frac = (var_values + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+        else:
+            eps = model_out
+            log_variance = torch.full_like(x, _f32(self.fixed_log_variance[index]))
+        pred_xstart = _f32(self.sqrt_recip_alphas_cumprod[index]) * x - _f32(self.sqrt_recipm1_alphas_cumprod[index]) * eps
+        return eps, log_variance, pred_xstart
+
+    def ddpm_step(self, model_out, x, index, noise):
+        """One ancestral (p_sample) step; no noise at the last step (index 0)."""
+        _, log_variance, pred_xstart = self._split(model_out, x, index)
+        mean = _f32(self.posterior_mean_coef1[index]) * pred_xstart + _f32(self.posterior_mean_coef2[index]) * x
+        if index == 0:
+            return mean
+        return mean + torch.exp(0.5 * log_variance) * noise
+
+    def ddim_step(self, model_out, x, index, noise, eta: float = 0.0):
+        """One DDIM step; `noise` is used only when eta > 0."""
+        _, _, pred_xstart = self._split(model_out, x, index)
+        eps = (_f32(self.sqrt_recip_alphas_cumprod[index]) * x - pred_xstart) / _f32(self.sqrt_recipm1_alphas_cumprod[index])
+        alpha_bar, alpha_bar_prev = self.alphas_cumprod[index], self.alphas_cumprod_prev[index]
+        sigma = eta * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * np.sqrt(1 - alpha_bar / alpha_bar_prev)
+        mean = pred_xstart * _f32(np.sqrt(alpha_bar_prev)) + _f32(np.sqrt(1 - alpha_bar_prev - sigma ** 2)) * eps
+        if index == 0 or eta == 0:
+            return mean
+        return mean + _f32(sigma) * noise
