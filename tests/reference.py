@@ -116,7 +116,7 @@ class Schedule:
         self.ac = np.cumprod(1 - b)
         self.ac_prev = np.append(1.0, self.ac[:-1])
         self.post_var = b * (1 - self.ac_prev) / (1 - self.ac)
-        self.post_logvar = np.log(np.append(self.post_var[1], self.post_var[1:]))
+        self.post_logvar = np.log(np.append(self.post_var[1], self.post_var[1:])) if steps > 1 else None
 
     def mean_logvar_x0(self, out, x, i):
         c = x.shape[1]

@@ -69,10 +69,15 @@ def _torch_load(path: Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise QandcError(f"{path}: refused: the file holds Python objects beyond weights ({first[:160]})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = [line for line in lines if "GLOBAL" in line]
+        if code:  # a pickle that would import (and maybe run) something: never loaded
+            raise QandcError(f"{path}: refused: it holds Python objects beyond weights ({code[0][:160]})") from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+        raise QandcError(f"{path}: not a readable PyTorch checkpoint ({detail[:160]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise QandcError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        detail = str(e).splitlines()[0][:160] if str(e) else f"{type(e).__name__}: the file ends early"
+        raise QandcError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
     if not isinstance(obj, dict):
         raise QandcError(f"{path}: not a DiT checkpoint (holds a {type(obj).__name__}, expected a state dict)")
     return obj

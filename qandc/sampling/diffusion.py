@@ -24,7 +24,11 @@ def space_timesteps(num_timesteps: int, count: int) -> list[int]:
     if not 1 <= count <= num_timesteps:
         raise QandcError(f"steps must be between 1 and {num_timesteps}, got {count}")
     stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
-    return sorted({round(i * stride) for i in range(count)})
+    position, steps = 0.0, set()
+    for _ in range(count):  # accumulated, not multiplied: the original's float rounding decides ties
+        steps.add(round(position))
+        position += stride
+    return sorted(steps)
 
 
 def _f32(value) -> float:
@@ -64,32 +68,29 @@ class Diffusion:
         """The original timestep the model sees at sampling-step `index`, for a whole batch."""
         return torch.full((batch,), self.timestep_map[index], dtype=torch.long, device=device)
 
-    def _split(self, model_out, x, index):
-        """(eps, log variance, predicted x0) from the model output at step `index`."""
-        c = x.shape[1]
-        if self.learn_sigma:
-            eps, var_values = model_out[:, :c], model_out[:, c:]
-            min_log, max_log = _f32(self.posterior_log_variance_clipped[index]), _f32(np.log(self.betas)[index])
-            frac = (var_values + 1) / 2
-            log_variance = frac * max_log + (1 - frac) * min_log
-        else:
-            eps = model_out
-            log_variance = torch.full_like(x, _f32(self.fixed_log_variance[index]))
-        pred_xstart = _f32(self.sqrt_recip_alphas_cumprod[index]) * x - _f32(self.sqrt_recipm1_alphas_cumprod[index]) * eps
-        return eps, log_variance, pred_xstart
+    def _pred_xstart(self, eps, x, index):
+        return _f32(self.sqrt_recip_alphas_cumprod[index]) * x - _f32(self.sqrt_recipm1_alphas_cumprod[index]) * eps
+
+    def _log_variance(self, model_out, x, index):
+        if not self.learn_sigma:
+            return torch.full_like(x, _f32(self.fixed_log_variance[index]))
+        frac = (model_out[:, x.shape[1]:] + 1) / 2  # learned range between the two fixed variances
+        min_log, max_log = _f32(self.posterior_log_variance_clipped[index]), _f32(np.log(self.betas[index]))
+        return frac * max_log + (1 - frac) * min_log
 
     def ddpm_step(self, model_out, x, index, noise):
         """One ancestral (p_sample) step; no noise at the last step (index 0)."""
-        _, log_variance, pred_xstart = self._split(model_out, x, index)
+        pred_xstart = self._pred_xstart(model_out[:, :x.shape[1]], x, index)
         mean = _f32(self.posterior_mean_coef1[index]) * pred_xstart + _f32(self.posterior_mean_coef2[index]) * x
         if index == 0:
             return mean
-        return mean + torch.exp(0.5 * log_variance) * noise
+        return mean + torch.exp(0.5 * self._log_variance(model_out, x, index)) * noise
 
     def ddim_step(self, model_out, x, index, noise, eta: float = 0.0):
         """One DDIM step; `noise` is used only when eta > 0."""
-        _, _, pred_xstart = self._split(model_out, x, index)
-        eps = (_f32(self.sqrt_recip_alphas_cumprod[index]) * x - pred_xstart) / _f32(self.sqrt_recipm1_alphas_cumprod[index])
+        pred_xstart = self._pred_xstart(model_out[:, :x.shape[1]], x, index)
+        eps = (_f32(self.sqrt_recip_alphas_cumprod[index]) * x - pred_xstart) \
+            / _f32(self.sqrt_recipm1_alphas_cumprod[index])
         alpha_bar, alpha_bar_prev = self.alphas_cumprod[index], self.alphas_cumprod_prev[index]
         sigma = eta * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * np.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean = pred_xstart * _f32(np.sqrt(alpha_bar_prev)) + _f32(np.sqrt(1 - alpha_bar_prev - sigma ** 2)) * eps

@@ -7,6 +7,7 @@ CLI grammar: `none | interval=N[,branches=all|attn|mlp|NAME+NAME+...][,regate=0|
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ..errors import QandcError
 
 BRANCH_GROUPS = ("all", "attn", "mlp")
 STEP_KINDS = ("full", "reuse")
+BRANCH_NAME = re.compile(r"blocks\.(0|[1-9][0-9]*)\.(attn|mlp)")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ class CachePlan:
                                  f"got {self.branches!r}")
         else:
             object.__setattr__(self, "branches", tuple(self.branches))
-            if not all(isinstance(b, str) for b in self.branches):
-                raise QandcError("cache plan: branch names must be strings")
+            bad = [b for b in self.branches if not (isinstance(b, str) and BRANCH_NAME.fullmatch(b))]
+            if bad:
+                raise QandcError(f"cache plan: {bad[0]!r} is not a branch name (blocks.<i>.attn or blocks.<i>.mlp)")
         if not isinstance(self.regate, bool):
             raise QandcError(f"cache plan: regate must be true or false, got {self.regate!r}")
 

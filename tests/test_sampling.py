@@ -1,0 +1,198 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from conftest import rel_err, tiny_model
+from qandc.errors import QandcError
+from qandc.sampling import CachePlan, Diffusion, sample, sample_generator, space_timesteps
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 10, 25, 50, 100, 250, 333, 999, 1000])
+def test_respacing_matches_the_original(steps):
+    assert space_timesteps(1000, steps) == sorted(ref.space_timesteps(1000, [steps]))
+    d, r = Diffusion(steps), ref.Schedule(steps)
+    assert d.timestep_map == r.map
+    assert np.allclose(d.betas, r.betas, rtol=1e-12)
+
+
+def test_respacing_rejects_impossible_counts():
+    with pytest.raises(QandcError):
+        space_timesteps(1000, 0)
+    with pytest.raises(QandcError):
+        Diffusion(1001)
+
+
+def _model_fn(model, cfg_scale, labels, channels):
+    """The original wrapped model: original timesteps, CFG on [x; x] with null labels."""
+    def fn(x, t):
+        n = len(x)
+        y = torch.cat([labels, torch.full_like(labels, model.config.num_classes)])
+        tt = torch.full((2 * n,), t, dtype=torch.long)
+        with torch.no_grad():
+            out = model(torch.cat([x, x]).float(), tt, y).double()
+        return ref.guided(out, cfg_scale, channels)[:n]
+    return fn
+
+
+@pytest.mark.parametrize("guidance,channels", [("first3", 3), ("all", 4)])
+def test_ddim_reproduces_the_original_loop(guidance, channels):
+    model = tiny_model(guidance=guidance)
+    labels = torch.tensor([1, 4, 9])
+    noise = torch.randn(3, 4, 8, 8)
+    got = sample(model, labels, 10, "ddim", cfg_scale=2.5, noise=noise)
+    expected = ref.ddim_loop(_model_fn(model, 2.5, labels, channels), ref.Schedule(10), noise.double())
+    assert rel_err(got, expected) <= 1e-3
+
+
+def test_ddpm_reproduces_the_original_loop(model):
+    labels = torch.tensor([0, 5])
+    got = sample(model, labels, 10, "ddpm", cfg_scale=3.0, seed=7)
+    gens = [sample_generator(7, i) for i in range(2)]
+    x = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens]).double()
+    noises = [torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens]).double() for _ in range(9)]
+    expected = ref.ddpm_loop(_model_fn(model, 3.0, labels, 3), ref.Schedule(10), x, noises)
+    assert rel_err(got, expected) <= 1e-3
+
+
+def test_unguided_sampling_calls_the_plain_model(model):
+    noise = torch.randn(2, 4, 8, 8)
+    got = sample(model, [2, 3], 5, "ddim", noise=noise)
+    labels = torch.tensor([2, 3])
+
+    def plain(x, t):
+        with torch.no_grad():
+            return model(x.float(), torch.full((len(x),), t), labels).double()
+    assert rel_err(got, ref.ddim_loop(plain, ref.Schedule(5), noise.double())) <= 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_interval_one_equals_uncached_exactly(model, sampler):
+    kwargs = dict(steps=8, sampler=sampler, cfg_scale=2.0, seed=3)
+    uncached = sample(model, [1, 2, 3], **kwargs)
+    assert torch.equal(sample(model, [1, 2, 3], plan=CachePlan.interval(1), **kwargs), uncached)
+    assert torch.equal(sample(model, [1, 2, 3], plan=CachePlan.interval(1, regate=True), **kwargs), uncached)
+
+
+def test_cached_sampling_differs_but_stays_close(model):
+    kwargs = dict(steps=20, sampler="ddim", cfg_scale=1.5, seed=0)
+    uncached = sample(model, [1, 2], **kwargs)
+    for plan in (CachePlan.interval(2), CachePlan.interval(2, "mlp", regate=True),
+                 CachePlan.from_steps([True, False] * 10, branches=["blocks.0.attn"])):
+        cached = sample(model, [1, 2], plan=plan, **kwargs)
+        assert 0 < rel_err(cached, uncached) < 0.5
+
+
+class _Counting:
+    """Wraps a model and counts which path each step takes."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+        self.config, self.branch_names = model.config, model.branch_names
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def forward_full(self, *args, **kwargs):
+        self.calls.append("full")
+        return self.model.forward_full(*args, **kwargs)
+
+    def forward_reuse(self, *args, **kwargs):
+        self.calls.append("reuse")
+        return self.model.forward_reuse(*args, **kwargs)
+
+
+def test_plan_schedule_drives_the_paths(model):
+    counting = _Counting(model)
+    sample(counting, [1], 7, plan=CachePlan.interval(3))
+    assert counting.calls == ["full", "reuse", "reuse", "full", "reuse", "reuse", "full"]
+
+
+def test_noise_is_keyed_per_sample(model):
+    batch = sample(model, [1, 2, 3, 4], 6, "ddpm", cfg_scale=2.0, seed=11)
+    alone = sample(model, [3], 6, "ddpm", cfg_scale=2.0, seed=11, first_index=2)
+    assert rel_err(alone, batch[2:3]) < 1e-5  # batch size and position do not change a sample
+    assert rel_err(sample(model, [1], 6, "ddpm", cfg_scale=2.0, seed=12), batch[:1]) > 1e-2
+
+
+def test_correction_hook_is_called_each_step(model):
+    seen = []
+
+    def shrink(step, x):
+        seen.append(step)
+        return x * 0.5
+    plain = sample(model, [1], 4, "ddim", seed=0)
+    corrected = sample(model, [1], 4, "ddim", seed=0, correction=shrink)
+    assert seen == [0, 1, 2, 3] and not torch.allclose(plain, corrected)
+
+
+@pytest.mark.parametrize("labels", [[10], [-1], [0, 11], []])
+def test_labels_outside_the_classes_are_refused(model, labels):
+    with pytest.raises(QandcError):
+        sample(model, labels, 2)
+
+
+def test_bad_sampler_and_noise_shape(model):
+    with pytest.raises(QandcError, match="sampler"):
+        sample(model, [1], 2, "euler")
+    with pytest.raises(QandcError, match="noise"):
+        sample(model, [1], 2, noise=torch.zeros(1, 4, 4, 4))
+
+
+def test_plan_grammar():
+    assert CachePlan.parse("none") == CachePlan.none()
+    assert CachePlan.parse("interval=3") == CachePlan.interval(3)
+    assert CachePlan.parse("interval=2,branches=attn,regate=1") == CachePlan.interval(2, "attn", True)
+    plan = CachePlan.parse("interval=4,branches=blocks.0.attn+blocks.1.mlp")
+    assert plan.branches == ("blocks.0.attn", "blocks.1.mlp")
+    for bad in ["interval=0", "interval=x", "every=2", "interval=2,regate=2", "interval=2,interval=3",
+                "branches=all", "interval=2,branches=ffn", "missing.json"]:
+        with pytest.raises(QandcError):
+            CachePlan.parse(bad)
+
+
+def test_plan_json_file(tmp_path, model):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(CachePlan.from_steps(["full", "reuse", "full"], ["blocks.1.mlp"]).to_dict()))
+    plan = CachePlan.parse(str(path))
+    assert plan.full_steps(3) == [True, False, True]
+    with pytest.raises(QandcError, match="3 steps"):
+        plan.full_steps(4)
+    path.write_text(json.dumps({"schedule": ["reuse", "full"]}))
+    with pytest.raises(QandcError, match="first step"):
+        CachePlan.parse(str(path))
+    path.write_text("{not json")
+    with pytest.raises(QandcError, match="JSON"):
+        CachePlan.parse(str(path))
+
+
+def test_plan_naming_missing_branches_is_refused(model):
+    with pytest.raises(QandcError, match="blocks.7.attn"):
+        sample(model, [1], 4, plan=CachePlan.interval(2, ["blocks.7.attn"]))
+    assert CachePlan.interval(2, "attn").reuse_set(model.branch_names) == ["blocks.0.attn", "blocks.1.attn"]
+
+
+plans = st.builds(
+    CachePlan,
+    every=st.integers(1, 50),
+    schedule=st.one_of(st.none(), st.lists(st.sampled_from(["full", "reuse"]), min_size=0, max_size=30)
+                       .map(lambda s: ["full"] + s)),
+    branches=st.one_of(st.sampled_from(["all", "attn", "mlp"]),
+                       st.lists(st.builds(lambda i, k: f"blocks.{i}.{k}", st.integers(0, 27),
+                                          st.sampled_from(["attn", "mlp"])), unique=True).map(tuple)),
+    regate=st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(plans)
+def test_plan_survives_json(plan):
+    again = CachePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    n = len(plan.schedule) if plan.schedule else 17
+    steps = again.full_steps(n)
+    assert steps[0] and len(steps) == n
