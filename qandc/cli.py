@@ -61,14 +61,17 @@ def cmd_generate(args) -> None:
     """Sample images for the given labels and write grid.png, samples.npz and config.json."""
     from .images import IMAGE_CHANNELS, decode_latents, save_grid, to_uint8
     from .model import load_checkpoint
-    from .sampling import CachePlan, check_labels, sample
+    from .sampling import CachePlan, check_labels, sample, space_timesteps
 
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = load_checkpoint(args.checkpoint, **overrides)
     plan = CachePlan.parse(args.cache)
     labels = check_labels(args.labels, model.config.num_classes)
+    space_timesteps(1000, args.steps)
     plan.full_steps(args.steps)
     plan.reuse_set(model.branch_names)
+    if args.batch_size < 1:
+        raise QandcError(f"--batch-size must be positive, got {args.batch_size}")
     device = _device(args.device)
     model.to(device)
     out = Path(args.out)
@@ -115,8 +118,15 @@ def _checkpoint_hash(path: str) -> str:
     return {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other expected failure."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qandc", description="Post-training quantization plus feature caching (Q&C) for Diffusion Transformers.")
     parser.add_argument("--version", action="version", version=f"qandc {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
