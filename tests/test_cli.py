@@ -79,3 +79,17 @@ def test_help_explains_every_command():
         result = _run(*command, "--help")
         assert result.returncode == 0 and "usage: qandc" in result.stdout
     assert "--cache" in _run("generate", "--help").stdout
+
+
+def test_latents_decode_through_a_local_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae.save_pretrained(tmp_path / "vae")
+    ckpt = tmp_path / "latent.pt"
+    main(["init", "--config", "DiT-S/8", "--input-size", "16", "--num-classes", "3", "--nonzero", "--out", str(ckpt)])
+    assert main(["generate", "--checkpoint", str(ckpt), "--labels", "0,2", "--steps", "2", "--vae",
+                 str(tmp_path / "vae"), "--out", str(tmp_path / "g")]) == 0
+    assert Image.open(tmp_path / "g" / "grid.png").size == (32, 16)
+    assert main(["generate", "--checkpoint", str(ckpt), "--labels", "0", "--steps", "2", "--vae",
+                 str(tmp_path / "nowhere"), "--out", str(tmp_path / "h")]) == 2
