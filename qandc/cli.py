@@ -59,7 +59,7 @@ def cmd_init(args) -> None:
 
 def cmd_generate(args) -> None:
     """Sample images for the given labels and write grid.png, samples.npz and config.json."""
-    from .images import IMAGE_CHANNELS, decode_latents, save_grid, to_uint8
+    from .images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
     from .model import load_checkpoint
     from .sampling import CachePlan, check_labels, sample, space_timesteps
 
@@ -88,8 +88,8 @@ def cmd_generate(args) -> None:
     images = None
     if args.vae:
         images = decode_latents(samples.to(device), args.vae).cpu()
-    elif channels in IMAGE_CHANNELS:
-        images = samples
+    elif has_image_space(model.config):
+        images = model_to_images(samples, model.config)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "samples.npz") as tmp:
         buffer = io.BytesIO()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .artifacts import atomic_path
@@ -14,6 +15,20 @@ from .errors import QandcError
 
 IMAGE_CHANNELS = (1, 3)
 LATENT_SCALE = 0.18215  # the Stable Diffusion VAE's latent scale, as DiT uses it
+
+
+def model_to_images(samples: torch.Tensor, config) -> torch.Tensor:
+    """Model-space samples -> images in [-1, 1] (N, C, H, W), per the config's pixel_shuffle and image_crop."""
+    images = F.pixel_shuffle(samples, config.pixel_shuffle) if config.pixel_shuffle > 1 else samples
+    if config.image_crop:
+        top = (images.shape[-1] - config.image_crop) // 2
+        images = images[..., top:top + config.image_crop, top:top + config.image_crop]
+    return images
+
+
+def has_image_space(config) -> bool:
+    """Whether samples become images without a VAE."""
+    return config.in_channels // config.pixel_shuffle ** 2 in IMAGE_CHANNELS
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

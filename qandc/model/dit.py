@@ -31,6 +31,8 @@ class DiTConfig:
     fidelity to released checkpoints); "all" guides every predicted-noise channel, as diffusers' DiTPipeline does.
     The learned-sigma channels are never guided in "all" mode.
     freq_shift: 0 for the original timestep embedding, 1 for diffusers' (`downscale_freq_shift=1`).
+    pixel_shuffle, image_crop: how outputs become images: pixel-shuffled by this factor (1 = as they are), then
+    centre-cropped to this size (0 = no crop). The Fashion-MNIST reference model uses 2 and 28.
     """
 
     input_size: int = 32
@@ -45,6 +47,8 @@ class DiTConfig:
     freq_shift: int = 0
     mlp_norm_eps: float = 1e-6
     guidance: str = "first3"
+    pixel_shuffle: int = 1
+    image_crop: int = 0
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:

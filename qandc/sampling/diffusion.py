@@ -97,3 +97,50 @@ class Diffusion:
         if index == 0 or eta == 0:
             return mean
         return mean + _f32(sigma) * noise
+
+    # training (the original `training_losses` with learned range variance: MSE on eps + the VLB term)
+    def _gather(self, arr, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        values = torch.as_tensor(np.asarray(arr), device=t.device)[t].float()
+        return values.reshape(-1, *([1] * (ndim - 1)))
+
+    def q_sample(self, x_start, t, noise):
+        """Diffuse clean data to step t (t indexes this diffusion's steps)."""
+        ac = self._gather(self.alphas_cumprod, t, x_start.ndim)
+        return ac.sqrt() * x_start + (1 - ac).sqrt() * noise
+
+    def training_losses(self, model_out, x_start, x_t, t, noise) -> torch.Tensor:
+        """Per-sample loss: MSE(eps) + the variational bound term (in bits/dim) on the learned variance, which
+        sees the eps prediction detached, as in the original DiT (ADM) code."""
+        c, n = x_t.shape[1], x_t.ndim
+        eps, var_values = model_out[:, :c], model_out[:, c:]
+        mse = ((noise - eps.float()) ** 2).mean(dim=tuple(range(1, n)))
+        if not self.learn_sigma:
+            return mse
+        g = lambda arr: self._gather(arr, t, n)  # noqa: E731
+        pred_xstart = g(self.sqrt_recip_alphas_cumprod) * x_t - g(self.sqrt_recipm1_alphas_cumprod) * eps.detach().float()
+        model_mean = g(self.posterior_mean_coef1) * pred_xstart + g(self.posterior_mean_coef2) * x_t
+        frac = (var_values.float() + 1) / 2
+        model_log_var = frac * g(np.log(self.betas)) + (1 - frac) * g(self.posterior_log_variance_clipped)
+        true_mean = g(self.posterior_mean_coef1) * x_start + g(self.posterior_mean_coef2) * x_t
+        true_log_var = g(self.posterior_log_variance_clipped)
+        kl = 0.5 * (-1.0 + model_log_var - true_log_var + torch.exp(true_log_var - model_log_var)
+                    + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var))
+        kl = kl.mean(dim=tuple(range(1, n))) / np.log(2.0)
+        nll = -_discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_var)
+        nll = nll.mean(dim=tuple(range(1, n))) / np.log(2.0)
+        return mse + torch.where(t == 0, nll, kl)
+
+
+def _approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood of data in [-1, 1] discretised to 8 bits under a Gaussian (ADM's decoder term)."""
+    centered, inv_stdv = x - means, torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))

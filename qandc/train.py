@@ -1,0 +1,154 @@
+"""Training the Fashion-MNIST reference DiT: the original DiT recipe (adaLN-Zero, learned sigma, label dropout for
+CFG, EMA, MSE + VLB loss, AdamW, uniform timesteps) at 4x16x16 (pixel-unshuffled 32x32) with patch size 1.
+
+Runs in time-limited chunks (`--minutes`): each chunk resumes from `OUT/train.pt`, checkpoints atomically and
+appends to `OUT/log.txt`, so a 10-minute command limit does not matter. `--export PATH` writes the EMA weights
+(16-bit, original DiT format) with a sidecar JSON recording the architecture, guidance mode, data and training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import atomic_path
+from .data import CLASSES, IMAGE_SIZE, PADDED_SIZE, UNSHUFFLE, images_to_model, load_fashion_mnist
+from .errors import QandcError
+from .model import DiT, DiTConfig, initialize_weights, save_checkpoint
+from .sampling import Diffusion, sample
+
+STATE_FILE = "train.pt"
+
+
+def reference_config(hidden: int, depth: int, heads: int) -> DiTConfig:
+    return DiTConfig(input_size=PADDED_SIZE // UNSHUFFLE, patch_size=1, in_channels=UNSHUFFLE ** 2,
+                     hidden_size=hidden, depth=depth, num_heads=heads, num_classes=len(CLASSES), learn_sigma=True,
+                     guidance="all", pixel_shuffle=UNSHUFFLE, image_crop=IMAGE_SIZE)
+
+
+def _log(out: Path, line: str) -> None:
+    print(line, flush=True)
+    with open(out / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def _save_state(path: Path, model, ema, opt, step: int, args) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "config": model.config.to_dict(), "args": args}, tmp)
+
+
+def train(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    images, labels = load_fashion_mnist("train", args.data_dir)
+    images = torch.from_numpy(images.copy()).to(device)
+    labels = torch.from_numpy(labels.astype(np.int64)).to(device)
+    state_path = out / STATE_FILE
+    config = reference_config(args.hidden, args.depth, args.heads)
+    model = initialize_weights(DiT(config), seed=args.seed).to(device)
+    ema = DiT(config).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    step = 0
+    if state_path.exists():
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(state_path, map_location=device, weights_only=True)
+        if DiTConfig.from_dict(state["config"]) != config:
+            raise QandcError(f"{state_path}: holds a different architecture; use another --out")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        _log(out, f"resumed at step {step}")
+    else:
+        _log(out, f"command: {' '.join(sys.argv)}")
+        _log(out, f"config: {config.to_dict()} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
+    diffusion = Diffusion(1000, learn_sigma=True)
+    forward = torch.compile(model) if args.compile else model
+    model.train()
+    start, last_save, losses = time.time(), time.time(), []
+    while step < args.steps and time.time() - start < args.minutes * 60:
+        g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # resumable data order
+        idx = torch.randint(0, len(images), (args.batch_size,), device=device, generator=g)
+        batch = images[idx]
+        flip = torch.rand(args.batch_size, device=device, generator=g) < 0.5
+        batch = torch.where(flip[:, None, None], batch.flip(-1), batch)
+        x0 = images_to_model(batch)
+        y = torch.where(torch.rand(args.batch_size, device=device, generator=g) < args.label_dropout,
+                        config.num_classes, labels[idx])
+        t = torch.randint(0, 1000, (args.batch_size,), device=device, generator=g)
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        x_t = diffusion.q_sample(x0, t, noise)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            model_out = forward(x_t, t, y)
+        loss = diffusion.training_losses(model_out.float(), x0, x_t, t, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        losses.append(loss.detach())
+        if step % args.log_every == 0:
+            _log(out, f"step {step} loss {torch.stack(losses).mean().item():.4f} ({time.time() - start:.0f} s)")
+            losses = []
+        if time.time() - last_save > 300:
+            _save_state(state_path, model, ema, opt, step, args)
+            last_save = time.time()
+    _save_state(state_path, model, ema, opt, step, args)
+    _log(out, f"saved step {step} after {time.time() - start:.0f} s in this chunk")
+    ema.eval()
+    grid_labels = torch.arange(10).repeat_interleave(10)
+    samples = sample(ema, grid_labels, 50, "ddpm", cfg_scale=args.grid_cfg, seed=0)
+    from .images import model_to_images, save_grid, to_uint8
+    save_grid(to_uint8(model_to_images(samples, config)), out / "grid.png", columns=10)
+    if args.export:
+        ema16 = DiT(config)
+        ema16.load_state_dict({k: v.cpu() for k, v in ema.state_dict().items()})
+        ema16.half()
+        record = {"data": {"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "split": "train (60k)",
+                           "preprocess": "uint8/127.5-1, pad 28->32 with -1, random h-flip, pixel_unshuffle(2)"},
+                  "training": {"command": " ".join(sys.argv), "steps": step, "batch_size": args.batch_size,
+                               "lr": args.lr, "ema_decay": args.ema_decay, "label_dropout": args.label_dropout,
+                               "seed": args.seed, "bf16_autocast": device.type == "cuda",
+                               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                               "torch": torch.__version__},
+                  "weights": "EMA, stored float16; load_checkpoint returns float32"}
+        save_checkpoint(ema16, args.export, record)
+        _log(out, f"exported EMA weights to {args.export}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run directory: train.pt (resumed when present), log.txt, grid.png")
+    p.add_argument("--minutes", type=float, default=9.0, help="stop this chunk after so many minutes (default 9)")
+    p.add_argument("--steps", type=int, default=200_000, help="total training steps (default 200000)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--label-dropout", type=float, default=0.1, help="null-class rate for CFG (default 0.1)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--grid-cfg", type=float, default=3.0, help="CFG scale of the sample grid (default 3)")
+    p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    p.add_argument("--device", help="torch device (default cuda when available)")
+    p.add_argument("--log-every", type=int, default=500)
+    p.add_argument("--export", help="write the EMA weights here (16-bit, original DiT format + sidecar JSON)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m qandc.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    train(parser.parse_args())
