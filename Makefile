@@ -13,10 +13,10 @@ $(BIN)/qandc: pyproject.toml
 
 setup: $(BIN)/qandc
 
+# The main job: a labelled grid from the shipped Fashion-MNIST reference DiT (DDPM-50, CFG 1.5), on the CPU.
 run: setup
-	$(BIN)/qandc init --config DiT-S/4 --input-size 32 --in-channels 3 --num-classes 10 --nonzero --out out/random-dit.pt
-	$(BIN)/qandc generate --checkpoint out/random-dit.pt --labels 0,1,2,3,4,5,6,7 --steps 50 --sampler ddpm \
-		--cfg-scale 1.5 --cache interval=3 --seed 0 --out out/generate
+	$(BIN)/qandc generate --labels 0,1,2,3,4,5,6,7,8,9 --per-class 4 --steps 50 --sampler ddpm --cfg-scale 1.5 \
+		--seed 0 --out out/generate
 
 test: setup
 	$(BIN)/python -m pytest

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+ASSETS = Path(__file__).resolve().parent / "assets"  # shipped weights: the reference DiT and classifier
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:

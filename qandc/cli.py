@@ -14,6 +14,7 @@ import torch
 from . import __version__
 from .artifacts import atomic_path, sha256_file, write_json
 from .errors import QandcError
+from .model.checkpoint import REFERENCE_CHECKPOINT
 
 
 def library_versions() -> dict:
@@ -61,12 +62,15 @@ def cmd_generate(args) -> None:
     """Sample images for the given labels and write grid.png, samples.npz and config.json."""
     from .images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
     from .model import load_checkpoint
+    from .model.checkpoint import read_sidecar
     from .sampling import CachePlan, check_labels, sample, space_timesteps
 
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = load_checkpoint(args.checkpoint, **overrides)
     plan = CachePlan.parse(args.cache)
-    labels = check_labels(args.labels, model.config.num_classes)
+    if args.per_class < 1:
+        raise QandcError(f"--per-class must be positive, got {args.per_class}")
+    labels = check_labels(args.labels, model.config.num_classes).repeat_interleave(args.per_class)
     space_timesteps(1000, args.steps)
     plan.full_steps(args.steps)
     plan.reuse_set(model.branch_names)
@@ -96,7 +100,12 @@ def cmd_generate(args) -> None:
         np.savez(buffer, samples=samples.numpy().astype(np.float32), labels=labels.numpy())
         tmp.write_bytes(buffer.getvalue())
     if images is not None:
-        save_grid(to_uint8(images), out / "grid.png")
+        captions = None
+        if args.per_class > 1:  # one row per requested label, captioned with its class name
+            names = read_sidecar(args.checkpoint).get("classes") or []
+            captions = [names[k] if k < len(names) else f"class {k}" for k in args.labels]
+        save_grid(to_uint8(images), out / "grid.png", columns=args.per_class if captions else None,
+                  captions=captions)
     write_json(out / "config.json", {
         "command": "generate", "checkpoint": str(args.checkpoint),
         "checkpoint_sha256": _checkpoint_hash(args.checkpoint),
@@ -108,7 +117,44 @@ def cmd_generate(args) -> None:
     if images is None:
         print(f"{channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without --vae DIR",
               file=sys.stderr)
+    print(f"wrote {out}" + (f"; grid: {out / 'grid.png'}" if images is not None else ""))
+
+
+def cmd_train(args) -> None:
+    """Train the Fashion-MNIST reference DiT with the original DiT recipe, in time-limited resumable chunks."""
+    from .train import train
+
+    train(args)
+
+
+def cmd_eval(args) -> None:
+    """Score samples with the shipped reference classifier: FD against the Fashion-MNIST test set and class
+    accuracy (when the samples carry labels), plus PSNR / SSIM / MSE against paired --reference images. --samples is
+    a qandc generate directory, an .npz file with 'images' (and optional 'labels') or a folder of PNG files."""
+    import scipy
+    import skimage
+
+    from .metrics.evaluate import evaluate
+
+    samples = Path(args.samples)
+    out = Path(args.out) if args.out else (samples if samples.is_dir() else samples.parent) / "eval.json"
+    if out.is_dir():
+        raise QandcError(f"--out {out}: is a directory")
+    result = evaluate(samples, args.reference)
+    write_json(out, {"command": "eval", **result, "versions": {
+        **library_versions(), "scipy": scipy.__version__, "scikit-image": skimage.__version__}})
+    rows = [(key, result[key]) for key in ("n", "fd", "class_accuracy", "psnr", "ssim", "mse") if key in result]
+    width = max(len(key) for key, _ in rows)
+    print(f"{'metric':<{width}}  value")
+    for key, value in rows:
+        print(f"{key:<{width}}  {_table_cell(value)}")
     print(f"wrote {out}")
+
+
+def _table_cell(value) -> str:
+    if value is None:
+        return "n/a"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
 def _checkpoint_hash(path: str) -> str:
@@ -148,10 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample images from a DiT",
                        description=cmd_generate.__doc__ + " Sample i's noise is keyed by (seed, i).")
-    p.add_argument("--checkpoint", required=True,
-                   help="original DiT checkpoint (.pt) or diffusers DiTTransformer2DModel directory")
+    p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT),
+                   help="original DiT checkpoint (.pt) or diffusers DiTTransformer2DModel directory (default: the "
+                        "shipped Fashion-MNIST reference model)")
     p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
     p.add_argument("--labels", type=_int_list, default=[0, 1, 2, 3], help="comma-separated class labels")
+    p.add_argument("--per-class", type=int, default=1,
+                   help="samples per label; above 1 the grid has one captioned row per label (default 1)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced from 1000 (default 50)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -164,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory to decode latents into images")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_generate)
+
+    from .train import add_arguments as add_train_arguments
+
+    p = sub.add_parser("train", help="train the Fashion-MNIST reference DiT (resumable chunks)",
+                       description=cmd_train.__doc__)
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score samples: FD, class accuracy, PSNR / SSIM / MSE",
+                       description=cmd_eval.__doc__)
+    p.add_argument("--samples", required=True,
+                   help="qandc generate directory, .npz file with 'images' [and 'labels'], or folder of PNG files")
+    p.add_argument("--reference", help="paired reference images (same forms, same count) for PSNR / SSIM / MSE")
+    p.add_argument("--out", help="JSON to write (default: eval.json in the samples directory or beside the .npz)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .artifacts import atomic_path
 from .errors import QandcError
@@ -51,8 +51,9 @@ def decode_latents(latents: torch.Tensor, vae_dir: str | Path) -> torch.Tensor:
         return vae.decode(latents / LATENT_SCALE).sample
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None) -> None:
-    """Tile (N, H, W, C) uint8 images into one PNG, atomically."""
+def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None,
+              captions: list[str] | None = None) -> None:
+    """Tile (N, H, W, C) uint8 images into one PNG, atomically; `captions` label the rows in a left margin."""
     n, h, w, c = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
@@ -60,5 +61,15 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None) 
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    if captions:
+        font = ImageFont.load_default()
+        margin = 8 + max(int(ImageDraw.Draw(picture).textlength(text, font=font)) for text in captions)
+        captioned = Image.new(picture.mode, (picture.width + margin, picture.height))
+        captioned.paste(picture, (margin, 0))
+        draw = ImageDraw.Draw(captioned)
+        for r, text in enumerate(captions[:rows]):
+            draw.text((4, r * h + h // 2), text, fill=255 if c == 1 else (255, 255, 255), font=font, anchor="lm")
+        picture = captioned
     with atomic_path(path) as tmp:
-        Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG")

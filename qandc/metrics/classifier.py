@@ -15,10 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import atomic_path, sha256_file, write_json
+from ..artifacts import ASSETS, atomic_path, sha256_file, write_json
 from ..errors import QandcError
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS, STATS, RECORD = "classifier.safetensors", "classifier-stats.safetensors", "classifier.json"
 FEATURES = 128
 
@@ -55,12 +54,12 @@ def uint8_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def load_classifier(assets: str | Path = ASSETS) -> tuple[FashionCNN, dict]:
     """The shipped classifier (eval mode) and its test-set feature statistics (mu, sigma, sha256)."""
     assets = Path(assets)
-    try:
-        model = FashionCNN()
-        model.load_state_dict(load_file(assets / WEIGHTS))
-        stats = load_file(assets / STATS)
-    except FileNotFoundError as e:
-        raise QandcError(f"reference classifier missing: {e.filename}") from None
+    for name in (WEIGHTS, STATS):
+        if not (assets / name).is_file():
+            raise QandcError(f"{assets / name}: reference classifier file missing")
+    model = FashionCNN()
+    model.load_state_dict(load_file(assets / WEIGHTS))
+    stats = load_file(assets / STATS)
     return model.eval(), {"mu": stats["mu"].double().numpy(), "sigma": stats["sigma"].double().numpy(),
                           "sha256": sha256_file(assets / WEIGHTS)}
 

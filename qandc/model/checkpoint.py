@@ -19,16 +19,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..artifacts import atomic_path, write_json
+from ..artifacts import ASSETS, atomic_path, write_json
 from ..errors import QandcError
 from .dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed
 
+REFERENCE_CHECKPOINT = ASSETS / "reference-dit.pt"  # the Fashion-MNIST reference DiT shipped with qandc
 HEADS_BY_HIDDEN = {cfg["hidden_size"]: cfg["num_heads"] for cfg in DIT_CONFIGS.values()}
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The sidecar JSON of an original-format checkpoint ({} when there is none)."""
+    sidecar = sidecar_path(path)
+    if not Path(path).is_file() or not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as e:
+        raise QandcError(f"{sidecar}: not a valid sidecar JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
+        raise QandcError(f"{sidecar}: not a valid sidecar JSON (expected an object with a 'model' object)")
+    return data
 
 
 def load_checkpoint(path: str | Path, **overrides) -> DiT:
@@ -90,12 +105,7 @@ def _read_original(path: Path) -> tuple[dict, dict]:
         raise QandcError(f"{path}: not a DiT checkpoint (no x_embedder.proj.weight; keys: "
                          f"{', '.join(list(obj)[:4])})")
     config = _infer_config(state, path)
-    sidecar = sidecar_path(path)
-    if sidecar.is_file():
-        try:
-            config.update(json.loads(sidecar.read_text()).get("model", {}))
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise QandcError(f"{sidecar}: not a valid sidecar JSON ({e})") from None
+    config.update(read_sidecar(path).get("model", {}))
     return config, state
 
 

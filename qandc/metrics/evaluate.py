@@ -1,0 +1,163 @@
+"""Reading samples in the forms qandc meets, and scoring them with the reference classifier."""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import QandcError
+from ..images import has_image_space, model_to_images, to_uint8
+from ..model.dit import DiTConfig
+from .classifier import ASSETS, classify, load_classifier
+from .scores import feature_stats, frechet_distance, image_similarity
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+LABELED_NAME = re.compile(r"^(\d+)_")  # a PNG named like 3_00042.png has label 3
+
+
+def read_samples(path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(uint8 images (N, 28, 28), int labels (N,) or None, a description of the source) from a `qandc generate`
+    directory, an .npz file with `images` and optional `labels`, or a folder of PNG files (labelled when every
+    name starts with the label and '_')."""
+    path = Path(path)
+    if path.is_dir() and (path / "samples.npz").exists():
+        return (*_read_generated(path), f"qandc generate directory {path}")
+    if path.is_dir():
+        return (*_read_pngs(path), f"PNG folder {path}")
+    if path.is_file() and path.suffix == ".npz":
+        return (*_read_npz(path), f"npz file {path}")
+    if path.exists():
+        raise QandcError(f"{path}: not a qandc generate directory, an .npz file or a folder of PNG files")
+    raise QandcError(f"{path}: no such file or directory")
+
+
+def _read_generated(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    config_path, samples_path = path / "config.json", path / "samples.npz"
+    try:
+        config = DiTConfig.from_dict(json.loads(config_path.read_text())["model"])
+    except FileNotFoundError:
+        raise QandcError(f"{config_path}: missing (qandc generate writes it beside samples.npz)") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise QandcError(f"{config_path}: no valid DiT config under 'model' ({type(e).__name__}: {e})") from None
+    if not has_image_space(config):
+        raise QandcError(f"{samples_path}: {config.in_channels}-channel latents, not images; eval needs image-space "
+                         "samples")
+    data = _load_npz(samples_path)
+    samples = data.get("samples")
+    if samples is None or samples.ndim != 4 or samples.shape[1] != config.in_channels:
+        raise QandcError(f"{samples_path}: needs 'samples' of shape (N, {config.in_channels}, H, W) per config.json")
+    _check_finite(samples_path, samples)
+    images = to_uint8(model_to_images(torch.from_numpy(samples.astype(np.float32)), config))
+    if images.shape[-1] == 1:
+        images = images[..., 0]
+    return _checked(samples_path, images, data.get("labels"))
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    data = _load_npz(path)
+    if "images" not in data:
+        raise QandcError(f"{path}: no 'images' array (has: {', '.join(data) or 'nothing'})")
+    images = data["images"]
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    _check_shape(path, images)
+    if np.issubdtype(images.dtype, np.floating):
+        _check_finite(path, images)
+        images = to_uint8(torch.from_numpy(images.astype(np.float32))[:, None])[..., 0]
+    elif images.dtype != np.uint8:
+        raise QandcError(f"{path}: images must be uint8, or float in [-1, 1]; got {images.dtype}")
+    return _checked(path, images, data.get("labels"))
+
+
+def _read_pngs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() == ".png")
+    if not files:
+        raise QandcError(f"{path}: no samples.npz and no PNG files")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                images.append(np.asarray(image.convert("L")))
+        except OSError as e:
+            raise QandcError(f"{file}: not a readable image ({e})") from None
+        if images[-1].shape != IMAGE_SHAPE:
+            raise QandcError(f"{file}: {images[-1].shape[1]}x{images[-1].shape[0]} pixels, expected 28x28")
+    matches = [LABELED_NAME.match(f.name) for f in files]
+    if any(matches) and not all(matches):
+        unlabeled = files[[m is None for m in matches].index(True)].name
+        raise QandcError(f"{path}: some PNG names start with a label (like 3_00042.png) and some do not ({unlabeled})")
+    labels = np.array([int(m[1]) for m in matches]) if all(matches) else None
+    return _checked(path, np.stack(images), labels)
+
+
+def _load_npz(path: Path) -> dict:
+    try:
+        with np.load(path) as data:
+            return dict(data)
+    except (OSError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        raise QandcError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+
+
+def _check_shape(path: Path, images: np.ndarray) -> None:
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise QandcError(f"{path}: images of shape {images.shape}, expected (N, 28, 28) single-channel")
+    if not len(images):
+        raise QandcError(f"{path}: no images")
+
+
+def _check_finite(path: Path, values: np.ndarray) -> None:
+    bad = int((~np.isfinite(values)).reshape(len(values), -1).any(1).sum())
+    if bad:
+        raise QandcError(f"{path}: {bad} of {len(values)} samples contain NaN or infinite values")
+
+
+def _checked(path: Path, images: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray | None]:
+    _check_shape(path, images)
+    if labels is None:
+        return images, None
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise QandcError(f"{path}: labels of shape {labels.shape} for {len(images)} images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise QandcError(f"{path}: labels must be integers, got {labels.dtype}")
+    out_of_range = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if len(out_of_range):
+        raise QandcError(f"{path}: label {out_of_range[0]} is out of range 0..{NUM_CLASSES - 1}")
+    return images, labels.astype(np.int64)
+
+
+def evaluate(samples_path, reference_path=None, classifier_assets=None) -> dict:
+    """Score samples read from disk (see `read_samples`); see `score` for the metrics."""
+    images, labels, source = read_samples(samples_path)
+    reference, reference_source = None, None
+    if reference_path is not None:
+        reference, _, reference_source = read_samples(reference_path)
+        if len(reference) != len(images):
+            raise QandcError(f"{reference_path}: {len(reference)} reference images for {len(images)} samples")
+    result = score(images, labels, reference, classifier_assets)
+    result["samples"] = source
+    if reference is not None:
+        result["reference"] = reference_source
+    return result
+
+
+def score(images: np.ndarray, labels=None, reference: np.ndarray | None = None, classifier_assets=None) -> dict:
+    """FD between the reference classifier's features of uint8 images (N, 28, 28) and its shipped test-set
+    statistics, class accuracy when labels are given, and PSNR / SSIM / MSE against paired reference images.
+    classifier_assets: a folder with the classifier files (None: the shipped qandc/assets)."""
+    model, stats = load_classifier(ASSETS if classifier_assets is None else classifier_assets)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    features, predictions = classify(model.to(device), images)
+    result = {"n": len(images), "fd": frechet_distance(*feature_stats(features), stats["mu"], stats["sigma"]),
+              "class_accuracy": None if labels is None else float((predictions == np.asarray(labels)).mean()),
+              "classifier_sha256": stats["sha256"], "device": str(device)}
+    if reference is not None:
+        result.update(image_similarity(images, reference))
+    return result
