@@ -58,7 +58,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['name']} | {r['steps']} | {r['fd']:.3f} | {r['class_accuracy']:.4f} | {psnr} | {ssim} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", f"PSNR / SSIM of cache rows against `{REFERENCE_ROW}` (same labels, seeds and noise). "
-              "FD: Fréchet distance to the 10k Fashion-MNIST test images in the reference classifier's features."]
+              "FD: Fréchet distance to the 10k Fashion-MNIST test images in the reference classifier's features. "
+              "Seconds: wall time of the row, per-sample CPU noise generation included: not a speed measurement."]
     return "\n".join(lines) + "\n"
 
 

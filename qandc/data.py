@@ -32,7 +32,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise QandcError(f"{path}: truncated ({body.size} of {int(np.prod(shape))} values)")
-    return body.reshape(shape)
+    return body.reshape(shape).copy()  # writable, independent of the file buffer
 
 
 def _find(stem: str, data_dir: Path) -> Path:

@@ -39,8 +39,9 @@ def _log(out: Path, line: str) -> None:
 
 def _save_state(path: Path, model, ema, opt, step: int, args) -> None:
     with atomic_path(path) as tmp:
+        plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "config": model.config.to_dict(), "args": args}, tmp)
+                    "config": model.config.to_dict(), "args": plain_args}, tmp)
 
 
 def train(args) -> None:
@@ -48,7 +49,7 @@ def train(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = load_fashion_mnist("train", args.data_dir)
-    images = torch.from_numpy(images.copy()).to(device)
+    images = torch.from_numpy(images).to(device)
     labels = torch.from_numpy(labels.astype(np.int64)).to(device)
     state_path = out / STATE_FILE
     config = reference_config(args.hidden, args.depth, args.heads)
@@ -59,8 +60,7 @@ def train(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     step = 0
     if state_path.exists():
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(state_path, map_location=device, weights_only=True)
+        state = torch.load(state_path, map_location=device, weights_only=True)
         if DiTConfig.from_dict(state["config"]) != config:
             raise QandcError(f"{state_path}: holds a different architecture; use another --out")
         model.load_state_dict(state["model"])
