@@ -43,7 +43,7 @@ def generate(model, n: int, steps: int, sampler: str, plan: CachePlan, cfg_scale
     images = []
     for start in range(0, n, batch):
         out = sample(model, labels[start:start + batch], steps, sampler, cfg_scale, seed=seed, plan=plan,
-                     first_index=start)
+                     sample_ids=range(start, min(start + batch, n)))
         images.append(to_uint8(model_to_images(out, model.config))[..., 0])
     return np.concatenate(images), labels.numpy()
 

@@ -67,7 +67,20 @@ def cmd_generate(args) -> None:
 
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = load_checkpoint(args.checkpoint, **overrides)
-    plan = CachePlan.parse(args.cache)
+    plan = CachePlan.parse(args.cache or "none")
+    correction, recipe = None, None
+    if args.recipe:
+        from .calibration import VarianceCompensation, apply_recipe, load_vc
+
+        model, recipe = apply_recipe(model, args.recipe)
+        if args.cache and plan != recipe.cache_plan:
+            raise QandcError(f"--cache {args.cache} differs from the recipe's cache plan; leave --cache out")
+        plan = recipe.cache_plan
+        K = None if args.no_vc else load_vc(args.recipe)
+        if K is not None:
+            if len(K) != args.steps:
+                raise QandcError(f"{args.recipe}: VC table has {len(K)} steps, --steps is {args.steps}")
+            correction = VarianceCompensation(K)
     if args.per_class < 1:
         raise QandcError(f"--per-class must be positive, got {args.per_class}")
     labels = check_labels(args.labels, model.config.num_classes).repeat_interleave(args.per_class)
@@ -85,7 +98,7 @@ def cmd_generate(args) -> None:
     for start in range(0, len(labels), args.batch_size):
         print(f"batch {start // args.batch_size + 1}/{-(-len(labels) // args.batch_size)}", file=sys.stderr)
         batches.append(sample(model, labels[start:start + args.batch_size], args.steps, args.sampler,
-                              args.cfg_scale, seed=args.seed, plan=plan, eta=args.eta, first_index=start,
+                              args.cfg_scale, seed=args.seed, plan=plan, eta=args.eta, correction=correction, sample_ids=range(start, min(start + args.batch_size, len(labels))),
                               progress=True).cpu())
     samples = torch.cat(batches)
     channels = model.config.in_channels
@@ -111,13 +124,32 @@ def cmd_generate(args) -> None:
         "checkpoint_sha256": _checkpoint_hash(args.checkpoint),
         "model": model.config.to_dict(), "guidance": model.config.guidance, "labels": labels.tolist(),
         "steps": args.steps, "sampler": args.sampler, "eta": args.eta, "cfg_scale": args.cfg_scale,
-        "seed": args.seed, "plan": plan.to_dict(), "noise_keying": "per sample: generator keyed by (seed, index)",
+        "seed": args.seed, "plan": plan.to_dict(), "recipe": args.recipe, "vc": correction is not None, "noise_keying": "per sample: generator keyed by (seed, index)",
         "vae": args.vae, "device": str(device), "versions": library_versions(),
     })
     if images is None:
         print(f"{channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without --vae DIR",
               file=sys.stderr)
     print(f"wrote {out}" + (f"; grid: {out / 'grid.png'}" if images is not None else ""))
+
+
+def cmd_calibrate(args) -> None:
+    """Collect a calibration pool along cached trajectories, select the calibration set, quantize both paths with
+    ModelOpt into a quant recipe, and fit VC factors. A rerun skips finished stages."""
+    from .calibration import CalibrationSettings, SelectorParams, calibrate
+    from .model import load_checkpoint
+    from .sampling import CachePlan
+
+    model = load_checkpoint(args.checkpoint, **({"num_heads": args.num_heads} if args.num_heads else {}))
+    device = _device(args.device)
+    settings = CalibrationSettings(
+        preset=args.preset, selector=args.selector, budget=args.samples, plan=CachePlan.parse(args.cache),
+        pool_samples=args.pool_samples, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
+        seed=args.seed, selector_params=SelectorParams(m=args.tap_m, k=args.clusters, alpha=args.alpha, tau=args.tau),
+        keep=args.keep, fp8_weight_per_channel=args.fp8_weight_per_channel, vc=args.vc, vc_samples=args.vc_samples,
+        batch_size=args.batch_size)
+    calibrate(model.to(device), args.out, settings, _checkpoint_hash(args.checkpoint))
+    print(f"wrote {args.out}")
 
 
 def cmd_train(args) -> None:
@@ -205,14 +237,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 = off")
-    p.add_argument("--cache", default="none",
-                   help="none | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1] | PLAN.json")
+    p.add_argument("--cache", help="none (default) | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1] | "
+                                  "PLAN.json; with --recipe, the recipe's plan")
+    p.add_argument("--recipe", help="quant recipe directory from qandc calibrate: sample with fake quant (+ VC)")
+    p.add_argument("--no-vc", action="store_true", help="with --recipe: do not apply its VC table")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="labels per batch (default 64)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory to decode latents into images")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="pool, TAP selection, ModelOpt quantization and VC: a quant recipe",
+                       description=cmd_calibrate.__doc__)
+    p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT), help="DiT checkpoint (default: the reference)")
+    p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+    p.add_argument("--preset", choices=["w8a8-int8", "w8a8-fp8", "w4a8"], default="w8a8-fp8")
+    p.add_argument("--fp8-weight-per-channel", action="store_true", help="w8a8-fp8: per-output-channel weights")
+    p.add_argument("--selector", choices=["tap", "uniform", "random", "kmeans"], default="tap")
+    p.add_argument("--samples", type=int, default=800, help="calibration set size (default 800)")
+    p.add_argument("--pool-samples", type=int, default=400,
+                   help="trajectories in the pool; entries = trajectories x steps (default 400)")
+    p.add_argument("--cache", default="interval=3", help="cache plan, as for generate (default interval=3)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0, help="pool, selection and VC seed (default 0)")
+    p.add_argument("--tap-m", type=int, default=3, help="TAP parallel subsamplings (default 3)")
+    p.add_argument("--clusters", type=int, default=100, help="TAP / kmeans clusters (default 100)")
+    p.add_argument("--alpha", type=float, default=0.5, help="TAP spatial vs temporal affinity weight (default 0.5)")
+    p.add_argument("--tau", type=float, default=0.1, help="TAP temporal scale on t/1000 (default 0.1)")
+    p.add_argument("--keep", nargs="*", default=[], help="fnmatch patterns of block Linears kept in high precision")
+    p.add_argument("--vc", choices=["var", "nsr", "mse", "none"], default="var",
+                   help="variance compensation: var (variance matching, default), nsr (noise-to-signal-weighted "
+                        "least squares), mse (plain least squares) or none")
+    p.add_argument("--vc-samples", type=int, default=256, help="trajectories VC is fitted on (default 256)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
+    p.set_defaults(func=cmd_calibrate)
 
     from .train import add_arguments as add_train_arguments
 

@@ -114,7 +114,7 @@ def test_plan_schedule_drives_the_paths(model):
 
 def test_noise_is_keyed_per_sample(model):
     batch = sample(model, [1, 2, 3, 4], 6, "ddpm", cfg_scale=2.0, seed=11)
-    alone = sample(model, [3], 6, "ddpm", cfg_scale=2.0, seed=11, first_index=2)
+    alone = sample(model, [3], 6, "ddpm", cfg_scale=2.0, seed=11, sample_ids=[2])
     assert rel_err(alone, batch[2:3]) < 1e-5  # batch size and position do not change a sample
     assert rel_err(sample(model, [1], 6, "ddpm", cfg_scale=2.0, seed=12), batch[:1]) > 1e-2
 

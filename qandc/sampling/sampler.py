@@ -29,6 +29,11 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(key) & (2 ** 63 - 1))
 
 
+def draw_noise(generators: list[torch.Generator], shape) -> torch.Tensor:
+    """One standard-normal draw of `shape` from each sample's generator, stacked (CPU)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
 def check_labels(labels, num_classes: int) -> torch.Tensor:
     """Labels as a 1-D long tensor; each must be a real class (the null class is internal to guidance)."""
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
@@ -40,56 +45,78 @@ def check_labels(labels, num_classes: int) -> torch.Tensor:
     return labels
 
 
+class SamplingRun:
+    """One DDPM / DDIM trajectory of a batch, advanced a step at a time: `x` is the current sample. `sample` drives
+    it to the end; VC fitting drives two runs in lockstep (same noise keys) and moves `x` between them."""
+
+    def __init__(self, model, labels, steps: int, sampler: str = "ddpm", cfg_scale: float = 1.0, noise=None,
+                 seed: int | None = None, plan: CachePlan | None = None, eta: float = 0.0, sample_ids=None):
+        config = model.config
+        if sampler not in SAMPLERS:
+            raise QandcError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
+        self.labels = check_labels(labels, config.num_classes)
+        n = len(self.labels)
+        self.model, self.sampler, self.cfg_scale, self.eta = model, sampler, cfg_scale, eta
+        self.diffusion = Diffusion(steps, learn_sigma=config.learn_sigma)
+        self.plan = plan or CachePlan.none()
+        self.full_steps = self.plan.full_steps(steps)
+        self.reuse_set = self.plan.reuse_set(model.branch_names)
+        self.device = next(model.parameters()).device
+        self.shape = (config.in_channels, config.input_size, config.input_size)
+        seed = int(np.random.SeedSequence().entropy % 2 ** 32) if seed is None else seed
+        sample_ids = range(n) if sample_ids is None else sample_ids
+        if len(sample_ids) != n:
+            raise QandcError(f"{len(sample_ids)} sample ids for {n} labels")
+        self.generators = [sample_generator(seed, int(i)) for i in sample_ids]
+        if noise is None:
+            x = draw_noise(self.generators, self.shape)
+        else:
+            x = torch.as_tensor(noise, dtype=torch.float32)
+            if tuple(x.shape) != (n, *self.shape):
+                raise QandcError(f"noise has shape {tuple(x.shape)}, expected {(n, *self.shape)}")
+        self.x = x.to(self.device)
+        self.guided = cfg_scale != 1.0
+        y = torch.cat([self.labels, torch.full_like(self.labels, config.num_classes)]) if self.guided else self.labels
+        self.y = y.to(self.device)
+        self.cache, self.step_index = None, 0
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Advance one sampling step (full or reuse path per the plan); return the new x."""
+        step, n, config = self.step_index, len(self.labels), self.model.config
+        index = self.diffusion.num_steps - 1 - step
+        x_in = torch.cat([self.x, self.x]) if self.guided else self.x
+        t = self.diffusion.model_timesteps(index, len(x_in), self.device)
+        if self.full_steps[step]:
+            out, self.cache = self.model.forward_full(x_in, t, self.y, branches=self.reuse_set,
+                                                      regate=self.plan.regate)
+        else:
+            out = self.model.forward_reuse(x_in, t, self.y, self.cache, regate=self.plan.regate)
+        if self.guided:
+            out = guide(out, self.cfg_scale, config)[:n]
+        needs_noise = index > 0 and (self.sampler == "ddpm" or self.eta > 0)
+        noise = draw_noise(self.generators, self.shape).to(self.device) if needs_noise else None
+        if self.sampler == "ddpm":
+            self.x = self.diffusion.ddpm_step(out, self.x, index, noise)
+        else:
+            self.x = self.diffusion.ddim_step(out, self.x, index, noise, self.eta)
+        self.step_index += 1
+        return self.x
+
+
 @torch.no_grad()
 def sample(model, labels, steps: int, sampler: str = "ddpm", cfg_scale: float = 1.0, noise=None,
            seed: int | None = None, plan: CachePlan | None = None, eta: float = 0.0,
-           correction: Correction | None = None, first_index: int = 0, progress: bool = False) -> torch.Tensor:
+           correction: Correction | None = None, sample_ids=None, progress: bool = False) -> torch.Tensor:
     """Final samples, one per label, in the model's output space (float32, on the model's device).
 
-    Sample i's noise comes from a generator keyed by (seed, first_index + i), so it does not depend on batch size
-    or position. `noise`, when given, replaces the initial noise (one row per label). `cfg_scale=1.0` runs the
-    plain model; otherwise the batch is doubled with the null class. `plan` defaults to no cache."""
-    config = model.config
-    if sampler not in SAMPLERS:
-        raise QandcError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
-    labels = check_labels(labels, config.num_classes)
-    n = len(labels)
-    diffusion = Diffusion(steps, learn_sigma=config.learn_sigma)
-    plan = plan or CachePlan.none()
-    full_steps = plan.full_steps(steps)
-    reuse_set = plan.reuse_set(model.branch_names)
-    device = next(model.parameters()).device
-    shape = (config.in_channels, config.input_size, config.input_size)
-    seed = int(np.random.SeedSequence().entropy % 2 ** 32) if seed is None else seed
-    generators = [sample_generator(seed, first_index + i) for i in range(n)]
-    if noise is None:
-        x = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    else:
-        x = torch.as_tensor(noise, dtype=torch.float32)
-        if tuple(x.shape) != (n, *shape):
-            raise QandcError(f"noise has shape {tuple(x.shape)}, expected {(n, *shape)}")
-    x = x.to(device)
-    guided = cfg_scale != 1.0
-    y = torch.cat([labels, torch.full_like(labels, config.num_classes)]) if guided else labels
-    y = y.to(device)
-    cache = None
-    for step in tqdm(range(diffusion.num_steps), desc="sampling", disable=not progress, leave=False):
-        index = diffusion.num_steps - 1 - step
-        x_in = torch.cat([x, x]) if guided else x
-        t = diffusion.model_timesteps(index, len(x_in), device)
-        if full_steps[step]:
-            out, cache = model.forward_full(x_in, t, y, branches=reuse_set, regate=plan.regate)
-        else:
-            out = model.forward_reuse(x_in, t, y, cache, regate=plan.regate)
-        if guided:
-            out = guide(out, cfg_scale, config)[:n]
-        needs_noise = index > 0 and (sampler == "ddpm" or eta > 0)
-        step_noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device) \
-            if needs_noise else None
-        if sampler == "ddpm":
-            x = diffusion.ddpm_step(out, x, index, step_noise)
-        else:
-            x = diffusion.ddim_step(out, x, index, step_noise, eta)
+    Sample i's noise comes from a generator keyed by (seed, sample_ids[i]) (default ids 0..n-1), so it does not
+    depend on batch size or position. `noise`, when given, replaces the initial noise (one row per label).
+    `cfg_scale=1.0` runs the plain model; otherwise the batch is doubled with the null class. `plan` defaults to no
+    cache."""
+    run = SamplingRun(model, labels, steps, sampler, cfg_scale, noise, seed, plan, eta, sample_ids)
+    for step in tqdm(range(run.diffusion.num_steps), desc="sampling", disable=not progress, leave=False):
+        run.step()
         if correction is not None:
-            x = correction(step, x)
-    return x
+            run.x = correction(step, run.x)
+    return run.x

@@ -1,0 +1,134 @@
+"""`calibrate`: pool -> selection -> quantization recipe -> VC table, each stage an artifact in the output folder.
+
+A rerun skips every stage whose artifact exists with the same parameters; an artifact made with other parameters
+is an error (use another --out), never silently mixed. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..artifacts import atomic_path, write_json
+from ..errors import QandcError
+from ..sampling import CachePlan
+from .pool import CalibrationEntry, Pool, collect_pool, replay
+from .quantize import RECIPE, VC, QuantRecipe, quantize, quantized_layers, save_amax
+from .selection import SelectorParams, select
+from .vc import VC_FORMS, fit_vc
+
+@dataclass
+class CalibrationSettings:
+    preset: str = "w8a8-fp8"
+    selector: str = "tap"
+    budget: int = 800
+    plan: CachePlan = field(default_factory=lambda: CachePlan.interval(3))
+    pool_samples: int = 400
+    steps: int = 50
+    sampler: str = "ddpm"
+    cfg_scale: float = 1.5
+    seed: int = 0
+    selector_params: SelectorParams = field(default_factory=SelectorParams)
+    keep: list = field(default_factory=list)
+    fp8_weight_per_channel: bool = False
+    vc: str = "var"           # "var", "mse", "nsr" or "none"
+    vc_samples: int = 256
+    batch_size: int = 256
+
+
+def _same_or_fail(path: Path, key: dict, existing: dict) -> bool:
+    """True when an existing artifact was made with `key`; an artifact made otherwise is an error."""
+    mismatch = [k for k in key if existing.get(k) != key[k]]
+    if mismatch:
+        raise QandcError(f"{path}: made with other settings ({', '.join(mismatch)}); use another --out")
+    return True
+
+
+def _pool(model, out: Path, s: CalibrationSettings) -> Pool:
+    key = {"seed": s.seed, "num_samples": s.pool_samples, "steps": s.steps, "sampler": s.sampler,
+           "cfg_scale": s.cfg_scale, "plan": s.plan.to_dict()}
+    if (out / "pool.json").exists() and _same_or_fail(out / "pool.json", key, json.loads((out / "pool.json").read_text())):
+        return Pool.load(out)
+    pool = collect_pool(model, s.pool_samples, s.steps, s.sampler, s.cfg_scale, s.plan, s.seed, s.batch_size)
+    pool.save(out)
+    return pool
+
+
+def _selection(pool: Pool, out: Path, s: CalibrationSettings) -> np.ndarray:
+    path = out / f"selection-{s.selector}.json"
+    key = {"selector": s.selector, "params": s.selector_params.to_dict(), "seed": s.seed, "budget": s.budget,
+           "pool_id": pool.pool_id}
+    if path.exists() and _same_or_fail(path, key, json.loads(path.read_text())):
+        return np.array(json.loads(path.read_text())["indices"])
+    features = pool.x.reshape(len(pool.t), -1).astype(np.float32)
+    indices = select(s.selector, features, pool.t, pool.step, s.budget, s.seed, s.selector_params)
+    write_json(path, {**key, "indices": indices.tolist(),
+                      "steps_covered": sorted(set(pool.step[indices].tolist())),
+                      "reuse_entries": int((~pool.full[indices]).sum())})
+    return indices
+
+
+def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, branch_names: list[str], batch_size: int):
+    """The ModelOpt calibration loop: full-step entries through the full path, reuse-step entries through the reuse
+    path with their replayed cache tensors."""
+    reuse_set = plan.reuse_set(branch_names)
+
+    def loop(model):
+        for kind in ("full", "reuse"):
+            group = [e for e in entries if (e.cache is None) == (kind == "full")]
+            for i in range(0, len(group), batch_size):
+                batch = group[i:i + batch_size]
+                x, t, y = (torch.cat([getattr(e, a) for e in batch]) for a in ("x", "t", "y"))
+                if kind == "full":
+                    model.forward_full(x, t, y, branches=reuse_set, regate=plan.regate)
+                else:
+                    cache = {k: torch.cat([e.cache[k] for e in batch]) for k in batch[0].cache}
+                    model.forward_reuse(x, t, y, cache, regate=plan.regate)
+    return loop
+
+
+def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256: str = "") -> QuantRecipe:
+    """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if s.vc not in VC_FORMS + ("none",):
+        raise QandcError(f"unknown VC form {s.vc!r}; choose var, mse, nsr or none")
+    stages = tqdm(total=4, desc="calibrate", leave=False)
+    pool = _pool(model, out, s)
+    stages.update()
+    indices = _selection(pool, out, s)
+    stages.update()
+    recipe = QuantRecipe(preset=s.preset, layers=quantized_layers(model, s.keep), plan=s.plan.to_dict(),
+                         steps=s.steps, sampler=s.sampler, cfg_scale=s.cfg_scale,
+                         fp8_weight_per_channel=s.fp8_weight_per_channel, keep=list(s.keep),
+                         selector={"name": s.selector, "params": s.selector_params.to_dict(), "seed": s.seed,
+                                   "budget": s.budget, "selection": f"selection-{s.selector}.json"},
+                         pool_id=pool.pool_id, checkpoint_sha256=checkpoint_sha256,
+                         vc=None if s.vc == "none" else {"form": s.vc, "samples": s.vc_samples, "seed": s.seed + 1})
+    if (out / RECIPE).exists():
+        if QuantRecipe.load(out) != recipe:
+            raise QandcError(f"{out / RECIPE}: made with other settings; use another --out")
+        stages.close()
+        return recipe
+    q_model = copy.deepcopy(model)
+    entries = replay(model, pool, indices, s.batch_size)
+    quantize(q_model, recipe, forward_loop(entries, s.plan, model.branch_names, s.batch_size))
+    del entries
+    save_amax(q_model, out)
+    stages.update()
+    if recipe.vc:
+        labels = torch.arange(s.vc_samples) % model.config.num_classes
+        K = fit_vc(model, q_model, labels, s.steps, s.sampler, s.cfg_scale, s.seed + 1, s.plan, s.vc)
+        with atomic_path(out / VC) as tmp:
+            save_file({"K": K.contiguous()}, str(tmp))
+    recipe.save(out)  # written last: its presence marks a finished calibration
+    stages.update()
+    stages.close()
+    return recipe

@@ -1,0 +1,141 @@
+"""The calibration pool: full-precision trajectories run under the cache plan, one entry per (sample, step).
+
+The pool keeps only what identifies an entry — (seed, sample index, label, step) — and its x_t. The inputs each path
+sees (CFG-doubled batch, cache tensors for reuse steps) are recovered by replaying the trajectories of the selected
+samples: noise is keyed per sample, so a replay in another batch reproduces them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import atomic_path, write_json
+from ..errors import QandcError
+from ..sampling import CachePlan, Diffusion, draw_noise, sample, sample_generator
+
+
+@dataclass
+class Pool:
+    """Entries in (sample, step) order. meta: how the trajectories were made (seed, steps, sampler, plan, ...)."""
+
+    x: np.ndarray          # (N, C, H, W) float16: the model input x_t of the entry
+    t: np.ndarray          # (N,) original diffusion timestep
+    step: np.ndarray       # (N,) sampling-step index, 0 = first (noisiest)
+    sample: np.ndarray     # (N,) sample index (noise key together with the seed)
+    label: np.ndarray      # (N,)
+    full: np.ndarray       # (N,) whether the plan runs the full path at that step
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def pool_id(self) -> str:
+        return hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, folder: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, x=self.x, t=self.t, step=self.step, sample=self.sample, label=self.label, full=self.full)
+        with atomic_path(folder / "pool.npz") as tmp:
+            tmp.write_bytes(buffer.getvalue())
+        write_json(folder / "pool.json", {**self.meta, "pool_id": self.pool_id, "entries": len(self.t)})
+
+    @classmethod
+    def load(cls, folder: Path) -> "Pool":
+        try:
+            meta = json.loads((folder / "pool.json").read_text())
+            with np.load(folder / "pool.npz") as data:
+                arrays = {k: data[k] for k in ("x", "t", "step", "sample", "label", "full")}
+        except (OSError, KeyError, ValueError) as e:
+            raise QandcError(f"{folder}: not a readable calibration pool ({e})") from None
+        meta.pop("pool_id", None)
+        meta.pop("entries", None)
+        return cls(**arrays, meta=meta)
+
+
+def collect_pool(model, num_samples: int, steps: int, sampler: str, cfg_scale: float, plan: CachePlan, seed: int,
+                 batch_size: int = 256) -> Pool:
+    """Run `num_samples` trajectories (labels i % classes) under the plan and keep every step's x_t."""
+    c = model.config
+    shape = (c.in_channels, c.input_size, c.input_size)
+    diffusion = Diffusion(steps)
+    full = plan.full_steps(steps)
+    xs, samples = [], []
+    for start in tqdm(range(0, num_samples, batch_size), desc="pool", leave=False):
+        index = np.arange(start, min(start + batch_size, num_samples))
+        labels = torch.from_numpy(index % c.num_classes)
+        inputs = [draw_noise([sample_generator(seed, int(i)) for i in index], shape)]
+        record = lambda step, x: inputs.append(x.detach().cpu()) or x  # noqa: E731 - x after step = next input
+        sample(model, labels, steps, sampler, cfg_scale, seed=seed, plan=plan, sample_ids=index, correction=record)
+        xs.append(torch.stack(inputs[:steps], dim=1).half().numpy())  # (B, steps, C, H, W)
+        samples.append(index)
+    index = np.concatenate(samples)
+    x = np.concatenate(xs).reshape(-1, *shape)
+    step = np.tile(np.arange(steps), len(index))
+    meta = {"seed": seed, "num_samples": num_samples, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale,
+            "plan": plan.to_dict(), "labels": "i % num_classes", "model": c.to_dict()}
+    return Pool(x=x, t=np.array(diffusion.timestep_map)[::-1][step], step=step, sample=np.repeat(index, steps),
+                label=np.repeat(index % c.num_classes, steps), full=np.array(full)[step], meta=meta)
+
+
+@dataclass
+class CalibrationEntry:
+    """What one path sees at one selected (sample, step): the CFG-doubled inputs and, for reuse steps, the cache."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    cache: dict | None     # None: a full step
+
+
+class _Recorder:
+    """A denoiser wrapper that records the inputs of the selected (sample, step) rows as the sampler calls it."""
+
+    def __init__(self, model, wanted: dict[int, set[int]], index: np.ndarray):
+        self.model, self.config, self.branch_names = model, model.config, model.branch_names
+        self.wanted, self.index, self.step, self.entries = wanted, index, 0, {}
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def _record(self, x, t, y, cache):
+        n = len(self.index)
+        for row, i in enumerate(self.index):
+            if self.step in self.wanted.get(int(i), ()):
+                rows = [row, row + n] if len(x) == 2 * n else [row]
+                self.entries[(int(i), self.step)] = CalibrationEntry(
+                    x[rows].clone(), t[rows].clone(), y[rows].clone(),
+                    None if cache is None else {k: v[rows].clone() for k, v in cache.items()})
+        self.step += 1
+
+    def forward_full(self, x, t, y, branches=None, regate=False):
+        self._record(x, t, y, None)
+        return self.model.forward_full(x, t, y, branches=branches, regate=regate)
+
+    def forward_reuse(self, x, t, y, cache, regate=False):
+        self._record(x, t, y, cache)
+        return self.model.forward_reuse(x, t, y, cache, regate=regate)
+
+
+def replay(model, pool: Pool, selected: np.ndarray, batch_size: int = 256) -> list[CalibrationEntry]:
+    """Re-run the trajectories of the selected entries' samples and return each selected entry's inputs."""
+    meta = pool.meta
+    plan = CachePlan.from_dict(meta["plan"])
+    wanted: dict[int, set[int]] = {}
+    for k in selected:
+        wanted.setdefault(int(pool.sample[k]), set()).add(int(pool.step[k]))
+    samples = np.array(sorted(wanted))
+    entries = {}
+    for start in tqdm(range(0, len(samples), batch_size), desc="replay", leave=False):
+        index = samples[start:start + batch_size]
+        recorder = _Recorder(model, wanted, index)
+        labels = torch.from_numpy(index % model.config.num_classes)
+        sample(recorder, labels, meta["steps"], meta["sampler"], meta["cfg_scale"], seed=meta["seed"], plan=plan,
+               sample_ids=index)
+        entries.update(recorder.entries)
+    return [entries[(int(pool.sample[k]), int(pool.step[k]))] for k in selected]
