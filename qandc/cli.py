@@ -143,12 +143,13 @@ def cmd_calibrate(args) -> None:
     model = load_checkpoint(args.checkpoint, **({"num_heads": args.num_heads} if args.num_heads else {}))
     device = _device(args.device)
     settings = CalibrationSettings(
-        preset=args.preset, selector=args.selector, budget=args.samples, plan=CachePlan.parse(args.cache),
+        preset=args.preset, selector=args.selector, budget=args.samples,
+        plan=args.cache if args.cache.startswith("auto") else CachePlan.parse(args.cache),
         pool_samples=args.pool_samples, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
         seed=args.seed, selector_params=SelectorParams(m=args.tap_m, k=args.clusters, alpha=args.alpha, tau=args.tau),
         keep=args.keep, fp8_weight_per_channel=args.fp8_weight_per_channel, vc=args.vc, vc_samples=args.vc_samples,
         batch_size=args.batch_size)
-    calibrate(model.to(device), args.out, settings, _checkpoint_hash(args.checkpoint))
+    calibrate(model.to(device), args.out, settings, _checkpoint_hash(args.checkpoint), report=args.report)
     print(f"wrote {args.out}")
 
 
@@ -258,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=800, help="calibration set size (default 800)")
     p.add_argument("--pool-samples", type=int, default=400,
                    help="trajectories in the pool; entries = trajectories x steps (default 400)")
-    p.add_argument("--cache", default="interval=3", help="cache plan, as for generate (default interval=3)")
+    p.add_argument("--cache", default="interval=3",
+                   help="cache plan, as for generate (default interval=3), or auto[:err=E|:reuse=F]: search one on "
+                        "measured per-branch reuse errors (error budget E, default 0.1, or reuse fraction F); the "
+                        "plan is kept in OUT/plan.json")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -273,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "least squares), mse (plain least squares) or none")
     p.add_argument("--vc-samples", type=int, default=256, help="trajectories VC is fitted on (default 256)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--report", action="store_true",
+                   help="also write report.json and report.png: per-layer and per-step quantization error")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
     p.set_defaults(func=cmd_calibrate)

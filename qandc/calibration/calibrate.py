@@ -7,6 +7,7 @@ is an error (use another --out), never silently mixed. Every file is written ato
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,11 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_path, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan
+from .plan_search import auto_plan
 from .pool import CalibrationEntry, Pool, collect_pool, replay
 from .quantize import RECIPE, VC, QuantRecipe, quantize, quantized_layers, save_amax
 from .selection import SelectorParams, select
+from .sensitivity import REPORT, sensitivity_report, write_report
 from .vc import VC_FORMS, fit_vc
 
 @dataclass
@@ -29,7 +32,8 @@ class CalibrationSettings:
     preset: str = "w8a8-fp8"
     selector: str = "tap"
     budget: int = 800
-    plan: CachePlan = field(default_factory=lambda: CachePlan.interval(3))
+    plan: CachePlan | str = field(default_factory=lambda: CachePlan.interval(3))  # or "auto[:err=E|:reuse=F]"
+    plan_samples: int = 4     # trajectories the plan search measures
     pool_samples: int = 400
     steps: int = 50
     sampler: str = "ddpm"
@@ -75,6 +79,18 @@ def _selection(pool: Pool, out: Path, s: CalibrationSettings) -> np.ndarray:
     return indices
 
 
+def _searched_plan(model, out: Path, s: CalibrationSettings) -> CachePlan:
+    """Stage 0 for `--cache auto...`: search the plan on measured reuse errors, keep it in plan.json."""
+    path = out / "plan.json"
+    key = {"spec": s.plan, "steps": s.steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale, "seed": s.seed,
+           "samples": s.plan_samples}
+    if path.exists() and _same_or_fail(path, key, json.loads(path.read_text())):
+        return CachePlan.from_dict(json.loads(path.read_text())["plan"])
+    plan, summary = auto_plan(model, s.plan, s.steps, s.sampler, s.cfg_scale, s.seed, s.plan_samples)
+    write_json(path, {**key, "plan": plan.to_dict(), "search": summary})
+    return plan
+
+
 def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, branch_names: list[str], batch_size: int):
     """The ModelOpt calibration loop: full-step entries through the full path, reuse-step entries through the reuse
     path with their replayed cache tensors."""
@@ -94,12 +110,16 @@ def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, branch_names:
     return loop
 
 
-def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256: str = "") -> QuantRecipe:
-    """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged)."""
+def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256: str = "",
+              report: bool = False) -> QuantRecipe:
+    """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged). With
+    `report`, also write the sensitivity report (report.json, report.png) unless the folder has one."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if s.vc not in VC_FORMS + ("none",):
         raise QandcError(f"unknown VC form {s.vc!r}; choose var, mse, nsr or none")
+    if isinstance(s.plan, str):
+        s = dataclasses.replace(s, plan=_searched_plan(model, out, s))
     stages = tqdm(total=4, desc="calibrate", leave=False)
     pool = _pool(model, out, s)
     stages.update()
@@ -115,20 +135,21 @@ def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256:
     if (out / RECIPE).exists():
         if QuantRecipe.load(out) != recipe:
             raise QandcError(f"{out / RECIPE}: made with other settings; use another --out")
-        stages.close()
-        return recipe
-    q_model = copy.deepcopy(model)
-    entries = replay(model, pool, indices, s.batch_size)
-    quantize(q_model, recipe, forward_loop(entries, s.plan, model.branch_names, s.batch_size))
-    del entries
-    save_amax(q_model, out)
-    stages.update()
-    if recipe.vc:
-        labels = torch.arange(s.vc_samples) % model.config.num_classes
-        K = fit_vc(model, q_model, labels, s.steps, s.sampler, s.cfg_scale, s.seed + 1, s.plan, s.vc)
-        with atomic_path(out / VC) as tmp:
-            save_file({"K": K.contiguous()}, str(tmp))
-    recipe.save(out)  # written last: its presence marks a finished calibration
-    stages.update()
+    else:
+        q_model = copy.deepcopy(model)
+        entries = replay(model, pool, indices, s.batch_size)
+        quantize(q_model, recipe, forward_loop(entries, s.plan, model.branch_names, s.batch_size))
+        del entries
+        save_amax(q_model, out)
+        stages.update()
+        if recipe.vc:
+            labels = torch.arange(s.vc_samples) % model.config.num_classes
+            K = fit_vc(model, q_model, labels, s.steps, s.sampler, s.cfg_scale, s.seed + 1, s.plan, s.vc)
+            with atomic_path(out / VC) as tmp:
+                save_file({"K": K.contiguous()}, str(tmp))
+        recipe.save(out)  # written last: its presence marks a finished calibration
+        stages.update()
     stages.close()
+    if report and not (out / REPORT).exists():
+        write_report(sensitivity_report(model, out, s.batch_size), out)
     return recipe
