@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qandc.artifacts import atomic_path, sha256_file, write_json
+from _common import generate_images, write_results
+from qandc.artifacts import sha256_file, write_json
 from qandc.calibration import CalibrationSettings, VarianceCompensation, apply_recipe, calibrate, fit_vc, load_vc
-from qandc.images import model_to_images, to_uint8
 from qandc.metrics.evaluate import score
 from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
-from qandc.sampling import CachePlan, sample
+from qandc.sampling import CachePlan
 
 PLAN = "interval=3"
 # recipe name -> (preset, selector, cache spec, VC form)
@@ -49,18 +49,6 @@ ROWS += [("naive", "w4a8", "w4a8-uniform", PLAN, None), ("tap+vc", "w4a8", "w4a8
 
 def row_key(name: str, preset: str) -> str:
     return f"{name}@{preset}"
-
-
-def generate(model, n, plan, correction, cfg_scale, seed, batch):
-    labels = torch.arange(n) % model.config.num_classes
-    images = []
-    for start in range(0, n, batch):
-        out = sample(model, labels[start:start + batch], 50, "ddpm", cfg_scale, seed=seed, plan=plan,
-                     correction=correction, sample_ids=range(start, min(start + batch, n)))
-        if not torch.isfinite(out).all():
-            raise RuntimeError("non-finite samples")
-        images.append(to_uint8(model_to_images(out, model.config))[..., 0])
-    return np.concatenate(images), labels.numpy()
 
 
 def markdown(rows, meta) -> str:
@@ -116,8 +104,8 @@ def main():
                 correction = VarianceCompensation(fit_vc(fp_model, model, labels, 50, "ddpm", args.cfg_scale,
                                                          args.seed + 1, recipe.cache_plan, vc))
                 calibration += f", VC {vc}"
-        images, labels = generate(model, args.n, CachePlan.parse(cache), correction, args.cfg_scale, args.seed,
-                                  args.batch_size)
+        images, labels = generate_images(model, args.n, 50, "ddpm", CachePlan.parse(cache), args.cfg_scale,
+                                         args.seed, args.batch_size, correction)
         if name == "fp":
             np.save(state / "fp.npy", images)
         result = score(images, labels, np.load(state / "fp.npy"))
@@ -133,10 +121,7 @@ def main():
             "calibration_budget": args.budget, "pool_samples": args.pool_samples, "vc_samples": args.vc_samples,
             "matmul": "fp32 with TF32", "torch": torch.__version__,
             "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT)}
-    write_json(args.out, {**meta, "rows": rows})
-    with atomic_path(Path(args.out).with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    write_results(args.out, meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":

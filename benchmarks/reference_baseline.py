@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qandc.artifacts import ASSETS, atomic_path, sha256_file, write_json
-from qandc.images import model_to_images, to_uint8
+from _common import generate_images, write_results
+from qandc.artifacts import ASSETS, sha256_file, write_json
 from qandc.metrics.classifier import WEIGHTS
 from qandc.metrics.evaluate import score
 from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
-from qandc.sampling import CachePlan, sample
+from qandc.sampling import CachePlan
 
 ROWS = [  # name, steps, sampler, cache spec
     ("ddpm-250", 250, "ddpm", "none"),
@@ -35,17 +35,6 @@ ROWS = [  # name, steps, sampler, cache spec
     ("ddpm-50-cache-interval3-mlp", 50, "ddpm", "interval=3,branches=mlp"),
 ]
 REFERENCE_ROW = "ddpm-50"  # the uncached run the cache-only rows are compared with
-
-
-def generate(model, n: int, steps: int, sampler: str, plan: CachePlan, cfg_scale: float, seed: int,
-             batch: int) -> tuple[np.ndarray, np.ndarray]:
-    labels = torch.arange(n) % model.config.num_classes
-    images = []
-    for start in range(0, n, batch):
-        out = sample(model, labels[start:start + batch], steps, sampler, cfg_scale, seed=seed, plan=plan,
-                     sample_ids=range(start, min(start + batch, n)))
-        images.append(to_uint8(model_to_images(out, model.config))[..., 0])
-    return np.concatenate(images), labels.numpy()
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -84,8 +73,8 @@ def main():
         if (args.rows and name not in args.rows) or row_file.exists():
             continue
         start = time.time()
-        images, labels = generate(model, args.n, steps, sampler, CachePlan.parse(cache), args.cfg_scale, args.seed,
-                                  args.batch_size)
+        images, labels = generate_images(model, args.n, steps, sampler, CachePlan.parse(cache), args.cfg_scale,
+                                         args.seed, args.batch_size)
         seconds = time.time() - start
         reference = None
         if name == REFERENCE_ROW:
@@ -104,10 +93,7 @@ def main():
             "noise": "per sample, keyed by (seed, i)", "matmul": "fp32 with TF32" if device.type == "cuda" else "fp32",
             "torch": torch.__version__, "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT),
             "classifier_sha256": sha256_file(ASSETS / WEIGHTS)}
-    write_json(args.out, {**meta, "rows": rows})
-    with atomic_path(Path(args.out).with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    write_results(args.out, meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+"""Shared by the benchmark scripts: class-balanced image generation and writing a results table."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qandc.artifacts import atomic_path, write_json
+from qandc.images import model_to_images, to_uint8
+from qandc.sampling import sample
+
+
+def generate_images(model, n: int, steps: int, sampler: str, plan, cfg_scale: float, seed: int, batch: int,
+                    correction=None) -> tuple[np.ndarray, np.ndarray]:
+    """n uint8 images (labels i % classes, noise keyed by (seed, i)) and their labels; non-finite samples fail."""
+    labels = torch.arange(n) % model.config.num_classes
+    images = []
+    for start in range(0, n, batch):
+        out = sample(model, labels[start:start + batch], steps, sampler, cfg_scale, seed=seed, plan=plan,
+                     correction=correction, sample_ids=range(start, min(start + batch, n)))
+        if not torch.isfinite(out).all():
+            raise RuntimeError("non-finite samples")
+        images.append(to_uint8(model_to_images(out, model.config))[..., 0])
+    return np.concatenate(images), labels.numpy()
+
+
+def write_results(out: str, meta: dict, rows: list[dict], markdown: str) -> None:
+    """`out` (JSON: meta + rows) and the markdown table beside it, atomically; the table is printed too."""
+    write_json(out, {**meta, "rows": rows})
+    with atomic_path(Path(out).with_suffix(".md")) as tmp:
+        tmp.write_text(markdown)
+    print(markdown)
