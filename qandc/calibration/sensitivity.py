@@ -1,0 +1,151 @@
+"""The sensitivity report of a finished calibration: where the quantization error comes from.
+
+Per layer: the output error when only that layer is quantized (with its calibrated amax). Per sampling step: the
+output error of the whole quantized model. Both are measured on the calibration entries, each through the path it
+was calibrated on (full or reuse), against the full-precision model on the same inputs, cache tensors included: a
+reuse step's error is that of the branches it recomputes. Error = relative L2 over the entries compared,
+sqrt(sum ||quantized - reference||^2 / sum ||reference||^2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..artifacts import atomic_path, write_json
+from ..errors import QandcError
+from ..sampling import CachePlan
+from .pool import CalibrationEntry, Pool, replay
+from .quantize import AMAX, QuantRecipe, _mtq, apply_recipe, modelopt_config, quantizers
+
+REPORT, REPORT_PLOT = "report.json", "report.png"
+PLOTTED_LAYERS = 20
+
+
+def _selected_indices(folder: Path, recipe: QuantRecipe, pool: Pool) -> np.ndarray:
+    if pool.pool_id != recipe.pool_id:
+        raise QandcError(f"{folder}: the pool is not the one the recipe was calibrated on")
+    path = folder / recipe.selector.get("selection", "")
+    try:
+        return np.array(json.loads(path.read_text())["indices"], dtype=int)
+    except (OSError, KeyError, ValueError) as e:
+        raise QandcError(f"{path}: not a readable selection ({e})") from None
+
+
+@torch.no_grad()
+def _outputs(model, entries: list[CalibrationEntry], plan: CachePlan, batch_size: int) -> list[torch.Tensor]:
+    """Each entry's model output through its path, in entry order."""
+    reuse_set = plan.reuse_set(model.branch_names)
+    outputs = [None] * len(entries)
+    for full in (True, False):
+        group = [i for i, e in enumerate(entries) if (e.cache is None) == full]
+        for start in range(0, len(group), batch_size):
+            index = group[start:start + batch_size]
+            batch = [entries[i] for i in index]
+            x, t, y = (torch.cat([getattr(e, a) for e in batch]) for a in ("x", "t", "y"))
+            if full:
+                out, _ = model.forward_full(x, t, y, branches=reuse_set, regate=plan.regate)
+            else:
+                cache = {k: torch.cat([e.cache[k] for e in batch]) for k in batch[0].cache}
+                out = model.forward_reuse(x, t, y, cache, regate=plan.regate)
+            for i, part in zip(index, out.split([len(e.x) for e in batch])):
+                outputs[i] = part
+    return outputs
+
+
+def _squared_norms(outputs: list[torch.Tensor], reference: list[torch.Tensor] | None = None) -> np.ndarray:
+    """Per entry: ||output - reference||^2, or ||output||^2 without a reference."""
+    pairs = zip(outputs, reference or [0] * len(outputs))
+    return torch.stack([(o.double() - r).pow(2).sum() for o, r in pairs]).cpu().numpy()
+
+
+def _rel_error(squared_error: np.ndarray, squared_reference: np.ndarray) -> float:
+    return float(np.sqrt(squared_error.sum() / squared_reference.sum()))
+
+
+def _one_layer_quantized(model, recipe: QuantRecipe, layer: str, amax: dict):
+    """A copy of `model` with only `layer` quantized, at its calibrated amax."""
+    quantized = copy.deepcopy(model)
+    with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints a line per call: one per layer here
+        _mtq().quantize(quantized, modelopt_config(recipe.preset, [layer], recipe.fp8_weight_per_channel), None)
+    device = next(quantized.parameters()).device
+    for name, quantizer in quantizers(quantized).items():
+        quantizer.amax = amax[name].to(device)
+    return quantized
+
+
+def sensitivity_report(model, folder: str | Path, batch_size: int = 64) -> dict:
+    """Per-layer and per-step quantization error of the calibration in `folder`; `model` is the full-precision
+    DiT (left unchanged). Cost: one replay of the selected trajectories, then one pass over the calibration entries
+    for the reference, one for the whole quantized model and one per quantized layer, each on a deep copy of the
+    model (for DiT-XL/2, ~112 copies and passes)."""
+    folder = Path(folder)
+    recipe = QuantRecipe.load(folder)
+    pool = Pool.load(folder)
+    indices = _selected_indices(folder, recipe, pool)
+    plan = recipe.cache_plan
+    entries = replay(model, pool, indices, batch_size)
+    reference = _outputs(model, entries, plan, batch_size)
+    squared_reference = _squared_norms(reference)
+
+    whole, _ = apply_recipe(copy.deepcopy(model), folder)
+    squared_error = _squared_norms(_outputs(whole, entries, plan, batch_size), reference)
+    del whole
+    steps, full = pool.step[indices], pool.full[indices]
+    per_step = []
+    for step in np.unique(steps):
+        at_step = steps == step
+        per_step.append({"step": int(step), "kind": "full" if full[at_step][0] else "reuse",
+                         "rel_error": _rel_error(squared_error[at_step], squared_reference[at_step]),
+                         "entries": int(at_step.sum())})
+
+    amax = load_file(folder / AMAX)
+    layers = []
+    for layer in recipe.layers:
+        quantized = _one_layer_quantized(model, recipe, layer, amax)
+        layer_error = _squared_norms(_outputs(quantized, entries, plan, batch_size), reference)
+        layers.append({"name": layer, "rel_error": _rel_error(layer_error, squared_reference)})
+    layers.sort(key=lambda row: -row["rel_error"])
+    return {"preset": recipe.preset, "layers": layers, "per_step": per_step,
+            "overall_rel_error": _rel_error(squared_error, squared_reference), "entries": len(entries)}
+
+
+def write_report(report: dict, folder: str | Path) -> None:
+    """report.png (the worst layers; the error per step), then report.json, whose presence marks a finished
+    report."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise QandcError("the report plot needs matplotlib (pip install matplotlib)") from None
+    folder = Path(folder)
+    figure = Figure(figsize=(13, 5.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    by_layer, by_step = figure.subplots(1, 2, width_ratios=[1, 1.3])
+    worst = report["layers"][:PLOTTED_LAYERS][::-1]
+    by_layer.barh([row["name"] for row in worst], [row["rel_error"] for row in worst], color="tab:red")
+    by_layer.set_title(f"{len(worst)} worst of {len(report['layers'])} layers, each quantized alone")
+    by_layer.set_xlabel("relative output error")
+    by_layer.tick_params(axis="y", labelsize=8)
+    steps = report["per_step"]
+    by_step.plot([row["step"] for row in steps], [row["rel_error"] for row in steps], color="0.7", zorder=1)
+    for kind, marker, color in (("full", "o", "tab:blue"), ("reuse", "s", "tab:orange")):
+        rows = [row for row in steps if row["kind"] == kind]
+        by_step.scatter([row["step"] for row in rows], [row["rel_error"] for row in rows], marker=marker,
+                        color=color, label=f"{kind} steps", zorder=2)
+    by_step.axhline(report["overall_rel_error"], linestyle="--", color="0.3", label="overall")
+    by_step.set_title("whole model quantized, per sampling step")
+    by_step.set_xlabel("sampling step (0 = noisiest)")
+    by_step.set_ylabel("relative output error")
+    by_step.legend()
+    figure.suptitle(f"{report['preset']}: quantization error on {report['entries']} calibration entries")
+    with atomic_path(folder / REPORT_PLOT) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    write_json(folder / REPORT, report)
