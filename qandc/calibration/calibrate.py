@@ -21,7 +21,7 @@ from ..artifacts import atomic_path, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan
 from .plan_search import auto_plan
-from .pool import CalibrationEntry, Pool, collect_pool, replay
+from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
 from .quantize import RECIPE, VC, QuantRecipe, quantize, quantized_layers, save_amax
 from .selection import SelectorParams, select
 from .sensitivity import REPORT, sensitivity_report, write_report
@@ -91,22 +91,12 @@ def _searched_plan(model, out: Path, s: CalibrationSettings) -> CachePlan:
     return plan
 
 
-def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, branch_names: list[str], batch_size: int):
-    """The ModelOpt calibration loop: full-step entries through the full path, reuse-step entries through the reuse
-    path with their replayed cache tensors."""
-    reuse_set = plan.reuse_set(branch_names)
-
+def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, batch_size: int):
+    """The ModelOpt calibration loop: every selected entry through the path it was recorded on."""
+    @torch.no_grad()
     def loop(model):
-        for kind in ("full", "reuse"):
-            group = [e for e in entries if (e.cache is None) == (kind == "full")]
-            for i in range(0, len(group), batch_size):
-                batch = group[i:i + batch_size]
-                x, t, y = (torch.cat([getattr(e, a) for e in batch]) for a in ("x", "t", "y"))
-                if kind == "full":
-                    model.forward_full(x, t, y, branches=reuse_set, regate=plan.regate)
-                else:
-                    cache = {k: torch.cat([e.cache[k] for e in batch]) for k in batch[0].cache}
-                    model.forward_reuse(x, t, y, cache, regate=plan.regate)
+        for _ in run_entries(model, entries, plan, batch_size):
+            pass
     return loop
 
 
@@ -138,7 +128,7 @@ def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256:
     else:
         q_model = copy.deepcopy(model)
         entries = replay(model, pool, indices, s.batch_size)
-        quantize(q_model, recipe, forward_loop(entries, s.plan, model.branch_names, s.batch_size))
+        quantize(q_model, recipe, forward_loop(entries, s.plan, s.batch_size))
         del entries
         save_amax(q_model, out)
         stages.update()

@@ -93,6 +93,24 @@ class CalibrationEntry:
     cache: dict | None     # None: a full step
 
 
+def run_entries(model, entries: list[CalibrationEntry], plan: CachePlan, batch_size: int):
+    """Yield (entry positions, outputs) running the entries through the path each was recorded on: full-step
+    entries through the full path, reuse-step entries through the reuse path with their cache tensors."""
+    reuse_set = plan.reuse_set(model.branch_names)
+    for full in (True, False):
+        group = [i for i, e in enumerate(entries) if (e.cache is None) == full]
+        for start in range(0, len(group), batch_size):
+            index = group[start:start + batch_size]
+            batch = [entries[i] for i in index]
+            x, t, y = (torch.cat([getattr(e, a) for e in batch]) for a in ("x", "t", "y"))
+            if full:
+                out, _ = model.forward_full(x, t, y, branches=reuse_set, regate=plan.regate)
+            else:
+                cache = {k: torch.cat([e.cache[k] for e in batch]) for k in batch[0].cache}
+                out = model.forward_reuse(x, t, y, cache, regate=plan.regate)
+            yield index, out.split([len(e.x) for e in batch])
+
+
 class _Recorder:
     """A denoiser wrapper that records the inputs of the selected (sample, step) rows as the sampler calls it."""
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from ..artifacts import atomic_path, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan
-from .pool import CalibrationEntry, Pool, replay
+from .pool import CalibrationEntry, Pool, replay, run_entries
 from .quantize import AMAX, QuantRecipe, _mtq, apply_recipe, modelopt_config, quantizers
 
 REPORT, REPORT_PLOT = "report.json", "report.png"
@@ -42,21 +42,10 @@ def _selected_indices(folder: Path, recipe: QuantRecipe, pool: Pool) -> np.ndarr
 @torch.no_grad()
 def _outputs(model, entries: list[CalibrationEntry], plan: CachePlan, batch_size: int) -> list[torch.Tensor]:
     """Each entry's model output through its path, in entry order."""
-    reuse_set = plan.reuse_set(model.branch_names)
     outputs = [None] * len(entries)
-    for full in (True, False):
-        group = [i for i, e in enumerate(entries) if (e.cache is None) == full]
-        for start in range(0, len(group), batch_size):
-            index = group[start:start + batch_size]
-            batch = [entries[i] for i in index]
-            x, t, y = (torch.cat([getattr(e, a) for e in batch]) for a in ("x", "t", "y"))
-            if full:
-                out, _ = model.forward_full(x, t, y, branches=reuse_set, regate=plan.regate)
-            else:
-                cache = {k: torch.cat([e.cache[k] for e in batch]) for k in batch[0].cache}
-                out = model.forward_reuse(x, t, y, cache, regate=plan.regate)
-            for i, part in zip(index, out.split([len(e.x) for e in batch])):
-                outputs[i] = part
+    for index, parts in run_entries(model, entries, plan, batch_size):
+        for i, part in zip(index, parts):
+            outputs[i] = part
     return outputs
 
 
