@@ -153,6 +153,21 @@ def cmd_calibrate(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_export(args) -> None:
+    """Export the full and the reuse graph to ONNX (Q/DQ nodes from --recipe) with the manifest build-engine
+    reads. With a recipe, the cache plan, sampler settings and VC table come from it."""
+    from .exporter import export
+    from .model import load_checkpoint
+    from .sampling import CachePlan
+
+    model = load_checkpoint(args.checkpoint, **({"num_heads": args.num_heads} if args.num_heads else {}))
+    plan = CachePlan.parse(args.cache) if args.cache else None
+    manifest = export(model, args.out, plan, args.recipe, args.checkpoint)
+    for name, info in manifest["graphs"].items():
+        print(f"{name}.onnx: {info['nodes']} nodes, {info['quantize_linear']} QuantizeLinear")
+    print(f"wrote {args.out}")
+
+
 def cmd_train(args) -> None:
     """Train the Fashion-MNIST reference DiT with the original DiT recipe, in time-limited resumable chunks."""
     from .train import train
@@ -282,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("export", help="ONNX full and reuse graphs (+ Q/DQ from a recipe) and their manifest",
+                       description=cmd_export.__doc__)
+    p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT), help="DiT checkpoint (default: the reference)")
+    p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+    p.add_argument("--recipe", help="quant recipe directory from qandc calibrate (w8a8-int8 or w8a8-fp8)")
+    p.add_argument("--cache", help="cache plan without a recipe (default none); with one, the recipe's")
+    p.add_argument("--out", required=True, help="output directory: full.onnx, reuse.onnx, manifest.json")
+    p.set_defaults(func=cmd_export)
 
     from .train import add_arguments as add_train_arguments
 

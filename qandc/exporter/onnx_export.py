@@ -1,0 +1,107 @@
+"""ONNX export of the full and the reuse graph, plain float or with Q/DQ nodes from a quant recipe.
+
+`full.onnx`: inputs x, t, y; outputs `out` and one tensor per branch of the reuse set, named by branch
+(`blocks.<i>.attn|mlp`). `reuse.onnx`: inputs x, t, y and those cache tensors; output `out`. Batch is dynamic.
+INT8 recipes export as standard QuantizeLinear / DequantizeLinear (per-channel weight scales, per-tensor activation
+scales). ModelOpt exports FP8 as TensorRT-only `trt::TRT_FP8QuantizeLinear` / `TRT_FP8DequantizeLinear`; they are
+rewritten into standard opset-19 Q/DQ with a float8e4m3fn zero point, which ONNX Runtime and TensorRT both read.
+Models over 2 GiB keep their weights as external data beside the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..artifacts import atomic_path
+from ..errors import QandcError
+
+OPSET = 19
+TWO_GIB = 2 ** 31
+TRT_FP8 = {"TRT_FP8QuantizeLinear": "QuantizeLinear", "TRT_FP8DequantizeLinear": "DequantizeLinear"}
+
+
+class FullGraph(nn.Module):
+    def __init__(self, model, branches: list[str], regate: bool):
+        super().__init__()
+        self.model, self.branches, self.regate = model, branches, regate
+
+    def forward(self, x, t, y):
+        out, cache = self.model.forward_full(x, t, y, branches=self.branches, regate=self.regate)
+        return (out, *[cache[b] for b in self.branches])
+
+
+class ReuseGraph(nn.Module):
+    def __init__(self, model, branches: list[str], regate: bool):
+        super().__init__()
+        self.model, self.branches, self.regate = model, branches, regate
+
+    def forward(self, x, t, y, *cached):
+        return self.model.forward_reuse(x, t, y, dict(zip(self.branches, cached)), regate=self.regate)
+
+
+def sample_inputs(model, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Example (x, t, y) on the model's device: real classes and the null class, distinct timesteps."""
+    c = model.config
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=generator).to(device)
+    t = torch.linspace(10, 990, batch).long().to(device)
+    y = (torch.arange(batch) % (c.num_classes + 1)).to(device)
+    return x, t, y
+
+
+def _standard_fp8(graph_proto) -> int:
+    """Rewrite TensorRT's FP8 Q/DQ custom ops into standard ONNX Q/DQ; returns how many nodes changed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    zero = "qandc_fp8_zero_point"
+    changed, outputs = 0, set()
+    for node in graph_proto.graph.node:
+        if node.domain == "trt" and node.op_type in TRT_FP8:
+            node.op_type, node.domain = TRT_FP8[node.op_type], ""
+            del node.input[2:]
+            node.input.append(zero)
+            outputs.update(node.output)
+            changed += 1
+    if changed:  # the exporter typed the custom ops' outputs as float: let shape inference type them anew
+        kept = [v for v in graph_proto.graph.value_info if v.name not in outputs]
+        del graph_proto.graph.value_info[:]
+        graph_proto.graph.value_info.extend(kept)
+        graph_proto.graph.initializer.append(helper.make_tensor(zero, TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    unknown = {n.op_type for n in graph_proto.graph.node if n.domain == "trt"}
+    if unknown:
+        raise QandcError(f"the export holds TensorRT-only ops qandc cannot rewrite: {', '.join(sorted(unknown))}")
+    kept = [o for o in graph_proto.opset_import if o.domain != "trt"]
+    del graph_proto.opset_import[:]
+    graph_proto.opset_import.extend(kept)
+    return changed
+
+
+def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str],
+                 path: Path) -> dict:
+    """Trace `module` to ONNX at `path` (atomically), FP8 ops standardised, checked; returns node counts."""
+    import onnx
+
+    dynamic = {name: {0: "batch"} for name in input_names + output_names}
+    buffer = io.BytesIO()
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(module, inputs, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic)
+    proto = onnx.load_model_from_string(buffer.getvalue())
+    rewritten = _standard_fp8(proto)
+    large = proto.ByteSize() >= TWO_GIB
+    if not large:
+        onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(path) as tmp:  # external data (over 2 GiB) goes to PATH.data, which the graph names
+        onnx.save_model(proto, str(tmp), save_as_external_data=large, location=f"{path.name}.data")
+    if large:
+        onnx.checker.check_model(str(path))
+    ops = [n.op_type for n in proto.graph.node]
+    return {"nodes": len(ops), "quantize_linear": ops.count("QuantizeLinear"),
+            "dequantize_linear": ops.count("DequantizeLinear"), "fp8_rewritten": rewritten, "external_data": large}
