@@ -4,7 +4,6 @@ ONNX Runtime against PyTorch (float: rel 1e-5; fake quant: rel 1e-4, the same sc
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 

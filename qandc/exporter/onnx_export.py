@@ -57,7 +57,6 @@ def sample_inputs(model, batch: int = 2) -> tuple[torch.Tensor, ...]:
 
 def _standard_fp8(graph_proto) -> int:
     """Rewrite TensorRT's FP8 Q/DQ custom ops into standard ONNX Q/DQ; returns how many nodes changed."""
-    import onnx
     from onnx import TensorProto, helper
 
     zero = "qandc_fp8_zero_point"
