@@ -34,6 +34,19 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT),
+                   help="original DiT checkpoint (.pt) or diffusers DiTTransformer2DModel directory (default: the "
+                        "shipped Fashion-MNIST reference model)")
+    p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+
+
+def _load_model(args):
+    from .model import load_checkpoint
+
+    return load_checkpoint(args.checkpoint, **({"num_heads": args.num_heads} if args.num_heads else {}))
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -61,12 +74,10 @@ def cmd_init(args) -> None:
 def cmd_generate(args) -> None:
     """Sample images for the given labels and write grid.png, samples.npz and config.json."""
     from .images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
-    from .model import load_checkpoint
     from .model.checkpoint import read_sidecar
     from .sampling import CachePlan, check_labels, sample, space_timesteps
 
-    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
-    model = load_checkpoint(args.checkpoint, **overrides)
+    model = _load_model(args)
     plan = CachePlan.parse(args.cache or "none")
     correction, recipe = None, None
     if args.recipe:
@@ -137,10 +148,9 @@ def cmd_calibrate(args) -> None:
     """Collect a calibration pool along cached trajectories, select the calibration set, quantize both paths with
     ModelOpt into a quant recipe, and fit VC factors. A rerun skips finished stages."""
     from .calibration import CalibrationSettings, SelectorParams, calibrate
-    from .model import load_checkpoint
     from .sampling import CachePlan
 
-    model = load_checkpoint(args.checkpoint, **({"num_heads": args.num_heads} if args.num_heads else {}))
+    model = _load_model(args)
     device = _device(args.device)
     settings = CalibrationSettings(
         preset=args.preset, selector=args.selector, budget=args.samples,
@@ -157,10 +167,9 @@ def cmd_export(args) -> None:
     """Export the full and the reuse graph to ONNX (Q/DQ nodes from --recipe) with the manifest build-engine
     reads. With a recipe, the cache plan, sampler settings and VC table come from it."""
     from .exporter import export
-    from .model import load_checkpoint
     from .sampling import CachePlan
 
-    model = load_checkpoint(args.checkpoint, **({"num_heads": args.num_heads} if args.num_heads else {}))
+    model = _load_model(args)
     plan = CachePlan.parse(args.cache) if args.cache else None
     manifest = export(model, args.out, plan, args.recipe, args.checkpoint)
     for name, info in manifest["graphs"].items():
@@ -242,10 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample images from a DiT",
                        description=cmd_generate.__doc__ + " Sample i's noise is keyed by (seed, i).")
-    p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT),
-                   help="original DiT checkpoint (.pt) or diffusers DiTTransformer2DModel directory (default: the "
-                        "shipped Fashion-MNIST reference model)")
-    p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+    _add_model_arguments(p)
     p.add_argument("--labels", type=_int_list, default=[0, 1, 2, 3], help="comma-separated class labels")
     p.add_argument("--per-class", type=int, default=1,
                    help="samples per label; above 1 the grid has one captioned row per label (default 1)")
@@ -266,8 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="pool, TAP selection, ModelOpt quantization and VC: a quant recipe",
                        description=cmd_calibrate.__doc__)
-    p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT), help="DiT checkpoint (default: the reference)")
-    p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+    _add_model_arguments(p)
     p.add_argument("--preset", choices=["w8a8-int8", "w8a8-fp8", "w4a8"], default="w8a8-fp8")
     p.add_argument("--fp8-weight-per-channel", action="store_true", help="w8a8-fp8: per-output-channel weights")
     p.add_argument("--selector", choices=["tap", "uniform", "random", "kmeans"], default="tap")
@@ -300,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="ONNX full and reuse graphs (+ Q/DQ from a recipe) and their manifest",
                        description=cmd_export.__doc__)
-    p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT), help="DiT checkpoint (default: the reference)")
-    p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+    _add_model_arguments(p)
     p.add_argument("--recipe", help="quant recipe directory from qandc calibrate (w8a8-int8 or w8a8-fp8)")
     p.add_argument("--cache", help="cache plan without a recipe (default none); with one, the recipe's")
     p.add_argument("--out", required=True, help="output directory: full.onnx, reuse.onnx, manifest.json")
