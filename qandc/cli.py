@@ -177,6 +177,15 @@ def cmd_export(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_build_engine(args) -> None:
+    """Build the full and reuse engines of an export directory (ONNX Runtime sessions or TensorRT plans) with a
+    manifest carrying the cache plan, VC table, recipe id, sampler defaults and the sha256 of every file."""
+    from .engines import build_engines
+
+    manifest = build_engines(args.onnx, args.out, args.backend, args.max_batch)
+    print(f"{args.backend} engines: {', '.join(manifest['engines'].values())}; wrote {args.out}")
+
+
 def cmd_train(args) -> None:
     """Train the Fashion-MNIST reference DiT with the original DiT recipe, in time-limited resumable chunks."""
     from .train import train
@@ -310,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="cache plan without a recipe (default none); with one, the recipe's")
     p.add_argument("--out", required=True, help="output directory: full.onnx, reuse.onnx, manifest.json")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-engine", help="engines from an export: onnxruntime or tensorrt",
+                       description=cmd_build_engine.__doc__)
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--onnx", required=True, help="export directory from qandc export")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch of the TensorRT profile (default 64)")
+    p.add_argument("--out", required=True, help="engine directory to write")
+    p.set_defaults(func=cmd_build_engine)
 
     from .train import add_arguments as add_train_arguments
 

@@ -1,0 +1,99 @@
+"""TensorRT engines, written against the TensorRT 10 Python API.
+
+NOT RUN in this project's environment: full TensorRT cannot be installed here (PyPI's tensorrt libs are stubs that
+download from an unreachable index; TensorRT-RTX refuses Hopper). Its tests run where `tensorrt` imports and skip
+elsewhere. Q/DQ graphs build as strongly typed networks (precision comes from the graph, so no precision flags);
+float graphs may ask for BF16 / FP16 builder flags. One optimisation profile covers batch 1..max_batch, and the
+timing cache is kept beside the plans so a rebuild reuses it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_path
+from ..errors import QandcError
+
+SUFFIX = ".plan"
+TIMING_CACHE = "timing.cache"
+
+
+def _trt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise QandcError("the tensorrt backend needs TensorRT (the tensorrt Python package and a GPU)") from None
+    return tensorrt
+
+
+def build(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_batch: int = 64, opt_batch: int = 32,
+          float_precision: str = "bf16") -> Path:
+    """Parse the ONNX graph, build a serialised plan NAME.plan (atomically) and update the timing cache."""
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if quantized else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise QandcError(f"{onnx_path}: TensorRT cannot parse it ({errors[:300]})")
+    config = builder.create_builder_config()
+    if not quantized and float_precision in ("bf16", "fp16"):
+        config.set_flag(trt.BuilderFlag.BF16 if float_precision == "bf16" else trt.BuilderFlag.FP16)
+    cache_path = out_dir / TIMING_CACHE
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        rest = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (1, *rest), (min(opt_batch, max_batch), *rest), (max_batch, *rest))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise QandcError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
+    target = out_dir / f"{name}{SUFFIX}"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(bytes(plan))
+    with atomic_path(cache_path) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return target
+
+
+class TrtEngine:
+    """One deserialised plan: `infer(feeds)` with arrays by input name, returns numpy outputs by name."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        trt = _trt()
+        self.torch, self.trt = torch, trt
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise QandcError(f"{path}: not a TensorRT plan for this TensorRT version and GPU")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_names = [n for n in names if is_input[n]]
+        self.output_names = [n for n in names if not is_input[n]]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch, trt = self.torch, self.trt
+        inputs = {n: torch.as_tensor(feeds[n]).cuda().contiguous() for n in self.input_names}
+        for name, tensor in inputs.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise QandcError("TensorRT execution failed")
+        stream.synchronize()
+        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
