@@ -77,9 +77,22 @@ def cmd_generate(args) -> None:
     from .model.checkpoint import read_sidecar
     from .sampling import CachePlan, check_labels, sample, space_timesteps
 
-    model = _load_model(args)
     plan = CachePlan.parse(args.cache or "none")
-    correction, recipe = None, None
+    correction = None
+    if args.engines:
+        from .calibration.vc import VarianceCompensation
+        from .runtime import Pipeline
+
+        if args.recipe or args.cache:
+            raise QandcError("--engines carries its own recipe and cache plan: leave --recipe and --cache out")
+        pipeline = Pipeline.load(args.engines)
+        model, plan = pipeline.denoiser, pipeline.plan
+        if pipeline.vc is not None and not args.no_vc:
+            if len(pipeline.vc) != args.steps:
+                raise QandcError(f"{args.engines}: VC table has {len(pipeline.vc)} steps, --steps is {args.steps}")
+            correction = VarianceCompensation(pipeline.vc)
+    else:
+        model = _load_model(args)
     if args.recipe:
         from .calibration import VarianceCompensation, apply_recipe, load_vc
 
@@ -100,8 +113,9 @@ def cmd_generate(args) -> None:
     plan.reuse_set(model.branch_names)
     if args.batch_size < 1:
         raise QandcError(f"--batch-size must be positive, got {args.batch_size}")
-    device = _device(args.device)
-    model.to(device)
+    device = _device(args.device) if not args.engines else model.device
+    if not args.engines:
+        model.to(device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise QandcError(f"{out}: exists and is not a directory")
@@ -109,7 +123,8 @@ def cmd_generate(args) -> None:
     for start in range(0, len(labels), args.batch_size):
         print(f"batch {start // args.batch_size + 1}/{-(-len(labels) // args.batch_size)}", file=sys.stderr)
         batches.append(sample(model, labels[start:start + args.batch_size], args.steps, args.sampler,
-                              args.cfg_scale, seed=args.seed, plan=plan, eta=args.eta, correction=correction, sample_ids=range(start, min(start + args.batch_size, len(labels))),
+                              args.cfg_scale, seed=args.seed, plan=plan, eta=args.eta, correction=correction,
+                              sample_ids=range(start, min(start + args.batch_size, len(labels))),
                               progress=True).cpu())
     samples = torch.cat(batches)
     channels = model.config.in_channels
@@ -131,11 +146,12 @@ def cmd_generate(args) -> None:
         save_grid(to_uint8(images), out / "grid.png", columns=args.per_class if captions else None,
                   captions=captions)
     write_json(out / "config.json", {
-        "command": "generate", "checkpoint": str(args.checkpoint),
-        "checkpoint_sha256": _checkpoint_hash(args.checkpoint),
+        "command": "generate", "checkpoint": None if args.engines else str(args.checkpoint),
+        "checkpoint_sha256": None if args.engines else _checkpoint_hash(args.checkpoint),
         "model": model.config.to_dict(), "guidance": model.config.guidance, "labels": labels.tolist(),
         "steps": args.steps, "sampler": args.sampler, "eta": args.eta, "cfg_scale": args.cfg_scale,
-        "seed": args.seed, "plan": plan.to_dict(), "recipe": args.recipe, "vc": correction is not None, "noise_keying": "per sample: generator keyed by (seed, index)",
+        "seed": args.seed, "plan": plan.to_dict(), "recipe": args.recipe, "engines": args.engines,
+        "vc": correction is not None, "noise_keying": "per sample: generator keyed by (seed, index)",
         "vae": args.vae, "device": str(device), "versions": library_versions(),
     })
     if images is None:
@@ -271,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="none (default) | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1] | "
                                   "PLAN.json; with --recipe, the recipe's plan")
     p.add_argument("--recipe", help="quant recipe directory from qandc calibrate: sample with fake quant (+ VC)")
-    p.add_argument("--no-vc", action="store_true", help="with --recipe: do not apply its VC table")
+    p.add_argument("--engines", help="engine directory from qandc build-engine: sample through the runtime")
+    p.add_argument("--no-vc", action="store_true", help="with --recipe or --engines: do not apply the VC table")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="labels per batch (default 64)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")

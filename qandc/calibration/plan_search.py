@@ -43,8 +43,9 @@ class _Recorder:
         self.model, self.config, self.branch_names = model, model.config, model.branch_names
         self.rows, self.outputs = rows, []
 
-    def parameters(self):
-        return self.model.parameters()
+    @property
+    def device(self):
+        return self.model.device
 
     def forward_full(self, x, t, y, branches=None, regate=False):
         out, cache = self.model.forward_full(x, t, y, branches=self.branch_names, regate=False)

@@ -118,8 +118,9 @@ class _Recorder:
         self.model, self.config, self.branch_names = model, model.config, model.branch_names
         self.wanted, self.index, self.step, self.entries = wanted, index, 0, {}
 
-    def parameters(self):
-        return self.model.parameters()
+    @property
+    def device(self):
+        return self.model.device
 
     def _record(self, x, t, y, cache):
         n = len(self.index)

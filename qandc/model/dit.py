@@ -252,6 +252,10 @@ class DiT(nn.Module):
         self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed(hidden, grid)).float().unsqueeze(0))
 
     @property
+    def device(self) -> torch.device:
+        return self.pos_embed.device
+
+    @property
     def branch_names(self) -> list[str]:
         """Every cacheable branch, in execution order."""
         return [f"blocks.{i}.{kind}" for i in range(self.config.depth) for kind in ("attn", "mlp")]

@@ -1,7 +1,8 @@
 """`sample`: DDPM / DDIM with classifier-free guidance under a cache plan, with per-sample noise keying.
 
-The sampler drives any *denoiser* with the face of `qandc.model.DiT`: `config` (a DiTConfig), `branch_names`,
-`forward_full(x, t, y, branches, regate) -> (out, cache)` and `forward_reuse(x, t, y, cache, regate) -> out`.
+The sampler drives any *denoiser* with the face of `qandc.model.DiT`: `config` (a DiTConfig), `device`,
+`branch_names`, `forward_full(x, t, y, branches, regate) -> (out, cache)` and
+`forward_reuse(x, t, y, cache, regate) -> out`; `qandc.runtime` drives engines through the same face.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class SamplingRun:
         self.plan = plan or CachePlan.none()
         self.full_steps = self.plan.full_steps(steps)
         self.reuse_set = self.plan.reuse_set(model.branch_names)
-        self.device = next(model.parameters()).device
+        self.device = model.device
         self.shape = (config.in_channels, config.input_size, config.input_size)
         seed = int(np.random.SeedSequence().entropy % 2 ** 32) if seed is None else seed
         sample_ids = range(n) if sample_ids is None else sample_ids

@@ -1,0 +1,65 @@
+"""The runtime: ONNX Runtime engines driven by the one sampler, against the PyTorch fake-quant pipeline."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_err, tiny_model
+from qandc.errors import QandcError
+from qandc.sampling import CachePlan, sample
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("modelopt.torch.quantization")
+
+from qandc.calibration import (CalibrationSettings, SelectorParams, VarianceCompensation, apply_recipe,  # noqa: E402
+                               calibrate, load_vc)
+from qandc.engines import build_engines  # noqa: E402
+from qandc.exporter import export  # noqa: E402
+from qandc.runtime import Pipeline  # noqa: E402
+
+PLAN = CachePlan.interval(3)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    model = tiny_model(guidance="all")
+    root = tmp_path_factory.mktemp("pipeline")
+    settings = CalibrationSettings(preset="w8a8-int8", selector="random", budget=20, plan=PLAN, pool_samples=4,
+                                   steps=8, selector_params=SelectorParams(k=4), vc="var", vc_samples=4, batch_size=4)
+    calibrate(model, root / "recipe", settings)
+    export(model, root / "onnx", recipe_dir=root / "recipe")
+    build_engines(root / "onnx", root / "engines", "onnxruntime")
+    return model, root
+
+
+def test_engine_pipeline_matches_fake_quant_pipeline(built):
+    model, root = built
+    pipeline = Pipeline.load(root / "engines")
+    got = pipeline.generate([1, 2, 3], seed=5)
+    assert pipeline.denoiser.calls == {"full": 3, "reuse": 5}  # 8 steps, interval 3: the cache fires
+    fake_quant, recipe = apply_recipe(copy.deepcopy(model), root / "recipe")
+    expected = sample(fake_quant, [1, 2, 3], 8, "ddpm", 1.5, seed=5, plan=PLAN,
+                      correction=VarianceCompensation(load_vc(root / "recipe")))
+    error = rel_err(got, expected)
+    assert error < 1e-4
+    assert rel_err(pipeline.generate([1, 2, 3], seed=5, use_vc=False), expected) > 3 * error  # VC really applied
+
+
+def test_engine_pipeline_refuses_a_vc_table_of_another_length(built):
+    _, root = built
+    with pytest.raises(QandcError, match="VC table has 8 steps"):
+        Pipeline.load(root / "engines").generate([1], seed=0, steps=10)
+
+
+def test_generate_with_engines(built, tmp_path):
+    from qandc.cli import main
+    _, root = built
+    assert main(["generate", "--engines", str(root / "engines"), "--labels", "1,2", "--steps", "8", "--seed", "5",
+                 "--out", str(tmp_path / "g")]) == 0
+    samples = np.load(tmp_path / "g" / "samples.npz")["samples"]
+    direct = Pipeline.load(root / "engines").generate([1, 2], seed=5).numpy()
+    assert np.allclose(samples, direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
+    assert main(["generate", "--engines", str(root / "engines"), "--recipe", str(root / "recipe"), "--out",
+                 str(tmp_path / "h")]) == 2
