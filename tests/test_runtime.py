@@ -4,7 +4,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import rel_err, tiny_model
 from qandc.errors import QandcError
