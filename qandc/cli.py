@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import platform
 import sys
 from pathlib import Path
@@ -39,6 +40,33 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="original DiT checkpoint (.pt) or diffusers DiTTransformer2DModel directory (default: the "
                         "shipped Fashion-MNIST reference model)")
     p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+
+
+def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["w8a8-int8", "w8a8-fp8", "w4a8"], default="w8a8-fp8")
+    p.add_argument("--fp8-weight-per-channel", action="store_true", help="w8a8-fp8: per-output-channel weights")
+    p.add_argument("--selector", choices=["tap", "uniform", "random", "kmeans"], default="tap")
+    p.add_argument("--samples", type=int, default=800, help="calibration set size (default 800)")
+    p.add_argument("--pool-samples", type=int, default=400,
+                   help="trajectories in the pool; entries = trajectories x steps (default 400)")
+    p.add_argument("--cache", default="interval=3",
+                   help="cache plan, as for generate (default interval=3), or auto[:err=E|:reuse=F]: search one on "
+                        "measured per-branch reuse errors (error budget E, default 0.1, or reuse fraction F); the "
+                        "plan is kept in OUT/plan.json")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0, help="pool, selection and VC seed (default 0)")
+    p.add_argument("--tap-m", type=int, default=3, help="TAP parallel subsamplings (default 3)")
+    p.add_argument("--clusters", type=int, default=100, help="TAP / kmeans clusters (default 100)")
+    p.add_argument("--alpha", type=float, default=0.5, help="TAP spatial vs temporal affinity weight (default 0.5)")
+    p.add_argument("--tau", type=float, default=0.1, help="TAP temporal scale on t/1000 (default 0.1)")
+    p.add_argument("--keep", nargs="*", default=[], help="fnmatch patterns of block Linears kept in high precision")
+    p.add_argument("--vc", choices=["var", "nsr", "mse", "none"], default="var",
+                   help="variance compensation: var (variance matching, default), nsr (noise-to-signal-weighted "
+                        "least squares), mse (plain least squares) or none")
+    p.add_argument("--vc-samples", type=int, default=256, help="trajectories VC is fitted on (default 256)")
+    p.add_argument("--batch-size", type=int, default=256)
 
 
 def _load_model(args):
@@ -163,20 +191,26 @@ def cmd_generate(args) -> None:
 def cmd_calibrate(args) -> None:
     """Collect a calibration pool along cached trajectories, select the calibration set, quantize both paths with
     ModelOpt into a quant recipe, and fit VC factors. A rerun skips finished stages."""
-    from .calibration import CalibrationSettings, SelectorParams, calibrate
-    from .sampling import CachePlan
+    from .calibration import calibrate
 
     model = _load_model(args)
     device = _device(args.device)
-    settings = CalibrationSettings(
+    calibrate(model.to(device), args.out, _calibration_settings(args), _checkpoint_hash(args.checkpoint),
+              report=args.report)
+    print(f"wrote {args.out}")
+
+
+def _calibration_settings(args):
+    from .calibration import CalibrationSettings, SelectorParams
+    from .sampling import CachePlan
+
+    return CalibrationSettings(
         preset=args.preset, selector=args.selector, budget=args.samples,
         plan=args.cache if args.cache.startswith("auto") else CachePlan.parse(args.cache),
         pool_samples=args.pool_samples, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
         seed=args.seed, selector_params=SelectorParams(m=args.tap_m, k=args.clusters, alpha=args.alpha, tau=args.tau),
         keep=args.keep, fp8_weight_per_channel=args.fp8_weight_per_channel, vc=args.vc, vc_samples=args.vc_samples,
         batch_size=args.batch_size)
-    calibrate(model.to(device), args.out, settings, _checkpoint_hash(args.checkpoint), report=args.report)
-    print(f"wrote {args.out}")
 
 
 def cmd_export(args) -> None:
@@ -200,6 +234,51 @@ def cmd_build_engine(args) -> None:
 
     manifest = build_engines(args.onnx, args.out, args.backend, args.max_batch)
     print(f"{args.backend} engines: {', '.join(manifest['engines'].values())}; wrote {args.out}")
+
+
+def cmd_run(args) -> None:
+    """The whole pipeline in one folder: calibrate -> export -> build-engine -> generate (through the engines) ->
+    eval; each stage is skipped when its artifacts are there and valid."""
+    from .run import run
+
+    model = _load_model(args).to(_device(None))
+    settings = _calibration_settings(args)
+    generate = ["--labels", ",".join(map(str, args.labels)), "--per-class", str(args.per_class), "--seed",
+                str(args.seed)]
+    result = run(model, args.out, settings, args.backend, args.checkpoint, generate)
+    write_json(Path(args.out) / "eval.json", {"command": "run", **result, "versions": library_versions()})
+    print(f"FD {result['fd']:.3f}  class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); "
+          f"wrote {args.out}")
+
+
+def cmd_inspect(args) -> None:
+    """Show what an artifact folder holds (export, engines, recipe, checkpoint sidecar), whether its checksums hold,
+    and which engine backends can run on this machine."""
+    import importlib.util
+
+    folder = Path(args.dir)
+    found = False
+    for name in ("manifest.json", "recipe.json", "pool.json", "plan.json", "config.json", "eval.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        found = True
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise QandcError(f"{path}: not valid JSON ({e})") from None
+        keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "cache_inputs", "sampler",
+                                     "steps", "versions") if k in data}
+        print(f"{name}: {json.dumps(keys)}")
+        for file, digest in data.get("files", {}).items():
+            state = "missing" if not (folder / file).is_file() else (
+                "OK" if sha256_file(folder / file) == digest else "CHECKSUM MISMATCH")
+            print(f"  {file}: {state}")
+    if not found:
+        raise QandcError(f"{folder}: holds no qandc artifact (manifest, recipe, pool, plan, config or eval JSON)")
+    runnable = [b for b, module in (("onnxruntime", "onnxruntime"), ("tensorrt", "tensorrt"))
+                if importlib.util.find_spec(module)]
+    print(f"backends runnable here: {', '.join(runnable) or 'none'}")
 
 
 def cmd_train(args) -> None:
@@ -299,35 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="pool, TAP selection, ModelOpt quantization and VC: a quant recipe",
                        description=cmd_calibrate.__doc__)
     _add_model_arguments(p)
-    p.add_argument("--preset", choices=["w8a8-int8", "w8a8-fp8", "w4a8"], default="w8a8-fp8")
-    p.add_argument("--fp8-weight-per-channel", action="store_true", help="w8a8-fp8: per-output-channel weights")
-    p.add_argument("--selector", choices=["tap", "uniform", "random", "kmeans"], default="tap")
-    p.add_argument("--samples", type=int, default=800, help="calibration set size (default 800)")
-    p.add_argument("--pool-samples", type=int, default=400,
-                   help="trajectories in the pool; entries = trajectories x steps (default 400)")
-    p.add_argument("--cache", default="interval=3",
-                   help="cache plan, as for generate (default interval=3), or auto[:err=E|:reuse=F]: search one on "
-                        "measured per-branch reuse errors (error budget E, default 0.1, or reuse fraction F); the "
-                        "plan is kept in OUT/plan.json")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0, help="pool, selection and VC seed (default 0)")
-    p.add_argument("--tap-m", type=int, default=3, help="TAP parallel subsamplings (default 3)")
-    p.add_argument("--clusters", type=int, default=100, help="TAP / kmeans clusters (default 100)")
-    p.add_argument("--alpha", type=float, default=0.5, help="TAP spatial vs temporal affinity weight (default 0.5)")
-    p.add_argument("--tau", type=float, default=0.1, help="TAP temporal scale on t/1000 (default 0.1)")
-    p.add_argument("--keep", nargs="*", default=[], help="fnmatch patterns of block Linears kept in high precision")
-    p.add_argument("--vc", choices=["var", "nsr", "mse", "none"], default="var",
-                   help="variance compensation: var (variance matching, default), nsr (noise-to-signal-weighted "
-                        "least squares), mse (plain least squares) or none")
-    p.add_argument("--vc-samples", type=int, default=256, help="trajectories VC is fitted on (default 256)")
-    p.add_argument("--batch-size", type=int, default=256)
+    _add_calibration_arguments(p)
     p.add_argument("--report", action="store_true",
                    help="also write report.json and report.png: per-layer and per-step quantization error")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("run", help="calibrate -> export -> build-engine -> generate -> eval, in one folder",
+                       description=cmd_run.__doc__)
+    _add_model_arguments(p)
+    _add_calibration_arguments(p)
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--labels", type=_int_list, default=list(range(10)), help="labels to generate (default 0..9)")
+    p.add_argument("--per-class", type=int, default=4, help="samples per label (default 4)")
+    p.add_argument("--out", required=True, help="output folder: recipe/, onnx/, engines/, samples/, eval.json")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="what an artifact folder holds; checksums; runnable backends",
+                       description=cmd_inspect.__doc__)
+    p.add_argument("dir", help="an export, engine, recipe or output folder")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="ONNX full and reuse graphs (+ Q/DQ from a recipe) and their manifest",
                        description=cmd_export.__doc__)

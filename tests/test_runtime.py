@@ -62,3 +62,41 @@ def test_generate_with_engines(built, tmp_path):
     assert np.allclose(samples, direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
     assert main(["generate", "--engines", str(root / "engines"), "--recipe", str(root / "recipe"), "--out",
                  str(tmp_path / "h")]) == 2
+
+
+def test_qandc_run_end_to_end_and_resumes(tmp_path):
+    from qandc.cli import main
+    from qandc.model import save_checkpoint
+    save_checkpoint(tiny_model(guidance="all", in_channels=4, pixel_shuffle=2, image_crop=28, input_size=16),
+                    tmp_path / "m.pt")
+    args = ["run", "--checkpoint", str(tmp_path / "m.pt"), "--preset", "w8a8-int8", "--selector", "uniform",
+            "--samples", "16", "--pool-samples", "4", "--steps", "6", "--clusters", "4", "--vc-samples", "4",
+            "--batch-size", "4", "--labels", "0,1", "--per-class", "2", "--out", str(tmp_path / "run")]
+    classifier = pytest.importorskip("qandc.metrics.classifier")
+    if not (classifier.ASSETS / classifier.WEIGHTS).exists():
+        pytest.skip("the shipped classifier is missing")
+    assert main(args) == 0
+    run = tmp_path / "run"
+    for stage in ("recipe/recipe.json", "onnx/manifest.json", "engines/manifest.json", "samples/samples.npz",
+                  "eval.json"):
+        assert (run / stage).exists(), stage
+    stamps = {p: (run / p).stat().st_mtime_ns for p in ("onnx/full.onnx", "engines/full.ort.onnx")}
+    assert main(args) == 0  # valid stages are kept
+    assert stamps == {p: (run / p).stat().st_mtime_ns for p in stamps}
+    (run / "engines" / "full.ort.onnx").write_bytes(b"tampered")
+    assert main(args) == 0  # an invalid stage is rebuilt
+    assert (run / "engines" / "full.ort.onnx").stat().st_mtime_ns != stamps["engines/full.ort.onnx"]
+
+
+def test_inspect_reports_checksums(built, tmp_path, capsys):
+    from qandc.cli import main
+    _, root = built
+    assert main(["inspect", str(root / "engines")]) == 0
+    out = capsys.readouterr().out
+    assert "full.ort.onnx: OK" in out and "backends runnable here: onnxruntime" in out
+    import shutil
+    shutil.copytree(root / "engines", tmp_path / "e")
+    (tmp_path / "e" / "reuse.ort.onnx").write_bytes(b"x")
+    assert main(["inspect", str(tmp_path / "e")]) == 0
+    assert "reuse.ort.onnx: CHECKSUM MISMATCH" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path)]) == 2

@@ -61,7 +61,8 @@ def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch
     versions["onnxruntime" if backend == "onnxruntime" else "tensorrt"] = _backend_version(backend)
     manifest = {key: export[key] for key in ("model", "guidance", "plan", "cache_inputs", "sampler", "recipe", "vc")}
     manifest.update(format_version=FORMAT_VERSION, kind="engines", backend=backend, max_batch=max_batch,
-                    engines={g: f.name for g, f in zip(GRAPHS, files)}, source=str(onnx_dir), versions=versions,
+                    engines={g: f.name for g, f in zip(GRAPHS, files)}, source=str(onnx_dir),
+                    source_sha256=sha256_file(onnx_dir / MANIFEST), versions=versions,
                     files={f.name: sha256_file(f) for f in files})
     write_json(out / MANIFEST, manifest)
     return manifest

@@ -1,0 +1,54 @@
+"""`qandc run`: calibrate -> export -> build-engine -> generate (through the engines) -> eval, in one folder.
+
+Each stage writes its own sub-folder (recipe/, onnx/, engines/, samples/) and is skipped on a rerun when its
+artifacts are there and valid: calibration resumes stage by stage, the export and the engines are kept when their
+manifests' checksums verify and they were made from the current upstream artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .artifacts import sha256_file
+from .errors import QandcError
+
+
+def _valid(folder: Path, check) -> bool:
+    """Whether a stage folder holds a manifest whose files verify and that `check(manifest)` accepts."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        files_ok = all(sha256_file(folder / name) == digest for name, digest in manifest["files"].items())
+    except (OSError, KeyError, json.JSONDecodeError):
+        return False
+    return files_ok and check(manifest)
+
+
+def run(model, out: str | Path, settings, backend: str, checkpoint: str, generate_args: list[str]) -> dict:
+    """Run every stage (skipping valid ones); return the evaluation of the engine samples."""
+    from .calibration import calibrate
+    from .cli import main as cli_main
+    from .engines import build_engines
+    from .exporter import export
+    from .metrics.evaluate import evaluate
+
+    out = Path(out)
+    recipe_dir, onnx_dir, engine_dir, samples_dir = (out / n for n in ("recipe", "onnx", "engines", "samples"))
+    print("[1/5] calibrate", file=sys.stderr)
+    calibrate(model, recipe_dir, settings, sha256_file(checkpoint) if Path(checkpoint).is_file() else "")
+    recipe_sha = sha256_file(recipe_dir / "recipe.json")
+    print("[2/5] export", file=sys.stderr)
+    if not _valid(onnx_dir, lambda m: (m.get("recipe") or {}).get("sha256") == recipe_sha):
+        export(model, onnx_dir, recipe_dir=recipe_dir, checkpoint=checkpoint)
+    print("[3/5] build-engine", file=sys.stderr)
+    export_sha = sha256_file(onnx_dir / "manifest.json")
+    if not _valid(engine_dir, lambda m: m.get("backend") == backend and m.get("source_sha256") == export_sha):
+        build_engines(onnx_dir, engine_dir, backend)
+    print("[4/5] generate", file=sys.stderr)
+    if cli_main(["generate", "--engines", str(engine_dir), "--steps", str(settings.steps), "--sampler",
+                 settings.sampler, "--cfg-scale", str(settings.cfg_scale), *generate_args,
+                 "--out", str(samples_dir)]) != 0:
+        raise QandcError("generate through the engines failed (see above)")
+    print("[5/5] eval", file=sys.stderr)
+    return evaluate(samples_dir)
