@@ -13,10 +13,11 @@ $(BIN)/qandc: pyproject.toml
 
 setup: $(BIN)/qandc
 
-# The main job: a labelled grid from the shipped Fashion-MNIST reference DiT (DDPM-50, CFG 1.5), on the CPU.
+# The main job: the whole Q&C pipeline on the shipped Fashion-MNIST reference DiT, on the CPU: calibrate (TAP,
+# W8A8-INT8, VC) -> ONNX export -> ONNX Runtime engines -> a labelled grid through the engines -> eval.
 run: setup
-	$(BIN)/qandc generate --labels 0,1,2,3,4,5,6,7,8,9 --per-class 4 --steps 50 --sampler ddpm --cfg-scale 1.5 \
-		--seed 0 --out out/generate
+	$(BIN)/qandc run --preset w8a8-int8 --selector tap --cache interval=2 --samples 200 --pool-samples 24 \
+		--vc-samples 16 --labels 0,1,2,3,4,5,6,7,8,9 --per-class 4 --seed 0 --out out/run
 
 test: setup
 	$(BIN)/python -m pytest
