@@ -61,6 +61,7 @@ def test_float_export_matches_pytorch(model, tmp_path):
     manifest = _check_against_torch(tmp_path, model, 1e-5)
     assert manifest["cache_inputs"] == ["blocks.0.mlp", "blocks.1.mlp"] and manifest["recipe"] is None
     assert manifest["graphs"]["full"]["quantize_linear"] == 0
+    assert all(g["polygraphy_onnxrt_rel_error"] < 1e-5 for g in manifest["graphs"].values())
     for name, digest in manifest["files"].items():
         assert sha256_file(tmp_path / name) == digest
 
@@ -74,6 +75,7 @@ def test_qdq_export_matches_fake_quant(model, tmp_path, preset):
     graph = onnx.load(str(tmp_path / "onnx" / "full.onnx"))
     assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)  # no TensorRT-only ops
     assert manifest["graphs"]["full"]["quantize_linear"] == 2 * len(recipe.layers)
+    assert all(g["polygraphy_onnxrt_rel_error"] < 1e-4 for g in manifest["graphs"].values())
     assert manifest["recipe"]["preset"] == preset and len(manifest["vc"]) == 6
     zero_points = {i.data_type for i in graph.graph.initializer if i.name == "qandc_fp8_zero_point"}
     assert zero_points == ({onnx.TensorProto.FLOAT8E4M3FN} if preset == "w8a8-fp8" else set())

@@ -5,7 +5,8 @@
 INT8 recipes export as standard QuantizeLinear / DequantizeLinear (per-channel weight scales, per-tensor activation
 scales). ModelOpt exports FP8 as TensorRT-only `trt::TRT_FP8QuantizeLinear` / `TRT_FP8DequantizeLinear`; they are
 rewritten into standard opset-19 Q/DQ with a float8e4m3fn zero point, which ONNX Runtime and TensorRT both read.
-Models over 2 GiB keep their weights as external data beside the graph.
+Models over 2 GiB keep their weights as external data beside the graph. Each graph is validated by onnx.checker
+(full check) and run once through polygraphy's ONNX Runtime runner against the traced module.
 """
 
 from __future__ import annotations
@@ -82,10 +83,31 @@ def _standard_fp8(graph_proto) -> int:
     return changed
 
 
+def validate_with_polygraphy(path: Path, feeds: dict, expected: list[torch.Tensor]) -> float:
+    """Run the saved graph with polygraphy's ONNX Runtime runner on `feeds`; return the largest relative error
+    against the traced module's outputs (non-finite outputs are an error)."""
+    try:
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    except ImportError:
+        raise QandcError("export validation needs polygraphy and onnxruntime (pip install 'qandc[export]')") from None
+    with contextlib.redirect_stdout(io.StringIO()), OnnxrtRunner(SessionFromOnnx(str(path))) as runner:
+        outputs = runner.infer({k: v.detach().cpu().numpy() for k, v in feeds.items()})
+    worst = 0.0
+    for want, (name, got) in zip(expected, outputs.items()):
+        got = torch.as_tensor(got)
+        if not torch.isfinite(got).all():
+            raise QandcError(f"{path}: output {name} is not finite under ONNX Runtime")
+        worst = max(worst, float((got - want.cpu()).norm() / want.cpu().norm().clamp(min=1e-30)))
+    return worst
+
+
 def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str],
                  path: Path) -> dict:
     """Trace `module` to ONNX at `path` (atomically), FP8 ops standardised, checked; returns node counts."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise QandcError("export needs onnx (pip install 'qandc[export]')") from None
 
     dynamic = {name: {0: "batch"} for name in input_names + output_names}
     buffer = io.BytesIO()
@@ -102,5 +124,10 @@ def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], outpu
     if large:
         onnx.checker.check_model(str(path))
     ops = [n.op_type for n in proto.graph.node]
+    with torch.no_grad():
+        expected = module(*inputs)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
     return {"nodes": len(ops), "quantize_linear": ops.count("QuantizeLinear"),
-            "dequantize_linear": ops.count("DequantizeLinear"), "fp8_rewritten": rewritten, "external_data": large}
+            "dequantize_linear": ops.count("DequantizeLinear"), "fp8_rewritten": rewritten, "external_data": large,
+            "onnx_checker": "passed", "polygraphy_onnxrt_rel_error": validate_with_polygraphy(
+                path, dict(zip(input_names, inputs)), expected)}
