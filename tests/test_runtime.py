@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import rel_err, tiny_model
@@ -100,3 +101,15 @@ def test_inspect_reports_checksums(built, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "e")]) == 0
     assert "reuse.ort.onnx: CHECKSUM MISMATCH" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_batches_beyond_a_tensorrt_profile_are_refused(built):
+    from qandc.engines import load_engines
+    from qandc.runtime import EngineDenoiser
+    _, root = built
+    manifest, engines = load_engines(root / "engines")
+    denoiser = EngineDenoiser({**manifest, "backend": "tensorrt", "max_batch": 2}, engines)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(QandcError, match="exceeds the engines' profile of 2"):
+        denoiser.forward_full(x, t, y, branches=manifest["cache_inputs"])
+    assert denoiser.forward_full(x[:2], t[:2], y[:2], branches=manifest["cache_inputs"])[0].shape == (2, 8, 8, 8)

@@ -27,8 +27,12 @@ class EngineDenoiser:
         self.engines = engines
         self.device = torch.device("cpu")
         self.calls = {"full": 0, "reuse": 0}
+        self.max_batch = manifest["max_batch"] if manifest["backend"] == "tensorrt" else None  # its plan's profile
 
     def _feeds(self, x, t, y):
+        if self.max_batch is not None and len(x) > self.max_batch:
+            raise QandcError(f"a batch of {len(x)} rows (guidance doubles the labels) exceeds the engines' "
+                             f"profile of {self.max_batch}; lower --batch-size or rebuild with a larger --max-batch")
         return {"x": x.cpu().numpy().astype(np.float32), "t": t.cpu().numpy().astype(np.int64),
                 "y": y.cpu().numpy().astype(np.int64)}
 
