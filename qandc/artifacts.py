@@ -34,6 +34,19 @@ def write_json(path: str | os.PathLike, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, missing: str = "missing"):
+    """Parsed JSON of `path`; a missing file or invalid JSON is a one-line QandcError."""
+    from .errors import QandcError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QandcError(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QandcError(f"{path}: not valid JSON ({e})") from None
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()

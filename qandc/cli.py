@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import atomic_path, sha256_file, write_json
+from .artifacts import atomic_path, read_json, sha256_file, write_json
 from .errors import QandcError
 from .model.checkpoint import REFERENCE_CHECKPOINT
 
@@ -263,10 +263,7 @@ def cmd_inspect(args) -> None:
         if not path.is_file():
             continue
         found = True
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise QandcError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path)
         keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "cache_inputs", "sampler",
                                      "steps", "versions") if k in data}
         print(f"{name}: {json.dumps(keys)}")

@@ -18,7 +18,6 @@ re-creates the fake-quant model without re-calibrating and without pickles.
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import atomic_path, write_json
+from ..artifacts import atomic_path, read_json, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan
 
@@ -101,12 +100,7 @@ class QuantRecipe:
     @classmethod
     def load(cls, folder: str | Path) -> "QuantRecipe":
         path = Path(folder) / RECIPE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise QandcError(f"{folder}: not a quant recipe (no {RECIPE})") from None
-        except json.JSONDecodeError as e:
-            raise QandcError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path, f"not a quant recipe folder (no {RECIPE})")
         data.pop("modelopt_config", None)
         if data.get("format_version") != 1:
             raise QandcError(f"{path}: recipe format {data.get('format_version')!r}, this qandc reads format 1")

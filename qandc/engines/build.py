@@ -4,12 +4,11 @@ checked on load."""
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
 from .. import __version__
-from ..artifacts import sha256_file, write_json
+from ..artifacts import read_json, sha256_file, write_json
 from ..errors import QandcError
 from . import onnxruntime_backend, tensorrt_backend
 
@@ -22,12 +21,7 @@ GRAPHS = ("full", "reuse")
 
 def _read_manifest(folder: Path, kind: str, version: int) -> dict:
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QandcError(f"{folder}: no {MANIFEST}") from None
-    except json.JSONDecodeError as e:
-        raise QandcError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path, f"missing: {folder} is no qandc {kind} folder (no {MANIFEST})")
     if manifest.get("kind") != kind or manifest.get("format_version") != version:
         raise QandcError(f"{path}: a {manifest.get('kind')!r} manifest of format {manifest.get('format_version')!r}; "
                          f"expected {kind!r} format {version}")
