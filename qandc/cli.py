@@ -108,31 +108,25 @@ def cmd_generate(args) -> None:
     plan = CachePlan.parse(args.cache or "none")
     correction = None
     if args.engines:
-        from .calibration.vc import VarianceCompensation
+        from .calibration.vc import vc_correction
         from .runtime import Pipeline
 
         if args.recipe or args.cache:
             raise QandcError("--engines carries its own recipe and cache plan: leave --recipe and --cache out")
         pipeline = Pipeline.load(args.engines)
         model, plan = pipeline.denoiser, pipeline.plan
-        if pipeline.vc is not None and not args.no_vc:
-            if len(pipeline.vc) != args.steps:
-                raise QandcError(f"{args.engines}: VC table has {len(pipeline.vc)} steps, --steps is {args.steps}")
-            correction = VarianceCompensation(pipeline.vc)
+        correction = None if args.no_vc else vc_correction(pipeline.vc, args.steps, args.engines)
     else:
         model = _load_model(args)
     if args.recipe:
-        from .calibration import VarianceCompensation, apply_recipe, load_vc
+        from .calibration import apply_recipe, load_vc
+        from .calibration.vc import vc_correction
 
         model, recipe = apply_recipe(model, args.recipe)
         if args.cache and plan != recipe.cache_plan:
             raise QandcError(f"--cache {args.cache} differs from the recipe's cache plan; leave --cache out")
         plan = recipe.cache_plan
-        K = None if args.no_vc else load_vc(args.recipe)
-        if K is not None:
-            if len(K) != args.steps:
-                raise QandcError(f"{args.recipe}: VC table has {len(K)} steps, --steps is {args.steps}")
-            correction = VarianceCompensation(K)
+        correction = None if args.no_vc else vc_correction(load_vc(args.recipe), args.steps, args.recipe)
     if args.per_class < 1:
         raise QandcError(f"--per-class must be positive, got {args.per_class}")
     labels = check_labels(args.labels, model.config.num_classes).repeat_interleave(args.per_class)

@@ -144,10 +144,15 @@ def apply_recipe(model: nn.Module, folder: str | Path) -> tuple[nn.Module, Quant
     live = quantizers(model)
     if set(amax) != set(live):
         raise QandcError(f"{folder / AMAX}: amax for {len(amax)} quantizers, the recipe has {len(live)}")
-    device = next(model.parameters()).device
-    for name, q in live.items():
-        q.amax = amax[name].to(device)
+    set_amax(model, amax)
     return model, recipe
+
+
+def set_amax(model: nn.Module, amax: dict) -> None:
+    """Give every enabled quantizer of `model` its stored amax (static scales: nothing is re-calibrated)."""
+    device = next(model.parameters()).device
+    for name, q in quantizers(model).items():
+        q.amax = amax[name].to(device)
 
 
 def load_vc(folder: str | Path) -> torch.Tensor | None:

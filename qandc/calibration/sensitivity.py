@@ -23,7 +23,7 @@ from ..artifacts import atomic_path, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan
 from .pool import CalibrationEntry, Pool, replay, run_entries
-from .quantize import AMAX, QuantRecipe, _mtq, apply_recipe, modelopt_config, quantizers
+from .quantize import AMAX, QuantRecipe, _mtq, apply_recipe, modelopt_config, set_amax
 
 REPORT, REPORT_PLOT = "report.json", "report.png"
 PLOTTED_LAYERS = 20
@@ -64,9 +64,7 @@ def _one_layer_quantized(model, recipe: QuantRecipe, layer: str, amax: dict):
     quantized = copy.deepcopy(model)
     with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints a line per call: one per layer here
         _mtq().quantize(quantized, modelopt_config(recipe.preset, [layer], recipe.fp8_weight_per_channel), None)
-    device = next(quantized.parameters()).device
-    for name, quantizer in quantizers(quantized).items():
-        quantizer.amax = amax[name].to(device)
+    set_amax(quantized, amax)
     return quantized
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QandcError
 from ..sampling import SamplingRun
 
 VC_FORMS = ("mse", "nsr", "var")
@@ -27,6 +28,15 @@ class VarianceCompensation:
     def __call__(self, step: int, x: torch.Tensor) -> torch.Tensor:
         mu = x.mean(dim=(2, 3), keepdim=True)
         return mu + self.K[step].to(x.device)[None, :, None, None] * (x - mu)
+
+
+def vc_correction(K: torch.Tensor | None, steps: int, source: str) -> VarianceCompensation | None:
+    """The correction hook of a VC table (None without one); a table fitted for another step count is refused."""
+    if K is None:
+        return None
+    if len(K) != steps:
+        raise QandcError(f"{source}: VC table has {len(K)} steps, sampling uses {steps}")
+    return VarianceCompensation(K)
 
 
 def fit_factor(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "mse", eps: float = NSR_EPS) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration.vc import VarianceCompensation
+from ..calibration.vc import vc_correction
 from ..engines import load_engines
 from ..errors import QandcError
 from ..model.dit import DiTConfig
@@ -70,11 +70,7 @@ class Pipeline:
                  progress: bool = False) -> torch.Tensor:
         defaults = self.manifest["sampler"]
         steps = steps or defaults["steps"]
-        correction = None
-        if use_vc and self.vc is not None:
-            if len(self.vc) != steps:
-                raise QandcError(f"the engines' VC table has {len(self.vc)} steps, not {steps}")
-            correction = VarianceCompensation(self.vc)
+        correction = vc_correction(self.vc, steps, "the engines") if use_vc else None
         return sample(self.denoiser, labels, steps, sampler or defaults["sampler"],
                       defaults["cfg_scale"] if cfg_scale is None else cfg_scale, seed=seed, plan=self.plan,
                       correction=correction, sample_ids=sample_ids, progress=progress)
