@@ -222,11 +222,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_build_engine(args) -> None:
-    """Build the full and reuse engines of an export directory (ONNX Runtime sessions or TensorRT plans) with a
-    manifest carrying the cache plan, VC table, recipe id, sampler defaults and the sha256 of every file."""
+    """Build the full and reuse engines of an export directory — ONNX Runtime sessions, TensorRT plans, or
+    Inductor engines (torch.export programs + saved compile cache; bf16 with real FP8 / INT8 kernels; built from
+    the checkpoint and recipe the export names, on the GPU when there is one) — with a manifest carrying the cache
+    plan, VC table, recipe id, sampler defaults and the sha256 of every file."""
     from .engines import build_engines
 
-    manifest = build_engines(args.onnx, args.out, args.backend, args.max_batch)
+    manifest = build_engines(args.onnx, args.out, args.backend, args.max_batch, args.batch_sizes)
     print(f"{args.backend} engines: {', '.join(manifest['engines'].values())}; wrote {args.out}")
 
 
@@ -277,6 +279,29 @@ def cmd_train(args) -> None:
     from .train import train
 
     train(args)
+
+
+def cmd_bench(args) -> None:
+    """Measure every configuration side by side on this GPU — DiT-XL/2 256² (random non-zero weights: speed only)
+    and the reference model, batch 16 with CFG: FP32 eager DDPM-250 and 50 steps, bf16 eager, bf16 + torch.compile
+    + CUDA graphs, cache only, FP8 only, INT8 only, Q&C FP8 / INT8 + cache (Inductor engines). Resumable: finished
+    stages are kept in --state and skipped; --budget-s stops between stages. When every stage is done, writes
+    bench-<card>.json and bench-<card>.png into --results."""
+    import torch
+
+    from .bench import MODELS, bench
+
+    card = args.card
+    if card is None and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        card = next((c for c in ("h100", "h200") if c in name.lower()), name.lower().replace(" ", "-"))
+    result = bench(card, args.state, args.work, args.results, args.models or MODELS, args.budget_s, args.runs)
+    if result is None:
+        raise SystemExit(3)
+    for key in ("speedup_vs_bf16_compiled", "speedup_vs_fp32_ddpm250", "full_step_over_fp8_floor"):
+        if key in result:
+            print(f"{key}: {result[key]:.2f}")
+    print(f"wrote {Path(args.results) / f'bench-{card}.json'}")
 
 
 def cmd_eval(args) -> None:
@@ -399,11 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: full.onnx, reuse.onnx, manifest.json")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("build-engine", help="engines from an export: onnxruntime or tensorrt",
+    p = sub.add_parser("build-engine", help="engines from an export: onnxruntime, tensorrt or inductor",
                        description=cmd_build_engine.__doc__)
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "inductor"], default="onnxruntime")
     p.add_argument("--onnx", required=True, help="export directory from qandc export")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch of the TensorRT profile (default 64)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[],
+                   help="inductor: rows (labels x 2 with guidance) to compile for at build time, e.g. 32,128; "
+                        "others compile on first use")
     p.add_argument("--out", required=True, help="engine directory to write")
     p.set_defaults(func=cmd_build_engine)
 
@@ -413,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_train.__doc__)
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="GPU speed of every configuration side by side (resumable stages)",
+                       description=cmd_bench.__doc__)
+    p.add_argument("--card", help="card name in the result file (default: h100 / h200 from the device name)")
+    p.add_argument("--models", type=lambda v: v.split(","), help="dit-xl-2,reference (default both)")
+    p.add_argument("--state", default=".bench-state", help="finished stages (small JSON; default .bench-state)")
+    p.add_argument("--work", default="/tmp/qandc-bench", help="engines, recipes and compile caches (large)")
+    p.add_argument("--results", default="benchmarks/results", help="where bench-<card>.json / .png go")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="start no new stage after this many seconds; exit code 3 means rerun to resume")
+    p.add_argument("--runs", type=int, default=3, help="timed sampling runs per configuration (median)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="score samples: FD, class accuracy, PSNR / SSIM / MSE",
                        description=cmd_eval.__doc__)

@@ -137,15 +137,21 @@ def apply_recipe(model: nn.Module, folder: str | Path) -> tuple[nn.Module, Quant
     recipe = QuantRecipe.load(folder)
     mtq = _mtq()
     mtq.quantize(model, recipe.modelopt_config(), None)
-    try:
-        amax = load_file(folder / AMAX)
-    except (FileNotFoundError, OSError) as e:
-        raise QandcError(f"{folder / AMAX}: missing or unreadable ({e})") from None
+    amax = load_amax(folder)
     live = quantizers(model)
     if set(amax) != set(live):
         raise QandcError(f"{folder / AMAX}: amax for {len(amax)} quantizers, the recipe has {len(live)}")
     set_amax(model, amax)
     return model, recipe
+
+
+def load_amax(folder: str | Path) -> dict:
+    """The stored amax of every enabled quantizer of a recipe directory, by quantizer name."""
+    path = Path(folder) / AMAX
+    try:
+        return load_file(path)
+    except (FileNotFoundError, OSError) as e:
+        raise QandcError(f"{path}: missing or unreadable ({e})") from None
 
 
 def set_amax(model: nn.Module, amax: dict) -> None:

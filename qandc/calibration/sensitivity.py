@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from ..artifacts import atomic_path, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan
 from .pool import CalibrationEntry, Pool, replay, run_entries
-from .quantize import AMAX, QuantRecipe, _mtq, apply_recipe, modelopt_config, set_amax
+from .quantize import QuantRecipe, _mtq, apply_recipe, load_amax, modelopt_config, set_amax
 
 REPORT, REPORT_PLOT = "report.json", "report.png"
 PLOTTED_LAYERS = 20
@@ -93,7 +92,7 @@ def sensitivity_report(model, folder: str | Path, batch_size: int = 64) -> dict:
                          "rel_error": _rel_error(squared_error[at_step], squared_reference[at_step]),
                          "entries": int(at_step.sum())})
 
-    amax = load_file(folder / AMAX)
+    amax = load_amax(folder)
     layers = []
     for layer in recipe.layers:
         quantized = _one_layer_quantized(model, recipe, layer, amax)

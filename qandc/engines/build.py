@@ -1,18 +1,21 @@
 """`build_engines` / `load_engines`: the backends behind one face, with a manifest that carries everything the
 runtime needs (model config, cache plan, VC table, recipe id, sampler defaults) and the sha256 of every file,
-checked on load."""
+checked on load. ONNX Runtime and TensorRT build from the ONNX graphs of an export; Inductor builds from the
+checkpoint and recipe the export names (or, through `build_inductor`, from a model in memory)."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
 
+import torch
+
 from .. import __version__
 from ..artifacts import read_json, sha256_file, write_json
 from ..errors import QandcError
-from . import onnxruntime_backend, tensorrt_backend
+from . import inductor_backend, onnxruntime_backend, tensorrt_backend
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "inductor")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 EXPORT_FORMAT = 1
@@ -36,13 +39,17 @@ def _verify(folder: Path, manifest: dict) -> None:
             raise QandcError(f"{folder / name}: checksum mismatch (changed or truncated since it was written)")
 
 
-def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch: int = 64) -> dict:
-    """Build the full and reuse engines of an export directory; returns the engine manifest."""
+def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch: int = 64,
+                  batch_sizes: list[int] = ()) -> dict:
+    """Build the full and reuse engines of an export directory; returns the engine manifest. `batch_sizes`: the
+    row counts Inductor compiles for at build time (others compile on first use)."""
     onnx_dir, out = Path(onnx_dir), Path(out)
     if backend not in BACKENDS:
-        raise QandcError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
+        raise QandcError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     export = _read_manifest(onnx_dir, "onnx-export", EXPORT_FORMAT)
     _verify(onnx_dir, export)
+    if backend == "inductor":
+        return _inductor_from_export(onnx_dir, export, out, batch_sizes)
     out.mkdir(parents=True, exist_ok=True)
     quantized = export["recipe"] is not None
     files = []
@@ -62,11 +69,67 @@ def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch
     return manifest
 
 
-def load_engines(folder: str | Path) -> tuple[dict, dict]:
-    """(manifest, {"full": engine, "reuse": engine}) of an engine directory, every checksum verified."""
+def build_inductor(model, out: str | Path, plan=None, recipe_dir: str | Path | None = None,
+                   sampler: dict | None = None, batch_sizes: list[int] = (), source: dict | None = None) -> dict:
+    """Inductor engines of a float32 `model` (on the device they are for): bf16, the recipe's layers as FP8 / INT8
+    kernels, its plan, sampler settings and VC table; without a recipe, `plan` (default none) and `sampler`."""
+    from ..calibration.quantize import QuantRecipe, load_vc
+    from ..sampling import CachePlan
+    from .quantized import quantize_for_inference
+
+    out = Path(out)
+    recipe_info, vc = None, None
+    if recipe_dir is not None:
+        recipe = QuantRecipe.load(recipe_dir)
+        plan, vc = recipe.cache_plan, load_vc(recipe_dir)
+        sampler = {"steps": recipe.steps, "sampler": recipe.sampler, "cfg_scale": recipe.cfg_scale}
+        recipe_info = {"path": str(recipe_dir), "preset": recipe.preset,
+                       "sha256": sha256_file(Path(recipe_dir) / "recipe.json")}
+    plan = plan or CachePlan.none()
+    branches = plan.reuse_set(model.branch_names)
+    engine_model = quantize_for_inference(model, recipe_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = inductor_backend.build(engine_model, out, branches, plan.regate, list(batch_sizes))
+    manifest = {"model": model.config.to_dict(), "guidance": model.config.guidance, "plan": plan.to_dict(),
+                "cache_inputs": branches, "sampler": sampler or {"steps": 50, "sampler": "ddpm", "cfg_scale": 1.5},
+                "recipe": recipe_info, "vc": None if vc is None else vc.tolist(),
+                "format_version": FORMAT_VERSION, "kind": "engines", "backend": "inductor", "max_batch": None,
+                "engines": {g: f"{g}{inductor_backend.SUFFIX}" for g in GRAPHS}, "device": model.device.type,
+                "compiled_batch_sizes": list(batch_sizes) if model.device.type == "cuda" else [],
+                "compile_cache": inductor_backend.CACHE if model.device.type == "cuda" else None,
+                **(source or {"source": None, "source_sha256": None}),
+                "versions": {"qandc": __version__, "python": platform.python_version(), "torch": torch.__version__},
+                "files": {f.name: sha256_file(f) for f in files}}
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _inductor_from_export(onnx_dir: Path, export: dict, out: Path, batch_sizes) -> dict:
+    from ..model import load_checkpoint
+    from ..sampling import CachePlan
+
+    if not export.get("checkpoint"):
+        raise QandcError(f"{onnx_dir / MANIFEST}: names no checkpoint; the inductor backend builds from it")
+    model = load_checkpoint(export["checkpoint"]).to("cuda" if torch.cuda.is_available() else "cpu")
+    recipe = export["recipe"]["path"] if export["recipe"] else None
+    source = {"source": str(onnx_dir), "source_sha256": sha256_file(onnx_dir / MANIFEST)}
+    return build_inductor(model, out, CachePlan.from_dict(export["plan"]), recipe, export["sampler"], batch_sizes, source)
+
+
+def load_engines(folder: str | Path, compile: bool = True) -> tuple[dict, dict]:
+    """(manifest, {"full": engine, "reuse": engine}) of an engine directory, every checksum verified. `compile`:
+    Inductor engines on a GPU run compiled (from the saved compile cache); False runs them eagerly."""
     folder = Path(folder)
     manifest = _read_manifest(folder, "engines", FORMAT_VERSION)
     _verify(folder, manifest)
+    if manifest["backend"] == "inductor":
+        if manifest["device"] == "cuda" and not torch.cuda.is_available():
+            raise QandcError(f"{folder}: Inductor engines built for a GPU; this machine has none")
+        if manifest["compile_cache"]:
+            inductor_backend.load_compile_cache(folder / manifest["compile_cache"])
+        compiled = compile and manifest["device"] == "cuda"
+        return manifest, {g: inductor_backend.InductorEngine(folder / manifest["engines"][g], g,
+                                                             manifest["cache_inputs"], compiled) for g in GRAPHS}
     engine = onnxruntime_backend.OrtEngine if manifest["backend"] == "onnxruntime" else tensorrt_backend.TrtEngine
     return manifest, {graph: engine(folder / manifest["engines"][graph]) for graph in GRAPHS}
 

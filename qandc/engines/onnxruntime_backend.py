@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from ..artifacts import atomic_path
 from ..errors import QandcError
@@ -40,7 +40,7 @@ def build(onnx_path: Path, out_dir: Path, name: str) -> Path:
 
 
 class OrtEngine:
-    """One engine: `infer(feeds)` with numpy arrays by input name, returns outputs by name."""
+    """One engine: `infer(feeds)` with tensors by input name, returns CPU tensors by output name."""
 
     def __init__(self, path: Path):
         ort = _ort()
@@ -49,10 +49,11 @@ class OrtEngine:
         self.session = ort.InferenceSession(str(path), options, providers=providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.device = torch.device("cpu")
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = set(self.input_names) - set(feeds)
         if missing:
             raise QandcError(f"engine inputs missing: {', '.join(sorted(missing))}")
-        outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
-        return dict(zip(self.output_names, outputs))
+        outputs = self.session.run(self.output_names, {k: feeds[k].cpu().numpy() for k in self.input_names})
+        return {name: torch.from_numpy(array) for name, array in zip(self.output_names, outputs)}

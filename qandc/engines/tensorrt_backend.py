@@ -64,7 +64,7 @@ def build(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_batch:
 
 
 class TrtEngine:
-    """One deserialised plan: `infer(feeds)` with arrays by input name, returns numpy outputs by name."""
+    """One deserialised plan: `infer(feeds)` with tensors by input name, returns CUDA tensors by output name."""
 
     def __init__(self, path: Path):
         import torch
@@ -80,8 +80,9 @@ class TrtEngine:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
+        self.device = torch.device("cuda")
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: dict) -> dict:
         torch, trt = self.torch, self.trt
         inputs = {n: torch.as_tensor(feeds[n]).cuda().contiguous() for n in self.input_names}
         for name, tensor in inputs.items():
@@ -96,4 +97,4 @@ class TrtEngine:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise QandcError("TensorRT execution failed")
         stream.synchronize()
-        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+        return outputs

@@ -137,7 +137,8 @@ class TimestepEmbedder(nn.Module):
         self.freq_shift = freq_shift
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size, self.freq_shift))
+        embedding = timestep_embedding(t, self.frequency_embedding_size, self.freq_shift)
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -1,13 +1,13 @@
 """The runtime: loads an engine directory and samples with the one DDPM / DDIM implementation of
 `qandc.sampling`, through an adapter that gives the engines the denoiser face. Full steps run the full engine
 (which also returns the cache tensors), reuse steps the reuse engine fed the kept cache; VC is applied after every
-step; the run reports how many steps took each path (a cache that never fires is visible)."""
+step; the run reports how many steps took each path (a cache that never fires is visible). Engines on a GPU that
+accept it (Inductor) run each call as a replayed CUDA graph, one per batch size."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..calibration.vc import vc_correction
@@ -17,15 +17,56 @@ from ..model.dit import DiTConfig
 from ..sampling import CachePlan, sample
 
 
-class EngineDenoiser:
-    """The engines behind the denoiser face the sampler drives (inputs and outputs cross as CPU numpy arrays)."""
+class CudaGraphEngine:
+    """An engine whose calls are captured once per input shapes as a CUDA graph and replayed. Inputs are copied
+    into the graph's static buffers, except those that already are static outputs of a graph sharing
+    `static_outputs`: the reuse engine reads the full engine's cache outputs in place. Outputs are the graph's static buffers,
+    overwritten by its next replay."""
 
-    def __init__(self, manifest: dict, engines: dict):
+    def __init__(self, engine, static_outputs: set):
+        self.engine, self.static_outputs = engine, static_outputs
+        self.input_names, self.device = engine.input_names, engine.device
+        self.graphs = {}
+
+    def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        key = tuple(tuple(feeds[n].shape) for n in self.input_names)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(feeds)
+        graph, inputs, outputs = self.graphs[key]
+        for name, static in inputs.items():
+            if feeds[name].data_ptr() != static.data_ptr():
+                static.copy_(feeds[name])
+        graph.replay()
+        return outputs
+
+    def _capture(self, feeds):
+        inputs = {n: feeds[n] if feeds[n].data_ptr() in self.static_outputs else feeds[n].to(self.device).clone()
+                  for n in self.input_names}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compile, autotune) outside the capture
+            for _ in range(2):
+                self.engine.infer(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.engine.infer(inputs)
+        self.static_outputs.update(t.data_ptr() for t in outputs.values())
+        return graph, inputs, outputs
+
+
+class EngineDenoiser:
+    """The engines behind the denoiser face the sampler drives (tensors on the engines' device)."""
+
+    def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True):
         self.config = DiTConfig.from_dict(manifest["model"])
         self.branch_names = [f"blocks.{i}.{k}" for i in range(self.config.depth) for k in ("attn", "mlp")]
         self.cache_inputs = manifest["cache_inputs"]
+        self.device = engines["full"].device
+        if cuda_graphs and manifest["backend"] == "inductor" and self.device.type == "cuda":
+            static = set()
+            engines = {name: CudaGraphEngine(engine, static) for name, engine in engines.items()}
         self.engines = engines
-        self.device = torch.device("cpu")
         self.calls = {"full": 0, "reuse": 0}
         self.max_batch = manifest["max_batch"] if manifest["backend"] == "tensorrt" else None  # its plan's profile
 
@@ -33,33 +74,33 @@ class EngineDenoiser:
         if self.max_batch is not None and len(x) > self.max_batch:
             raise QandcError(f"a batch of {len(x)} rows (guidance doubles the labels) exceeds the engines' "
                              f"profile of {self.max_batch}; lower --batch-size or rebuild with a larger --max-batch")
-        return {"x": x.cpu().numpy().astype(np.float32), "t": t.cpu().numpy().astype(np.int64),
-                "y": y.cpu().numpy().astype(np.int64)}
+        return {"x": x.float(), "t": t.long(), "y": y.long()}
 
     def forward_full(self, x, t, y, branches=None, regate=False):
         if branches is not None and list(branches) != self.cache_inputs:
             raise QandcError("the plan's reuse set differs from the one the engines were built with")
         self.calls["full"] += 1
         out = self.engines["full"].infer(self._feeds(x, t, y))
-        return torch.from_numpy(out["out"]), {b: out[b] for b in self.cache_inputs}
+        return out["out"].float(), {b: out[b] for b in self.cache_inputs}
 
     def forward_reuse(self, x, t, y, cache, regate=False):
         self.calls["reuse"] += 1
-        return torch.from_numpy(self.engines["reuse"].infer({**self._feeds(x, t, y), **cache})["out"])
+        return self.engines["reuse"].infer({**self._feeds(x, t, y), **cache})["out"].float()
 
 
 class Pipeline:
     """`Pipeline.load(engine_dir).generate(labels, seed)`: images in the model's output space."""
 
-    def __init__(self, manifest: dict, engines: dict):
+    def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True):
         self.manifest = manifest
-        self.denoiser = EngineDenoiser(manifest, engines)
+        self.denoiser = EngineDenoiser(manifest, engines, cuda_graphs)
         self.plan = CachePlan.from_dict(manifest["plan"])
         self.vc = None if manifest.get("vc") is None else torch.tensor(manifest["vc"], dtype=torch.float32)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Pipeline":
-        return cls(*load_engines(folder))
+    def load(cls, folder: str | Path, compile: bool = True, cuda_graphs: bool = True) -> "Pipeline":
+        """`compile` / `cuda_graphs`: Inductor engines on a GPU only (False for eager runs and comparisons)."""
+        return cls(*load_engines(folder, compile), cuda_graphs=cuda_graphs)
 
     @property
     def config(self) -> DiTConfig:

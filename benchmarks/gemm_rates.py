@@ -1,0 +1,58 @@
+"""GEMM rates at DiT-XL/2's shapes (batch 16 + CFG = 32 rows of 256 tokens): bf16 cuBLAS, FP8 `_scaled_mm`,
+`torch._int_mm` with a column-major weight plus its dequantize, and qandc's Triton INT8 GEMM with the dequantize
+fused (`qandc::int8_linear`). Median of `triton.testing.do_bench`; inputs random, never zeros. GPU only.
+
+    python benchmarks/gemm_rates.py --out benchmarks/results/gemm-h200.json
+"""
+
+import argparse
+
+import torch
+import triton.testing
+
+from qandc.artifacts import write_json
+from qandc.engines.quantized import int8_linear
+
+SHAPES = {"qkv": (8192, 1152, 3456), "proj": (8192, 1152, 1152), "fc1": (8192, 1152, 4608),
+          "fc2": (8192, 4608, 1152), "adaLN": (32, 1152, 6912)}
+
+
+def rates(m: int, k: int, n: int) -> dict:
+    a, b = torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda")
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    ai = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    bi = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    one, scale = torch.tensor(1.0, device="cuda"), torch.rand(n, device="cuda") * 1e-3
+    bias = torch.randn(n, device="cuda").bfloat16()
+    kernels = {
+        "bf16": lambda: torch.nn.functional.linear(a16, b16, bias),
+        "fp8_scaled_mm": lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, bias=bias,
+                                                  out_dtype=torch.bfloat16),
+        "int8_int_mm_plus_dequant": lambda: (torch._int_mm(ai, bi.t()) * scale + bias).bfloat16(),
+        "int8_triton_fused": lambda: int8_linear(ai, bi, scale, bias),
+    }
+    expected = (ai.double() @ bi.double().t()) * scale.double() + bias.double()
+    error = float((int8_linear(ai, bi, scale, bias).double() - expected).norm() / expected.norm())
+    out = {"int8_triton_rel_err": error}
+    for name, fn in kernels.items():
+        ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+        out[name] = {"us": ms * 1e3, "tflops": 2 * m * k * n / (ms * 1e-3) / 1e12}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = {name: {"shape_mkn": list(shape), **rates(*shape)} for name, shape in SHAPES.items()}
+    write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": results})
+    print(f"{'shape':6s} " + " ".join(f"{k:>26s}" for k in ("bf16", "fp8_scaled_mm", "int8_int_mm_plus_dequant",
+                                                            "int8_triton_fused")))
+    for name, r in results.items():
+        print(f"{name:6s} " + " ".join(f"{r[k]['us']:9.1f} us {r[k]['tflops']:7.0f} TF  " for k in
+                                       ("bf16", "fp8_scaled_mm", "int8_int_mm_plus_dequant", "int8_triton_fused")))
+
+
+if __name__ == "__main__":
+    main()

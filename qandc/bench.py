@@ -1,0 +1,334 @@
+"""`qandc bench`: every configuration side by side on one GPU, one run, the same seeds — DiT-XL/2 at 256² (random
+weights, every layer non-zero: speed only) and the shipped reference model — from FP32 eager DDPM-250 (the paper's
+baseline) to Q&C FP8 / INT8 + cache on Inductor engines with CUDA graphs.
+
+Each configuration is one stage whose result is written to the state folder as soon as it is measured; a rerun
+skips finished stages, and `--budget-s` stops between stages so one call fits the GPU machine's 10-minute limit.
+Engines and Inductor's compile cache live in the work folder (reused by a rerun on the same machine). Quantized
+configurations use recipes calibrated here by ModelOpt (max) on a few forward passes of noise — enough for static
+scales and for speed; their quality is the ablation's (full TAP calibration + VC), joined for the reference model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .artifacts import atomic_path, write_json
+from .errors import QandcError
+
+BATCH, STEPS, CFG, SEED = 16, 50, 1.5, 0
+CACHE_PLAN = "interval=3"  # the ablation's plan: full step every 3rd, reuse all branches
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    steps: int
+    precision: str           # fp32 (eager model) | bf16 | w8a8-fp8 | w8a8-int8 (engines)
+    cache: str = "none"
+    compiled: bool = True    # engines: torch.compile + CUDA graphs; False: eager
+    quality: str = ""        # the ablation / baseline row whose quality this configuration has
+
+    @property
+    def preset(self) -> str | None:
+        return self.precision if self.precision.startswith("w8a8") else None
+
+
+CONFIGS = [
+    Config("fp32-eager-ddpm250", 250, "fp32", compiled=False, quality="baseline:ddpm-250"),
+    Config("fp32-eager-50", STEPS, "fp32", compiled=False, quality="ablation:fp"),
+    Config("bf16-eager-50", STEPS, "bf16", compiled=False, quality="ablation:fp"),
+    Config("bf16-compiled-50", STEPS, "bf16", quality="ablation:fp"),
+    Config("cache-only", STEPS, "bf16", CACHE_PLAN, quality="ablation:cache"),
+    Config("fp8-only", STEPS, "w8a8-fp8", quality="ablation:quant-fp8"),
+    Config("int8-only", STEPS, "w8a8-int8", quality="ablation:quant-int8"),
+    Config("qc-fp8-cache", STEPS, "w8a8-fp8", CACHE_PLAN, quality="ablation:tap+vc@w8a8-fp8"),
+    Config("qc-int8-cache", STEPS, "w8a8-int8", CACHE_PLAN, quality="ablation:tap+vc@w8a8-int8"),
+]
+MODELS = ("dit-xl-2", "reference")
+
+
+def make_model(name: str, device: str):
+    """DiT-XL/2 with seeded random weights (no zero-init: zero adaLN / final layers would give zero amax and
+    all-zero GEMMs that run faster than real ones), or the shipped reference checkpoint."""
+    from .model import DiT, initialize_weights, load_checkpoint, named_config
+    from .model.checkpoint import REFERENCE_CHECKPOINT
+
+    if name == "reference":
+        return load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
+    model = DiT(named_config("DiT-XL/2"))
+    return initialize_weights(model, seed=SEED, zero_init=False).to(device).eval()
+
+
+def quick_recipe(model, preset: str, cache: str, folder: Path, batches: int = 4) -> Path:
+    """A quant recipe whose static scales come from ModelOpt max calibration over `batches` forward passes of
+    noise at timesteps spread over the schedule (for speed runs; not the full TAP calibration)."""
+    import copy
+
+    from .calibration.quantize import QuantRecipe, quantize, quantized_layers, save_amax
+    from .sampling import CachePlan
+
+    if (folder / "amax.safetensors").is_file():
+        return folder
+    recipe = QuantRecipe(preset=preset, layers=quantized_layers(model), plan=CachePlan.parse(cache).to_dict(),
+                         steps=STEPS, sampler="ddpm", cfg_scale=CFG, selector={"name": "noise", "batches": batches})
+    c = model.config
+    generator = torch.Generator().manual_seed(SEED)
+
+    def forward_loop(m):
+        for i in range(batches):
+            x = torch.randn(BATCH * 2, c.in_channels, c.input_size, c.input_size, generator=generator)
+            t = torch.full((BATCH * 2,), int(999 * (i + 0.5) / batches))
+            y = torch.arange(BATCH * 2) % (c.num_classes + 1)
+            with torch.no_grad():
+                m(x.to(model.device), t.to(model.device), y.to(model.device))
+
+    quantized = quantize(copy.deepcopy(model), recipe, forward_loop)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_amax(quantized, folder)
+    recipe.save(folder)
+    return folder
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _inputs(config, rows: int, device) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(SEED)
+    x = torch.randn(rows, config.in_channels, config.input_size, config.input_size, generator=generator)
+    t = torch.linspace(10, 990, rows).long()
+    y = torch.arange(rows) % (config.num_classes + 1)
+    return x.to(device), t.to(device), y.to(device)
+
+
+def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
+    """Median ms of one full and one reuse call at `rows` rows (guided batch), inputs fixed."""
+    from .sampling import CachePlan
+
+    x, t, y = _inputs(denoiser.config, rows, denoiser.device)
+    branches = CachePlan.parse(config.cache).reuse_set(denoiser.branch_names)
+    full = lambda: denoiser.forward_full(x, t, y, branches=branches)  # noqa: E731
+    for _ in range(3):
+        _, cache = full()
+    ms_full = _median_ms(full, 20 if config.steps <= STEPS else 5)
+    if config.cache == "none":
+        return ms_full, None
+    reuse = lambda: denoiser.forward_reuse(x, t, y, cache)  # noqa: E731
+    for _ in range(3):
+        reuse()
+    return ms_full, _median_ms(reuse, 50)
+
+
+def run_config(model_name: str, model, config: Config, work: Path, runs: int) -> dict:
+    """Build what the configuration needs, warm it up, then time whole sampling runs and single steps."""
+    from .engines.build import build_inductor
+    from .runtime import Pipeline
+    from .sampling import CachePlan, sample
+
+    labels = torch.arange(BATCH) % model.config.num_classes
+    plan = CachePlan.parse(config.cache)
+    model.to("cuda")
+    if config.precision == "fp32":
+        denoiser = model
+        generate = lambda steps=config.steps: sample(model, labels, steps, "ddpm", CFG, seed=SEED,  # noqa: E731
+                                                     plan=plan)
+    else:
+        recipe = None
+        if config.preset:
+            recipe = quick_recipe(model, config.preset, config.cache, work / f"{model_name}-{config.preset}-"
+                                  f"{config.cache.replace('=', '')}-recipe")
+        engine_dir = work / f"{model_name}-{config.precision}-{config.cache.replace('=', '')}-engines"
+        if not (engine_dir / "manifest.json").is_file():
+            build_inductor(model, engine_dir, plan=plan, recipe_dir=recipe,
+                           sampler={"steps": STEPS, "sampler": "ddpm", "cfg_scale": CFG},
+                           batch_sizes=[2 * BATCH])
+        model.to("cpu")  # the peak memory below is the engines' alone
+        gc.collect()
+        torch.cuda.empty_cache()
+        pipeline = Pipeline.load(engine_dir, compile=config.compiled, cuda_graphs=config.compiled)
+        denoiser = pipeline.denoiser
+        generate = lambda steps=config.steps: pipeline.generate(labels, SEED, steps=steps,  # noqa: E731
+                                                                use_vc=False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    # warm-up (compiles, captures the CUDA graphs); a short one for the long FP32 runs
+    images = generate(5 if config.precision == "fp32" else config.steps)
+    torch.cuda.synchronize()
+    if not torch.isfinite(images).all():
+        raise QandcError(f"{model_name} {config.name}: non-finite samples")
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        generate()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    ms_full, ms_reuse = _step_times(denoiser, config, 2 * BATCH)
+    calls = getattr(denoiser, "calls", None)
+    model.to("cpu")
+    return {"name": config.name, "model": model_name, "steps": config.steps, "precision": config.precision,
+            "cache": config.cache, "compiled": config.compiled, "images_per_s": BATCH / statistics.median(seconds),
+            "seconds_per_batch": statistics.median(seconds), "runs": runs, "ms_full_step": ms_full,
+            "ms_reuse_step": ms_reuse, "peak_mem_gb": peak, "quality_from": config.quality,
+            "engine_calls": dict(calls) if calls else None}
+
+
+def fp8_floor(model, rows: int) -> dict:
+    """FLOPs of one full step (FlopCounterMode over the bf16 forward) over the FP8 GEMM rate measured here
+    (`torch._scaled_mm`, per-tensor scales, at the model's MLP shape)."""
+    import copy
+
+    import triton.testing
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    x, t, y = _inputs(model.config, rows, "cuda")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        bf16(x.to(torch.bfloat16), t, y)
+    flops = counter.get_total_flops()
+    del bf16
+    c = model.config
+    m, k, n = rows * (c.input_size // c.patch_size) ** 2, c.hidden_size, int(c.hidden_size * c.mlp_ratio)
+    a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.tensor(1.0, device="cuda")
+    ms = triton.testing.do_bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one,
+                                                          out_dtype=torch.bfloat16), return_mode="median")
+    rate = 2 * m * k * n / (ms * 1e-3)
+    return {"flops_full_step": flops, "fp8_gemm_tflops": rate / 1e12, "gemm_shape": [m, k, n],
+            "fp8_floor_ms": flops / rate * 1e3}
+
+
+def _quality(config_quality: str, results_dir: Path) -> dict:
+    source, _, row = config_quality.partition(":")
+    name, _, preset = row.partition("@")
+    path = results_dir / ("ablation.json" if source == "ablation" else "reference-model.json")
+    if not path.is_file():
+        return {}
+    for r in json.loads(path.read_text())["rows"]:
+        if r["name"] == name and (not preset or r.get("preset") == preset):
+            return {"fd": r["fd"], "class_accuracy": r["class_accuracy"], "quality_n": r["n"]}
+    return {}
+
+
+def summarize(state: Path, card: str, results_dir: Path) -> dict:
+    """The bench JSON from the finished stages: configs, the three headline ratios for the best Q&C configuration
+    on DiT-XL/2, the FP8 floors."""
+    configs = []
+    for model_name in MODELS:
+        for config in CONFIGS:
+            path = state / f"{model_name}--{config.name}.json"
+            if path.is_file():
+                row = json.loads(path.read_text())
+                if model_name == "reference":
+                    row.update(_quality(config.quality, results_dir))
+                configs.append(row)
+    floors = {m: json.loads((state / f"{m}--fp8-floor.json").read_text())
+              for m in MODELS if (state / f"{m}--fp8-floor.json").is_file()}
+    by_name = {(r["model"], r["name"]): r for r in configs}
+    result = {"card": card, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "torch": torch.__version__, "batch": BATCH, "cfg_scale": CFG, "sampler": "ddpm", "seed": SEED,
+              "cache_plan": CACHE_PLAN,
+              "notes": ["DiT-XL/2 256x256 (latent 32x32x4) with seeded random weights, every layer non-zero: "
+                        "speed only, no quality", "images_per_s: batch of 16 labels with CFG (32 rows per step), "
+                        "median of whole sampling runs after a warm-up run",
+                        "quantized configurations: static scales from a quick ModelOpt max calibration; quality "
+                        "columns (reference model) are the ablation's rows (TAP + VC recipes, 10k samples)",
+                        "VC is not applied in the timed runs (one fused multiply-add per step)"],
+              "fp8_floor": floors, "configs": configs}
+    best = max((by_name[k] for k in [("dit-xl-2", "qc-fp8-cache"), ("dit-xl-2", "qc-int8-cache")] if k in by_name),
+               key=lambda r: r["images_per_s"], default=None)
+    if best is not None:
+        result["best_qc"] = best["name"]
+        for key, base in (("speedup_vs_bf16_compiled", "bf16-compiled-50"),
+                          ("speedup_vs_fp32_ddpm250", "fp32-eager-ddpm250")):
+            if ("dit-xl-2", base) in by_name:
+                result[key] = best["images_per_s"] / by_name[("dit-xl-2", base)]["images_per_s"]
+        if "dit-xl-2" in floors:
+            result["full_step_over_fp8_floor"] = best["ms_full_step"] / floors["dit-xl-2"]["fp8_floor_ms"]
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Images/s against FD (reference model, quality from the ablation) and DiT-XL/2 images/s per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in result["configs"]:
+        if r["model"] == "reference" and "fd" in r:
+            left.scatter(r["images_per_s"], r["fd"])
+            left.annotate(r["name"], (r["images_per_s"], r["fd"]), fontsize=8, xytext=(4, 4),
+                          textcoords="offset points")
+    left.set(xscale="log", xlabel="images / s (batch 16, CFG)", ylabel="FD (classifier features, 10k; lower is "
+             "better)", title=f"Reference model: speed vs quality ({result['card']})")
+    xl = [r for r in result["configs"] if r["model"] == "dit-xl-2"]
+    right.barh([r["name"] for r in xl], [r["images_per_s"] for r in xl])
+    right.set(xscale="log", xlabel="images / s (batch 16, CFG)", title=f"DiT-XL/2 256² ({result['card']}, random "
+              "weights)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Path, models=MODELS,
+          budget_s: float = 540.0, runs: int = 3) -> dict | None:
+    """Run the unfinished stages within `budget_s`; when all are done, write bench-<card>.json and its plot and
+    return the result (None while stages remain)."""
+    if not torch.cuda.is_available():
+        raise QandcError("qandc bench measures GPU speed and needs a CUDA GPU")
+    state, work, results_dir = Path(state), Path(work), Path(results_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
+    torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32 (the paper's baseline)
+    torch.backends.cudnn.allow_tf32 = False
+    begin = time.perf_counter()
+    for model_name in models:
+        model = None
+        pending = [c for c in CONFIGS if not (state / f"{model_name}--{c.name}.json").is_file()]
+        floor_path = state / f"{model_name}--fp8-floor.json"
+        for config in pending + ([None] if not floor_path.is_file() else []):
+            if time.perf_counter() - begin > budget_s:
+                print(f"budget of {budget_s:.0f} s spent: rerun to resume")
+                return None
+            model = model or make_model(model_name, "cpu")
+            if config is None:
+                write_json(floor_path, fp8_floor(model.to("cuda"), 2 * BATCH))
+                model.to("cpu")
+                continue
+            started = time.perf_counter()
+            row = run_config(model_name, model, config, work, runs=1 if config.precision == "fp32" else runs)
+            row["stage_seconds"] = time.perf_counter() - started
+            write_json(state / f"{model_name}--{config.name}.json", row)
+            print(f"{model_name:10s} {config.name:20s} {row['images_per_s']:9.2f} img/s  full "
+                  f"{row['ms_full_step']:7.2f} ms  reuse {row['ms_reuse_step'] or 0:6.2f} ms  peak "
+                  f"{row['peak_mem_gb']:5.1f} GB  ({row['stage_seconds']:.0f} s)", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        del model
+    result = summarize(state, card, results_dir)
+    write_json(results_dir / f"bench-{card}.json", result)
+    plot(result, results_dir / f"bench-{card}.png")
+    return result
+

@@ -1,0 +1,122 @@
+"""Real-quant modules for the Inductor engines: a quant recipe's static scales turned into FP8 and INT8 kernels.
+
+- W8A8-FP8: the weight stored as float8 e4m3 [N, K]; the activation quantized with the recipe's static scale
+  (`x / s` -> clamp -> e4m3, a pointwise op that Inductor fuses into the op producing x) and multiplied through
+  `torch._scaled_mm` (cuBLASLt FP8 on Hopper), bias and both scales applied in its epilogue, bf16 out.
+- W8A8-INT8: the weight stored as int8 [N, K] (column-major B for the GEMM); the activation rounded and clamped to
+  int8 with its static scale (fused the same way); `qandc::int8_linear` multiplies them — on CUDA a Triton GEMM
+  (`triton_int8.py`) that accumulates in int32 and applies the per-channel dequantize scale and the bias in its
+  epilogue, writing bf16; on the CPU the same integer arithmetic in PyTorch (for tests and portability).
+Rounding follows ModelOpt's fake quant (INT8: round-half-even, clamp to [-128, 127], scale amax/127; FP8: scale
+amax/448), so the engines compute what the fake-quant model computes, up to bf16 and accumulation order.
+Everything not quantized runs in bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import QandcError
+
+INT8_MAX, FP8_MAX = 127.0, 448.0
+
+
+@torch.library.custom_op("qandc::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """int8 x [M, K] times int8 weight [N, K]^T, times scale [N] (float32), plus bias [N]; bf16 [M, N]."""
+    if x.is_cuda:
+        from .triton_int8 import int8_gemm
+
+        return int8_gemm(x, weight, scale, bias)
+    acc = torch._int_mm(x, weight.t()) if x.shape[0] > 16 else x.int() @ weight.int().t()
+    return (acc.float() * scale + bias.float()).to(torch.bfloat16)
+
+
+@int8_linear.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+
+
+def _scales(amax: torch.Tensor, maximum: float, what: str) -> torch.Tensor:
+    amax = amax.detach().float().reshape(-1)
+    if not torch.isfinite(amax).all() or (amax <= 0).any():
+        raise QandcError(f"{what}: amax {amax.min().item():g} is zero or not finite (a zero-initialised layer, or "
+                         "calibration data that never reached it); no static scale can be made")
+    return amax / maximum
+
+
+class QuantLinear(nn.Module):
+    """A Linear computed by a real FP8 or INT8 kernel with static per-tensor activation and per-tensor or
+    per-channel weight scales."""
+
+    def __init__(self, linear: nn.Linear, weight_amax: torch.Tensor, input_amax: torch.Tensor, fmt: str, name=""):
+        super().__init__()
+        self.fmt = fmt
+        maximum = FP8_MAX if fmt == "fp8" else INT8_MAX
+        w_scale = _scales(weight_amax, maximum, f"{name}.weight_quantizer")
+        a_scale = _scales(input_amax, maximum, f"{name}.input_quantizer")
+        if a_scale.numel() != 1:
+            raise QandcError(f"{name}.input_quantizer: per-tensor activation scales only, got {a_scale.numel()}")
+        weight = linear.weight.detach().float()
+        scaled = weight / w_scale[:, None] if w_scale.numel() > 1 else weight / w_scale
+        if fmt == "fp8":
+            q = scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        else:
+            q = torch.round(scaled).clamp(-128, 127).to(torch.int8)
+        self.register_buffer("weight", q)
+        self.register_buffer("input_scale", a_scale.reshape(()))
+        self.register_buffer("weight_scale", w_scale.reshape(()) if w_scale.numel() == 1 else w_scale)
+        # INT8 epilogue scale: per output channel, activation scale folded in
+        self.register_buffer("out_scale", (w_scale * a_scale).expand(weight.shape[0]).contiguous())
+        bias = linear.bias.detach() if linear.bias is not None else torch.zeros(weight.shape[0])
+        self.register_buffer("bias", bias.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.fmt == "int8":
+            q = torch.round(x.float() / self.input_scale).clamp(-128, 127).to(torch.int8)
+            out = int8_linear(q, self.weight, self.out_scale, self.bias)
+        else:
+            out = self._fp8(x)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _fp8(self, x):
+        q = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if self.weight_scale.dim() == 0:
+            scale_a, scale_b = self.input_scale, self.weight_scale
+        else:  # row-wise scales: both operands per row
+            scale_a = self.input_scale.expand(q.shape[0], 1).contiguous()
+            scale_b = self.weight_scale.reshape(1, -1)
+        return torch._scaled_mm(q, self.weight.t(), scale_a=scale_a, scale_b=scale_b, bias=self.bias,
+                                out_dtype=torch.bfloat16)
+
+
+def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16) -> nn.Module:
+    """A copy of `model` in `dtype` with every Linear the recipe quantizes replaced by a QuantLinear carrying the
+    recipe's static scales (read from its amax file; ModelOpt is not needed). No recipe: the plain `dtype` model."""
+    source = model
+    model = copy.deepcopy(model).to(dtype).eval()
+    if recipe_dir is None:
+        return model
+    from ..calibration.quantize import EXPORTABLE, QuantRecipe, load_amax
+
+    recipe = QuantRecipe.load(recipe_dir)
+    if recipe.preset not in EXPORTABLE:
+        raise QandcError(f"{recipe_dir}: {recipe.preset} is fake quant only; real kernels exist for "
+                         f"{' and '.join(EXPORTABLE)}")
+    amax = load_amax(recipe_dir)
+    fmt = "fp8" if recipe.preset == "w8a8-fp8" else "int8"
+    modules, originals = dict(model.named_modules()), dict(source.named_modules())  # weights quantized from float32
+    for name in recipe.layers:
+        keys = (f"{name}.weight_quantizer", f"{name}.input_quantizer")
+        if name not in modules or any(k not in amax for k in keys):
+            raise QandcError(f"{recipe_dir}: the recipe quantizes {name}, which this model or its amax file lacks")
+        parent, _, child = name.rpartition(".")
+        layer = QuantLinear(originals[name], amax[keys[0]], amax[keys[1]], fmt, name).to(model.device)
+        setattr(modules[parent], child, layer)
+    return model

@@ -1,0 +1,63 @@
+"""INT8 GEMM for Hopper in Triton: int8 A [M, K] (row-major) x int8 B = weight [N, K] (so B is K-major, as the
+tensor cores want it), int32 accumulation, and the dequantize fused into the epilogue — per-output-channel scale
+(activation scale folded in) and bias, written as bf16. `torch._int_mm` writes int32 (4 bytes an element) and
+leaves the dequantize to another kernel; this writes 2 bytes and needs none. CUDA only (imported on first use)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+    for bm, bn, bk, s, w in [
+        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
+        (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 128, 3, 4),
+    ]
+]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n  # grouped ordering: neighbouring programs share B tiles in L2
+    group = pid // width
+    first_m = group * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_rows = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    b_cols = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    a = a_ptr + a_rows[:, None] * K + rk[None, :]
+    b = b_ptr + b_cols[None, :] * K + rk[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        left = K - k * BLOCK_K
+        acc = tl.dot(tl.load(a, mask=rk[None, :] < left, other=0), tl.load(b, mask=rk[:, None] < left, other=0),
+                     acc)
+        a += BLOCK_K
+        b += BLOCK_K
+
+    scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
+    bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    out = acc.to(tl.float32) * scale[None, :] + bias[None, :]
+    c = c_ptr + rm[:, None] * N + rn[None, :]
+    tl.store(c, out.to(tl.bfloat16), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """bf16 (x @ weight.T) * scale + bias for int8 x [M, K], int8 weight [N, K], float32 scale [N], bias [N]."""
+    x, weight = x.contiguous(), weight.contiguous()
+    (m, k), n = x.shape, weight.shape[0]
+    out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _int8_gemm_kernel[grid](x, weight, scale.contiguous(), bias.contiguous(), out, m, n, k)
+    return out

@@ -1,0 +1,109 @@
+"""Inductor engines: real FP8 / INT8 layers against ModelOpt's fake quant, the exported engines against the module,
+the runtime over them against the fake-quant PyTorch pipeline. On the CPU the exported programs run eagerly and
+INT8 runs through PyTorch integer matmuls; the Triton kernel, torch.compile and CUDA graphs run only on a GPU
+(those tests skip here)."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import rel_err, tiny_model
+from qandc.calibration import CalibrationSettings, SelectorParams, apply_recipe, calibrate
+from qandc.engines import load_engines
+from qandc.engines.build import build_inductor
+from qandc.engines.quantized import QuantLinear, int8_linear, quantize_for_inference
+from qandc.errors import QandcError
+from qandc.runtime import Pipeline
+from qandc.sampling import CachePlan, sample
+
+pytest.importorskip("modelopt")
+PLAN = CachePlan.interval(3)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton, torch.compile, graphs)")
+DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
+
+
+@pytest.fixture(scope="module", params=["w8a8-int8", "w8a8-fp8"])
+def recipe(request, tmp_path_factory):
+    model = tiny_model(guidance="all")
+    folder = tmp_path_factory.mktemp(request.param)
+    settings = CalibrationSettings(preset=request.param, selector="random", budget=20, plan=PLAN, pool_samples=4,
+                                   steps=8, selector_params=SelectorParams(k=4), vc="var", vc_samples=4,
+                                   batch_size=4)
+    calibrate(model, folder, settings)
+    return model, folder
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_quant_model_matches_fake_quant(recipe, device):
+    model, folder = recipe
+    model = model.to(device)
+    fake, _ = apply_recipe(copy.deepcopy(model), folder)
+    real = quantize_for_inference(model, folder)
+    layers = [m for m in real.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 5 * model.config.depth and real.blocks[0].mlp.fc1.weight.dtype in (torch.int8,
+                                                                                            torch.float8_e4m3fn)
+    x = torch.randn(6, 4, 8, 8, device=device)
+    t, y = torch.tensor([0, 100, 400, 700, 900, 999], device=device), torch.tensor([0, 1, 2, 3, 10, 10],
+                                                                                  device=device)
+    with torch.no_grad():
+        expected, got = fake(x, t, y), real(x.bfloat16(), t, y).float()
+        plain = quantize_for_inference(model, None)(x.bfloat16(), t, y).float()
+    # bf16 activations dominate: the real-quant model is as close to fake quant as plain bf16 is to float32
+    assert rel_err(got, expected) < 2 * rel_err(plain, model(x, t, y)) + 1e-3
+    assert rel_err(got, expected) < 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 256, 96), (300, 1152, 640)])
+def test_int8_linear_is_exact_integer_arithmetic(device, m, k, n):
+    """The kernel's int32 accumulation is exact; only the bf16 output rounds (relative error <= 2^-8)."""
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+    scale, bias = torch.rand(n, device=device) * 1e-3, torch.randn(n, device=device)
+    got = int8_linear(x, w, scale, bias.bfloat16()).double()
+    expected = (x.double() @ w.double().t()) * scale.double() + bias.bfloat16().double()
+    assert got.shape == (m, n) and ((got - expected).abs() <= expected.abs() * 2 ** -8 + 1e-6).all()
+
+
+def test_a_zero_amax_is_refused():
+    with pytest.raises(QandcError, match="amax 0 is zero or not finite"):
+        QuantLinear(torch.nn.Linear(8, 4), torch.zeros(4, 1), torch.tensor(1.0), "int8", "blocks.0.mlp.fc1")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_engines_run_the_q_and_c_pipeline(recipe, tmp_path, device):
+    model, folder = recipe
+    model = model.to(device)
+    manifest = build_inductor(model, tmp_path, recipe_dir=folder, batch_sizes=[6])
+    assert manifest["backend"] == "inductor" and manifest["plan"] == PLAN.to_dict()
+    assert set(manifest["files"]) == {"full.pt2", "reuse.pt2"} | ({"inductor-cache.bin"} if device == "cuda" else set())
+    engine_model = quantize_for_inference(model, folder)
+    _, engines = load_engines(tmp_path)
+    x, t, y = torch.randn(6, 4, 8, 8, device=device), torch.arange(6, device=device) * 150, torch.arange(6,
+                                                                                                   device=device)
+    full = engines["full"].infer({"x": x, "t": t, "y": y})
+    with torch.no_grad():
+        out, cache = engine_model.forward_full(x.bfloat16(), t, y, branches=manifest["cache_inputs"])
+        reused = engine_model.forward_reuse(x.bfloat16(), t, y, cache)
+    assert rel_err(full["out"].float(), out.float()) < 1e-2
+    got = engines["reuse"].infer({"x": x, "t": t, "y": y, **{b: full[b] for b in manifest["cache_inputs"]}})
+    assert rel_err(got["out"].float(), reused.float()) < 1e-2
+
+    pipeline = Pipeline.load(tmp_path)
+    images = pipeline.generate([1, 2, 3], seed=4, steps=8)
+    fake, _ = apply_recipe(copy.deepcopy(model), folder)
+    vc = pipeline.vc
+    from qandc.calibration.vc import vc_correction
+    expected = sample(fake, [1, 2, 3], 8, "ddpm", 1.5, seed=4, plan=PLAN, correction=vc_correction(vc, 8, "t"))
+    assert pipeline.denoiser.calls == {"full": 3, "reuse": 5}
+    assert rel_err(images.cpu(), expected.cpu()) < 5e-2
+
+
+@gpu
+def test_cuda_graphs_replay_what_eager_engines_compute(recipe, tmp_path):
+    model, folder = recipe
+    build_inductor(model.to("cuda"), tmp_path, recipe_dir=folder, batch_sizes=[4])
+    graphed = Pipeline.load(tmp_path).generate([1, 5], seed=2, steps=9)
+    eager = Pipeline.load(tmp_path, compile=False, cuda_graphs=False).generate([1, 5], seed=2, steps=9)
+    assert rel_err(graphed, eager) < 1e-2
