@@ -136,6 +136,14 @@ def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
     return ms_full, _median_ms(reuse, 50)
 
 
+def _memory_mark() -> int:
+    """Reset the peak counter; return what is allocated now (held by earlier stages, not the one measured)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
 def run_config(model_name: str, model, config: Config, work: Path, runs: int) -> dict:
     """Build what the configuration needs, warm it up, then time whole sampling runs and single steps."""
     from .engines.build import build_inductor
@@ -144,6 +152,7 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
 
     labels = torch.arange(BATCH) % model.config.num_classes
     plan = CachePlan.parse(config.cache)
+    base = _memory_mark()
     model.to("cuda")
     if config.precision == "fp32":
         denoiser = model
@@ -160,14 +169,12 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
                            sampler={"steps": STEPS, "sampler": "ddpm", "cfg_scale": CFG},
                            batch_sizes=[2 * BATCH])
         model.to("cpu")  # the peak memory below is the engines' alone
-        gc.collect()
-        torch.cuda.empty_cache()
+        base = _memory_mark()
         pipeline = Pipeline.load(engine_dir, compile=config.compiled, cuda_graphs=config.compiled)
         denoiser = pipeline.denoiser
         generate = lambda steps=config.steps: pipeline.generate(labels, SEED, steps=steps,  # noqa: E731
                                                                 use_vc=False)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     # warm-up (compiles, captures the CUDA graphs); a short one for the long FP32 runs
     images = generate(5 if config.precision == "fp32" else config.steps)
     torch.cuda.synchronize()
@@ -179,7 +186,7 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
         generate()
         torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
     ms_full, ms_reuse = _step_times(denoiser, config, 2 * BATCH)
     calls = getattr(denoiser, "calls", None)
     model.to("cpu")
@@ -187,7 +194,8 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
             "cache": config.cache, "compiled": config.compiled, "images_per_s": BATCH / statistics.median(seconds),
             "seconds_per_batch": statistics.median(seconds), "runs": runs, "ms_full_step": ms_full,
             "ms_reuse_step": ms_reuse, "peak_mem_gb": peak, "quality_from": config.quality,
-            "engine_calls": dict(calls) if calls else None}
+            "engine_calls": dict(calls) if calls else None, "device_name": torch.cuda.get_device_name(),
+            "torch": torch.__version__}
 
 
 def fp8_floor(model, rows: int) -> dict:
@@ -243,8 +251,8 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
     floors = {m: json.loads((state / f"{m}--fp8-floor.json").read_text())
               for m in MODELS if (state / f"{m}--fp8-floor.json").is_file()}
     by_name = {(r["model"], r["name"]): r for r in configs}
-    result = {"card": card, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "torch": torch.__version__, "batch": BATCH, "cfg_scale": CFG, "sampler": "ddpm", "seed": SEED,
+    result = {"card": card, "device_name": sorted({r.get("device_name", "") for r in configs}),
+              "torch": sorted({r.get("torch", "") for r in configs}), "batch": BATCH, "cfg_scale": CFG, "sampler": "ddpm", "seed": SEED,
               "cache_plan": CACHE_PLAN,
               "notes": ["DiT-XL/2 256x256 (latent 32x32x4) with seeded random weights, every layer non-zero: "
                         "speed only, no quality", "images_per_s: batch of 16 labels with CFG (32 rows per step), "
@@ -274,13 +282,15 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in result["configs"]:
-        if r["model"] == "reference" and "fd" in r:
-            left.scatter(r["images_per_s"], r["fd"])
-            left.annotate(r["name"], (r["images_per_s"], r["fd"]), fontsize=8, xytext=(4, 4),
-                          textcoords="offset points")
+    rows = sorted((r for r in result["configs"] if r["model"] == "reference" and "fd" in r),
+                  key=lambda r: r["images_per_s"])
+    for i, r in enumerate(rows):
+        left.scatter(r["images_per_s"], r["fd"])
+        left.annotate(r["name"], (r["images_per_s"], r["fd"]), fontsize=7, rotation=30,
+                      xytext=(3, 6 + 9 * (i % 3)), textcoords="offset points")
     left.set(xscale="log", xlabel="images / s (batch 16, CFG)", ylabel="FD (classifier features, 10k; lower is "
              "better)", title=f"Reference model: speed vs quality ({result['card']})")
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     xl = [r for r in result["configs"] if r["model"] == "dit-xl-2"]
     right.barh([r["name"] for r in xl], [r["images_per_s"] for r in xl])
     right.set(xscale="log", xlabel="images / s (batch 16, CFG)", title=f"DiT-XL/2 256² ({result['card']}, random "
@@ -295,9 +305,11 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
           budget_s: float = 540.0, runs: int = 3) -> dict | None:
     """Run the unfinished stages within `budget_s`; when all are done, write bench-<card>.json and its plot and
     return the result (None while stages remain)."""
-    if not torch.cuda.is_available():
-        raise QandcError("qandc bench measures GPU speed and needs a CUDA GPU")
     state, work, results_dir = Path(state), Path(work), Path(results_dir)
+    done = all((state / f"{m}--{c.name}.json").is_file() for m in models for c in CONFIGS)
+    if not torch.cuda.is_available() and not done:
+        raise QandcError("qandc bench measures GPU speed and needs a CUDA GPU (with every stage done in --state, "
+                         "it only rewrites the JSON and the plot)")
     state.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
@@ -324,6 +336,7 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
             print(f"{model_name:10s} {config.name:20s} {row['images_per_s']:9.2f} img/s  full "
                   f"{row['ms_full_step']:7.2f} ms  reuse {row['ms_reuse_step'] or 0:6.2f} ms  peak "
                   f"{row['peak_mem_gb']:5.1f} GB  ({row['stage_seconds']:.0f} s)", flush=True)
+            torch.compiler.reset()  # drop the compiled engines (dynamo's cache holds their weights)
             gc.collect()
             torch.cuda.empty_cache()
         del model

@@ -128,8 +128,8 @@ def load_engines(folder: str | Path, compile: bool = True) -> tuple[dict, dict]:
         if manifest["compile_cache"]:
             inductor_backend.load_compile_cache(folder / manifest["compile_cache"])
         compiled = compile and manifest["device"] == "cuda"
-        return manifest, {g: inductor_backend.InductorEngine(folder / manifest["engines"][g], g,
-                                                             manifest["cache_inputs"], compiled) for g in GRAPHS}
+        return manifest, {g: inductor_backend.InductorEngine(folder / manifest["engines"][g], g, manifest["cache_inputs"],
+                                                             compiled, manifest["recipe"] is not None) for g in GRAPHS}
     engine = onnxruntime_backend.OrtEngine if manifest["backend"] == "onnxruntime" else tensorrt_backend.TrtEngine
     return manifest, {graph: engine(folder / manifest["engines"][graph]) for graph in GRAPHS}
 

@@ -12,6 +12,7 @@ graphs need a GPU.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -19,11 +20,14 @@ import torch.nn as nn
 
 from ..artifacts import atomic_path
 from ..errors import QandcError
-from . import quantized  # noqa: F401  (registers qandc::int8_linear, which the exported programs call)
+from . import quantized as quantized_module  # also registers qandc::int8_linear, which the programs call
 
 SUFFIX = ".pt2"
 CACHE = "inductor-cache.bin"
-COMPILE_MODE = "max-autotune-no-cudagraphs"  # CUDA graphs are the runtime's, per batch size
+# bf16 engines autotune their GEMMs (the strongest baseline); quantized ones call cuBLASLt FP8 / the Triton INT8
+# kernel (which autotunes itself), so Inductor's default mode suffices and compiles in a fraction of the time.
+# CUDA graphs are the runtime's, per batch size.
+COMPILE_MODES = {False: "max-autotune-no-cudagraphs", True: "default"}
 
 
 class EngineGraph(nn.Module):
@@ -62,13 +66,15 @@ def build(model, out_dir: Path, branches: list[str], regate: bool, batch_sizes: 
         args = (x, t, y) if graph == "full" else (x, t, y, *[cache[b] for b in branches])
         module = EngineGraph(model, branches, regate, reuse=graph == "reuse")
         try:
-            shapes = [{0: batch}] * 3 + ([({0: batch},) * len(branches)] if graph == "reuse" else [])
+            shapes = [{0: batch}] * 3 + ([({0: batch},) * len(branches)] if graph == "reuse" and branches else [])
             program = torch.export.export(module, args, dynamic_shapes=shapes)
         except Exception as e:  # torch.export reports untraceable code in many exception types
             raise QandcError(f"torch.export could not trace the {graph} path: {str(e).splitlines()[0][:300]}") from e
         target = out_dir / f"{graph}{SUFFIX}"
+        buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temporary file has neither
+        torch.export.save(program, buffer)
         with atomic_path(target) as tmp:
-            torch.export.save(program, str(tmp))
+            tmp.write_bytes(buffer.getvalue())
         files.append(target)
     if model.device.type == "cuda":
         files.append(_fill_compile_cache(model, out_dir, files, branches, batch_sizes))
@@ -79,7 +85,8 @@ def _fill_compile_cache(model, out_dir: Path, programs: list[Path], branches, ba
     from ..exporter.onnx_export import sample_inputs
 
     torch.compiler.reset()
-    engines = {g: InductorEngine(p, g, branches, compile=True) for g, p in zip(("full", "reuse"), programs)}
+    quantized = any(isinstance(m, quantized_module.QuantLinear) for m in model.modules())
+    engines = {g: InductorEngine(p, g, branches, True, quantized) for g, p in zip(("full", "reuse"), programs)}
     for rows in batch_sizes:
         x, t, y = sample_inputs(model, batch=rows)
         feeds = {"x": x, "t": t, "y": y}
@@ -102,15 +109,16 @@ class InductorEngine:
     """One exported path: `infer(feeds)` with tensors by input name, returns tensors by output name, on the
     engine's device. `compile=True` runs it through torch.compile (Inductor); False runs the program eagerly."""
 
-    def __init__(self, path: Path, graph: str, branches: list[str], compile: bool = True):
+    def __init__(self, path: Path, graph: str, branches: list[str], compile: bool = True, quantized: bool = False):
         try:
             self.module = torch.export.load(str(path)).module()
         except Exception as e:  # a foreign or damaged program: torch raises many types here
             raise QandcError(f"{path}: not a torch.export program this torch can load ({str(e)[:200]})") from None
         self.input_names, self.output_names = io_names(graph, branches)
-        self.device = next(self.module.buffers()).device
+        self.device = next(iter([*self.module.parameters(), *self.module.buffers()])).device
         self.compiled = compile
-        self.fn = torch.compile(self.module, mode=COMPILE_MODE, dynamic=False) if compile else self.module
+        mode = COMPILE_MODES[quantized]
+        self.fn = torch.compile(self.module, mode=mode, dynamic=False) if compile else self.module
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = set(self.input_names) - set(feeds)

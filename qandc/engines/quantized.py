@@ -61,7 +61,7 @@ class QuantLinear(nn.Module):
         a_scale = _scales(input_amax, maximum, f"{name}.input_quantizer")
         if a_scale.numel() != 1:
             raise QandcError(f"{name}.input_quantizer: per-tensor activation scales only, got {a_scale.numel()}")
-        weight = linear.weight.detach().float()
+        weight = linear.weight.detach().float().cpu()  # scales are on the CPU; the caller moves the module
         scaled = weight / w_scale[:, None] if w_scale.numel() > 1 else weight / w_scale
         if fmt == "fp8":
             q = scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

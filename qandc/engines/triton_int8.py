@@ -14,6 +14,7 @@ _CONFIGS = [
     for bm, bn, bk, s, w in [
         (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
         (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 128, 3, 4),
+        (16, 32, 256, 4, 2), (32, 32, 256, 4, 4), (16, 64, 128, 5, 4),  # few rows (adaLN): many programs over N
     ]
 ]
 
@@ -42,7 +43,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K,
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         left = K - k * BLOCK_K
         acc = tl.dot(tl.load(a, mask=rk[None, :] < left, other=0), tl.load(b, mask=rk[:, None] < left, other=0),
-                     acc)
+                     acc, out_dtype=tl.int32)
         a += BLOCK_K
         b += BLOCK_K
 
