@@ -7,20 +7,21 @@ manifests' checksums verify and they were made from the current upstream artifac
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from .artifacts import sha256_file
+from .artifacts import read_json, sha256_file
 from .errors import QandcError
 
 
 def _valid(folder: Path, check) -> bool:
     """Whether a stage folder holds a manifest whose files verify and that `check(manifest)` accepts."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        files_ok = all(sha256_file(folder / name) == digest for name, digest in manifest["files"].items())
-    except (OSError, KeyError, json.JSONDecodeError):
+        manifest = read_json(folder / "manifest.json")
+        files = manifest.get("files")
+        files_ok = isinstance(files, dict) and all(sha256_file(folder / name) == digest
+                                                   for name, digest in files.items())
+    except (QandcError, OSError):
         return False
     return files_ok and check(manifest)
 

@@ -12,18 +12,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from ..artifacts import atomic_path, write_json
+from ..artifacts import atomic_path, read_safetensors, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan
 from .pool import CalibrationEntry, Pool, replay, run_entries
 from .quantize import AMAX, QuantRecipe, _mtq, apply_recipe, modelopt_config, set_amax
+from .selection import read_selection
 
 REPORT, REPORT_PLOT = "report.json", "report.png"
 PLOTTED_LAYERS = 20
@@ -32,11 +31,7 @@ PLOTTED_LAYERS = 20
 def _selected_indices(folder: Path, recipe: QuantRecipe, pool: Pool) -> np.ndarray:
     if pool.pool_id != recipe.pool_id:
         raise QandcError(f"{folder}: the pool is not the one the recipe was calibrated on")
-    path = folder / recipe.selector.get("selection", "")
-    try:
-        return np.array(json.loads(path.read_text())["indices"], dtype=int)
-    except (OSError, KeyError, ValueError) as e:
-        raise QandcError(f"{path}: not a readable selection ({e})") from None
+    return np.array(read_selection(folder / recipe.selector.get("selection", ""), len(pool.t))["indices"], dtype=int)
 
 
 @torch.no_grad()
@@ -93,7 +88,7 @@ def sensitivity_report(model, folder: str | Path, batch_size: int = 64) -> dict:
                          "rel_error": _rel_error(squared_error[at_step], squared_reference[at_step]),
                          "entries": int(at_step.sum())})
 
-    amax = load_file(folder / AMAX)
+    amax = read_safetensors(folder / AMAX)
     layers = []
     for layer in recipe.layers:
         quantized = _one_layer_quantized(model, recipe, layer, amax)
