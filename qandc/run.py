@@ -21,7 +21,7 @@ def _valid(folder: Path, check) -> bool:
         files = manifest.get("files")
         files_ok = isinstance(files, dict) and all(sha256_file(folder / name) == digest
                                                    for name, digest in files.items())
-    except (QandcError, OSError):
+    except (QandcError, OSError, ValueError):  # ValueError: a file name the OS refuses
         return False
     return files_ok and check(manifest)
 
@@ -40,7 +40,7 @@ def run(model, out: str | Path, settings, backend: str, checkpoint: str, generat
     calibrate(model, recipe_dir, settings, sha256_file(checkpoint) if Path(checkpoint).is_file() else "")
     recipe_sha = sha256_file(recipe_dir / "recipe.json")
     print("[2/5] export", file=sys.stderr)
-    if not _valid(onnx_dir, lambda m: (m.get("recipe") or {}).get("sha256") == recipe_sha):
+    if not _valid(onnx_dir, lambda m: isinstance(m.get("recipe"), dict) and m["recipe"].get("sha256") == recipe_sha):
         export(model, onnx_dir, recipe_dir=recipe_dir, checkpoint=checkpoint)
     print("[3/5] build-engine", file=sys.stderr)
     export_sha = sha256_file(onnx_dir / "manifest.json")
