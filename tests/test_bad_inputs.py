@@ -624,7 +624,7 @@ def test_bad_inputs_through_the_command(art, tmp_path):
         argv, named, _ = CASES[name](tmp, art)
         runs[name] = (tmp, named, subprocess.Popen([sys.executable, "-m", "qandc", *argv], cwd=tmp, text=True,
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    debug = subprocess.run([sys.executable, "-m", "qandc", "--debug", *argv], capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, "-m", "qandc", "--debug", *argv], capture_output=True, text=True, cwd=tmp)
     for name, (tmp, named, process) in runs.items():
         stderr = process.communicate()[1]
         assert process.returncode == 2, (name, stderr)
