@@ -1,4 +1,5 @@
-"""Atomic artifact writing: every file qandc writes appears whole or not at all."""
+"""Artifact files: every file qandc writes appears whole or not at all; every file it reads is checked, damage or a
+foreign file being a one-line QandcError."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import hashlib
 import json
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Iterator
 
@@ -34,17 +37,55 @@ def write_json(path: str | os.PathLike, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, missing: str = "missing"):
-    """Parsed JSON of `path`; a missing file or invalid JSON is a one-line QandcError."""
+def read_json(path: str | os.PathLike, missing: str = "missing") -> dict:
+    """The JSON object in `path`; a missing or unreadable file, invalid JSON or another JSON value is a one-line
+    QandcError (every JSON file qandc reads holds an object)."""
     from .errors import QandcError
 
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise QandcError(f"{path}: {missing}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QandcError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:  # a directory, no permission, a name the OS refuses
+        raise QandcError(f"{path}: not readable ({e.strerror if isinstance(e, OSError) else e})") from None
+    if not isinstance(data, dict):
+        raise QandcError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object expected")
+    return data
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """The tensors of a safetensors file; a missing or damaged file is a one-line QandcError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .errors import QandcError
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise QandcError(f"{path}: missing") from None
+    except (SafetensorError, OSError) as e:
+        raise QandcError(f"{path}: not readable safetensors ({str(e).splitlines()[0][:160]})") from None
+
+
+def mistyped(cls, data: dict) -> list[str]:
+    """The fields of dataclass `cls` whose value in `data` does not have the annotated type, as JSON gives it
+    (an int is a float, a bool is not an int)."""
+    hints = typing.get_type_hints(cls)
+    return [name for name, value in data.items() if name in hints and not _is_a(value, hints[name])]
+
+
+def _is_a(value, hint) -> bool:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_is_a(value, h) for h in args)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    origin = typing.get_origin(hint) or hint
+    return isinstance(value, origin) and (origin is not list or not args or all(_is_a(v, args[0]) for v in value))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

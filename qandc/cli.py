@@ -82,6 +82,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _check_plan(plan, model, steps: int | None, source: str) -> None:
+    """The cache plan fits the model's branches (and `steps`); an error names where the plan came from."""
+    try:
+        plan.reuse_set(model.branch_names)
+        if steps is not None:
+            plan.full_steps(steps)
+    except QandcError as e:
+        raise QandcError(f"{source}: {e}") from None
+
+
 def cmd_init(args) -> None:
     """Write a randomly initialised DiT checkpoint (original format + sidecar)."""
     from .model import initialize_weights, named_config, save_checkpoint
@@ -106,6 +116,7 @@ def cmd_generate(args) -> None:
     from .sampling import CachePlan, check_labels, sample, space_timesteps
 
     plan = CachePlan.parse(args.cache or "none")
+    plan_source = f"--cache {args.cache or 'none'}"
     correction = None
     if args.engines:
         from .calibration.vc import vc_correction
@@ -115,24 +126,27 @@ def cmd_generate(args) -> None:
             raise QandcError("--engines carries its own recipe and cache plan: leave --recipe and --cache out")
         pipeline = Pipeline.load(args.engines)
         model, plan = pipeline.denoiser, pipeline.plan
-        correction = None if args.no_vc else vc_correction(pipeline.vc, args.steps, args.engines)
+        plan_source = str(Path(args.engines) / "manifest.json")
+        correction = None if args.no_vc else vc_correction(pipeline.vc, args.steps, plan_source,
+                                                           model.config.in_channels)
     else:
         model = _load_model(args)
     if args.recipe:
         from .calibration import apply_recipe, load_vc
+        from .calibration.quantize import RECIPE, VC
         from .calibration.vc import vc_correction
 
         model, recipe = apply_recipe(model, args.recipe)
         if args.cache and plan != recipe.cache_plan:
             raise QandcError(f"--cache {args.cache} differs from the recipe's cache plan; leave --cache out")
-        plan = recipe.cache_plan
-        correction = None if args.no_vc else vc_correction(load_vc(args.recipe), args.steps, args.recipe)
+        plan, plan_source = recipe.cache_plan, str(Path(args.recipe) / RECIPE)
+        correction = None if args.no_vc else vc_correction(load_vc(args.recipe), args.steps,
+                                                           Path(args.recipe) / VC, model.config.in_channels)
     if args.per_class < 1:
         raise QandcError(f"--per-class must be positive, got {args.per_class}")
     labels = check_labels(args.labels, model.config.num_classes).repeat_interleave(args.per_class)
     space_timesteps(1000, args.steps)
-    plan.full_steps(args.steps)
-    plan.reuse_set(model.branch_names)
+    _check_plan(plan, model, args.steps, plan_source)
     if args.batch_size < 1:
         raise QandcError(f"--batch-size must be positive, got {args.batch_size}")
     device = _device(args.device) if not args.engines else model.device
@@ -215,6 +229,8 @@ def cmd_export(args) -> None:
 
     model = _load_model(args)
     plan = CachePlan.parse(args.cache) if args.cache else None
+    if plan is not None:
+        _check_plan(plan, model, None, f"--cache {args.cache}")
     manifest = export(model, args.out, plan, args.recipe, args.checkpoint)
     for name, info in manifest["graphs"].items():
         print(f"{name}.onnx: {info['nodes']} nodes, {info['quantize_linear']} QuantizeLinear")
@@ -263,7 +279,10 @@ def cmd_inspect(args) -> None:
         keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "cache_inputs", "sampler",
                                      "steps", "versions") if k in data}
         print(f"{name}: {json.dumps(keys)}")
-        for file, digest in data.get("files", {}).items():
+        files = data.get("files", {})
+        if not isinstance(files, dict):
+            raise QandcError(f"{path}: 'files' is not an object of file names and checksums")
+        for file, digest in files.items():
             state = "missing" if not (folder / file).is_file() else (
                 "OK" if sha256_file(folder / file) == digest else "CHECKSUM MISMATCH")
             print(f"  {file}: {state}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,11 @@ IMAGE_SIZE, PADDED_SIZE, UNSHUFFLE = 28, 32, 2
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise QandcError(f"{path}: not a readable {'gzip ' if path.suffix == '.gz' else ''}file ({e})") from None
     if len(data) < 4 + 4 * ndim or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] != ndim:
         raise QandcError(f"{path}: not an IDX file of unsigned bytes with {ndim} dimensions")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))

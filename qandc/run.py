@@ -7,20 +7,21 @@ manifests' checksums verify and they were made from the current upstream artifac
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from .artifacts import sha256_file
+from .artifacts import read_json, sha256_file
 from .errors import QandcError
 
 
 def _valid(folder: Path, check) -> bool:
     """Whether a stage folder holds a manifest whose files verify and that `check(manifest)` accepts."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        files_ok = all(sha256_file(folder / name) == digest for name, digest in manifest["files"].items())
-    except (OSError, KeyError, json.JSONDecodeError):
+        manifest = read_json(folder / "manifest.json")
+        files = manifest.get("files")
+        files_ok = isinstance(files, dict) and all(sha256_file(folder / name) == digest
+                                                   for name, digest in files.items())
+    except (QandcError, OSError, ValueError):  # ValueError: a file name the OS refuses
         return False
     return files_ok and check(manifest)
 
@@ -39,7 +40,7 @@ def run(model, out: str | Path, settings, backend: str, checkpoint: str, generat
     calibrate(model, recipe_dir, settings, sha256_file(checkpoint) if Path(checkpoint).is_file() else "")
     recipe_sha = sha256_file(recipe_dir / "recipe.json")
     print("[2/5] export", file=sys.stderr)
-    if not _valid(onnx_dir, lambda m: (m.get("recipe") or {}).get("sha256") == recipe_sha):
+    if not _valid(onnx_dir, lambda m: isinstance(m.get("recipe"), dict) and m["recipe"].get("sha256") == recipe_sha):
         export(model, onnx_dir, recipe_dir=recipe_dir, checkpoint=checkpoint)
     print("[3/5] build-engine", file=sys.stderr)
     export_sha = sha256_file(onnx_dir / "manifest.json")

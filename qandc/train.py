@@ -20,6 +20,7 @@ from .artifacts import atomic_path
 from .data import CLASSES, IMAGE_SIZE, PADDED_SIZE, UNSHUFFLE, images_to_model, load_fashion_mnist
 from .errors import QandcError
 from .model import DiT, DiTConfig, initialize_weights, save_checkpoint
+from .model.checkpoint import torch_load
 from .sampling import Diffusion, sample
 
 STATE_FILE = "train.pt"
@@ -44,14 +45,23 @@ def _save_state(path: Path, model, ema, opt, step: int, args) -> None:
                     "config": model.config.to_dict(), "args": plain_args}, tmp)
 
 
+def _read_state(path: Path) -> dict:
+    state = torch_load(path)
+    missing = [k for k in ("model", "ema", "opt", "step", "config") if k not in state]
+    if missing:
+        raise QandcError(f"{path}: not a training state (no {', '.join(missing)})")
+    return state
+
+
 def train(args) -> None:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = load_fashion_mnist("train", args.data_dir)
     images = torch.from_numpy(images).to(device)
     labels = torch.from_numpy(labels.astype(np.int64)).to(device)
     state_path = out / STATE_FILE
+    state = _read_state(state_path) if state_path.exists() else None
+    out.mkdir(parents=True, exist_ok=True)
     config = reference_config(args.hidden, args.depth, args.heads)
     model = initialize_weights(DiT(config), seed=args.seed).to(device)
     ema = DiT(config).to(device)
@@ -59,8 +69,7 @@ def train(args) -> None:
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     step = 0
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+    if state is not None:
         if DiTConfig.from_dict(state["config"]) != config:
             raise QandcError(f"{state_path}: holds a different architecture; use another --out")
         model.load_state_dict(state["model"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +16,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, write_json
+from ..artifacts import atomic_path, read_json, write_json
 from ..errors import QandcError
-from ..sampling import CachePlan
-from .plan_search import auto_plan
+from ..sampling import CachePlan, space_timesteps
+from .plan_search import auto_plan, parse_auto
 from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
-from .quantize import RECIPE, VC, QuantRecipe, quantize, quantized_layers, save_amax
-from .selection import SelectorParams, select
+from .quantize import RECIPE, VC, QuantRecipe, quantize, quantized_layers, quantizer_formats, save_amax
+from .selection import SELECTORS, SelectorParams, read_selection, select
 from .sensitivity import REPORT, sensitivity_report, write_report
 from .vc import VC_FORMS, fit_vc
 
@@ -47,8 +46,34 @@ class CalibrationSettings:
     batch_size: int = 256
 
 
-def _same_or_fail(path: Path, key: dict, existing: dict) -> bool:
-    """True when an existing artifact was made with `key`; an artifact made otherwise is an error."""
+def check_settings(model, s: CalibrationSettings) -> None:
+    """Refuse settings calibration cannot run with, before any work."""
+    quantizer_formats(s.preset)
+    if s.selector not in SELECTORS:
+        raise QandcError(f"unknown selector {s.selector!r}; known: {', '.join(SELECTORS)}")
+    if s.vc not in VC_FORMS + ("none",):
+        raise QandcError(f"unknown VC form {s.vc!r}; choose var, mse, nsr or none")
+    counts = {"--pool-samples": s.pool_samples, "--batch-size": s.batch_size}
+    if s.vc != "none":
+        counts["--vc-samples"] = s.vc_samples
+    for flag, value in counts.items():
+        if value < 1:
+            raise QandcError(f"{flag} must be positive, got {value}")
+    space_timesteps(1000, s.steps)
+    entries = s.pool_samples * s.steps
+    if not 1 <= s.budget <= entries:
+        raise QandcError(f"--samples (the calibration budget) must be between 1 and the pool's {entries} entries "
+                         f"(--pool-samples x --steps), got {s.budget}")
+    if isinstance(s.plan, str):
+        parse_auto(s.plan)
+    else:
+        s.plan.reuse_set(model.branch_names)
+        s.plan.full_steps(s.steps)
+
+
+def _same_or_fail(path: Path, key: dict) -> bool:
+    """True when the artifact at `path` was made with `key`; an artifact made otherwise is an error."""
+    existing = read_json(path)
     mismatch = [k for k in key if existing.get(k) != key[k]]
     if mismatch:
         raise QandcError(f"{path}: made with other settings ({', '.join(mismatch)}); use another --out")
@@ -58,7 +83,7 @@ def _same_or_fail(path: Path, key: dict, existing: dict) -> bool:
 def _pool(model, out: Path, s: CalibrationSettings) -> Pool:
     key = {"seed": s.seed, "num_samples": s.pool_samples, "steps": s.steps, "sampler": s.sampler,
            "cfg_scale": s.cfg_scale, "plan": s.plan.to_dict()}
-    if (out / "pool.json").exists() and _same_or_fail(out / "pool.json", key, json.loads((out / "pool.json").read_text())):
+    if (out / "pool.json").exists() and _same_or_fail(out / "pool.json", key):
         return Pool.load(out)
     pool = collect_pool(model, s.pool_samples, s.steps, s.sampler, s.cfg_scale, s.plan, s.seed, s.batch_size)
     pool.save(out)
@@ -69,8 +94,8 @@ def _selection(pool: Pool, out: Path, s: CalibrationSettings) -> np.ndarray:
     path = out / f"selection-{s.selector}.json"
     key = {"selector": s.selector, "params": s.selector_params.to_dict(), "seed": s.seed, "budget": s.budget,
            "pool_id": pool.pool_id}
-    if path.exists() and _same_or_fail(path, key, json.loads(path.read_text())):
-        return np.array(json.loads(path.read_text())["indices"])
+    if path.exists() and _same_or_fail(path, key):
+        return np.array(read_selection(path, len(pool.t))["indices"])
     features = pool.x.reshape(len(pool.t), -1).astype(np.float32)
     indices = select(s.selector, features, pool.t, pool.step, s.budget, s.seed, s.selector_params)
     write_json(path, {**key, "indices": indices.tolist(),
@@ -84,8 +109,11 @@ def _searched_plan(model, out: Path, s: CalibrationSettings) -> CachePlan:
     path = out / "plan.json"
     key = {"spec": s.plan, "steps": s.steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale, "seed": s.seed,
            "samples": s.plan_samples}
-    if path.exists() and _same_or_fail(path, key, json.loads(path.read_text())):
-        return CachePlan.from_dict(json.loads(path.read_text())["plan"])
+    if path.exists() and _same_or_fail(path, key):
+        try:
+            return CachePlan.from_dict(read_json(path).get("plan"))
+        except QandcError as e:
+            raise QandcError(f"{path}: {e}") from None
     plan, summary = auto_plan(model, s.plan, s.steps, s.sampler, s.cfg_scale, s.seed, s.plan_samples)
     write_json(path, {**key, "plan": plan.to_dict(), "search": summary})
     return plan
@@ -104,13 +132,20 @@ def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256:
               report: bool = False) -> QuantRecipe:
     """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged). With
     `report`, also write the sensitivity report (report.json, report.png) unless the folder has one."""
+    check_settings(model, s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if s.vc not in VC_FORMS + ("none",):
-        raise QandcError(f"unknown VC form {s.vc!r}; choose var, mse, nsr or none")
     if isinstance(s.plan, str):
         s = dataclasses.replace(s, plan=_searched_plan(model, out, s))
-    stages = tqdm(total=4, desc="calibrate", leave=False)
+    with tqdm(total=4, desc="calibrate", leave=False) as stages:  # closed (cleared) on errors too
+        recipe = _stages(model, out, s, checkpoint_sha256, stages)
+    if report and not (out / REPORT).exists():
+        write_report(sensitivity_report(model, out, s.batch_size), out)
+    return recipe
+
+
+def _stages(model, out: Path, s: CalibrationSettings, checkpoint_sha256: str, stages) -> QuantRecipe:
+    """Pool, selection, then recipe and VC table, each skipped when the folder holds it."""
     pool = _pool(model, out, s)
     stages.update()
     indices = _selection(pool, out, s)
@@ -139,7 +174,4 @@ def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256:
                 save_file({"K": K.contiguous()}, str(tmp))
         recipe.save(out)  # written last: its presence marks a finished calibration
         stages.update()
-    stages.close()
-    if report and not (out / REPORT).exists():
-        write_report(sensitivity_report(model, out, s.batch_size), out)
     return recipe

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, write_json
+from ..artifacts import atomic_path, read_json, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan, Diffusion, draw_noise, sample, sample_generator
 
@@ -47,12 +48,15 @@ class Pool:
 
     @classmethod
     def load(cls, folder: Path) -> "Pool":
+        meta = read_json(folder / "pool.json")
+        path = folder / "pool.npz"
         try:
-            meta = json.loads((folder / "pool.json").read_text())
-            with np.load(folder / "pool.npz") as data:
+            with np.load(path) as data:
                 arrays = {k: data[k] for k in ("x", "t", "step", "sample", "label", "full")}
-        except (OSError, KeyError, ValueError) as e:
-            raise QandcError(f"{folder}: not a readable calibration pool ({e})") from None
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise QandcError(f"{path}: not a readable calibration pool ({type(e).__name__}: {e})") from None
+        if any(a.ndim == 0 for a in arrays.values()) or len({len(a) for a in arrays.values()}) != 1:
+            raise QandcError(f"{path}: not a readable calibration pool (arrays of different lengths)")
         meta.pop("pool_id", None)
         meta.pop("entries", None)
         return cls(**arrays, meta=meta)

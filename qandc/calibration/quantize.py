@@ -18,14 +18,15 @@ re-creates the fake-quant model without re-calibrating and without pickles.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..artifacts import atomic_path, read_json, write_json
+from ..artifacts import atomic_path, mistyped, read_json, read_safetensors, write_json
 from ..errors import QandcError
 from ..sampling import CachePlan
 
@@ -38,6 +39,9 @@ RECIPE, AMAX, VC = "recipe.json", "amax.safetensors", "vc.safetensors"
 def _mtq():
     try:
         import modelopt.torch.quantization as mtq
+        with warnings.catch_warnings():  # imported by quantize(); its HuggingFace-export note is noise here
+            warnings.filterwarnings("ignore", "Cannot find transformers package")
+            import modelopt.torch.export  # noqa: F401
     except ImportError:
         raise QandcError("quantization needs nvidia-modelopt (pip install nvidia-modelopt==0.47.0)") from None
     return mtq
@@ -104,10 +108,16 @@ class QuantRecipe:
         data.pop("modelopt_config", None)
         if data.get("format_version") != 1:
             raise QandcError(f"{path}: recipe format {data.get('format_version')!r}, this qandc reads format 1")
+        wrong = mistyped(cls, data)
+        if wrong:
+            raise QandcError(f"{path}: not a quant recipe (wrong types: {', '.join(wrong)})")
         try:
-            return cls(**data)
-        except TypeError as e:
+            recipe = cls(**data)
+            quantizer_formats(recipe.preset)
+            CachePlan.from_dict(recipe.plan)
+        except (TypeError, QandcError) as e:
             raise QandcError(f"{path}: not a quant recipe ({e})") from None
+        return recipe
 
 
 def quantize(model: nn.Module, recipe: QuantRecipe, forward_loop) -> nn.Module:
@@ -135,23 +145,29 @@ def apply_recipe(model: nn.Module, folder: str | Path) -> tuple[nn.Module, Quant
     """The fake-quant model of a recipe directory (amax loaded, nothing re-calibrated)."""
     folder = Path(folder)
     recipe = QuantRecipe.load(folder)
+    try:
+        recipe.cache_plan.reuse_set(model.branch_names)
+    except QandcError as e:
+        raise QandcError(f"{folder / RECIPE}: {e}") from None
     mtq = _mtq()
     mtq.quantize(model, recipe.modelopt_config(), None)
     amax = load_amax(folder)
     live = quantizers(model)
     if set(amax) != set(live):
         raise QandcError(f"{folder / AMAX}: amax for {len(amax)} quantizers, the recipe has {len(live)}")
+    weight_axis = quantizer_formats(recipe.preset, recipe.fp8_weight_per_channel)[0]["axis"]
+    for name, value in amax.items():
+        layer, kind = name.rsplit(".", 1)
+        want = model.get_submodule(layer).out_features if kind == "weight_quantizer" and weight_axis == 0 else 1
+        if value.numel() != want:
+            raise QandcError(f"{folder / AMAX}: amax of {name} has {value.numel()} values, expected {want}")
     set_amax(model, amax)
     return model, recipe
 
 
 def load_amax(folder: str | Path) -> dict:
     """The stored amax of every enabled quantizer of a recipe directory, by quantizer name."""
-    path = Path(folder) / AMAX
-    try:
-        return load_file(path)
-    except (FileNotFoundError, OSError) as e:
-        raise QandcError(f"{path}: missing or unreadable ({e})") from None
+    return read_safetensors(Path(folder) / AMAX)
 
 
 def set_amax(model: nn.Module, amax: dict) -> None:
@@ -162,5 +178,11 @@ def set_amax(model: nn.Module, amax: dict) -> None:
 
 
 def load_vc(folder: str | Path) -> torch.Tensor | None:
+    """The VC table (steps x channels) of a recipe folder; None when it has none."""
     path = Path(folder) / VC
-    return load_file(path)["K"] if path.exists() else None
+    if not path.exists():
+        return None
+    tensors = read_safetensors(path)
+    if "K" not in tensors or tensors["K"].ndim != 2:
+        raise QandcError(f"{path}: no VC table 'K' of steps x channels (has: {', '.join(tensors) or 'nothing'})")
+    return tensors["K"]

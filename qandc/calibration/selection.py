@@ -19,6 +19,7 @@ from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.metrics import pairwise_distances_argmin
 from sklearn.preprocessing import OneHotEncoder, normalize
 
+from ..artifacts import read_json
 from ..errors import QandcError
 
 SELECTORS = ("tap", "uniform", "random", "kmeans")
@@ -76,6 +77,16 @@ def select(selector: str, x: np.ndarray, t: np.ndarray, step: np.ndarray, budget
     else:
         chosen = _round_robin(tap_clusters(x, t, seed, params), budget, rng)
     return np.sort(chosen).astype(np.int64)
+
+
+def read_selection(path, pool_size: int) -> dict:
+    """A selection JSON whose 'indices' are entries of a pool of `pool_size`."""
+    data = read_json(path)
+    indices = data.get("indices")
+    if not (isinstance(indices, list) and indices and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < pool_size for i in indices)):
+        raise QandcError(f"{path}: 'indices' is not a non-empty list of pool entries 0..{pool_size - 1}")
+    return data
 
 
 def tap_clusters(x: np.ndarray, t: np.ndarray, seed: int, params: SelectorParams = SelectorParams()) -> np.ndarray:

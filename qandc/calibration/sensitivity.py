@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from ..errors import QandcError
 from ..sampling import CachePlan
 from .pool import CalibrationEntry, Pool, replay, run_entries
 from .quantize import QuantRecipe, _mtq, apply_recipe, load_amax, modelopt_config, set_amax
+from .selection import read_selection
 
 REPORT, REPORT_PLOT = "report.json", "report.png"
 PLOTTED_LAYERS = 20
@@ -31,11 +31,7 @@ PLOTTED_LAYERS = 20
 def _selected_indices(folder: Path, recipe: QuantRecipe, pool: Pool) -> np.ndarray:
     if pool.pool_id != recipe.pool_id:
         raise QandcError(f"{folder}: the pool is not the one the recipe was calibrated on")
-    path = folder / recipe.selector.get("selection", "")
-    try:
-        return np.array(json.loads(path.read_text())["indices"], dtype=int)
-    except (OSError, KeyError, ValueError) as e:
-        raise QandcError(f"{path}: not a readable selection ({e})") from None
+    return np.array(read_selection(folder / recipe.selector.get("selection", ""), len(pool.t))["indices"], dtype=int)
 
 
 @torch.no_grad()

@@ -30,10 +30,14 @@ class VarianceCompensation:
         return mu + self.K[step].to(x.device)[None, :, None, None] * (x - mu)
 
 
-def vc_correction(K: torch.Tensor | None, steps: int, source: str) -> VarianceCompensation | None:
-    """The correction hook of a VC table (None without one); a table fitted for another step count is refused."""
+def vc_correction(K: torch.Tensor | None, steps: int, source, channels: int | None = None
+                  ) -> VarianceCompensation | None:
+    """The correction hook of a VC table (None without one); a table fitted for another step count (or, given
+    `channels`, another channel count) is refused."""
     if K is None:
         return None
+    if K.ndim != 2 or (channels is not None and K.shape[1] != channels):
+        raise QandcError(f"{source}: VC table of shape {tuple(K.shape)}, expected ({steps}, {channels or 'C'})")
     if len(K) != steps:
         raise QandcError(f"{source}: VC table has {len(K)} steps, sampling uses {steps}")
     return VarianceCompensation(K)

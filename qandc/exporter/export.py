@@ -41,6 +41,7 @@ def export(model, out: str | Path, plan: CachePlan | None = None, recipe_dir: st
     model = model.eval()
     x, t, y = sample_inputs(model)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # it marks a finished export: none while the graphs are rewritten
     graphs = {"full": export_graph(FullGraph(model, branches, plan.regate), (x, t, y), ["x", "t", "y"],
                                    ["out", *branches], out / "full.onnx")}
     with torch.no_grad():

@@ -11,21 +11,21 @@ guidance mode, ...) under the key "model"; keyword overrides win over both.
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from ..artifacts import ASSETS, atomic_path, write_json
+from ..artifacts import ASSETS, atomic_path, read_json, read_safetensors, write_json
 from ..errors import QandcError
 from .dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed
 
 REFERENCE_CHECKPOINT = ASSETS / "reference-dit.pt"  # the Fashion-MNIST reference DiT shipped with qandc
 HEADS_BY_HIDDEN = {cfg["hidden_size"]: cfg["num_heads"] for cfg in DIT_CONFIGS.values()}
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+DIFFUSERS_INTS = ("num_attention_heads", "attention_head_dim", "num_layers", "sample_size", "patch_size",
+                  "num_embeds_ada_norm")
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -37,12 +37,9 @@ def read_sidecar(path: str | Path) -> dict:
     sidecar = sidecar_path(path)
     if not Path(path).is_file() or not sidecar.is_file():
         return {}
-    try:
-        data = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as e:
-        raise QandcError(f"{sidecar}: not a valid sidecar JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
-        raise QandcError(f"{sidecar}: not a valid sidecar JSON (expected an object with a 'model' object)")
+    data = read_json(sidecar)
+    if not isinstance(data.get("model", {}), dict):
+        raise QandcError(f"{sidecar}: not a valid sidecar JSON (its 'model' is not an object)")
     return data
 
 
@@ -62,12 +59,20 @@ def load_checkpoint(path: str | Path, **overrides) -> DiT:
     try:
         config = DiTConfig.from_dict(config)
     except (TypeError, ValueError) as e:
-        raise QandcError(f"{path}: {e}") from None
+        with_sidecar = f" (with {sidecar_path(path)})" if read_sidecar(path).get("model") else ""
+        raise QandcError(f"{path}{with_sidecar}: {e}") from None
     model = DiT(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misfit = [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
+    if missing or unexpected or misfit:
+        what = (f"missing {', '.join(missing[:3])}" if missing else
+                f"unexpected {', '.join(map(str, unexpected[:3]))}" if unexpected else
+                f"{misfit[0]} has shape {tuple(getattr(state[misfit[0]], 'shape', ()))}, the DiT "
+                f"{tuple(expected[misfit[0]].shape)}")
         raise QandcError(f"{path}: weights do not fit the inferred DiT ({what})")
+    model.load_state_dict(state)
     return model.float().eval()
 
 
@@ -78,7 +83,8 @@ def save_checkpoint(model: DiT, path: str | Path, record: dict | None = None) ->
     write_json(sidecar_path(path), {"model": model.config.to_dict(), **(record or {})})
 
 
-def _torch_load(path: Path) -> dict:
+def torch_load(path: Path) -> dict:
+    """The dict a PyTorch file holds, unpickled with weights_only (a pickle that would import code is refused)."""
     # Original training checkpoints carry their argparse namespace; allow that and nothing else beyond tensors.
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -99,7 +105,7 @@ def _torch_load(path: Path) -> dict:
 
 
 def _read_original(path: Path) -> tuple[dict, dict]:
-    obj = _torch_load(path)
+    obj = torch_load(path)
     state = obj.get("ema", obj.get("model", obj))
     if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
         raise QandcError(f"{path}: not a DiT checkpoint (no x_embedder.proj.weight; keys: "
@@ -118,8 +124,8 @@ def _infer_config(state: dict, path: Path) -> dict:
         num_tokens = state["pos_embed"].shape[1]
         num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
         mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    except (KeyError, ValueError) as e:
-        raise QandcError(f"{path}: not a DiT checkpoint (cannot read its shapes: {e})") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise QandcError(f"{path}: not a DiT checkpoint (cannot read its shapes: {type(e).__name__}: {e})") from None
     grid = int(round(num_tokens ** 0.5))
     config = dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
                   depth=depth, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
@@ -133,22 +139,19 @@ def _read_diffusers(path: Path) -> tuple[dict, dict]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise QandcError(f"{path}: a directory, but not a diffusers model (no config.json)")
-    try:
-        cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise QandcError(f"{config_file}: not valid JSON ({e})") from None
+    cfg = read_json(config_file)
     if cfg.get("_class_name") not in DIFFUSERS_CLASSES or cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
         raise QandcError(f"{config_file}: not a diffusers DiT (class {cfg.get('_class_name')!r}, "
                          f"norm {cfg.get('norm_type')!r})")
+    wrong = [k for k in DIFFUSERS_INTS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+    if wrong:
+        raise QandcError(f"{config_file}: not a diffusers DiT config ({', '.join(wrong)}: missing or not an integer)")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise QandcError(f"{path}: no .safetensors weights")
     src = {}
     for file in files:
-        try:
-            src.update(load_file(file))
-        except Exception as e:  # safetensors raises its own types for every kind of damage
-            raise QandcError(f"{file}: not readable safetensors ({str(e).splitlines()[0][:160]})") from None
+        src.update(read_safetensors(file))
     in_channels = cfg.get("in_channels", 4)
     out_channels = cfg.get("out_channels") or in_channels
     hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..artifacts import mistyped
+
 GUIDANCE_MODES = ("first3", "all")
 
 
@@ -51,6 +53,9 @@ class DiTConfig:
     image_crop: int = 0
 
     def __post_init__(self):
+        wrong = mistyped(DiTConfig, self.to_dict())
+        if wrong:
+            raise ValueError(f"wrong types: {', '.join(f'{name}={getattr(self, name)!r}' for name in wrong)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if self.input_size % self.patch_size:

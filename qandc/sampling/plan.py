@@ -6,11 +6,10 @@ CLI grammar: `none | interval=N[,branches=all|attn|mlp|NAME+NAME+...][,regate=0|
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
+from ..artifacts import read_json
 from ..errors import QandcError
 
 BRANCH_GROUPS = ("all", "attn", "mlp")
@@ -35,6 +34,8 @@ class CachePlan:
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
             raise QandcError(f"cache plan: interval must be a positive integer, got {self.every!r}")
         if self.schedule is not None:
+            if not isinstance(self.schedule, (list, tuple)):
+                raise QandcError(f"cache plan: schedule must be a list of 'full' / 'reuse', got {self.schedule!r}")
             object.__setattr__(self, "schedule", tuple(self.schedule))
             bad = [s for s in self.schedule if s not in STEP_KINDS]
             if bad or not self.schedule:
@@ -45,6 +46,8 @@ class CachePlan:
             if self.branches not in BRANCH_GROUPS:
                 raise QandcError(f"cache plan: branches must be all, attn, mlp or a list of names, "
                                  f"got {self.branches!r}")
+        elif not isinstance(self.branches, (list, tuple)):
+            raise QandcError(f"cache plan: branches must be all, attn, mlp or a list of names, got {self.branches!r}")
         else:
             object.__setattr__(self, "branches", tuple(self.branches))
             bad = [b for b in self.branches if not (isinstance(b, str) and BRANCH_NAME.fullmatch(b))]
@@ -119,12 +122,9 @@ class CachePlan:
         if spec == "none":
             return cls.none()
         if spec.endswith(".json"):
+            data = read_json(spec, "no such cache plan file")
             try:
-                return cls.from_dict(json.loads(Path(spec).read_text()))
-            except FileNotFoundError:
-                raise QandcError(f"{spec}: no such cache plan file") from None
-            except json.JSONDecodeError as e:
-                raise QandcError(f"{spec}: not valid JSON ({e})") from None
+                return cls.from_dict(data)
             except QandcError as e:
                 raise QandcError(f"{spec}: {e}") from None
         fields = {}

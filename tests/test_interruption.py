@@ -1,0 +1,104 @@
+"""Interruption: calibrate, export and build-engine are killed (SIGKILL) as each of their files starts being written
+(its temporary file appears, or it is replaced); after every kill, each file in the folder is whole (byte-equal to an
+uninterrupted run's, or the earlier contents it replaces) and a manifest present holds for its files; a rerun then
+leaves exactly the uninterrupted run's files (every run is deterministic here, so byte-equal).
+
+Select with `-m interruption` (or leave out with `-m "not interruption"`): subprocesses, about a minute."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_model
+from qandc.artifacts import sha256_file
+from qandc.model import save_checkpoint
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("modelopt.torch.quantization")
+pytestmark = pytest.mark.interruption
+
+CALIBRATE = ["--preset", "w8a8-int8", "--selector", "random", "--samples", "8", "--pool-samples", "2", "--steps", "4",
+             "--clusters", "2", "--vc-samples", "2", "--batch-size", "4", "--cache", "interval=2"]
+FILES = {  # each command's files, in the order it writes them
+    "calibrate": ["pool.npz", "pool.json", "selection-random.json", "amax.safetensors", "vc.safetensors",
+                  "recipe.json"],
+    "export": ["full.onnx", "reuse.onnx", "manifest.json"],
+    "build-engine": ["full.ort.onnx", "reuse.ort.onnx", "manifest.json"],
+}
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[^.]+\.tmp")  # qandc.artifacts.atomic_path's temporary files
+
+
+def _argv(command: str, root: Path, out: Path) -> list[str]:
+    inputs = {"calibrate": ["--checkpoint", str(root / "m.pt"), *CALIBRATE],
+              "export": ["--checkpoint", str(root / "m.pt"), "--recipe", str(root / "calibrate")],
+              "build-engine": ["--onnx", str(root / "export")]}[command]
+    return [sys.executable, "-m", "qandc", command, *inputs, "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A checkpoint and each command's uninterrupted output (root/<command>), made in pipeline order; and
+    root/stale: a finished export of another cache plan, for an export to overwrite."""
+    root = tmp_path_factory.mktemp("interruption")
+    save_checkpoint(tiny_model(guidance="all"), root / "m.pt")
+    for command in FILES:
+        subprocess.run(_argv(command, root, root / command), check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "qandc", "export", "--checkpoint", str(root / "m.pt"), "--cache",
+                    "interval=3", "--out", str(root / "stale")], check=True, capture_output=True)
+    return root
+
+
+def _state(path: Path):
+    return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+
+
+def _kill_when_written(argv: list[str], out: Path, names: list[str], timeout: float = 120) -> int:
+    """Run argv; SIGKILL it as soon as one of out/`names` starts being written (a new temporary file of it appears)
+    or is replaced. Returns the exit code (-SIGKILL when the kill came before the command finished)."""
+    temporaries = lambda: {p for name in names for p in out.glob(f".{name}.*.tmp")}  # noqa: E731
+    states = lambda: [_state(out / name) for name in names]  # noqa: E731
+    before, temporaries_before = states(), temporaries()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(now not in (then, None) for now, then in zip(states(), before)) or temporaries() - temporaries_before:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    return process.wait(timeout=timeout)
+
+
+def _assert_whole(out: Path, versions: dict[str, set[bytes]]) -> None:
+    """Every file in `out` is one of the whole versions of its name, or an abandoned temporary file (never read);
+    a manifest present holds for every file it lists."""
+    for path in out.iterdir():
+        temporary = TEMPORARY.fullmatch(path.name)
+        assert temporary and temporary["name"] in versions or path.read_bytes() in versions[path.name], path
+    if (out / "manifest.json").exists():
+        for name, digest in json.loads((out / "manifest.json").read_text())["files"].items():
+            assert sha256_file(out / name) == digest, f"the manifest does not hold for {name}"
+
+
+@pytest.mark.parametrize("command,start", [("calibrate", None), ("export", "stale"), ("build-engine", None)])
+def test_killed_at_every_file_then_rerun_equals_the_uninterrupted_run(root, tmp_path, command, start):
+    reference, out = root / command, tmp_path / "out"
+    versions = {name: {(reference / name).read_bytes()} for name in FILES[command]}
+    if start:  # overwrite a finished folder: its files are whole versions too, until replaced
+        shutil.copytree(root / start, out)
+        for path in out.iterdir():
+            versions[path.name].add(path.read_bytes())
+    files = FILES[command]
+    for k in range(len(files) - 1):  # a rerun skips what is done: kill it at the first of files[k:] it writes
+        assert _kill_when_written(_argv(command, root, out), out, files[k:]) == -signal.SIGKILL, files[k]
+        _assert_whole(out, versions)
+    assert subprocess.run(_argv(command, root, out), capture_output=True).returncode == 0
+    _assert_whole(out, versions)
+    for name in FILES[command]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
