@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, write_json
+from ..distributed import World
 from ..errors import QandcError
 from ..sampling import CachePlan
 from .plan_search import auto_plan
@@ -26,6 +28,9 @@ from .quantize import RECIPE, VC, QuantRecipe, quantize, quantized_layers, save_
 from .selection import SelectorParams, select
 from .sensitivity import REPORT, sensitivity_report, write_report
 from .vc import VC_FORMS, fit_vc
+
+POOL_SHARDS = "pool-shards"
+
 
 @dataclass
 class CalibrationSettings:
@@ -55,13 +60,17 @@ def _same_or_fail(path: Path, key: dict, existing: dict) -> bool:
     return True
 
 
-def _pool(model, out: Path, s: CalibrationSettings) -> Pool:
+def _pool(model, out: Path, s: CalibrationSettings, world: World) -> Pool | None:
+    """The pool (None on ranks other than 0): collected in shards across the ranks, merged and saved by rank 0."""
     key = {"seed": s.seed, "num_samples": s.pool_samples, "steps": s.steps, "sampler": s.sampler,
            "cfg_scale": s.cfg_scale, "plan": s.plan.to_dict()}
     if (out / "pool.json").exists() and _same_or_fail(out / "pool.json", key, json.loads((out / "pool.json").read_text())):
-        return Pool.load(out)
-    pool = collect_pool(model, s.pool_samples, s.steps, s.sampler, s.cfg_scale, s.plan, s.seed, s.batch_size)
-    pool.save(out)
+        return Pool.load(out) if world.main else None
+    pool = collect_pool(model, s.pool_samples, s.steps, s.sampler, s.cfg_scale, s.plan, s.seed, s.batch_size,
+                        out / POOL_SHARDS, world)
+    if pool is not None:
+        pool.save(out)
+        shutil.rmtree(out / POOL_SHARDS)  # pool.npz supersedes them
     return pool
 
 
@@ -101,17 +110,22 @@ def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, batch_size: i
 
 
 def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256: str = "",
-              report: bool = False) -> QuantRecipe:
+              report: bool = False, world: World = World()) -> QuantRecipe | None:
     """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged). With
-    `report`, also write the sensitivity report (report.json, report.png) unless the folder has one."""
+    `report`, also write the sensitivity report (report.json, report.png) unless the folder has one. Under
+    torchrun (`world`), the ranks share the pool collection and leave the process group; rank 0 alone goes on and
+    returns the recipe, the others return None."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if s.vc not in VC_FORMS + ("none",):
         raise QandcError(f"unknown VC form {s.vc!r}; choose var, mse, nsr or none")
     if isinstance(s.plan, str):
-        s = dataclasses.replace(s, plan=_searched_plan(model, out, s))
-    stages = tqdm(total=4, desc="calibrate", leave=False)
-    pool = _pool(model, out, s)
+        s = dataclasses.replace(s, plan=world.broadcast(_searched_plan(model, out, s) if world.main else None))
+    stages = tqdm(total=4, desc="calibrate", leave=False, disable=not world.main)
+    pool = _pool(model, out, s, world)
+    world.close()
+    if pool is None:
+        return None
     stages.update()
     indices = _selection(pool, out, s)
     stages.update()
