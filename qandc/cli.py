@@ -113,6 +113,7 @@ def cmd_generate(args) -> None:
 
     plan = CachePlan.parse(args.cache or "none")
     correction = None
+    world, device = distributed.init(_device(args.device))  # first: engines built on "cuda" get this rank's GPU
     if args.engines:
         from .calibration.vc import vc_correction
         from .runtime import Pipeline
@@ -143,7 +144,6 @@ def cmd_generate(args) -> None:
     if out.exists() and not out.is_dir():
         raise QandcError(f"{out}: exists and is not a directory")
     sources = _sources(args)
-    world, device = distributed.init(_device(args.device) if not args.engines else model.device)
     if not args.engines:
         model.to(device)
 
@@ -192,7 +192,7 @@ def cmd_generate(args) -> None:
         "steps": args.steps, "sampler": args.sampler, "eta": args.eta, "cfg_scale": args.cfg_scale,
         "seed": args.seed, "plan": plan.to_dict(), "recipe": args.recipe, "engines": args.engines,
         "vc": correction is not None, "noise_keying": "per sample: generator keyed by (seed, index)",
-        "vae": args.vae, "device": str(device), "world_size": world.size,
+        "vae": args.vae, "device": str(model.device), "world_size": world.size,
         "shards": {"folder": "shards", "count": len(units), "size": args.batch_size},
         "sampling_seconds": seconds, "versions": library_versions(),
     })
