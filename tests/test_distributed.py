@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_model
 from qandc.cli import main
+from qandc.distributed import init
+from qandc.errors import QandcError
 from qandc.model import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,3 +125,13 @@ def test_scaling_benchmark_writes_efficiency_from_measured_throughput(checkpoint
     one = result["images_per_s"][0]
     assert result["efficiency"] == pytest.approx([1.0, result["images_per_s"][1] / (2 * one)])
     assert result["same_samples"] == [True, True]
+
+
+@pytest.mark.parametrize("device,message", [("cuda:1", "each process takes cuda:LOCAL_RANK"),
+                                            ("meta", "support cuda and cpu")])
+def test_torchrun_device_errors_are_one_line(monkeypatch, device, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(QandcError, match=message):
+        init(torch.device(device))
