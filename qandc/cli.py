@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .artifacts import atomic_path, read_json, sha256_file, write_json
 from .errors import QandcError
 from .model.checkpoint import REFERENCE_CHECKPOINT
+
+GRID_LIMIT = 256  # grid.png shows at most this many samples
 
 
 def library_versions() -> dict:
@@ -110,14 +114,17 @@ def cmd_init(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    """Sample images for the given labels and write grid.png, samples.npz and config.json."""
+    """Sample images for the given labels and write grid.png, samples.npz and config.json. The samples are made in
+    shards of --batch-size (kept in OUT/shards; a rerun skips finished ones); under torchrun the ranks share the
+    shards and rank 0 merges them."""
     from .images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
     from .model.checkpoint import read_sidecar
-    from .sampling import CachePlan, check_labels, sample, space_timesteps
+    from .sampling import CachePlan, sample, space_timesteps
 
     plan = CachePlan.parse(args.cache or "none")
     plan_source = f"--cache {args.cache or 'none'}"
     correction = None
+    world, device = distributed.init(_device(args.device))  # first: engines built on "cuda" get this rank's GPU
     if args.engines:
         from .calibration.vc import vc_correction
         from .runtime import Pipeline
@@ -142,70 +149,117 @@ def cmd_generate(args) -> None:
         plan, plan_source = recipe.cache_plan, str(Path(args.recipe) / RECIPE)
         correction = None if args.no_vc else vc_correction(load_vc(args.recipe), args.steps,
                                                            Path(args.recipe) / VC, model.config.in_channels)
-    if args.per_class < 1:
-        raise QandcError(f"--per-class must be positive, got {args.per_class}")
-    labels = check_labels(args.labels, model.config.num_classes).repeat_interleave(args.per_class)
+    labels = _generate_labels(args, model.config.num_classes)
     space_timesteps(1000, args.steps)
     _check_plan(plan, model, args.steps, plan_source)
     if args.batch_size < 1:
         raise QandcError(f"--batch-size must be positive, got {args.batch_size}")
-    device = _device(args.device) if not args.engines else model.device
-    if not args.engines:
-        model.to(device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise QandcError(f"{out}: exists and is not a directory")
-    batches = []
-    for start in range(0, len(labels), args.batch_size):
-        print(f"batch {start // args.batch_size + 1}/{-(-len(labels) // args.batch_size)}", file=sys.stderr)
-        batches.append(sample(model, labels[start:start + args.batch_size], args.steps, args.sampler,
-                              args.cfg_scale, seed=args.seed, plan=plan, eta=args.eta, correction=correction,
-                              sample_ids=range(start, min(start + args.batch_size, len(labels))),
-                              progress=True).cpu())
-    samples = torch.cat(batches)
-    channels = model.config.in_channels
+    sources = _sources(args)
+    if not args.engines:
+        model.to(device)
+
+    def shard(unit: dict) -> dict[str, np.ndarray]:
+        start, stop = unit["ids"]
+        x = sample(model, labels[start:stop], args.steps, args.sampler, args.cfg_scale, seed=args.seed, plan=plan,
+                   eta=args.eta, correction=correction, sample_ids=range(start, stop), progress=world.main)
+        return {"samples": x.cpu().numpy().astype(np.float32), "labels": labels[start:stop].numpy()}
+
+    key = {"sources": sources, "model": model.config.to_dict(), "steps": args.steps, "sampler": args.sampler,
+           "eta": args.eta, "cfg_scale": args.cfg_scale, "seed": args.seed, "plan": plan.to_dict(),
+           "vc": correction is not None}
+    starts = range(0, len(labels), args.batch_size)
+    units = [{"ids": [start, min(start + args.batch_size, len(labels))],
+              "labels": labels[start:start + args.batch_size].tolist()} for start in starts]
+    world.barrier()  # every rank is loaded: the timing covers sampling alone
+    started = time.perf_counter()
+    files = distributed.run_shards(out / "shards", units, shard, world, key)
+    seconds = time.perf_counter() - started
+    world.close()
+    if not world.main:
+        return
+    data = distributed.merge_shards(files, ("samples", "labels"))
+    samples = torch.from_numpy(data["samples"])
+    shown = samples[:GRID_LIMIT]
     images = None
     if args.vae:
-        images = decode_latents(samples.to(device), args.vae).cpu()
+        images = decode_latents(shown.to(device), args.vae).cpu()
     elif has_image_space(model.config):
-        images = model_to_images(samples, model.config)
-    out.mkdir(parents=True, exist_ok=True)
+        images = model_to_images(shown, model.config)
     with atomic_path(out / "samples.npz") as tmp:
         buffer = io.BytesIO()
-        np.savez(buffer, samples=samples.numpy().astype(np.float32), labels=labels.numpy())
+        np.savez(buffer, samples=data["samples"], labels=data["labels"])
         tmp.write_bytes(buffer.getvalue())
     if images is not None:
         captions = None
-        if args.per_class > 1:  # one row per requested label, captioned with its class name
+        if args.per_class and args.per_class > 1:  # one row per requested label, captioned with its class name
             names = read_sidecar(args.checkpoint).get("classes") or []
-            captions = [names[k] if k < len(names) else f"class {k}" for k in args.labels]
+            captions = [names[k] if k < len(names) else f"class {k}" for k in labels[::args.per_class].tolist()]
         save_grid(to_uint8(images), out / "grid.png", columns=args.per_class if captions else None,
                   captions=captions)
     write_json(out / "config.json", {
         "command": "generate", "checkpoint": None if args.engines else str(args.checkpoint),
-        "checkpoint_sha256": None if args.engines else _checkpoint_hash(args.checkpoint),
+        "checkpoint_sha256": sources.get("checkpoint"),
         "model": model.config.to_dict(), "guidance": model.config.guidance, "labels": labels.tolist(),
         "steps": args.steps, "sampler": args.sampler, "eta": args.eta, "cfg_scale": args.cfg_scale,
         "seed": args.seed, "plan": plan.to_dict(), "recipe": args.recipe, "engines": args.engines,
         "vc": correction is not None, "noise_keying": "per sample: generator keyed by (seed, index)",
-        "vae": args.vae, "device": str(device), "versions": library_versions(),
+        "vae": args.vae, "device": str(model.device), "world_size": world.size,
+        "shards": {"folder": "shards", "count": len(units), "size": args.batch_size},
+        "sampling_seconds": seconds, "versions": library_versions(),
     })
     if images is None:
-        print(f"{channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without --vae DIR",
-              file=sys.stderr)
+        print(f"{model.config.in_channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without --vae "
+              "DIR", file=sys.stderr)
+    elif len(samples) > GRID_LIMIT:
+        print(f"grid.png shows the first {GRID_LIMIT} of {len(samples)} samples", file=sys.stderr)
     print(f"wrote {out}" + (f"; grid: {out / 'grid.png'}" if images is not None else ""))
+
+
+def _generate_labels(args, num_classes: int) -> torch.Tensor:
+    """--labels (default 0,1,2,3) each --per-class times in a row, or --num-images labels cycling over --labels
+    (default every class)."""
+    from .sampling import check_labels
+
+    if args.num_images is not None:
+        if args.per_class is not None:
+            raise QandcError("--num-images and --per-class exclude each other")
+        if args.num_images < 1:
+            raise QandcError(f"--num-images must be positive, got {args.num_images}")
+        cycle = check_labels(args.labels if args.labels is not None else range(num_classes), num_classes)
+        return cycle[torch.arange(args.num_images) % len(cycle)]
+    per_class = 1 if args.per_class is None else args.per_class
+    if per_class < 1:
+        raise QandcError(f"--per-class must be positive, got {per_class}")
+    return check_labels([0, 1, 2, 3] if args.labels is None else args.labels, num_classes).repeat_interleave(per_class)
+
+
+def _sources(args) -> dict:
+    """sha256 of what the samples come from: the checkpoint (and the recipe's files), or the engines' manifest."""
+    if args.engines:
+        return {"engines": sha256_file(Path(args.engines) / "manifest.json")}
+    sources = {"checkpoint": _checkpoint_hash(args.checkpoint)}
+    if args.recipe:
+        from .calibration.quantize import AMAX, RECIPE, VC
+
+        sources["recipe"] = {name: sha256_file(Path(args.recipe) / name) for name in (RECIPE, AMAX, VC)
+                             if (Path(args.recipe) / name).is_file()}
+    return sources
 
 
 def cmd_calibrate(args) -> None:
     """Collect a calibration pool along cached trajectories, select the calibration set, quantize both paths with
-    ModelOpt into a quant recipe, and fit VC factors. A rerun skips finished stages."""
+    ModelOpt into a quant recipe, and fit VC factors. A rerun skips finished stages. Under torchrun the ranks share
+    the pool collection (in shards, as generate's) and rank 0 alone does the rest."""
     from .calibration import calibrate
 
     model = _load_model(args)
-    device = _device(args.device)
-    calibrate(model.to(device), args.out, _calibration_settings(args), _checkpoint_hash(args.checkpoint),
-              report=args.report)
-    print(f"wrote {args.out}")
+    world, device = distributed.init(_device(args.device))
+    if calibrate(model.to(device), args.out, _calibration_settings(args), _checkpoint_hash(args.checkpoint),
+                 report=args.report, world=world) is not None:
+        print(f"wrote {args.out}")
 
 
 def _calibration_settings(args):
@@ -253,6 +307,8 @@ def cmd_run(args) -> None:
     eval; each stage is skipped when its artifacts are there and valid."""
     from .run import run
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise QandcError("qandc run is one process; under torchrun, run calibrate and generate")
     model = _load_model(args).to(_device(None))
     settings = _calibration_settings(args)
     generate = ["--labels", ",".join(map(str, args.labels)), "--per-class", str(args.per_class), "--seed",
@@ -391,9 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample images from a DiT",
                        description=cmd_generate.__doc__ + " Sample i's noise is keyed by (seed, i).")
     _add_model_arguments(p)
-    p.add_argument("--labels", type=_int_list, default=[0, 1, 2, 3], help="comma-separated class labels")
-    p.add_argument("--per-class", type=int, default=1,
+    p.add_argument("--labels", type=_int_list,
+                   help="comma-separated class labels (default 0,1,2,3; with --num-images every class)")
+    p.add_argument("--per-class", type=int,
                    help="samples per label; above 1 the grid has one captioned row per label (default 1)")
+    p.add_argument("--num-images", type=int,
+                   help="N samples, labels cycling over --labels (for FD over many samples; not with --per-class)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced from 1000 (default 50)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -404,8 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", help="engine directory from qandc build-engine: sample through the runtime")
     p.add_argument("--no-vc", action="store_true", help="with --recipe or --engines: do not apply the VC table")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="labels per batch (default 64)")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="labels per batch and per shard file (default 64)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun "
+                                    "cuda:LOCAL_RANK)")
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory to decode latents into images")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_generate)

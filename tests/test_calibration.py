@@ -40,8 +40,8 @@ def recipe_dir(model, tmp_path_factory):
     return out
 
 
-def test_pool_records_every_step_and_replay_is_exact(model):
-    pool = collect_pool(model, 5, 9, "ddpm", 1.5, PLAN, seed=3, batch_size=2)
+def test_pool_records_every_step_and_replay_is_exact(model, tmp_path):
+    pool = collect_pool(model, 5, 9, "ddpm", 1.5, PLAN, seed=3, batch_size=2, shards=tmp_path)
     assert pool.x.shape == (45, 4, 8, 8) and pool.full.tolist()[:4] == [True, False, False, True]
     assert pool.t[0] == 999 and pool.t[8] == 0
     selected = np.array([1, 7, 20, 44])  # samples 0, 0, 2, 4 at steps 1, 7, 2, 8; replayed in another batch

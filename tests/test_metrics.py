@@ -187,6 +187,17 @@ def test_read_samples_from_a_generate_directory(tmp_path):
         read_samples(latent)
 
 
+def test_large_generate_directories_are_read_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr("qandc.metrics.evaluate.CHUNK", 2)  # 5 samples: chunks of 2, 2 and 1
+    images = synthetic_images(5)
+    read, labels, _ = read_samples(write_generated(tmp_path / "gen", images))
+    assert np.array_equal(read, images) and labels.tolist() == [0, 1, 2, 3, 4]
+    empty = write_generated(tmp_path / "empty", images)
+    np.savez(empty / "samples.npz", samples=np.zeros((0, 4, 16, 16), np.float32), labels=np.zeros(0, int))
+    with pytest.raises(QandcError, match="no samples"):
+        read_samples(empty)
+
+
 def test_read_samples_from_npz_files(tmp_path):
     images = synthetic_images(4)
     read, labels, source = read_samples(write_npz(tmp_path / "a.npz", images=images, labels=np.array([0, 9, 2, 2])))

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, read_json, write_json
+from ..distributed import World, merge_shards, run_shards
 from ..errors import QandcError
 from ..sampling import CachePlan, Diffusion, draw_noise, sample, sample_generator
 
@@ -63,27 +64,32 @@ class Pool:
 
 
 def collect_pool(model, num_samples: int, steps: int, sampler: str, cfg_scale: float, plan: CachePlan, seed: int,
-                 batch_size: int = 256) -> Pool:
-    """Run `num_samples` trajectories (labels i % classes) under the plan and keep every step's x_t."""
+                 batch_size: int, shards: str | Path, world: World = World()) -> Pool | None:
+    """Run `num_samples` trajectories (labels i % classes) under the plan and keep every step's x_t. The
+    trajectories are split into units of `batch_size`, shared among the ranks of `world` and kept as files in
+    `shards` (a rerun skips finished ones); rank 0 returns the pool, the other ranks None."""
     c = model.config
     shape = (c.in_channels, c.input_size, c.input_size)
-    diffusion = Diffusion(steps)
-    full = plan.full_steps(steps)
-    xs, samples = [], []
-    for start in tqdm(range(0, num_samples, batch_size), desc="pool", leave=False):
-        index = np.arange(start, min(start + batch_size, num_samples))
+
+    def trajectories(unit: dict) -> dict[str, np.ndarray]:
+        index = np.arange(*unit["samples"])
         labels = torch.from_numpy(index % c.num_classes)
         inputs = [draw_noise([sample_generator(seed, int(i)) for i in index], shape)]
         record = lambda step, x: inputs.append(x.detach().cpu()) or x  # noqa: E731 - x after step = next input
         sample(model, labels, steps, sampler, cfg_scale, seed=seed, plan=plan, sample_ids=index, correction=record)
-        xs.append(torch.stack(inputs[:steps], dim=1).half().numpy())  # (B, steps, C, H, W)
-        samples.append(index)
-    index = np.concatenate(samples)
-    x = np.concatenate(xs).reshape(-1, *shape)
-    step = np.tile(np.arange(steps), len(index))
+        return {"x": torch.stack(inputs[:steps], dim=1).half().numpy(), "sample": index}  # x: (B, steps, C, H, W)
+
     meta = {"seed": seed, "num_samples": num_samples, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale,
             "plan": plan.to_dict(), "labels": "i % num_classes", "model": c.to_dict()}
-    return Pool(x=x, t=np.array(diffusion.timestep_map)[::-1][step], step=step, sample=np.repeat(index, steps),
+    units = [{"samples": [start, min(start + batch_size, num_samples)]} for start in range(0, num_samples, batch_size)]
+    files = run_shards(shards, units, trajectories, world, meta, desc="pool")
+    if not world.main:
+        return None
+    data = merge_shards(files, ("x", "sample"))
+    index, x = data["sample"], data["x"].reshape(-1, *shape)
+    step = np.tile(np.arange(steps), len(index))
+    full = plan.full_steps(steps)
+    return Pool(x=x, t=np.array(Diffusion(steps).timestep_map)[::-1][step], step=step, sample=np.repeat(index, steps),
                 label=np.repeat(index % c.num_classes, steps), full=np.array(full)[step], meta=meta)
 
 

@@ -20,6 +20,7 @@ from .scores import feature_stats, frechet_distance, image_similarity
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 LABELED_NAME = re.compile(r"^(\d+)_")  # a PNG named like 3_00042.png has label 3
+CHUNK = 4096  # samples turned into images at a time (bounds the memory of large sample sets)
 
 
 def read_samples(path) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -53,8 +54,11 @@ def _read_generated(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     samples = data.get("samples")
     if samples is None or samples.ndim != 4 or samples.shape[1] != config.in_channels:
         raise QandcError(f"{samples_path}: needs 'samples' of shape (N, {config.in_channels}, H, W) per config.json")
+    if not len(samples):
+        raise QandcError(f"{samples_path}: no samples")
     _check_finite(samples_path, samples)
-    images = to_uint8(model_to_images(torch.from_numpy(samples.astype(np.float32)), config))
+    images = np.concatenate([to_uint8(model_to_images(torch.from_numpy(samples[i:i + CHUNK].astype(np.float32)),
+                                                      config)) for i in range(0, len(samples), CHUNK)])
     if images.shape[-1] == 1:
         images = images[..., 0]
     return _checked(samples_path, images, data.get("labels"))

@@ -1,0 +1,122 @@
+"""Sharded work under torchrun: every rank computes its share of fixed-size work units, each kept as its own file.
+
+`init` joins torchrun's process group (NCCL on GPUs, gloo on CPU) from the environment torchrun sets (RANK,
+WORLD_SIZE, LOCAL_RANK) and places the rank on cuda:LOCAL_RANK; outside torchrun it joins nothing. `run_shards`
+assigns units round-robin, so what a unit holds never depends on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .artifacts import atomic_path
+from .errors import QandcError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a torchrun job; the default is a lone process."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        """Leave the process group (every rank, together, once the shared work is done)."""
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(device: torch.device) -> tuple[World, torch.device]:
+    """This process's World and device. Under torchrun with several processes: join the process group (NCCL for
+    a CUDA device, gloo for the CPU) and take cuda:LOCAL_RANK; otherwise `device` as it is."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size == 1:
+        return World(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if device.index is not None:
+            raise QandcError(f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK; give 'cuda'")
+        if local_rank >= torch.cuda.device_count():
+            raise QandcError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif device.type == "cpu":
+        dist.init_process_group("gloo")
+    else:
+        raise QandcError(f"--device {device}: torchrun runs support cuda and cpu")
+    return World(rank, size), device
+
+
+def run_shards(folder: str | os.PathLike, units: list[dict], compute: Callable[[dict], dict[str, np.ndarray]],
+               world: World, key: dict, desc: str = "shards") -> list[Path]:
+    """Run the work units of this rank (unit i goes to rank i % world.size): `compute(unit)` gives the arrays kept
+    in folder/shard-<i>.npz, written atomically with a stamp of `key` and the unit. A unit whose file carries the
+    same stamp is skipped. Returns every unit's file once every rank is done (a barrier)."""
+    folder = Path(folder)
+    computed = kept = 0
+    for i in tqdm(range(world.rank, len(units), world.size), desc=desc, disable=not world.main, leave=False):
+        path = shard_path(folder, i)
+        stamp = json.dumps({**key, "unit": units[i]}, sort_keys=True)
+        if _stamp(path) == stamp:
+            kept += 1
+            continue
+        arrays = compute(units[i])
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, stamp=np.array(stamp), **arrays)
+        computed += 1
+    print(f"rank {world.rank}/{world.size} {desc}: {computed} computed, {kept} kept", file=sys.stderr)
+    world.barrier()
+    return [shard_path(folder, i) for i in range(len(units))]
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.npz"
+
+
+def _stamp(path: Path) -> str | None:
+    try:
+        with np.load(path) as data:
+            return str(data["stamp"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def merge_shards(paths: list[Path], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `names` of the shard files, concatenated in file order."""
+    parts = {name: [] for name in names}
+    for path in paths:
+        try:
+            with np.load(path) as data:
+                for name in names:
+                    parts[name].append(data[name])
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise QandcError(f"{path}: not a readable shard ({type(e).__name__}: {e})") from None
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
