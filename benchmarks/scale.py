@@ -66,7 +66,8 @@ def main():
         parser.error(f"--gpus {max(args.gpus)}: only {gpus} GPUs are visible")
     work = Path(args.work)
     card = card_name()
-    out = Path(args.out or RESULTS / f"scale-{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}.json")
+    short = next((c for c in ("h100", "h200") if c in card.lower()), re.sub(r"[^a-z0-9]+", "-", card.lower()))
+    out = Path(args.out or RESULTS / f"scale-{short.strip('-')}.json")
 
     recipe = Path(args.recipe) if args.recipe else work / "recipe"
     if not args.recipe:

@@ -131,7 +131,7 @@ def cmd_generate(args) -> None:
 
         if args.recipe or args.cache:
             raise QandcError("--engines carries its own recipe and cache plan: leave --recipe and --cache out")
-        pipeline = Pipeline.load(args.engines)
+        pipeline = Pipeline.load(args.engines, fallback=args.nan_fallback)
         model, plan = pipeline.denoiser, pipeline.plan
         plan_source = str(Path(args.engines) / "manifest.json")
         correction = None if args.no_vc else vc_correction(pipeline.vc, args.steps, plan_source,
@@ -161,10 +161,20 @@ def cmd_generate(args) -> None:
     if not args.engines:
         model.to(device)
 
+    engine_steps = {"full": 0, "reuse": 0, "fallback_steps": 0}
+
     def shard(unit: dict) -> dict[str, np.ndarray]:
         start, stop = unit["ids"]
-        x = sample(model, labels[start:stop], args.steps, args.sampler, args.cfg_scale, seed=args.seed, plan=plan,
-                   eta=args.eta, correction=correction, sample_ids=range(start, stop), progress=world.main)
+        if args.engines:  # the runtime: NaN guard and per-run step counts
+            x = pipeline.generate(labels[start:stop], args.seed, args.steps, args.sampler, args.cfg_scale,
+                                  sample_ids=range(start, stop), use_vc=not args.no_vc, progress=world.main,
+                                  eta=args.eta)
+            for path, count in pipeline.last_run.items():
+                engine_steps[path] += count if isinstance(count, int) else len(count)
+        else:
+            x = sample(model, labels[start:stop], args.steps, args.sampler, args.cfg_scale, seed=args.seed,
+                       plan=plan, eta=args.eta, correction=correction, sample_ids=range(start, stop),
+                       progress=world.main)
         return {"samples": x.cpu().numpy().astype(np.float32), "labels": labels[start:stop].numpy()}
 
     key = {"sources": sources, "model": model.config.to_dict(), "steps": args.steps, "sampler": args.sampler,
@@ -178,6 +188,9 @@ def cmd_generate(args) -> None:
     files = distributed.run_shards(out / "shards", units, shard, world, key)
     seconds = time.perf_counter() - started
     world.close()
+    if args.engines:
+        print(f"engines (rank {world.rank}): {engine_steps['full']} full steps, {engine_steps['reuse']} reuse steps, "
+              f"{engine_steps['fallback_steps']} recomputed by the float model (non-finite)", file=sys.stderr)
     if not world.main:
         return
     data = distributed.merge_shards(files, ("samples", "labels"))
@@ -208,7 +221,8 @@ def cmd_generate(args) -> None:
         "vc": correction is not None, "noise_keying": "per sample: generator keyed by (seed, index)",
         "vae": args.vae, "device": str(model.device), "world_size": world.size,
         "shards": {"folder": "shards", "count": len(units), "size": args.batch_size},
-        "sampling_seconds": seconds, "versions": library_versions(),
+        "sampling_seconds": seconds, "engine_steps_rank0": engine_steps if args.engines else None,
+        "versions": library_versions(),
     })
     if images is None:
         print(f"{model.config.in_channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without --vae "
@@ -462,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="quant recipe directory from qandc calibrate: sample with fake quant (+ VC)")
     p.add_argument("--engines", help="engine directory from qandc build-engine: sample through the runtime")
     p.add_argument("--no-vc", action="store_true", help="with --recipe or --engines: do not apply the VC table")
+    p.add_argument("--nan-fallback", action="store_true",
+                   help="with --engines: check every step as it runs and recompute a step whose engine output holds "
+                        "NaN / Inf with the float model of the engines' checkpoint (default: the run fails, naming "
+                        "the steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="labels per batch and per shard file (default 64)")

@@ -119,8 +119,6 @@ def engines(tmp_path_factory):
     return root / "engines", json.loads((root / "engines" / "manifest.json").read_text())
 
 
-@pytest.mark.xfail(raises=(KeyError, TypeError, AttributeError), strict=True,
-                   reason="qandc/engines/build.py reads manifest keys unchecked (fix left to the engines' owner)")
 @FUZZ
 @given(data=st.data())
 def test_engine_manifest_gives_engines_or_qandc_error(engines, data):

@@ -113,3 +113,59 @@ def test_batches_beyond_a_tensorrt_profile_are_refused(built):
     with pytest.raises(QandcError, match="exceeds the engines' profile of 2"):
         denoiser.forward_full(x, t, y, branches=manifest["cache_inputs"])
     assert denoiser.forward_full(x[:2], t[:2], y[:2], branches=manifest["cache_inputs"])[0].shape == (2, 8, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def overflowed_fp8(tmp_path_factory):
+    """FP8 engines whose first activation scale overflowed to inf: every full step's output is NaN (x / inf
+    quantizes to 0, and 0 dequantizes to 0 * inf)."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from qandc.artifacts import sha256_file
+    from qandc.model import save_checkpoint
+
+    model = tiny_model(guidance="all")
+    root = tmp_path_factory.mktemp("fp8")
+    settings = CalibrationSettings(preset="w8a8-fp8", selector="random", budget=20, plan=PLAN, pool_samples=4,
+                                   steps=8, selector_params=SelectorParams(k=4), vc="none", batch_size=4)
+    calibrate(model, root / "recipe", settings)
+    save_checkpoint(model, root / "tiny.pt", {})
+    export(model, root / "onnx", recipe_dir=root / "recipe", checkpoint=str(root / "tiny.pt"))
+    graph = onnx.load(root / "onnx" / "full.onnx")
+    quantizer = next(n for n in graph.graph.node if n.op_type == "QuantizeLinear" and "input_quantizer" in n.name)
+    prefix = quantizer.name.rsplit("/", 1)[0]
+    for node in [n for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                 and n.name.startswith(prefix)]:
+        producer = next(n for n in graph.graph.node if node.input[1] in n.output)  # the scale's Constant
+        scale = next(a for a in producer.attribute if a.name == "value").t
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * float("inf"), scale.name))
+    onnx.save(graph, root / "onnx" / "full.onnx")
+    manifest = json.loads((root / "onnx" / "manifest.json").read_text())
+    manifest["files"]["full.onnx"] = sha256_file(root / "onnx" / "full.onnx")
+    (root / "onnx" / "manifest.json").write_text(json.dumps(manifest))
+    build_engines(root / "onnx", root / "engines", "onnxruntime")
+    return model, root
+
+
+def test_nan_guard_names_the_steps_and_falls_back(overflowed_fp8, tmp_path):
+    model, root = overflowed_fp8
+    # the NaN cache of a full step spoils the reuse steps after it
+    with pytest.raises(QandcError, match=r"non-finite engine outputs at 8 of 8 steps: step 0 \(full engine\), "
+                                         r"step 1 \(reuse engine\)"):
+        Pipeline.load(root / "engines").generate([1, 2], seed=3, steps=8)
+    pipeline = Pipeline.load(root / "engines", fallback=True)
+    images = pipeline.generate([1, 2], seed=3, steps=8)
+    assert torch.isfinite(images).all()
+    assert pipeline.last_run == {"full": 3, "reuse": 5, "fallback_steps": [{"step": s, "engine": "full"}
+                                                                          for s in (0, 3, 6)]}
+    from qandc.cli import main
+
+    # the CLI: one line without the fallback, finite images with it
+    assert main(["generate", "--engines", str(root / "engines"), "--labels", "1,2", "--steps", "8",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert main(["generate", "--engines", str(root / "engines"), "--labels", "1,2", "--steps", "8",
+                 "--nan-fallback", "--out", str(tmp_path / "b")]) == 0
+    assert np.isfinite(np.load(tmp_path / "b" / "samples.npz")["samples"]).all()

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-<<<<<<< HEAD
-=======
-import json
 import shutil
->>>>>>> issue7
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +17,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-<<<<<<< HEAD
 from ..artifacts import atomic_path, read_json, write_json
-=======
-from ..artifacts import atomic_path, write_json
 from ..distributed import World
->>>>>>> issue7
 from ..errors import QandcError
 from ..sampling import CachePlan, space_timesteps
 from .plan_search import auto_plan, parse_auto
@@ -97,20 +89,13 @@ def _pool(model, out: Path, s: CalibrationSettings, world: World) -> Pool | None
     """The pool (None on ranks other than 0): collected in shards across the ranks, merged and saved by rank 0."""
     key = {"seed": s.seed, "num_samples": s.pool_samples, "steps": s.steps, "sampler": s.sampler,
            "cfg_scale": s.cfg_scale, "plan": s.plan.to_dict()}
-<<<<<<< HEAD
     if (out / "pool.json").exists() and _same_or_fail(out / "pool.json", key):
-        return Pool.load(out)
-    pool = collect_pool(model, s.pool_samples, s.steps, s.sampler, s.cfg_scale, s.plan, s.seed, s.batch_size)
-    pool.save(out)
-=======
-    if (out / "pool.json").exists() and _same_or_fail(out / "pool.json", key, json.loads((out / "pool.json").read_text())):
         return Pool.load(out) if world.main else None
     pool = collect_pool(model, s.pool_samples, s.steps, s.sampler, s.cfg_scale, s.plan, s.seed, s.batch_size,
                         out / POOL_SHARDS, world)
     if pool is not None:
         pool.save(out)
         shutil.rmtree(out / POOL_SHARDS)  # pool.npz supersedes them
->>>>>>> issue7
     return pool
 
 
@@ -155,37 +140,27 @@ def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, batch_size: i
 def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256: str = "",
               report: bool = False, world: World = World()) -> QuantRecipe | None:
     """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged). With
-<<<<<<< HEAD
-    `report`, also write the sensitivity report (report.json, report.png) unless the folder has one."""
-    check_settings(model, s)
-=======
     `report`, also write the sensitivity report (report.json, report.png) unless the folder has one. Under
     torchrun (`world`), the ranks share the pool collection and leave the process group; rank 0 alone goes on and
     returns the recipe, the others return None."""
->>>>>>> issue7
+    check_settings(model, s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(s.plan, str):
-<<<<<<< HEAD
-        s = dataclasses.replace(s, plan=_searched_plan(model, out, s))
-    with tqdm(total=4, desc="calibrate", leave=False) as stages:  # closed (cleared) on errors too
-        recipe = _stages(model, out, s, checkpoint_sha256, stages)
+        s = dataclasses.replace(s, plan=world.broadcast(_searched_plan(model, out, s) if world.main else None))
+    with tqdm(total=4, desc="calibrate", leave=False, disable=not world.main) as stages:  # cleared on errors too
+        pool = _pool(model, out, s, world)
+        world.close()
+        if pool is None:
+            return None
+        recipe = _stages(model, out, s, checkpoint_sha256, stages, pool)
     if report and not (out / REPORT).exists():
         write_report(sensitivity_report(model, out, s.batch_size), out)
     return recipe
 
 
-def _stages(model, out: Path, s: CalibrationSettings, checkpoint_sha256: str, stages) -> QuantRecipe:
-    """Pool, selection, then recipe and VC table, each skipped when the folder holds it."""
-    pool = _pool(model, out, s)
-=======
-        s = dataclasses.replace(s, plan=world.broadcast(_searched_plan(model, out, s) if world.main else None))
-    stages = tqdm(total=4, desc="calibrate", leave=False, disable=not world.main)
-    pool = _pool(model, out, s, world)
-    world.close()
-    if pool is None:
-        return None
->>>>>>> issue7
+def _stages(model, out: Path, s: CalibrationSettings, checkpoint_sha256: str, stages, pool) -> QuantRecipe:
+    """Selection, then recipe and VC table, each skipped when the folder holds it."""
     stages.update()
     indices = _selection(pool, out, s)
     stages.update()

@@ -22,6 +22,17 @@ def _ort():
     return onnxruntime
 
 
+def _session(path: Path, options, providers: list[str]):
+    """An InferenceSession, with ONNX Runtime's load errors (a damaged or foreign model) as one line."""
+    ort = _ort()
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.NoSuchFile) as e:
+        raise QandcError(f"{path}: not a readable ONNX model for ONNX Runtime ({str(e).splitlines()[0][:160]})") from None
+
+
 def providers() -> list[str]:
     available = _ort().get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -35,7 +46,7 @@ def build(onnx_path: Path, out_dir: Path, name: str) -> Path:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(tmp)
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        _session(onnx_path, options, ["CPUExecutionProvider"])
     return target
 
 
@@ -46,7 +57,7 @@ class OrtEngine:
         ort = _ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised at build time
-        self.session = ort.InferenceSession(str(path), options, providers=providers())
+        self.session = _session(path, options, providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.device = torch.device("cpu")

@@ -2,7 +2,12 @@
 `qandc.sampling`, through an adapter that gives the engines the denoiser face. Full steps run the full engine
 (which also returns the cache tensors), reuse steps the reuse engine fed the kept cache; VC is applied after every
 step; the run reports how many steps took each path (a cache that never fires is visible). Engines on a GPU that
-accept it (Inductor) run each call as a replayed CUDA graph, one per batch size."""
+accept it (Inductor) run each call as a replayed CUDA graph, one per batch size.
+
+NaN / Inf guard: every engine output is checked. By default ("check") the checks stay on the device and are read
+once after the run, which then fails with the steps and engines that produced non-finite values (no black images
+pass silently, and no per-step synchronisation slows the run); with a high-precision `fallback` model ("fallback")
+each step is checked as it runs and a non-finite one is recomputed by the fallback model, and the run reports it."""
 
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ class CudaGraphEngine:
 class EngineDenoiser:
     """The engines behind the denoiser face the sampler drives (tensors on the engines' device)."""
 
-    def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True):
+    def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True, fallback=None):
         self.config = DiTConfig.from_dict(manifest["model"])
         self.branch_names = [f"blocks.{i}.{k}" for i in range(self.config.depth) for k in ("attn", "mlp")]
         self.cache_inputs = manifest["cache_inputs"]
@@ -69,6 +74,30 @@ class EngineDenoiser:
         self.engines = engines
         self.calls = {"full": 0, "reuse": 0}
         self.max_batch = manifest["max_batch"] if manifest["backend"] == "tensorrt" else None  # its plan's profile
+        self.fallback = fallback
+        self.start_run()
+
+    def start_run(self) -> None:
+        self.step, self.checks, self.fallback_steps = 0, [], []
+
+    def _finite(self, out: torch.Tensor, engine: str) -> bool:
+        """Record this step's check (on the device) or, with a fallback, decide now; True: keep the output."""
+        step, self.step = self.step, self.step + 1
+        finite = torch.isfinite(out).all()
+        if self.fallback is None:
+            self.checks.append((step, engine, finite))
+            return True
+        if bool(finite):
+            return True
+        self.fallback_steps.append({"step": step, "engine": engine})
+        return False
+
+    def nonfinite_steps(self) -> list[dict]:
+        """The steps of the current run whose engine output held NaN or Inf (reads the device once)."""
+        if not self.checks:
+            return []
+        flags = torch.stack([finite for _, _, finite in self.checks]).cpu()
+        return [{"step": step, "engine": engine} for (step, engine, _), ok in zip(self.checks, flags) if not ok]
 
     def _feeds(self, x, t, y):
         if self.max_batch is not None and len(x) > self.max_batch:
@@ -81,26 +110,44 @@ class EngineDenoiser:
             raise QandcError("the plan's reuse set differs from the one the engines were built with")
         self.calls["full"] += 1
         out = self.engines["full"].infer(self._feeds(x, t, y))
-        return out["out"].float(), {b: out[b] for b in self.cache_inputs}
+        if self._finite(out["out"], "full"):
+            return out["out"].float(), {b: out[b] for b in self.cache_inputs}
+        return self.fallback.forward_full(x, t, y, branches=self.cache_inputs, regate=regate)
 
     def forward_reuse(self, x, t, y, cache, regate=False):
         self.calls["reuse"] += 1
-        return self.engines["reuse"].infer({**self._feeds(x, t, y), **cache})["out"].float()
+        out = self.engines["reuse"].infer({**self._feeds(x, t, y), **cache})["out"]
+        if self._finite(out, "reuse"):
+            return out.float()
+        return self.fallback.forward_reuse(x, t, y, {b: c.float() for b, c in cache.items()}, regate=regate)
 
 
 class Pipeline:
     """`Pipeline.load(engine_dir).generate(labels, seed)`: images in the model's output space."""
 
-    def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True):
+    def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True, fallback=None):
         self.manifest = manifest
-        self.denoiser = EngineDenoiser(manifest, engines, cuda_graphs)
+        self.denoiser = EngineDenoiser(manifest, engines, cuda_graphs, fallback)
+        self.last_run = None
         self.plan = CachePlan.from_dict(manifest["plan"])
         self.vc = None if manifest.get("vc") is None else torch.tensor(manifest["vc"], dtype=torch.float32)
 
     @classmethod
-    def load(cls, folder: str | Path, compile: bool = True, cuda_graphs: bool = True) -> "Pipeline":
-        """`compile` / `cuda_graphs`: Inductor engines on a GPU only (False for eager runs and comparisons)."""
-        return cls(*load_engines(folder, compile), cuda_graphs=cuda_graphs)
+    def load(cls, folder: str | Path, compile: bool = True, cuda_graphs: bool = True,
+             fallback: bool = False) -> "Pipeline":
+        """`compile` / `cuda_graphs`: Inductor engines on a GPU only (False for eager runs and comparisons).
+        `fallback`: load the float model of the checkpoint the engines were built from, to recompute steps whose
+        engine output is not finite."""
+        manifest, engines = load_engines(folder, compile)
+        model = None
+        if fallback:
+            from ..model import load_checkpoint
+
+            if not manifest.get("checkpoint"):
+                raise QandcError(f"{Path(folder) / 'manifest.json'}: names no checkpoint for a high-precision "
+                                 "fallback")
+            model = load_checkpoint(manifest["checkpoint"]).to(engines["full"].device).eval()
+        return cls(manifest, engines, cuda_graphs=cuda_graphs, fallback=model)
 
     @property
     def config(self) -> DiTConfig:
@@ -108,10 +155,21 @@ class Pipeline:
 
     def generate(self, labels, seed: int, steps: int | None = None, sampler: str | None = None,
                  cfg_scale: float | None = None, sample_ids=None, use_vc: bool = True,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, eta: float = 0.0) -> torch.Tensor:
         defaults = self.manifest["sampler"]
         steps = steps or defaults["steps"]
         correction = vc_correction(self.vc, steps, "the engines") if use_vc else None
-        return sample(self.denoiser, labels, steps, sampler or defaults["sampler"],
-                      defaults["cfg_scale"] if cfg_scale is None else cfg_scale, seed=seed, plan=self.plan,
-                      correction=correction, sample_ids=sample_ids, progress=progress)
+        calls = dict(self.denoiser.calls)
+        self.denoiser.start_run()
+        images = sample(self.denoiser, labels, steps, sampler or defaults["sampler"],
+                        defaults["cfg_scale"] if cfg_scale is None else cfg_scale, seed=seed, plan=self.plan,
+                        eta=eta, correction=correction, sample_ids=sample_ids, progress=progress)
+        self.last_run = {path: self.denoiser.calls[path] - calls[path] for path in calls}
+        self.last_run["fallback_steps"] = self.denoiser.fallback_steps
+        bad = self.denoiser.nonfinite_steps()
+        if bad:
+            where = ", ".join(f"step {b['step']} ({b['engine']} engine)" for b in bad[:5])
+            raise QandcError(f"non-finite engine outputs at {len(bad)} of {steps} steps: {where}"
+                             f"{' ...' if len(bad) > 5 else ''}; generate --nan-fallback recomputes such steps "
+                             "with the float model")
+        return images
