@@ -116,6 +116,9 @@ class InductorEngine:
             raise QandcError(f"{path}: not a torch.export program this torch can load ({str(e)[:200]})") from None
         self.input_names, self.output_names = io_names(graph, branches)
         self.device = next(iter([*self.module.parameters(), *self.module.buffers()])).device
+        if self.device.type == "cuda":  # under torchrun: this rank's GPU, not the one the build ran on
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.module.to(self.device)
         self.compiled = compile
         mode = COMPILE_MODES[quantized]
         self.fn = torch.compile(self.module, mode=mode, dynamic=False) if compile else self.module
