@@ -175,6 +175,10 @@ def cmd_generate(args) -> None:
             x = sample(model, labels[start:stop], args.steps, args.sampler, args.cfg_scale, seed=args.seed,
                        plan=plan, eta=args.eta, correction=correction, sample_ids=range(start, stop),
                        progress=world.main)
+            if not torch.isfinite(x).all():  # never write a black image silently
+                bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+                raise QandcError(f"{bad} of the samples {start}..{stop - 1} are not finite (NaN / Inf): the model "
+                                 f"{'with the recipe ' if args.recipe else ''}overflowed")
         return {"samples": x.cpu().numpy().astype(np.float32), "labels": labels[start:stop].numpy()}
 
     key = {"sources": sources, "model": model.config.to_dict(), "steps": args.steps, "sampler": args.sampler,
@@ -503,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_run.__doc__)
     _add_model_arguments(p)
     _add_calibration_arguments(p)
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "inductor"], default="onnxruntime")
     p.add_argument("--labels", type=_int_list, default=list(range(10)), help="labels to generate (default 0..9)")
     p.add_argument("--per-class", type=int, default=4, help="samples per label (default 4)")
     p.add_argument("--out", required=True, help="output folder: recipe/, onnx/, engines/, samples/, eval.json")

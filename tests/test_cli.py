@@ -93,3 +93,20 @@ def test_latents_decode_through_a_local_vae(tmp_path):
     assert Image.open(tmp_path / "g" / "grid.png").size == (32, 16)
     assert main(["generate", "--checkpoint", str(ckpt), "--labels", "0", "--steps", "2", "--vae",
                  str(tmp_path / "nowhere"), "--out", str(tmp_path / "h")]) == 2
+
+
+def test_non_finite_samples_are_an_error_not_a_black_image(tmp_path, capsys):
+    """A model that overflows (here: one infinite weight) must not leave NaN images behind silently."""
+    import torch
+
+    from conftest import tiny_model
+    from qandc.model import save_checkpoint
+
+    model = tiny_model(in_channels=1, learn_sigma=False)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight[0, 0] = float("inf")
+    save_checkpoint(model, tmp_path / "inf.pt", {})
+    assert main(["generate", "--checkpoint", str(tmp_path / "inf.pt"), "--labels", "1,2", "--steps", "4",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "are not finite (NaN / Inf)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "samples.npz").exists()
