@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import tiny_model
 from qandc.artifacts import sha256_file
+from qandc.calibration.calibrate import POOL_SHARDS
 from qandc.model import save_checkpoint
 
 pytest.importorskip("onnxruntime")
@@ -33,6 +35,7 @@ FILES = {  # each command's files, in the order it writes them
     "build-engine": ["full.ort.onnx", "reuse.ort.onnx", "manifest.json"],
 }
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.[^.]+\.tmp")  # qandc.artifacts.atomic_path's temporary files
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors writes through a Rust tempfile first
 
 
 def _argv(command: str, root: Path, out: Path) -> list[str]:
@@ -79,6 +82,13 @@ def _assert_whole(out: Path, versions: dict[str, set[bytes]]) -> None:
     """Every file in `out` is one of the whole versions of its name, or an abandoned temporary file (never read);
     a manifest present holds for every file it lists."""
     for path in out.iterdir():
+        if path.is_dir():  # calibrate's resumable pool shards: each one whole (np.load reads it) or a temporary
+            assert path.name == POOL_SHARDS, path
+            for shard in path.iterdir():
+                assert TEMPORARY.fullmatch(shard.name) or len(np.load(shard).files), shard
+            continue
+        if SAFETENSORS_TEMPORARY.fullmatch(path.name):  # never read: atomic_path's own file is renamed in place
+            continue
         temporary = TEMPORARY.fullmatch(path.name)
         assert temporary and temporary["name"] in versions or path.read_bytes() in versions[path.name], path
     if (out / "manifest.json").exists():
