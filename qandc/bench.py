@@ -252,7 +252,8 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
               for m in MODELS if (state / f"{m}--fp8-floor.json").is_file()}
     by_name = {(r["model"], r["name"]): r for r in configs}
     result = {"card": card, "device_name": sorted({r.get("device_name", "") for r in configs}),
-              "torch": sorted({r.get("torch", "") for r in configs}), "batch": BATCH, "cfg_scale": CFG, "sampler": "ddpm", "seed": SEED,
+              "torch": sorted({r.get("torch", "") for r in configs}), "batch": BATCH, "cfg_scale": CFG,
+              "sampler": "ddpm", "seed": SEED,
               "cache_plan": CACHE_PLAN,
               "notes": ["DiT-XL/2 256x256 (latent 32x32x4) with seeded random weights, every layer non-zero: "
                         "speed only, no quality", "images_per_s: batch of 16 labels with CFG (32 rows per step), "

@@ -125,7 +125,8 @@ def train(args) -> None:
         ema16 = DiT(config)
         ema16.load_state_dict({k: v.cpu() for k, v in ema.state_dict().items()})
         ema16.half()
-        record = {"classes": list(CLASSES), "data": {"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "split": "train (60k)",
+        record = {"classes": list(CLASSES),
+                  "data": {"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "split": "train (60k)",
                            "preprocess": "uint8/127.5-1, pad 28->32 with -1, random h-flip, pixel_unshuffle(2)"},
                   "training": {"command": " ".join(sys.argv), "steps": step, "batch_size": args.batch_size,
                                "lr": args.lr, "ema_decay": args.ema_decay, "label_dropout": args.label_dropout,

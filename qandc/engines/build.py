@@ -161,8 +161,8 @@ def _inductor_from_export(onnx_dir: Path, export: dict, out: Path, batch_sizes) 
     model = load_checkpoint(export["checkpoint"]).to("cuda" if torch.cuda.is_available() else "cpu")
     recipe = export["recipe"]["path"] if export["recipe"] else None
     source = {"source": str(onnx_dir), "source_sha256": sha256_file(onnx_dir / MANIFEST)}
-    return build_inductor(model, out, CachePlan.from_dict(export["plan"]), recipe, export["sampler"], batch_sizes, source,
-                          export["checkpoint"])
+    return build_inductor(model, out, CachePlan.from_dict(export["plan"]), recipe, export["sampler"], batch_sizes,
+                          source, export["checkpoint"])
 
 
 def load_engines(folder: str | Path, compile: bool = True) -> tuple[dict, dict]:
@@ -177,8 +177,10 @@ def load_engines(folder: str | Path, compile: bool = True) -> tuple[dict, dict]:
         if manifest["compile_cache"]:
             inductor_backend.load_compile_cache(folder / manifest["compile_cache"])
         compiled = compile and manifest["device"] == "cuda"
-        return manifest, {g: inductor_backend.InductorEngine(folder / manifest["engines"][g], g, manifest["cache_inputs"],
-                                                             compiled, manifest["recipe"] is not None) for g in GRAPHS}
+        quantized = manifest["recipe"] is not None
+        return manifest, {g: inductor_backend.InductorEngine(folder / manifest["engines"][g], g,
+                                                             manifest["cache_inputs"], compiled, quantized)
+                          for g in GRAPHS}
     engine = onnxruntime_backend.OrtEngine if manifest["backend"] == "onnxruntime" else tensorrt_backend.TrtEngine
     return manifest, {graph: engine(folder / manifest["engines"][graph]) for graph in GRAPHS}
 

@@ -30,7 +30,8 @@ def _session(path: Path, options, providers: list[str]):
     except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.NoSuchFile) as e:
-        raise QandcError(f"{path}: not a readable ONNX model for ONNX Runtime ({str(e).splitlines()[0][:160]})") from None
+        reason = str(e).splitlines()[0][:160]
+        raise QandcError(f"{path}: not a readable ONNX model for ONNX Runtime ({reason})") from None
 
 
 def providers() -> list[str]:

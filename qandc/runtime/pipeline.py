@@ -25,8 +25,8 @@ from ..sampling import CachePlan, sample
 class CudaGraphEngine:
     """An engine whose calls are captured once per input shapes as a CUDA graph and replayed. Inputs are copied
     into the graph's static buffers, except those that already are static outputs of a graph sharing
-    `static_outputs`: the reuse engine reads the full engine's cache outputs in place. Outputs are the graph's static buffers,
-    overwritten by its next replay."""
+    `static_outputs`: the reuse engine reads the full engine's cache outputs in place. Outputs are the graph's
+    static buffers, overwritten by its next replay."""
 
     def __init__(self, engine, static_outputs: set):
         self.engine, self.static_outputs = engine, static_outputs
