@@ -442,6 +442,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engines import BACKENDS
+
     parser = _Parser(
         prog="qandc", description="Post-training quantization plus feature caching (Q&C) for Diffusion Transformers.")
     parser.add_argument("--version", action="version", version=f"qandc {__version__}")
@@ -507,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_run.__doc__)
     _add_model_arguments(p)
     _add_calibration_arguments(p)
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "inductor"], default="onnxruntime")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--labels", type=_int_list, default=list(range(10)), help="labels to generate (default 0..9)")
     p.add_argument("--per-class", type=int, default=4, help="samples per label (default 4)")
     p.add_argument("--out", required=True, help="output folder: recipe/, onnx/, engines/, samples/, eval.json")
@@ -528,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-engine", help="engines from an export: onnxruntime, tensorrt or inductor",
                        description=cmd_build_engine.__doc__)
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "inductor"], default="onnxruntime")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--onnx", required=True, help="export directory from qandc export")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch of the TensorRT profile (default 64)")
     p.add_argument("--batch-sizes", type=_int_list, default=[],
