@@ -364,7 +364,8 @@ def cmd_inspect(args) -> None:
         raise QandcError(f"{folder}: holds no qandc artifact (manifest, recipe, pool, plan, config or eval JSON)")
     runnable = [b for b, module in (("onnxruntime", "onnxruntime"), ("tensorrt", "tensorrt"))
                 if importlib.util.find_spec(module)]
-    print(f"backends runnable here: {', '.join(runnable) or 'none'}")
+    runnable.append("inductor (compiled, CUDA graphs)" if torch.cuda.is_available() else "inductor (eager, CPU)")
+    print(f"backends runnable here: {', '.join(runnable)}")
 
 
 def cmd_train(args) -> None:
