@@ -110,19 +110,12 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _inputs(config, rows: int, device) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(SEED)
-    x = torch.randn(rows, config.in_channels, config.input_size, config.input_size, generator=generator)
-    t = torch.linspace(10, 990, rows).long()
-    y = torch.arange(rows) % (config.num_classes + 1)
-    return x.to(device), t.to(device), y.to(device)
-
-
 def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
     """Median ms of one full and one reuse call at `rows` rows (guided batch), inputs fixed."""
+    from .exporter.onnx_export import sample_inputs
     from .sampling import CachePlan
 
-    x, t, y = _inputs(denoiser.config, rows, denoiser.device)
+    x, t, y = sample_inputs(denoiser, rows)
     branches = CachePlan.parse(config.cache).reuse_set(denoiser.branch_names)
     full = lambda: denoiser.forward_full(x, t, y, branches=branches)  # noqa: E731
     for _ in range(3):
@@ -206,8 +199,10 @@ def fp8_floor(model, rows: int) -> dict:
     import triton.testing
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .exporter.onnx_export import sample_inputs
+
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    x, t, y = _inputs(model.config, rows, "cuda")
+    x, t, y = sample_inputs(model, rows)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         bf16(x.to(torch.bfloat16), t, y)
     flops = counter.get_total_flops()

@@ -32,7 +32,7 @@ KIND_FIELDS = {"onnx-export": {"checkpoint": str}, "engines": {"backend": str, "
 
 def _read_manifest(folder: Path, kind: str, version: int) -> dict:
     """A manifest of `kind`, its fields checked: every problem is one line naming the file."""
-    from ..model.dit import DiTConfig
+    from ..model.dit import DiTConfig, branch_names
     from ..sampling import CachePlan
 
     path = folder / MANIFEST
@@ -51,8 +51,7 @@ def _read_manifest(folder: Path, kind: str, version: int) -> dict:
     except (QandcError, TypeError, ValueError) as e:
         raise QandcError(f"{path}: model config: {e}") from None
     try:
-        CachePlan.from_dict(manifest["plan"]).reuse_set([f"blocks.{i}.{k}" for i in range(manifest["model"]["depth"])
-                                                         for k in ("attn", "mlp")])
+        CachePlan.from_dict(manifest["plan"]).reuse_set(branch_names(manifest["model"]["depth"]))
         if manifest["vc"] is not None and torch.tensor(manifest["vc"], dtype=torch.float32).ndim != 2:
             raise QandcError("'vc' is not a steps x channels table")
     except (QandcError, TypeError, ValueError) as e:

@@ -46,9 +46,9 @@ class ReuseGraph(nn.Module):
 
 
 def sample_inputs(model, batch: int = 2) -> tuple[torch.Tensor, ...]:
-    """Example (x, t, y) on the model's device: real classes and the null class, distinct timesteps."""
-    c = model.config
-    device = next(model.parameters()).device
+    """Example (x, t, y) on the device of `model` (a DiT or anything with its `config` and `device`): real classes
+    and the null class, distinct timesteps."""
+    c, device = model.config, model.device
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=generator).to(device)
     t = torch.linspace(10, 990, batch).long().to(device)

@@ -96,6 +96,11 @@ def named_config(name: str, **overrides) -> DiTConfig:
     return DiTConfig(**{**DIT_CONFIGS[name], **overrides})
 
 
+def branch_names(depth: int) -> list[str]:
+    """The cacheable branches of a DiT of `depth` blocks, in execution order."""
+    return [f"blocks.{i}.{kind}" for i in range(depth) for kind in ("attn", "mlp")]
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -264,7 +269,7 @@ class DiT(nn.Module):
     @property
     def branch_names(self) -> list[str]:
         """Every cacheable branch, in execution order."""
-        return [f"blocks.{i}.{kind}" for i in range(self.config.depth) for kind in ("attn", "mlp")]
+        return branch_names(self.config.depth)
 
     def unpatchify(self, x):
         c, p = self.config.out_channels, self.config.patch_size

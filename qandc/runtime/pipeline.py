@@ -18,7 +18,7 @@ import torch
 from ..calibration.vc import vc_correction
 from ..engines import load_engines
 from ..errors import QandcError
-from ..model.dit import DiTConfig
+from ..model.dit import DiTConfig, branch_names
 from ..sampling import CachePlan, sample
 
 
@@ -65,7 +65,7 @@ class EngineDenoiser:
 
     def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True, fallback=None):
         self.config = DiTConfig.from_dict(manifest["model"])
-        self.branch_names = [f"blocks.{i}.{k}" for i in range(self.config.depth) for k in ("attn", "mlp")]
+        self.branch_names = branch_names(self.config.depth)
         self.cache_inputs = manifest["cache_inputs"]
         self.device = engines["full"].device
         if cuda_graphs and manifest["backend"] == "inductor" and self.device.type == "cuda":
