@@ -20,7 +20,8 @@ import torch
 
 from _common import generate_images, write_results
 from qandc.artifacts import sha256_file, write_json
-from qandc.calibration import CalibrationSettings, VarianceCompensation, apply_recipe, calibrate, fit_vc, load_vc
+from qandc.calibration import CalibrationSettings, apply_recipe, calibrate, fit_vc
+from qandc.formats.recipe import VarianceCompensation, load_vc
 from qandc.metrics.evaluate import score
 from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT

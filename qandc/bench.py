@@ -73,12 +73,13 @@ def quick_recipe(model, preset: str, cache: str, folder: Path, batches: int = 4)
     noise at timesteps spread over the schedule (for speed runs; not the full TAP calibration)."""
     import copy
 
-    from .calibration.quantize import QuantRecipe, quantize, quantized_layers, save_amax
+    from .calibration.quantize import quantize, quantized_layers, save_amax
+    from .formats.recipe import QuantRecipe
     from .sampling import CachePlan
 
     if (folder / "amax.safetensors").is_file():
         return folder
-    recipe = QuantRecipe(preset=preset, layers=quantized_layers(model), plan=CachePlan.parse(cache).to_dict(),
+    recipe = QuantRecipe(preset=preset, layers=quantized_layers(model), plan=CachePlan.parse(cache),
                          steps=STEPS, sampler="ddpm", cfg_scale=CFG, selector={"name": "noise", "batches": batches})
     c = model.config
     generator = torch.Generator().manual_seed(SEED)
@@ -112,7 +113,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
     """Median ms of one full and one reuse call at `rows` rows (guided batch), inputs fixed."""
-    from .exporter.onnx_export import sample_inputs
+    from .model.graphs import sample_inputs
     from .sampling import CachePlan
 
     x, t, y = sample_inputs(denoiser, rows)
@@ -139,7 +140,7 @@ def _memory_mark() -> int:
 
 def run_config(model_name: str, model, config: Config, work: Path, runs: int) -> dict:
     """Build what the configuration needs, warm it up, then time whole sampling runs and single steps."""
-    from .engines.build import build_inductor
+    from .engines import build_inductor
     from .runtime import Pipeline
     from .sampling import CachePlan, sample
 
@@ -199,7 +200,7 @@ def fp8_floor(model, rows: int) -> dict:
     import triton.testing
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .exporter.onnx_export import sample_inputs
+    from .model.graphs import sample_inputs
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     x, t, y = sample_inputs(model, rows)

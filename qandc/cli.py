@@ -126,7 +126,7 @@ def cmd_generate(args) -> None:
     correction = None
     world, device = distributed.init(_device(args.device))  # first: engines built on "cuda" get this rank's GPU
     if args.engines:
-        from .calibration.vc import vc_correction
+        from .formats.recipe import vc_correction
         from .runtime import Pipeline
 
         if args.recipe or args.cache:
@@ -139,9 +139,8 @@ def cmd_generate(args) -> None:
     else:
         model = _load_model(args)
     if args.recipe:
-        from .calibration import apply_recipe, load_vc
-        from .calibration.quantize import RECIPE, VC
-        from .calibration.vc import vc_correction
+        from .calibration import apply_recipe
+        from .formats.recipe import RECIPE, VC, load_vc, vc_correction
 
         model, recipe = apply_recipe(model, args.recipe)
         if args.cache and plan != recipe.cache_plan:
@@ -260,7 +259,7 @@ def _sources(args) -> dict:
         return {"engines": sha256_file(Path(args.engines) / "manifest.json")}
     sources = {"checkpoint": _checkpoint_hash(args.checkpoint)}
     if args.recipe:
-        from .calibration.quantize import AMAX, RECIPE, VC
+        from .formats.recipe import AMAX, RECIPE, VC
 
         sources["recipe"] = {name: sha256_file(Path(args.recipe) / name) for name in (RECIPE, AMAX, VC)
                              if (Path(args.recipe) / name).is_file()}
@@ -281,12 +280,12 @@ def cmd_calibrate(args) -> None:
 
 
 def _calibration_settings(args):
-    from .calibration import CalibrationSettings, SelectorParams
+    from .calibration import CalibrationSettings, SelectorParams, parse_auto
     from .sampling import CachePlan
 
     return CalibrationSettings(
         preset=args.preset, selector=args.selector, budget=args.samples,
-        plan=args.cache if args.cache.startswith("auto") else CachePlan.parse(args.cache),
+        plan=parse_auto(args.cache) if args.cache.startswith("auto") else CachePlan.parse(args.cache),
         pool_samples=args.pool_samples, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
         seed=args.seed, selector_params=SelectorParams(m=args.tap_m, k=args.clusters, alpha=args.alpha, tau=args.tau),
         keep=args.keep, fp8_weight_per_channel=args.fp8_weight_per_channel, vc=args.vc, vc_samples=args.vc_samples,
@@ -304,8 +303,8 @@ def cmd_export(args) -> None:
     if plan is not None:
         _check_plan(plan, model, None, f"--cache {args.cache}")
     manifest = export(model, args.out, plan, args.recipe, args.checkpoint)
-    for name, info in manifest["graphs"].items():
-        print(f"{name}.onnx: {info['nodes']} nodes, {info['quantize_linear']} QuantizeLinear")
+    for name, info in manifest.checks.items():
+        print(f"{manifest.onnx[name]}: {info['nodes']} nodes, {info['quantize_linear']} QuantizeLinear")
     print(f"wrote {args.out}")
 
 
@@ -317,7 +316,7 @@ def cmd_build_engine(args) -> None:
     from .engines import build_engines
 
     manifest = build_engines(args.onnx, args.out, args.backend, args.max_batch, args.batch_sizes)
-    print(f"{args.backend} engines: {', '.join(manifest['engines'].values())}; wrote {args.out}")
+    print(f"{args.backend} engines: {', '.join(manifest.engines.values())}; wrote {args.out}")
 
 
 def cmd_run(args) -> None:
@@ -340,7 +339,8 @@ def cmd_run(args) -> None:
 def cmd_inspect(args) -> None:
     """Show what an artifact folder holds (export, engines, recipe, checkpoint sidecar), whether its checksums hold,
     and which engine backends can run on this machine."""
-    import importlib.util
+    from .engines import backend_names, get_backend
+    from .formats.manifest import MANIFESTS
 
     folder = Path(args.dir)
     found = False
@@ -350,8 +350,13 @@ def cmd_inspect(args) -> None:
             continue
         found = True
         data = read_json(path)
-        keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "cache_inputs", "sampler",
-                                     "steps", "versions") if k in data}
+        if name == "manifest.json":  # the one verifier, checksums left to the listing below
+            kind = MANIFESTS.get(data.get("kind"))
+            if kind is None:
+                raise QandcError(f"{path}: manifest kind {data.get('kind')!r} is none of {', '.join(MANIFESTS)}")
+            data = kind.read(folder, verify=False).to_dict()
+        keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "sampler", "steps",
+                                     "lineage", "versions") if k in data}
         print(f"{name}: {json.dumps(keys)}")
         files = data.get("files", {})
         if not isinstance(files, dict):
@@ -362,9 +367,8 @@ def cmd_inspect(args) -> None:
             print(f"  {file}: {state}")
     if not found:
         raise QandcError(f"{folder}: holds no qandc artifact (manifest, recipe, pool, plan, config or eval JSON)")
-    runnable = [b for b, module in (("onnxruntime", "onnxruntime"), ("tensorrt", "tensorrt"))
-                if importlib.util.find_spec(module)]
-    runnable.append("inductor (compiled, CUDA graphs)" if torch.cuda.is_available() else "inductor (eager, CPU)")
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    runnable = [n for n in backend_names() if get_backend(n).available() and here in get_backend(n).capabilities.devices]
     print(f"backends runnable here: {', '.join(runnable)}")
 
 
@@ -443,7 +447,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engines import BACKENDS
+    from .engines import backend_names
 
     parser = _Parser(
         prog="qandc", description="Post-training quantization plus feature caching (Q&C) for Diffusion Transformers.")
@@ -510,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_run.__doc__)
     _add_model_arguments(p)
     _add_calibration_arguments(p)
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--backend", choices=backend_names(), default="onnxruntime")
     p.add_argument("--labels", type=_int_list, default=list(range(10)), help="labels to generate (default 0..9)")
     p.add_argument("--per-class", type=int, default=4, help="samples per label (default 4)")
     p.add_argument("--out", required=True, help="output folder: recipe/, onnx/, engines/, samples/, eval.json")
@@ -531,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-engine", help="engines from an export: onnxruntime, tensorrt or inductor",
                        description=cmd_build_engine.__doc__)
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--backend", choices=backend_names(), default="onnxruntime")
     p.add_argument("--onnx", required=True, help="export directory from qandc export")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch of the TensorRT profile (default 64)")
     p.add_argument("--batch-sizes", type=_int_list, default=[],

@@ -10,20 +10,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .artifacts import read_json, sha256_file
+from .artifacts import sha256_file
 from .errors import QandcError
+from .formats.manifest import EngineManifest, ExportManifest
 
 
-def _valid(folder: Path, check) -> bool:
-    """Whether a stage folder holds a manifest whose files verify and that `check(manifest)` accepts."""
+def _valid(folder: Path, kind, lineage: dict, backend: str | None = None) -> bool:
+    """Whether a stage folder holds a manifest of `kind` whose files verify, made from the inputs `lineage` names
+    (and with `backend`)."""
     try:
-        manifest = read_json(folder / "manifest.json")
-        files = manifest.get("files")
-        files_ok = isinstance(files, dict) and all(sha256_file(folder / name) == digest
-                                                   for name, digest in files.items())
+        manifest = kind.read(folder, lineage=lineage)
     except (QandcError, OSError, ValueError):  # ValueError: a file name the OS refuses
         return False
-    return files_ok and check(manifest)
+    return backend is None or manifest.backend == backend
 
 
 def run(model, out: str | Path, settings, backend: str, checkpoint: str, generate_args: list[str]) -> dict:
@@ -40,11 +39,11 @@ def run(model, out: str | Path, settings, backend: str, checkpoint: str, generat
     calibrate(model, recipe_dir, settings, sha256_file(checkpoint) if Path(checkpoint).is_file() else "")
     recipe_sha = sha256_file(recipe_dir / "recipe.json")
     print("[2/5] export", file=sys.stderr)
-    if not _valid(onnx_dir, lambda m: isinstance(m.get("recipe"), dict) and m["recipe"].get("sha256") == recipe_sha):
+    if not _valid(onnx_dir, ExportManifest, {"recipe": recipe_sha}):
         export(model, onnx_dir, recipe_dir=recipe_dir, checkpoint=checkpoint)
     print("[3/5] build-engine", file=sys.stderr)
     export_sha = sha256_file(onnx_dir / "manifest.json")
-    if not _valid(engine_dir, lambda m: m.get("backend") == backend and m.get("source_sha256") == export_sha):
+    if not _valid(engine_dir, EngineManifest, {"export": export_sha}, backend):
         build_engines(onnx_dir, engine_dir, backend)
     print("[4/5] generate", file=sys.stderr)
     if cli_main(["generate", "--engines", str(engine_dir), "--steps", str(settings.steps), "--sampler",

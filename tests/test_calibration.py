@@ -14,9 +14,10 @@ from qandc.sampling import CachePlan, sample
 
 pytest.importorskip("modelopt.torch.quantization")
 
-from qandc.calibration import (CalibrationSettings, QuantRecipe, SelectorParams, VarianceCompensation,  # noqa: E402
-                               apply_recipe, calibrate, collect_pool, fit_vc, load_vc, replay)
-from qandc.calibration.quantize import AMAX, RECIPE, quantizers  # noqa: E402
+from qandc.calibration import (CalibrationSettings, SelectorParams, apply_recipe, calibrate, collect_pool,  # noqa: E402
+                               fit_vc, replay)
+from qandc.calibration.quantize import quantizers  # noqa: E402
+from qandc.formats.recipe import AMAX, RECIPE, QuantRecipe, VarianceCompensation, load_vc  # noqa: E402
 from qandc.calibration.vc import fit_factor  # noqa: E402
 
 PLAN = CachePlan.interval(3)

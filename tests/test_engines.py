@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import rel_err, tiny_model
+from qandc.artifacts import sha256_file
 from qandc.errors import QandcError
 from qandc.sampling import CachePlan
 
@@ -32,18 +33,18 @@ def _feeds(x, t, y):
 def test_onnxruntime_engines_run_both_paths(exported, tmp_path):
     model, folder = exported
     manifest = build_engines(folder, tmp_path, "onnxruntime")
-    assert manifest["plan"] == PLAN.to_dict() and manifest["backend"] == "onnxruntime"
-    assert set(manifest["files"]) == {"full.ort.onnx", "reuse.ort.onnx"}
+    assert manifest.plan == PLAN and manifest.backend == "onnxruntime"
+    assert set(manifest.files) == {"full.ort.onnx", "reuse.ort.onnx"}
     loaded, engines = load_engines(tmp_path)
     assert loaded == manifest
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 250, 500, 999]), torch.tensor([0, 1, 2, 10])
     full = engines["full"].infer(_feeds(x, t, y))
     with torch.no_grad():
-        expected, cache = model.forward_full(x, t, y, branches=manifest["cache_inputs"])
+        expected, cache = model.forward_full(x, t, y, branches=manifest.cache_inputs)
     assert rel_err(full["out"], expected) < 1e-5
-    reuse = engines["reuse"].infer({**_feeds(x, t // 3, y), **{b: full[b] for b in manifest["cache_inputs"]}})
+    reuse = engines["reuse"].infer({**_feeds(x, t // 3, y), **{b: full[b] for b in manifest.cache_inputs}})
     with torch.no_grad():
-        expected = model.forward_reuse(x, t // 3, y, {b: full[b] for b in manifest["cache_inputs"]})
+        expected = model.forward_reuse(x, t // 3, y, {b: full[b] for b in manifest.cache_inputs})
     assert rel_err(reuse["out"], expected) < 1e-5
     with pytest.raises(QandcError, match="inputs missing"):
         engines["reuse"].infer(_feeds(x, t, y))
@@ -74,7 +75,7 @@ def test_build_engine_cli(exported, tmp_path):
     from qandc.cli import main
     _, folder = exported
     assert main(["build-engine", "--backend", "onnxruntime", "--onnx", str(folder), "--out", str(tmp_path)]) == 0
-    assert load_engines(tmp_path)[0]["source"] == str(folder)
+    assert load_engines(tmp_path)[0].lineage["export"] == sha256_file(folder / "manifest.json")
 
 
 def test_tensorrt_engines(exported, tmp_path):
@@ -88,5 +89,5 @@ def test_tensorrt_engines(exported, tmp_path):
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 250, 500, 999]), torch.tensor([0, 1, 2, 10])
     full = engines["full"].infer(_feeds(x, t, y))
     with torch.no_grad():
-        expected, _ = model.forward_full(x, t, y, branches=manifest["cache_inputs"])
+        expected, _ = model.forward_full(x, t, y, branches=manifest.cache_inputs)
     assert rel_err(full["out"].float(), expected) < 2e-2  # bf16 builder flag on a float graph

@@ -2,7 +2,6 @@
 ONNX Runtime against PyTorch (float: rel 1e-5; fake quant: rel 1e-4, the same scales and rounding)."""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("modelopt.torch.quantization")
 
 from qandc.calibration import CalibrationSettings, SelectorParams, apply_recipe, calibrate  # noqa: E402
-from qandc.exporter import MANIFEST, export  # noqa: E402
+from qandc.exporter import export  # noqa: E402
+from qandc.formats.manifest import MANIFEST, ExportManifest  # noqa: E402
 
 PLAN = CachePlan.interval(3, "mlp")
 
@@ -35,8 +35,8 @@ def _recipe(model, folder, preset):
 
 
 def _check_against_torch(folder, reference, tolerance):
-    manifest = json.loads((folder / MANIFEST).read_text())
-    branches = manifest["cache_inputs"]
+    manifest = ExportManifest.read(folder)
+    branches = manifest.cache_inputs
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5, 400, 999]), torch.tensor([0, 3, 10])  # batch 3: dynamic
     full = ort.InferenceSession(str(folder / "full.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in full.get_inputs()] == ["x", "t", "y"]
@@ -59,10 +59,10 @@ def _check_against_torch(folder, reference, tolerance):
 def test_float_export_matches_pytorch(model, tmp_path):
     export(model, tmp_path, PLAN)
     manifest = _check_against_torch(tmp_path, model, 1e-5)
-    assert manifest["cache_inputs"] == ["blocks.0.mlp", "blocks.1.mlp"] and manifest["recipe"] is None
-    assert manifest["graphs"]["full"]["quantize_linear"] == 0
-    assert all(g["polygraphy_onnxrt_rel_error"] < 1e-5 for g in manifest["graphs"].values())
-    for name, digest in manifest["files"].items():
+    assert manifest.cache_inputs == ["blocks.0.mlp", "blocks.1.mlp"] and manifest.recipe is None
+    assert manifest.checks["full"]["quantize_linear"] == 0
+    assert all(g["polygraphy_onnxrt_rel_error"] < 1e-5 for g in manifest.checks.values())
+    for name, digest in manifest.files.items():
         assert sha256_file(tmp_path / name) == digest
 
 
@@ -74,9 +74,9 @@ def test_qdq_export_matches_fake_quant(model, tmp_path, preset):
     manifest = _check_against_torch(tmp_path / "onnx", fake_quant, 1e-4)
     graph = onnx.load(str(tmp_path / "onnx" / "full.onnx"))
     assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)  # no TensorRT-only ops
-    assert manifest["graphs"]["full"]["quantize_linear"] == 2 * len(recipe.layers)
-    assert all(g["polygraphy_onnxrt_rel_error"] < 1e-4 for g in manifest["graphs"].values())
-    assert manifest["recipe"]["preset"] == preset and len(manifest["vc"]) == 6
+    assert manifest.checks["full"]["quantize_linear"] == 2 * len(recipe.layers)
+    assert all(g["polygraphy_onnxrt_rel_error"] < 1e-4 for g in manifest.checks.values())
+    assert manifest.recipe["preset"] == preset and len(manifest.vc) == 6
     zero_points = {i.data_type for i in graph.graph.initializer if i.name == "qandc_fp8_zero_point"}
     assert zero_points == ({onnx.TensorProto.FLOAT8E4M3FN} if preset == "w8a8-fp8" else set())
 

@@ -11,7 +11,7 @@ import torch
 from conftest import rel_err, tiny_model
 from qandc.calibration import CalibrationSettings, SelectorParams, apply_recipe, calibrate
 from qandc.engines import load_engines
-from qandc.engines.build import build_inductor
+from qandc.engines import build_inductor
 from qandc.engines.quantized import QuantLinear, int8_linear, quantize_for_inference
 from qandc.errors import QandcError
 from qandc.runtime import Pipeline
@@ -76,25 +76,25 @@ def test_inductor_engines_run_the_q_and_c_pipeline(recipe, tmp_path, device):
     model, folder = recipe
     model = model.to(device)
     manifest = build_inductor(model, tmp_path, recipe_dir=folder, batch_sizes=[6])
-    assert manifest["backend"] == "inductor" and manifest["plan"] == PLAN.to_dict()
-    assert set(manifest["files"]) == {"full.pt2", "reuse.pt2"} | ({"inductor-cache.bin"} if device == "cuda" else set())
+    assert manifest.backend == "inductor" and manifest.plan == PLAN
+    assert set(manifest.files) == {"full.pt2", "reuse.pt2"} | ({"inductor-cache.bin"} if device == "cuda" else set())
     engine_model = quantize_for_inference(model, folder)
     _, engines = load_engines(tmp_path)
     x, t, y = torch.randn(6, 4, 8, 8, device=device), torch.arange(6, device=device) * 150, torch.arange(6,
                                                                                                    device=device)
     full = engines["full"].infer({"x": x, "t": t, "y": y})
     with torch.no_grad():
-        out, cache = engine_model.forward_full(x.bfloat16(), t, y, branches=manifest["cache_inputs"])
+        out, cache = engine_model.forward_full(x.bfloat16(), t, y, branches=manifest.cache_inputs)
         reused = engine_model.forward_reuse(x.bfloat16(), t, y, cache)
     assert rel_err(full["out"].float(), out.float()) < 1e-2
-    got = engines["reuse"].infer({"x": x, "t": t, "y": y, **{b: full[b] for b in manifest["cache_inputs"]}})
+    got = engines["reuse"].infer({"x": x, "t": t, "y": y, **{b: full[b] for b in manifest.cache_inputs}})
     assert rel_err(got["out"].float(), reused.float()) < 1e-2
 
     pipeline = Pipeline.load(tmp_path)
     images = pipeline.generate([1, 2, 3], seed=4, steps=8)
     fake, _ = apply_recipe(copy.deepcopy(model), folder)
     vc = pipeline.vc
-    from qandc.calibration.vc import vc_correction
+    from qandc.formats.recipe import vc_correction
     expected = sample(fake, [1, 2, 3], 8, "ddpm", 1.5, seed=4, plan=PLAN, correction=vc_correction(vc, 8, "t"))
     assert pipeline.denoiser.calls == {"full": 3, "reuse": 5}
     assert rel_err(images.cpu(), expected.cpu()) < 5e-2

@@ -2,7 +2,6 @@
 any JSON, fuzzed recipes and manifests) give a value or a QandcError, never another exception."""
 
 import json
-from dataclasses import asdict
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_model
 from qandc.artifacts import read_json
-from qandc.calibration.quantize import QuantRecipe
+from qandc.formats.recipe import QuantRecipe
 from qandc.cli import main
 from qandc.errors import QandcError
 from qandc.sampling import CachePlan
@@ -94,8 +93,8 @@ def test_read_json_gives_an_object_or_qandc_error(tmp_path, content):
     assert data is None or isinstance(data, dict)
 
 
-RECIPE = asdict(QuantRecipe(preset="w8a8-int8", layers=["blocks.0.mlp.fc1"], plan=CachePlan.interval(2).to_dict(),
-                            steps=4, sampler="ddpm", cfg_scale=1.5, vc={"form": "var", "samples": 2, "seed": 1}))
+RECIPE = QuantRecipe(preset="w8a8-int8", layers=["blocks.0.mlp.fc1"], plan=CachePlan.interval(2), steps=4,
+                     sampler="ddpm", cfg_scale=1.5, vc={"form": "var", "samples": 2, "seed": 1}).to_dict()
 
 
 @FUZZ
@@ -150,6 +149,7 @@ def test_inspect_reports_or_refuses_any_manifest(engines, data, capsys):
 @FUZZ
 @given(data=st.data())
 def test_run_treats_any_damaged_manifest_as_a_stage_to_redo(engines, data):
+    from qandc.formats.manifest import EngineManifest
     from qandc.run import _valid
 
     folder, manifest = engines
@@ -157,7 +157,8 @@ def test_run_treats_any_damaged_manifest_as_a_stage_to_redo(engines, data):
     try:
         files = data.draw(fuzzed(manifest, {})).get("files")
         (folder / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
-        expected = isinstance(files, dict) and files.items() <= manifest["files"].items()
-        assert _valid(folder, lambda m: True) == expected
+        expected = isinstance(files, dict) and files.items() <= manifest["files"].items() \
+            and set(manifest["engines"].values()) <= set(files)
+        assert _valid(folder, EngineManifest, {}) == expected
     finally:
         (folder / "manifest.json").write_text(original)

@@ -1,6 +1,7 @@
 """The runtime: ONNX Runtime engines driven by the one sampler, against the PyTorch fake-quant pipeline."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import torch
@@ -13,8 +14,8 @@ from qandc.sampling import CachePlan, sample
 pytest.importorskip("onnxruntime")
 pytest.importorskip("modelopt.torch.quantization")
 
-from qandc.calibration import (CalibrationSettings, SelectorParams, VarianceCompensation, apply_recipe,  # noqa: E402
-                               calibrate, load_vc)
+from qandc.calibration import CalibrationSettings, SelectorParams, apply_recipe, calibrate  # noqa: E402
+from qandc.formats.recipe import VarianceCompensation, load_vc  # noqa: E402
 from qandc.engines import build_engines  # noqa: E402
 from qandc.exporter import export  # noqa: E402
 from qandc.runtime import Pipeline  # noqa: E402
@@ -108,11 +109,11 @@ def test_batches_beyond_a_tensorrt_profile_are_refused(built):
     from qandc.runtime import EngineDenoiser
     _, root = built
     manifest, engines = load_engines(root / "engines")
-    denoiser = EngineDenoiser({**manifest, "backend": "tensorrt", "max_batch": 2}, engines)
+    denoiser = EngineDenoiser(dataclasses.replace(manifest, backend="tensorrt", build={"max_batch": 2}), engines)
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3])
     with pytest.raises(QandcError, match="exceeds the engines' profile of 2"):
-        denoiser.forward_full(x, t, y, branches=manifest["cache_inputs"])
-    assert denoiser.forward_full(x[:2], t[:2], y[:2], branches=manifest["cache_inputs"])[0].shape == (2, 8, 8, 8)
+        denoiser.forward_full(x, t, y, branches=manifest.cache_inputs)
+    assert denoiser.forward_full(x[:2], t[:2], y[:2], branches=manifest.cache_inputs)[0].shape == (2, 8, 8, 8)
 
 
 @pytest.fixture(scope="module")

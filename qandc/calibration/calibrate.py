@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, read_json, write_json
+from ..artifacts import read_json, write_json
 from ..distributed import World
 from ..errors import QandcError
+from ..formats.recipe import RECIPE, QuantRecipe, quantizer_formats, write_vc
 from ..sampling import CachePlan, space_timesteps
-from .plan_search import auto_plan, parse_auto
+from .plan_search import PlanSearch, auto_plan
 from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
-from .quantize import RECIPE, VC, QuantRecipe, quantize, quantized_layers, quantizer_formats, save_amax
+from .quantize import quantize, quantized_layers, save_amax
 from .selection import SELECTORS, SelectorParams, read_selection, select
 from .sensitivity import REPORT, sensitivity_report, write_report
 from .vc import VC_FORMS, fit_vc
@@ -36,7 +36,7 @@ class CalibrationSettings:
     preset: str = "w8a8-fp8"
     selector: str = "tap"
     budget: int = 800
-    plan: CachePlan | str = field(default_factory=lambda: CachePlan.interval(3))  # or "auto[:err=E|:reuse=F]"
+    plan: CachePlan | PlanSearch = field(default_factory=lambda: CachePlan.interval(3))
     plan_samples: int = 4     # trajectories the plan search measures
     pool_samples: int = 400
     steps: int = 50
@@ -69,9 +69,7 @@ def check_settings(model, s: CalibrationSettings) -> None:
     if not 1 <= s.budget <= entries:
         raise QandcError(f"--samples (the calibration budget) must be between 1 and the pool's {entries} entries "
                          f"(--pool-samples x --steps), got {s.budget}")
-    if isinstance(s.plan, str):
-        parse_auto(s.plan)
-    else:
+    if not isinstance(s.plan, PlanSearch):
         s.plan.reuse_set(model.branch_names)
         s.plan.full_steps(s.steps)
 
@@ -116,7 +114,7 @@ def _selection(pool: Pool, out: Path, s: CalibrationSettings) -> np.ndarray:
 def _searched_plan(model, out: Path, s: CalibrationSettings) -> CachePlan:
     """Stage 0 for `--cache auto...`: search the plan on measured reuse errors, keep it in plan.json."""
     path = out / "plan.json"
-    key = {"spec": s.plan, "steps": s.steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale, "seed": s.seed,
+    key = {"spec": s.plan.spec, "steps": s.steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale, "seed": s.seed,
            "samples": s.plan_samples}
     if path.exists() and _same_or_fail(path, key):
         try:
@@ -146,7 +144,7 @@ def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256:
     check_settings(model, s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(s.plan, str):
+    if isinstance(s.plan, PlanSearch):
         s = dataclasses.replace(s, plan=world.broadcast(_searched_plan(model, out, s) if world.main else None))
     with tqdm(total=4, desc="calibrate", leave=False, disable=not world.main) as stages:  # cleared on errors too
         pool = _pool(model, out, s, world)
@@ -164,7 +162,7 @@ def _stages(model, out: Path, s: CalibrationSettings, checkpoint_sha256: str, st
     stages.update()
     indices = _selection(pool, out, s)
     stages.update()
-    recipe = QuantRecipe(preset=s.preset, layers=quantized_layers(model, s.keep), plan=s.plan.to_dict(),
+    recipe = QuantRecipe(preset=s.preset, layers=quantized_layers(model, s.keep), plan=s.plan,
                          steps=s.steps, sampler=s.sampler, cfg_scale=s.cfg_scale,
                          fp8_weight_per_channel=s.fp8_weight_per_channel, keep=list(s.keep),
                          selector={"name": s.selector, "params": s.selector_params.to_dict(), "seed": s.seed,
@@ -184,8 +182,7 @@ def _stages(model, out: Path, s: CalibrationSettings, checkpoint_sha256: str, st
         if recipe.vc:
             labels = torch.arange(s.vc_samples) % model.config.num_classes
             K = fit_vc(model, q_model, labels, s.steps, s.sampler, s.cfg_scale, s.seed + 1, s.plan, s.vc)
-            with atomic_path(out / VC) as tmp:
-                save_file({"K": K.contiguous()}, str(tmp))
+            write_vc(out, K)
         recipe.save(out)  # written last: its presence marks a finished calibration
         stages.update()
     return recipe

@@ -13,6 +13,8 @@ CLI grammar: `auto`, `auto:err=E` or `auto:reuse=F` (`auto` is `auto:err=0.1`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -22,10 +24,21 @@ from ..sampling import CachePlan, SamplingRun
 DEFAULT_BUDGET = 0.1
 
 
-def parse_auto(spec: str) -> tuple[str, float]:
-    """('err', E) or ('reuse', F) from `auto[:err=E|:reuse=F]`."""
+class PlanSearch(NamedTuple):
+    """A plan to search instead of a given one: an error budget ("err", E) or a reuse fraction ("reuse", F)."""
+
+    kind: str
+    value: float
+
+    @property
+    def spec(self) -> str:
+        return f"auto:{self.kind}={self.value:g}"
+
+
+def parse_auto(spec: str) -> PlanSearch:
+    """The PlanSearch of `auto[:err=E|:reuse=F]`."""
     if spec == "auto":
-        return "err", DEFAULT_BUDGET
+        return PlanSearch("err", DEFAULT_BUDGET)
     key, _, value = spec.removeprefix("auto:").partition("=")
     try:
         target = float(value)
@@ -33,7 +46,7 @@ def parse_auto(spec: str) -> tuple[str, float]:
         target = -1.0
     if not spec.startswith("auto:") or key not in ("err", "reuse") or not 0 < target <= (1 if key == "reuse" else 1e9):
         raise QandcError(f"cache spec {spec!r}: expected auto, auto:err=E (E > 0) or auto:reuse=F (0 < F <= 1)")
-    return key, target
+    return PlanSearch(key, target)
 
 
 class _Recorder:
@@ -82,7 +95,7 @@ def _walk(errors: dict, branches: list[str], budget: float) -> list[bool]:
     return full
 
 
-def search_plan(errors: dict[str, np.ndarray], target: tuple[str, float], regate: bool = False):
+def search_plan(errors: dict[str, np.ndarray], target: PlanSearch, regate: bool = False):
     """(plan meeting `target`, summary of the measured errors) from `reuse_errors`."""
     names = list(errors)
     steps = len(next(iter(errors.values())))
@@ -105,8 +118,8 @@ def search_plan(errors: dict[str, np.ndarray], target: tuple[str, float], regate
     return plan, summary
 
 
-def auto_plan(model, spec: str, steps: int, sampler: str, cfg_scale: float, seed: int, samples: int = 4):
-    """Search a plan for `auto[...]` on `samples` trajectories (labels i % classes). Memory: every branch output
+def auto_plan(model, search: PlanSearch, steps: int, sampler: str, cfg_scale: float, seed: int, samples: int = 4):
+    """Search a plan for `search` on `samples` trajectories (labels i % classes). Memory: every branch output
     of every step is kept in float16 for those samples (about 0.3 GB for the reference model at 4 samples)."""
     labels = torch.arange(samples) % model.config.num_classes
-    return search_plan(reuse_errors(model, labels, steps, sampler, cfg_scale, seed), parse_auto(spec))
+    return search_plan(reuse_errors(model, labels, steps, sampler, cfg_scale, seed), search)

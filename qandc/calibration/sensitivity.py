@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 from pathlib import Path
 
@@ -19,9 +20,10 @@ import torch
 
 from ..artifacts import atomic_path, write_json
 from ..errors import QandcError
+from ..formats.recipe import QuantRecipe, load_amax
 from ..sampling import CachePlan
 from .pool import CalibrationEntry, Pool, replay, run_entries
-from .quantize import QuantRecipe, _mtq, apply_recipe, load_amax, modelopt_config, set_amax
+from .quantize import _mtq, apply_recipe, set_amax
 from .selection import read_selection
 
 REPORT, REPORT_PLOT = "report.json", "report.png"
@@ -58,7 +60,7 @@ def _one_layer_quantized(model, recipe: QuantRecipe, layer: str, amax: dict):
     """A copy of `model` with only `layer` quantized, at its calibrated amax."""
     quantized = copy.deepcopy(model)
     with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints a line per call: one per layer here
-        _mtq().quantize(quantized, modelopt_config(recipe.preset, [layer], recipe.fp8_weight_per_channel), None)
+        _mtq().quantize(quantized, dataclasses.replace(recipe, layers=[layer]).modelopt_config(), None)
     set_amax(quantized, amax)
     return quantized
 

@@ -12,35 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import QandcError
+from ..formats.recipe import VarianceCompensation
 from ..sampling import SamplingRun
 
 VC_FORMS = ("mse", "nsr", "var")
 NSR_EPS = 1e-2
-
-
-class VarianceCompensation:
-    """The per-step correction hook of a fitted K (steps x channels)."""
-
-    def __init__(self, K: torch.Tensor):
-        self.K = K.float()
-
-    def __call__(self, step: int, x: torch.Tensor) -> torch.Tensor:
-        mu = x.mean(dim=(2, 3), keepdim=True)
-        return mu + self.K[step].to(x.device)[None, :, None, None] * (x - mu)
-
-
-def vc_correction(K: torch.Tensor | None, steps: int, source, channels: int | None = None
-                  ) -> VarianceCompensation | None:
-    """The correction hook of a VC table (None without one); a table fitted for another step count (or, given
-    `channels`, another channel count) is refused."""
-    if K is None:
-        return None
-    if K.ndim != 2 or (channels is not None and K.shape[1] != channels):
-        raise QandcError(f"{source}: VC table of shape {tuple(K.shape)}, expected ({steps}, {channels or 'C'})")
-    if len(K) != steps:
-        raise QandcError(f"{source}: VC table has {len(K)} steps, sampling uses {steps}")
-    return VarianceCompensation(K)
 
 
 def fit_factor(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "mse", eps: float = NSR_EPS) -> torch.Tensor:

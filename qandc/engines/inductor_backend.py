@@ -13,14 +13,18 @@ graphs need a GPU.
 from __future__ import annotations
 
 import io
+import platform
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from ..artifacts import atomic_path
+from .. import __version__
+from ..artifacts import atomic_path, checkpoint_hash
 from ..errors import QandcError
+from ..formats.manifest import EngineManifest, pipeline_fields
+from ..model.graphs import GraphSpec, PathGraph, engine_graphs, example_feeds
 from . import quantized as quantized_module  # also registers qandc::int8_linear, which the programs call
+from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
 SUFFIX = ".pt2"
 CACHE = "inductor-cache.bin"
@@ -30,103 +34,115 @@ CACHE = "inductor-cache.bin"
 COMPILE_MODES = {False: "max-autotune-no-cudagraphs", True: "default"}
 
 
-class EngineGraph(nn.Module):
-    """One path of a DiT as an engine graph: float32 x in (cast to the model's dtype), model-dtype outputs; the full
-    path returns (out, *cache of `branches`), the reuse path takes those cache tensors after (x, t, y)."""
-
-    def __init__(self, model, branches: list[str], regate: bool, reuse: bool):
-        super().__init__()
-        self.model, self.branches, self.regate, self.reuse = model, branches, regate, reuse
-        self.dtype = model.pos_embed.dtype
-
-    def forward(self, x, t, y, *cached):
-        x = x.to(self.dtype)
-        if self.reuse:
-            return (self.model.forward_reuse(x, t, y, dict(zip(self.branches, cached)), regate=self.regate),)
-        out, cache = self.model.forward_full(x, t, y, branches=self.branches, regate=self.regate)
-        return (out, *[cache[b] for b in self.branches])
-
-
-def io_names(graph: str, branches: list[str]) -> tuple[list[str], list[str]]:
-    """(input names, output names) of the full or the reuse engine."""
-    return (["x", "t", "y"], ["out", *branches]) if graph == "full" else (["x", "t", "y", *branches], ["out"])
-
-
-def build(model, out_dir: Path, branches: list[str], regate: bool, batch_sizes: list[int]) -> list[Path]:
-    """Export both paths of `model` (already in its inference dtype and quantized form, on its device) and, on a
-    GPU, compile them for `batch_sizes` rows and save the compile cache. Returns the files written."""
-    from ..exporter.onnx_export import sample_inputs
-
-    x, t, y = sample_inputs(model, batch=2)
+def build_files(model, out_dir: Path, graphs: dict[str, GraphSpec], batch_sizes) -> BuildResult:
+    """Export every graph of `model` (already in its inference dtype and quantized form, on its device) and, on a
+    GPU, compile them for `batch_sizes` rows and save the compile cache."""
+    feeds = example_feeds(model, graphs)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
-        _, cache = model.forward_full(x.to(model.pos_embed.dtype), t, y, branches=branches, regate=regate)
-    files = []
-    for graph in ("full", "reuse"):
-        args = (x, t, y) if graph == "full" else (x, t, y, *[cache[b] for b in branches])
-        module = EngineGraph(model, branches, regate, reuse=graph == "reuse")
+    engines = {}
+    for name, spec in graphs.items():
+        args = tuple(feeds[name][n] for n in spec.input_names)
         try:
-            shapes = [{0: batch}] * 3 + ([({0: batch},) * len(branches)] if graph == "reuse" and branches else [])
-            program = torch.export.export(module, args, dynamic_shapes=shapes)
+            program = torch.export.export(PathGraph(model, spec), args, dynamic_shapes=[{0: batch}] * len(args))
         except Exception as e:  # torch.export reports untraceable code in many exception types
-            raise QandcError(f"torch.export could not trace the {graph} path: {str(e).splitlines()[0][:300]}") from e
-        target = out_dir / f"{graph}{SUFFIX}"
+            raise QandcError(f"torch.export could not trace the {name} path: {str(e).splitlines()[0][:300]}") from e
         buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temporary file has neither
         torch.export.save(program, buffer)
-        with atomic_path(target) as tmp:
+        with atomic_path(out_dir / f"{name}{SUFFIX}") as tmp:
             tmp.write_bytes(buffer.getvalue())
-        files.append(target)
-    if model.device.type == "cuda":
-        files.append(_fill_compile_cache(model, out_dir, files, branches, batch_sizes))
-    return files
+        engines[name] = f"{name}{SUFFIX}"
+    cuda = model.device.type == "cuda"
+    if cuda:
+        _fill_compile_cache(model, out_dir, engines, graphs, batch_sizes)
+    record = {"device": model.device.type, "compiled_batch_sizes": list(batch_sizes) if cuda else [],
+              "compile_cache": CACHE if cuda else None}
+    return BuildResult(engines, [*engines.values(), *([CACHE] if cuda else [])], record)
 
 
-def _fill_compile_cache(model, out_dir: Path, programs: list[Path], branches, batch_sizes) -> Path:
-    from ..exporter.onnx_export import sample_inputs
-
+def _fill_compile_cache(model, out_dir: Path, engines: dict, graphs: dict[str, GraphSpec], batch_sizes) -> None:
     torch.compiler.reset()
     quantized = any(isinstance(m, quantized_module.QuantLinear) for m in model.modules())
-    engines = {g: InductorEngine(p, g, branches, True, quantized) for g, p in zip(("full", "reuse"), programs)}
+    loaded = {g: InductorEngine(out_dir / file, graphs[g], True, quantized) for g, file in engines.items()}
     for rows in batch_sizes:
-        x, t, y = sample_inputs(model, batch=rows)
-        feeds = {"x": x, "t": t, "y": y}
-        full = engines["full"].infer(feeds)
-        engines["reuse"].infer({**feeds, **{b: full[b] for b in branches}})
+        feeds = example_feeds(model, graphs, rows)
+        full = loaded["full"].infer(feeds["full"])
+        for name, engine in loaded.items():
+            if name != "full":
+                engine.infer({**feeds[name], **{b: full[b] for b in graphs[name].cache_inputs}})
     blob, _ = torch.compiler.save_cache_artifacts()
-    target = out_dir / CACHE
-    with atomic_path(target) as tmp:
+    with atomic_path(out_dir / CACHE) as tmp:
         tmp.write_bytes(blob)
-    return target
-
-
-def load_compile_cache(path: Path) -> None:
-    """Hand Inductor a build's saved compile cache before anything is compiled in this process."""
-    if path.is_file():
-        torch.compiler.load_cache_artifacts(path.read_bytes())
 
 
 class InductorEngine:
-    """One exported path: `infer(feeds)` with tensors by input name, returns tensors by output name, on the
+    """One exported graph: `infer(feeds)` with tensors by input name, returns tensors by output name, on the
     engine's device. `compile=True` runs it through torch.compile (Inductor); False runs the program eagerly."""
 
-    def __init__(self, path: Path, graph: str, branches: list[str], compile: bool = True, quantized: bool = False):
+    def __init__(self, path: Path, spec: GraphSpec, compile: bool = True, quantized: bool = False):
         try:
             self.module = torch.export.load(str(path)).module()
         except Exception as e:  # a foreign or damaged program: torch raises many types here
             raise QandcError(f"{path}: not a torch.export program this torch can load ({str(e)[:200]})") from None
-        self.input_names, self.output_names = io_names(graph, branches)
+        self.input_names, self.output_names = spec.input_names, spec.output_names
         self.device = next(iter([*self.module.parameters(), *self.module.buffers()])).device
         if self.device.type == "cuda":  # under torchrun: this rank's GPU, not the one the build ran on
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.module.to(self.device)
         self.compiled = compile
-        mode = COMPILE_MODES[quantized]
-        self.fn = torch.compile(self.module, mode=mode, dynamic=False) if compile else self.module
+        self.fn = torch.compile(self.module, mode=COMPILE_MODES[quantized], dynamic=False) if compile else self.module
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        missing = set(self.input_names) - set(feeds)
-        if missing:
-            raise QandcError(f"engine inputs missing: {', '.join(sorted(missing))}")
+        check_engine_inputs(self, feeds)
         with torch.no_grad():
             outputs = self.fn(*[feeds[n].to(self.device) for n in self.input_names])
         return dict(zip(self.output_names, outputs))
+
+
+class InductorBackend(Backend):
+    name = "inductor"
+    capabilities = Capabilities(devices=("cpu", "cuda"), precisions=("float", "w8a8-int8", "w8a8-fp8"),
+                                builds_from="checkpoint", cuda_graphs=True)
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def build(self, export_dir, export, out, options) -> BuildResult:
+        """From the checkpoint the export names (its sha256 checked) and the recipe the export holds."""
+        from ..model import load_checkpoint
+
+        if not export.checkpoint:
+            raise QandcError(f"{export_dir / 'manifest.json'}: names no checkpoint; the inductor backend builds "
+                             "from it")
+        if "checkpoint" in export.lineage and checkpoint_hash(export.checkpoint) != export.lineage["checkpoint"]:
+            raise QandcError(f"{export.checkpoint}: changed since the export in {export_dir} was made from it")
+        model = load_checkpoint(export.checkpoint).to("cuda" if torch.cuda.is_available() else "cpu")
+        engine_model = quantized_module.quantize_for_inference(model, export_dir if export.recipe else None)
+        return build_files(engine_model, out, export.graphs, options.batch_sizes)
+
+    def load(self, folder, manifest, compile=True):
+        if manifest.build["device"] == "cuda" and not torch.cuda.is_available():
+            raise QandcError(f"{folder}: Inductor engines built for a GPU; this machine has none")
+        if manifest.build["compile_cache"]:
+            cache = folder / manifest.build["compile_cache"]
+            torch.compiler.load_cache_artifacts(cache.read_bytes())  # before anything compiles in this process
+        compiled = compile and manifest.build["device"] == "cuda"
+        return {g: InductorEngine(folder / file, manifest.graphs[g], compiled, manifest.recipe is not None)
+                for g, file in manifest.engines.items()}
+
+
+def build_inductor(model, out: str | Path, plan=None, recipe_dir: str | Path | None = None,
+                   sampler=None, batch_sizes=(), checkpoint: str = "") -> EngineManifest:
+    """Inductor engines of a float32 `model` in memory (on the device they are for), without an export: bf16, the
+    recipe's layers as FP8 / INT8 kernels, its plan, sampler settings and VC table; without a recipe, `plan`
+    (default none) and `sampler` (SamplerDefaults)."""
+    out = Path(out)
+    fields = pipeline_fields(model, plan, recipe_dir, sampler, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    result = build_files(quantized_module.quantize_for_inference(model, recipe_dir), out, fields["graphs"],
+                         batch_sizes)
+    manifest = EngineManifest(**fields, backend=InductorBackend.name, engines=result.engines, build=result.record,
+                              versions={"qandc": __version__, "python": platform.python_version(),
+                                        **InductorBackend().versions()})
+    manifest.write(out, result.files)
+    return manifest

@@ -10,6 +10,7 @@ import torch
 
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
 SUFFIX = ".ort.onnx"
 
@@ -39,10 +40,9 @@ def providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def build(onnx_path: Path, out_dir: Path, name: str) -> Path:
-    """Optimise `onnx_path` (extended level: portable, Q/DQ fused into int8 kernels) and save it as NAME.ort.onnx."""
+def optimise(onnx_path: Path, target: Path) -> Path:
+    """Optimise `onnx_path` (extended level: portable, Q/DQ fused into int8 kernels) and save it as `target`."""
     ort = _ort()
-    target = out_dir / f"{name}{SUFFIX}"
     with atomic_path(target) as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -64,8 +64,23 @@ class OrtEngine:
         self.device = torch.device("cpu")
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        missing = set(self.input_names) - set(feeds)
-        if missing:
-            raise QandcError(f"engine inputs missing: {', '.join(sorted(missing))}")
+        check_engine_inputs(self, feeds)
         outputs = self.session.run(self.output_names, {k: feeds[k].cpu().numpy() for k in self.input_names})
         return {name: torch.from_numpy(array) for name, array in zip(self.output_names, outputs)}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    capabilities = Capabilities(devices=("cpu", "cuda"), precisions=("float", "w8a8-int8", "w8a8-fp8"),
+                                builds_from="onnx")
+    requires = "onnxruntime"
+
+    def versions(self) -> dict[str, str]:
+        return {"onnxruntime": _ort().__version__}
+
+    def build(self, export_dir, export, out, options) -> BuildResult:
+        engines = {g: optimise(export_dir / file, out / f"{g}{SUFFIX}").name for g, file in export.onnx.items()}
+        return BuildResult(engines, list(engines.values()))
+
+    def load(self, folder, manifest, compile=True):
+        return {g: OrtEngine(folder / file) for g, file in manifest.engines.items()}

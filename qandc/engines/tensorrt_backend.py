@@ -15,6 +15,7 @@ import numpy as np
 
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
 SUFFIX = ".plan"
 TIMING_CACHE = "timing.cache"
@@ -28,7 +29,7 @@ def _trt():
     return tensorrt
 
 
-def build(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_batch: int = 64, opt_batch: int = 32,
+def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_batch: int = 64, opt_batch: int = 32,
           float_precision: str = "bf16") -> Path:
     """Parse the ONNX graph, build a serialised plan NAME.plan (atomically) and update the timing cache."""
     trt = _trt()
@@ -83,6 +84,7 @@ class TrtEngine:
         self.device = torch.device("cuda")
 
     def infer(self, feeds: dict) -> dict:
+        check_engine_inputs(self, feeds)
         torch, trt = self.torch, self.trt
         inputs = {n: torch.as_tensor(feeds[n]).cuda().contiguous() for n in self.input_names}
         for name, tensor in inputs.items():
@@ -98,3 +100,22 @@ class TrtEngine:
             raise QandcError("TensorRT execution failed")
         stream.synchronize()
         return outputs
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    capabilities = Capabilities(devices=("cuda",), precisions=("float", "w8a8-int8", "w8a8-fp8"), builds_from="onnx",
+                                batch_profile=True)
+    requires = "tensorrt"
+
+    def versions(self) -> dict[str, str]:
+        return {"tensorrt": _trt().__version__}
+
+    def build(self, export_dir, export, out, options) -> BuildResult:
+        quantized = export.recipe is not None
+        engines = {g: build_plan(export_dir / file, out, g, quantized, options.max_batch).name
+                   for g, file in export.onnx.items()}
+        return BuildResult(engines, list(engines.values()), {"max_batch": options.max_batch})
+
+    def load(self, folder, manifest, compile=True):
+        return {g: TrtEngine(folder / file) for g, file in manifest.engines.items()}

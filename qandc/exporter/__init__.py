@@ -1,6 +1,5 @@
-"""Stage 3: ONNX export of the full and the reuse graph (Q/DQ from a quant recipe), with the manifest that
-build-engine reads."""
+"""Stage 3: ONNX export of the engine graphs (Q/DQ from a quant recipe), with the manifest build-engine reads."""
 
-from .export import MANIFEST, export
+from .export import export
 
-__all__ = ["MANIFEST", "export"]
+__all__ = ["export"]

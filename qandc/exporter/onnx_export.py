@@ -20,40 +20,11 @@ import torch.nn as nn
 
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from ..model.graphs import GraphSpec
 
 OPSET = 19
 TWO_GIB = 2 ** 31
 TRT_FP8 = {"TRT_FP8QuantizeLinear": "QuantizeLinear", "TRT_FP8DequantizeLinear": "DequantizeLinear"}
-
-
-class FullGraph(nn.Module):
-    def __init__(self, model, branches: list[str], regate: bool):
-        super().__init__()
-        self.model, self.branches, self.regate = model, branches, regate
-
-    def forward(self, x, t, y):
-        out, cache = self.model.forward_full(x, t, y, branches=self.branches, regate=self.regate)
-        return (out, *[cache[b] for b in self.branches])
-
-
-class ReuseGraph(nn.Module):
-    def __init__(self, model, branches: list[str], regate: bool):
-        super().__init__()
-        self.model, self.branches, self.regate = model, branches, regate
-
-    def forward(self, x, t, y, *cached):
-        return self.model.forward_reuse(x, t, y, dict(zip(self.branches, cached)), regate=self.regate)
-
-
-def sample_inputs(model, batch: int = 2) -> tuple[torch.Tensor, ...]:
-    """Example (x, t, y) on the device of `model` (a DiT or anything with its `config` and `device`): real classes
-    and the null class, distinct timesteps."""
-    c, device = model.config, model.device
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=generator).to(device)
-    t = torch.linspace(10, 990, batch).long().to(device)
-    y = (torch.arange(batch) % (c.num_classes + 1)).to(device)
-    return x, t, y
 
 
 def _standard_fp8(graph_proto) -> int:
@@ -101,19 +72,19 @@ def validate_with_polygraphy(path: Path, feeds: dict, expected: list[torch.Tenso
     return worst
 
 
-def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str],
-                 path: Path) -> dict:
-    """Trace `module` to ONNX at `path` (atomically), FP8 ops standardised, checked; returns node counts."""
+def export_graph(module: nn.Module, feeds: dict[str, torch.Tensor], spec: GraphSpec, path: Path) -> dict:
+    """Trace `module` (a graph declared by `spec`) on `feeds` to ONNX at `path` (atomically), FP8 ops
+    standardised, checked; returns node counts and validation results."""
     try:
         import onnx
     except ImportError:
         raise QandcError("export needs onnx (pip install 'qandc[export]')") from None
 
-    dynamic = {name: {0: "batch"} for name in input_names + output_names}
+    inputs = tuple(feeds[n] for n in spec.input_names)
     buffer = io.BytesIO()
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(module, inputs, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic)
+        torch.onnx.export(module, inputs, buffer, dynamo=False, opset_version=OPSET, input_names=spec.input_names,
+                          output_names=spec.output_names, dynamic_axes=spec.dynamic_axes)
     proto = onnx.load_model_from_string(buffer.getvalue())
     rewritten = _standard_fp8(proto)
     large = proto.ByteSize() >= TWO_GIB
@@ -125,9 +96,8 @@ def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], outpu
         onnx.checker.check_model(str(path))
     ops = [n.op_type for n in proto.graph.node]
     with torch.no_grad():
-        expected = module(*inputs)
-    expected = list(expected) if isinstance(expected, tuple) else [expected]
+        expected = list(module(*inputs))
     return {"nodes": len(ops), "quantize_linear": ops.count("QuantizeLinear"),
             "dequantize_linear": ops.count("DequantizeLinear"), "fp8_rewritten": rewritten, "external_data": large,
             "onnx_checker": "passed", "polygraphy_onnxrt_rel_error": validate_with_polygraphy(
-                path, dict(zip(input_names, inputs)), expected)}
+                path, feeds, expected)}

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..calibration.vc import vc_correction
-from ..engines import load_engines
+from ..engines import get_backend, load_engines
 from ..errors import QandcError
+from ..formats.manifest import EngineManifest
+from ..formats.recipe import vc_correction
 from ..model.dit import DiTConfig, branch_names
-from ..sampling import CachePlan, sample
+from ..sampling import sample
 
 
 class CudaGraphEngine:
@@ -63,17 +64,18 @@ class CudaGraphEngine:
 class EngineDenoiser:
     """The engines behind the denoiser face the sampler drives (tensors on the engines' device)."""
 
-    def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True, fallback=None):
-        self.config = DiTConfig.from_dict(manifest["model"])
+    def __init__(self, manifest: EngineManifest, engines: dict, cuda_graphs: bool = True, fallback=None):
+        self.config = manifest.model
         self.branch_names = branch_names(self.config.depth)
-        self.cache_inputs = manifest["cache_inputs"]
+        self.cache_inputs = manifest.cache_inputs
         self.device = engines["full"].device
-        if cuda_graphs and manifest["backend"] == "inductor" and self.device.type == "cuda":
+        backend = get_backend(manifest.backend)
+        if cuda_graphs and backend.capabilities.cuda_graphs and self.device.type == "cuda":
             static = set()
             engines = {name: CudaGraphEngine(engine, static) for name, engine in engines.items()}
         self.engines = engines
         self.calls = {"full": 0, "reuse": 0}
-        self.max_batch = manifest["max_batch"] if manifest["backend"] == "tensorrt" else None  # its plan's profile
+        self.max_batch = backend.batch_limit(manifest)
         self.fallback = fallback
         self.start_run()
 
@@ -125,12 +127,12 @@ class EngineDenoiser:
 class Pipeline:
     """`Pipeline.load(engine_dir).generate(labels, seed)`: images in the model's output space."""
 
-    def __init__(self, manifest: dict, engines: dict, cuda_graphs: bool = True, fallback=None):
+    def __init__(self, manifest: EngineManifest, engines: dict, cuda_graphs: bool = True, fallback=None):
         self.manifest = manifest
         self.denoiser = EngineDenoiser(manifest, engines, cuda_graphs, fallback)
         self.last_run = None
-        self.plan = CachePlan.from_dict(manifest["plan"])
-        self.vc = None if manifest.get("vc") is None else torch.tensor(manifest["vc"], dtype=torch.float32)
+        self.plan = manifest.plan
+        self.vc = manifest.vc_table
 
     @classmethod
     def load(cls, folder: str | Path, compile: bool = True, cuda_graphs: bool = True,
@@ -143,10 +145,10 @@ class Pipeline:
         if fallback:
             from ..model import load_checkpoint
 
-            if not manifest.get("checkpoint"):
+            if not manifest.checkpoint:
                 raise QandcError(f"{Path(folder) / 'manifest.json'}: names no checkpoint for a high-precision "
                                  "fallback")
-            model = load_checkpoint(manifest["checkpoint"]).to(engines["full"].device).eval()
+            model = load_checkpoint(manifest.checkpoint).to(engines["full"].device).eval()
         return cls(manifest, engines, cuda_graphs=cuda_graphs, fallback=model)
 
     @property
@@ -156,13 +158,13 @@ class Pipeline:
     def generate(self, labels, seed: int, steps: int | None = None, sampler: str | None = None,
                  cfg_scale: float | None = None, sample_ids=None, use_vc: bool = True,
                  progress: bool = False, eta: float = 0.0) -> torch.Tensor:
-        defaults = self.manifest["sampler"]
-        steps = steps or defaults["steps"]
+        defaults = self.manifest.sampler
+        steps = steps or defaults.steps
         correction = vc_correction(self.vc, steps, "the engines") if use_vc else None
         calls = dict(self.denoiser.calls)
         self.denoiser.start_run()
-        images = sample(self.denoiser, labels, steps, sampler or defaults["sampler"],
-                        defaults["cfg_scale"] if cfg_scale is None else cfg_scale, seed=seed, plan=self.plan,
+        images = sample(self.denoiser, labels, steps, sampler or defaults.sampler,
+                        defaults.cfg_scale if cfg_scale is None else cfg_scale, seed=seed, plan=self.plan,
                         eta=eta, correction=correction, sample_ids=sample_ids, progress=progress)
         self.last_run = {path: self.denoiser.calls[path] - calls[path] for path in calls}
         self.last_run["fallback_steps"] = self.denoiser.fallback_steps

@@ -7,6 +7,7 @@ The sampler drives any *denoiser* with the face of `qandc.model.DiT`: `config` (
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,28 @@ SAMPLERS = ("ddpm", "ddim")
 
 # correction(step_index, x) -> x, applied after every sampling step (variance compensation plugs in here)
 Correction = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """The sampler settings an artifact was made for (a recipe's calibration, an engine set's defaults)."""
+
+    steps: int = 50
+    sampler: str = "ddpm"
+    cfg_scale: float = 1.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplerDefaults":
+        if not isinstance(data, dict) or set(data) != {"steps", "sampler", "cfg_scale"}:
+            raise QandcError("sampler settings: expected an object with steps, sampler and cfg_scale")
+        if not isinstance(data["steps"], int) or isinstance(data["steps"], bool) or data["steps"] < 1 \
+                or data["sampler"] not in SAMPLERS or not isinstance(data["cfg_scale"], (int, float)) \
+                or isinstance(data["cfg_scale"], bool):
+            raise QandcError(f"sampler settings: not valid ({data})")
+        return cls(**data)
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:

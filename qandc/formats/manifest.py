@@ -1,0 +1,208 @@
+"""The manifests of an export folder and of an engine folder: one typed object each, one writer, one reader that
+checks every field, the checksums of the files listed and the lineage asked for.
+
+Shared fields: the model config, the cache plan, the engine graphs' declared inputs and outputs, the sampler
+defaults, the recipe the graphs were quantized with ({"preset", "sha256"}, or None), the VC table (steps x
+channels, or None), the float checkpoint's path, `lineage` (sha256 of every input artifact, by kind: "checkpoint",
+"recipe", "export"), the files with their sha256, and library versions. A manifest is written last and removed
+first: a folder holds one only while its files are whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..artifacts import checkpoint_hash, is_a, read_json, sha256_file, write_json
+from ..errors import QandcError
+from ..model.dit import DiTConfig, branch_names
+from ..model.graphs import GraphSpec, engine_graphs
+from ..sampling import CachePlan, SamplerDefaults
+from .recipe import EXPORTABLE, RECIPE, QuantRecipe, load_vc
+
+MANIFEST = "manifest.json"
+# fields held as typed objects, written as their JSON form
+_OBJECTS = {"model": DiTConfig, "plan": CachePlan, "sampler": SamplerDefaults}
+
+
+@dataclass
+class Manifest:
+    KIND: ClassVar[str]
+    FORMAT: ClassVar[int] = 1
+
+    model: DiTConfig
+    plan: CachePlan
+    graphs: dict[str, GraphSpec]
+    sampler: SamplerDefaults
+    recipe: dict | None
+    vc: list | None
+    checkpoint: str
+    lineage: dict
+    files: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def cache_inputs(self) -> list[str]:
+        """The branches the reuse graph takes from the cache."""
+        return self.graphs["reuse"].cache_inputs
+
+    @property
+    def vc_table(self) -> torch.Tensor | None:
+        return None if self.vc is None else torch.tensor(self.vc, dtype=torch.float32)
+
+    def to_dict(self) -> dict:
+        data = {"kind": self.KIND, "format_version": self.FORMAT}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "graphs":
+                value = {name: spec.to_dict() for name, spec in value.items()}
+            elif f.name in _OBJECTS:
+                value = value.to_dict()
+            data[f.name] = value
+        return data
+
+    def write(self, folder: str | Path, files: list[str]) -> None:
+        """Checksum `files` (names in `folder`) into the manifest and write it, atomically and last."""
+        folder = Path(folder)
+        self.files = {name: sha256_file(folder / name) for name in files}
+        write_json(folder / MANIFEST, self.to_dict())
+
+    @classmethod
+    def read(cls, folder: str | Path, verify: bool = True, lineage: dict | None = None):
+        """The manifest of `folder`, every field checked; `verify`: every file's checksum too; `lineage`: the
+        sha256 each named input must have (one line naming the manifest when not)."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        data = read_json(path, f"missing: {folder} is no qandc {cls.KIND} folder (no {MANIFEST})")
+        if data.get("kind") != cls.KIND or data.get("format_version") != cls.FORMAT:
+            raise QandcError(f"{path}: manifest kind {data.get('kind')!r}, format {data.get('format_version')!r}; "
+                             f"expected {cls.KIND!r} format {cls.FORMAT}")
+        try:
+            manifest = cls._parse(data)
+        except (QandcError, TypeError, ValueError, KeyError) as e:
+            raise QandcError(f"{path}: {e}") from None
+        if verify:
+            manifest.verify(folder)
+        for kind, digest in (lineage or {}).items():
+            if manifest.lineage.get(kind) != digest:
+                raise QandcError(f"{path}: made from another {kind} (sha256 {str(manifest.lineage.get(kind))[:12]}, "
+                                 f"expected {digest[:12]})")
+        return manifest
+
+    @classmethod
+    def _parse(cls, data: dict):
+        hints = typing.get_type_hints(cls)
+        if not isinstance(data.get("files"), dict):
+            raise QandcError("'files' is not an object of file names and checksums")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                raise QandcError(f"field {f.name!r} is missing")
+            value = data[f.name]
+            if f.name == "graphs":
+                if not isinstance(value, dict) or set(value) != {"full", "reuse"}:
+                    raise QandcError("field 'graphs' must declare the full and the reuse graph")
+                value = {name: GraphSpec.from_dict(spec) for name, spec in value.items()}
+            elif f.name in _OBJECTS:
+                if not isinstance(value, dict):
+                    raise QandcError(f"field {f.name!r} is missing or of the wrong type")
+                try:
+                    value = _OBJECTS[f.name].from_dict(value)
+                except (QandcError, TypeError, ValueError) as e:
+                    raise QandcError(f"{f.name}: {e}") from None
+            elif not is_a(value, hints[f.name]):
+                raise QandcError(f"field {f.name!r} is missing or of the wrong type")
+            values[f.name] = value
+        if not all(isinstance(k, str) and isinstance(v, str) and Path(k).name == k and "\0" not in k
+                   for k, v in values["files"].items()):
+            raise QandcError("'files' must map plain file names to sha256 digests")
+        manifest = cls(**values)
+        manifest.plan.reuse_set(branch_names(manifest.model.depth))
+        if manifest.cache_inputs != manifest.graphs["full"].cache_outputs:
+            raise QandcError("the reuse graph's cache inputs differ from the full graph's cache outputs")
+        if manifest.vc is not None and manifest.vc_table.ndim != 2:
+            raise QandcError("'vc' is not a steps x channels table")
+        manifest._check()
+        return manifest
+
+    def _check(self) -> None:
+        """Checks of the kind's own fields."""
+
+    def verify(self, folder: str | Path) -> None:
+        """Every listed file is there with its checksum."""
+        for name, digest in self.files.items():
+            path = Path(folder) / name
+            if not path.is_file():
+                raise QandcError(f"{path}: missing")
+            if sha256_file(path) != digest:
+                raise QandcError(f"{path}: checksum mismatch (changed or truncated since it was written)")
+
+
+@dataclass
+class ExportManifest(Manifest):
+    """An export folder: an ONNX file per graph (`onnx`), and with a recipe its recipe.json and amax.safetensors
+    (what the Inductor backend builds from). `checks`: per graph, node counts and validation results."""
+
+    KIND: ClassVar[str] = "onnx-export"
+    onnx: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)
+
+    def _check(self) -> None:
+        if set(self.onnx) != set(self.graphs) or any(f not in self.files for f in self.onnx.values()):
+            raise QandcError("'onnx' must name a checksummed ONNX file for every graph")
+
+
+@dataclass
+class EngineManifest(Manifest):
+    """An engine folder: the backend, its engine file per graph and what the backend recorded at build time
+    (`build`: e.g. a batch profile, the device, compiled batch sizes)."""
+
+    KIND: ClassVar[str] = "engines"
+    backend: str = ""
+    engines: dict = field(default_factory=dict)
+    build: dict = field(default_factory=dict)
+
+    def _check(self) -> None:
+        if set(self.engines) != set(self.graphs) or any(f not in self.files for f in self.engines.values()):
+            raise QandcError("'engines' must name a checksummed engine file for every graph")
+
+    @classmethod
+    def from_export(cls, export: ExportManifest, export_sha256: str, backend: str, engines: dict, build: dict,
+                    versions: dict) -> "EngineManifest":
+        """An engine set's manifest: everything the export recorded, plus the backend's own fields."""
+        shared = {f.name: getattr(export, f.name) for f in dataclasses.fields(Manifest)}
+        return cls(**{**shared, "lineage": {**export.lineage, "export": export_sha256}, "files": {},
+                      "versions": versions}, backend=backend, engines=engines, build=build)
+
+
+def pipeline_fields(model, plan: CachePlan | None = None, recipe_dir: str | Path | None = None,
+                    sampler: SamplerDefaults | None = None, checkpoint: str | Path = "") -> dict:
+    """The fields every manifest shares, for `model` under `plan` (default none) and `sampler`; with a recipe,
+    its plan, sampler settings and VC table (a different `plan` is an error; a fake-quant-only preset too)."""
+    recipe, vc, lineage = None, None, {}
+    if checkpoint:
+        lineage["checkpoint"] = checkpoint_hash(checkpoint)
+    if recipe_dir is not None:
+        recipe_dir = Path(recipe_dir)
+        loaded = QuantRecipe.load(recipe_dir)
+        if loaded.preset not in EXPORTABLE:
+            raise QandcError(f"{recipe_dir}: {loaded.preset} is fake quant only (quality study); engines take "
+                             f"{' or '.join(EXPORTABLE)}")
+        if plan is not None and plan != loaded.plan:
+            raise QandcError(f"the cache plan differs from the recipe's ({loaded.plan.to_dict()}); leave --cache out")
+        plan, sampler, vc = loaded.plan, loaded.sampler_defaults, load_vc(recipe_dir)
+        lineage["recipe"] = sha256_file(recipe_dir / RECIPE)
+        recipe = {"preset": loaded.preset, "sha256": lineage["recipe"]}
+    plan = plan or CachePlan.none()
+    return {"model": model.config, "plan": plan, "graphs": engine_graphs(plan.reuse_set(model.branch_names),
+                                                                         plan.regate),
+            "sampler": sampler or SamplerDefaults(), "recipe": recipe, "vc": None if vc is None else vc.tolist(),
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else "", "lineage": lineage}
+
+
+MANIFESTS = {kind.KIND: kind for kind in (ExportManifest, EngineManifest)}
