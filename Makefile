@@ -9,6 +9,9 @@ $(BIN)/qandc: pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.11,<2.14"; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e ".[test]"
+	# TensorRT 10.13's API stubs, which tests/test_tensorrt_types.py checks the TensorRT backend against: without their
+	# dependencies (TensorRT itself) and outside site-packages, where their bare tensorrt/ would import as a package.
+	$(BIN)/pip install -q --upgrade --no-deps --target $(VENV)/tensorrt-stubs tensorrt-stubs==10.13.0.35.1
 	touch $@
 
 setup: $(BIN)/qandc

@@ -32,7 +32,8 @@ def _trt():
 def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_batch: int = 64, opt_batch: int = 32,
           float_precision: str = "bf16") -> Path:
     """Parse the ONNX graph, build a serialised plan NAME.plan (atomically) and update the timing cache."""
-    trt = _trt()
+    _trt()
+    import tensorrt as trt  # a plain import, so that mypy types every call against TensorRT's stubs
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if quantized else 0
@@ -70,7 +71,9 @@ class TrtEngine:
     def __init__(self, path: Path):
         import torch
 
-        trt = _trt()
+        _trt()
+        import tensorrt as trt
+
         self.torch, self.trt = torch, trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
