@@ -280,12 +280,11 @@ def cmd_calibrate(args) -> None:
 
 
 def _calibration_settings(args):
-    from .calibration import CalibrationSettings, SelectorParams, parse_auto
-    from .sampling import CachePlan
+    from .calibration import CalibrationSettings, SelectorParams
 
     return CalibrationSettings(
         preset=args.preset, selector=args.selector, budget=args.samples,
-        plan=parse_auto(args.cache) if args.cache.startswith("auto") else CachePlan.parse(args.cache),
+        plan=args.cache,
         pool_samples=args.pool_samples, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
         seed=args.seed, selector_params=SelectorParams(m=args.tap_m, k=args.clusters, alpha=args.alpha, tau=args.tau),
         keep=args.keep, fp8_weight_per_channel=args.fp8_weight_per_channel, vc=args.vc, vc_samples=args.vc_samples,

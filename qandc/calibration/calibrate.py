@@ -21,7 +21,7 @@ from ..distributed import World
 from ..errors import QandcError
 from ..formats.recipe import RECIPE, QuantRecipe, quantizer_formats, write_vc
 from ..sampling import CachePlan, space_timesteps
-from .plan_search import PlanSearch, auto_plan
+from .plan_search import PlanSearch, auto_plan, parse_auto
 from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
 from .quantize import quantize, quantized_layers, save_amax
 from .selection import SELECTORS, SelectorParams, read_selection, select
@@ -36,7 +36,7 @@ class CalibrationSettings:
     preset: str = "w8a8-fp8"
     selector: str = "tap"
     budget: int = 800
-    plan: CachePlan | PlanSearch = field(default_factory=lambda: CachePlan.interval(3))
+    plan: CachePlan | PlanSearch = field(default_factory=lambda: CachePlan.interval(3))  # or its CLI text
     plan_samples: int = 4     # trajectories the plan search measures
     pool_samples: int = 400
     steps: int = 50
@@ -49,6 +49,10 @@ class CalibrationSettings:
     vc: str = "var"           # "var", "mse", "nsr" or "none"
     vc_samples: int = 256
     batch_size: int = 256
+
+    def __post_init__(self):
+        if isinstance(self.plan, str):  # the parsing edge: `--cache` text becomes a typed plan or plan search
+            self.plan = parse_auto(self.plan) if self.plan.startswith("auto") else CachePlan.parse(self.plan)
 
 
 def check_settings(model, s: CalibrationSettings) -> None:

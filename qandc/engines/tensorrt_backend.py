@@ -29,8 +29,8 @@ def _trt():
     return tensorrt
 
 
-def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_batch: int = 64, opt_batch: int = 32,
-          float_precision: str = "bf16") -> Path:
+def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_batch: int = 64,
+               opt_batch: int = 32, float_precision: str = "bf16") -> Path:
     """Parse the ONNX graph, build a serialised plan NAME.plan (atomically) and update the timing cache."""
     _trt()
     import tensorrt as trt  # a plain import, so that mypy types every call against TensorRT's stubs
