@@ -1,5 +1,6 @@
 """ONNX export of the full and reuse graphs: float and Q/DQ (INT8, FP8 rewritten to standard ops), checked by
-ONNX Runtime against PyTorch (float: rel 1e-5; fake quant: rel 1e-4, the same scales and rounding)."""
+ONNX Runtime against PyTorch (float: rel 1e-5; fake quant: rel 1e-4, the same scales and rounding), run as the
+ONNX Runtime engines run them (INT8 Q/DQ as uint8, `ort_int8.session`)."""
 
 import copy
 
@@ -9,10 +10,11 @@ import torch
 from conftest import rel_err, tiny_model
 from qandc.artifacts import sha256_file
 from qandc.errors import QandcError
+from qandc.ort_int8 import session
 from qandc.sampling import CachePlan
 
 onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 pytest.importorskip("modelopt.torch.quantization")
 
 from qandc.calibration import CalibrationSettings, SelectorParams, apply_recipe, calibrate  # noqa: E402
@@ -38,7 +40,7 @@ def _check_against_torch(folder, reference, tolerance):
     manifest = ExportManifest.read(folder)
     branches = manifest.cache_inputs
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5, 400, 999]), torch.tensor([0, 3, 10])  # batch 3: dynamic
-    full = ort.InferenceSession(str(folder / "full.onnx"), providers=["CPUExecutionProvider"])
+    full = session(folder / "full.onnx")
     assert [i.name for i in full.get_inputs()] == ["x", "t", "y"]
     assert [o.name for o in full.get_outputs()] == ["out", *branches]
     outs = full.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
@@ -47,7 +49,7 @@ def _check_against_torch(folder, reference, tolerance):
     assert rel_err(torch.from_numpy(outs[0]), expected) < tolerance
     for name, value in zip(branches, outs[1:]):
         assert rel_err(torch.from_numpy(value), cache[name]) < tolerance
-    reuse = ort.InferenceSession(str(folder / "reuse.onnx"), providers=["CPUExecutionProvider"])
+    reuse = session(folder / "reuse.onnx")
     x2, t2 = x + 0.1, t // 2  # a later step, reusing the cache of the full step
     feeds = {"x": x2.numpy(), "t": t2.numpy(), "y": y.numpy(), **dict(zip(branches, outs[1:]))}
     with torch.no_grad():
@@ -79,6 +81,10 @@ def test_qdq_export_matches_fake_quant(model, tmp_path, preset):
     assert manifest.recipe["preset"] == preset and len(manifest.vc) == 6
     zero_points = {i.data_type for i in graph.graph.initializer if i.name == "qandc_fp8_zero_point"}
     assert zero_points == ({onnx.TensorProto.FLOAT8E4M3FN} if preset == "w8a8-fp8" else set())
+    if preset == "w8a8-int8":  # the export stays int8 symmetric (TensorRT); only what ONNX Runtime runs is uint8
+        constants = {n.output[0]: n.attribute[0].t.data_type for n in graph.graph.node if n.op_type == "Constant"}
+        assert {constants[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"} == {
+            onnx.TensorProto.INT8}
 
 
 def test_export_refuses_w4a8_and_a_foreign_plan(model, tmp_path):

@@ -1,6 +1,7 @@
 """ONNX Runtime engines: the CPU execution provider (tested here; real int8 kernels for INT8 Q/DQ graphs) and the
 CUDA provider (configured; it runs only where onnxruntime-gpu and a GPU exist). The optimised model is saved at
-build time, so loading does not optimise again."""
+build time, so loading does not optimise again; INT8 Q/DQ is rewritten to uint8 first (`ort_int8`), so its integer
+MatMuls are U8U8, exact on every CPU, whichever CPU built it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ort_int8
 from ..artifacts import atomic_path
 from ..errors import QandcError
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
@@ -23,12 +25,17 @@ def _ort():
     return onnxruntime
 
 
-def _session(path: Path, options, providers: list[str]):
-    """An InferenceSession, with ONNX Runtime's load errors (a damaged or foreign model) as one line."""
+def _session(path: Path, options, providers: list[str], u8: bool = False):
+    """An InferenceSession (`u8`: of the graph rewritten by `ort_int8.to_u8`), with load errors (a damaged or foreign
+    model) as one line."""
+    from google.protobuf.message import DecodeError
+
     ort = _ort()
     try:
+        if u8:
+            return ort_int8.session(path, options, providers)
         return ort.InferenceSession(str(path), options, providers=providers)
-    except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,
+    except (DecodeError, RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.NoSuchFile) as e:
         reason = str(e).splitlines()[0][:160]
@@ -41,13 +48,14 @@ def providers() -> list[str]:
 
 
 def optimise(onnx_path: Path, target: Path) -> Path:
-    """Optimise `onnx_path` (extended level: portable, Q/DQ fused into int8 kernels) and save it as `target`."""
+    """Optimise `onnx_path`, INT8 Q/DQ as uint8 (extended level: portable, Q/DQ fused into U8U8 kernels), and save
+    it as `target`."""
     ort = _ort()
     with atomic_path(target) as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(tmp)
-        _session(onnx_path, options, ["CPUExecutionProvider"])
+        _session(onnx_path, options, ["CPUExecutionProvider"], u8=True)
     return target
 
 

@@ -6,7 +6,8 @@ INT8 recipes export as standard QuantizeLinear / DequantizeLinear (per-channel w
 scales). ModelOpt exports FP8 as TensorRT-only `trt::TRT_FP8QuantizeLinear` / `TRT_FP8DequantizeLinear`; they are
 rewritten into standard opset-19 Q/DQ with a float8e4m3fn zero point, which ONNX Runtime and TensorRT both read.
 Models over 2 GiB keep their weights as external data beside the graph. Each graph is validated by onnx.checker
-(full check) and run once through polygraphy's ONNX Runtime runner against the traced module.
+(full check) and run once through polygraphy's ONNX Runtime runner against the traced module, INT8 Q/DQ rewritten to
+uint8 as the ONNX Runtime engines run it (`qandc.ort_int8`: exact on CPUs without VNNI too).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import ort_int8
 from ..artifacts import atomic_path
 from ..errors import QandcError
 from ..model.graphs import GraphSpec
@@ -55,13 +57,14 @@ def _standard_fp8(graph_proto) -> int:
 
 
 def validate_with_polygraphy(path: Path, feeds: dict, expected: list[torch.Tensor]) -> float:
-    """Run the saved graph with polygraphy's ONNX Runtime runner on `feeds`; return the largest relative error
-    against the traced module's outputs (non-finite outputs are an error)."""
+    """Run the saved graph (INT8 Q/DQ as uint8, `ort_int8.session`) with polygraphy's ONNX Runtime runner on `feeds`;
+    return the largest relative error against the traced module's outputs (non-finite outputs are an error)."""
     try:
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        import onnxruntime  # noqa: F401  (ort_int8.session builds the session)
+        from polygraphy.backend.onnxrt import OnnxrtRunner
     except ImportError:
         raise QandcError("export validation needs polygraphy and onnxruntime (pip install 'qandc[export]')") from None
-    with contextlib.redirect_stdout(io.StringIO()), OnnxrtRunner(SessionFromOnnx(str(path))) as runner:
+    with contextlib.redirect_stdout(io.StringIO()), OnnxrtRunner(ort_int8.session(path)) as runner:
         outputs = runner.infer({k: v.detach().cpu().numpy() for k, v in feeds.items()})
     worst = 0.0
     for want, (name, got) in zip(expected, outputs.items()):
