@@ -350,7 +350,7 @@ def cmd_inspect(args) -> None:
         found = True
         data = read_json(path)
         if name == "manifest.json":  # the one verifier, checksums left to the listing below
-            kind = MANIFESTS.get(data.get("kind"))
+            kind = MANIFESTS.get(data["kind"]) if isinstance(data.get("kind"), str) else None
             if kind is None:
                 raise QandcError(f"{path}: manifest kind {data.get('kind')!r} is none of {', '.join(MANIFESTS)}")
             data = kind.read(folder, verify=False).to_dict()

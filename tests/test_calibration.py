@@ -157,5 +157,5 @@ def test_plan_search_meets_its_targets(model):
 def test_calibrate_with_a_searched_plan(model, tmp_path):
     recipe = calibrate(model, tmp_path, _settings(plan="auto:reuse=0.5", selector="random", vc="none"))
     saved = json.loads((tmp_path / "plan.json").read_text())
-    assert recipe.plan == saved["plan"] and saved["search"]["reuse_fraction"] >= 0.5
+    assert recipe.plan.to_dict() == saved["plan"] and saved["search"]["reuse_fraction"] >= 0.5
     assert recipe.cache_plan.full_steps(9)[0]

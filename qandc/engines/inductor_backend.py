@@ -43,7 +43,8 @@ def build_files(model, out_dir: Path, graphs: dict[str, GraphSpec], batch_sizes)
     for name, spec in graphs.items():
         args = tuple(feeds[name][n] for n in spec.input_names)
         try:
-            program = torch.export.export(PathGraph(model, spec), args, dynamic_shapes=[{0: batch}] * len(args))
+            shapes = [tuple({0: batch} for _ in args)]  # one entry: PathGraph takes its inputs as *inputs
+            program = torch.export.export(PathGraph(model, spec), args, dynamic_shapes=shapes)
         except Exception as e:  # torch.export reports untraceable code in many exception types
             raise QandcError(f"torch.export could not trace the {name} path: {str(e).splitlines()[0][:300]}") from e
         buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temporary file has neither

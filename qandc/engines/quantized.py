@@ -103,7 +103,7 @@ def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtyp
     model = copy.deepcopy(model).to(dtype).eval()
     if recipe_dir is None:
         return model
-    from ..calibration.quantize import EXPORTABLE, QuantRecipe, load_amax
+    from ..formats.recipe import EXPORTABLE, QuantRecipe, load_amax
 
     recipe = QuantRecipe.load(recipe_dir)
     if recipe.preset not in EXPORTABLE:

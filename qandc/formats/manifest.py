@@ -105,9 +105,11 @@ class Manifest:
                 raise QandcError(f"field {f.name!r} is missing")
             value = data[f.name]
             if f.name == "graphs":
-                if not isinstance(value, dict) or set(value) != {"full", "reuse"}:
+                if not isinstance(value, dict) or not {"full", "reuse"} <= set(value):
                     raise QandcError("field 'graphs' must declare the full and the reuse graph")
                 value = {name: GraphSpec.from_dict(spec) for name, spec in value.items()}
+                if value["full"].path != "full" or any(s.path != "reuse" for n, s in value.items() if n != "full"):
+                    raise QandcError("field 'graphs': 'full' runs the full path, every other graph the reuse path")
             elif f.name in _OBJECTS:
                 if not isinstance(value, dict):
                     raise QandcError(f"field {f.name!r} is missing or of the wrong type")
