@@ -91,7 +91,7 @@ class Manifest:
         for kind, digest in (lineage or {}).items():
             if manifest.lineage.get(kind) != digest:
                 raise QandcError(f"{path}: made from another {kind} (sha256 {str(manifest.lineage.get(kind))[:12]}, "
-                                 f"expected {digest[:12]})")
+                                 f"expected {str(digest)[:12]})")
         return manifest
 
     @classmethod
