@@ -95,3 +95,24 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str | dict:
+    """sha256 of a checkpoint file, or of each file of a diffusers directory by name."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    return {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
+
+
+def library_versions() -> dict:
+    """The versions config and eval records carry."""
+    import platform
+
+    import numpy as np
+    import torch
+
+    from . import __version__
+
+    return {"qandc": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
