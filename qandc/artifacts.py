@@ -75,17 +75,17 @@ def mistyped(cls, data: dict) -> list[str]:
     """The fields of dataclass `cls` whose value in `data` does not have the annotated type, as JSON gives it
     (an int is a float, a bool is not an int)."""
     hints = typing.get_type_hints(cls)
-    return [name for name, value in data.items() if name in hints and not is_a(value, hints[name])]
+    return [name for name, value in data.items() if name in hints and not _is_a(value, hints[name])]
 
 
-def is_a(value, hint) -> bool:
+def _is_a(value, hint) -> bool:
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return any(is_a(value, h) for h in args)
+        return any(_is_a(value, h) for h in args)
     if hint in (int, float):
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     origin = typing.get_origin(hint) or hint
-    return isinstance(value, origin) and (origin is not list or not args or all(is_a(v, args[0]) for v in value))
+    return isinstance(value, origin) and (origin is not list or not args or all(_is_a(v, args[0]) for v in value))
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -97,9 +97,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_hash(path: str | os.PathLike) -> str | dict[str, str]:
-    """sha256 of a checkpoint file, or of every file in a checkpoint directory (diffusers), by name."""
+def checkpoint_sha256(path: str | os.PathLike) -> str | dict:
+    """sha256 of a checkpoint file, or of each file of a diffusers directory by name."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     return {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
+
+
+def library_versions() -> dict:
+    """The versions config and eval records carry."""
+    import platform
+
+    import numpy as np
+    import torch
+
+    from . import __version__
+
+    return {"qandc": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}

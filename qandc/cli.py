@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__, distributed
-from .artifacts import atomic_path, read_json, sha256_file, write_json
+from .artifacts import checkpoint_sha256, library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
 from .model.checkpoint import REFERENCE_CHECKPOINT
-
-GRID_LIMIT = 256  # grid.png shows at most this many samples
-
-
-def library_versions() -> dict:
-    return {"qandc": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
 
 
 def _device(name: str | None) -> torch.device:
@@ -117,153 +106,93 @@ def cmd_generate(args) -> None:
     """Sample images for the given labels and write grid.png, samples.npz and config.json. The samples are made in
     shards of --batch-size (kept in OUT/shards; a rerun skips finished ones); under torchrun the ranks share the
     shards and rank 0 merges them."""
-    from .images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
+    from .images import has_image_space
     from .model.checkpoint import read_sidecar
-    from .sampling import CachePlan, sample, space_timesteps
+    from .runtime import GRID_LIMIT, SamplingOptions, generate
+    from .sampling import CachePlan
 
     plan = CachePlan.parse(args.cache or "none")
-    plan_source = f"--cache {args.cache or 'none'}"
-    correction = None
     world, device = distributed.init(_device(args.device))  # first: engines built on "cuda" get this rank's GPU
-    if args.engines:
+    pipeline, plan_source, vc_source = _generate_pipeline(args, plan, device)
+    labels = _generate_labels(args.labels, args.per_class, args.num_images, pipeline.config.num_classes)
+    options = SamplingOptions(steps=args.steps, sampler=args.sampler, eta=args.eta, cfg_scale=args.cfg_scale,
+                              seed=args.seed, batch_size=args.batch_size, use_vc=not args.no_vc)
+    _check_plan(pipeline.plan, pipeline.denoiser, args.steps, plan_source)
+    if options.use_vc:
         from .formats.recipe import vc_correction
-        from .runtime import Pipeline
 
+        vc_correction(pipeline.vc, args.steps, vc_source, pipeline.config.in_channels)
+    class_names = (read_sidecar(args.checkpoint).get("classes") or []) if (args.per_class or 1) > 1 else []
+    if generate(pipeline, labels, args.out, options, provenance=_provenance(args), world=world, vae=args.vae,
+                per_class=args.per_class, class_names=class_names) is None:
+        return  # not rank 0
+    out = Path(args.out)
+    grid = bool(args.vae) or has_image_space(pipeline.config)
+    if not grid:
+        print(f"{pipeline.config.in_channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without "
+              "--vae DIR", file=sys.stderr)
+    elif len(labels) > GRID_LIMIT:
+        print(f"grid.png shows the first {GRID_LIMIT} of {len(labels)} samples", file=sys.stderr)
+    print(f"wrote {out}" + (f"; grid: {out / 'grid.png'}" if grid else ""))
+
+
+def _generate_pipeline(args, plan, device):
+    """What generate samples through — the engines, or the checkpoint's model on `device` with the cache plan or
+    with the recipe's fake quant, plan and VC table — and the sources its plan and VC table are named by."""
+    from .runtime import Pipeline
+
+    if args.engines:
         if args.recipe or args.cache:
             raise QandcError("--engines carries its own recipe and cache plan: leave --recipe and --cache out")
-        pipeline = Pipeline.load(args.engines, fallback=args.nan_fallback)
-        model, plan = pipeline.denoiser, pipeline.plan
-        plan_source = str(Path(args.engines) / "manifest.json")
-        correction = None if args.no_vc else vc_correction(pipeline.vc, args.steps, plan_source,
-                                                           model.config.in_channels)
-    else:
-        model = _load_model(args)
-    if args.recipe:
-        from .calibration import apply_recipe
-        from .formats.recipe import RECIPE, VC, load_vc, vc_correction
+        manifest = str(Path(args.engines) / "manifest.json")
+        return Pipeline.load(args.engines, fallback=args.nan_fallback), manifest, manifest
+    model = _load_model(args)
+    if not args.recipe:
+        return Pipeline.from_model(model.to(device), plan), f"--cache {args.cache or 'none'}", None
+    from .calibration import apply_recipe
+    from .formats.recipe import RECIPE, VC, load_vc
 
-        model, recipe = apply_recipe(model, args.recipe)
-        if args.cache and plan != recipe.cache_plan:
-            raise QandcError(f"--cache {args.cache} differs from the recipe's cache plan; leave --cache out")
-        plan, plan_source = recipe.cache_plan, str(Path(args.recipe) / RECIPE)
-        correction = None if args.no_vc else vc_correction(load_vc(args.recipe), args.steps,
-                                                           Path(args.recipe) / VC, model.config.in_channels)
-    labels = _generate_labels(args, model.config.num_classes)
-    space_timesteps(1000, args.steps)
-    _check_plan(plan, model, args.steps, plan_source)
-    if args.batch_size < 1:
-        raise QandcError(f"--batch-size must be positive, got {args.batch_size}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise QandcError(f"{out}: exists and is not a directory")
-    sources = _sources(args)
-    if not args.engines:
-        model.to(device)
-
-    engine_steps = {"full": 0, "reuse": 0, "fallback_steps": 0}
-
-    def shard(unit: dict) -> dict[str, np.ndarray]:
-        start, stop = unit["ids"]
-        if args.engines:  # the runtime: NaN guard and per-run step counts
-            x = pipeline.generate(labels[start:stop], args.seed, args.steps, args.sampler, args.cfg_scale,
-                                  sample_ids=range(start, stop), use_vc=not args.no_vc, progress=world.main,
-                                  eta=args.eta)
-            for path, count in pipeline.last_run.items():
-                engine_steps[path] += count if isinstance(count, int) else len(count)
-        else:
-            x = sample(model, labels[start:stop], args.steps, args.sampler, args.cfg_scale, seed=args.seed,
-                       plan=plan, eta=args.eta, correction=correction, sample_ids=range(start, stop),
-                       progress=world.main)
-            if not torch.isfinite(x).all():  # never write a black image silently
-                bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-                raise QandcError(f"{bad} of the samples {start}..{stop - 1} are not finite (NaN / Inf): the model "
-                                 f"{'with the recipe ' if args.recipe else ''}overflowed")
-        return {"samples": x.cpu().numpy().astype(np.float32), "labels": labels[start:stop].numpy()}
-
-    key = {"sources": sources, "model": model.config.to_dict(), "steps": args.steps, "sampler": args.sampler,
-           "eta": args.eta, "cfg_scale": args.cfg_scale, "seed": args.seed, "plan": plan.to_dict(),
-           "vc": correction is not None}
-    starts = range(0, len(labels), args.batch_size)
-    units = [{"ids": [start, min(start + args.batch_size, len(labels))],
-              "labels": labels[start:start + args.batch_size].tolist()} for start in starts]
-    world.barrier()  # every rank is loaded: the timing covers sampling alone
-    started = time.perf_counter()
-    files = distributed.run_shards(out / "shards", units, shard, world, key)
-    seconds = time.perf_counter() - started
-    world.close()
-    if args.engines:
-        print(f"engines (rank {world.rank}): {engine_steps['full']} full steps, {engine_steps['reuse']} reuse steps, "
-              f"{engine_steps['fallback_steps']} recomputed by the float model (non-finite)", file=sys.stderr)
-    if not world.main:
-        return
-    data = distributed.merge_shards(files, ("samples", "labels"))
-    samples = torch.from_numpy(data["samples"])
-    shown = samples[:GRID_LIMIT]
-    images = None
-    if args.vae:
-        images = decode_latents(shown.to(device), args.vae).cpu()
-    elif has_image_space(model.config):
-        images = model_to_images(shown, model.config)
-    with atomic_path(out / "samples.npz") as tmp:
-        buffer = io.BytesIO()
-        np.savez(buffer, samples=data["samples"], labels=data["labels"])
-        tmp.write_bytes(buffer.getvalue())
-    if images is not None:
-        captions = None
-        if args.per_class and args.per_class > 1:  # one row per requested label, captioned with its class name
-            names = read_sidecar(args.checkpoint).get("classes") or []
-            captions = [names[k] if k < len(names) else f"class {k}" for k in labels[::args.per_class].tolist()]
-        save_grid(to_uint8(images), out / "grid.png", columns=args.per_class if captions else None,
-                  captions=captions)
-    write_json(out / "config.json", {
-        "command": "generate", "checkpoint": None if args.engines else str(args.checkpoint),
-        "checkpoint_sha256": sources.get("checkpoint"),
-        "model": model.config.to_dict(), "guidance": model.config.guidance, "labels": labels.tolist(),
-        "steps": args.steps, "sampler": args.sampler, "eta": args.eta, "cfg_scale": args.cfg_scale,
-        "seed": args.seed, "plan": plan.to_dict(), "recipe": args.recipe, "engines": args.engines,
-        "vc": correction is not None, "noise_keying": "per sample: generator keyed by (seed, index)",
-        "vae": args.vae, "device": str(model.device), "world_size": world.size,
-        "shards": {"folder": "shards", "count": len(units), "size": args.batch_size},
-        "sampling_seconds": seconds, "engine_steps_rank0": engine_steps if args.engines else None,
-        "versions": library_versions(),
-    })
-    if images is None:
-        print(f"{model.config.in_channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without --vae "
-              "DIR", file=sys.stderr)
-    elif len(samples) > GRID_LIMIT:
-        print(f"grid.png shows the first {GRID_LIMIT} of {len(samples)} samples", file=sys.stderr)
-    print(f"wrote {out}" + (f"; grid: {out / 'grid.png'}" if images is not None else ""))
+    model, recipe = apply_recipe(model, args.recipe)
+    if args.cache and plan != recipe.cache_plan:
+        raise QandcError(f"--cache {args.cache} differs from the recipe's cache plan; leave --cache out")
+    pipeline = Pipeline.from_model(model.to(device), recipe.cache_plan, None if args.no_vc else load_vc(args.recipe),
+                                   name="the model with the recipe")
+    return pipeline, str(Path(args.recipe) / RECIPE), Path(args.recipe) / VC
 
 
-def _generate_labels(args, num_classes: int) -> torch.Tensor:
-    """--labels (default 0,1,2,3) each --per-class times in a row, or --num-images labels cycling over --labels
+def _generate_labels(labels: list[int] | None, per_class: int | None, num_images: int | None,
+                     num_classes: int) -> torch.Tensor:
+    """`labels` (default 0,1,2,3) each `per_class` times in a row, or `num_images` labels cycling over `labels`
     (default every class)."""
     from .sampling import check_labels
 
-    if args.num_images is not None:
-        if args.per_class is not None:
+    if num_images is not None:
+        if per_class is not None:
             raise QandcError("--num-images and --per-class exclude each other")
-        if args.num_images < 1:
-            raise QandcError(f"--num-images must be positive, got {args.num_images}")
-        cycle = check_labels(args.labels if args.labels is not None else range(num_classes), num_classes)
-        return cycle[torch.arange(args.num_images) % len(cycle)]
-    per_class = 1 if args.per_class is None else args.per_class
+        if num_images < 1:
+            raise QandcError(f"--num-images must be positive, got {num_images}")
+        cycle = check_labels(labels if labels is not None else range(num_classes), num_classes)
+        return cycle[torch.arange(num_images) % len(cycle)]
+    per_class = 1 if per_class is None else per_class
     if per_class < 1:
         raise QandcError(f"--per-class must be positive, got {per_class}")
-    return check_labels([0, 1, 2, 3] if args.labels is None else args.labels, num_classes).repeat_interleave(per_class)
+    return check_labels([0, 1, 2, 3] if labels is None else labels, num_classes).repeat_interleave(per_class)
 
 
-def _sources(args) -> dict:
-    """sha256 of what the samples come from: the checkpoint (and the recipe's files), or the engines' manifest."""
+def _provenance(args):
+    """The paths and sha256 of what the samples come from: the checkpoint (and the recipe's files), or the engines'
+    manifest."""
+    from .runtime import Provenance
+
     if args.engines:
-        return {"engines": sha256_file(Path(args.engines) / "manifest.json")}
-    sources = {"checkpoint": _checkpoint_hash(args.checkpoint)}
+        return Provenance.of_engines(args.engines)
+    sha256 = {"checkpoint": checkpoint_sha256(args.checkpoint)}
     if args.recipe:
         from .formats.recipe import AMAX, RECIPE, VC
 
-        sources["recipe"] = {name: sha256_file(Path(args.recipe) / name) for name in (RECIPE, AMAX, VC)
-                             if (Path(args.recipe) / name).is_file()}
-    return sources
+        sha256["recipe"] = {name: sha256_file(Path(args.recipe) / name) for name in (RECIPE, AMAX, VC)
+                            if (Path(args.recipe) / name).is_file()}
+    return Provenance(checkpoint=str(args.checkpoint), recipe=args.recipe, sha256=sha256)
 
 
 def cmd_calibrate(args) -> None:
@@ -274,7 +203,7 @@ def cmd_calibrate(args) -> None:
 
     model = _load_model(args)
     world, device = distributed.init(_device(args.device))
-    if calibrate(model.to(device), args.out, _calibration_settings(args), _checkpoint_hash(args.checkpoint),
+    if calibrate(model.to(device), args.out, _calibration_settings(args), checkpoint_sha256(args.checkpoint),
                  report=args.report, world=world) is not None:
         print(f"wrote {args.out}")
 
@@ -326,10 +255,8 @@ def cmd_run(args) -> None:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise QandcError("qandc run is one process; under torchrun, run calibrate and generate")
     model = _load_model(args).to(_device(None))
-    settings = _calibration_settings(args)
-    generate = ["--labels", ",".join(map(str, args.labels)), "--per-class", str(args.per_class), "--seed",
-                str(args.seed)]
-    result = run(model, args.out, settings, args.backend, args.checkpoint, generate)
+    labels = _generate_labels(args.labels, args.per_class, None, model.config.num_classes)
+    result = run(model, args.out, _calibration_settings(args), args.backend, args.checkpoint, labels, args.per_class)
     write_json(Path(args.out) / "eval.json", {"command": "run", **result, "versions": library_versions()})
     print(f"FD {result['fd']:.3f}  class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); "
           f"wrote {args.out}")
@@ -429,13 +356,6 @@ def _table_cell(value) -> str:
     if value is None:
         return "n/a"
     return str(value) if isinstance(value, int) else f"{value:.4f}"
-
-
-def _checkpoint_hash(path: str) -> str:
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    return {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
 
 
 class _Parser(argparse.ArgumentParser):

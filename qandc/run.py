@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from .artifacts import sha256_file
 from .errors import QandcError
@@ -25,13 +26,17 @@ def _valid(folder: Path, kind, lineage: dict, backend: str | None = None) -> boo
     return backend is None or manifest.backend == backend
 
 
-def run(model, out: str | Path, settings, backend: str, checkpoint: str, generate_args: list[str]) -> dict:
-    """Run every stage (skipping valid ones); return the evaluation of the engine samples."""
+def run(model, out: str | Path, settings, backend: str, checkpoint: str, labels: Sequence[int],
+        per_class: int = 1) -> dict:
+    """Run every stage (skipping valid ones); return the evaluation of the engine samples. `labels` (each label
+    `per_class` times in a row, one grid row per label) are sampled with the calibration's sampler settings and
+    seed."""
     from .calibration import calibrate
-    from .cli import main as cli_main
     from .engines import build_engines
     from .exporter import export
     from .metrics.evaluate import evaluate
+    from .model.checkpoint import read_sidecar
+    from .runtime import Pipeline, Provenance, SamplingOptions, generate
 
     out = Path(out)
     recipe_dir, onnx_dir, engine_dir, samples_dir = (out / n for n in ("recipe", "onnx", "engines", "samples"))
@@ -46,9 +51,9 @@ def run(model, out: str | Path, settings, backend: str, checkpoint: str, generat
     if not _valid(engine_dir, EngineManifest, {"export": export_sha}, backend):
         build_engines(onnx_dir, engine_dir, backend)
     print("[4/5] generate", file=sys.stderr)
-    if cli_main(["generate", "--engines", str(engine_dir), "--steps", str(settings.steps), "--sampler",
-                 settings.sampler, "--cfg-scale", str(settings.cfg_scale), *generate_args,
-                 "--out", str(samples_dir)]) != 0:
-        raise QandcError("generate through the engines failed (see above)")
+    options = SamplingOptions(steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale,
+                              seed=settings.seed)
+    generate(Pipeline.load(engine_dir), labels, samples_dir, options, provenance=Provenance.of_engines(engine_dir),
+             per_class=per_class, class_names=read_sidecar(checkpoint).get("classes") or [])
     print("[5/5] eval", file=sys.stderr)
     return evaluate(samples_dir)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..artifacts import atomic_path, checkpoint_hash
+from ..artifacts import atomic_path, checkpoint_sha256
 from ..errors import QandcError
 from ..formats.manifest import EngineManifest, pipeline_fields
 from ..model.graphs import GraphSpec, PathGraph, engine_graphs, example_feeds
@@ -114,7 +114,7 @@ class InductorBackend(Backend):
         if not export.checkpoint:
             raise QandcError(f"{export_dir / 'manifest.json'}: names no checkpoint; the inductor backend builds "
                              "from it")
-        if "checkpoint" in export.lineage and checkpoint_hash(export.checkpoint) != export.lineage["checkpoint"]:
+        if "checkpoint" in export.lineage and checkpoint_sha256(export.checkpoint) != export.lineage["checkpoint"]:
             raise QandcError(f"{export.checkpoint}: changed since the export in {export_dir} was made from it")
         model = load_checkpoint(export.checkpoint).to("cuda" if torch.cuda.is_available() else "cpu")
         engine_model = quantized_module.quantize_for_inference(model, export_dir if export.recipe else None)

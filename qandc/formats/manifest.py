@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..artifacts import checkpoint_hash, is_a, read_json, sha256_file, write_json
+from ..artifacts import checkpoint_sha256, is_a, read_json, sha256_file, write_json
 from ..errors import QandcError
 from ..model.dit import DiTConfig, branch_names
 from ..model.graphs import GraphSpec, engine_graphs
@@ -188,7 +188,7 @@ def pipeline_fields(model, plan: CachePlan | None = None, recipe_dir: str | Path
     its plan, sampler settings and VC table (a different `plan` is an error; a fake-quant-only preset too)."""
     recipe, vc, lineage = None, None, {}
     if checkpoint:
-        lineage["checkpoint"] = checkpoint_hash(checkpoint)
+        lineage["checkpoint"] = checkpoint_sha256(checkpoint)
     if recipe_dir is not None:
         recipe_dir = Path(recipe_dir)
         loaded = QuantRecipe.load(recipe_dir)

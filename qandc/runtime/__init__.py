@@ -1,5 +1,7 @@
-"""Stage 5: the runtime that alternates the full and reuse engines on the cache schedule and applies VC."""
+"""Stage 5: the runtime that alternates the full and reuse engines on the cache schedule and applies VC, and
+`generate`, which samples through it (or a PyTorch model) into samples.npz, grid.png and config.json."""
 
+from .generate import GRID_LIMIT, Provenance, SamplingOptions, generate
 from .pipeline import EngineDenoiser, Pipeline
 
-__all__ = ["EngineDenoiser", "Pipeline"]
+__all__ = ["GRID_LIMIT", "EngineDenoiser", "Pipeline", "Provenance", "SamplingOptions", "generate"]

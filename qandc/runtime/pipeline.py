@@ -1,8 +1,8 @@
-"""The runtime: loads an engine directory and samples with the one DDPM / DDIM implementation of
-`qandc.sampling`, through an adapter that gives the engines the denoiser face. Full steps run the full engine
-(which also returns the cache tensors), reuse steps the reuse engine fed the kept cache; VC is applied after every
-step; the run reports how many steps took each path (a cache that never fires is visible). Engines on a GPU that
-accept it (Inductor) run each call as a replayed CUDA graph, one per batch size.
+"""The runtime: loads an engine directory (or takes a PyTorch model) and samples with the one DDPM / DDIM
+implementation of `qandc.sampling`, through an adapter that gives the engines the denoiser face. Full steps run the
+full engine (which also returns the cache tensors), reuse steps the reuse engine fed the kept cache; VC is applied
+after every step; the run reports how many steps took each path (a cache that never fires is visible). Engines on a
+GPU that accept it (Inductor) run each call as a replayed CUDA graph, one per batch size.
 
 NaN / Inf guard: every engine output is checked. By default ("check") the checks stay on the device and are read
 once after the run, which then fails with the steps and engines that produced non-finite values (no black images
@@ -20,7 +20,7 @@ from ..errors import QandcError
 from ..formats.manifest import EngineManifest
 from ..formats.recipe import vc_correction
 from ..model.dit import DiTConfig, branch_names
-from ..sampling import sample
+from ..sampling import CachePlan, SamplerDefaults, sample
 
 
 class CudaGraphEngine:
@@ -125,14 +125,16 @@ class EngineDenoiser:
 
 
 class Pipeline:
-    """`Pipeline.load(engine_dir).generate(labels, seed)`: images in the model's output space."""
+    """A denoiser with its cache plan, VC table and sampler defaults: `Pipeline.load(engine_dir)` runs the engines,
+    `Pipeline.from_model(model, plan)` a plain or fake-quant PyTorch model. `generate(labels, seed)`: samples in the
+    model's output space."""
 
-    def __init__(self, manifest: EngineManifest, engines: dict, cuda_graphs: bool = True, fallback=None):
-        self.manifest = manifest
-        self.denoiser = EngineDenoiser(manifest, engines, cuda_graphs, fallback)
+    def __init__(self, denoiser, plan: CachePlan, vc: torch.Tensor | None = None,
+                 sampler_defaults: SamplerDefaults | None = None, manifest: EngineManifest | None = None,
+                 name: str = "the engines"):
+        self.denoiser, self.plan, self.vc, self.manifest, self.name = denoiser, plan, vc, manifest, name
+        self.sampler_defaults = sampler_defaults or SamplerDefaults()
         self.last_run = None
-        self.plan = manifest.plan
-        self.vc = manifest.vc_table
 
     @classmethod
     def load(cls, folder: str | Path, compile: bool = True, cuda_graphs: bool = True,
@@ -149,24 +151,54 @@ class Pipeline:
                 raise QandcError(f"{Path(folder) / 'manifest.json'}: names no checkpoint for a high-precision "
                                  "fallback")
             model = load_checkpoint(manifest.checkpoint).to(engines["full"].device).eval()
-        return cls(manifest, engines, cuda_graphs=cuda_graphs, fallback=model)
+        return cls(EngineDenoiser(manifest, engines, cuda_graphs, model), manifest.plan, manifest.vc_table,
+                   manifest.sampler, manifest)
+
+    @classmethod
+    def from_model(cls, model, plan: CachePlan | None = None, vc: torch.Tensor | None = None,
+                   sampler_defaults: SamplerDefaults | None = None, name: str = "the model") -> "Pipeline":
+        """A PyTorch DiT (plain or fake quant) as the denoiser, with its cache plan (default none) and VC table;
+        `name` says what it is in error messages."""
+        return cls(model, plan or CachePlan.none(), vc, sampler_defaults, name=name)
 
     @property
     def config(self) -> DiTConfig:
         return self.denoiser.config
 
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def runs_engines(self) -> bool:
+        return isinstance(self.denoiser, EngineDenoiser)
+
     def generate(self, labels, seed: int, steps: int | None = None, sampler: str | None = None,
                  cfg_scale: float | None = None, sample_ids=None, use_vc: bool = True,
                  progress: bool = False, eta: float = 0.0) -> torch.Tensor:
-        defaults = self.manifest.sampler
+        """Samples for `labels` (sample i's noise keyed by (seed, sample_ids[i])). Non-finite samples are a
+        QandcError; with the engines, `last_run` then holds the steps each path took."""
+        defaults = self.sampler_defaults
         steps = steps or defaults.steps
-        correction = vc_correction(self.vc, steps, "the engines") if use_vc else None
-        calls = dict(self.denoiser.calls)
-        self.denoiser.start_run()
+        correction = vc_correction(self.vc, steps, self.name, self.config.in_channels) if use_vc else None
+        if self.runs_engines:
+            calls = dict(self.denoiser.calls)
+            self.denoiser.start_run()
         images = sample(self.denoiser, labels, steps, sampler or defaults.sampler,
                         defaults.cfg_scale if cfg_scale is None else cfg_scale, seed=seed, plan=self.plan,
                         eta=eta, correction=correction, sample_ids=sample_ids, progress=progress)
-        self.last_run = {path: self.denoiser.calls[path] - calls[path] for path in calls}
+        if self.runs_engines:
+            self._check_engine_run(calls, steps)
+        elif not torch.isfinite(images).all():  # never return a black image silently
+            ids = list(range(len(images)) if sample_ids is None else sample_ids)
+            bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+            raise QandcError(f"{bad} of the samples {ids[0]}..{ids[-1]} are not finite (NaN / Inf): {self.name} "
+                             "overflowed")
+        return images
+
+    def _check_engine_run(self, calls_before: dict, steps: int) -> None:
+        """Record the run's step counts in `last_run`; fail naming the steps whose engine output was not finite."""
+        self.last_run = {path: self.denoiser.calls[path] - calls_before[path] for path in calls_before}
         self.last_run["fallback_steps"] = self.denoiser.fallback_steps
         bad = self.denoiser.nonfinite_steps()
         if bad:
@@ -174,4 +206,3 @@ class Pipeline:
             raise QandcError(f"non-finite engine outputs at {len(bad)} of {steps} steps: {where}"
                              f"{' ...' if len(bad) > 5 else ''}; generate --nan-fallback recomputes such steps "
                              "with the float model")
-        return images

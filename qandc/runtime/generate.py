@@ -1,0 +1,135 @@
+"""`generate`: samples for a list of labels through a Pipeline, made in shards (kept in OUT/shards: a rerun keeps
+the finished ones; under torchrun the ranks share them and rank 0 merges), saved as samples.npz, grid.png and
+config.json."""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..artifacts import atomic_path, library_versions, sha256_file, write_json
+from ..distributed import World
+from ..errors import QandcError
+from ..images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
+from ..sampling import check_labels, space_timesteps
+from .pipeline import Pipeline
+
+GRID_LIMIT = 256  # grid.png shows at most this many samples
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How `generate` samples: sampler settings, the noise seed, labels per shard, whether the VC table applies."""
+
+    steps: int = 50
+    sampler: str = "ddpm"
+    eta: float = 0.0
+    cfg_scale: float = 1.5
+    seed: int = 0
+    batch_size: int = 64
+    use_vc: bool = True
+
+    def __post_init__(self):
+        space_timesteps(1000, self.steps)
+        if self.batch_size < 1:
+            raise QandcError(f"--batch-size must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the samples come from, as config.json records it: the checkpoint, recipe or engine folder, and the
+    sha256 of their files (which also stamp the shards, so other weights never reuse them)."""
+
+    checkpoint: str | None = None
+    recipe: str | None = None
+    engines: str | None = None
+    sha256: dict = field(default_factory=dict)
+
+    @classmethod
+    def of_engines(cls, folder: str | Path) -> "Provenance":
+        return cls(engines=str(folder), sha256={"engines": sha256_file(Path(folder) / "manifest.json")})
+
+
+def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptions = SamplingOptions(), *,
+             provenance: Provenance = Provenance(), world: World = World(), vae: str | None = None,
+             per_class: int | None = None, class_names: Sequence[str] = ()) -> dict | None:
+    """Sample `labels` into `out` in shards of `options.batch_size`, then (rank 0) write samples.npz, grid.png and
+    config.json and return its record (None on the other ranks). The grid shows the first GRID_LIMIT samples,
+    latents decoded by the diffusers VAE folder `vae` (no grid for latents without one); with `per_class` > 1 it has
+    one row per label, captioned from `class_names`. `world` (from distributed.init) is left once the shards are
+    done."""
+    labels = check_labels(labels, pipeline.config.num_classes)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QandcError(f"{out}: exists and is not a directory")
+    engine_steps = {"full": 0, "reuse": 0, "fallback_steps": 0}
+
+    def shard(unit: dict) -> dict[str, np.ndarray]:
+        start, stop = unit["ids"]
+        x = pipeline.generate(labels[start:stop], options.seed, options.steps, options.sampler, options.cfg_scale,
+                              sample_ids=range(start, stop), use_vc=options.use_vc, progress=world.main,
+                              eta=options.eta)
+        if pipeline.runs_engines:
+            for path, count in pipeline.last_run.items():
+                engine_steps[path] += count if isinstance(count, int) else len(count)
+        return {"samples": x.cpu().numpy().astype(np.float32), "labels": labels[start:stop].numpy()}
+
+    settings = {"steps": options.steps, "sampler": options.sampler, "eta": options.eta,
+                "cfg_scale": options.cfg_scale, "seed": options.seed, "plan": pipeline.plan.to_dict()}
+    uses_vc = options.use_vc and pipeline.vc is not None
+    key = {"sources": provenance.sha256, "model": pipeline.config.to_dict(), **settings, "vc": uses_vc}
+    units = [{"ids": [start, min(start + options.batch_size, len(labels))],
+              "labels": labels[start:start + options.batch_size].tolist()}
+             for start in range(0, len(labels), options.batch_size)]
+    world.barrier()  # every rank is loaded: the timing covers sampling alone
+    started = time.perf_counter()
+    files = distributed.run_shards(out / "shards", units, shard, world, key)
+    seconds = time.perf_counter() - started
+    world.close()
+    if pipeline.runs_engines:
+        print(f"engines (rank {world.rank}): {engine_steps['full']} full steps, {engine_steps['reuse']} reuse steps, "
+              f"{engine_steps['fallback_steps']} recomputed by the float model (non-finite)", file=sys.stderr)
+    if not world.main:
+        return None
+    data = distributed.merge_shards(files, ("samples", "labels"))
+    with atomic_path(out / "samples.npz") as tmp:
+        buffer = io.BytesIO()
+        np.savez(buffer, samples=data["samples"], labels=data["labels"])
+        tmp.write_bytes(buffer.getvalue())
+    _save_grid(pipeline, torch.from_numpy(data["samples"][:GRID_LIMIT]), labels, out, vae, per_class, class_names)
+    config = pipeline.config
+    record = {
+        "command": "generate", "checkpoint": provenance.checkpoint,
+        "checkpoint_sha256": provenance.sha256.get("checkpoint"), "model": config.to_dict(),
+        "guidance": config.guidance, "labels": labels.tolist(), **settings, "recipe": provenance.recipe,
+        "engines": provenance.engines, "vc": uses_vc,
+        "noise_keying": "per sample: generator keyed by (seed, index)", "vae": vae, "device": str(pipeline.device),
+        "world_size": world.size, "shards": {"folder": "shards", "count": len(units), "size": options.batch_size},
+        "sampling_seconds": seconds, "engine_steps_rank0": engine_steps if pipeline.runs_engines else None,
+        "versions": library_versions(),
+    }
+    write_json(out / "config.json", record)
+    return record
+
+
+def _save_grid(pipeline: Pipeline, shown: torch.Tensor, labels: torch.Tensor, out: Path, vae: str | None,
+               per_class: int | None, class_names: Sequence[str]) -> None:
+    """out/grid.png of the `shown` samples, when they are images or `vae` decodes them."""
+    if vae:
+        images = decode_latents(shown.to(pipeline.device), vae).cpu()
+    elif has_image_space(pipeline.config):
+        images = model_to_images(shown, pipeline.config)
+    else:
+        return
+    captions = None
+    if per_class and per_class > 1:  # one row per requested label, captioned with its class name
+        captions = [class_names[k] if k < len(class_names) else f"class {k}" for k in labels[::per_class].tolist()]
+    save_grid(to_uint8(images), out / "grid.png", columns=per_class if captions else None, captions=captions)
