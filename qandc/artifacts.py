@@ -75,17 +75,17 @@ def mistyped(cls, data: dict) -> list[str]:
     """The fields of dataclass `cls` whose value in `data` does not have the annotated type, as JSON gives it
     (an int is a float, a bool is not an int)."""
     hints = typing.get_type_hints(cls)
-    return [name for name, value in data.items() if name in hints and not _is_a(value, hints[name])]
+    return [name for name, value in data.items() if name in hints and not is_a(value, hints[name])]
 
 
-def _is_a(value, hint) -> bool:
+def is_a(value, hint) -> bool:
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return any(_is_a(value, h) for h in args)
+        return any(is_a(value, h) for h in args)
     if hint in (int, float):
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     origin = typing.get_origin(hint) or hint
-    return isinstance(value, origin) and (origin is not list or not args or all(_is_a(v, args[0]) for v in value))
+    return isinstance(value, origin) and (origin is not list or not args or all(is_a(v, args[0]) for v in value))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

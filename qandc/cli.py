@@ -294,7 +294,8 @@ def cmd_inspect(args) -> None:
     if not found:
         raise QandcError(f"{folder}: holds no qandc artifact (manifest, recipe, pool, plan, config or eval JSON)")
     here = "cuda" if torch.cuda.is_available() else "cpu"
-    runnable = [n for n in backend_names() if get_backend(n).available() and here in get_backend(n).capabilities.devices]
+    runnable = [name for name in backend_names()
+                if get_backend(name).available() and here in get_backend(name).capabilities.devices]
     print(f"backends runnable here: {', '.join(runnable)}")
 
 

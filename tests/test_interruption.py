@@ -31,7 +31,7 @@ CALIBRATE = ["--preset", "w8a8-int8", "--selector", "random", "--samples", "8", 
 FILES = {  # each command's files, in the order it writes them
     "calibrate": ["pool.npz", "pool.json", "selection-random.json", "amax.safetensors", "vc.safetensors",
                   "recipe.json"],
-    "export": ["full.onnx", "reuse.onnx", "manifest.json"],
+    "export": ["full.onnx", "reuse.onnx", "recipe.json", "amax.safetensors", "manifest.json"],
     "build-engine": ["full.ort.onnx", "reuse.ort.onnx", "manifest.json"],
 }
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.[^.]+\.tmp")  # qandc.artifacts.atomic_path's temporary files
