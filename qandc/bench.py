@@ -142,7 +142,7 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
     """Build what the configuration needs, warm it up, then time whole sampling runs and single steps."""
     from .engines import build_inductor
     from .runtime import Pipeline
-    from .sampling import CachePlan, sample
+    from .sampling import CachePlan, SamplerDefaults, sample
 
     labels = torch.arange(BATCH) % model.config.num_classes
     plan = CachePlan.parse(config.cache)
@@ -160,7 +160,7 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
         engine_dir = work / f"{model_name}-{config.precision}-{config.cache.replace('=', '')}-engines"
         if not (engine_dir / "manifest.json").is_file():
             build_inductor(model, engine_dir, plan=plan, recipe_dir=recipe,
-                           sampler={"steps": STEPS, "sampler": "ddpm", "cfg_scale": CFG},
+                           sampler=SamplerDefaults(STEPS, "ddpm", CFG),
                            batch_sizes=[2 * BATCH])
         model.to("cpu")  # the peak memory below is the engines' alone
         base = _memory_mark()
