@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..errors import QandcError
-from ..formats.recipe import AMAX, RECIPE, QuantRecipe, quantizer_formats, load_amax, write_amax
+from ..formats.recipe import AMAX, RECIPE, QuantRecipe, load_amax, quantizer_formats, write_amax
 
 
 def _mtq():

@@ -22,7 +22,7 @@ from .. import __version__
 from ..artifacts import atomic_path, checkpoint_sha256
 from ..errors import QandcError
 from ..formats.manifest import EngineManifest, pipeline_fields
-from ..model.graphs import GraphSpec, PathGraph, engine_graphs, example_feeds
+from ..model.graphs import GraphSpec, PathGraph, example_feeds
 from . import quantized as quantized_module  # also registers qandc::int8_linear, which the programs call
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 

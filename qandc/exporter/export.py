@@ -15,7 +15,7 @@ from .. import __version__
 from ..artifacts import atomic_path
 from ..formats.manifest import MANIFEST, ExportManifest, pipeline_fields
 from ..formats.recipe import AMAX, RECIPE
-from ..model.graphs import PathGraph, sample_inputs
+from ..model.graphs import PathGraph, example_feeds
 from ..sampling import CachePlan
 from .onnx_export import export_graph
 
@@ -33,13 +33,9 @@ def export(model, out: str | Path, plan: CachePlan | None = None, recipe_dir: st
     model = model.eval()
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # it marks a finished export: none while the graphs are rewritten
-    x, t, y = sample_inputs(model)
-    with torch.no_grad():
-        _, cache = model.forward_full(x, t, y, branches=fields["graphs"]["full"].cache_outputs,
-                                      regate=fields["plan"].regate)
-    tensors = {"x": x, "t": t, "y": y, **cache}
-    checks = {name: export_graph(PathGraph(model, spec), {n: tensors[n] for n in spec.input_names}, spec,
-                                 out / f"{name}.onnx") for name, spec in fields["graphs"].items()}
+    feeds = example_feeds(model, fields["graphs"])
+    checks = {name: export_graph(PathGraph(model, spec), feeds[name], spec, out / f"{name}.onnx")
+              for name, spec in fields["graphs"].items()}
     copied = []
     if recipe_dir is not None:  # what the Inductor backend builds from
         for name in (RECIPE, AMAX):

@@ -4,5 +4,5 @@ from .diffusion import Diffusion, space_timesteps
 from .plan import CachePlan
 from .sampler import SAMPLERS, SamplerDefaults, SamplingRun, check_labels, draw_noise, sample, sample_generator
 
-__all__ = ["SAMPLERS", "CachePlan", "Diffusion", "SamplerDefaults", "SamplingRun", "check_labels", "draw_noise", "sample",
-           "sample_generator", "space_timesteps"]
+__all__ = ["SAMPLERS", "CachePlan", "Diffusion", "SamplerDefaults", "SamplingRun", "check_labels", "draw_noise",
+           "sample", "sample_generator", "space_timesteps"]
