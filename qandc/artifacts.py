@@ -97,14 +97,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_sha256(path: str | os.PathLike) -> str | dict:
-    """sha256 of a checkpoint file, or of each file of a diffusers directory by name."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    return {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
-
-
 def library_versions() -> dict:
     """The versions config and eval records carry."""
     import platform

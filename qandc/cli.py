@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from . import __version__, distributed
-from .artifacts import checkpoint_sha256, library_versions, read_json, sha256_file, write_json
+from .artifacts import library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
+from .formats.lineage import check_recipe_checkpoint, confined, digest
 from .model.checkpoint import REFERENCE_CHECKPOINT
 
 
@@ -153,6 +154,7 @@ def _generate_pipeline(args, plan, device):
     from .formats.recipe import RECIPE, VC, load_vc
 
     model, recipe = apply_recipe(model, args.recipe)
+    check_recipe_checkpoint(Path(args.recipe) / RECIPE, recipe.checkpoint_sha256, args.checkpoint)
     if args.cache and plan != recipe.cache_plan:
         raise QandcError(f"--cache {args.cache} differs from the recipe's cache plan; leave --cache out")
     pipeline = Pipeline.from_model(model.to(device), recipe.cache_plan, None if args.no_vc else load_vc(args.recipe),
@@ -186,7 +188,7 @@ def _provenance(args):
 
     if args.engines:
         return Provenance.of_engines(args.engines)
-    sha256 = {"checkpoint": checkpoint_sha256(args.checkpoint)}
+    sha256 = {"checkpoint": digest(args.checkpoint)}
     if args.recipe:
         from .formats.recipe import AMAX, RECIPE, VC
 
@@ -203,7 +205,7 @@ def cmd_calibrate(args) -> None:
 
     model = _load_model(args)
     world, device = distributed.init(_device(args.device))
-    if calibrate(model.to(device), args.out, _calibration_settings(args), checkpoint_sha256(args.checkpoint),
+    if calibrate(model.to(device), args.out, _calibration_settings(args), digest(args.checkpoint),
                  report=args.report, world=world) is not None:
         print(f"wrote {args.out}")
 
@@ -287,9 +289,10 @@ def cmd_inspect(args) -> None:
         files = data.get("files", {})
         if not isinstance(files, dict):
             raise QandcError(f"{path}: 'files' is not an object of file names and checksums")
-        for file, digest in files.items():
-            state = "missing" if not (folder / file).is_file() else (
-                "OK" if sha256_file(folder / file) == digest else "CHECKSUM MISMATCH")
+        for file, sha in files.items():
+            inside = confined(folder, file)
+            state = "outside the folder: not read" if inside is None else "missing" if not inside.is_file() else (
+                "OK" if sha256_file(inside) == sha else "CHECKSUM MISMATCH")
             print(f"  {file}: {state}")
     if not found:
         raise QandcError(f"{folder}: holds no qandc artifact (manifest, recipe, pool, plan, config or eval JSON)")

@@ -51,7 +51,7 @@ class EagerBackend(Backend):
         return BuildResult(engines, list(engines.values()), {"max_batch": options.max_batch})
 
     def load(self, folder, manifest, compile=True):
-        model = load_checkpoint(manifest.checkpoint)
+        model = manifest.checkpoint_model(folder)
         for name, file in manifest.engines.items():
             assert read_json(folder / file)["graph"] == manifest.graphs[name].to_dict()
         return {name: EagerEngine(model, manifest.graphs[name]) for name in manifest.engines}

@@ -75,7 +75,7 @@ def test_build_engine_cli(exported, tmp_path):
     from qandc.cli import main
     _, folder = exported
     assert main(["build-engine", "--backend", "onnxruntime", "--onnx", str(folder), "--out", str(tmp_path)]) == 0
-    assert load_engines(tmp_path)[0].lineage["export"] == sha256_file(folder / "manifest.json")
+    assert load_engines(tmp_path)[0].lineage["export"]["sha256"] == sha256_file(folder / "manifest.json")
 
 
 def test_tensorrt_engines(exported, tmp_path):

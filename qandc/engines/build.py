@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 from .. import __version__
-from ..artifacts import sha256_file
 from ..errors import QandcError
 from ..formats.manifest import MANIFEST, EngineManifest, ExportManifest
 from .backend import BuildOptions, Engine, get_backend
@@ -28,8 +27,8 @@ def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch
         out.mkdir(parents=True, exist_ok=True)
         result = chosen.build(onnx_dir, export, out, BuildOptions(max_batch, tuple(batch_sizes)))
         versions = {"qandc": __version__, "python": platform.python_version(), **chosen.versions()}
-        manifest = EngineManifest.from_export(export, sha256_file(onnx_dir / MANIFEST), chosen.name, result.engines,
-                                              result.record, versions)
+        manifest = EngineManifest.from_export(export, onnx_dir, out, chosen.name, result.engines, result.record,
+                                              versions)
         manifest.write(out, result.files)
         return manifest
     except BaseException:

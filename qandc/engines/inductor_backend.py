@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..artifacts import atomic_path, checkpoint_sha256
+from ..artifacts import atomic_path
 from ..errors import QandcError
 from ..formats.manifest import EngineManifest, pipeline_fields
 from ..model.graphs import GraphSpec, PathGraph, example_feeds
@@ -109,14 +109,7 @@ class InductorBackend(Backend):
 
     def build(self, export_dir, export, out, options) -> BuildResult:
         """From the checkpoint the export names (its sha256 checked) and the recipe the export holds."""
-        from ..model import load_checkpoint
-
-        if not export.checkpoint:
-            raise QandcError(f"{export_dir / 'manifest.json'}: names no checkpoint; the inductor backend builds "
-                             "from it")
-        if "checkpoint" in export.lineage and checkpoint_sha256(export.checkpoint) != export.lineage["checkpoint"]:
-            raise QandcError(f"{export.checkpoint}: changed since the export in {export_dir} was made from it")
-        model = load_checkpoint(export.checkpoint).to("cuda" if torch.cuda.is_available() else "cpu")
+        model = export.checkpoint_model(export_dir).to("cuda" if torch.cuda.is_available() else "cpu")
         engine_model = quantized_module.quantize_for_inference(model, export_dir if export.recipe else None)
         return build_files(engine_model, out, export.graphs, options.batch_sizes)
 
@@ -137,7 +130,7 @@ def build_inductor(model, out: str | Path, plan=None, recipe_dir: str | Path | N
     recipe's layers as FP8 / INT8 kernels, its plan, sampler settings and VC table; without a recipe, `plan`
     (default none) and `sampler` (SamplerDefaults)."""
     out = Path(out)
-    fields = pipeline_fields(model, plan, recipe_dir, sampler, checkpoint)
+    fields = pipeline_fields(model, plan, recipe_dir, sampler, checkpoint, folder=out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
     result = build_files(quantized_module.quantize_for_inference(model, recipe_dir), out, fields["graphs"],

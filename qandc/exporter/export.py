@@ -1,6 +1,6 @@
 """`export`: full.onnx + reuse.onnx + manifest.json from a DiT, a cache plan and optionally a quant recipe, whose
 recipe.json and amax.safetensors are copied in: an export folder is all build-engine reads (with the checkpoint,
-for the Inductor backend, named by path and sha256)."""
+for the Inductor backend, named by its path relative to the export and its sha256)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def export(model, out: str | Path, plan: CachePlan | None = None, recipe_dir: st
     """Write the graphs and the manifest; with a recipe, its plan, Q/DQ scales, sampler settings and VC table are
     used (a different `plan` is an error). Returns the manifest."""
     out = Path(out)
-    fields = pipeline_fields(model, plan, recipe_dir, None, checkpoint)
+    fields = pipeline_fields(model, plan, recipe_dir, None, checkpoint, folder=out)
     if recipe_dir is not None:
         from ..calibration import apply_recipe
 

@@ -3,9 +3,13 @@ checks every field, the checksums of the files listed and the lineage asked for.
 
 Shared fields: the model config, the cache plan, the engine graphs' declared inputs and outputs, the sampler
 defaults, the recipe the graphs were quantized with ({"preset", "sha256"}, or None), the VC table (steps x
-channels, or None), the float checkpoint's path, `lineage` (sha256 of every input artifact, by kind: "checkpoint",
-"recipe", "export"), the files with their sha256, and library versions. A manifest is written last and removed
-first: a folder holds one only while its files are whole.
+channels, or None), `lineage` (the input artifacts by kind — "checkpoint", "recipe", "export" — each a reference
+{"path" relative to the manifest's folder, "sha256"}, `lineage.py`), the files with their sha256 (plain names, inside
+the folder), and library versions. The model config (heads included) is what loading the checkpoint needs besides
+its weights. A manifest is written last and removed first: a folder holds one only while its files are whole.
+
+Reading with `verify` checks the files and the small inputs present at their recorded paths (recipe, export); the
+checkpoint is verified when it is opened (`checkpoint_model`).
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from typing import ClassVar
 
 import torch
 
-from ..artifacts import checkpoint_sha256, is_a, read_json, sha256_file, write_json
+from ..artifacts import is_a, read_json, sha256_file, write_json
 from ..errors import QandcError
 from ..model.dit import DiTConfig, branch_names
 from ..model.graphs import GraphSpec, engine_graphs
 from ..sampling import CachePlan, SamplerDefaults
+from .lineage import check_recipe_checkpoint, confined, is_reference, plain_name, rebase, reference, verify
 from .recipe import EXPORTABLE, RECIPE, QuantRecipe, load_vc
 
 MANIFEST = "manifest.json"
+CHECKED_INPUTS = ("recipe", "export")  # the inputs `read` verifies when present (small files)
 # fields held as typed objects, written as their JSON form
 _OBJECTS = {"model": DiTConfig, "plan": CachePlan, "sampler": SamplerDefaults}
 
@@ -33,7 +39,7 @@ _OBJECTS = {"model": DiTConfig, "plan": CachePlan, "sampler": SamplerDefaults}
 @dataclass
 class Manifest:
     KIND: ClassVar[str]
-    FORMAT: ClassVar[int] = 1
+    FORMAT: ClassVar[int] = 2
 
     model: DiTConfig
     plan: CachePlan
@@ -41,7 +47,6 @@ class Manifest:
     sampler: SamplerDefaults
     recipe: dict | None
     vc: list | None
-    checkpoint: str
     lineage: dict
     files: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
@@ -74,8 +79,9 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: str | Path, verify: bool = True, lineage: dict | None = None):
-        """The manifest of `folder`, every field checked; `verify`: every file's checksum too; `lineage`: the
-        sha256 each named input must have (one line naming the manifest when not)."""
+        """The manifest of `folder`, every field checked; `verify`: every file's checksum and the inputs of
+        CHECKED_INPUTS present at their recorded paths too; `lineage`: the sha256 each named input must have (one
+        line naming the manifest when not)."""
         folder = Path(folder)
         path = folder / MANIFEST
         data = read_json(path, f"missing: {folder} is no qandc {cls.KIND} folder (no {MANIFEST})")
@@ -89,9 +95,10 @@ class Manifest:
         if verify:
             manifest.verify(folder)
         for kind, digest in (lineage or {}).items():
-            if manifest.lineage.get(kind) != digest:
-                raise QandcError(f"{path}: made from another {kind} (sha256 {str(manifest.lineage.get(kind))[:12]}, "
-                                 f"expected {str(digest)[:12]})")
+            recorded = manifest.lineage.get(kind, {}).get("sha256")
+            if recorded != digest:
+                raise QandcError(f"{path}: made from another {kind} (sha256 {str(recorded)[:12]}, expected "
+                                 f"{str(digest)[:12]})")
         return manifest
 
     @classmethod
@@ -120,9 +127,12 @@ class Manifest:
             elif not is_a(value, hints[f.name]):
                 raise QandcError(f"field {f.name!r} is missing or of the wrong type")
             values[f.name] = value
-        if not all(isinstance(k, str) and isinstance(v, str) and Path(k).name == k and "\0" not in k
-                   for k, v in values["files"].items()):
+        if not all(plain_name(k) and isinstance(v, str) for k, v in values["files"].items()):
             raise QandcError("'files' must map plain file names to sha256 digests")
+        bad = [kind for kind, ref in values["lineage"].items() if not is_reference(ref)]
+        if bad:
+            raise QandcError(f"lineage {bad[0]!r} is not a reference {{path relative to the folder (never absolute), "
+                             "sha256}")
         manifest = cls(**values)
         manifest.plan.reuse_set(branch_names(manifest.model.depth))
         if manifest.cache_inputs != manifest.graphs["full"].cache_outputs:
@@ -136,13 +146,31 @@ class Manifest:
         """Checks of the kind's own fields."""
 
     def verify(self, folder: str | Path) -> None:
-        """Every listed file is there with its checksum."""
+        """Every listed file is there, inside the folder, with its checksum; the inputs of CHECKED_INPUTS present
+        at their recorded paths are those it was made from."""
+        folder = Path(folder)
         for name, digest in self.files.items():
-            path = Path(folder) / name
+            path = confined(folder, name)
+            if path is None:
+                raise QandcError(f"{folder / name}: links outside {folder}; not read")
             if not path.is_file():
                 raise QandcError(f"{path}: missing")
             if sha256_file(path) != digest:
                 raise QandcError(f"{path}: checksum mismatch (changed or truncated since it was written)")
+        for kind in CHECKED_INPUTS:
+            if kind in self.lineage:
+                verify(self.lineage[kind], folder, folder / MANIFEST, kind, required=False)
+
+    def checkpoint_model(self, folder: str | Path):
+        """The float model of the checkpoint this artifact was made from: its sha256 verified, loaded with the
+        recorded model config (heads included, so no sidecar is needed)."""
+        from ..model import load_checkpoint
+
+        source = Path(folder) / MANIFEST
+        if "checkpoint" not in self.lineage:
+            raise QandcError(f"{source}: names no checkpoint (made from a model in memory)")
+        return load_checkpoint(verify(self.lineage["checkpoint"], Path(folder), source, "checkpoint"),
+                               **self.model.to_dict())
 
 
 @dataclass
@@ -157,6 +185,9 @@ class ExportManifest(Manifest):
     def _check(self) -> None:
         if set(self.onnx) != set(self.graphs) or any(f not in self.files for f in self.onnx.values()):
             raise QandcError("'onnx' must name a checksummed ONNX file for every graph")
+        if self.recipe is not None and not (self.files.get(RECIPE) == self.recipe.get("sha256")
+                                            == self.lineage.get("recipe", {}).get("sha256")):
+            raise QandcError(f"its {RECIPE} is not the recipe it records as made from")
 
 
 @dataclass
@@ -174,21 +205,25 @@ class EngineManifest(Manifest):
             raise QandcError("'engines' must name a checksummed engine file for every graph")
 
     @classmethod
-    def from_export(cls, export: ExportManifest, export_sha256: str, backend: str, engines: dict, build: dict,
-                    versions: dict) -> "EngineManifest":
-        """An engine set's manifest: everything the export recorded, plus the backend's own fields."""
+    def from_export(cls, export: ExportManifest, export_dir: Path, out: Path, backend: str, engines: dict,
+                    build: dict, versions: dict) -> "EngineManifest":
+        """The manifest of engines in `out`: everything the export in `export_dir` recorded (its references
+        rebased onto `out`), the export itself as lineage, plus the backend's own fields."""
         shared = {f.name: getattr(export, f.name) for f in dataclasses.fields(Manifest)}
-        return cls(**{**shared, "lineage": {**export.lineage, "export": export_sha256}, "files": {},
-                      "versions": versions}, backend=backend, engines=engines, build=build)
+        lineage = {kind: rebase(ref, export_dir, out) for kind, ref in export.lineage.items()}
+        return cls(**{**shared, "lineage": {**lineage, "export": reference(Path(export_dir) / MANIFEST, out)},
+                      "files": {}, "versions": versions}, backend=backend, engines=engines, build=build)
 
 
 def pipeline_fields(model, plan: CachePlan | None = None, recipe_dir: str | Path | None = None,
-                    sampler: SamplerDefaults | None = None, checkpoint: str | Path = "") -> dict:
-    """The fields every manifest shares, for `model` under `plan` (default none) and `sampler`; with a recipe,
-    its plan, sampler settings and VC table (a different `plan` is an error; a fake-quant-only preset too)."""
+                    sampler: SamplerDefaults | None = None, checkpoint: str | Path = "", *,
+                    folder: str | Path) -> dict:
+    """The fields every manifest shares, for `model` under `plan` (default none) and `sampler`, for an artifact
+    in `folder` made from `checkpoint` (lineage); with a recipe, its plan, sampler settings and VC table (a
+    different `plan` is an error; a fake-quant-only preset and a recipe calibrated on another checkpoint too)."""
     recipe, vc, lineage = None, None, {}
     if checkpoint:
-        lineage["checkpoint"] = checkpoint_sha256(checkpoint)
+        lineage["checkpoint"] = reference(checkpoint, folder)
     if recipe_dir is not None:
         recipe_dir = Path(recipe_dir)
         loaded = QuantRecipe.load(recipe_dir)
@@ -197,14 +232,16 @@ def pipeline_fields(model, plan: CachePlan | None = None, recipe_dir: str | Path
                              f"{' or '.join(EXPORTABLE)}")
         if plan is not None and plan != loaded.plan:
             raise QandcError(f"the cache plan differs from the recipe's ({loaded.plan.to_dict()}); leave --cache out")
+        if checkpoint:
+            check_recipe_checkpoint(recipe_dir / RECIPE, loaded.checkpoint_sha256, checkpoint)
         plan, sampler, vc = loaded.plan, loaded.sampler_defaults, load_vc(recipe_dir)
-        lineage["recipe"] = sha256_file(recipe_dir / RECIPE)
-        recipe = {"preset": loaded.preset, "sha256": lineage["recipe"]}
+        lineage["recipe"] = reference(recipe_dir / RECIPE, folder)
+        recipe = {"preset": loaded.preset, "sha256": lineage["recipe"]["sha256"]}
     plan = plan or CachePlan.none()
     return {"model": model.config, "plan": plan, "graphs": engine_graphs(plan.reuse_set(model.branch_names),
                                                                          plan.regate),
             "sampler": sampler or SamplerDefaults(), "recipe": recipe, "vc": None if vc is None else vc.tolist(),
-            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else "", "lineage": lineage}
+            "lineage": lineage}
 
 
 MANIFESTS = {kind.KIND: kind for kind in (ExportManifest, EngineManifest)}

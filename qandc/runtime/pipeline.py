@@ -144,13 +144,8 @@ class Pipeline:
         engine output is not finite."""
         manifest, engines = load_engines(folder, compile)
         model = None
-        if fallback:
-            from ..model import load_checkpoint
-
-            if not manifest.checkpoint:
-                raise QandcError(f"{Path(folder) / 'manifest.json'}: names no checkpoint for a high-precision "
-                                 "fallback")
-            model = load_checkpoint(manifest.checkpoint).to(engines["full"].device).eval()
+        if fallback:  # the checkpoint's sha256 verified, loaded with the manifest's model config
+            model = manifest.checkpoint_model(folder).to(engines["full"].device).eval()
         return cls(EngineDenoiser(manifest, engines, cuda_graphs, model), manifest.plan, manifest.vc_table,
                    manifest.sampler, manifest)
 
