@@ -205,7 +205,7 @@ def cmd_calibrate(args) -> None:
 
     model = _load_model(args)
     world, device = distributed.init(_device(args.device))
-    if calibrate(model.to(device), args.out, _calibration_settings(args), digest(args.checkpoint),
+    if calibrate(model.to(device), args.out, _calibration_settings(args), args.checkpoint,
                  report=args.report, world=world) is not None:
         print(f"wrote {args.out}")
 

@@ -13,7 +13,6 @@ from typing import Sequence
 
 from .artifacts import sha256_file
 from .errors import QandcError
-from .formats.lineage import digest
 from .formats.manifest import EngineManifest, ExportManifest
 
 
@@ -42,7 +41,7 @@ def run(model, out: str | Path, settings, backend: str, checkpoint: str, labels:
     out = Path(out)
     recipe_dir, onnx_dir, engine_dir, samples_dir = (out / n for n in ("recipe", "onnx", "engines", "samples"))
     print("[1/5] calibrate", file=sys.stderr)
-    calibrate(model, recipe_dir, settings, digest(checkpoint) if Path(checkpoint).is_file() else "")
+    calibrate(model, recipe_dir, settings, checkpoint)
     recipe_sha = sha256_file(recipe_dir / "recipe.json")
     print("[2/5] export", file=sys.stderr)
     if not _valid(onnx_dir, ExportManifest, {"recipe": recipe_sha}):

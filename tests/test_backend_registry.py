@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from qandc.artifacts import atomic_path, read_json, write_json
+from qandc.artifacts import atomic_path, read_json, sha256_file, write_json
 from qandc.engines import Backend, BuildResult, Capabilities, build_engines, load_engines, register
 from qandc.errors import QandcError
 from qandc.model import load_checkpoint, save_checkpoint
@@ -83,9 +83,13 @@ def test_a_failing_build_leaves_nothing(tmp_path):
     model = tiny_model(guidance="all")
     save_checkpoint(model, tmp_path / "tiny.pt", {})
     export(model, tmp_path / "onnx", PLAN, checkpoint=tmp_path / "tiny.pt")
-    with atomic_path(tmp_path / "onnx" / "manifest.json") as tmp:  # an export claiming a recipe
+    (tmp_path / "onnx" / "recipe.json").write_text("{}")
+    sha = sha256_file(tmp_path / "onnx" / "recipe.json")
+    with atomic_path(tmp_path / "onnx" / "manifest.json") as tmp:  # an export claiming a recipe, consistently
         data = read_json(tmp_path / "onnx" / "manifest.json")
-        write_json(tmp, {**data, "recipe": {"preset": "w8a8-int8", "sha256": "0"}})
+        write_json(tmp, {**data, "recipe": {"preset": "w8a8-int8", "sha256": sha}, "files": {
+            **data["files"], "recipe.json": sha}, "lineage": {**data["lineage"], "recipe": {"path": "recipe.json",
+                                                                                          "sha256": sha}}})
     with pytest.raises(QandcError, match="float engines only"):
         build_engines(tmp_path / "onnx", tmp_path / "engines", "eager-test")
     assert not (tmp_path / "engines").exists()

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_model  # noqa: E402
 from qandc.artifacts import sha256_file  # noqa: E402
 from qandc.cli import main  # noqa: E402
+from qandc.formats import lineage  # noqa: E402
 from qandc.model import save_checkpoint  # noqa: E402
 
 STEPS = 4
@@ -118,6 +119,9 @@ CASES = [
           "--out", "out"], "refuse", names=("recipe/recipe.json", "other.pt"), problem="another checkpoint"),
     Case("recipe-other-checkpoint-export", "lineage", "export --recipe with another checkpoint than calibrated",
          ["export", "--checkpoint", "other.pt", "--recipe", "recipe", "--out", "out"], "refuse",
+         names=("recipe/recipe.json", "other.pt"), problem="another checkpoint"),
+    Case("calibrate-resume-other-checkpoint", "lineage", "calibrate resumed in a recipe folder with another checkpoint",
+         ["calibrate", "--checkpoint", "other.pt", *CALIBRATE, "--out", "recipe"], "refuse",
          names=("recipe/recipe.json", "other.pt"), problem="another checkpoint"),
     Case("export-checkpoint-changed-inductor", "lineage", "the export's checkpoint replaced, then an Inductor build",
          ["build-engine", "--backend", "inductor", "--onnx", "onnx", "--out", "out"], "refuse", replace_checkpoint,
@@ -241,6 +245,29 @@ def tree(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_case(case, tree, tmp_path):
     assert run_case(case, tree, tmp_path) == ("clear", "")
+
+
+def test_artifacts_name_their_inputs_by_relative_path(tree):
+    """No JSON an artifact holds names an absolute path: the folders can move together."""
+    for path in tree.rglob("*.json"):
+        assert str(tree) not in path.read_text() and str(tree.parent) not in path.read_text(), path
+    manifest = json.loads((tree / "engines-ind/manifest.json").read_text())
+    assert manifest["lineage"]["checkpoint"] == {"path": "../m.pt", "sha256": sha256_file(tree / "m.pt")}
+    assert manifest["lineage"]["export"]["path"] == "../onnx/manifest.json"
+    assert json.loads((tree / "recipe/recipe.json").read_text())["checkpoint"] == "../m.pt"
+
+
+def test_a_checkpoint_is_hashed_once_per_process(tree, tmp_path, monkeypatch):
+    """generate --recipe checks the recipe's checkpoint and records its sha256 in config.json: hashed once."""
+    hashed = []
+    monkeypatch.setattr(lineage, "_HASHES", {})
+    monkeypatch.setattr(lineage, "sha256_file", lambda path: hashed.append(Path(path)) or sha256_file(path))
+    monkeypatch.chdir(tree)
+    assert main(["generate", "--checkpoint", "m.pt", "--recipe", "recipe", "--labels", "1", "--steps", str(STEPS),
+                 "--out", str(tmp_path / "out")]) == 0
+    assert hashed.count((tree / "m.pt").resolve()) == 1
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["checkpoint_sha256"] == sha256_file(tree / "m.pt")
 
 
 if __name__ == "__main__":

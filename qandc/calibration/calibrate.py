@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..artifacts import read_json, write_json
 from ..distributed import World
 from ..errors import QandcError
+from ..formats.lineage import check_recipe_checkpoint, reference
 from ..formats.recipe import RECIPE, QuantRecipe, quantizer_formats, write_vc
 from ..sampling import CachePlan, space_timesteps
 from .plan_search import PlanSearch, auto_plan, parse_auto
@@ -139,9 +140,10 @@ def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, batch_size: i
     return loop
 
 
-def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256: str = "",
+def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint: str | Path = "",
               report: bool = False, world: World = World()) -> QuantRecipe | None:
-    """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged). With
+    """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged), loaded
+    from `checkpoint` (recorded in the recipe by sha256 and path, hashed on rank 0 only; "": a model in memory). With
     `report`, also write the sensitivity report (report.json, report.png) unless the folder has one. Under
     torchrun (`world`), the ranks share the pool collection and leave the process group; rank 0 alone goes on and
     returns the recipe, the others return None."""
@@ -155,14 +157,15 @@ def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint_sha256:
         world.close()
         if pool is None:
             return None
-        recipe = _stages(model, out, s, checkpoint_sha256, stages, pool)
+        recipe = _stages(model, out, s, checkpoint, stages, pool)
     if report and not (out / REPORT).exists():
         write_report(sensitivity_report(model, out, s.batch_size), out)
     return recipe
 
 
-def _stages(model, out: Path, s: CalibrationSettings, checkpoint_sha256: str, stages, pool) -> QuantRecipe:
+def _stages(model, out: Path, s: CalibrationSettings, checkpoint: str | Path, stages, pool) -> QuantRecipe:
     """Selection, then recipe and VC table, each skipped when the folder holds it."""
+    source = reference(checkpoint, out) if checkpoint else {"path": "", "sha256": ""}
     stages.update()
     indices = _selection(pool, out, s)
     stages.update()
@@ -171,10 +174,14 @@ def _stages(model, out: Path, s: CalibrationSettings, checkpoint_sha256: str, st
                          fp8_weight_per_channel=s.fp8_weight_per_channel, keep=list(s.keep),
                          selector={"name": s.selector, "params": s.selector_params.to_dict(), "seed": s.seed,
                                    "budget": s.budget, "selection": f"selection-{s.selector}.json"},
-                         pool_id=pool.pool_id, checkpoint_sha256=checkpoint_sha256,
+                         pool_id=pool.pool_id, checkpoint_sha256=source["sha256"], checkpoint=source["path"],
+                         model=model.config.to_dict(),
                          vc=None if s.vc == "none" else {"form": s.vc, "samples": s.vc_samples, "seed": s.seed + 1})
     if (out / RECIPE).exists():
-        if QuantRecipe.load(out) != recipe:
+        existing = QuantRecipe.load(out)
+        if checkpoint:
+            check_recipe_checkpoint(out / RECIPE, existing.checkpoint_sha256, checkpoint)
+        if existing != recipe:
             raise QandcError(f"{out / RECIPE}: made with other settings; use another --out")
     else:
         q_model = copy.deepcopy(model)

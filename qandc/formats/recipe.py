@@ -1,6 +1,7 @@
 """The quant recipe and the VC table: the files `calibrate` writes and every later stage reads.
 
-A recipe directory holds recipe.json (preset, quantized layers, cache plan, sampler settings, selector, lineage),
+A recipe directory holds recipe.json (preset, quantized layers, cache plan, sampler settings, selector, lineage:
+the checkpoint's sha256, its path relative to the folder and its model config),
 amax.safetensors (one amax per enabled ModelOpt quantizer, by quantizer name) and, once VC is fitted,
 vc.safetensors (K, steps x channels). Reading them needs neither ModelOpt nor scikit-learn: a deployed runtime
 reads the VC table and the engines the amax without importing calibration.
@@ -56,7 +57,9 @@ class QuantRecipe:
     keep: list[str] = field(default_factory=list)
     selector: dict = field(default_factory=dict)
     pool_id: str = ""
-    checkpoint_sha256: str = ""
+    checkpoint_sha256: str | dict = ""  # "" for a model in memory; a diffusers directory: sha256 by file name
+    checkpoint: str = field(default="", compare=False)  # path relative to the recipe folder (moves are no change)
+    model: dict | None = field(default=None, compare=False)  # the checkpoint's model config, heads included
     vc: dict | None = None   # {"form": "var" | "mse" | "nsr", "samples": ..., "seed": ...} once fitted
     format_version: int = FORMAT_VERSION
 
