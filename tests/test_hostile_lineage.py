@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_model  # noqa: E402
-from qandc.artifacts import sha256_file  # noqa: E402
-from qandc.cli import main  # noqa: E402
-from qandc.formats import lineage  # noqa: E402
-from qandc.model import save_checkpoint  # noqa: E402
+from qandc.artifacts import sha256_file
+from qandc.cli import main
+from qandc.formats import lineage
+from qandc.model import save_checkpoint
 
 STEPS = 4
 CALIBRATE = ["--preset", "w8a8-int8", "--selector", "random", "--samples", "8", "--pool-samples", "2", "--steps",
