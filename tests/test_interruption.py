@@ -97,8 +97,9 @@ def _assert_whole(out: Path, versions: dict[str, set[bytes]]) -> None:
 
 
 @pytest.mark.parametrize("command,start", [("calibrate", None), ("export", "stale"), ("build-engine", None)])
-def test_killed_at_every_file_then_rerun_equals_the_uninterrupted_run(root, tmp_path, command, start):
-    reference, out = root / command, tmp_path / "out"
+def test_killed_at_every_file_then_rerun_equals_the_uninterrupted_run(root, command, start):
+    # beside the reference: the lineage paths, relative to the output folder, are the same
+    reference, out = root / command, root / f"{command}-rerun"
     versions = {name: {(reference / name).read_bytes()} for name in FILES[command]}
     if start:  # overwrite a finished folder: its files are whole versions too, until replaced
         shutil.copytree(root / start, out)

@@ -60,12 +60,15 @@ def verify(ref: dict, folder: Path, source: Path, kind: str, required: bool = Tr
     """The path `ref` (of the artifact file `source`, in `folder`) names, its hash verified; None when it is absent
     and not `required`. A mismatch is one line naming both files."""
     path = Path(os.path.normpath(Path(folder) / ref["path"]))
-    if not path.exists():
+    try:
+        found = digest(path) if path.exists() else None
+    except OSError as e:  # a name the OS refuses, no permission
+        raise QandcError(f"{path}: {kind} named by {source} is not readable ({e.strerror})") from None
+    if found is None:
         if required:
             raise QandcError(f"{path}: missing; {source} was made from this {kind} (sha256 "
                              f"{_short(ref['sha256'])})")
         return None
-    found = digest(path)
     if found != ref["sha256"]:
         raise QandcError(f"{path}: {kind} changed since {source} was made from it (sha256 {_short(found)}, "
                          f"recorded {_short(ref['sha256'])})")
