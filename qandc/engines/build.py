@@ -5,13 +5,13 @@ lineage) and the sha256 of every file, checked on load."""
 from __future__ import annotations
 
 import platform
-import shutil
 from pathlib import Path
 
 from .. import __version__
 from ..artifacts import sha256_file
 from ..errors import QandcError
 from ..formats.manifest import MANIFEST, EngineManifest, ExportManifest
+from ..staging import check_apart, staged_folder
 from .backend import BuildOptions, Engine, get_backend
 
 
@@ -19,23 +19,17 @@ def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch
                   batch_sizes: list[int] = ()) -> EngineManifest:
     """Build the engines of every graph of an export directory with `backend`; returns the engine manifest.
     `max_batch`: a batch profile's largest batch; `batch_sizes`: row counts to compile for at build time."""
-    onnx_dir, out = Path(onnx_dir), Path(out)
+    onnx_dir = Path(onnx_dir)
     chosen = get_backend(backend)
     export = ExportManifest.read(onnx_dir)
-    (out / MANIFEST).unlink(missing_ok=True)  # a folder being rebuilt has no manifest until it is whole again
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        result = chosen.build(onnx_dir, export, out, BuildOptions(max_batch, tuple(batch_sizes)))
+    check_apart(out, {"--onnx": onnx_dir, "the export's checkpoint": export.checkpoint}, EngineManifest.KIND)
+    with staged_folder(out, EngineManifest.KIND) as staging:  # `out` stays as it was until the engines are whole
+        result = chosen.build(onnx_dir, export, staging, BuildOptions(max_batch, tuple(batch_sizes)))
         versions = {"qandc": __version__, "python": platform.python_version(), **chosen.versions()}
         manifest = EngineManifest.from_export(export, sha256_file(onnx_dir / MANIFEST), chosen.name, result.engines,
                                               result.record, versions)
-        manifest.write(out, result.files)
-        return manifest
-    except BaseException:
-        if created:  # a failed build leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        manifest.write(staging, result.files)
+    return manifest
 
 
 def load_engines(folder: str | Path, compile: bool = True) -> tuple[EngineManifest, dict[str, Engine]]:

@@ -4,8 +4,8 @@ checks every field, the checksums of the files listed and the lineage asked for.
 Shared fields: the model config, the cache plan, the engine graphs' declared inputs and outputs, the sampler
 defaults, the recipe the graphs were quantized with ({"preset", "sha256"}, or None), the VC table (steps x
 channels, or None), the float checkpoint's path, `lineage` (sha256 of every input artifact, by kind: "checkpoint",
-"recipe", "export"), the files with their sha256, and library versions. A manifest is written last and removed
-first: a folder holds one only while its files are whole.
+"recipe", "export"), the files with their sha256, and library versions. A manifest is written last, in a staging
+folder swapped in whole for the old one (`qandc.staging`): a folder holds one only while its files are whole.
 """
 
 from __future__ import annotations
