@@ -62,6 +62,10 @@ def _user_files(folder: Path):
     return setup
 
 
+def _plan(a: Path) -> Path:
+    return a / "p" / "plan.json"
+
+
 def _pngs(a: Path) -> None:
     (a / "pngs").mkdir()
     from PIL import Image
@@ -84,6 +88,8 @@ CASES = {
     "build-engine-out-engines-with-a-foreign-file": Case(
         OUTPUTS, lambda a: _build(a, a / "engines"), lambda a: a / "engines" / "notes.txt",
         _user_files(Path("engines"))),
+    "build-engine-out-is-a-link-to-its-export": Case(
+        OUTPUTS, lambda a: _build(a, a / "link"), lambda a: a / "onnx", lambda a: (a / "link").symlink_to(a / "onnx")),
     "build-engine-out-is-a-file": Case(OUTPUTS, lambda a: _build(a, a / "m.pt"), lambda a: a / "m.pt"),
     "build-engine-failed-rebuild-keeps-the-old-engines": Case(
         OUTPUTS, lambda a: _build(a, a / "engines"), lambda a: a / "onnx" / "reuse.onnx",
@@ -108,6 +114,11 @@ CASES = {
         lambda a: a / "recipe"),
     "generate-out-is-its-engines": Case(OUTPUTS, lambda a: _generate(a, a / "engines", "--engines",
                                                                      str(a / "engines")), lambda a: a / "engines"),
+    "generate-out-inside-its-engines": Case(OUTPUTS, lambda a: _generate(a, a / "engines" / "s", "--engines",
+                                                                         str(a / "engines")), lambda a: a / "engines"),
+    "generate-out-holds-its-cache-plan": Case(
+        OUTPUTS, lambda a: _generate(a, a / "p", "--checkpoint", str(a / "m.pt"), "--cache", str(_plan(a))),
+        _plan, lambda a: (a / "p").mkdir() or _plan(a).write_text('{"interval": 2}')),
     "generate-out-is-an-export": Case(OUTPUTS, lambda a: _generate(a, a / "onnx"), lambda a: a / "onnx"),
     "generate-out-is-the-checkpoint": Case(OUTPUTS, lambda a: _generate(a, a / "m.pt"), lambda a: a / "m.pt"),
     "calibrate-out-is-an-export": Case(OUTPUTS, lambda a: _calibrate(a, a / "onnx"), lambda a: a / "onnx"),
