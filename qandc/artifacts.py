@@ -26,9 +26,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp made it 0600, and a writer may have replaced it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """The process umask, read from /proc where it tells it (os.umask can only read it by setting it, which races
+    with other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -15,6 +15,7 @@ from .artifacts import library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
 from .formats.lineage import check_recipe_checkpoint, confined, digest
 from .model.checkpoint import REFERENCE_CHECKPOINT
+from .staging import check_apart, check_file_apart
 
 
 def _device(name: str | None) -> torch.device:
@@ -113,6 +114,9 @@ def cmd_generate(args) -> None:
     from .sampling import CachePlan
 
     plan = CachePlan.parse(args.cache or "none")
+    check_apart(args.out, {"--checkpoint": None if args.engines else args.checkpoint, "--recipe": args.recipe,
+                           "--engines": args.engines, "--vae": args.vae,
+                           "--cache": args.cache if args.cache and Path(args.cache).is_file() else None}, "samples")
     world, device = distributed.init(_device(args.device))  # first: engines built on "cuda" get this rank's GPU
     pipeline, plan_source, vc_source = _generate_pipeline(args, plan, device)
     labels = _generate_labels(args.labels, args.per_class, args.num_images, pipeline.config.num_classes)
@@ -203,6 +207,7 @@ def cmd_calibrate(args) -> None:
     the pool collection (in shards, as generate's) and rank 0 alone does the rest."""
     from .calibration import calibrate
 
+    check_apart(args.out, {"--checkpoint": args.checkpoint}, "recipe")
     model = _load_model(args)
     world, device = distributed.init(_device(args.device))
     if calibrate(model.to(device), args.out, _calibration_settings(args), args.checkpoint,
@@ -256,6 +261,7 @@ def cmd_run(args) -> None:
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise QandcError("qandc run is one process; under torchrun, run calibrate and generate")
+    check_apart(args.out, {"--checkpoint": args.checkpoint}, "run")
     model = _load_model(args).to(_device(None))
     labels = _generate_labels(args.labels, args.per_class, None, model.config.num_classes)
     result = run(model, args.out, _calibration_settings(args), args.backend, args.checkpoint, labels, args.per_class)
@@ -345,6 +351,7 @@ def cmd_eval(args) -> None:
     out = Path(args.out) if args.out else (samples if samples.is_dir() else samples.parent) / "eval.json"
     if out.is_dir():
         raise QandcError(f"--out {out}: is a directory")
+    check_file_apart(out, {"--samples": samples, "--reference": args.reference})
     result = evaluate(samples, args.reference)
     write_json(out, {"command": "eval", **result, "versions": {
         **library_versions(), "scipy": scipy.__version__, "scikit-image": skimage.__version__}})

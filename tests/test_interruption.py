@@ -1,7 +1,9 @@
 """Interruption: calibrate, export and build-engine are killed (SIGKILL) as each of their files starts being written
 (its temporary file appears, or it is replaced); after every kill, each file in the folder is whole (byte-equal to an
 uninterrupted run's, or the earlier contents it replaces) and a manifest present holds for its files; a rerun then
-leaves exactly the uninterrupted run's files (every run is deterministic here, so byte-equal).
+leaves exactly the uninterrupted run's files (every run is deterministic here, so byte-equal). Export and
+build-engine write into a staging folder beside --out (`qandc.staging`): there the files are watched, and after
+every kill --out is still the folder it was before the command started.
 
 Select with `-m interruption` (or leave out with `-m "not interruption"`): subprocesses, about a minute."""
 
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.interruption
 
 CALIBRATE = ["--preset", "w8a8-int8", "--selector", "random", "--samples", "8", "--pool-samples", "2", "--steps", "4",
              "--clusters", "2", "--vc-samples", "2", "--batch-size", "4", "--cache", "interval=2"]
+STAGED = {"export", "build-engine"}  # built in .out.staging, then swapped in whole
 FILES = {  # each command's files, in the order it writes them
     "calibrate": ["pool.npz", "pool.json", "selection-random.json", "amax.safetensors", "vc.safetensors",
                   "recipe.json"],
@@ -62,11 +65,13 @@ def _state(path: Path):
     return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
 
 
-def _kill_when_written(argv: list[str], out: Path, names: list[str], timeout: float = 120) -> int:
+def _kill_when_written(argv: list[str], out: Path, names: list[str], also: tuple[Path, ...] = (),
+                       timeout: float = 120) -> int:
     """Run argv; SIGKILL it as soon as one of out/`names` starts being written (a new temporary file of it appears)
-    or is replaced. Returns the exit code (-SIGKILL when the kill came before the command finished)."""
+    or is replaced, or a path of `also` is replaced. Returns the exit code (-SIGKILL when the kill came before the
+    command finished)."""
     temporaries = lambda: {p for name in names for p in out.glob(f".{name}.*.tmp")}  # noqa: E731
-    states = lambda: [_state(out / name) for name in names]  # noqa: E731
+    states = lambda: [_state(path) for path in (*(out / name for name in names), *also)]  # noqa: E731
     before, temporaries_before = states(), temporaries()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
@@ -105,11 +110,22 @@ def test_killed_at_every_file_then_rerun_equals_the_uninterrupted_run(root, comm
         shutil.copytree(root / start, out)
         for path in out.iterdir():
             versions[path.name].add(path.read_bytes())
-    files = FILES[command]
-    for k in range(len(files) - 1):  # a rerun skips what is done: kill it at the first of files[k:] it writes
-        assert _kill_when_written(_argv(command, root, out), out, files[k:]) == -signal.SIGKILL, files[k]
-        _assert_whole(out, versions)
+    files, written = FILES[command], out.parent / ".out.staging" if command in STAGED else out
+    contents = lambda: {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None  # noqa: E731
+    old, new = contents(), {name: (reference / name).read_bytes() for name in files}
+    for k in range(len(files) - 1):  # a rerun goes further: kill it at the first of files[k:] it writes
+        written.mkdir(exist_ok=True)  # to be watched before the command makes it
+        # the staging folder lives a moment after its last files: a kill may come as it is swapped in for --out
+        also = (out,) if command in STAGED else ()
+        assert _kill_when_written(_argv(command, root, out), written, files[k:], also) == -signal.SIGKILL, files[k]
+        if written.exists():  # gone when the kill came after the swap
+            _assert_whole(written, versions)
+        if command in STAGED:  # --out is the old folder or the new one, whole
+            assert contents() in (old, new)
     assert subprocess.run(_argv(command, root, out), capture_output=True).returncode == 0
     _assert_whole(out, versions)
+    if command in STAGED:  # the killed runs' temporary files went with their staging folders
+        assert sorted(p.name for p in out.iterdir()) == sorted(FILES[command])
     for name in FILES[command]:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no staging folder left

@@ -5,12 +5,12 @@ lineage) and the sha256 of every file, checked on load."""
 from __future__ import annotations
 
 import platform
-import shutil
 from pathlib import Path
 
 from .. import __version__
 from ..errors import QandcError
 from ..formats.manifest import MANIFEST, EngineManifest, ExportManifest
+from ..staging import check_apart, staged_folder
 from .backend import BuildOptions, Engine, get_backend
 
 
@@ -21,20 +21,16 @@ def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch
     onnx_dir, out = Path(onnx_dir), Path(out)
     chosen = get_backend(backend)
     export = ExportManifest.read(onnx_dir)
-    (out / MANIFEST).unlink(missing_ok=True)  # a folder being rebuilt has no manifest until it is whole again
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        result = chosen.build(onnx_dir, export, out, BuildOptions(max_batch, tuple(batch_sizes)))
+    checkpoint = export.lineage.get("checkpoint")
+    check_apart(out, {"--onnx": onnx_dir, "the export's checkpoint": checkpoint and onnx_dir / checkpoint["path"]},
+                EngineManifest.KIND)
+    with staged_folder(out, EngineManifest.KIND) as staging:  # `out` stays as it was until the engines are whole
+        result = chosen.build(onnx_dir, export, staging, BuildOptions(max_batch, tuple(batch_sizes)))
         versions = {"qandc": __version__, "python": platform.python_version(), **chosen.versions()}
         manifest = EngineManifest.from_export(export, onnx_dir, out, chosen.name, result.engines, result.record,
                                               versions)
-        manifest.write(out, result.files)
-        return manifest
-    except BaseException:
-        if created:  # a failed build leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        manifest.write(staging, result.files)
+    return manifest
 
 
 def load_engines(folder: str | Path, compile: bool = True) -> tuple[EngineManifest, dict[str, Engine]]:

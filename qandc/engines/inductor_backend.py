@@ -23,6 +23,7 @@ from ..artifacts import atomic_path
 from ..errors import QandcError
 from ..formats.manifest import EngineManifest, pipeline_fields
 from ..model.graphs import GraphSpec, PathGraph, example_feeds
+from ..staging import check_apart, staged_folder
 from . import quantized as quantized_module  # also registers qandc::int8_linear, which the programs call
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
@@ -129,14 +130,14 @@ def build_inductor(model, out: str | Path, plan=None, recipe_dir: str | Path | N
     """Inductor engines of a float32 `model` in memory (on the device they are for), without an export: bf16, the
     recipe's layers as FP8 / INT8 kernels, its plan, sampler settings and VC table; without a recipe, `plan`
     (default none) and `sampler` (SamplerDefaults)."""
-    out = Path(out)
+    check_apart(out, {"--checkpoint": checkpoint, "--recipe": recipe_dir}, EngineManifest.KIND)
     fields = pipeline_fields(model, plan, recipe_dir, sampler, checkpoint, folder=out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
-    result = build_files(quantized_module.quantize_for_inference(model, recipe_dir), out, fields["graphs"],
-                         batch_sizes)
-    manifest = EngineManifest(**fields, backend=InductorBackend.name, engines=result.engines, build=result.record,
-                              versions={"qandc": __version__, "python": platform.python_version(),
-                                        **InductorBackend().versions()})
-    manifest.write(out, result.files)
+    with staged_folder(out, EngineManifest.KIND) as staging:  # `out` stays as it was until the engines are whole
+        result = build_files(quantized_module.quantize_for_inference(model, recipe_dir), staging, fields["graphs"],
+                             batch_sizes)
+        manifest = EngineManifest(**fields, backend=InductorBackend.name, engines=result.engines,
+                                  build=result.record, versions={"qandc": __version__,
+                                                                 "python": platform.python_version(),
+                                                                 **InductorBackend().versions()})
+        manifest.write(staging, result.files)
     return manifest

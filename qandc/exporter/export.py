@@ -13,10 +13,11 @@ import torch
 
 from .. import __version__
 from ..artifacts import atomic_path
-from ..formats.manifest import MANIFEST, ExportManifest, pipeline_fields
+from ..formats.manifest import ExportManifest, pipeline_fields
 from ..formats.recipe import AMAX, RECIPE
 from ..model.graphs import PathGraph, example_feeds
 from ..sampling import CachePlan
+from ..staging import check_apart, staged_folder
 from .onnx_export import export_graph
 
 
@@ -24,15 +25,19 @@ def export(model, out: str | Path, plan: CachePlan | None = None, recipe_dir: st
            checkpoint: str | Path = "") -> ExportManifest:
     """Write the graphs and the manifest; with a recipe, its plan, Q/DQ scales, sampler settings and VC table are
     used (a different `plan` is an error). Returns the manifest."""
-    out = Path(out)
+    check_apart(out, {"--checkpoint": checkpoint, "--recipe": recipe_dir}, ExportManifest.KIND)
     fields = pipeline_fields(model, plan, recipe_dir, None, checkpoint, folder=out)
     if recipe_dir is not None:
         from ..calibration import apply_recipe
 
         model, _ = apply_recipe(copy.deepcopy(model), recipe_dir)
     model = model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # it marks a finished export: none while the graphs are rewritten
+    with staged_folder(out, ExportManifest.KIND) as staging:  # `out` stays as it was until the export is whole
+        return _write(model, staging, fields, recipe_dir)
+
+
+def _write(model, out: Path, fields: dict, recipe_dir) -> ExportManifest:
+    """The graphs, the recipe's files and, last, the manifest, in the (staging) folder `out`."""
     feeds = example_feeds(model, fields["graphs"])
     checks = {name: export_graph(PathGraph(model, spec), feeds[name], spec, out / f"{name}.onnx")
               for name, spec in fields["graphs"].items()}

@@ -6,7 +6,8 @@ defaults, the recipe the graphs were quantized with ({"preset", "sha256"}, or No
 channels, or None), `lineage` (the input artifacts by kind — "checkpoint", "recipe", "export" — each a reference
 {"path" relative to the manifest's folder, "sha256"}, `lineage.py`), the files with their sha256 (plain names, inside
 the folder), and library versions. The model config (heads included) is what loading the checkpoint needs besides
-its weights. A manifest is written last and removed first: a folder holds one only while its files are whole.
+its weights. A manifest is written last, in a staging folder swapped in whole for the old one (`qandc.staging`): a
+folder holds one only while its files are whole.
 
 Reading with `verify` checks the files and the small inputs present at their recorded paths (recipe, export); the
 checkpoint is verified when it is opened (`checkpoint_model`).
