@@ -21,6 +21,7 @@ import torch
 from .. import __version__
 from ..artifacts import atomic_path, checkpoint_sha256
 from ..errors import QandcError
+from ..readers import open_regular, regular_file
 from ..formats.manifest import EngineManifest, pipeline_fields
 from ..model.graphs import GraphSpec, PathGraph, example_feeds
 from . import quantized as quantized_module  # also registers qandc::int8_linear, which the programs call
@@ -80,6 +81,7 @@ class InductorEngine:
     engine's device. `compile=True` runs it through torch.compile (Inductor); False runs the program eagerly."""
 
     def __init__(self, path: Path, spec: GraphSpec, compile: bool = True, quantized: bool = False):
+        regular_file(path)
         try:
             self.module = torch.export.load(str(path)).module()
         except Exception as e:  # a foreign or damaged program: torch raises many types here
@@ -125,7 +127,8 @@ class InductorBackend(Backend):
             raise QandcError(f"{folder}: Inductor engines built for a GPU; this machine has none")
         if manifest.build["compile_cache"]:
             cache = folder / manifest.build["compile_cache"]
-            torch.compiler.load_cache_artifacts(cache.read_bytes())  # before anything compiles in this process
+            with open_regular(cache) as f:
+                torch.compiler.load_cache_artifacts(f.read())  # before anything compiles in this process
         compiled = compile and manifest.build["device"] == "cuda"
         return {g: InductorEngine(folder / file, manifest.graphs[g], compiled, manifest.recipe is not None)
                 for g, file in manifest.engines.items()}
