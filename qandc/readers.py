@@ -11,8 +11,9 @@ import os
 import stat
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -22,8 +23,8 @@ JSON_MAX_BYTES = 16 << 20  # any JSON file qandc reads (manifests, recipes, plan
 SIDECAR_MAX_BYTES = 1 << 20  # a checkpoint's sidecar JSON
 JSON_MAX_DEPTH = 32  # nesting of objects and lists; qandc's own files nest 4 deep at most
 NPZ_MAX_BYTES = 16 << 30  # the arrays of one .npz, unpacked
-NPZ_MAX_RATIO = 200  # unpacked / packed size of a compressed member: images and trajectories pack far less densely;
-# a member expanding more is refused as a decompression bomb (deflate can reach 1032)
+ZIP_MAX_RATIO = 200  # unpacked / packed size of a compressed zip member (npz arrays, checkpoint storages): weights,
+# images and trajectories pack far less densely; a member expanding more is refused as a bomb (deflate reaches 1032)
 IDX_MAX_BYTES = 256 << 20  # one unpacked Fashion-MNIST IDX file (the train images are 47 MB)
 
 
@@ -119,13 +120,29 @@ def read_npz(path: str | os.PathLike, what: str, max_bytes: int = NPZ_MAX_BYTES)
             raise QandcError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e)[:160]})") from None
 
 
+def refuse_zip_bomb(path: str | os.PathLike, what: str) -> None:
+    """Refuse a zip archive (a .pt checkpoint, a torch.export program) with a member that would unpack more than
+    ZIP_MAX_RATIO times its packed size; a file that is no readable zip is left to its own reader."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return
+    _check_ratios(f"{path}: not a readable {what}", members)
+
+
+def _check_ratios(refused: str, members: list[zipfile.ZipInfo]) -> None:
+    for info in members:
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > ZIP_MAX_RATIO * max(info.compress_size, 1):
+            raise QandcError(f"{refused} ({info.filename} unpacks {info.compress_size} bytes to {info.file_size}, "
+                             f"more than {ZIP_MAX_RATIO} times: refused as a decompression bomb)")
+
+
 def _check_npz_sizes(refused: str, members: list[zipfile.ZipInfo], max_bytes: int) -> None:
     for info in members:
         if not info.filename.endswith(".npy"):
             raise QandcError(f"{refused} (holds {info.filename[:80]!r}, not an array)")
-        if info.compress_type != zipfile.ZIP_STORED and info.file_size > NPZ_MAX_RATIO * max(info.compress_size, 1):
-            raise QandcError(f"{refused} ({info.filename} unpacks {info.compress_size} bytes to {info.file_size}, "
-                             f"more than {NPZ_MAX_RATIO} times: refused as a decompression bomb)")
+    _check_ratios(refused, members)
     total = sum(info.file_size for info in members)
     if total > max_bytes:
         raise QandcError(f"{refused} ({total >> 20} MB of arrays unpacked, more than the {max_bytes >> 20} MB "

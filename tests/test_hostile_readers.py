@@ -18,18 +18,17 @@ import subprocess
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
+from conftest import tiny_model
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_model  # noqa: E402
-from qandc.model import save_checkpoint  # noqa: E402
+from qandc.model import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 30  # a case still running then hangs
@@ -149,6 +148,20 @@ def _ckpt_bytes(hex_bytes: str, problem: str = "not a readable PyTorch checkpoin
         checkpoint.write_bytes(bytes.fromhex(hex_bytes))
         return _generate(checkpoint, out=tmp / "out"), checkpoint, problem
     return setup
+
+
+def _ckpt_zip_bomb(tmp):
+    """A checkpoint whose one storage, 768 MB of zeros, is deflated to under 1 MB (torch's zip reader inflates it)."""
+    import torch
+
+    torch.save({"x_embedder.proj.weight": torch.zeros(BOMB_BYTES // 4)}, tmp / "plain.pt")
+    with zipfile.ZipFile(tmp / "plain.pt") as plain, zipfile.ZipFile(tmp / "b.pt", "w", zipfile.ZIP_DEFLATED) as bomb:
+        for info in plain.infolist():
+            with plain.open(info) as src, bomb.open(info.filename, "w", force_zip64=True) as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+    (tmp / "plain.pt").unlink()
+    return _generate(tmp / "b.pt", out=tmp / "out"), tmp / "b.pt", "decompression bomb"
 
 
 def _ckpt_fifo(tmp):
@@ -273,6 +286,7 @@ CASES = [
          _ckpt_bytes("73c988f12fe939dcff95f985f18d4b3f976ed210480acd086e118d518378ac889d")),
     Case("ckpt-random-bytes-struct-error", "readers", "a pickle cut inside an opcode's argument (struct.error)",
          _ckpt_bytes("80026a09c4")),
+    Case("ckpt-zip-bomb", "readers", "a checkpoint zip under 1 MB whose storage inflates to 768 MB", _ckpt_zip_bomb),
     Case("ckpt-fifo", "readers", "the checkpoint is a FIFO nobody writes to", _ckpt_fifo),
     Case("ckpt-dev-zero", "readers", "the checkpoint is a link to /dev/zero (endless)", _ckpt_device),
     Case("sidecar-deeply-nested", "readers", "the sidecar JSON nests 100k lists",

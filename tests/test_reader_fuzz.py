@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save
 
-from conftest import tiny_model
 from qandc.artifacts import read_json, read_safetensors
 from qandc.calibration.pool import Pool
 from qandc.data import load_fashion_mnist
@@ -188,7 +188,7 @@ for path in map(Path, sys.argv[1:]):
 
 @functools.cache
 def valid_onnx() -> bytes:
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
     node = helper.make_node("Relu", ["x"], ["y"])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],

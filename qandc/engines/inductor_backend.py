@@ -21,9 +21,9 @@ import torch
 from .. import __version__
 from ..artifacts import atomic_path, checkpoint_sha256
 from ..errors import QandcError
-from ..readers import open_regular, regular_file
 from ..formats.manifest import EngineManifest, pipeline_fields
 from ..model.graphs import GraphSpec, PathGraph, example_feeds
+from ..readers import open_regular, refuse_zip_bomb, regular_file
 from . import quantized as quantized_module  # also registers qandc::int8_linear, which the programs call
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
@@ -81,7 +81,7 @@ class InductorEngine:
     engine's device. `compile=True` runs it through torch.compile (Inductor); False runs the program eagerly."""
 
     def __init__(self, path: Path, spec: GraphSpec, compile: bool = True, quantized: bool = False):
-        regular_file(path)
+        refuse_zip_bomb(regular_file(path), "torch.export program")
         try:
             self.module = torch.export.load(str(path)).module()
         except Exception as e:  # a foreign or damaged program: torch raises many types here

@@ -19,7 +19,7 @@ import torch
 
 from ..artifacts import ASSETS, atomic_path, read_json, read_safetensors, write_json
 from ..errors import QandcError
-from ..readers import SIDECAR_MAX_BYTES, regular_file
+from ..readers import SIDECAR_MAX_BYTES, refuse_zip_bomb, regular_file
 from .dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed
 
 REFERENCE_CHECKPOINT = ASSETS / "reference-dit.pt"  # the Fashion-MNIST reference DiT shipped with qandc
@@ -87,7 +87,7 @@ def save_checkpoint(model: DiT, path: str | Path, record: dict | None = None) ->
 def torch_load(path: Path) -> dict:
     """The dict a PyTorch file holds, unpickled with weights_only (a pickle that would import code is refused); a
     damaged file is a QandcError whatever torch's unpickler raises on it."""
-    regular_file(path)
+    refuse_zip_bomb(regular_file(path), "PyTorch checkpoint")
     # Original training checkpoints carry their argparse namespace; allow that and nothing else beyond tensors.
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
