@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,7 @@ def test_fashion_mnist_idx(folder, data):
 
 WORKER = """
 import sys
+import zipfile
 from pathlib import Path
 from qandc.errors import QandcError
 from qandc.engines.onnxruntime_backend import OrtEngine, optimise
@@ -223,6 +225,10 @@ def test_valid_files_read(folder):
     """The seeds themselves read back: the readers refuse damage, not valid files."""
     (folder / "v.pt").write_bytes(valid("checkpoint"))
     assert load_checkpoint(folder / "v.pt", num_heads=2).config.hidden_size == 16
+    with zipfile.ZipFile(folder / "v.pt") as plain, zipfile.ZipFile(folder / "d.pt", "w", zipfile.ZIP_DEFLATED) as z:
+        for info in plain.infolist():
+            z.writestr(info.filename, plain.read(info))
+    assert load_checkpoint(folder / "d.pt", num_heads=2).config.hidden_size == 16  # compressed, not a bomb
     (folder / "v.npz").write_bytes(valid("npz"))
     assert read_samples(folder / "v.npz")[1].tolist() == [1, 2]
     save_checkpoint(tiny_model(depth=1, hidden_size=16, num_heads=2), folder / "w.pt")
