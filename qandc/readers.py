@@ -113,7 +113,7 @@ def read_npz(path: str | os.PathLike, what: str, max_bytes: int = NPZ_MAX_BYTES)
         try:
             with zipfile.ZipFile(f) as archive:
                 members = archive.infolist()
-                _check_npz_sizes(f"{path}: not a readable {what}", members, max_bytes)
+                _check_npz_sizes(f"{path}: not a readable {what}", members, max_bytes, os.fstat(f.fileno()).st_size)
                 return {info.filename.removesuffix(".npy"): _read_npy(f"{path}: not a readable {what}", archive, info)
                         for info in members}
         except (OSError, EOFError, ValueError, TypeError, SyntaxError, zipfile.BadZipFile, zlib.error) as e:
@@ -138,11 +138,16 @@ def _check_ratios(refused: str, members: list[zipfile.ZipInfo]) -> None:
                              f"more than {ZIP_MAX_RATIO} times: refused as a decompression bomb)")
 
 
-def _check_npz_sizes(refused: str, members: list[zipfile.ZipInfo], max_bytes: int) -> None:
+def _check_npz_sizes(refused: str, members: list[zipfile.ZipInfo], max_bytes: int, file_bytes: int) -> None:
     for info in members:
         if not info.filename.endswith(".npy"):
             raise QandcError(f"{refused} (holds {info.filename[:80]!r}, not an array)")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise QandcError(f"{refused} ({info.filename} is stored, yet declares {info.file_size} bytes from "
+                             f"{info.compress_size})")
     _check_ratios(refused, members)
+    if sum(info.compress_size for info in members) > file_bytes:
+        raise QandcError(f"{refused} (its members declare more bytes than the file's {file_bytes})")
     total = sum(info.file_size for info in members)
     if total > max_bytes:
         raise QandcError(f"{refused} ({total >> 20} MB of arrays unpacked, more than the {max_bytes >> 20} MB "

@@ -49,7 +49,7 @@ def _read_generated(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not has_image_space(config):
         raise QandcError(f"{samples_path}: {config.in_channels}-channel latents, not images; eval needs image-space "
                          "samples")
-    data = _load_npz(samples_path)
+    data = read_npz(samples_path, ".npz archive")
     samples = data.get("samples")
     if samples is None or samples.ndim != 4 or samples.shape[1] != config.in_channels:
         raise QandcError(f"{samples_path}: needs 'samples' of shape (N, {config.in_channels}, H, W) per config.json")
@@ -64,7 +64,7 @@ def _read_generated(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    data = _load_npz(path)
+    data = read_npz(path, ".npz archive")
     if "images" not in data:
         raise QandcError(f"{path}: no 'images' array (has: {', '.join(data) or 'nothing'})")
     images = data["images"]
@@ -103,10 +103,6 @@ def _read_png(file: Path) -> np.ndarray:
             return np.asarray(image.convert("L"))
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise QandcError(f"{file}: not a readable image ({type(e).__name__}: {str(e)[:160]})") from None
-
-
-def _load_npz(path: Path) -> dict:
-    return read_npz(path, ".npz archive")
 
 
 def _check_shape(path: Path, images: np.ndarray) -> None:
