@@ -50,38 +50,34 @@ def write_json(path: str | os.PathLike, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, missing: str = "missing") -> dict:
-    """The JSON object in `path`; a missing or unreadable file, invalid JSON or another JSON value is a one-line
-    QandcError (every JSON file qandc reads holds an object)."""
+def read_json(path: str | os.PathLike, missing: str = "missing", max_bytes: int | None = None) -> dict:
+    """The JSON object in `path`; a missing, unreadable, non-regular or oversized file (over `max_bytes`, default
+    readers.JSON_MAX_BYTES), invalid or too deeply nested JSON or another JSON value is a one-line QandcError (every
+    JSON file qandc reads holds an object)."""
     from .errors import QandcError
+    from .readers import JSON_MAX_BYTES, parse_json, read_bytes
 
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QandcError(f"{path}: {missing}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QandcError(f"{path}: not valid JSON ({e})") from None
-    except (OSError, ValueError) as e:  # a directory, no permission, a name the OS refuses
-        raise QandcError(f"{path}: not readable ({e.strerror if isinstance(e, OSError) else e})") from None
+    data = parse_json(path, read_bytes(path, max_bytes or JSON_MAX_BYTES, missing))
     if not isinstance(data, dict):
         raise QandcError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object expected")
     return data
 
 
 def read_safetensors(path: str | os.PathLike) -> dict:
-    """The tensors of a safetensors file; a missing or damaged file is a one-line QandcError."""
+    """The tensors of a safetensors file (a regular one: a FIFO or device is refused); a missing or damaged file is a
+    one-line QandcError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .errors import QandcError
+    from .readers import regular_file
 
     try:
-        return load_file(path)
-    except FileNotFoundError:
-        raise QandcError(f"{path}: missing") from None
-    except (SafetensorError, OSError) as e:
-        raise QandcError(f"{path}: not readable safetensors ({str(e).splitlines()[0][:160]})") from None
+        return load_file(regular_file(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        detail = str(e).splitlines()[0][:160] if str(e) else repr(e)
+        raise QandcError(f"{path}: not readable safetensors ({detail})") from None
 
 
 def mistyped(cls, data: dict) -> list[str]:
@@ -102,9 +98,11 @@ def is_a(value, hint) -> bool:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a regular file's bytes."""
+    from .readers import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -7,6 +7,7 @@ The reference model sees a 28x28 image padded with background (-1) to 32x32 and 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import QandcError
+from .readers import IDX_MAX_BYTES, open_regular
 
 DATA_DIR = Path(os.environ.get("QANDC_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 SPLITS = {"train": "train", "test": "t10k"}
@@ -24,18 +26,20 @@ IMAGE_SIZE, PADDED_SIZE, UNSHUFFLE = 28, 32, 2
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise QandcError(f"{path}: not a readable {'gzip ' if path.suffix == '.gz' else ''}file ({e})") from None
+    with open_regular(path) as raw:
+        try:
+            with gzip.open(raw) if path.suffix == ".gz" else raw as f:
+                data = f.read(IDX_MAX_BYTES + 1)  # a gzip bomb stops here
+        except (OSError, EOFError, zlib.error) as e:
+            raise QandcError(f"{path}: not a readable {'gzip ' if path.suffix == '.gz' else ''}file ({e})") from None
+    if len(data) > IDX_MAX_BYTES:
+        raise QandcError(f"{path}: unpacks to more than {IDX_MAX_BYTES >> 20} MB, more than an IDX file may have")
     if len(data) < 4 + 4 * ndim or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] != ndim:
         raise QandcError(f"{path}: not an IDX file of unsigned bytes with {ndim} dimensions")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise QandcError(f"{path}: truncated ({body.size} of {int(np.prod(shape))} values)")
+    if body.size != math.prod(shape):
+        raise QandcError(f"{path}: truncated ({body.size} of {math.prod(shape)} values)")
     return body.reshape(shape).copy()  # writable, independent of the file buffer
 
 

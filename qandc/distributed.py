@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import atomic_path
 from .errors import QandcError
+from .readers import read_npz
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,8 @@ def shard_path(folder: Path, index: int) -> Path:
 
 def _stamp(path: Path) -> str | None:
     try:
-        with np.load(path) as data:
-            return str(data["stamp"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return str(read_npz(path, "shard")["stamp"])
+    except (QandcError, KeyError):
         return None
 
 
@@ -113,10 +112,10 @@ def merge_shards(paths: list[Path], names: tuple[str, ...]) -> dict[str, np.ndar
     """The arrays `names` of the shard files, concatenated in file order."""
     parts = {name: [] for name in names}
     for path in paths:
-        try:
-            with np.load(path) as data:
-                for name in names:
-                    parts[name].append(data[name])
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-            raise QandcError(f"{path}: not a readable shard ({type(e).__name__}: {e})") from None
+        data = read_npz(path, "shard")
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise QandcError(f"{path}: not a readable shard (no {', '.join(missing)})")
+        for name in names:
+            parts[name].append(data[name])
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}

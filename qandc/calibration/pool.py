@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,10 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_path, read_json, write_json
 from ..distributed import World, merge_shards, run_shards
 from ..errors import QandcError
+from ..readers import read_npz
 from ..sampling import CachePlan, Diffusion, draw_noise, sample, sample_generator
+
+POOL_ARRAYS = ("x", "t", "step", "sample", "label", "full")  # the arrays of pool.npz
 
 
 @dataclass
@@ -51,11 +53,11 @@ class Pool:
     def load(cls, folder: Path) -> "Pool":
         meta = read_json(folder / "pool.json")
         path = folder / "pool.npz"
-        try:
-            with np.load(path) as data:
-                arrays = {k: data[k] for k in ("x", "t", "step", "sample", "label", "full")}
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise QandcError(f"{path}: not a readable calibration pool ({type(e).__name__}: {e})") from None
+        data = read_npz(path, "calibration pool")
+        missing = [k for k in POOL_ARRAYS if k not in data]
+        if missing:
+            raise QandcError(f"{path}: not a readable calibration pool (no {', '.join(missing)})")
+        arrays = {k: data[k] for k in POOL_ARRAYS}
         if any(a.ndim == 0 for a in arrays.values()) or len({len(a) for a in arrays.values()}) != 1:
             raise QandcError(f"{path}: not a readable calibration pool (arrays of different lengths)")
         meta.pop("pool_id", None)

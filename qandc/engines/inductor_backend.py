@@ -23,6 +23,7 @@ from ..artifacts import atomic_path
 from ..errors import QandcError
 from ..formats.manifest import EngineManifest, pipeline_fields
 from ..model.graphs import GraphSpec, PathGraph, example_feeds
+from ..readers import open_regular, refuse_zip_bomb, regular_file
 from ..staging import check_apart, staged_folder
 from . import quantized as quantized_module  # also registers qandc::int8_linear, which the programs call
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
@@ -81,6 +82,7 @@ class InductorEngine:
     engine's device. `compile=True` runs it through torch.compile (Inductor); False runs the program eagerly."""
 
     def __init__(self, path: Path, spec: GraphSpec, compile: bool = True, quantized: bool = False):
+        refuse_zip_bomb(regular_file(path), "torch.export program")
         try:
             self.module = torch.export.load(str(path)).module()
         except Exception as e:  # a foreign or damaged program: torch raises many types here
@@ -119,7 +121,8 @@ class InductorBackend(Backend):
             raise QandcError(f"{folder}: Inductor engines built for a GPU; this machine has none")
         if manifest.build["compile_cache"]:
             cache = folder / manifest.build["compile_cache"]
-            torch.compiler.load_cache_artifacts(cache.read_bytes())  # before anything compiles in this process
+            with open_regular(cache) as f:
+                torch.compiler.load_cache_artifacts(f.read())  # before anything compiles in this process
         compiled = compile and manifest.build["device"] == "cuda"
         return {g: InductorEngine(folder / file, manifest.graphs[g], compiled, manifest.recipe is not None)
                 for g, file in manifest.engines.items()}

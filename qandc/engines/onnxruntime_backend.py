@@ -12,6 +12,7 @@ import torch
 from .. import ort_int8
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from ..readers import regular_file
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
 SUFFIX = ".ort.onnx"
@@ -28,17 +29,14 @@ def _ort():
 def _session(path: Path, options, providers: list[str], u8: bool = False):
     """An InferenceSession (`u8`: of the graph rewritten by `ort_int8.to_u8`), with load errors (a damaged or foreign
     model) as one line."""
-    from google.protobuf.message import DecodeError
-
     ort = _ort()
+    regular_file(path)
     try:
         if u8:
             return ort_int8.session(path, options, providers)
         return ort.InferenceSession(str(path), options, providers=providers)
-    except (DecodeError, RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,
-            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.NoSuchFile) as e:
-        reason = str(e).splitlines()[0][:160]
+    except Exception as e:  # protobuf, onnx and each ONNX Runtime status raise their own types on a damaged model
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise QandcError(f"{path}: not a readable ONNX model for ONNX Runtime ({reason})") from None
 
 

@@ -15,10 +15,17 @@ import numpy as np
 
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from ..readers import open_regular, regular_file
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
 SUFFIX = ".plan"
 TIMING_CACHE = "timing.cache"
+
+
+def _read(path: Path) -> bytes:
+    """A regular file's bytes (a plan or timing cache; a FIFO or device is refused)."""
+    with open_regular(path) as f:
+        return f.read()
 
 
 def _trt():
@@ -39,14 +46,14 @@ def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_b
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if quantized else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(regular_file(onnx_path))):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise QandcError(f"{onnx_path}: TensorRT cannot parse it ({errors[:300]})")
     config = builder.create_builder_config()
     if not quantized and float_precision in ("bf16", "fp16"):
         config.set_flag(trt.BuilderFlag.BF16 if float_precision == "bf16" else trt.BuilderFlag.FP16)
     cache_path = out_dir / TIMING_CACHE
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    cache = config.create_timing_cache(_read(cache_path) if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -76,7 +83,7 @@ class TrtEngine:
 
         self.torch, self.trt = torch, trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(_read(path))
         if self.engine is None:
             raise QandcError(f"{path}: not a TensorRT plan for this TensorRT version and GPU")
         self.context = self.engine.create_execution_context()

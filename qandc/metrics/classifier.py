@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..artifacts import ASSETS, atomic_path, sha256_file, write_json
+from ..artifacts import ASSETS, atomic_path, read_safetensors, sha256_file, write_json
 from ..errors import QandcError
 
 WEIGHTS, STATS, RECORD = "classifier.safetensors", "classifier-stats.safetensors", "classifier.json"
@@ -58,8 +58,8 @@ def load_classifier(assets: str | Path = ASSETS) -> tuple[FashionCNN, dict]:
         if not (assets / name).is_file():
             raise QandcError(f"{assets / name}: reference classifier file missing")
     model = FashionCNN()
-    model.load_state_dict(load_file(assets / WEIGHTS))
-    stats = load_file(assets / STATS)
+    model.load_state_dict(read_safetensors(assets / WEIGHTS))
+    stats = read_safetensors(assets / STATS)
     return model.eval(), {"mu": stats["mu"].double().numpy(), "sigma": stats["sigma"].double().numpy(),
                           "sha256": sha256_file(assets / WEIGHTS)}
 

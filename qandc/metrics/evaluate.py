@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..artifacts import read_json
 from ..errors import QandcError
 from ..images import has_image_space, model_to_images, to_uint8
 from ..model.dit import DiTConfig
+from ..readers import read_npz, regular_file
 from .classifier import ASSETS, classify, load_classifier
 from .scores import feature_stats, frechet_distance, image_similarity
 
@@ -41,16 +41,15 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray | None, str]:
 
 def _read_generated(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     config_path, samples_path = path / "config.json", path / "samples.npz"
+    config = read_json(config_path, "missing (qandc generate writes it beside samples.npz)")
     try:
-        config = DiTConfig.from_dict(json.loads(config_path.read_text())["model"])
-    except FileNotFoundError:
-        raise QandcError(f"{config_path}: missing (qandc generate writes it beside samples.npz)") from None
+        config = DiTConfig.from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise QandcError(f"{config_path}: no valid DiT config under 'model' ({type(e).__name__}: {e})") from None
     if not has_image_space(config):
         raise QandcError(f"{samples_path}: {config.in_channels}-channel latents, not images; eval needs image-space "
                          "samples")
-    data = _load_npz(samples_path)
+    data = read_npz(samples_path, ".npz archive")
     samples = data.get("samples")
     if samples is None or samples.ndim != 4 or samples.shape[1] != config.in_channels:
         raise QandcError(f"{samples_path}: needs 'samples' of shape (N, {config.in_channels}, H, W) per config.json")
@@ -65,7 +64,7 @@ def _read_generated(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    data = _load_npz(path)
+    data = read_npz(path, ".npz archive")
     if "images" not in data:
         raise QandcError(f"{path}: no 'images' array (has: {', '.join(data) or 'nothing'})")
     images = data["images"]
@@ -86,13 +85,7 @@ def _read_pngs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise QandcError(f"{path}: no samples.npz and no PNG files")
     images = []
     for file in files:
-        try:
-            with Image.open(file) as image:
-                images.append(np.asarray(image.convert("L")))
-        except OSError as e:
-            raise QandcError(f"{file}: not a readable image ({e})") from None
-        if images[-1].shape != IMAGE_SHAPE:
-            raise QandcError(f"{file}: {images[-1].shape[1]}x{images[-1].shape[0]} pixels, expected 28x28")
+        images.append(_read_png(file))
     matches = [LABELED_NAME.match(f.name) for f in files]
     if any(matches) and not all(matches):
         unlabeled = files[[m is None for m in matches].index(True)].name
@@ -101,12 +94,15 @@ def _read_pngs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return _checked(path, np.stack(images), labels)
 
 
-def _load_npz(path: Path) -> dict:
+def _read_png(file: Path) -> np.ndarray:
+    """One 28x28 image as greyscale; its size is checked from the header, before any pixel is decoded."""
     try:
-        with np.load(path) as data:
-            return dict(data)
-    except (OSError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as e:
-        raise QandcError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+        with Image.open(regular_file(file)) as image:
+            if image.size != IMAGE_SHAPE[::-1]:
+                raise QandcError(f"{file}: {image.size[0]}x{image.size[1]} pixels, expected 28x28")
+            return np.asarray(image.convert("L"))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise QandcError(f"{file}: not a readable image ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def _check_shape(path: Path, images: np.ndarray) -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..artifacts import ASSETS, atomic_path, read_json, read_safetensors, write_json
 from ..errors import QandcError
+from ..readers import SIDECAR_MAX_BYTES, refuse_zip_bomb, regular_file
 from .dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed
 
 REFERENCE_CHECKPOINT = ASSETS / "reference-dit.pt"  # the Fashion-MNIST reference DiT shipped with qandc
@@ -35,9 +36,9 @@ def sidecar_path(path: str | Path) -> Path:
 def read_sidecar(path: str | Path) -> dict:
     """The sidecar JSON of an original-format checkpoint ({} when there is none)."""
     sidecar = sidecar_path(path)
-    if not Path(path).is_file() or not sidecar.is_file():
+    if not Path(path).is_file() or not sidecar.exists():  # a sidecar that is no regular file is refused, not skipped
         return {}
-    data = read_json(sidecar)
+    data = read_json(sidecar, max_bytes=SIDECAR_MAX_BYTES)
     if not isinstance(data.get("model", {}), dict):
         raise QandcError(f"{sidecar}: not a valid sidecar JSON (its 'model' is not an object)")
     return data
@@ -84,10 +85,13 @@ def save_checkpoint(model: DiT, path: str | Path, record: dict | None = None) ->
 
 
 def torch_load(path: Path) -> dict:
-    """The dict a PyTorch file holds, unpickled with weights_only (a pickle that would import code is refused)."""
+    """The dict a PyTorch file holds, unpickled with weights_only (a pickle that would import code is refused); a
+    damaged file is a QandcError whatever torch's unpickler raises on it."""
+    refuse_zip_bomb(regular_file(path), "PyTorch checkpoint")
     # Original training checkpoints carry their argparse namespace; allow that and nothing else beyond tensors.
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols: the file is judged below
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -96,9 +100,9 @@ def torch_load(path: Path) -> dict:
             raise QandcError(f"{path}: refused: it holds Python objects beyond weights ({code[0][:160]})") from None
         detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
         raise QandcError(f"{path}: not a readable PyTorch checkpoint ({detail[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        detail = str(e).splitlines()[0][:160] if str(e) else f"{type(e).__name__}: the file ends early"
-        raise QandcError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
+    except Exception as e:  # damaged bytes make torch's unpickler raise any type (KeyError, IndexError, struct.error)
+        detail = str(e).splitlines()[0][:160] if str(e) else "the file ends early"
+        raise QandcError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {detail})") from None
     if not isinstance(obj, dict):
         raise QandcError(f"{path}: not a DiT checkpoint (holds a {type(obj).__name__}, expected a state dict)")
     return obj
@@ -137,7 +141,7 @@ def _infer_config(state: dict, path: Path) -> dict:
 
 def _read_diffusers(path: Path) -> tuple[dict, dict]:
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():  # a config.json that is no regular file is refused by read_json
         raise QandcError(f"{path}: a directory, but not a diffusers model (no config.json)")
     cfg = read_json(config_file)
     if cfg.get("_class_name") not in DIFFUSERS_CLASSES or cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
