@@ -207,7 +207,7 @@ class EngineManifest(Manifest):
 
     @classmethod
     def from_export(cls, export: ExportManifest, export_dir: Path, out: Path, backend: str, engines: dict,
-                    build: dict, versions: dict) -> "EngineManifest":
+                    build: dict, versions: dict) -> EngineManifest:
         """The manifest of engines in `out`: everything the export in `export_dir` recorded (its references
         rebased onto `out`), the export itself as lineage, plus the backend's own fields."""
         shared = {f.name: getattr(export, f.name) for f in dataclasses.fields(Manifest)}
