@@ -13,6 +13,7 @@ import torch
 from . import __version__, distributed
 from .artifacts import checkpoint_sha256, library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
+from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
 
 
@@ -256,8 +257,10 @@ def cmd_run(args) -> None:
         raise QandcError("qandc run is one process; under torchrun, run calibrate and generate")
     model = _load_model(args).to(_device(None))
     labels = _generate_labels(args.labels, args.per_class, None, model.config.num_classes)
-    result = run(model, args.out, _calibration_settings(args), args.backend, args.checkpoint, labels, args.per_class)
-    write_json(Path(args.out) / "eval.json", {"command": "run", **result, "versions": library_versions()})
+    with output_lock(args.out, "run"):  # eval.json too
+        result = run(model, args.out, _calibration_settings(args), args.backend, args.checkpoint, labels,
+                     args.per_class)
+        write_json(Path(args.out) / "eval.json", {"command": "run", **result, "versions": library_versions()})
     print(f"FD {result['fd']:.3f}  class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); "
           f"wrote {args.out}")
 
@@ -342,9 +345,10 @@ def cmd_eval(args) -> None:
     out = Path(args.out) if args.out else (samples if samples.is_dir() else samples.parent) / "eval.json"
     if out.is_dir():
         raise QandcError(f"--out {out}: is a directory")
-    result = evaluate(samples, args.reference)
-    write_json(out, {"command": "eval", **result, "versions": {
-        **library_versions(), "scipy": scipy.__version__, "scikit-image": skimage.__version__}})
+    with output_lock(out.parent, "eval"):
+        result = evaluate(samples, args.reference)
+        write_json(out, {"command": "eval", **result, "versions": {
+            **library_versions(), "scipy": scipy.__version__, "scikit-image": skimage.__version__}})
     rows = [(key, result[key]) for key in ("n", "fd", "class_accuracy", "psnr", "ssim", "mse") if key in result]
     width = max(len(key) for key, _ in rows)
     print(f"{'metric':<{width}}  value")

@@ -12,9 +12,11 @@ from .. import __version__
 from ..artifacts import sha256_file
 from ..errors import QandcError
 from ..formats.manifest import MANIFEST, EngineManifest, ExportManifest
+from ..locking import LOCK, holds_output
 from .backend import BuildOptions, Engine, get_backend
 
 
+@holds_output("build-engine")
 def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch: int = 64,
                   batch_sizes: list[int] = ()) -> EngineManifest:
     """Build the engines of every graph of an export directory with `backend`; returns the engine manifest.
@@ -23,7 +25,7 @@ def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch
     chosen = get_backend(backend)
     export = ExportManifest.read(onnx_dir)
     (out / MANIFEST).unlink(missing_ok=True)  # a folder being rebuilt has no manifest until it is whole again
-    created = not out.exists()
+    created = all(p.name == LOCK for p in out.iterdir())  # made for this build (the lock made the folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
         result = chosen.build(onnx_dir, export, out, BuildOptions(max_batch, tuple(batch_sizes)))
