@@ -31,7 +31,8 @@ with output_lock(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
     sys.stdin.read()
 """
-RACE = ["--num-images", "4", "--batch-size", "1", "--steps", "6", "--labels", "1,2"]  # ~10 s of sampling
+RACE = ["--num-images", "48", "--batch-size", "1", "--steps", "25", "--labels", "1,2"]  # 48 shards: seconds of work
+SHORT = ["--num-images", "2", "--steps", "4", "--seed", "0"]
 
 
 def qandc(*argv, procs: int = 0, log: Path | None = None):
@@ -158,16 +159,37 @@ def _held_torchrun(tmp: Path, arts: Path) -> Result:
     return refused(done, before, after, str(folder), f"pid {holder.pid}", lines=2)
 
 
-# Race: two real generate jobs into one folder, the second started while the first samples.
+def signal_tree(pid: int, signum: int) -> None:
+    """Send `signum` to process `pid` and its descendants (torchrun's workers are in sessions of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    tree = [pid]
+    for member in tree:
+        tree += [child for child, parent in parents.items() if parent == member]
+    for member in tree:
+        os.kill(member, signum)
+
+
+# Race: two real generate jobs into one folder, the second run while the first is paused (SIGSTOP to it and its
+# workers) right after its first shard.
 def _race(second: list, procs: int = 0):
     def run(tmp: Path, arts: Path) -> Result:
         ckpt = ["generate", "--checkpoint", arts / "m.pt", *RACE]
         assert qandc(*ckpt, "--seed", "0", "--out", tmp / "alone").returncode == 0
         out = tmp / "out"
         first = qandc(*ckpt, "--seed", "0", "--out", out, procs=procs, log=tmp / "first.log")
-        while not (out / "shards").exists() and first.poll() is None:  # its first shard is written
-            time.sleep(0.05)
-        done = qandc(*ckpt, *second, "--out", out)
+        while not (out / "shards" / "shard-00000.npz").exists() and first.poll() is None:
+            time.sleep(0.002)
+        signal_tree(first.pid, signal.SIGSTOP)
+        try:
+            assert not (out / "samples.npz").exists(), "the first job was done before it could be paused"
+            done = qandc(*ckpt, *second, "--out", out)
+        finally:
+            signal_tree(first.pid, signal.SIGCONT)
         result = refused(done, {}, {}, str(out))
         result.traceback |= first.wait(timeout=600) != 0 or "Traceback" in (tmp / "first.log").read_text()
         samples, seed = samples_of(out)
@@ -184,7 +206,7 @@ def _planted(make: Callable[[Path, Path], None], runs: bool, named: Callable[[Pa
         outside.write_text("not qandc's\n")
         make(out / LOCK, outside)
         before = snapshot(arts, out) | {outside: hashlib.sha256(outside.read_bytes()).hexdigest()}
-        done = qandc("generate", "--checkpoint", arts / "m.pt", *RACE[:-2], "--seed", "0", "--out", out)
+        done = qandc("generate", "--checkpoint", arts / "m.pt", *SHORT, "--out", out)
         after = snapshot(arts, out) | {outside: hashlib.sha256(outside.read_bytes()).hexdigest()}
         if not runs:
             result = refused(done, before, after, str(named(out / LOCK)))
@@ -195,7 +217,7 @@ def _planted(make: Callable[[Path, Path], None], runs: bool, named: Callable[[Pa
                 result.unclear = f"exit {done.returncode}: {error_lines(done.stderr)}"
             else:
                 reference = tmp / "alone"
-                assert qandc("generate", "--checkpoint", arts / "m.pt", *RACE[:-2], "--seed", "0",
+                assert qandc("generate", "--checkpoint", arts / "m.pt", *SHORT,
                              "--out", reference).returncode == 0
                 result.silent = not np.array_equal(samples_of(out)[0], samples_of(reference)[0])
                 result.unclear = "" if not (out / LOCK).exists() else "the lock file stays"
