@@ -306,7 +306,8 @@ def cmd_train(args) -> None:
     """Train the Fashion-MNIST reference DiT with the original DiT recipe, in time-limited resumable chunks."""
     from .train import train
 
-    train(args)
+    with output_lock(args.out, "train"):
+        train(args)
 
 
 def cmd_bench(args) -> None:

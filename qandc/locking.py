@@ -121,15 +121,18 @@ def _lock(folder: Path, command: str, ranks: int) -> int:
         if _same_file(fd, path):
             break
         os.close(fd)  # the holder removed the file as it released the lock: lock the file there now
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "ranks": ranks,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         _take_over(folder, path, _record(fd))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise QandcError(f"{path}: cannot write the holder record ({e.strerror})") from None
     except QandcError:
         os.close(fd)
         raise
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "ranks": ranks,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
     return fd
 
 
