@@ -14,6 +14,7 @@ from . import __version__, distributed
 from .artifacts import library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
 from .formats.lineage import check_recipe_checkpoint, confined, digest
+from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
 from .staging import check_apart, check_file_apart
 
@@ -264,8 +265,10 @@ def cmd_run(args) -> None:
     check_apart(args.out, {"--checkpoint": args.checkpoint}, "run")
     model = _load_model(args).to(_device(None))
     labels = _generate_labels(args.labels, args.per_class, None, model.config.num_classes)
-    result = run(model, args.out, _calibration_settings(args), args.backend, args.checkpoint, labels, args.per_class)
-    write_json(Path(args.out) / "eval.json", {"command": "run", **result, "versions": library_versions()})
+    with output_lock(args.out, "run"):  # eval.json too
+        result = run(model, args.out, _calibration_settings(args), args.backend, args.checkpoint, labels,
+                     args.per_class)
+        write_json(Path(args.out) / "eval.json", {"command": "run", **result, "versions": library_versions()})
     print(f"FD {result['fd']:.3f}  class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); "
           f"wrote {args.out}")
 
@@ -312,7 +315,8 @@ def cmd_train(args) -> None:
     """Train the Fashion-MNIST reference DiT with the original DiT recipe, in time-limited resumable chunks."""
     from .train import train
 
-    train(args)
+    with output_lock(args.out, "train"):
+        train(args)
 
 
 def cmd_bench(args) -> None:
@@ -352,9 +356,10 @@ def cmd_eval(args) -> None:
     if out.is_dir():
         raise QandcError(f"--out {out}: is a directory")
     check_file_apart(out, {"--samples": samples, "--reference": args.reference})
-    result = evaluate(samples, args.reference)
-    write_json(out, {"command": "eval", **result, "versions": {
-        **library_versions(), "scipy": scipy.__version__, "scikit-image": skimage.__version__}})
+    with output_lock(out.parent, "eval"):
+        result = evaluate(samples, args.reference)
+        write_json(out, {"command": "eval", **result, "versions": {
+            **library_versions(), "scipy": scipy.__version__, "scikit-image": skimage.__version__}})
     rows = [(key, result[key]) for key in ("n", "fd", "class_accuracy", "psnr", "ssim", "mse") if key in result]
     width = max(len(key) for key, _ in rows)
     print(f"{'metric':<{width}}  value")

@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -75,16 +75,24 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     return World(rank, size), device
 
 
+class Shard(NamedTuple):
+    """A work unit's file and the stamp it must carry."""
+
+    path: Path
+    stamp: str
+
+
 def run_shards(folder: str | os.PathLike, units: list[dict], compute: Callable[[dict], dict[str, np.ndarray]],
-               world: World, key: dict, desc: str = "shards") -> list[Path]:
+               world: World, key: dict, desc: str = "shards") -> list[Shard]:
     """Run the work units of this rank (unit i goes to rank i % world.size): `compute(unit)` gives the arrays kept
     in folder/shard-<i>.npz, written atomically with a stamp of `key` and the unit. A unit whose file carries the
-    same stamp is skipped. Returns every unit's file once every rank is done (a barrier)."""
+    same stamp is skipped. Returns every unit's shard once every rank is done (a barrier)."""
     folder = Path(folder)
+    shards = [Shard(shard_path(folder, i), json.dumps({**key, "unit": unit}, sort_keys=True))
+              for i, unit in enumerate(units)]
     computed = kept = 0
     for i in tqdm(range(world.rank, len(units), world.size), desc=desc, disable=not world.main, leave=False):
-        path = shard_path(folder, i)
-        stamp = json.dumps({**key, "unit": units[i]}, sort_keys=True)
+        path, stamp = shards[i]
         if _stamp(path) == stamp:
             kept += 1
             continue
@@ -94,7 +102,7 @@ def run_shards(folder: str | os.PathLike, units: list[dict], compute: Callable[[
         computed += 1
     print(f"rank {world.rank}/{world.size} {desc}: {computed} computed, {kept} kept", file=sys.stderr)
     world.barrier()
-    return [shard_path(folder, i) for i in range(len(units))]
+    return shards
 
 
 def shard_path(folder: Path, index: int) -> Path:
@@ -108,14 +116,17 @@ def _stamp(path: Path) -> str | None:
         return None
 
 
-def merge_shards(paths: list[Path], names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The arrays `names` of the shard files, concatenated in file order."""
+def merge_shards(shards: list[Shard], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `names` of the shards, concatenated in order; a file whose stamp is not its shard's (another
+    job's work) is a QandcError."""
     parts = {name: [] for name in names}
-    for path in paths:
+    for path, stamp in shards:
         data = read_npz(path, "shard")
-        missing = [name for name in names if name not in data]
+        missing = [name for name in (*names, "stamp") if name not in data]
         if missing:
             raise QandcError(f"{path}: not a readable shard (no {', '.join(missing)})")
+        if str(data["stamp"]) != stamp:
+            raise QandcError(f"{path}: a shard made with other settings (another job's); it is recomputed on a rerun")
         for name in names:
             parts[name].append(data[name])
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}

@@ -14,6 +14,7 @@ from typing import Sequence
 from .artifacts import sha256_file
 from .errors import QandcError
 from .formats.manifest import EngineManifest, ExportManifest
+from .locking import holds_output
 
 
 def _valid(folder: Path, kind, lineage: dict, backend: str | None = None) -> bool:
@@ -26,6 +27,7 @@ def _valid(folder: Path, kind, lineage: dict, backend: str | None = None) -> boo
     return backend is None or manifest.backend == backend
 
 
+@holds_output("run")
 def run(model, out: str | Path, settings, backend: str, checkpoint: str, labels: Sequence[int],
         per_class: int = 1) -> dict:
     """Run every stage (skipping valid ones); return the evaluation of the engine samples. `labels` (each label

@@ -17,6 +17,7 @@ from typing import Iterator
 
 from .errors import QandcError
 from .formats.manifest import MANIFEST
+from .locking import LOCK
 
 # what marks a folder as an artifact of each kind that has no manifest: files or sub-folders it always holds
 MARKERS = {"recipe": ("recipe.json", "pool.json", "pool-shards"), "samples": ("samples.npz", "shards"),
@@ -88,7 +89,7 @@ def _check_replaceable(out: Path, kind: str) -> None:
     nothing else."""
     if not out.is_dir():
         return
-    listed = {MANIFEST}
+    listed = {MANIFEST, LOCK}
     if (out / MANIFEST).is_file():
         try:
             files = json.loads((out / MANIFEST).read_text()).get("files")
@@ -126,6 +127,8 @@ def staged_folder(out, kind: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if (out / LOCK).exists():  # the job's lock goes with the folder (same file: the lock stays held)
+        os.replace(out / LOCK, staging / LOCK)
     if out.exists():
         os.replace(out, retired)
     os.replace(staging, out)

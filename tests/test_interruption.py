@@ -22,6 +22,7 @@ import pytest
 from conftest import tiny_model
 from qandc.artifacts import sha256_file
 from qandc.calibration.calibrate import POOL_SHARDS
+from qandc.locking import LOCK
 from qandc.model import save_checkpoint
 
 pytest.importorskip("onnxruntime")
@@ -92,8 +93,8 @@ def _assert_whole(out: Path, versions: dict[str, set[bytes]]) -> None:
             for shard in path.iterdir():
                 assert TEMPORARY.fullmatch(shard.name) or len(np.load(shard).files), shard
             continue
-        if SAFETENSORS_TEMPORARY.fullmatch(path.name):  # never read: atomic_path's own file is renamed in place
-            continue
+        if SAFETENSORS_TEMPORARY.fullmatch(path.name) or path.name == LOCK:  # never read as an artifact: the
+            continue  # safetensors temporary is renamed in place; the killed job's lock is taken over by the rerun
         temporary = TEMPORARY.fullmatch(path.name)
         assert temporary and temporary["name"] in versions or path.read_bytes() in versions[path.name], path
     if (out / "manifest.json").exists():

@@ -21,6 +21,7 @@ from ..distributed import World
 from ..errors import QandcError
 from ..formats.lineage import check_recipe_checkpoint, reference
 from ..formats.recipe import RECIPE, QuantRecipe, quantizer_formats, write_vc
+from ..locking import holds_output
 from ..sampling import CachePlan, space_timesteps
 from .plan_search import PlanSearch, auto_plan, parse_auto
 from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
@@ -140,6 +141,7 @@ def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, batch_size: i
     return loop
 
 
+@holds_output("calibrate")
 def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint: str | Path = "",
               report: bool = False, world: World = World()) -> QuantRecipe | None:
     """Run (or resume) every stage; return the recipe. `model` is the full-precision DiT (left unchanged), loaded

@@ -10,10 +10,12 @@ from pathlib import Path
 from .. import __version__
 from ..errors import QandcError
 from ..formats.manifest import MANIFEST, EngineManifest, ExportManifest
+from ..locking import holds_output
 from ..staging import check_apart, staged_folder
 from .backend import BuildOptions, Engine, get_backend
 
 
+@holds_output("build-engine")
 def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch: int = 64,
                   batch_sizes: list[int] = ()) -> EngineManifest:
     """Build the engines of every graph of an export directory with `backend`; returns the engine manifest.

@@ -22,6 +22,7 @@ from .. import __version__
 from ..artifacts import atomic_path
 from ..errors import QandcError
 from ..formats.manifest import EngineManifest, pipeline_fields
+from ..locking import holds_output
 from ..model.graphs import GraphSpec, PathGraph, example_feeds
 from ..readers import open_regular, refuse_zip_bomb, regular_file
 from ..staging import check_apart, staged_folder
@@ -128,6 +129,7 @@ class InductorBackend(Backend):
                 for g, file in manifest.engines.items()}
 
 
+@holds_output("build-engine")
 def build_inductor(model, out: str | Path, plan=None, recipe_dir: str | Path | None = None,
                    sampler=None, batch_sizes=(), checkpoint: str = "") -> EngineManifest:
     """Inductor engines of a float32 `model` in memory (on the device they are for), without an export: bf16, the

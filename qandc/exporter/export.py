@@ -15,12 +15,14 @@ from .. import __version__
 from ..artifacts import atomic_path
 from ..formats.manifest import ExportManifest, pipeline_fields
 from ..formats.recipe import AMAX, RECIPE
+from ..locking import holds_output
 from ..model.graphs import PathGraph, example_feeds
 from ..sampling import CachePlan
 from ..staging import check_apart, staged_folder
 from .onnx_export import export_graph
 
 
+@holds_output("export")
 def export(model, out: str | Path, plan: CachePlan | None = None, recipe_dir: str | Path | None = None,
            checkpoint: str | Path = "") -> ExportManifest:
     """Write the graphs and the manifest; with a recipe, its plan, Q/DQ scales, sampler settings and VC table are

@@ -19,6 +19,7 @@ from ..artifacts import atomic_path, library_versions, sha256_file, write_json
 from ..distributed import World
 from ..errors import QandcError
 from ..images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
+from ..locking import holds_output
 from ..sampling import check_labels, space_timesteps
 from .pipeline import Pipeline
 
@@ -58,6 +59,7 @@ class Provenance:
         return cls(engines=str(folder), sha256={"engines": sha256_file(Path(folder) / "manifest.json")})
 
 
+@holds_output("generate")
 def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptions = SamplingOptions(), *,
              provenance: Provenance = Provenance(), world: World = World(), vae: str | None = None,
              per_class: int | None = None, class_names: Sequence[str] = ()) -> dict | None:
@@ -68,8 +70,6 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     done."""
     labels = check_labels(labels, pipeline.config.num_classes)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise QandcError(f"{out}: exists and is not a directory")
     engine_steps = {"full": 0, "reuse": 0, "fallback_steps": 0}
 
     def shard(unit: dict) -> dict[str, np.ndarray]:
