@@ -101,6 +101,7 @@ class QuantRecipe:
         try:
             recipe = cls(**data)
             quantizer_formats(recipe.preset)
+            SamplerDefaults.from_dict(recipe.sampler_defaults.to_dict())  # steps, sampler, a finite cfg_scale
         except (TypeError, QandcError) as e:
             raise QandcError(f"{path}: not a quant recipe ({e})") from None
         return recipe
