@@ -40,7 +40,7 @@ ERROR = re.compile(r"qandc( [\w-]+)?: error: ")
 
 
 @pytest.fixture(scope="module")
-def art(_art):
+def art(_art):  # noqa: F811 - pytest passes the imported fixture by its name
     """test_bad_inputs' good artifacts: a checkpoint m.pt, recipe/, onnx/, engines/ and fmnist/."""
     return _art
 
