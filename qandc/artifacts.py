@@ -4,6 +4,7 @@ foreign file being a one-line QandcError."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,14 +21,16 @@ ASSETS = Path(__file__).resolve().parent / "assets"  # shipped weights: the refe
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with write_errors_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp made it 0600, and a writer may have replaced it
-        os.replace(tmp, path)
+        with write_errors_named(path):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp made it 0600, and a writer may have replaced it
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -42,6 +45,39 @@ def umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
         return mask
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextlib.contextmanager
+def write_errors_named(path: Path) -> Iterator[None]:
+    """A full disk, a file size limit or a folder that cannot be written, while writing `path`: a one-line
+    QandcError naming it. Writers that hide the OSError (torch.save, safetensors; ONNX Runtime, whose failure to
+    save reads as a bad model) are judged by the folder: no space left, or not writable."""
+    from .errors import QandcError
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise QandcError(f"{path}: cannot be written ({e.strerror})") from None
+    except Exception:
+        cause = _unwritable(path.parent)
+        if cause is None:
+            raise
+        raise QandcError(f"{path}: cannot be written ({cause})") from None
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be written into `folder` now (no space left, not writable), or None."""
+    try:
+        if os.statvfs(folder).f_bavail == 0:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        return None
+    return None if os.access(folder, os.W_OK) else os.strerror(errno.EACCES)
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from . import __version__, distributed
-from .artifacts import library_versions, read_json, sha256_file, write_json
+from .artifacts import WRITE_ERRORS, library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
 from .formats.lineage import check_recipe_checkpoint, confined, digest
 from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
 from .staging import check_apart, check_file_apart
+from .values import argument, integer, output_file, output_folder, real
 
 
 def _device(name: str | None) -> torch.device:
@@ -31,11 +31,16 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+SEED = argument(integer, minimum=0)
+CFG_SCALE = argument(real)
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT),
                    help="original DiT checkpoint (.pt) or diffusers DiTTransformer2DModel directory (default: the "
                         "shipped Fashion-MNIST reference model)")
-    p.add_argument("--num-heads", type=int, help="attention heads, when the hidden size matches no named config")
+    p.add_argument("--num-heads", type=argument(integer),
+                   help="attention heads, when the hidden size matches no named config")
 
 
 def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,12 +56,14 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                         "plan is kept in OUT/plan.json")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0, help="pool, selection and VC seed (default 0)")
-    p.add_argument("--tap-m", type=int, default=3, help="TAP parallel subsamplings (default 3)")
+    p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5)
+    p.add_argument("--seed", type=SEED, default=0, help="pool, selection and VC seed (default 0)")
+    p.add_argument("--tap-m", type=argument(integer), default=3, help="TAP parallel subsamplings (default 3)")
     p.add_argument("--clusters", type=int, default=100, help="TAP / kmeans clusters (default 100)")
-    p.add_argument("--alpha", type=float, default=0.5, help="TAP spatial vs temporal affinity weight (default 0.5)")
-    p.add_argument("--tau", type=float, default=0.1, help="TAP temporal scale on t/1000 (default 0.1)")
+    p.add_argument("--alpha", type=argument(real, low=0, high=1), default=0.5,
+                   help="TAP spatial vs temporal affinity weight (default 0.5)")
+    p.add_argument("--tau", type=argument(real, low=0, low_open=True), default=0.1,
+                   help="TAP temporal scale on t/1000 (default 0.1)")
     p.add_argument("--keep", nargs="*", default=[], help="fnmatch patterns of block Linears kept in high precision")
     p.add_argument("--vc", choices=["var", "nsr", "mse", "none"], default="var",
                    help="variance compensation: var (variance matching, default), nsr (noise-to-signal-weighted "
@@ -76,6 +83,12 @@ def _int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _count_list(text: str) -> list[int]:
+    """Comma-separated positive integers."""
+    count = argument(integer)
+    return [count(v) for v in text.split(",") if v.strip()]
 
 
 def _check_plan(plan, model, steps: int | None, source: str) -> None:
@@ -260,7 +273,7 @@ def cmd_run(args) -> None:
     eval; each stage is skipped when its artifacts are there and valid."""
     from .run import run
 
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if distributed.torchrun_environment()[0] > 1:
         raise QandcError("qandc run is one process; under torchrun, run calibrate and generate")
     check_apart(args.out, {"--checkpoint": args.checkpoint}, "run")
     model = _load_model(args).to(_device(None))
@@ -393,15 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a randomly initialised DiT checkpoint",
                        description=cmd_init.__doc__)
     p.add_argument("--config", default="DiT-S/2", help="DiT paper config name, e.g. DiT-XL/2 (default DiT-S/2)")
-    p.add_argument("--input-size", type=int, default=32, help="spatial size of the model input (default 32)")
-    p.add_argument("--in-channels", type=int, default=4, help="input channels (default 4, as latent DiTs)")
-    p.add_argument("--num-classes", type=int, default=1000, help="number of classes (default 1000)")
+    p.add_argument("--input-size", type=argument(integer), default=32,
+                   help="spatial size of the model input (default 32)")
+    p.add_argument("--in-channels", type=argument(integer), default=4,
+                   help="input channels (default 4, as latent DiTs)")
+    p.add_argument("--num-classes", type=argument(integer), default=1000, help="number of classes (default 1000)")
     p.add_argument("--guidance", choices=["first3", "all"], default="first3",
                    help="CFG mode: first3 (original DiT) or all predicted-noise channels (diffusers)")
     p.add_argument("--nonzero", action="store_true",
                    help="random instead of zero adaLN and final layers, so outputs are not trivially zero")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    p.add_argument("--out", required=True, help="checkpoint path to write (a sidecar .json goes beside it)")
+    p.add_argument("--seed", type=SEED, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--out", type=output_file, required=True,
+                   help="checkpoint path to write (a sidecar .json goes beside it)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("generate", help="sample images from a DiT",
@@ -415,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N samples, labels cycling over --labels (for FD over many samples; not with --per-class)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced from 1000 (default 50)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 = off")
+    p.add_argument("--eta", type=argument(real, low=0, high=1), default=0.0, help="DDIM eta, 0 to 1 (default 0)")
+    p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--cache", help="none (default) | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1] | "
                                   "PLAN.json; with --recipe, the recipe's plan")
     p.add_argument("--recipe", help="quant recipe directory from qandc calibrate: sample with fake quant (+ VC)")
@@ -426,13 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --engines: check every step as it runs and recompute a step whose engine output holds "
                         "NaN / Inf with the float model of the engines' checkpoint (default: the run fails, naming "
                         "the steps)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="labels per batch and per shard file (default 64)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun "
                                     "cuda:LOCAL_RANK)")
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory to decode latents into images")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", type=output_folder, required=True, help="output directory")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("calibrate", help="pool, TAP selection, ModelOpt quantization and VC: a quant recipe",
@@ -442,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="also write report.json and report.png: per-layer and per-step quantization error")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
+    p.add_argument("--out", type=output_folder, required=True, help="output directory (a rerun resumes it)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("run", help="calibrate -> export -> build-engine -> generate -> eval, in one folder",
@@ -452,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=backend_names(), default="onnxruntime")
     p.add_argument("--labels", type=_int_list, default=list(range(10)), help="labels to generate (default 0..9)")
     p.add_argument("--per-class", type=int, default=4, help="samples per label (default 4)")
-    p.add_argument("--out", required=True, help="output folder: recipe/, onnx/, engines/, samples/, eval.json")
+    p.add_argument("--out", type=output_folder, required=True,
+                   help="output folder: recipe/, onnx/, engines/, samples/, eval.json")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="what an artifact folder holds; checksums; runnable backends",
@@ -465,18 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(p)
     p.add_argument("--recipe", help="quant recipe directory from qandc calibrate (w8a8-int8 or w8a8-fp8)")
     p.add_argument("--cache", help="cache plan without a recipe (default none); with one, the recipe's")
-    p.add_argument("--out", required=True, help="output directory: full.onnx, reuse.onnx, manifest.json")
+    p.add_argument("--out", type=output_folder, required=True,
+                   help="output directory: full.onnx, reuse.onnx, manifest.json")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build-engine", help="engines from an export: onnxruntime, tensorrt or inductor",
                        description=cmd_build_engine.__doc__)
     p.add_argument("--backend", choices=backend_names(), default="onnxruntime")
     p.add_argument("--onnx", required=True, help="export directory from qandc export")
-    p.add_argument("--max-batch", type=int, default=64, help="largest batch of the TensorRT profile (default 64)")
-    p.add_argument("--batch-sizes", type=_int_list, default=[],
+    p.add_argument("--max-batch", type=argument(integer), default=64,
+                   help="largest batch of the TensorRT profile (default 64)")
+    p.add_argument("--batch-sizes", type=_count_list, default=[],
                    help="inductor: rows (labels x 2 with guidance) to compile for at build time, e.g. 32,128; "
                         "others compile on first use")
-    p.add_argument("--out", required=True, help="engine directory to write")
+    p.add_argument("--out", type=output_folder, required=True, help="engine directory to write")
     p.set_defaults(func=cmd_build_engine)
 
     from .train import add_arguments as add_train_arguments
@@ -490,12 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_bench.__doc__)
     p.add_argument("--card", help="card name in the result file (default: h100 / h200 from the device name)")
     p.add_argument("--models", type=lambda v: v.split(","), help="dit-xl-2,reference (default both)")
-    p.add_argument("--state", default=".bench-state", help="finished stages (small JSON; default .bench-state)")
-    p.add_argument("--work", default="/tmp/qandc-bench", help="engines, recipes and compile caches (large)")
-    p.add_argument("--results", default="benchmarks/results", help="where bench-<card>.json / .png go")
-    p.add_argument("--budget-s", type=float, default=540.0,
+    p.add_argument("--state", type=output_folder, default=".bench-state",
+                   help="finished stages (small JSON; default .bench-state)")
+    p.add_argument("--work", type=output_folder, default="/tmp/qandc-bench",
+                   help="engines, recipes and compile caches (large)")
+    p.add_argument("--results", type=output_folder, default="benchmarks/results",
+                   help="where bench-<card>.json / .png go")
+    p.add_argument("--budget-s", type=argument(real, low=0), default=540.0,
                    help="start no new stage after this many seconds; exit code 3 means rerun to resume")
-    p.add_argument("--runs", type=int, default=3, help="timed sampling runs per configuration (median)")
+    p.add_argument("--runs", type=argument(integer), default=3, help="timed sampling runs per configuration (median)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="score samples: FD, class accuracy, PSNR / SSIM / MSE",
@@ -503,20 +525,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True,
                    help="qandc generate directory, .npz file with 'images' [and 'labels'], or folder of PNG files")
     p.add_argument("--reference", help="paired reference images (same forms, same count) for PSNR / SSIM / MSE")
-    p.add_argument("--out", help="JSON to write (default: eval.json in the samples directory or beside the .npz)")
+    p.add_argument("--out", type=output_file,
+                   help="JSON to write (default: eval.json in the samples directory or beside the .npz)")
     p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command: 0 on success; 2 and one line for an expected failure (a bad input, a file that cannot be
+    written); 130 and one line on Ctrl-C (every file written so far is whole: the same command resumes)."""
     args = build_parser().parse_args(argv)
     try:
+        distributed.torchrun_environment()  # torchrun's variables, checked before any work
         args.func(args)
     except QandcError as e:
         if args.debug:
             raise
         print(f"qandc: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write outside atomic_path (which names its file) failed
+        if args.debug or e.errno not in WRITE_ERRORS:
+            raise
+        print(f"qandc: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\nqandc: interrupted; the files written so far are whole, and the same command resumes",
+              file=sys.stderr)
+        return 130
     return 0
 
 

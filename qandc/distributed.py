@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .artifacts import atomic_path
 from .errors import QandcError
 from .readers import read_npz
+from .values import INT_LIMIT, check, integer
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,9 @@ class World:
 def init(device: torch.device) -> tuple[World, torch.device]:
     """This process's World and device. Under torchrun with several processes: join the process group (NCCL for
     a CUDA device, gloo for the CPU) and take cuda:LOCAL_RANK; otherwise `device` as it is."""
-    size = int(os.environ.get("WORLD_SIZE", 1))
+    size, rank, local_rank = torchrun_environment()
     if size == 1:
         return World(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if device.index is not None:
             raise QandcError(f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK; give 'cuda'")
@@ -80,6 +80,29 @@ class Shard(NamedTuple):
 
     path: Path
     stamp: str
+
+
+def torchrun_environment() -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them; (1, 0, 0) without WORLD_SIZE. Variables missing beside
+    WORLD_SIZE > 1 (WORLD_SIZE set by hand, without torchrun), not integers or out of range are a QandcError."""
+    size = _environment_integer("WORLD_SIZE", 1, INT_LIMIT - 1) if "WORLD_SIZE" in os.environ else 1
+    if size == 1:
+        return 1, 0, 0
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise QandcError(f"WORLD_SIZE={size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         "not: start the processes with torchrun, or unset WORLD_SIZE")
+    _environment_integer("MASTER_PORT", 1, 65535)
+    return size, _environment_integer("RANK", 0, size - 1), _environment_integer("LOCAL_RANK", 0, size - 1)
+
+
+def _environment_integer(name: str, minimum: int, maximum: int) -> int:
+    """The integer in environment variable `name`, within [minimum, maximum]."""
+    text = os.environ[name]
+    try:
+        return check(f"environment variable {name}", integer, int(text), minimum=minimum, maximum=maximum)
+    except ValueError:
+        raise QandcError(f"environment variable {name}={text!r} is not an integer (torchrun sets it)") from None
 
 
 def run_shards(folder: str | os.PathLike, units: list[dict], compute: Callable[[dict], dict[str, np.ndarray]],

@@ -22,6 +22,7 @@ from .errors import QandcError
 from .model import DiT, DiTConfig, initialize_weights, save_checkpoint
 from .model.checkpoint import torch_load
 from .sampling import Diffusion, sample
+from .values import argument, integer, output_file, output_folder, real
 
 STATE_FILE = "train.pt"
 
@@ -139,23 +140,27 @@ def train(args) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="run directory: train.pt (resumed when present), log.txt, grid.png")
-    p.add_argument("--minutes", type=float, default=9.0, help="stop this chunk after so many minutes (default 9)")
-    p.add_argument("--steps", type=int, default=200_000, help="total training steps (default 200000)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--label-dropout", type=float, default=0.1, help="null-class rate for CFG (default 0.1)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    count, fraction = argument(integer), argument(real, low=0, high=1)
+    p.add_argument("--out", type=output_folder, required=True,
+                   help="run directory: train.pt (resumed when present), log.txt, grid.png")
+    p.add_argument("--minutes", type=argument(real, low=0), default=9.0,
+                   help="stop this chunk after so many minutes (default 9)")
+    p.add_argument("--steps", type=count, default=200_000, help="total training steps (default 200000)")
+    p.add_argument("--batch-size", type=count, default=256)
+    p.add_argument("--lr", type=argument(real, low=0, low_open=True), default=2e-4)
+    p.add_argument("--ema-decay", type=fraction, default=0.9999)
+    p.add_argument("--label-dropout", type=fraction, default=0.1, help="null-class rate for CFG (default 0.1)")
+    p.add_argument("--hidden", type=count, default=256)
+    p.add_argument("--depth", type=count, default=6)
+    p.add_argument("--heads", type=count, default=4)
+    p.add_argument("--seed", type=argument(integer, minimum=0), default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--grid-cfg", type=float, default=3.0, help="CFG scale of the sample grid (default 3)")
+    p.add_argument("--grid-cfg", type=argument(real), default=3.0, help="CFG scale of the sample grid (default 3)")
     p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
     p.add_argument("--device", help="torch device (default cuda when available)")
-    p.add_argument("--log-every", type=int, default=500)
-    p.add_argument("--export", help="write the EMA weights here (16-bit, original DiT format + sidecar JSON)")
+    p.add_argument("--log-every", type=count, default=500)
+    p.add_argument("--export", type=output_file,
+                   help="write the EMA weights here (16-bit, original DiT format + sidecar JSON)")
 
 
 if __name__ == "__main__":

@@ -130,8 +130,8 @@ def test_scaling_benchmark_writes_efficiency_from_measured_throughput(checkpoint
 @pytest.mark.parametrize("device,message", [("cuda:1", "each process takes cuda:LOCAL_RANK"),
                                             ("meta", "support cuda and cpu")])
 def test_torchrun_device_errors_are_one_line(monkeypatch, device, message):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(QandcError, match=message):
         init(torch.device(device))

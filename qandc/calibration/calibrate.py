@@ -23,6 +23,7 @@ from ..formats.lineage import check_recipe_checkpoint, reference
 from ..formats.recipe import RECIPE, QuantRecipe, quantizer_formats, write_vc
 from ..locking import holds_output
 from ..sampling import CachePlan, space_timesteps
+from ..values import INT_LIMIT, check, integer, real
 from .plan_search import PlanSearch, auto_plan, parse_auto
 from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
 from .quantize import quantize, quantized_layers, save_amax
@@ -71,6 +72,9 @@ def check_settings(model, s: CalibrationSettings) -> None:
         if value < 1:
             raise QandcError(f"{flag} must be positive, got {value}")
     space_timesteps(1000, s.steps)
+    check("--cfg-scale", real, s.cfg_scale)
+    check("--seed", integer, s.seed, minimum=0, maximum=INT_LIMIT - 2)  # VC draws its noise from seed + 1
+    check("--tau", real, s.selector_params.tau, low=0, low_open=True)
     entries = s.pool_samples * s.steps
     if not 1 <= s.budget <= entries:
         raise QandcError(f"--samples (the calibration budget) must be between 1 and the pool's {entries} entries "

@@ -70,12 +70,32 @@ def apply_recipe(model: nn.Module, folder: str | Path) -> tuple[nn.Module, Quant
         raise QandcError(f"{folder / AMAX}: amax for {len(amax)} quantizers, the recipe has {len(live)}")
     weight_axis = quantizer_formats(recipe.preset, recipe.fp8_weight_per_channel)[0]["axis"]
     for name, value in amax.items():
-        layer, kind = name.rsplit(".", 1)
-        want = model.get_submodule(layer).out_features if kind == "weight_quantizer" and weight_axis == 0 else 1
-        if value.numel() != want:
-            raise QandcError(f"{folder / AMAX}: amax of {name} has {value.numel()} values, expected {want}")
+        amax[name] = _checked_amax(model, name, value, weight_axis, folder / AMAX)
     set_amax(model, amax)
     return model, recipe
+
+
+def _checked_amax(model: nn.Module, name: str, value, weight_axis, path: Path):
+    """A stored amax in the shape ModelOpt uses — (out, 1) per output channel, () per tensor — whatever shape of the
+    right count it was stored in. A zero amax quantizes everything to zero: legitimate only for weight channels that
+    are all zero (a zero-initialised layer), refused elsewhere."""
+    layer, kind = name.rsplit(".", 1)
+    linear = model.get_submodule(layer)
+    per_channel = kind == "weight_quantizer" and weight_axis == 0
+    want = linear.out_features if per_channel else 1
+    if value.numel() != want:
+        raise QandcError(f"{path}: amax of {name} has {value.numel()} values, expected {want}")
+    value = value.reshape(want, 1) if per_channel else value.reshape(())
+    if kind != "weight_quantizer":
+        live = value > 0
+    else:
+        weight = linear.weight.detach().abs().amax(dim=1, keepdim=True)
+        live = (value > 0) | (weight == 0 if per_channel else weight.max() == 0)
+    if not live.all():
+        what = "weight channels that are not zero" if kind == "weight_quantizer" else "an activation"
+        raise QandcError(f"{path}: amax of {name} is 0 for {what}, which it would quantize to nothing (a zero amax "
+                         "fits only an all-zero weight channel)")
+    return value
 
 
 def set_amax(model: nn.Module, amax: dict) -> None:

@@ -104,14 +104,33 @@ class QuantRecipe:
         try:
             recipe = cls(**data)
             quantizer_formats(recipe.preset)
+            SamplerDefaults.from_dict(recipe.sampler_defaults.to_dict())  # steps, sampler, a finite cfg_scale
         except (TypeError, QandcError) as e:
             raise QandcError(f"{path}: not a quant recipe ({e})") from None
         return recipe
 
 
 def load_amax(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The stored amax of every enabled quantizer of a recipe directory, by quantizer name."""
-    return read_safetensors(Path(folder) / AMAX)
+    """The stored amax of every enabled quantizer of a recipe directory, by quantizer name (float32). Values must
+    be finite and not negative; zeros are judged where the model is (`calibration.apply_recipe`): legitimate only
+    for weight channels that are all zero, as in a zero-initialised layer."""
+    path = Path(folder) / AMAX
+    amax = read_safetensors(path)
+    for name, value in amax.items():
+        _check_values(value, f"{path}: amax of {name}", value < 0, "negative")
+    return {name: value.float() for name, value in amax.items()}
+
+
+def _check_values(values: torch.Tensor, what: str, broken: torch.Tensor, problem: str) -> None:
+    """Refuse NaN or inf in `values`, and the entries `broken` flags (`problem` says what they are), naming the
+    first."""
+    if not values.is_floating_point():
+        raise QandcError(f"{what}: holds {values.dtype} values, not floating point")
+    for mask, name in ((values.isnan(), "NaN"), (values.isinf(), "inf"), (broken, problem)):
+        if mask.any():
+            index = tuple(int(i) for i in mask.nonzero()[0])
+            raise QandcError(f"{what}: {int(mask.sum())} of {values.numel()} values {name} (the first "
+                             f"{values[index].item():g}, at index {list(index)})")
 
 
 def write_amax(folder: str | Path, amax: dict[str, torch.Tensor]) -> None:
@@ -129,12 +148,19 @@ def load_vc(folder: str | Path) -> torch.Tensor | None:
     tensors = read_safetensors(path)
     if "K" not in tensors or tensors["K"].ndim != 2:
         raise QandcError(f"{path}: no VC table 'K' of steps x channels (has: {', '.join(tensors) or 'nothing'})")
+    check_vc_values(tensors["K"], path)
     return tensors["K"]
+
+
+def check_vc_values(K: torch.Tensor, source) -> None:
+    """A VC table's factors are finite and positive (a factor scales a channel's spread about its mean)."""
+    _check_values(K, f"{source}: VC table", K <= 0, "not positive")
 
 
 def write_vc(folder: str | Path, K: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
+    check_vc_values(K.float(), Path(folder) / VC)
     with atomic_path(Path(folder) / VC) as tmp:
         save_file({"K": K.float().contiguous()}, str(tmp))
 
@@ -161,4 +187,5 @@ def vc_correction(K: torch.Tensor | None, steps: int, source, channels: int | No
         raise QandcError(f"{source}: VC table of shape {tuple(K.shape)}, expected ({steps}, {channels or 'C'})")
     if len(K) != steps:
         raise QandcError(f"{source}: VC table has {len(K)} steps, sampling uses {steps}")
+    check_vc_values(K, source)
     return VarianceCompensation(K)

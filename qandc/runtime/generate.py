@@ -20,7 +20,8 @@ from ..distributed import World
 from ..errors import QandcError
 from ..images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
 from ..locking import holds_output
-from ..sampling import check_labels, space_timesteps
+from ..sampling import SAMPLERS, check_labels, space_timesteps
+from ..values import check, integer, real
 from .pipeline import Pipeline
 
 GRID_LIMIT = 256  # grid.png shows at most this many samples
@@ -40,6 +41,11 @@ class SamplingOptions:
 
     def __post_init__(self):
         space_timesteps(1000, self.steps)
+        if self.sampler not in SAMPLERS:
+            raise QandcError(f"sampler must be {' or '.join(SAMPLERS)}, got {self.sampler!r}")
+        check("eta", real, self.eta, low=0, high=1)
+        check("cfg_scale", real, self.cfg_scale)
+        check("seed", integer, self.seed, minimum=0)
         if self.batch_size < 1:
             raise QandcError(f"--batch-size must be positive, got {self.batch_size}")
 

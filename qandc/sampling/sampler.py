@@ -7,6 +7,7 @@ The sampler drives any *denoiser* with the face of `qandc.model.DiT`: `config` (
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -42,7 +43,7 @@ class SamplerDefaults:
             raise QandcError("sampler settings: expected an object with steps, sampler and cfg_scale")
         if not isinstance(data["steps"], int) or isinstance(data["steps"], bool) or data["steps"] < 1 \
                 or data["sampler"] not in SAMPLERS or not isinstance(data["cfg_scale"], (int, float)) \
-                or isinstance(data["cfg_scale"], bool):
+                or isinstance(data["cfg_scale"], bool) or not math.isfinite(data["cfg_scale"]):
             raise QandcError(f"sampler settings: not valid ({data})")
         return cls(**data)
 
