@@ -420,7 +420,7 @@ ARGUMENT_CASES = [  # (name, command, args, problem)
     ("calibrate-vc-samples-zero", "calibrate", ["--vc-samples", "0"], "--vc-samples must be positive"),
     ("calibrate-steps-zero", "calibrate", ["--steps", "0"], "steps must be between 1 and 1000"),
     ("calibrate-clusters-zero", "calibrate", ["--clusters", "0"], "must be >= 1"),
-    ("calibrate-alpha-beyond-one", "calibrate", ["--alpha", "2"], "alpha must be in"),
+    ("calibrate-alpha-beyond-one", "calibrate", ["--alpha", "2"], "--alpha: must be between 0 and 1, got 2"),
     ("calibrate-cache-branch-the-model-lacks", "calibrate", ["--cache", "interval=2,branches=blocks.5.attn"],
      "lacks: blocks.5.attn"),
     ("calibrate-cache-auto-bad", "calibrate", ["--cache", "auto:fast=1"], "expected auto"),
