@@ -46,7 +46,8 @@ def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_b
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if quantized else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(regular_file(onnx_path))):
+    regular_file(onnx_path)  # a FIFO would block the parser
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise QandcError(f"{onnx_path}: TensorRT cannot parse it ({errors[:300]})")
     config = builder.create_builder_config()
