@@ -128,6 +128,7 @@ def _lock(folder: Path, command: str, ranks: int) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
     except OSError as e:
+        path.unlink(missing_ok=True)  # held by this job now: leave nothing behind
         os.close(fd)
         raise QandcError(f"{path}: cannot write the holder record ({e.strerror})") from None
     except QandcError:

@@ -151,6 +151,8 @@ def outcome(case: Case, a: Path, capsys) -> str:
     capsys.readouterr()
     try:
         code = main(case.argv(a))
+    except SystemExit as e:  # a usage error: argparse's one line (an --out refused by its argument type)
+        code = e.code
     except Exception:  # noqa: BLE001 (what the catalogue counts)
         code = None
     after = _tree(a)
@@ -162,7 +164,7 @@ def outcome(case: Case, a: Path, capsys) -> str:
         return "silent bad data"
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     named = str(case.named(a))
-    return "clear" if len(lines) == 1 and re.match(r"qandc: error: ", lines[0]) and named in lines[0] else "unclear"
+    return "clear" if len(lines) == 1 and re.match(r"qandc( \S+)?: error: ", lines[0]) and named in lines[0] else "unclear"
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -239,29 +239,20 @@ def _pool(content: Callable[[Path], None], problem: str):
     return setup
 
 
-def _selection(content: Callable[[Path], None], problem: str):
-    def setup(tmp):
-        content(tmp / "selection-tap.json")
-        path = tmp / "selection-tap.json"
-        return _call("qandc.calibration.selection", f"read_selection({str(path)!r}, 4)"), path, problem
-    return setup
+def _reader(file: str, module: str, call: str):
+    """Cases of a reader called as `call` (with {path}) on a file named `file` that `content` makes."""
+    def case(content: Callable[[Path], None], problem: str):
+        def setup(tmp):
+            path = tmp / file
+            content(path)
+            return _call(module, call.format(path=repr(str(path)))), path, problem
+        return setup
+    return case
 
 
-def _onnx(content: Callable[[Path], None], problem: str):
-    def setup(tmp):
-        content(tmp / "full.ort.onnx")
-        path = tmp / "full.ort.onnx"
-        return _call("qandc.engines.onnxruntime_backend", f"OrtEngine(Path({str(path)!r}))"), path, problem
-    return setup
-
-
-def _exported(content: Callable[[Path], None], problem: str):
-    def setup(tmp):
-        content(tmp / "full.pt2")
-        path = tmp / "full.pt2"
-        return (_call("qandc.engines.inductor_backend", f"InductorEngine(Path({str(path)!r}), None, compile=False)"),
-                path, problem)
-    return setup
+_selection = _reader("selection-tap.json", "qandc.calibration.selection", "read_selection({path}, 4)")
+_onnx = _reader("full.ort.onnx", "qandc.engines.onnxruntime_backend", "OrtEngine(Path({path}))")
+_exported = _reader("full.pt2", "qandc.engines.inductor_backend", "InductorEngine(Path({path}), None, compile=False)")
 
 
 def _fmnist_bomb(tmp):
