@@ -164,7 +164,8 @@ def outcome(case: Case, a: Path, capsys) -> str:
         return "silent bad data"
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     named = str(case.named(a))
-    return "clear" if len(lines) == 1 and re.match(r"qandc( \S+)?: error: ", lines[0]) and named in lines[0] else "unclear"
+    one_line = len(lines) == 1 and re.match(r"qandc( \S+)?: error: ", lines[0])
+    return "clear" if one_line and named in lines[0] else "unclear"
 
 
 @pytest.mark.parametrize("name", list(CASES))
