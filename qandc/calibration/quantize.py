@@ -89,7 +89,7 @@ def _checked_amax(model: nn.Module, name: str, value, weight_axis, path: Path):
     if kind != "weight_quantizer":
         live = value > 0
     else:
-        weight = linear.weight.detach().abs().amax(dim=1, keepdim=True)
+        weight = linear.weight.detach().abs().amax(dim=1, keepdim=True).cpu()  # amax files are read to the CPU
         live = (value > 0) | (weight == 0 if per_channel else weight.max() == 0)
     if not live.all():
         what = "weight channels that are not zero" if kind == "weight_quantizer" else "an activation"
