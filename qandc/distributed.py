@@ -134,7 +134,7 @@ def shard_path(folder: Path, index: int) -> Path:
 
 def _stamp(path: Path) -> str | None:
     try:
-        return str(read_npz(path, "shard")["stamp"])
+        return str(read_npz(path, "shard", names=("stamp",))["stamp"])  # the samples are read at the merge
     except (QandcError, KeyError):
         return None
 

@@ -106,16 +106,19 @@ def parse_json(path: Path, data: bytes):
     return value
 
 
-def read_npz(path: str | os.PathLike, what: str, max_bytes: int = NPZ_MAX_BYTES) -> dict[str, np.ndarray]:
-    """The arrays of an .npz archive (no pickles). Each member's header is checked before its data is read: its
-    declared shape and dtype must fit what the member holds, the members together at most `max_bytes` unpacked."""
+def read_npz(path: str | os.PathLike, what: str, max_bytes: int = NPZ_MAX_BYTES,
+             names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive (no pickles); only those in `names` when given (the others are not read).
+    Each member's header is checked before its data is read: its declared shape and dtype must fit what the member
+    holds, the members together at most `max_bytes` unpacked."""
     with open_regular(path) as f:
         try:
             with zipfile.ZipFile(f) as archive:
                 members = archive.infolist()
                 _check_npz_sizes(f"{path}: not a readable {what}", members, max_bytes, os.fstat(f.fileno()).st_size)
-                return {info.filename.removesuffix(".npy"): _read_npy(f"{path}: not a readable {what}", archive, info)
-                        for info in members}
+                arrays = {info.filename.removesuffix(".npy"): info for info in members}
+                return {name: _read_npy(f"{path}: not a readable {what}", archive, info)
+                        for name, info in arrays.items() if names is None or name in names}
         except (OSError, EOFError, ValueError, TypeError, SyntaxError, zipfile.BadZipFile, zlib.error) as e:
             raise QandcError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e)[:160]})") from None
 

@@ -9,12 +9,12 @@ leaves OUT as it was, and a rerun restarts from a clean staging folder (finishin
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
+from .artifacts import read_json
 from .errors import QandcError
 from .formats.manifest import MANIFEST
 from .locking import LOCK
@@ -30,12 +30,17 @@ def folder_kind(folder: Path) -> str | None:
     """The kind of qandc artifact `folder` holds: its manifest's kind, "recipe", "samples" or "run"; None when
     none."""
     if (folder / MANIFEST).is_file():
-        try:
-            kind = json.loads((folder / MANIFEST).read_text()).get("kind")
-        except (OSError, ValueError, AttributeError):
-            kind = None
+        kind = _manifest(folder).get("kind")
         return kind if isinstance(kind, str) else "unreadable-manifest"
     return next((kind for kind, names in MARKERS.items() if any((folder / n).exists() for n in names)), None)
+
+
+def _manifest(folder: Path) -> dict:
+    """The JSON of the manifest in `folder` as it stands, read as every JSON file is (bounded); {} when unreadable."""
+    try:
+        return read_json(folder / MANIFEST)
+    except QandcError:
+        return {}
 
 
 def _relation(out: Path, source: Path) -> str | None:
@@ -89,13 +94,8 @@ def _check_replaceable(out: Path, kind: str) -> None:
     nothing else."""
     if not out.is_dir():
         return
-    listed = {MANIFEST, LOCK}
-    if (out / MANIFEST).is_file():
-        try:
-            files = json.loads((out / MANIFEST).read_text()).get("files")
-        except (OSError, ValueError, AttributeError):
-            files = None
-        listed |= set(files) if isinstance(files, dict) else set()
+    files = _manifest(out).get("files") if (out / MANIFEST).is_file() else None
+    listed = {MANIFEST, LOCK} | (set(files) if isinstance(files, dict) else set())
     for entry in sorted(out.iterdir()):
         if entry.name not in listed:
             raise QandcError(f"--out {out}: holds {entry}, which no {kind!r} manifest there lists; the folder "

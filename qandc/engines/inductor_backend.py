@@ -68,11 +68,9 @@ def _fill_compile_cache(model, out_dir: Path, engines: dict, graphs: dict[str, G
     quantized = any(isinstance(m, quantized_module.QuantLinear) for m in model.modules())
     loaded = {g: InductorEngine(out_dir / file, graphs[g], True, quantized) for g, file in engines.items()}
     for rows in batch_sizes:
-        feeds = example_feeds(model, graphs, rows)
-        full = loaded["full"].infer(feeds["full"])
+        feeds = example_feeds(model, graphs, rows)  # cache inputs of the engines' dtype and shapes
         for name, engine in loaded.items():
-            if name != "full":
-                engine.infer({**feeds[name], **{b: full[b] for b in graphs[name].cache_inputs}})
+            engine.infer(feeds[name])
     blob, _ = torch.compiler.save_cache_artifacts()
     with atomic_path(out_dir / CACHE) as tmp:
         tmp.write_bytes(blob)
