@@ -8,6 +8,8 @@ The cache: every block has two residual branches, named `blocks.<i>.attn` and `b
 computes everything and also returns the outputs of the requested branches; `forward_reuse` takes those outputs
 instead of computing the branches. With `regate=True` the cached tensor is the branch output *before* the adaLN
 gate and is multiplied by the current step's gate; with `regate=False` it is the gated output, reused as it is.
+`forward_graph` runs one engine graph of a cache plan (`qandc.model.graphs`), forecasting included: it is what the
+sampler drives, and what the exporter and the engine backends trace.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..artifacts import mistyped
+from .forecast import TAYLOR, TORCH_FACTOR_DTYPES, factor_names, forecast, refresh
 
 GUIDANCE_MODES = ("first3", "all")
 
@@ -99,6 +102,14 @@ def named_config(name: str, **overrides) -> DiTConfig:
 def branch_names(depth: int) -> list[str]:
     """The cacheable branches of a DiT of `depth` blocks, in execution order."""
     return [f"blocks.{i}.{kind}" for i in range(depth) for kind in ("attn", "mlp")]
+
+
+def branch_flops(config: DiTConfig) -> dict[str, float]:
+    """Multiply-adds of each branch per image: attention (qkv, proj, scores, values) and MLP weigh differently."""
+    tokens, d = (config.input_size // config.patch_size) ** 2, config.hidden_size
+    attn = tokens * (4 * d * d + 2 * tokens * d)
+    mlp = tokens * 2 * d * int(d * config.mlp_ratio)
+    return {b: float(attn if b.endswith(".attn") else mlp) for b in branch_names(config.depth)}
 
 
 def modulate(x, shift, scale):
@@ -297,6 +308,25 @@ class DiT(nn.Module):
     def forward_reuse(self, x, t, y, cache: dict, regate: bool = False):
         """Compute every branch not in `cache`; take the cached outputs for those in it."""
         return self._run(x, t, y, _CacheIO(reuse=cache, emit=frozenset(), regate=regate, out={}))
+
+    def forward_graph(self, spec, feeds: dict) -> dict:
+        """Run the engine graph `spec` (a `GraphSpec`) on `feeds` (tensors by input name); return its outputs by
+        name: the reused branches come from their factors (forecast when the plan forecasts), the emitted ones
+        return refreshed factors."""
+        dtype, order = self.pos_embed.dtype, spec.forecast
+        weights = feeds.get(TAYLOR)
+        reuse = {}
+        for i, b in enumerate(spec.reuse):
+            factors = [feeds[n] for n in factor_names(b, order + 1)]
+            reuse[b] = forecast(factors, None if weights is None else weights[:, i]).to(dtype)
+        io = _CacheIO(reuse=reuse, emit=frozenset(spec.emit), regate=spec.regate, out={})
+        outputs = {"out": self._run(feeds["x"].to(dtype), feeds["t"], feeds["y"], io)}
+        factor_dtype = TORCH_FACTOR_DTYPES[spec.factors] if order else dtype
+        for i, b in enumerate(spec.emit, start=len(spec.reuse)):
+            previous = [feeds[n] for n in factor_names(b, order)]
+            new = refresh(io.out[b], previous, None if weights is None else weights[:, i], factor_dtype)
+            outputs.update(zip(factor_names(b, order + 1), new))
+        return outputs
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """The original `forward_with_cfg`: x holds the batch twice, y the labels then the null labels."""

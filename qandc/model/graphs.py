@@ -1,24 +1,32 @@
 """The engine graphs of a DiT under a cache plan, declared once: what the ONNX exporter and the Inductor backend
-trace, what the manifest records and what the runtime and the bench feed.
+trace, what the manifest records, and what the sampler feeds to a model or to engines alike.
 
-An engine set has a `full` graph (x, t, y -> out and one cache tensor per reused branch, named by branch) and a
-`reuse` graph (x, t, y and those cache tensors -> out). Each tensor is declared with its role and dtype ("model":
-the engine's compute dtype, e.g. float32 in ONNX, bf16 in Inductor); axis 0 is the batch and is dynamic. `regate`
-says whether cache tensors hold pre-gate branch outputs that the reuse graph multiplies by its step's gate.
+An engine set has a `full` graph and one graph per reuse set of the plan (`reuse`, `reuse1`, ...). Every graph takes
+x, t, y; a reuse graph also takes the cached factors of the branches it reuses (forecast from them when the plan
+forecasts), and every graph computes the other branches, returning the refreshed factors of those the plan caches
+(`emit`). With forecasting, a graph also takes the previous factors of the branches it emits and the Taylor weights
+(`qandc.sampling.forecast`). Each tensor is declared with its role and dtype ("model": the engine's compute dtype,
+e.g. float32 in ONNX, bf16 in Inductor); axis 0 is the batch and is dynamic. `regate` says whether cache tensors
+hold pre-gate branch outputs that a reuse graph multiplies by its step's gate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from ..errors import QandcError
+from .forecast import TAYLOR, factor_names
 
-ROLES = ("x", "t", "y", "cache", "out")
-DTYPES = ("float32", "int64", "model")
-PATHS = ("full", "reuse")
+if TYPE_CHECKING:  # the plan is the sampling stage's; graphs only read it
+    from ..sampling.plan import CachePlan
+
+ROLES = ("x", "t", "y", "cache", "weights", "out")
+DTYPES = ("float32", "bfloat16", "int64", "model")
+FACTOR_SPEC_DTYPES = {"float32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -33,12 +41,43 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One engine graph: the model path it runs and its inputs and outputs, in order."""
+    """One engine graph: `reuse` the branches it takes from the cache (none: the full graph), `emit` the cached
+    branches it computes and returns; `forecast` the plan's order, `factors` the dtype of its factors."""
 
-    path: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    name: str
+    reuse: tuple[str, ...]
+    emit: tuple[str, ...]
     regate: bool = False
+    forecast: int = 0
+    factors: str = "float32"
+
+    @property
+    def path(self) -> str:
+        return "full" if self.name == "full" else "reuse"
+
+    @property
+    def rows(self) -> list[str]:
+        """The branches of the Taylor-weight rows: reused ones, then emitted ones."""
+        return [*self.reuse, *self.emit]
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        dtype, k = self._cache_dtype, self.forecast
+        cache = [TensorSpec(n, "cache", dtype) for b in self.reuse for n in factor_names(b, k + 1)]
+        cache += [TensorSpec(n, "cache", dtype) for b in self.emit for n in factor_names(b, k)]
+        weights = [TensorSpec(TAYLOR, "weights", "float32")] if k else []
+        return (TensorSpec("x", "x", "float32"), TensorSpec("t", "t", "int64"), TensorSpec("y", "y", "int64"),
+                *cache, *weights)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        cache = [TensorSpec(n, "cache", self._cache_dtype) for b in self.emit
+                 for n in factor_names(b, self.forecast + 1)]
+        return (TensorSpec("out", "out", "model"), *cache)
+
+    @property
+    def _cache_dtype(self) -> str:
+        return FACTOR_SPEC_DTYPES[self.factors] if self.forecast else "model"
 
     @property
     def input_names(self) -> list[str]:
@@ -61,32 +100,34 @@ class GraphSpec:
         return {name: {0: "batch"} for name in self.input_names + self.output_names}
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs], "regate": self.regate}
+        """The declaration, with its tensors spelled out for readers of the manifest."""
+        return {"name": self.name, "reuse": list(self.reuse), "emit": list(self.emit), "regate": self.regate,
+                "forecast": self.forecast, "factors": self.factors,
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
     @classmethod
     def from_dict(cls, data) -> "GraphSpec":
         try:
-            tensors = {k: tuple(TensorSpec(t["name"], t["role"], t["dtype"]) for t in data[k])
-                       for k in ("inputs", "outputs")}
-            spec = cls(data["path"], tensors["inputs"], tensors["outputs"], data["regate"])
+            spec = cls(data["name"], tuple(data["reuse"]), tuple(data["emit"]), data["regate"], data["forecast"],
+                       data["factors"])
+            tensors = [[t.to_dict() for t in spec.inputs], [t.to_dict() for t in spec.outputs]]
+            consistent = tensors == [data["inputs"], data["outputs"]]
         except (KeyError, TypeError) as e:
             raise QandcError(f"graph declaration: missing or malformed field ({e})") from None
-        bad = [t for t in spec.inputs + spec.outputs if not (isinstance(t.name, str) and t.role in ROLES
-                                                               and t.dtype in DTYPES)]
-        if spec.path not in PATHS or not isinstance(spec.regate, bool) or bad:
-            raise QandcError(f"graph declaration: path must be {' or '.join(PATHS)}, tensors need a name, a role "
-                             f"({', '.join(ROLES)}) and a dtype ({', '.join(DTYPES)})")
+        if not consistent:
+            raise QandcError(f"graph declaration {spec.name!r}: its tensors are not those its reuse / emit sets "
+                             "and forecast order give")
         return spec
 
 
-def engine_graphs(branches: list[str], regate: bool = False) -> dict[str, GraphSpec]:
-    """The full and the reuse graph of a reuse set `branches` (branch names in execution order)."""
-    x, t, y = TensorSpec("x", "x", "float32"), TensorSpec("t", "t", "int64"), TensorSpec("y", "y", "int64")
-    out = TensorSpec("out", "out", "model")
-    cache = tuple(TensorSpec(b, "cache", "model") for b in branches)
-    return {"full": GraphSpec("full", (x, t, y), (out, *cache), regate),
-            "reuse": GraphSpec("reuse", (x, t, y, *cache), (out,), regate)}
+def engine_graphs(plan: CachePlan, branch_names: list[str]) -> dict[str, GraphSpec]:
+    """The full graph and every reuse graph of `plan` for a model with `branch_names`."""
+    cached = plan.cached_branches(branch_names)
+    common = dict(regate=plan.regate, forecast=plan.forecast, factors=plan.factors)
+    graphs = {"full": GraphSpec("full", (), tuple(cached), **common)}
+    for name, reused in plan.reuse_sets_of(branch_names).items():
+        graphs[name] = GraphSpec(name, tuple(reused), tuple(b for b in cached if b not in reused), **common)
+    return graphs
 
 
 def sample_inputs(model, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -101,29 +142,38 @@ def sample_inputs(model, batch: int = 2) -> tuple[torch.Tensor, ...]:
 
 
 def example_feeds(model, graphs: dict[str, GraphSpec], batch: int = 2) -> dict[str, dict[str, torch.Tensor]]:
-    """Example inputs of every graph, by graph and input name: the cache tensors are the full path's outputs."""
+    """Example inputs of every graph, by graph and input name: the cache tensors are what the full graph returns
+    from zero factors (higher factors scaled copies of it), the Taylor weights those of a mid-run step."""
     x, t, y = sample_inputs(model, batch)
     full = graphs["full"]
-    with torch.no_grad():
-        _, cache = model.forward_full(x.to(model.pos_embed.dtype), t, y, branches=full.cache_outputs,
-                                      regate=full.regate)
-    tensors = {"x": x, "t": t, "y": y, **cache}
+    tensors = {"x": x, "t": t, "y": y}
+    if full.forecast:
+        factor = torch.float32 if full.factors == "float32" else torch.bfloat16
+        tokens = (model.config.input_size // model.config.patch_size) ** 2
+        zeros = torch.zeros(batch, tokens, model.config.hidden_size, dtype=factor, device=model.device)
+        weights = torch.zeros(batch, len(full.rows), full.forecast, device=model.device)
+        with torch.no_grad():
+            cache = model.forward_graph(full, {**tensors, TAYLOR: weights,
+                                               **{n: zeros for n in full.cache_inputs}})
+        for b in full.emit:  # higher factors: a fraction of the value, so that the examples are not all zero
+            for j, name in enumerate(factor_names(b, full.forecast + 1)[1:], start=1):
+                cache[name] = (cache[b].float() * 0.1 ** j).to(factor)
+        tensors[TAYLOR] = torch.tensor([1.0, 2.0][:full.forecast], device=model.device).expand(
+            batch, len(full.rows), -1).contiguous()  # every graph has a row per cached branch
+    else:
+        with torch.no_grad():
+            cache = model.forward_graph(full, dict(tensors))
+    tensors.update(cache)
     return {name: {n: tensors[n] for n in spec.input_names} for name, spec in graphs.items()}
 
 
 class PathGraph(nn.Module):
-    """One graph as a traceable module: positional inputs in the declared order, a tuple of the declared outputs.
-    x comes in float32 and is cast to the model's dtype."""
+    """One graph as a traceable module: positional inputs in the declared order, a tuple of the declared outputs."""
 
     def __init__(self, model, spec: GraphSpec):
         super().__init__()
         self.model, self.spec = model, spec
-        self.dtype = model.pos_embed.dtype
 
     def forward(self, *inputs):
-        feeds = dict(zip(self.spec.input_names, inputs))
-        x, t, y, regate = feeds["x"].to(self.dtype), feeds["t"], feeds["y"], self.spec.regate
-        if self.spec.path == "reuse":
-            return (self.model.forward_reuse(x, t, y, {b: feeds[b] for b in self.spec.cache_inputs}, regate=regate),)
-        out, cache = self.model.forward_full(x, t, y, branches=self.spec.cache_outputs, regate=regate)
-        return (out, *[cache[b] for b in self.spec.cache_outputs])
+        outputs = self.model.forward_graph(self.spec, dict(zip(self.spec.input_names, inputs)))
+        return tuple(outputs[n] for n in self.spec.output_names)

@@ -1,8 +1,9 @@
 """`sample`: DDPM / DDIM with classifier-free guidance under a cache plan, with per-sample noise keying.
 
 The sampler drives any *denoiser* with the face of `qandc.model.DiT`: `config` (a DiTConfig), `device`,
-`branch_names`, `forward_full(x, t, y, branches, regate) -> (out, cache)` and
-`forward_reuse(x, t, y, cache, regate) -> out`; `qandc.runtime` drives engines through the same face.
+`branch_names` and `forward_graph(spec, feeds) -> outputs`, which runs one engine graph of the cache plan
+(`qandc.model.graphs`: the full graph, or a reuse graph) on tensors by name; `qandc.runtime` drives engines through
+the same face. Between steps the sampler carries the graphs' cache tensors (`BranchCache`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from tqdm.auto import tqdm
 
 from ..errors import QandcError
 from ..model.dit import guide
+from ..model.forecast import TORCH_FACTOR_DTYPES
+from ..model.graphs import engine_graphs
+from .cache import BranchCache
 from .diffusion import Diffusion
 from .plan import CachePlan
 
@@ -84,8 +88,8 @@ class SamplingRun:
         self.model, self.sampler, self.cfg_scale, self.eta = model, sampler, cfg_scale, eta
         self.diffusion = Diffusion(steps, learn_sigma=config.learn_sigma)
         self.plan = plan or CachePlan.none()
-        self.full_steps = self.plan.full_steps(steps)
-        self.reuse_set = self.plan.reuse_set(model.branch_names)
+        self.step_graphs = self.plan.step_graphs(steps)
+        self.graphs = engine_graphs(self.plan, model.branch_names)
         self.device = model.device
         self.shape = (config.in_channels, config.input_size, config.input_size)
         seed = int(np.random.SeedSequence().entropy % 2 ** 32) if seed is None else seed
@@ -103,20 +107,23 @@ class SamplingRun:
         self.guided = cfg_scale != 1.0
         y = torch.cat([self.labels, torch.full_like(self.labels, config.num_classes)]) if self.guided else self.labels
         self.y = y.to(self.device)
-        self.cache, self.step_index = None, 0
+        tokens = (config.input_size // config.patch_size) ** 2
+        self.cache = BranchCache(self.plan.forecast, TORCH_FACTOR_DTYPES[self.plan.factors],
+                                 (tokens, config.hidden_size), self.device)
+        self.step_index = 0
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """Advance one sampling step (full or reuse path per the plan); return the new x."""
+        """Advance one sampling step (the plan's graph for it); return the new x."""
         step, n, config = self.step_index, len(self.labels), self.model.config
         index = self.diffusion.num_steps - 1 - step
         x_in = torch.cat([self.x, self.x]) if self.guided else self.x
         t = self.diffusion.model_timesteps(index, len(x_in), self.device)
-        if self.full_steps[step]:
-            out, self.cache = self.model.forward_full(x_in, t, self.y, branches=self.reuse_set,
-                                                      regate=self.plan.regate)
-        else:
-            out = self.model.forward_reuse(x_in, t, self.y, self.cache, regate=self.plan.regate)
+        spec = self.graphs[self.step_graphs[step]]
+        outputs = self.model.forward_graph(spec, {"x": x_in, "t": t, "y": self.y,
+                                                  **self.cache.feeds(spec, step, len(x_in))})
+        self.cache.store(spec, step, outputs)
+        out = outputs["out"]
         if self.guided:
             out = guide(out, self.cfg_scale, config)[:n]
         needs_noise = index > 0 and (self.sampler == "ddpm" or self.eta > 0)
