@@ -88,7 +88,7 @@ def test_cached_sampling_differs_but_stays_close(model):
 
 
 class _Counting:
-    """Wraps a model and counts which path each step takes."""
+    """Wraps a model and counts which graph each step runs."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
@@ -98,13 +98,9 @@ class _Counting:
     def device(self):
         return self.model.device
 
-    def forward_full(self, *args, **kwargs):
-        self.calls.append("full")
-        return self.model.forward_full(*args, **kwargs)
-
-    def forward_reuse(self, *args, **kwargs):
-        self.calls.append("reuse")
-        return self.model.forward_reuse(*args, **kwargs)
+    def forward_graph(self, spec, feeds):
+        self.calls.append(spec.name)
+        return self.model.forward_graph(spec, feeds)
 
 
 def test_plan_schedule_drives_the_paths(model):
@@ -150,8 +146,11 @@ def test_plan_grammar():
     assert CachePlan.parse("interval=2,branches=attn,regate=1") == CachePlan.interval(2, "attn", True)
     plan = CachePlan.parse("interval=4,branches=blocks.0.attn+blocks.1.mlp")
     assert plan.branches == ("blocks.0.attn", "blocks.1.mlp")
+    assert CachePlan.parse("interval=3,forecast=2,factors=bf16") == CachePlan.interval(3, forecast=2,
+                                                                                         factors="bf16")
     for bad in ["interval=0", "interval=x", "every=2", "interval=2,regate=2", "interval=2,interval=3",
-                "branches=all", "interval=2,branches=ffn", "missing.json"]:
+                "branches=all", "interval=2,branches=ffn", "missing.json", "interval=2,forecast=3",
+                "interval=2,forecast=-1", "interval=2,factors=fp16"]:
         with pytest.raises(QandcError):
             CachePlan.parse(bad)
 
@@ -186,6 +185,8 @@ plans = st.builds(
                        st.lists(st.builds(lambda i, k: f"blocks.{i}.{k}", st.integers(0, 27),
                                           st.sampled_from(["attn", "mlp"])), unique=True).map(tuple)),
     regate=st.booleans(),
+    forecast=st.sampled_from([0, 1, 2]),
+    factors=st.sampled_from(["float32", "bf16"]),
 )
 
 
