@@ -15,6 +15,7 @@ from .errors import QandcError
 from .formats.lineage import check_recipe_checkpoint, confined, digest
 from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
+from .sampling.plan import AUTO_GRAMMAR, GRAMMAR
 from .staging import check_apart, check_file_apart
 from .values import argument, integer, output_file, output_folder, real
 
@@ -51,9 +52,8 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-samples", type=int, default=400,
                    help="trajectories in the pool; entries = trajectories x steps (default 400)")
     p.add_argument("--cache", default="interval=3",
-                   help="cache plan, as for generate (default interval=3), or auto[:err=E|:reuse=F]: search one on "
-                        "measured per-branch reuse errors (error budget E, default 0.1, or reuse fraction F); the "
-                        "plan is kept in OUT/plan.json")
+                   help=f"cache plan, as for generate (default interval=3), or a searched one: {AUTO_GRAMMAR}; "
+                        "the searched plan is kept in OUT/plan.json")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5)
@@ -433,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
     p.add_argument("--eta", type=argument(real, low=0, high=1), default=0.0, help="DDIM eta, 0 to 1 (default 0)")
     p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5, help="classifier-free guidance scale; 1 = off")
-    p.add_argument("--cache", help="none (default) | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1] | "
-                                  "PLAN.json; with --recipe, the recipe's plan")
+    p.add_argument("--cache", help=f"{GRAMMAR} (default none; forecast=1|2 forecasts reused branch outputs from "
+                                  "their last computations instead of reusing them), or a searched plan: "
+                                  f"{AUTO_GRAMMAR}; with --recipe, the recipe's plan")
     p.add_argument("--recipe", help="quant recipe directory from qandc calibrate: sample with fake quant (+ VC)")
     p.add_argument("--engines", help="engine directory from qandc build-engine: sample through the runtime")
     p.add_argument("--no-vc", action="store_true", help="with --recipe or --engines: do not apply the VC table")
