@@ -48,10 +48,11 @@ def test_pool_records_every_step_and_replay_is_exact(model, tmp_path):
     selected = np.array([1, 7, 20, 44])  # samples 0, 0, 2, 4 at steps 1, 7, 2, 8; replayed in another batch
     entries = replay(model, pool, selected, batch_size=3)
     for k, entry in zip(selected, entries):
-        assert entry.x.shape == (2, 4, 8, 8)  # CFG-doubled
-        assert torch.allclose(entry.x[0], torch.from_numpy(pool.x[k]).float(), atol=2e-3 * entry.x.abs().max())
-        assert (entry.cache is None) == bool(pool.full[k])
-    assert sorted(entries[0].cache) == model.branch_names
+        x = entry.feeds["x"]
+        assert x.shape == (2, 4, 8, 8)  # CFG-doubled
+        assert torch.allclose(x[0], torch.from_numpy(pool.x[k]).float(), atol=2e-3 * x.abs().max())
+        assert (entry.graph == "full") == bool(pool.full[k])
+    assert sorted(entries[0].feeds) == sorted(["x", "t", "y", *model.branch_names])  # a reuse step: the cache too
 
 
 def test_recipe_round_trip_and_no_pickles(model, recipe_dir):

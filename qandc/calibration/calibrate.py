@@ -22,6 +22,7 @@ from ..errors import QandcError
 from ..formats.lineage import check_recipe_checkpoint, reference
 from ..formats.recipe import RECIPE, QuantRecipe, quantizer_formats, write_vc
 from ..locking import holds_output
+from ..model.graphs import GraphSpec, engine_graphs
 from ..sampling import CachePlan, space_timesteps
 from ..values import INT_LIMIT, check, integer, real
 from .plan_search import PlanSearch, auto_plan, parse_auto
@@ -136,11 +137,11 @@ def _searched_plan(model, out: Path, s: CalibrationSettings) -> CachePlan:
     return plan
 
 
-def forward_loop(entries: list[CalibrationEntry], plan: CachePlan, batch_size: int):
-    """The ModelOpt calibration loop: every selected entry through the path it was recorded on."""
+def forward_loop(entries: list[CalibrationEntry], graphs: dict[str, GraphSpec], batch_size: int):
+    """The ModelOpt calibration loop: every selected entry through the graph it was recorded on."""
     @torch.no_grad()
     def loop(model):
-        for _ in run_entries(model, entries, plan, batch_size):
+        for _ in run_entries(model, entries, graphs, batch_size):
             pass
     return loop
 
@@ -192,7 +193,8 @@ def _stages(model, out: Path, s: CalibrationSettings, checkpoint: str | Path, st
     else:
         q_model = copy.deepcopy(model)
         entries = replay(model, pool, indices, s.batch_size)
-        quantize(q_model, recipe, forward_loop(entries, s.plan, s.batch_size))
+        graphs = engine_graphs(s.plan, model.branch_names)
+        quantize(q_model, recipe, forward_loop(entries, graphs, s.batch_size))
         del entries
         save_amax(q_model, out)
         stages.update()

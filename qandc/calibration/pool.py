@@ -1,7 +1,7 @@
 """The calibration pool: full-precision trajectories run under the cache plan, one entry per (sample, step).
 
-The pool keeps only what identifies an entry — (seed, sample index, label, step) — and its x_t. The inputs each path
-sees (CFG-doubled batch, cache tensors for reuse steps) are recovered by replaying the trajectories of the selected
+The pool keeps only what identifies an entry — (seed, sample index, label, step) — and its x_t. What each graph call
+sees (CFG-doubled batch, cache factors and Taylor weights) is recovered by replaying the trajectories of the selected
 samples: noise is keyed per sample, so a replay in another batch reproduces them.
 """
 
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_path, read_json, write_json
 from ..distributed import World, merge_shards, run_shards
 from ..errors import QandcError
+from ..model.graphs import GraphSpec
 from ..readers import read_npz
 from ..sampling import CachePlan, Diffusion, draw_noise, sample, sample_generator
 
@@ -35,7 +36,7 @@ class Pool:
     step: np.ndarray       # (N,) sampling-step index, 0 = first (noisiest)
     sample: np.ndarray     # (N,) sample index (noise key together with the seed)
     label: np.ndarray      # (N,)
-    full: np.ndarray       # (N,) whether the plan runs the full path at that step
+    full: np.ndarray       # (N,) whether the plan runs the full graph at that step
     meta: dict = field(default_factory=dict)
 
     @property
@@ -97,34 +98,34 @@ def collect_pool(model, num_samples: int, steps: int, sampler: str, cfg_scale: f
 
 @dataclass
 class CalibrationEntry:
-    """What one path sees at one selected (sample, step): the CFG-doubled inputs and, for reuse steps, the cache."""
+    """What one graph call sees at one selected (sample, step): the graph's name and its feeds (x, t, y, and the
+    cache factors and Taylor weights it takes), each with the entry's rows on axis 0 (both CFG rows when guided)."""
 
-    x: torch.Tensor
-    t: torch.Tensor
-    y: torch.Tensor
-    cache: dict | None     # None: a full step
+    graph: str
+    feeds: dict[str, torch.Tensor]
+
+    @property
+    def rows(self) -> int:
+        return len(self.feeds["x"])
 
 
-def run_entries(model, entries: list[CalibrationEntry], plan: CachePlan, batch_size: int):
-    """Yield (entry positions, outputs) running the entries through the path each was recorded on: full-step
-    entries through the full path, reuse-step entries through the reuse path with their cache tensors."""
-    reuse_set = plan.reuse_set(model.branch_names)
-    for full in (True, False):
-        group = [i for i, e in enumerate(entries) if (e.cache is None) == full]
+def run_entries(model, entries: list[CalibrationEntry], graphs: dict[str, GraphSpec], batch_size: int):
+    """Yield (entry positions, each entry's outputs by name) running the entries, grouped by graph and concatenated
+    up to `batch_size` entries a call, through `model.forward_graph` with the graph (`graphs`, by name) each was
+    recorded on."""
+    for name in dict.fromkeys(e.graph for e in entries):
+        group = [i for i, e in enumerate(entries) if e.graph == name]
         for start in range(0, len(group), batch_size):
             index = group[start:start + batch_size]
             batch = [entries[i] for i in index]
-            x, t, y = (torch.cat([getattr(e, a) for e in batch]) for a in ("x", "t", "y"))
-            if full:
-                out, _ = model.forward_full(x, t, y, branches=reuse_set, regate=plan.regate)
-            else:
-                cache = {k: torch.cat([e.cache[k] for e in batch]) for k in batch[0].cache}
-                out = model.forward_reuse(x, t, y, cache, regate=plan.regate)
-            yield index, out.split([len(e.x) for e in batch])
+            feeds = {k: torch.cat([e.feeds[k] for e in batch]) for k in batch[0].feeds}
+            outputs = model.forward_graph(graphs[name], feeds)
+            parts = {k: v.split([e.rows for e in batch]) for k, v in outputs.items()}
+            yield index, [{k: parts[k][j] for k in parts} for j in range(len(batch))]
 
 
 class _Recorder:
-    """A denoiser wrapper that records the inputs of the selected (sample, step) rows as the sampler calls it."""
+    """A denoiser wrapper that records the graph feeds of the selected (sample, step) rows as the sampler calls it."""
 
     def __init__(self, model, wanted: dict[int, set[int]], index: np.ndarray):
         self.model, self.config, self.branch_names = model, model.config, model.branch_names
@@ -134,23 +135,15 @@ class _Recorder:
     def device(self):
         return self.model.device
 
-    def _record(self, x, t, y, cache):
+    def forward_graph(self, spec, feeds: dict) -> dict:
         n = len(self.index)
         for row, i in enumerate(self.index):
             if self.step in self.wanted.get(int(i), ()):
-                rows = [row, row + n] if len(x) == 2 * n else [row]
+                rows = [row, row + n] if len(feeds["x"]) == 2 * n else [row]
                 self.entries[(int(i), self.step)] = CalibrationEntry(
-                    x[rows].clone(), t[rows].clone(), y[rows].clone(),
-                    None if cache is None else {k: v[rows].clone() for k, v in cache.items()})
+                    spec.name, {k: v[rows].clone() for k, v in feeds.items()})
         self.step += 1
-
-    def forward_full(self, x, t, y, branches=None, regate=False):
-        self._record(x, t, y, None)
-        return self.model.forward_full(x, t, y, branches=branches, regate=regate)
-
-    def forward_reuse(self, x, t, y, cache, regate=False):
-        self._record(x, t, y, cache)
-        return self.model.forward_reuse(x, t, y, cache, regate=regate)
+        return self.model.forward_graph(spec, feeds)
 
 
 def replay(model, pool: Pool, selected: np.ndarray, batch_size: int = 256) -> list[CalibrationEntry]:

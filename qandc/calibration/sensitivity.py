@@ -1,9 +1,9 @@
 """The sensitivity report of a finished calibration: where the quantization error comes from.
 
 Per layer: the output error when only that layer is quantized (with its calibrated amax). Per sampling step: the
-output error of the whole quantized model. Both are measured on the calibration entries, each through the path it
-was calibrated on (full or reuse), against the full-precision model on the same inputs, cache tensors included: a
-reuse step's error is that of the branches it recomputes. Error = relative L2 over the entries compared,
+output error of the whole quantized model. Both are measured on the calibration entries, each through the graph it
+was calibrated on (full, reuse, reuse1, ...), against the full-precision model on the same inputs, cache factors
+included: a reuse step's error is that of the branches it recomputes. Error = relative L2 over the entries compared,
 sqrt(sum ||quantized - reference||^2 / sum ||reference||^2).
 """
 
@@ -21,7 +21,7 @@ import torch
 from ..artifacts import atomic_path, write_json
 from ..errors import QandcError
 from ..formats.recipe import QuantRecipe, load_amax
-from ..sampling import CachePlan
+from ..model.graphs import GraphSpec, engine_graphs
 from .pool import CalibrationEntry, Pool, replay, run_entries
 from .quantize import _mtq, apply_recipe, set_amax
 from .selection import read_selection
@@ -37,12 +37,13 @@ def _selected_indices(folder: Path, recipe: QuantRecipe, pool: Pool) -> np.ndarr
 
 
 @torch.no_grad()
-def _outputs(model, entries: list[CalibrationEntry], plan: CachePlan, batch_size: int) -> list[torch.Tensor]:
-    """Each entry's model output through its path, in entry order."""
+def _outputs(model, entries: list[CalibrationEntry], graphs: dict[str, GraphSpec],
+             batch_size: int) -> list[torch.Tensor]:
+    """Each entry's model output through its graph, in entry order."""
     outputs = [None] * len(entries)
-    for index, parts in run_entries(model, entries, plan, batch_size):
+    for index, parts in run_entries(model, entries, graphs, batch_size):
         for i, part in zip(index, parts):
-            outputs[i] = part
+            outputs[i] = part["out"]
     return outputs
 
 
@@ -74,19 +75,19 @@ def sensitivity_report(model, folder: str | Path, batch_size: int = 64) -> dict:
     recipe = QuantRecipe.load(folder)
     pool = Pool.load(folder)
     indices = _selected_indices(folder, recipe, pool)
-    plan = recipe.cache_plan
+    graphs = engine_graphs(recipe.cache_plan, model.branch_names)
     entries = replay(model, pool, indices, batch_size)
-    reference = _outputs(model, entries, plan, batch_size)
+    reference = _outputs(model, entries, graphs, batch_size)
     squared_reference = _squared_norms(reference)
 
     whole, _ = apply_recipe(copy.deepcopy(model), folder)
-    squared_error = _squared_norms(_outputs(whole, entries, plan, batch_size), reference)
+    squared_error = _squared_norms(_outputs(whole, entries, graphs, batch_size), reference)
     del whole
-    steps, full = pool.step[indices], pool.full[indices]
+    steps, kinds = pool.step[indices], np.array([e.graph for e in entries])
     per_step = []
     for step in np.unique(steps):
         at_step = steps == step
-        per_step.append({"step": int(step), "kind": "full" if full[at_step][0] else "reuse",
+        per_step.append({"step": int(step), "kind": str(kinds[at_step][0]),
                          "rel_error": _rel_error(squared_error[at_step], squared_reference[at_step]),
                          "entries": int(at_step.sum())})
 
@@ -94,7 +95,7 @@ def sensitivity_report(model, folder: str | Path, batch_size: int = 64) -> dict:
     layers = []
     for layer in recipe.layers:
         quantized = _one_layer_quantized(model, recipe, layer, amax)
-        layer_error = _squared_norms(_outputs(quantized, entries, plan, batch_size), reference)
+        layer_error = _squared_norms(_outputs(quantized, entries, graphs, batch_size), reference)
         layers.append({"name": layer, "rel_error": _rel_error(layer_error, squared_reference)})
     layers.sort(key=lambda row: -row["rel_error"])
     return {"preset": recipe.preset, "layers": layers, "per_step": per_step,
@@ -120,10 +121,11 @@ def write_report(report: dict, folder: str | Path) -> None:
     by_layer.tick_params(axis="y", labelsize=8)
     steps = report["per_step"]
     by_step.plot([row["step"] for row in steps], [row["rel_error"] for row in steps], color="0.7", zorder=1)
-    for kind, marker, color in (("full", "o", "tab:blue"), ("reuse", "s", "tab:orange")):
+    kinds = sorted({row["kind"] for row in steps}, key=lambda kind: (kind != "full", kind))
+    for i, kind in enumerate(kinds):  # full, reuse, reuse1, ...: at most 1 + MAX_REUSE_SETS kinds
         rows = [row for row in steps if row["kind"] == kind]
-        by_step.scatter([row["step"] for row in rows], [row["rel_error"] for row in rows], marker=marker,
-                        color=color, label=f"{kind} steps", zorder=2)
+        by_step.scatter([row["step"] for row in rows], [row["rel_error"] for row in rows], marker="os^Dv"[i],
+                        color=f"C{i}", label=f"{kind} steps", zorder=2)
     by_step.axhline(report["overall_rel_error"], linestyle="--", color="0.3", label="overall")
     by_step.set_title("whole model quantized, per sampling step")
     by_step.set_xlabel("sampling step (0 = noisiest)")

@@ -32,8 +32,9 @@ def fit_factor(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "mse", eps:
 
 def fit_vc(fp_model, q_model, labels, steps: int, sampler: str, cfg_scale: float, seed: int, plan,
            form: str = "var", eps: float = NSR_EPS) -> torch.Tensor:
-    """K (steps x channels), fitted in sampling order and applied to the quantized + cached run before its next
-    step; both runs share labels and every noise draw. "var": the reference is the full-precision, uncached
+    """K (steps x channels), fitted in sampling order and applied to the quantized run under `plan` (its cached
+    branches reused or forecast, as in generation) before its next step; both runs share labels and every noise
+    draw. "var": the reference is the full-precision, uncached
     trajectory. "mse" / "nsr": the reference of each step is one full-precision, uncached step from the quantized
     run's own corrected sample (see the module docstring for why)."""
     one_step = form != "var"
