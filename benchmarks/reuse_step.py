@@ -17,18 +17,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qandc.artifacts import write_json
 from qandc.model import DiT, initialize_weights, named_config
+from qandc.model.graphs import engine_graphs, example_feeds
+from qandc.sampling import CachePlan
 
 
 def measure(name: str, batch: int, repeats: int) -> dict:
     model = initialize_weights(DiT(named_config(name, input_size=32)), zero_init=False).eval()
-    c = model.config
-    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size)
-    t, y = torch.full((batch,), 500), torch.arange(batch) % c.num_classes
-    result = {"config": name, "input": list(x.shape)}
+    graphs = engine_graphs(CachePlan.interval(2), model.branch_names)  # the reuse graph reuses every branch
+    feeds = example_feeds(model, graphs, batch)
+    result = {"config": name, "input": list(feeds["full"]["x"].shape)}
     with torch.no_grad():
-        _, cache = model.forward_full(x, t, y)
-        paths = {"full": lambda: model.forward_full(x, t, y), "reuse": lambda: model.forward_reuse(x, t, y, cache)}
-        for path, fn in paths.items():
+        for path in ("full", "reuse"):
+            fn = lambda: model.forward_graph(graphs[path], feeds[path])  # noqa: E731
             with FlopCounterMode(display=False) as counter:
                 fn()
             times = []

@@ -112,22 +112,22 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
-    """Median ms of one full and one reuse call at `rows` rows (guided batch), inputs fixed."""
-    from .model.graphs import sample_inputs
+    """Median ms of one call of the full and of the reuse graph at `rows` rows (guided batch), on their example
+    feeds (fixed inputs)."""
+    from .model.graphs import engine_graphs, example_feeds
     from .sampling import CachePlan
 
-    x, t, y = sample_inputs(denoiser, rows)
-    branches = CachePlan.parse(config.cache).reuse_set(denoiser.branch_names)
-    full = lambda: denoiser.forward_full(x, t, y, branches=branches)  # noqa: E731
-    for _ in range(3):
-        _, cache = full()
-    ms_full = _median_ms(full, 20 if config.steps <= STEPS else 5)
-    if config.cache == "none":
-        return ms_full, None
-    reuse = lambda: denoiser.forward_reuse(x, t, y, cache)  # noqa: E731
-    for _ in range(3):
-        reuse()
-    return ms_full, _median_ms(reuse, 50)
+    graphs = engine_graphs(CachePlan.parse(config.cache), denoiser.branch_names)
+    feeds = example_feeds(denoiser, graphs, rows)
+
+    def median_ms(name: str, repeats: int) -> float:
+        call = lambda: denoiser.forward_graph(graphs[name], feeds[name])  # noqa: E731
+        for _ in range(3):
+            call()
+        return _median_ms(call, repeats)
+
+    ms_full = median_ms("full", 20 if config.steps <= STEPS else 5)
+    return ms_full, None if config.cache == "none" else median_ms("reuse", 50)
 
 
 def _memory_mark() -> int:

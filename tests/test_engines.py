@@ -30,24 +30,29 @@ def _feeds(x, t, y):
     return {"x": x, "t": t, "y": y}
 
 
-def test_onnxruntime_engines_run_both_paths(exported, tmp_path):
+def test_onnxruntime_engines_run_both_graphs(exported, tmp_path):
     model, folder = exported
     manifest = build_engines(folder, tmp_path, "onnxruntime")
     assert manifest.plan == PLAN and manifest.backend == "onnxruntime"
     assert set(manifest.files) == {"full.ort.onnx", "reuse.ort.onnx"}
     loaded, engines = load_engines(tmp_path)
     assert loaded == manifest
+    full_graph, reuse_graph = manifest.graphs["full"], manifest.graphs["reuse"]
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 250, 500, 999]), torch.tensor([0, 1, 2, 10])
     full = engines["full"].infer(_feeds(x, t, y))
     with torch.no_grad():
-        expected, cache = model.forward_full(x, t, y, branches=manifest.cache_inputs)
-    assert rel_err(full["out"], expected) < 1e-5
-    reuse = engines["reuse"].infer({**_feeds(x, t // 3, y), **{b: full[b] for b in manifest.cache_inputs}})
+        expected = model.forward_graph(full_graph, _feeds(x, t, y))
+    assert full_graph.output_names == ["out", "blocks.0.attn", "blocks.1.attn"]
+    assert all(rel_err(full[n], expected[n]) < 1e-5 for n in full_graph.output_names)
+    cache = {n: full[n] for n in reuse_graph.cache_inputs}
+    reuse = engines["reuse"].infer({**_feeds(x, t // 3, y), **cache})
     with torch.no_grad():
-        expected = model.forward_reuse(x, t // 3, y, {b: full[b] for b in manifest.cache_inputs})
-    assert rel_err(reuse["out"], expected) < 1e-5
+        expected = model.forward_graph(reuse_graph, {**_feeds(x, t // 3, y), **cache})
+    assert rel_err(reuse["out"], expected["out"]) < 1e-5
     with pytest.raises(QandcError, match="inputs missing"):
         engines["reuse"].infer(_feeds(x, t, y))
+    with pytest.raises(QandcError, match="x is torch.float64, not torch.float32"):
+        engines["full"].infer(_feeds(x.double(), t, y))
 
 
 def test_tampered_truncated_or_foreign_engines_are_refused(exported, tmp_path):
@@ -89,5 +94,5 @@ def test_tensorrt_engines(exported, tmp_path):
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 250, 500, 999]), torch.tensor([0, 1, 2, 10])
     full = engines["full"].infer(_feeds(x, t, y))
     with torch.no_grad():
-        expected, _ = model.forward_full(x, t, y, branches=manifest.cache_inputs)
+        expected = model.forward_graph(manifest.graphs["full"], _feeds(x, t, y))["out"]
     assert rel_err(full["out"].float(), expected) < 2e-2  # bf16 builder flag on a float graph

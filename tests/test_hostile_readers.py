@@ -255,7 +255,8 @@ def _reader(file: str, module: str, call: str):
 
 
 _selection = _reader("selection-tap.json", "qandc.calibration.selection", "read_selection({path}, 4)")
-_onnx = _reader("full.ort.onnx", "qandc.engines.onnxruntime_backend", "OrtEngine(Path({path}))")
+_onnx = _reader("full.ort.onnx", "qandc.engines.onnxruntime_backend",
+                "OrtEngine(Path({path}), GraphSpec('full', (), ()))")
 _exported = _reader("full.pt2", "qandc.engines.inductor_backend", "InductorEngine(Path({path}), None, compile=False)")
 
 

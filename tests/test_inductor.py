@@ -82,12 +82,15 @@ def test_inductor_engines_run_the_q_and_c_pipeline(recipe, tmp_path, device):
     _, engines = load_engines(tmp_path)
     x, t, y = torch.randn(6, 4, 8, 8, device=device), torch.arange(6, device=device) * 150, torch.arange(6,
                                                                                                    device=device)
+    full_graph, reuse_graph = manifest.graphs["full"], manifest.graphs["reuse"]
     full = engines["full"].infer({"x": x, "t": t, "y": y})
     with torch.no_grad():
-        out, cache = engine_model.forward_full(x.bfloat16(), t, y, branches=manifest.cache_inputs)
-        reused = engine_model.forward_reuse(x.bfloat16(), t, y, cache)
-    assert rel_err(full["out"].float(), out.float()) < 1e-2
-    got = engines["reuse"].infer({"x": x, "t": t, "y": y, **{b: full[b] for b in manifest.cache_inputs}})
+        expected = engine_model.forward_graph(full_graph, {"x": x, "t": t, "y": y})
+        reused = engine_model.forward_graph(reuse_graph, {"x": x, "t": t, "y": y, **{
+            n: expected[n] for n in reuse_graph.cache_inputs}})["out"]
+    assert all(full[n].dtype == torch.bfloat16 for n in full_graph.output_names)  # "model" tensors of a bf16 engine
+    assert rel_err(full["out"].float(), expected["out"].float()) < 1e-2
+    got = engines["reuse"].infer({"x": x, "t": t, "y": y, **{n: full[n] for n in reuse_graph.cache_inputs}})
     assert rel_err(got["out"].float(), reused.float()) < 1e-2
 
     pipeline = Pipeline.load(tmp_path)

@@ -176,11 +176,12 @@ import zipfile
 from pathlib import Path
 from qandc.errors import QandcError
 from qandc.engines.onnxruntime_backend import OrtEngine, optimise
+from qandc.model.graphs import GraphSpec
 from qandc.engines.inductor_backend import InductorEngine
 for path in map(Path, sys.argv[1:]):
     try:
         if path.suffix == ".onnx":
-            OrtEngine(optimise(path, path.with_suffix(".ort.onnx")))
+            OrtEngine(optimise(path, path.with_suffix(".ort.onnx")), GraphSpec("full", (), ()))
         else:
             InductorEngine(path, None, compile=False)
     except QandcError:

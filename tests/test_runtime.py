@@ -112,8 +112,9 @@ def test_batches_beyond_a_tensorrt_profile_are_refused(built):
     denoiser = EngineDenoiser(dataclasses.replace(manifest, backend="tensorrt", build={"max_batch": 2}), engines)
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3])
     with pytest.raises(QandcError, match="exceeds the engines' profile of 2"):
-        denoiser.forward_full(x, t, y, branches=manifest.cache_inputs)
-    assert denoiser.forward_full(x[:2], t[:2], y[:2], branches=manifest.cache_inputs)[0].shape == (2, 8, 8, 8)
+        denoiser.forward_graph(manifest.graphs["full"], {"x": x, "t": t, "y": y})
+    assert denoiser.forward_graph(manifest.graphs["full"], {"x": x[:2], "t": t[:2], "y": y[:2]})["out"].shape == (
+        2, 8, 8, 8)
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +161,8 @@ def test_nan_guard_names_the_steps_and_falls_back(overflowed_fp8, tmp_path):
     pipeline = Pipeline.load(root / "engines", fallback=True)
     images = pipeline.generate([1, 2], seed=3, steps=8)
     assert torch.isfinite(images).all()
-    assert pipeline.last_run == {"full": 3, "reuse": 5, "fallback_steps": [{"step": s, "engine": "full"}
-                                                                          for s in (0, 3, 6)]}
+    assert pipeline.last_run == {"full": 3, "reuse": 5, "graphs": {"full": 3, "reuse": 5},
+                                 "fallback_steps": [{"step": s, "engine": "full"} for s in (0, 3, 6)]}
     from qandc.cli import main
 
     # the CLI: one line without the fallback, finite images with it

@@ -1,8 +1,9 @@
 """The face every engine backend has, and the registry the CLI, the builder and the runtime ask.
 
 A backend is one class with a name, declared capabilities, `build` (engines for every graph of an export, into a
-folder) and `load` (those engines, each with `infer(feeds) -> outputs` by tensor name). Adding one is a new file
-plus one `register(...)` line in `qandc/engines/__init__.py`; nothing else compares backend names.
+folder) and `load` (those engines, each with `infer(feeds) -> outputs` by tensor name and its `input_dtypes`).
+Adding one is a new file plus one `register(...)` line in `qandc/engines/__init__.py`; nothing else compares backend
+names.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class BuildResult:
 
 class Engine(Protocol):
     input_names: list[str]
+    input_dtypes: dict[str, torch.dtype]
     output_names: list[str]
     device: torch.device
 
@@ -103,7 +105,11 @@ def get_backend(name: str) -> Backend:
 
 
 def check_engine_inputs(engine: Engine, feeds: dict) -> None:
-    """Every input the engine declares is fed (one line naming the missing ones)."""
+    """Every input the engine declares is fed, in its dtype (one line naming the missing or mistyped ones)."""
     missing = set(engine.input_names) - set(feeds)
     if missing:
         raise QandcError(f"engine inputs missing: {', '.join(sorted(missing))}")
+    wrong = [f"{n} is {feeds[n].dtype}, not {engine.input_dtypes[n]}" for n in engine.input_names
+             if feeds[n].dtype != engine.input_dtypes[n]]
+    if wrong:
+        raise QandcError(f"engine inputs of another dtype: {'; '.join(wrong[:3])}")

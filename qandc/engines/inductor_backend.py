@@ -1,7 +1,9 @@
-"""PyTorch Inductor engines: the full and the reuse path of a bf16 model (with the recipe's FP8 / INT8 layers as
-real kernels, `quantized.py`), each saved as a `torch.export` program (`full.pt2`, `reuse.pt2`, batch dynamic),
-plus Inductor's portable compile cache (`inductor-cache.bin`) filled at build time for the batch sizes asked for,
-so that loading recompiles from the cache instead of autotuning again.
+"""PyTorch Inductor engines: every graph of the cache plan (the full graph and each reuse graph) of a bf16 model (with
+the recipe's FP8 / INT8 layers as real kernels, `quantized.py`), each saved as a `torch.export` program (`full.pt2`,
+`reuse.pt2`, `reuse1.pt2`, ...; batch dynamic), plus Inductor's portable compile cache (`inductor-cache.bin`) filled
+at build time for every graph at the batch sizes asked for, so that loading recompiles from the cache instead of
+autotuning again. Cache tensors of plain reuse are bf16 (the "model" dtype), forecast factors float32 or bf16 as the
+plan says.
 
 AOTInductor packages would be the natural artifact, but loading one segfaulted on the GPU machine's torch 2.11
 (environment.md); an exported program plus its saved compile cache is the reloadable engine instead. A build is
@@ -83,10 +85,17 @@ class InductorEngine:
     def __init__(self, path: Path, spec: GraphSpec, compile: bool = True, quantized: bool = False):
         refuse_zip_bomb(regular_file(path), "torch.export program")
         try:
-            self.module = torch.export.load(str(path)).module()
+            program = torch.export.load(str(path))
+            self.module = program.module()
         except Exception as e:  # a foreign or damaged program: torch raises many types here
             raise QandcError(f"{path}: not a torch.export program this torch can load ({str(e)[:200]})") from None
+        traced = {n.name: n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"}
+        inputs = program.graph_signature.user_inputs
+        if len(inputs) != len(spec.input_names):
+            raise QandcError(f"{path}: a program of {len(inputs)} inputs, the {spec.name} graph declares "
+                             f"{len(spec.input_names)}")
         self.input_names, self.output_names = spec.input_names, spec.output_names
+        self.input_dtypes = {name: traced[n].dtype for name, n in zip(spec.input_names, inputs)}
         self.device = next(iter([*self.module.parameters(), *self.module.buffers()])).device
         if self.device.type == "cuda":  # under torchrun: this rank's GPU, not the one the build ran on
             self.device = torch.device("cuda", torch.cuda.current_device())

@@ -12,10 +12,13 @@ import torch
 from .. import ort_int8
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from ..formats.manifest import onnx_input_names
+from ..model.graphs import GraphSpec
 from ..readers import regular_file
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
 SUFFIX = ".ort.onnx"
+INPUT_DTYPES = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64}  # what qandc's graphs take
 
 
 def _ort():
@@ -58,20 +61,31 @@ def optimise(onnx_path: Path, target: Path) -> Path:
 
 
 class OrtEngine:
-    """One engine: `infer(feeds)` with tensors by input name, returns CPU tensors by output name."""
+    """One engine of graph `spec`: `infer(feeds)` with tensors by declared input name, returns CPU tensors by output
+    name."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, spec: GraphSpec):
         ort = _ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised at build time
         self.session = _session(path, options, providers())
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_names, self.output_names = spec.input_names, spec.output_names
+        self.onnx_names = dict(zip(spec.input_names, onnx_input_names(spec)))
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        if set(inputs) != set(self.onnx_names.values()) or \
+                [o.name for o in self.session.get_outputs()] != self.output_names:
+            raise QandcError(f"{path}: its inputs and outputs are not those of the {spec.name} graph its manifest "
+                             "declares")
+        unknown = [f"{name} ({kind})" for name, kind in inputs.items() if kind not in INPUT_DTYPES]
+        if unknown:
+            raise QandcError(f"{path}: inputs of a type qandc does not feed: {', '.join(unknown)}")
+        self.input_dtypes = {n: INPUT_DTYPES[inputs[self.onnx_names[n]]] for n in self.input_names}
         self.device = torch.device("cpu")
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_engine_inputs(self, feeds)
-        outputs = self.session.run(self.output_names, {k: feeds[k].cpu().numpy() for k in self.input_names})
+        outputs = self.session.run(self.output_names, {self.onnx_names[n]: feeds[n].cpu().numpy()
+                                                       for n in self.input_names})
         return {name: torch.from_numpy(array) for name, array in zip(self.output_names, outputs)}
 
 
@@ -89,4 +103,4 @@ class OnnxRuntimeBackend(Backend):
         return BuildResult(engines, list(engines.values()))
 
     def load(self, folder, manifest, compile=True):
-        return {g: OrtEngine(folder / file) for g, file in manifest.engines.items()}
+        return {g: OrtEngine(folder / file, manifest.graphs[g]) for g, file in manifest.engines.items()}

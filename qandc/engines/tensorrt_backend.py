@@ -3,8 +3,10 @@
 NOT RUN in this project's environment: full TensorRT cannot be installed here (PyPI's tensorrt libs are stubs that
 download from an unreachable index; TensorRT-RTX refuses Hopper). Its tests run where `tensorrt` imports and skip
 elsewhere. Q/DQ graphs build as strongly typed networks (precision comes from the graph, so no precision flags);
-float graphs may ask for BF16 / FP16 builder flags. One optimisation profile covers batch 1..max_batch, and the
-timing cache is kept beside the plans so a rebuild reuses it.
+float graphs may ask for BF16 / FP16 builder flags. A plan is built for every graph of the export (full, reuse,
+reuse1, ...). One optimisation profile covers batch 1..max_batch for every input (x, t, y, the cache tensors, the Taylor
+weights: axis 0 is the batch, the other axes are fixed), and the timing cache is kept beside the plans so a rebuild
+reuses it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from ..formats.manifest import onnx_input_names
+from ..model.graphs import GraphSpec
 from ..readers import open_regular, regular_file
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
@@ -60,6 +64,9 @@ def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_b
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         rest = tuple(tensor.shape)[1:]
+        if any(d < 0 for d in rest):
+            raise QandcError(f"{onnx_path}: input {tensor.name} {tuple(tensor.shape)} has dynamic axes besides the "
+                             "batch")
         profile.set_shape(tensor.name, (1, *rest), (min(opt_batch, max_batch), *rest), (max_batch, *rest))
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
@@ -74,9 +81,10 @@ def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_b
 
 
 class TrtEngine:
-    """One deserialised plan: `infer(feeds)` with tensors by input name, returns CUDA tensors by output name."""
+    """One deserialised plan of graph `spec`: `infer(feeds)` with tensors by declared input name, returns CUDA
+    tensors by output name."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, spec: GraphSpec):
         import torch
 
         _trt()
@@ -90,21 +98,30 @@ class TrtEngine:
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.input_names = [n for n in names if is_input[n]]
-        self.output_names = [n for n in names if not is_input[n]]
+        self.input_names, self.output_names = spec.input_names, spec.output_names
+        self.tensor_names = dict(zip(spec.input_names, onnx_input_names(spec)))  # as the ONNX graph names them
+        if {n for n in names if is_input[n]} != set(self.tensor_names.values()) or \
+                {n for n in names if not is_input[n]} != set(self.output_names):
+            raise QandcError(f"{path}: its inputs and outputs are not those of the {spec.name} graph its manifest "
+                             "declares")
+        self.input_dtypes = {n: self._dtype(self.tensor_names[n]) for n in self.input_names}
         self.device = torch.device("cuda")
+
+    def _dtype(self, name: str):
+        """The torch dtype of an input or output tensor of the plan."""
+        return self.torch.from_numpy(np.empty(0, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
 
     def infer(self, feeds: dict) -> dict:
         check_engine_inputs(self, feeds)
-        torch, trt = self.torch, self.trt
-        inputs = {n: torch.as_tensor(feeds[n]).cuda().contiguous() for n in self.input_names}
+        torch = self.torch
+        inputs = {self.tensor_names[n]: torch.as_tensor(feeds[n]).cuda().contiguous() for n in self.input_names}
         for name, tensor in inputs.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for name in self.output_names:
-            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
-            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtype(name),
+                                        device="cuda")
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
@@ -129,4 +146,4 @@ class TensorRTBackend(Backend):
         return BuildResult(engines, list(engines.values()), {"max_batch": options.max_batch})
 
     def load(self, folder, manifest, compile=True):
-        return {g: TrtEngine(folder / file) for g, file in manifest.engines.items()}
+        return {g: TrtEngine(folder / file, manifest.graphs[g]) for g, file in manifest.engines.items()}

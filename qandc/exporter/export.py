@@ -1,6 +1,7 @@
-"""`export`: full.onnx + reuse.onnx + manifest.json from a DiT, a cache plan and optionally a quant recipe, whose
-recipe.json and amax.safetensors are copied in: an export folder is all build-engine reads (with the checkpoint,
-for the Inductor backend, named by its path relative to the export and its sha256)."""
+"""`export`: an ONNX file per graph of the cache plan (full.onnx, reuse.onnx, reuse1.onnx, ...) + manifest.json from a
+DiT, a cache plan and optionally a quant recipe, whose recipe.json and amax.safetensors are copied in: an export
+folder is all build-engine reads (with the checkpoint, for the Inductor backend, named by its path relative to the
+export and its sha256)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from .. import __version__
 from ..artifacts import atomic_path
+from ..errors import QandcError
 from ..formats.manifest import ExportManifest, pipeline_fields
 from ..formats.recipe import AMAX, RECIPE
 from ..locking import holds_output
@@ -29,6 +31,8 @@ def export(model, out: str | Path, plan: CachePlan | None = None, recipe_dir: st
     used (a different `plan` is an error). Returns the manifest."""
     check_apart(out, {"--checkpoint": checkpoint, "--recipe": recipe_dir}, ExportManifest.KIND)
     fields = pipeline_fields(model, plan, recipe_dir, None, checkpoint, folder=out)
+    if fields["plan"].forecast and fields["plan"].factors == "bf16":
+        raise QandcError("ONNX graphs take float32 factors; factors=bf16 is for the Inductor engines")
     if recipe_dir is not None:
         from ..calibration import apply_recipe
 

@@ -1,7 +1,10 @@
-"""ONNX export of the full and the reuse graph, plain float or with Q/DQ nodes from a quant recipe.
+"""ONNX export of the engine graphs of a cache plan, plain float or with Q/DQ nodes from a quant recipe.
 
-`full.onnx`: inputs x, t, y; outputs `out` and one tensor per branch of the reuse set, named by branch
-(`blocks.<i>.attn|mlp`). `reuse.onnx`: inputs x, t, y and those cache tensors; output `out`. Batch is dynamic.
+Each graph's inputs and outputs are those its declaration gives (`qandc.model.graphs`): x, t, y, the cache tensors
+named by branch (`blocks.<i>.attn|mlp`, forecast factors `.d1`, `.d2`), the Taylor weights when the plan forecasts;
+`out` and the refreshed cache tensors. Every tensor is float32 but t and y (int64). Batch (axis 0) is dynamic. An input
+named like an output (the previous factors of a branch the graph refreshes) is named NAME.previous in the file
+(`onnx_input_names`: ONNX names each tensor once).
 INT8 recipes export as standard QuantizeLinear / DequantizeLinear (per-channel weight scales, per-tensor activation
 scales). ModelOpt exports FP8 as TensorRT-only `trt::TRT_FP8QuantizeLinear` / `TRT_FP8DequantizeLinear`; they are
 rewritten into standard opset-19 Q/DQ with a float8e4m3fn zero point, which ONNX Runtime and TensorRT both read.
@@ -22,6 +25,8 @@ import torch.nn as nn
 from .. import ort_int8
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from ..formats.manifest import onnx_input_names
+from ..model.forecast import FACTOR_SUFFIXES
 from ..model.graphs import GraphSpec
 
 OPSET = 19
@@ -56,9 +61,11 @@ def _standard_fp8(graph_proto) -> int:
     return changed
 
 
-def validate_with_polygraphy(path: Path, feeds: dict, expected: list[torch.Tensor]) -> float:
+def validate_with_polygraphy(path: Path, feeds: dict, expected: dict[str, torch.Tensor]) -> float:
     """Run the saved graph (INT8 Q/DQ as uint8, `ort_int8.session`) with polygraphy's ONNX Runtime runner on `feeds`;
-    return the largest relative error against the traced module's outputs (non-finite outputs are an error)."""
+    return the largest error against the traced module's `expected` outputs, relative to each output's norm (a
+    forecast factor's: its branch value's, as a difference of close values has little norm of its own).
+    Non-finite outputs are an error."""
     try:
         import onnxruntime  # noqa: F401  (ort_int8.session builds the session)
         from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -67,12 +74,18 @@ def validate_with_polygraphy(path: Path, feeds: dict, expected: list[torch.Tenso
     with contextlib.redirect_stdout(io.StringIO()), OnnxrtRunner(ort_int8.session(path)) as runner:
         outputs = runner.infer({k: v.detach().cpu().numpy() for k, v in feeds.items()})
     worst = 0.0
-    for want, (name, got) in zip(expected, outputs.items()):
+    for name, got in outputs.items():
         got = torch.as_tensor(got)
         if not torch.isfinite(got).all():
             raise QandcError(f"{path}: output {name} is not finite under ONNX Runtime")
-        worst = max(worst, float((got - want.cpu()).norm() / want.cpu().norm().clamp(min=1e-30)))
+        scale = expected[factor_branch(name)].cpu().norm().clamp(min=1e-30)
+        worst = max(worst, float((got - expected[name].cpu()).norm() / scale))
     return worst
+
+
+def factor_branch(name: str) -> str:
+    """The tensor a forecast factor belongs to (`blocks.0.attn.d2` -> `blocks.0.attn`); any other name itself."""
+    return next((name.removesuffix(s) for s in FACTOR_SUFFIXES[1:] if name.endswith(s)), name)
 
 
 def export_graph(module: nn.Module, feeds: dict[str, torch.Tensor], spec: GraphSpec, path: Path) -> dict:
@@ -84,10 +97,12 @@ def export_graph(module: nn.Module, feeds: dict[str, torch.Tensor], spec: GraphS
         raise QandcError("export needs onnx (pip install 'qandc[export]')") from None
 
     inputs = tuple(feeds[n] for n in spec.input_names)
+    names = onnx_input_names(spec)
     buffer = io.BytesIO()
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(module, inputs, buffer, dynamo=False, opset_version=OPSET, input_names=spec.input_names,
-                          output_names=spec.output_names, dynamic_axes=spec.dynamic_axes)
+        torch.onnx.export(module, inputs, buffer, dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=spec.output_names,
+                          dynamic_axes={name: {0: "batch"} for name in names + spec.output_names})
     proto = onnx.load_model_from_string(buffer.getvalue())
     rewritten = _standard_fp8(proto)
     large = proto.ByteSize() >= TWO_GIB
@@ -99,8 +114,8 @@ def export_graph(module: nn.Module, feeds: dict[str, torch.Tensor], spec: GraphS
         onnx.checker.check_model(str(path))
     ops = [n.op_type for n in proto.graph.node]
     with torch.no_grad():
-        expected = list(module(*inputs))
+        expected = dict(zip(spec.output_names, module(*inputs)))
     return {"nodes": len(ops), "quantize_linear": ops.count("QuantizeLinear"),
             "dequantize_linear": ops.count("DequantizeLinear"), "fp8_rewritten": rewritten, "external_data": large,
             "onnx_checker": "passed", "polygraphy_onnxrt_rel_error": validate_with_polygraphy(
-                path, feeds, expected)}
+                path, dict(zip(names, inputs)), expected)}

@@ -1,8 +1,9 @@
 """The manifests of an export folder and of an engine folder: one typed object each, one writer, one reader that
 checks every field, the checksums of the files listed and the lineage asked for.
 
-Shared fields: the model config, the cache plan, the engine graphs' declared inputs and outputs, the sampler
-defaults, the recipe the graphs were quantized with ({"preset", "sha256"}, or None), the VC table (steps x
+Shared fields: the model config, the cache plan, the engine graphs' declarations (every graph of the plan: `full`,
+`reuse`, `reuse1`, ...; each with its reuse / emit sets, forecast order and factor dtype, and the tensors they give),
+the sampler defaults, the recipe the graphs were quantized with ({"preset", "sha256"}, or None), the VC table (steps x
 channels, or None), `lineage` (the input artifacts by kind — "checkpoint", "recipe", "export" — each a reference
 {"path" relative to the manifest's folder, "sha256"}, `lineage.py`), the files with their sha256 (plain names, inside
 the folder), and library versions. The model config (heads included) is what loading the checkpoint needs besides
@@ -11,6 +12,12 @@ folder holds one only while its files are whole.
 
 Reading with `verify` checks the files and the small inputs present at their recorded paths (recipe, export); the
 checkpoint is verified when it is opened (`checkpoint_model`).
+
+The graph declarations are also how the runtime carries the cache between steps: a graph takes the factors of the
+branches it reuses and the previous factors of those it emits (with the Taylor weights when the plan forecasts) and
+returns the refreshed factors of those it emits, all by tensor name, so the runtime keeps the last tensor of each name
+and feeds it to whichever graph runs next. On read, the declared graphs must be those the plan gives. In an ONNX file
+(and the engines built from it) an input named like an output takes the suffix `.previous` (`onnx_input_names`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from .lineage import check_recipe_checkpoint, confined, is_reference, plain_name
 from .recipe import EXPORTABLE, RECIPE, QuantRecipe, load_vc
 
 MANIFEST = "manifest.json"
+PREVIOUS = ".previous"  # the ONNX name suffix of an input named like an output (`onnx_input_names`)
 CHECKED_INPUTS = ("recipe", "export")  # the inputs `read` verifies when present (small files)
 # fields held as typed objects, written as their JSON form
 _OBJECTS = {"model": DiTConfig, "plan": CachePlan, "sampler": SamplerDefaults}
@@ -40,7 +48,7 @@ _OBJECTS = {"model": DiTConfig, "plan": CachePlan, "sampler": SamplerDefaults}
 @dataclass
 class Manifest:
     KIND: ClassVar[str]
-    FORMAT: ClassVar[int] = 2
+    FORMAT: ClassVar[int] = 3
 
     model: DiTConfig
     plan: CachePlan
@@ -51,11 +59,6 @@ class Manifest:
     lineage: dict
     files: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
-
-    @property
-    def cache_inputs(self) -> list[str]:
-        """The branches the reuse graph takes from the cache."""
-        return self.graphs["reuse"].cache_inputs
 
     @property
     def vc_table(self) -> torch.Tensor | None:
@@ -113,11 +116,9 @@ class Manifest:
                 raise QandcError(f"field {f.name!r} is missing")
             value = data[f.name]
             if f.name == "graphs":
-                if not isinstance(value, dict) or not {"full", "reuse"} <= set(value):
-                    raise QandcError("field 'graphs' must declare the full and the reuse graph")
+                if not isinstance(value, dict):
+                    raise QandcError("field 'graphs' is not an object of graph declarations")
                 value = {name: GraphSpec.from_dict(spec) for name, spec in value.items()}
-                if value["full"].path != "full" or any(s.path != "reuse" for n, s in value.items() if n != "full"):
-                    raise QandcError("field 'graphs': 'full' runs the full path, every other graph the reuse path")
             elif f.name in _OBJECTS:
                 if not isinstance(value, dict):
                     raise QandcError(f"field {f.name!r} is missing or of the wrong type")
@@ -135,9 +136,9 @@ class Manifest:
             raise QandcError(f"lineage {bad[0]!r} is not a reference {{path relative to the folder (never absolute), "
                              "sha256}")
         manifest = cls(**values)
-        manifest.plan.reuse_set(branch_names(manifest.model.depth))
-        if manifest.cache_inputs != manifest.graphs["full"].cache_outputs:
-            raise QandcError("the reuse graph's cache inputs differ from the full graph's cache outputs")
+        if manifest.graphs != engine_graphs(manifest.plan, branch_names(manifest.model.depth)):
+            raise QandcError(f"field 'graphs' ({', '.join(manifest.graphs)}) does not declare the graphs its cache "
+                             "plan gives")
         if manifest.vc is not None and manifest.vc_table.ndim != 2:
             raise QandcError("'vc' is not a steps x channels table")
         manifest._check()
@@ -239,10 +240,17 @@ def pipeline_fields(model, plan: CachePlan | None = None, recipe_dir: str | Path
         lineage["recipe"] = reference(recipe_dir / RECIPE, folder)
         recipe = {"preset": loaded.preset, "sha256": lineage["recipe"]["sha256"]}
     plan = plan or CachePlan.none()
-    return {"model": model.config, "plan": plan, "graphs": engine_graphs(plan.reuse_set(model.branch_names),
-                                                                         plan.regate),
+    return {"model": model.config, "plan": plan, "graphs": engine_graphs(plan, model.branch_names),
             "sampler": sampler or SamplerDefaults(), "recipe": recipe, "vc": None if vc is None else vc.tolist(),
             "lineage": lineage}
+
+
+def onnx_input_names(graph: GraphSpec) -> list[str]:
+    """The input names of a graph's ONNX file (and of the engines built from it): the declared names, but an input
+    named like an output (the previous factors of a branch the graph refreshes) takes the suffix PREVIOUS, as ONNX
+    names each tensor once."""
+    outputs = set(graph.output_names)
+    return [name + PREVIOUS if name in outputs else name for name in graph.input_names]
 
 
 MANIFESTS = {kind.KIND: kind for kind in (ExportManifest, EngineManifest)}

@@ -1,4 +1,4 @@
-"""Stage 5: the runtime that alternates the full and reuse engines on the cache schedule and applies VC, and
+"""Stage 5: the runtime that runs each step's engine (full or a reuse graph) on the cache schedule and applies VC, and
 `generate`, which samples through it (or a PyTorch model) into samples.npz, grid.png and config.json."""
 
 from .generate import GRID_LIMIT, Provenance, SamplingOptions, generate

@@ -76,7 +76,7 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     done."""
     labels = check_labels(labels, pipeline.config.num_classes)
     out = Path(out)
-    engine_steps = {"full": 0, "reuse": 0, "fallback_steps": 0}
+    engine_steps = {"full": 0, "reuse": 0, "graphs": {}, "fallback_steps": 0}  # reuse: every reuse graph's steps
 
     def shard(unit: dict) -> dict[str, np.ndarray]:
         start, stop = unit["ids"]
@@ -84,8 +84,12 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
                               sample_ids=range(start, stop), use_vc=options.use_vc, progress=world.main,
                               eta=options.eta)
         if pipeline.runs_engines:
-            for path, count in pipeline.last_run.items():
-                engine_steps[path] += count if isinstance(count, int) else len(count)
+            run = pipeline.last_run
+            engine_steps["full"] += run["full"]
+            engine_steps["reuse"] += run["reuse"]
+            engine_steps["fallback_steps"] += len(run["fallback_steps"])
+            for name, count in run["graphs"].items():
+                engine_steps["graphs"][name] = engine_steps["graphs"].get(name, 0) + count
         return {"samples": x.cpu().numpy().astype(np.float32), "labels": labels[start:stop].numpy()}
 
     settings = {"steps": options.steps, "sampler": options.sampler, "eta": options.eta,
@@ -101,8 +105,10 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     seconds = time.perf_counter() - started
     world.close()
     if pipeline.runs_engines:
-        print(f"engines (rank {world.rank}): {engine_steps['full']} full steps, {engine_steps['reuse']} reuse steps, "
-              f"{engine_steps['fallback_steps']} recomputed by the float model (non-finite)", file=sys.stderr)
+        graphs = ", ".join(f"{name} {count}" for name, count in engine_steps["graphs"].items() if name != "full")
+        print(f"engines (rank {world.rank}): {engine_steps['full']} full steps, {engine_steps['reuse']} reuse steps "
+              f"({graphs or 'none'}), {engine_steps['fallback_steps']} recomputed by the float model (non-finite)",
+              file=sys.stderr)
     if not world.main:
         return None
     data = distributed.merge_shards(files, ("samples", "labels"))

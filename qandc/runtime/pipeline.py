@@ -1,8 +1,9 @@
 """The runtime: loads an engine directory (or takes a PyTorch model) and samples with the one DDPM / DDIM
-implementation of `qandc.sampling`, through an adapter that gives the engines the denoiser face. Full steps run the
-full engine (which also returns the cache tensors), reuse steps the reuse engine fed the kept cache; VC is applied
-after every step; the run reports how many steps took each path (a cache that never fires is visible). Engines on a
-GPU that accept it (Inductor) run each call as a replayed CUDA graph, one per batch size.
+implementation of `qandc.sampling`, through an adapter that gives the engines the denoiser face: each step runs the
+engine of the graph the plan gives it (full, reuse, reuse1, ...), fed the cache tensors the sampler keeps (the last
+tensor of each name any graph returned: branch outputs, or forecast factors with the Taylor weights); VC is applied
+after every step; the run reports how many steps each graph took (a cache that never fires is visible). Engines on a
+GPU that accept it (Inductor) run each call as a replayed CUDA graph, one per graph and batch size.
 
 NaN / Inf guard: every engine output is checked. By default ("check") the checks stay on the device and are read
 once after the run, which then fails with the steps and engines that produced non-finite values (no black images
@@ -24,14 +25,18 @@ from ..sampling import CachePlan, SamplerDefaults, sample
 
 
 class CudaGraphEngine:
-    """An engine whose calls are captured once per input shapes as a CUDA graph and replayed. Inputs are copied
-    into the graph's static buffers, except those that already are static outputs of a graph sharing
-    `static_outputs`: the reuse engine reads the full engine's cache outputs in place. Outputs are the graph's
-    static buffers, overwritten by its next replay."""
+    """An engine whose calls are captured once per input shapes as a CUDA graph and replayed. Its outputs are the
+    graph's static buffers, overwritten by its next replay; `static_outputs` holds those of every graph of the set.
+    An input that is a static output of another graph when captured (the reuse graphs reading the factors the full
+    graph returned) is read in place; every other input is copied into a buffer of its own. At replay an input fed a
+    tensor other than its buffer is copied in first, before the graph runs: a graph fed its own outputs (forecast
+    factors refreshed again) reads them copied, never a buffer it is writing. Copying over another graph's output
+    buffer is safe: each buffer carries one tensor name, and the sampler keeps the last tensor of each name, which
+    here is the tensor being copied, not that buffer."""
 
     def __init__(self, engine, static_outputs: set):
         self.engine, self.static_outputs = engine, static_outputs
-        self.input_names, self.device = engine.input_names, engine.device
+        self.input_names, self.input_dtypes, self.device = engine.input_names, engine.input_dtypes, engine.device
         self.graphs = {}
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,7 +48,7 @@ class CudaGraphEngine:
             if feeds[name].data_ptr() != static.data_ptr():
                 static.copy_(feeds[name])
         graph.replay()
-        return outputs
+        return dict(outputs)
 
     def _capture(self, feeds):
         inputs = {n: feeds[n] if feeds[n].data_ptr() in self.static_outputs else feeds[n].to(self.device).clone()
@@ -62,19 +67,20 @@ class CudaGraphEngine:
 
 
 class EngineDenoiser:
-    """The engines behind the denoiser face the sampler drives (tensors on the engines' device)."""
+    """The engines behind the denoiser face the sampler drives (tensors on the engines' device). `calls` counts
+    the steps of each graph."""
 
     def __init__(self, manifest: EngineManifest, engines: dict, cuda_graphs: bool = True, fallback=None):
         self.config = manifest.model
         self.branch_names = branch_names(self.config.depth)
-        self.cache_inputs = manifest.cache_inputs
+        self.graphs = manifest.graphs
         self.device = engines["full"].device
         backend = get_backend(manifest.backend)
         if cuda_graphs and backend.capabilities.cuda_graphs and self.device.type == "cuda":
             static = set()
             engines = {name: CudaGraphEngine(engine, static) for name, engine in engines.items()}
         self.engines = engines
-        self.calls = {"full": 0, "reuse": 0}
+        self.calls = dict.fromkeys(self.graphs, 0)
         self.max_batch = backend.batch_limit(manifest)
         self.fallback = fallback
         self.start_run()
@@ -101,27 +107,29 @@ class EngineDenoiser:
         flags = torch.stack([finite for _, _, finite in self.checks]).cpu()
         return [{"step": step, "engine": engine} for (step, engine, _), ok in zip(self.checks, flags) if not ok]
 
-    def _feeds(self, x, t, y):
-        if self.max_batch is not None and len(x) > self.max_batch:
-            raise QandcError(f"a batch of {len(x)} rows (guidance doubles the labels) exceeds the engines' "
-                             f"profile of {self.max_batch}; lower --batch-size or rebuild with a larger --max-batch")
-        return {"x": x.float(), "t": t.long(), "y": y.long()}
+    def forward_graph(self, spec, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the engine of graph `spec` on `feeds`; `out` comes back float32, the cache tensors as the engine
+        returns them (bf16 "model" tensors from Inductor engines, factors in the plan's dtype)."""
+        if self.graphs.get(spec.name) != spec:
+            raise QandcError(f"the plan's {spec.name} graph differs from the one the engines were built with")
+        rows = len(feeds["x"])
+        if self.max_batch is not None and rows > self.max_batch:
+            raise QandcError(f"a batch of {rows} rows (guidance doubles the labels) exceeds the engines' profile of "
+                             f"{self.max_batch}; lower --batch-size or rebuild with a larger --max-batch")
+        self.calls[spec.name] += 1
+        outputs = self.engines[spec.name].infer(feeds)
+        if not self._finite(outputs["out"], spec.name):
+            outputs = self._recompute(spec, feeds, outputs)
+        return {**outputs, "out": outputs["out"].float()}
 
-    def forward_full(self, x, t, y, branches=None, regate=False):
-        if branches is not None and list(branches) != self.cache_inputs:
-            raise QandcError("the plan's reuse set differs from the one the engines were built with")
-        self.calls["full"] += 1
-        out = self.engines["full"].infer(self._feeds(x, t, y))
-        if self._finite(out["out"], "full"):
-            return out["out"].float(), {b: out[b] for b in self.cache_inputs}
-        return self.fallback.forward_full(x, t, y, branches=self.cache_inputs, regate=regate)
-
-    def forward_reuse(self, x, t, y, cache, regate=False):
-        self.calls["reuse"] += 1
-        out = self.engines["reuse"].infer({**self._feeds(x, t, y), **cache})["out"]
-        if self._finite(out, "reuse"):
-            return out.float()
-        return self.fallback.forward_reuse(x, t, y, {b: c.float() for b, c in cache.items()}, regate=regate)
+    def _recompute(self, spec, feeds: dict, engine_outputs: dict) -> dict:
+        """The fallback model's outputs of graph `spec` (fed float32 where the engine took its compute dtype), in
+        the dtypes of the engine's outputs, so that the next engine takes them as it takes its own."""
+        model_dtype = {t.name for t in spec.inputs if t.dtype == "model"}
+        float_feeds = {n: v.float() if n in model_dtype else v for n, v in feeds.items()}
+        with torch.no_grad():
+            outputs = self.fallback.forward_graph(spec, float_feeds)
+        return {n: outputs[n].to(engine_outputs[n].dtype) for n in spec.output_names}
 
 
 class Pipeline:
@@ -172,7 +180,7 @@ class Pipeline:
                  cfg_scale: float | None = None, sample_ids=None, use_vc: bool = True,
                  progress: bool = False, eta: float = 0.0) -> torch.Tensor:
         """Samples for `labels` (sample i's noise keyed by (seed, sample_ids[i])). Non-finite samples are a
-        QandcError; with the engines, `last_run` then holds the steps each path took."""
+        QandcError; with the engines, `last_run` then holds the steps each graph took."""
         defaults = self.sampler_defaults
         steps = steps or defaults.steps
         correction = vc_correction(self.vc, steps, self.name, self.config.in_channels) if use_vc else None
@@ -192,9 +200,11 @@ class Pipeline:
         return images
 
     def _check_engine_run(self, calls_before: dict, steps: int) -> None:
-        """Record the run's step counts in `last_run`; fail naming the steps whose engine output was not finite."""
-        self.last_run = {path: self.denoiser.calls[path] - calls_before[path] for path in calls_before}
-        self.last_run["fallback_steps"] = self.denoiser.fallback_steps
+        """Record the run's step counts in `last_run` (`graphs`: the steps of each graph; `full`, `reuse`: the full
+        steps and those of every reuse graph together); fail naming the steps whose engine output was not finite."""
+        graphs = {name: self.denoiser.calls[name] - calls_before[name] for name in calls_before}
+        self.last_run = {"full": graphs["full"], "reuse": sum(graphs.values()) - graphs["full"], "graphs": graphs,
+                         "fallback_steps": self.denoiser.fallback_steps}
         bad = self.denoiser.nonfinite_steps()
         if bad:
             where = ", ".join(f"step {b['step']} ({b['engine']} engine)" for b in bad[:5])
