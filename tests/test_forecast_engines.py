@@ -37,14 +37,6 @@ def searched(forecast: int, factors: str = "float32") -> CachePlan:
                                 forecast=forecast, factors=factors)
 
 
-def graph_feeds(model, graphs) -> dict:
-    """Example feeds of every graph, the cache tensors halved (the full graph's example factors are its own
-    outputs: unchanged, its refreshed differences would be zero)."""
-    feeds = example_feeds(model, graphs, batch=3)
-    return {name: {n: v * 0.5 if n in graphs[name].cache_inputs else v for n, v in feeds[name].items()}
-            for name in graphs}
-
-
 def graph_err(got: dict, expected: dict, name: str) -> float:
     """The error of output `name`, relative to its norm (a forecast factor's: its branch value's)."""
     return rel_err(got[name].float(), expected[name].float()) * float(
@@ -91,7 +83,7 @@ def test_onnxruntime_engines_follow_the_pytorch_sampler(model, built, plan):
     assert set(checks) == {"full", *PLANS[plan].graph_names}
     assert all(c["polygraphy_onnxrt_rel_error"] < 1e-5 for c in checks.values())
     manifest, engines = load_engines(root / "engines")
-    feeds = graph_feeds(model, manifest.graphs)
+    feeds = example_feeds(model, manifest.graphs, batch=3)
     for name, graph in manifest.graphs.items():
         got = engines[name].infer(feeds[name])
         with torch.no_grad():
@@ -139,7 +131,7 @@ def test_inductor_engines_follow_the_pytorch_sampler(model, built, plan):
     manifest, engines = load_engines(built("inductor", plan) / "engines")
     assert set(manifest.engines) == {"full", "reuse", "reuse1", "reuse2"}
     bf16 = quantize_for_inference(model, None)
-    feeds = graph_feeds(bf16, manifest.graphs)  # cache tensors as the engines take them
+    feeds = example_feeds(bf16, manifest.graphs, batch=3)  # cache tensors as the engines take them
     for name, graph in manifest.graphs.items():
         got = engines[name].infer(feeds[name])
         with torch.no_grad():

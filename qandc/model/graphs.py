@@ -95,10 +95,6 @@ class GraphSpec:
     def cache_outputs(self) -> list[str]:
         return [t.name for t in self.outputs if t.role == "cache"]
 
-    @property
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {name: {0: "batch"} for name in self.input_names + self.output_names}
-
     def to_dict(self) -> dict:
         """The declaration, with its tensors spelled out for readers of the manifest."""
         return {"name": self.name, "reuse": list(self.reuse), "emit": list(self.emit), "regate": self.regate,
@@ -143,27 +139,24 @@ def sample_inputs(model, batch: int = 2) -> tuple[torch.Tensor, ...]:
 
 def example_feeds(model, graphs: dict[str, GraphSpec], batch: int = 2) -> dict[str, dict[str, torch.Tensor]]:
     """Example inputs of every graph, by graph and input name: the cache tensors are what the full graph returns
-    from zero factors (higher factors scaled copies of it), the Taylor weights those of a mid-run step."""
+    (with forecasting: its second computation, three steps after a first one, so that no factor is zero), the
+    Taylor weights those of a mid-run step."""
     x, t, y = sample_inputs(model, batch)
     full = graphs["full"]
     tensors = {"x": x, "t": t, "y": y}
-    if full.forecast:
+    with torch.no_grad():
+        if not full.forecast:
+            tensors.update(model.forward_graph(full, dict(tensors)))
+            return {name: {n: tensors[n] for n in spec.input_names} for name, spec in graphs.items()}
         factor = torch.float32 if full.factors == "float32" else torch.bfloat16
         tokens = (model.config.input_size // model.config.patch_size) ** 2
         zeros = torch.zeros(batch, tokens, model.config.hidden_size, dtype=factor, device=model.device)
         weights = torch.zeros(batch, len(full.rows), full.forecast, device=model.device)
-        with torch.no_grad():
-            cache = model.forward_graph(full, {**tensors, TAYLOR: weights,
-                                               **{n: zeros for n in full.cache_inputs}})
-        for b in full.emit:  # higher factors: a fraction of the value, so that the examples are not all zero
-            for j, name in enumerate(factor_names(b, full.forecast + 1)[1:], start=1):
-                cache[name] = (cache[b].float() * 0.1 ** j).to(factor)
-        tensors[TAYLOR] = torch.tensor([1.0, 2.0][:full.forecast], device=model.device).expand(
-            batch, len(full.rows), -1).contiguous()  # every graph has a row per cached branch
-    else:
-        with torch.no_grad():
-            cache = model.forward_graph(full, dict(tensors))
-    tensors.update(cache)
+        first = model.forward_graph(full, {**tensors, TAYLOR: weights, **{n: zeros for n in full.cache_inputs}})
+        gaps = torch.tensor([1 / 3, 1 / 6][:full.forecast], device=model.device).expand_as(weights).contiguous()
+        tensors.update(model.forward_graph(full, {"x": 0.9 * x, "t": t, "y": y, TAYLOR: gaps,
+                                                  **{n: first[n] for n in full.cache_inputs}}))
+    tensors[TAYLOR] = torch.tensor([1.0, 2.0][:full.forecast], device=model.device).expand_as(weights).contiguous()
     return {name: {n: tensors[n] for n in spec.input_names} for name, spec in graphs.items()}
 
 
