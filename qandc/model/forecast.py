@@ -7,8 +7,9 @@ c0' = v, c1' = (v - c0) / (s - h0), c2' = (c1' - c1) / (s - h1). Exact for polyn
 plain reuse. Warm-up: after m computations the order used is min(K, m - 1).
 
 The step arithmetic is the host's (`qandc.sampling.cache.BranchCache`); the graphs only see it as a per-row weight
-tensor (`TAYLOR`, batch x rows x K): for a branch a graph reuses, its row holds the forecast weights (s - h0, (s - h0)(s - h1));
-for a branch it computes, the reciprocal gaps (1 / (s - h0), 1 / (s - h1)); zeros where warm-up lowers the order.
+tensor (`TAYLOR`, batch x rows x K): for a branch a graph reuses, its row holds the forecast weights
+(s - h0, (s - h0)(s - h1)); for a branch it computes, the reciprocal gaps (1 / (s - h0), 1 / (s - h1)); zeros where
+warm-up lowers the order.
 The forecast is evaluated inside the graphs, so an engine takes the factors and the weights as device tensors and
 returns the refreshed factors (no step index is baked into a graph, and under CUDA graphs it is a few fused
 elementwise kernels of the captured step rather than launches of their own).
