@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--search-samples", type=int, default=8, help="trajectories a plan search measures")
     parser.add_argument("--samplers", nargs="*", default=["ddim", "ddpm"])
+    parser.add_argument("--specs", nargs="*", default=SPECS, help="cache specs to run (default all; `none` first)")
     parser.add_argument("--state", default="/tmp/qandc-forecast-reading")
     parser.add_argument("--out", help="default benchmarks/results/forecast-reading-<card>.json")
     args = parser.parse_args()
@@ -71,7 +72,7 @@ def main():
     model = load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
     flops = branch_flops(model.config)
     for sampler in args.samplers:
-        for spec in SPECS:
+        for spec in args.specs:
             row_file = state / "rows" / f"{sampler}-{spec.replace(',', '_').replace(':', '-')}.json"
             if row_file.exists():
                 continue
