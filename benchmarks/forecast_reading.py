@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def plan_of(spec: str, model, sampler: str, cfg_scale: float, seed: int, search_
         return CachePlan.parse(spec), None
     plan, summary = auto_plan(model, parse_auto(spec), STEPS, sampler, cfg_scale, seed + 1000, search_samples)
     return plan, summary
+
+
+def row_file(state: Path, sampler: str, spec: str) -> Path:
+    return state / "rows" / f"{sampler}-{re.sub(r'[^a-z0-9.]+', '-', spec)}.json"
 
 
 def markdown(rows, meta) -> str:
@@ -73,8 +78,8 @@ def main():
     flops = branch_flops(model.config)
     for sampler in args.samplers:
         for spec in args.specs:
-            row_file = state / "rows" / f"{sampler}-{spec.replace(',', '_').replace(':', '-')}.json"
-            if row_file.exists():
+            path = row_file(state, sampler, spec)
+            if path.exists():
                 continue
             start = time.time()
             plan, search = plan_of(spec, model, sampler, args.cfg_scale, args.seed, args.search_samples)
@@ -87,14 +92,13 @@ def main():
                    "compute_fraction": plan.compute_fraction(STEPS, flops), "fd": result["fd"],
                    "class_accuracy": result["class_accuracy"], "psnr": result["psnr"], "ssim": result["ssim"],
                    "n": result["n"], "search": search, "seconds": time.time() - start}
-            write_json(row_file, row)
+            write_json(path, row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("plan", "search")}), flush=True)
     rows = []
     for sampler in args.samplers:
         for spec in SPECS:
-            row_file = state / "rows" / f"{sampler}-{spec.replace(',', '_').replace(':', '-')}.json"
-            if row_file.exists():
-                rows.append(json.loads(row_file.read_text()))
+            if row_file(state, sampler, spec).exists():
+                rows.append(json.loads(row_file(state, sampler, spec).read_text()))
     fp = {r["sampler"]: r["fd"] for r in rows if r["cache"] == "none"}
     for r in rows:
         r["fd_ratio_vs_fp"] = r["fd"] / fp[r["sampler"]] if r["sampler"] in fp else float("nan")
