@@ -291,9 +291,9 @@ def candidate_plans(changes: Changes, flops: dict[str, float], forecast: int = 0
 
 
 def sample_error(model, plan: CachePlan, labels, steps: int, sampler: str, cfg_scale: float, seed: int,
-                 reference: torch.Tensor) -> float:
+                 reference: torch.Tensor, sample_ids=None) -> float:
     """Σ (x − x₀)² / Σ x₀² of the final samples x under `plan` against the uncached `reference` x₀."""
-    run = SamplingRun(model, labels, steps, sampler, cfg_scale, seed=seed, plan=plan)
+    run = SamplingRun(model, labels, steps, sampler, cfg_scale, seed=seed, plan=plan, sample_ids=sample_ids)
     for _ in range(steps):
         run.step()
     return float(((run.x - reference).double() ** 2).sum() / (reference.double() ** 2).sum().clamp(min=1e-30))
@@ -318,25 +318,34 @@ def choose(candidates: list[dict], target: float) -> dict | None:
     return chosen
 
 
-def compute_search(model, search: PlanSearch, labels, steps: int, sampler: str, cfg_scale: float, seed: int):
-    """(plan for a `compute` target, summary: the candidates sampled with their compute fraction and error, the
-    answer, the best interval plan's error within the target)."""
+def evaluate_candidates(model, limit: float, forecast: int, factors: str, labels, steps: int, sampler: str,
+                        cfg_scale: float, seed: int) -> tuple[list[dict], dict[str, CachePlan]]:
+    """Build the compute family on uncached trajectories of `labels` and sample every candidate whose compute
+    fraction is at most `limit`: ([{"name", "compute_fraction", "error", "interval"}] in walk order, plans by name)."""
     flops = branch_flops(model.config)
-    target = {"compute": search.value}
-    if search.value >= 1:
-        return CachePlan.none(), {"target": target, "chosen": "none", "compute_fraction": 1.0, "error": 0.0}
-    check_search(search, steps, model.config)
     changes, reference = _measure(model, labels, steps, sampler, cfg_scale, seed)
-    family = candidate_plans(changes, flops, search.forecast, search.factors)
+    family = candidate_plans(changes, flops, forecast, factors)
     fractions = [c.plan.compute_fraction(steps, flops) for c in family]
     plans, evaluated = {}, []
     for i in sorted(range(len(family)), key=lambda i: (fractions[i], not family[i].interval, i)):
-        if fractions[i] > search.value:
+        if fractions[i] > limit:
             break
         name, plan, interval = family[i]
         error = sample_error(model, plan, labels, steps, sampler, cfg_scale, seed, reference)
         plans[name] = plan
         evaluated.append({"name": name, "compute_fraction": fractions[i], "error": error, "interval": interval})
+    return evaluated, plans
+
+
+def compute_search(model, search: PlanSearch, labels, steps: int, sampler: str, cfg_scale: float, seed: int):
+    """(plan for a `compute` target, summary: the candidates sampled with their compute fraction and error, the
+    answer, the best interval plan's error within the target)."""
+    target = {"compute": search.value}
+    if search.value >= 1:
+        return CachePlan.none(), {"target": target, "chosen": "none", "compute_fraction": 1.0, "error": 0.0}
+    check_search(search, steps, model.config)
+    evaluated, plans = evaluate_candidates(model, search.value, search.forecast, search.factors, labels, steps,
+                                           sampler, cfg_scale, seed)
     chosen = choose(evaluated, search.value)
     if chosen is None:
         raise QandcError(f"{search.spec}: no candidate plan gave a finite error (does the model output NaNs?)")
