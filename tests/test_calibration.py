@@ -138,8 +138,13 @@ def test_bad_recipes(tmp_path, model, recipe_dir):
         calibrate(model, tmp_path / "v", _settings(vc="magic"))
 
 
-def test_calibrate_with_a_searched_plan(model, tmp_path):
-    recipe = calibrate(model, tmp_path, _settings(plan="auto:reuse=0.5", selector="random", vc="none"))
+@pytest.mark.parametrize("spec", ["auto:reuse=0.5", "auto:compute=0.5,forecast=1"])
+def test_calibrate_with_a_searched_plan(model, tmp_path, spec):
+    recipe = calibrate(model, tmp_path, _settings(plan=spec, selector="random", vc="none"))
     saved = json.loads((tmp_path / "plan.json").read_text())
-    assert recipe.plan.to_dict() == saved["plan"] and saved["search"]["reuse_fraction"] >= 0.5
+    assert recipe.plan.to_dict() == saved["plan"] and saved["spec"] == spec
+    if spec.startswith("auto:reuse"):
+        assert saved["search"]["reuse_fraction"] >= 0.5
+    else:
+        assert saved["search"]["compute_fraction"] <= 0.5 and recipe.cache_plan.forecast == 1
     assert recipe.cache_plan.full_steps(9)[0]
