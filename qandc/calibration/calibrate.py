@@ -25,7 +25,7 @@ from ..locking import holds_output
 from ..model.graphs import GraphSpec, engine_graphs
 from ..sampling import CachePlan, space_timesteps
 from ..values import INT_LIMIT, check, integer, real
-from .plan_search import PlanSearch, auto_plan, parse_auto
+from .plan_search import PlanSearch, auto_plan, check_search, parse_auto
 from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
 from .quantize import quantize, quantized_layers, save_amax
 from .selection import SELECTORS, SelectorParams, read_selection, select
@@ -80,7 +80,9 @@ def check_settings(model, s: CalibrationSettings) -> None:
     if not 1 <= s.budget <= entries:
         raise QandcError(f"--samples (the calibration budget) must be between 1 and the pool's {entries} entries "
                          f"(--pool-samples x --steps), got {s.budget}")
-    if not isinstance(s.plan, PlanSearch):
+    if isinstance(s.plan, PlanSearch):
+        check_search(s.plan, s.steps, model.config)
+    else:
         s.plan.reuse_set(model.branch_names)
         s.plan.full_steps(s.steps)
 

@@ -1,81 +1,160 @@
 """Cache-plan search: a training-free stand-in for Learning-to-Cache's router.
 
-On full-precision, uncached trajectories, every branch output is recorded at every step. Reusing branch b at step s
-from the last full step f costs e(f, s, b) = ||o_b(s) − o_b(f)|| / ||o_b(s)|| (gated outputs, summed over the batch).
-A plan is built from these measured errors:
+One grammar: `auto[:err=E|:reuse=F|:compute=F][,forecast=K][,factors=float32|bf16]` (`auto` is `auto:err=0.1`).
+Every kind records uncached, full-precision trajectories of the calibration's sampler, steps and guidance; the plan
+it returns reuses (forecast=0) or forecasts (K = 1, 2, in `factors` precision) as asked.
+
+`err=E` and `reuse=F` place full steps by measured reuse error. Reusing branch b at step s from the last full step
+f costs e(f, s, b) = ||o_b(s) − o_b(f)|| / ||o_b(s)|| (gated outputs of the conditional rows).
 - `err=E` (error budget): the reuse set is every branch whose mean adjacent-step error is at most E (at least the
   best one); walking the steps, a step reuses the cache while the reuse set's mean error from the last full step
   stays within E, and runs full otherwise.
-- `reuse=F` (reuse fraction): the reuse set is every branch, and the budget is the smallest E (bisection) whose
-  walk reuses at least a fraction F of the steps.
-CLI grammar: `auto`, `auto:err=E` or `auto:reuse=F` (`auto` is `auto:err=0.1`).
+- `reuse=F` (a fraction of steps): the reuse set is every branch, and the budget is the smallest E (bisection) whose
+  walk reuses at least a fraction F of the steps. Its compute fraction is therefore at most 1 − F, but nothing
+  compares it with other plans; `compute=1−F` is the search that aims at quality for that cost.
+Both measure plain reuse error; with a forecast they place the same full steps (the forecast then usually lowers
+the error below the budget, though nothing checks it).
+
+`compute=F` (a compute fraction, `CachePlan.compute_fraction` with `branch_flops`: attention and MLP branches weigh
+differently) returns the plan of least measured output error among a fixed family of candidates whose compute
+fraction is at most F. The family does not depend on F:
+- the interval plans N = 1 .. 8 (all branches; N = 1 is no cache);
+- for the full-step count M of each interval N = 2 .. 8: M full steps placed at quantiles of the measured change of
+  the branch outputs along the uncached trajectories (cumulative Σ_b ||o_b(s) − o_b(s−1)||, raised to the powers
+  PLACEMENT_POWERS; power 0 would be even spacing), and a two-tier schedule: the branches of most change per FLOP,
+  about TIER_SHARE of the FLOPs, are refreshed TIER_RATIO times as often as the rest, at evenly spaced steps (graphs
+  full, reuse1 = the rest reused, reuse = all reused: two reuse sets, of the 4 a plan may have).
+The error of a candidate is measured by sampling it: the geometric mean over the search trajectories (the
+calibration's seed, `samples` labels i % classes) of each final sample's Σ (x − x₀)² / Σ x₀² against the uncached
+one x₀, the noise shared; −10 log10 of it is their mean SNR (PSNR up to the peak) in dB. A geometric mean, since
+under DDPM a plan can send an odd sample to another image altogether, and one such sample would otherwise outweigh
+the fidelity of all the others. Candidates are walked in order of compute fraction; one
+becomes the answer when its error is below the answer's so far, and a structured candidate only when it is also
+below (1 − MARGIN) times the best interval plan's error at its fraction or less (MARGIN = 10%: the search
+trajectories are few, so a structured schedule must win clearly to be trusted on others). Hence, on the search
+trajectories: the answer's error is at most every interval plan's within F, and does not grow as F grows (the family
+and its errors do not depend on F; only candidates within F are sampled). F ≥ 1 gives no cache without measuring;
+F below the interval-8 plan's fraction is refused. Cost: one uncached run of the search trajectories, then each
+candidate within F at its own compute (about 7 uncached runs' worth at F = 0.5, 5 at F = 0.34).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import QandcError
+from ..model.dit import branch_flops
+from ..model.graphs import GraphSpec
 from ..sampling import CachePlan, SamplingRun
+from ..sampling.plan import FACTOR_DTYPES, FORECAST_ORDERS
 
 DEFAULT_BUDGET = 0.1
+KINDS = ("err", "reuse", "compute")
+GRAMMAR = "auto[:err=E|:reuse=F|:compute=F][,forecast=0|1|2][,factors=float32|bf16] (E > 0, 0 < F <= 1)"
+MAX_INTERVAL = 8          # the interval plans of the compute family: N = 1 .. MAX_INTERVAL
+PLACEMENT_POWERS = (0.5, 1.0)
+TIER_SHARE = 0.5          # the FLOP share of the tier refreshed more often
+TIER_RATIO = 1.5          # its refreshes per full step of the interval plan at the same compute
+MARGIN = 0.1
 
 
 class PlanSearch(NamedTuple):
-    """A plan to search instead of a given one: an error budget ("err", E) or a reuse fraction ("reuse", F)."""
+    """A plan to search instead of a given one: an error budget ("err", E), a reuse fraction ("reuse", F) or a compute
+    fraction ("compute", F); the plan forecasts with `forecast` and `factors` as a CachePlan does."""
 
     kind: str
     value: float
+    forecast: int = 0
+    factors: str = "float32"
 
     @property
     def spec(self) -> str:
-        return f"auto:{self.kind}={self.value:g}"
+        """The CLI text (parse_auto(search.spec) == search)."""
+        value = f"{self.value:g}" if float(f"{self.value:g}") == self.value else repr(self.value)
+        options = f",forecast={self.forecast}" if self.forecast else ""
+        options += f",factors={self.factors}" if self.factors != "float32" else ""
+        return f"auto:{self.kind}={value}{options}"
 
 
 def parse_auto(spec: str) -> PlanSearch:
-    """The PlanSearch of `auto[:err=E|:reuse=F]`."""
-    if spec == "auto":
-        return PlanSearch("err", DEFAULT_BUDGET)
-    key, _, value = spec.removeprefix("auto:").partition("=")
-    try:
-        target = float(value)
-    except ValueError:
-        target = -1.0
-    if not spec.startswith("auto:") or key not in ("err", "reuse") or not 0 < target <= (1 if key == "reuse" else 1e9):
-        raise QandcError(f"cache spec {spec!r}: expected auto, auto:err=E (E > 0) or auto:reuse=F (0 < F <= 1)")
-    return PlanSearch(key, target)
+    """The PlanSearch of `auto[:err=E|:reuse=F|:compute=F][,forecast=K][,factors=float32|bf16]`."""
+    head, *options = spec.strip().split(",")
+    kind, value = "err", DEFAULT_BUDGET
+    if head != "auto":
+        kind, sep, text = head.removeprefix("auto:").partition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        top = math.inf if kind == "err" else 1.0
+        if not head.startswith("auto:") or not sep or kind not in KINDS or not 0 < value <= top \
+                or not math.isfinite(value):
+            raise QandcError(f"cache spec {spec!r}: expected {GRAMMAR}")
+    fields = {}
+    for option in options:
+        key, sep, text = option.partition("=")
+        if not sep or key not in ("forecast", "factors") or key in fields:
+            raise QandcError(f"cache spec {spec!r}: expected {GRAMMAR}")
+        fields[key] = text
+    forecast = fields.get("forecast", "0")
+    if forecast not in [str(k) for k in FORECAST_ORDERS]:
+        raise QandcError(f"cache spec {spec!r}: forecast must be 0, 1 or 2")
+    factors = fields.get("factors", "float32")
+    if factors not in FACTOR_DTYPES:
+        raise QandcError(f"cache spec {spec!r}: factors must be float32 or bf16")
+    return PlanSearch(kind, value, int(forecast), factors)
+
+
+def check_search(search: PlanSearch, steps: int, config) -> None:
+    """Refuse a search that has no answer at `steps` for a model of `config`, before any work."""
+    if search.kind != "compute" or search.value >= 1:
+        return
+    floor = CachePlan.interval(MAX_INTERVAL).compute_fraction(steps, branch_flops(config))
+    if search.value < floor:
+        raise QandcError(f"cache spec {search.spec!r}: the search's cheapest plan (interval {MAX_INTERVAL}) computes "
+                         f"{floor:.3g} of the uncached run at {steps} steps; ask for at least that")
 
 
 class _Recorder:
-    """A denoiser that runs the full path at every step and keeps every branch's conditional-row outputs."""
+    """A denoiser that runs the uncached model, every branch emitted, and hands each step's branch outputs (the
+    first `rows` rows) to `keep`."""
 
-    def __init__(self, model, rows: int):
+    def __init__(self, model, rows: int | None, keep):
         self.model, self.config, self.branch_names = model, model.config, model.branch_names
-        self.rows, self.outputs = rows, []
+        self.rows, self.keep = rows, keep
+        self.graph = GraphSpec("full", (), tuple(model.branch_names))
 
     @property
     def device(self):
         return self.model.device
 
-    def forward_full(self, x, t, y, branches=None, regate=False):
-        out, cache = self.model.forward_full(x, t, y, branches=self.branch_names, regate=False)
-        self.outputs.append({k: v[:self.rows].half().cpu() for k, v in cache.items()})
-        return out, {}
+    def forward_graph(self, spec, feeds):
+        outputs = self.model.forward_graph(self.graph, feeds)
+        self.keep({b: outputs[b][:self.rows] for b in self.branch_names})
+        return {"out": outputs["out"]}
+
+
+def _record(model, labels, steps: int, sampler: str, cfg_scale: float, seed: int, rows, keep) -> torch.Tensor:
+    """Sample `labels` uncached, handing every step's branch outputs to `keep`; return the final samples."""
+    run = SamplingRun(_Recorder(model, rows, keep), labels, steps, sampler, cfg_scale, seed=seed)
+    for _ in range(steps):
+        run.step()
+    return run.x
 
 
 def reuse_errors(model, labels, steps: int, sampler: str, cfg_scale: float, seed: int) -> dict[str, np.ndarray]:
     """Per branch, E[f, s] = relative error of reusing step f's gated output at step s (f < s), measured on
     uncached full-precision trajectories of `labels`."""
-    recorder = _Recorder(model, len(labels))
-    run = SamplingRun(recorder, labels, steps, sampler, cfg_scale, seed=seed)
-    for _ in range(steps):
-        run.step()
+    outputs = []
+    _record(model, labels, steps, sampler, cfg_scale, seed, len(labels),
+            lambda step: outputs.append({b: v.half().cpu() for b, v in step.items()}))
     errors = {}
     for b in model.branch_names:
-        series = torch.stack([o[b] for o in recorder.outputs]).float()  # (steps, N, T, D)
+        series = torch.stack([o[b] for o in outputs]).float()  # (steps, N, T, D)
         matrix = np.zeros((steps, steps))
         for s in range(1, steps):
             diff = (series[:s] - series[s]).flatten(1).norm(dim=1) / series[s].norm().clamp(min=1e-12)
@@ -96,30 +175,203 @@ def _walk(errors: dict, branches: list[str], budget: float) -> list[bool]:
 
 
 def search_plan(errors: dict[str, np.ndarray], target: PlanSearch, regate: bool = False):
-    """(plan meeting `target`, summary of the measured errors) from `reuse_errors`."""
+    """(plan meeting an `err` or `reuse` target, summary of the measured errors) from `reuse_errors`."""
     names = list(errors)
     steps = len(next(iter(errors.values())))
     adjacent = {b: float(np.mean([m[s - 1, s] for s in range(1, steps)])) if steps > 1 else 0.0
                 for b, m in errors.items()}
-    kind, value = target
-    if kind == "err":
-        branches = [b for b in names if adjacent[b] <= value] or [min(names, key=adjacent.get)]
-        budget = value
-    else:
+    if target.kind == "err":
+        branches = [b for b in names if adjacent[b] <= target.value] or [min(names, key=adjacent.get)]
+        budget = target.value
+    elif target.kind == "reuse":
         branches, lo, hi = names, 0.0, 10.0
         for _ in range(40):
             mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if 1 - np.mean(_walk(errors, branches, mid)) >= value else (mid, hi)
+            lo, hi = (lo, mid) if 1 - np.mean(_walk(errors, branches, mid)) >= target.value else (mid, hi)
         budget = hi
+    else:
+        raise QandcError(f"{target.spec}: a compute target is searched by sampling candidates (auto_plan)")
     schedule = _walk(errors, branches, budget)
-    plan = CachePlan.from_steps(schedule, branches="all" if len(branches) == len(names) else branches, regate=regate)
-    summary = {"target": {kind: value}, "budget": budget, "reuse_fraction": 1 - float(np.mean(schedule)),
-               "branch_adjacent_error": adjacent}
+    plan = CachePlan.from_steps(schedule, branches="all" if len(branches) == len(names) else branches, regate=regate,
+                                forecast=target.forecast, factors=target.factors)
+    summary = {"target": {target.kind: target.value}, "budget": budget,
+               "reuse_fraction": 1 - float(np.mean(schedule)), "branch_adjacent_error": adjacent}
     return plan, summary
 
 
+# --- compute=F: a fixed candidate family, each candidate measured by sampling it ---
+
+class Changes(NamedTuple):
+    """What the compute family is built from, measured on the uncached search trajectories: per step s, the summed
+    change Σ_b ||o_b(s) − o_b(s−1)|| (step 0 takes step 1's); per branch, its change summed over the steps."""
+
+    step: np.ndarray
+    branch: dict[str, float]
+
+
+def _measure(model, labels, steps: int, sampler: str, cfg_scale: float, seed: int) -> tuple[Changes, torch.Tensor]:
+    """(the changes of the branch outputs along uncached trajectories of `labels`, their final samples)."""
+    previous, step_change, branch_change = {}, [], dict.fromkeys(model.branch_names, 0.0)
+
+    def keep(outputs):
+        total = 0.0
+        for b, value in outputs.items():
+            if b in previous:
+                change = float((value.float() - previous[b].float()).norm())
+                branch_change[b] += change
+                total += change
+            previous[b] = value
+        step_change.append(total)
+
+    final = _record(model, labels, steps, sampler, cfg_scale, seed, None, keep)
+    if steps > 1:
+        step_change[0] = step_change[1]
+    return Changes(np.array(step_change), branch_change), final
+
+
+def _placed(count: int, weights: np.ndarray) -> list[int]:
+    """`count` distinct steps (step 0 first) at the quantiles 0, 1/count, ... of the cumulative `weights`."""
+    steps = len(weights)
+    cumulative = np.concatenate([[0.0], np.cumsum(weights)])
+    cumulative = cumulative / cumulative[-1] if cumulative[-1] > 0 else np.linspace(0, 1, steps + 1)
+    chosen = []
+    for i in range(count):
+        s = int(np.searchsorted(cumulative, i / count, side="right")) - 1
+        chosen.append(min(max(s, chosen[-1] + 1 if chosen else 0), steps - (count - i)))
+    return chosen
+
+
+def _tiers(changes: Changes, flops: dict[str, float]) -> tuple[list[str], float]:
+    """(the branches of most change per FLOP, about TIER_SHARE of the FLOPs: at least one, not all; their share)."""
+    total, share, tier = sum(flops.values()), 0.0, []
+    for b in sorted(flops, key=lambda b: -changes.branch[b] / flops[b]):
+        if tier and (share + flops[b] / total > TIER_SHARE + 1e-9 or len(tier) == len(flops) - 1):
+            break
+        tier.append(b)
+        share += flops[b] / total
+    return tier, share
+
+
+class Candidate(NamedTuple):
+    name: str
+    plan: CachePlan
+    interval: bool  # an interval plan (the baseline), or a structured schedule
+
+
+def candidate_plans(changes: Changes, flops: dict[str, float], forecast: int = 0,
+                    factors: str = "float32") -> list[Candidate]:
+    """The compute family (module docstring), intervals first; schedules that repeat an earlier candidate's are left
+    out."""
+    steps = len(changes.step)
+    common = dict(forecast=forecast, factors=factors)
+    family = [Candidate("none", CachePlan.none(), True)]
+    family += [Candidate(f"interval{n}", CachePlan.interval(n, **common), True) for n in range(2, MAX_INTERVAL + 1)]
+    tier, share = _tiers(changes, flops)
+    rest = tuple(b for b in flops if b not in tier)
+    for n in range(2, MAX_INTERVAL + 1):
+        count = math.ceil(steps / n)
+        for power in PLACEMENT_POWERS:
+            full = set(_placed(count, changes.step ** power))
+            family.append(Candidate(f"placed{count}-power{power:g}",
+                                    CachePlan.from_steps([s in full for s in range(steps)], **common), False))
+        fresh = min(steps, round(TIER_RATIO * count))
+        full_count = max(1, round((count - share * fresh) / (1 - share)))
+        if full_count >= fresh:
+            continue
+        refresh = _placed(fresh, np.ones(steps))
+        full = {refresh[i] for i in _placed(full_count, np.ones(fresh))}
+        graphs = ["full" if s in full else "reuse1" if s in refresh else "reuse" for s in range(steps)]
+        plan = CachePlan.from_steps(graphs, branches="all", reuse_sets=(rest,), **common)
+        family.append(Candidate(f"tiers{fresh}/{full_count}", plan, False))
+    unique, seen = [], set()
+    for candidate in family:
+        sets = candidate.plan.reuse_sets_of(list(flops))
+        key = tuple(tuple(sets.get(g, ())) for g in candidate.plan.step_graphs(steps))
+        if key not in seen:
+            seen.add(key)
+            unique.append(candidate)
+    return unique
+
+
+def sample_errors(model, plan: CachePlan, labels, steps: int, sampler: str, cfg_scale: float, seed: int,
+                  reference: torch.Tensor, sample_ids=None) -> torch.Tensor:
+    """Per sample, Σ (x − x₀)² / Σ x₀² of its final sample x under `plan` against the uncached `reference` x₀."""
+    run = SamplingRun(model, labels, steps, sampler, cfg_scale, seed=seed, plan=plan, sample_ids=sample_ids)
+    for _ in range(steps):
+        run.step()
+    squared = ((run.x - reference).double() ** 2).flatten(1).sum(1)
+    return (squared / (reference.double() ** 2).flatten(1).sum(1).clamp(min=1e-30)).cpu()
+
+
+def sample_error(model, plan: CachePlan, labels, steps: int, sampler: str, cfg_scale: float, seed: int,
+                 reference: torch.Tensor, sample_ids=None) -> float:
+    """The geometric mean of `sample_errors` (−10 log10 of it: the samples' mean SNR in dB against the uncached
+    ones); 0 for a plan that reproduces them."""
+    errors = sample_errors(model, plan, labels, steps, sampler, cfg_scale, seed, reference, sample_ids)
+    return float(errors.log().mean().exp())
+
+
+def choose(candidates: list[dict], target: float) -> dict | None:
+    """The answer for a compute fraction `target` among evaluated candidates ({"compute_fraction", "error",
+    "interval"}), listed by compute fraction with interval plans first at equal fractions: walking those within
+    `target`, a candidate takes over when its error is below the answer's so far and, for a structured one, also
+    below (1 - MARGIN) times the best interval plan's error so far. None when no error is finite."""
+    chosen, best_interval = None, math.inf
+    for candidate in candidates:
+        if candidate["compute_fraction"] > target:
+            break
+        error, bar = candidate["error"], chosen["error"] if chosen else math.inf
+        if candidate["interval"]:
+            best_interval = min(best_interval, error)
+        else:
+            bar = min(bar, (1 - MARGIN) * best_interval)
+        if error < bar:
+            chosen = candidate
+    return chosen
+
+
+def evaluate_candidates(model, limit: float, forecast: int, factors: str, labels, steps: int, sampler: str,
+                        cfg_scale: float, seed: int) -> tuple[list[dict], dict[str, CachePlan]]:
+    """Build the compute family on uncached trajectories of `labels` and sample every candidate whose compute
+    fraction is at most `limit`: ([{"name", "compute_fraction", "error", "interval"}] in walk order, plans by name)."""
+    flops = branch_flops(model.config)
+    changes, reference = _measure(model, labels, steps, sampler, cfg_scale, seed)
+    family = candidate_plans(changes, flops, forecast, factors)
+    fractions = [c.plan.compute_fraction(steps, flops) for c in family]
+    plans, evaluated = {}, []
+    for i in sorted(range(len(family)), key=lambda i: (fractions[i], not family[i].interval, i)):
+        if fractions[i] > limit:
+            break
+        name, plan, interval = family[i]
+        error = sample_error(model, plan, labels, steps, sampler, cfg_scale, seed, reference)
+        plans[name] = plan
+        evaluated.append({"name": name, "compute_fraction": fractions[i], "error": error, "interval": interval})
+    return evaluated, plans
+
+
+def compute_search(model, search: PlanSearch, labels, steps: int, sampler: str, cfg_scale: float, seed: int):
+    """(plan for a `compute` target, summary: the candidates sampled with their compute fraction and error, the
+    answer, the best interval plan's error within the target)."""
+    target = {"compute": search.value}
+    if search.value >= 1:
+        return CachePlan.none(), {"target": target, "chosen": "none", "compute_fraction": 1.0, "error": 0.0}
+    check_search(search, steps, model.config)
+    evaluated, plans = evaluate_candidates(model, search.value, search.forecast, search.factors, labels, steps,
+                                           sampler, cfg_scale, seed)
+    chosen = choose(evaluated, search.value)
+    if chosen is None:
+        raise QandcError(f"{search.spec}: no candidate plan gave a finite error (does the model output NaNs?)")
+    summary = {"target": target, "chosen": chosen["name"], "compute_fraction": chosen["compute_fraction"],
+               "error": chosen["error"], "interval_error": min(c["error"] for c in evaluated if c["interval"]),
+               "margin": MARGIN, "samples": len(labels), "candidates": evaluated}
+    return plans[chosen["name"]], summary
+
+
 def auto_plan(model, search: PlanSearch, steps: int, sampler: str, cfg_scale: float, seed: int, samples: int = 4):
-    """Search a plan for `search` on `samples` trajectories (labels i % classes). Memory: every branch output
-    of every step is kept in float16 for those samples (about 0.3 GB for the reference model at 4 samples)."""
+    """(plan, summary) for `search`, measured on `samples` trajectories (labels i % classes). Memory: `err` and
+    `reuse` keep every branch output of every step in float16 for those samples (about 0.3 GB for the reference model
+    at 4 samples); `compute` keeps one step's."""
     labels = torch.arange(samples) % model.config.num_classes
+    if search.kind == "compute":
+        return compute_search(model, search, labels, steps, sampler, cfg_scale, seed)
     return search_plan(reuse_errors(model, labels, steps, sampler, cfg_scale, seed), search)
