@@ -18,7 +18,7 @@ import time
 import torch
 
 from _common import write_results
-from qandc.calibration.plan_search import MARGIN, choose, evaluate_candidates, sample_errors
+from qandc.calibration.plan_search import TRUST, choose, evaluate_candidates, sample_errors
 from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
 from qandc.sampling import sample
@@ -46,7 +46,7 @@ def main():
     search_labels = torch.arange(args.search_samples) % classes
     held_labels = (torch.arange(args.held_out) + 3) % classes
     held_ids = range(1000, 1000 + args.held_out)  # noise keys the search never uses, under another seed too
-    rows = []
+    rows, searches = [], []
     for sampler in args.samplers:
         held_reference = sample(model, held_labels, steps, sampler, cfg, seed=1, sample_ids=held_ids)
 
@@ -62,6 +62,7 @@ def main():
             evaluated, plans = evaluate_candidates(model, max(args.targets), forecast, "float32", search_labels, steps,
                                                    sampler, cfg, 0)
             seconds = time.perf_counter() - start
+            searches.append({"sampler": sampler, "forecast": forecast, "seconds": seconds, "candidates": evaluated})
             for target in args.targets:
                 chosen = choose(evaluated, target)
                 interval = max((c for c in evaluated if c["interval"] and c["compute_fraction"] <= target),
@@ -86,7 +87,8 @@ def main():
     meta = {"model": "reference-dit", "device": args.device, "host": platform.node(), "torch": torch.__version__,
             "steps": steps, "cfg_scale": cfg, "search_samples": args.search_samples, "search_seed": 0,
             "held_out": {"samples": args.held_out, "seed": 1, "labels": "(i + 3) % classes", "sample_ids": "1000.."},
-            "margin": MARGIN, "error": "geometric mean over samples of sum (x - x0)^2 / sum x0^2; dB = -10 log10"}
+            "trust": TRUST, "error": "geometric mean over samples of sum (x - x0)^2 / sum x0^2; dB = -10 log10",
+            "searches": searches}
     write_results(args.out, meta, rows, "\n".join(lines) + "\n")
 
 
