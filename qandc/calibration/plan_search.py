@@ -52,11 +52,10 @@ from ..errors import QandcError
 from ..model.dit import branch_flops
 from ..model.graphs import GraphSpec
 from ..sampling import CachePlan, SamplingRun
-from ..sampling.plan import FACTOR_DTYPES, FORECAST_ORDERS
+from ..sampling.plan import AUTO_GRAMMAR, FACTOR_DTYPES, FORECAST_ORDERS
 
 DEFAULT_BUDGET = 0.1
 KINDS = ("err", "reuse", "compute")
-GRAMMAR = "auto[:err=E|:reuse=F|:compute=F][,forecast=0|1|2][,factors=float32|bf16] (E > 0, 0 < F <= 1)"
 MAX_INTERVAL = 8          # the interval plans of the compute family: N = 1 .. MAX_INTERVAL
 PLACEMENT_POWERS = (0.5, 1.0)
 TIER_SHARE = 0.5          # the FLOP share of the tier refreshed more often
@@ -95,12 +94,12 @@ def parse_auto(spec: str) -> PlanSearch:
         top = math.inf if kind == "err" else 1.0
         if not head.startswith("auto:") or not sep or kind not in KINDS or not 0 < value <= top \
                 or not math.isfinite(value):
-            raise QandcError(f"cache spec {spec!r}: expected {GRAMMAR}")
+            raise QandcError(f"cache spec {spec!r}: expected {AUTO_GRAMMAR}")
     fields = {}
     for option in options:
         key, sep, text = option.partition("=")
         if not sep or key not in ("forecast", "factors") or key in fields:
-            raise QandcError(f"cache spec {spec!r}: expected {GRAMMAR}")
+            raise QandcError(f"cache spec {spec!r}: expected {AUTO_GRAMMAR}")
         fields[key] = text
     forecast = fields.get("forecast", "0")
     if forecast not in [str(k) for k in FORECAST_ORDERS]:

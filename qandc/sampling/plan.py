@@ -28,7 +28,8 @@ BRANCH_NAME = re.compile(r"blocks\.(0|[1-9][0-9]*)\.(attn|mlp)")
 MAX_REUSE_SETS = 4
 FORECAST_ORDERS = (0, 1, 2)
 FACTOR_DTYPES = ("float32", "bf16")
-AUTO_GRAMMAR = "auto[:err=E|:reuse=F|:compute=F][,forecast=K][,factors=float32|bf16]"  # qandc.calibration.plan_search
+# searched plans, parsed by qandc.calibration.plan_search
+AUTO_GRAMMAR = "auto[:err=E|:reuse=F|:compute=F][,forecast=0|1|2][,factors=float32|bf16] (E > 0, 0 < F <= 1)"
 GRAMMAR = ("none | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1][,forecast=0|1|2]"
            "[,factors=float32|bf16] | PLAN.json")
 
