@@ -434,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=argument(real, low=0, high=1), default=0.0, help="DDIM eta, 0 to 1 (default 0)")
     p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--cache", help=f"{GRAMMAR} (default none; forecast=1|2 forecasts reused branch outputs from "
-                                  "their last computations instead of reusing them), or a searched plan: "
-                                  f"{AUTO_GRAMMAR}; with --recipe, the recipe's plan")
+                                  "their last computations instead of reusing them); with --recipe, the recipe's "
+                                  "plan (searched ones, --cache auto..., come from calibrate)")
     p.add_argument("--recipe", help="quant recipe directory from qandc calibrate: sample with fake quant (+ VC)")
     p.add_argument("--engines", help="engine directory from qandc build-engine: sample through the runtime")
     p.add_argument("--no-vc", action="store_true", help="with --recipe or --engines: do not apply the VC table")
