@@ -13,16 +13,12 @@ hold pre-gate branch outputs that a reuse graph multiplies by its step's gate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from ..errors import QandcError
 from .forecast import TAYLOR, factor_names
-
-if TYPE_CHECKING:  # the plan is the sampling stage's; graphs only read it
-    from ..sampling.plan import CachePlan
 
 ROLES = ("x", "t", "y", "cache", "weights", "out")
 DTYPES = ("float32", "bfloat16", "int64", "model")
@@ -116,8 +112,9 @@ class GraphSpec:
         return spec
 
 
-def engine_graphs(plan: CachePlan, branch_names: list[str]) -> dict[str, GraphSpec]:
-    """The full graph and every reuse graph of `plan` for a model with `branch_names`."""
+def engine_graphs(plan, branch_names: list[str]) -> dict[str, GraphSpec]:
+    """The full graph and every reuse graph of `plan` (a `qandc.sampling.CachePlan`: the sampling stage's, read
+    here, not imported) for a model with `branch_names`."""
     cached = plan.cached_branches(branch_names)
     common = dict(regate=plan.regate, forecast=plan.forecast, factors=plan.factors)
     graphs = {"full": GraphSpec("full", (), tuple(cached), **common)}
