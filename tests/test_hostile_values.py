@@ -449,6 +449,12 @@ def test_hostile_library_value(name):
         call()
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, so that Python installs its handler even where pytest runs as a
+    background job (which starts with SIGINT ignored, and Python then keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _generate_process(root: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "qandc", "generate", "--checkpoint", str(root / "m.pt"), "--num-images", "8",
             "--batch-size", "2", "--steps", "100", "--out", str(out)]
@@ -461,7 +467,7 @@ def test_interrupt_keeps_whole_shards_and_resumes(art, tmp_path):
     subprocess.run(_generate_process(art, tmp_path / "whole"), check=True, capture_output=True)
     out = tmp_path / "cut"
     process = subprocess.Popen(_generate_process(art, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not (out / "shards" / "shard-00001.npz").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
