@@ -105,9 +105,10 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     seconds = time.perf_counter() - started
     world.close()
     if pipeline.runs_engines:
-        graphs = ", ".join(f"{name} {count}" for name, count in engine_steps["graphs"].items() if name != "full")
-        print(f"engines (rank {world.rank}): {engine_steps['full']} full steps, {engine_steps['reuse']} reuse steps "
-              f"({graphs or 'none'}), {engine_steps['fallback_steps']} recomputed by the float model (non-finite)",
+        reuse = {name: count for name, count in engine_steps["graphs"].items() if name != "full"}
+        per_graph = f" ({', '.join(f'{name} {count}' for name, count in reuse.items())})" if len(reuse) > 1 else ""
+        print(f"engines (rank {world.rank}): {engine_steps['full']} full steps, {engine_steps['reuse']} reuse steps"
+              f"{per_graph}, {engine_steps['fallback_steps']} recomputed by the float model (non-finite)",
               file=sys.stderr)
     if not world.main:
         return None
