@@ -51,7 +51,7 @@ import torch
 from ..errors import QandcError
 from ..model.dit import branch_flops
 from ..model.graphs import GraphSpec
-from ..sampling import CachePlan, SamplingRun
+from ..sampling import CachePlan, sample
 from ..sampling.plan import AUTO_GRAMMAR, FACTOR_DTYPES, FORECAST_ORDERS
 
 DEFAULT_BUDGET = 0.1
@@ -141,10 +141,7 @@ class _Recorder:
 
 def _record(model, labels, steps: int, sampler: str, cfg_scale: float, seed: int, rows, keep) -> torch.Tensor:
     """Sample `labels` uncached, handing every step's branch outputs to `keep`; return the final samples."""
-    run = SamplingRun(_Recorder(model, rows, keep), labels, steps, sampler, cfg_scale, seed=seed)
-    for _ in range(steps):
-        run.step()
-    return run.x
+    return sample(_Recorder(model, rows, keep), labels, steps, sampler, cfg_scale, seed=seed)
 
 
 def reuse_errors(model, labels, steps: int, sampler: str, cfg_scale: float, seed: int) -> dict[str, np.ndarray]:
@@ -297,10 +294,8 @@ def candidate_plans(changes: Changes, flops: dict[str, float], forecast: int = 0
 def sample_errors(model, plan: CachePlan, labels, steps: int, sampler: str, cfg_scale: float, seed: int,
                   reference: torch.Tensor, sample_ids=None) -> torch.Tensor:
     """Per sample, Σ (x − x₀)² / Σ x₀² of its final sample x under `plan` against the uncached `reference` x₀."""
-    run = SamplingRun(model, labels, steps, sampler, cfg_scale, seed=seed, plan=plan, sample_ids=sample_ids)
-    for _ in range(steps):
-        run.step()
-    squared = ((run.x - reference).double() ** 2).flatten(1).sum(1)
+    final = sample(model, labels, steps, sampler, cfg_scale, seed=seed, plan=plan, sample_ids=sample_ids)
+    squared = ((final - reference).double() ** 2).flatten(1).sum(1)
     return (squared / (reference.double() ** 2).flatten(1).sum(1).clamp(min=1e-30)).cpu()
 
 
