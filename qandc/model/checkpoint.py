@@ -175,35 +175,71 @@ def _read_diffusers(path: Path) -> tuple[dict, dict]:
     return config, state
 
 
+# Tensors stored alike in both layouts (original DiT prefix -> diffusers prefix; weight and bias each), and those
+# of the one timestep/label embedder, which diffusers copies into every block under EMBEDDER.
+_TOP_LAYERS = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
+               "final_layer.linear": "proj_out_2"}
+_BLOCK_LAYERS = {"attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+                 "adaLN_modulation.1": "norm1.linear"}
+_EMBEDDER_TENSORS = {"t_embedder.mlp.0.weight": "timestep_embedder.linear_1.weight",
+                     "t_embedder.mlp.0.bias": "timestep_embedder.linear_1.bias",
+                     "t_embedder.mlp.2.weight": "timestep_embedder.linear_2.weight",
+                     "t_embedder.mlp.2.bias": "timestep_embedder.linear_2.bias",
+                     "y_embedder.embedding_table.weight": "class_embedder.embedding_table.weight"}
+EMBEDDER = "transformer_blocks.{}.norm1.emb."
+
+
+def _alike_keys(depth: int) -> list[tuple[str, str]]:
+    """(original key, diffusers key) of every tensor stored the same way in both layouts: all but the fused qkv
+    projection and the embedder."""
+    layers = [*_TOP_LAYERS.items()]
+    layers += [(f"blocks.{i}.{o}", f"transformer_blocks.{i}.{d}") for i in range(depth)
+               for o, d in _BLOCK_LAYERS.items()]
+    return [(f"{o}.{p}", f"{d}.{p}") for o, d in layers for p in ("weight", "bias")]
+
+
 def _map_diffusers(src: dict, depth: int) -> dict:
     """diffusers DiT keys -> original DiT keys. diffusers gives every block its own timestep/label embedder; in a
     DiT they are one (conversions copy it), so they must be equal."""
-    emb = "transformer_blocks.{}.norm1.emb."
-    shared = {k[len(emb.format(0)):]: v for k, v in src.items() if k.startswith(emb.format(0))}
+    shared = {k[len(EMBEDDER.format(0)):]: v for k, v in src.items() if k.startswith(EMBEDDER.format(0))}
     for i in range(1, depth):
         for name, tensor in shared.items():
-            if not torch.equal(src[emb.format(i) + name], tensor):
+            if not torch.equal(src[EMBEDDER.format(i) + name], tensor):
                 raise QandcError(f"block {i}'s timestep/label embedder differs from block 0's: not a DiT "
                                  "(qandc maps diffusers DiTs whose per-block embedders are copies of one)")
-    state = {
-        "x_embedder.proj.weight": src["pos_embed.proj.weight"],
-        "x_embedder.proj.bias": src["pos_embed.proj.bias"],
-        "t_embedder.mlp.0.weight": shared["timestep_embedder.linear_1.weight"],
-        "t_embedder.mlp.0.bias": shared["timestep_embedder.linear_1.bias"],
-        "t_embedder.mlp.2.weight": shared["timestep_embedder.linear_2.weight"],
-        "t_embedder.mlp.2.bias": shared["timestep_embedder.linear_2.bias"],
-        "y_embedder.embedding_table.weight": shared["class_embedder.embedding_table.weight"],
-        "final_layer.adaLN_modulation.1.weight": src["proj_out_1.weight"],
-        "final_layer.adaLN_modulation.1.bias": src["proj_out_1.bias"],
-        "final_layer.linear.weight": src["proj_out_2.weight"],
-        "final_layer.linear.bias": src["proj_out_2.bias"],
-    }
+    state = {o: src[d] for o, d in _alike_keys(depth)}
+    state.update({o: shared[d] for o, d in _EMBEDDER_TENSORS.items()})
     for i in range(depth):
-        b = f"transformer_blocks.{i}."
         for p in ("weight", "bias"):
-            state[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([src[f"{b}attn1.to_{n}.{p}"] for n in "qkv"])
-            state[f"blocks.{i}.attn.proj.{p}"] = src[f"{b}attn1.to_out.0.{p}"]
-            state[f"blocks.{i}.mlp.fc1.{p}"] = src[f"{b}ff.net.0.proj.{p}"]
-            state[f"blocks.{i}.mlp.fc2.{p}"] = src[f"{b}ff.net.2.{p}"]
-            state[f"blocks.{i}.adaLN_modulation.1.{p}"] = src[f"{b}norm1.linear.{p}"]
+            state[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([src[f"transformer_blocks.{i}.attn1.to_{n}.{p}"]
+                                                          for n in "qkv"])
     return state
+
+
+def to_diffusers(model: DiT):
+    """The DiT as a diffusers `DiTTransformer2DModel` computing the same function (float32, eval, on the model's
+    device): the inverse of the diffusers mapping, the embedder copied into every block, and the timestep
+    embedding's frequency shift, which diffusers hard-codes to 1 (`downscale_freq_shift`), set to the model's.
+    Guidance is no part of the module: drive it as the model's config says (`qandc.peers.DiffusersDenoiser`)."""
+    from diffusers import DiTTransformer2DModel
+
+    c = model.config
+    if c.mlp_ratio != 4.0:
+        raise QandcError(f"diffusers' DiT has MLP ratio 4; this DiT's is {c.mlp_ratio}")
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
+        out_channels=c.out_channels, num_layers=c.depth, sample_size=c.input_size, patch_size=c.patch_size,
+        num_embeds_ada_norm=c.num_classes, norm_eps=c.mlp_norm_eps)
+    src = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    state = {d: src[o] for o, d in _alike_keys(c.depth)}
+    for i in range(c.depth):
+        state.update({EMBEDDER.format(i) + d: src[o] for o, d in _EMBEDDER_TENSORS.items()})
+        for p in ("weight", "bias"):
+            for n, tensor in zip("qkv", src[f"blocks.{i}.attn.qkv.{p}"].chunk(3)):
+                state[f"transformer_blocks.{i}.attn1.to_{n}.{p}"] = tensor
+    transformer.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        transformer.pos_embed.pos_embed.copy_(src["pos_embed"])
+    for block in transformer.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = c.freq_shift
+    return transformer.float().eval().to(model.device)
