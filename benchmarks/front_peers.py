@@ -110,8 +110,9 @@ class Tuner:
         self.probes = json.loads(self.probes_file.read_text()) if self.probes_file.exists() else {}
         self._reference = None
 
-    def run(self, method: str, settings: dict, labels) -> tuple[torch.Tensor | None, float]:
-        """(error of the run against the uncached one, or None for a probe; its compute fraction)."""
+    def run(self, method: str, settings: dict, labels) -> tuple[float | None, float]:
+        """(error of a run of `labels` against the uncached one, or None for a probe (labels None: one
+        trajectory); its compute fraction)."""
         denoiser = peer_denoiser(self.model, self.args.steps, method, settings)
         counter = BranchCounter(denoiser.transformer, self.model.config)
         a = self.args
@@ -138,7 +139,7 @@ class Tuner:
         return json.loads(self.ratios_file.read_text())["mag_ratios"]
 
     def probe(self, method: str, settings: dict, search: Search) -> float:
-        """The compute fraction of scheduled settings (one trajectory; kept)."""
+        """The compute fraction of settings that fix it whatever the data (one trajectory; kept)."""
         key = settings_key(method, self.sampler, {k: v for k, v in settings.items() if k not in search.unscheduled})
         if key not in self.probes:
             self.probes[key] = self.run(method, settings, None)[1]
@@ -352,9 +353,9 @@ def main():
     state = Path(args.state)
     (state / "rows").mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("n", "batch_size", "steps", "cfg_scale", "seed", "tune_n")}
-    if (state / "settings.json").exists() and json.loads((state / "settings.json").read_text()) != settings:
-        raise QandcError(f"{state}: a state folder of other settings ({(state / 'settings.json').read_text()}); "
-                         "give another --state")
+    kept = json.loads((state / "settings.json").read_text()) if (state / "settings.json").exists() else settings
+    if kept != settings:
+        raise QandcError(f"{state}: a state folder of other settings ({json.dumps(kept)}): give another --state")
     write_json(state / "settings.json", settings)
     model = load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
     conversion_error = check_conversion(model)
@@ -410,4 +411,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QandcError as e:
+        raise SystemExit(f"error: {e}")
