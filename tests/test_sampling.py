@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import reference as ref
 from conftest import rel_err, tiny_model
 from qandc.errors import QandcError
-from qandc.sampling import CachePlan, Diffusion, sample, sample_generator, space_timesteps
+from qandc.sampling import CachePlan, Diffusion, draw_noise, sample, sample_generator, space_timesteps
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 10, 25, 50, 100, 250, 333, 999, 1000])
@@ -57,6 +57,15 @@ def test_ddpm_reproduces_the_original_loop(model):
     noises = [torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens]).double() for _ in range(9)]
     expected = ref.ddpm_loop(_model_fn(model, 3.0, labels, 3), ref.Schedule(10), x, noises)
     assert rel_err(got, expected) <= 1e-3
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8), (4, 32, 32), (3, 5, 7)])
+def test_noise_drawn_at_once_equals_the_draws_step_by_step(shape):
+    gens = [sample_generator(3, i) for i in range(3)]
+    at_once = draw_noise(gens, shape, 5)
+    gens = [sample_generator(3, i) for i in range(3)]
+    step_by_step = torch.stack([draw_noise(gens, shape) for _ in range(5)], dim=1)
+    assert at_once.shape == (3, 5, *shape) and torch.equal(at_once, step_by_step)
 
 
 def test_unguided_sampling_calls_the_plain_model(model):

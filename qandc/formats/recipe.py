@@ -173,8 +173,10 @@ class VarianceCompensation:
         self.K = K.float()
 
     def __call__(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        if self.K.device != x.device:  # once: a copy from the host every step would wait for the device each time
+            self.K = self.K.to(x.device)
         mu = x.mean(dim=(2, 3), keepdim=True)
-        return mu + self.K[step].to(x.device)[None, :, None, None] * (x - mu)
+        return mu + self.K[step][None, :, None, None] * (x - mu)
 
 
 def vc_correction(K: torch.Tensor | None, steps: int, source, channels: int | None = None

@@ -8,6 +8,15 @@ import torch
 from ..model.forecast import TAYLOR
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's queued work (a copy from pageable memory would
+    wait for it: the host could not run ahead of the steps it launched); a CUDA copy goes through pinned memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class BranchCache:
     """What the sampler carries between steps for a cache plan: the cached tensors by graph-tensor name and, when
     forecasting, each branch's computation steps. `feeds` gives a graph its cache inputs for step s, `store`
@@ -43,8 +52,8 @@ class BranchCache:
         if self.order:
             table = [self._weights(b, step, True) for b in spec.reuse]
             table += [self._weights(b, step, False) for b in spec.emit]
-            weights = torch.tensor(table, dtype=torch.float32).expand(rows, -1, -1)
-            feeds[TAYLOR] = weights.contiguous().to(self.device)
+            feeds[TAYLOR] = to_device(torch.tensor(table, dtype=torch.float32), self.device).expand(rows, -1, -1) \
+                .contiguous()
         return feeds
 
     def store(self, spec, step: int, outputs: dict[str, torch.Tensor]) -> None:

@@ -20,7 +20,7 @@ from ..errors import QandcError
 from ..model.dit import guide
 from ..model.forecast import TORCH_FACTOR_DTYPES
 from ..model.graphs import engine_graphs
-from .cache import BranchCache
+from .cache import BranchCache, to_device
 from .diffusion import Diffusion
 from .plan import CachePlan
 
@@ -58,9 +58,16 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(key) & (2 ** 63 - 1))
 
 
-def draw_noise(generators: list[torch.Generator], shape) -> torch.Tensor:
-    """One standard-normal draw of `shape` from each sample's generator, stacked (CPU)."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+def draw_noise(generators: list[torch.Generator], shape, count: int | None = None) -> torch.Tensor:
+    """One standard-normal draw of `shape` from each sample's generator, stacked (CPU); with `count`, that many
+    successive draws at once (n, count, *shape). torch's CPU normal fills 16 values at a time, so for shapes of a
+    multiple of 16 values one draw of count x shape gives the successive draws' numbers (tests/test_sampling.py
+    checks it); other shapes are drawn one by one."""
+    if count is None:
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
+    if math.prod(shape) % 16 == 0:
+        return torch.stack([torch.randn((count, *shape), generator=g) for g in generators])
+    return torch.stack([torch.stack([torch.randn(shape, generator=g) for _ in range(count)]) for g in generators])
 
 
 def check_labels(labels, num_classes: int) -> torch.Tensor:
@@ -104,6 +111,11 @@ class SamplingRun:
             if tuple(x.shape) != (n, *self.shape):
                 raise QandcError(f"noise has shape {tuple(x.shape)}, expected {(n, *self.shape)}")
         self.x = x.to(self.device)
+        # every step's noise drawn now, in one copy: per step, the draws of each sample and a copy from pageable
+        # memory (which waits for the device) would keep the host from running ahead of the steps it launched
+        draws_noise = sampler == "ddpm" or eta > 0
+        self.step_noise = to_device(draw_noise(self.generators, self.shape, steps - 1), self.device) \
+            if draws_noise and steps > 1 else None
         self.guided = cfg_scale != 1.0
         y = torch.cat([self.labels, torch.full_like(self.labels, config.num_classes)]) if self.guided else self.labels
         self.y = y.to(self.device)
@@ -126,8 +138,7 @@ class SamplingRun:
         out = outputs["out"]
         if self.guided:
             out = guide(out, self.cfg_scale, config)[:n]
-        needs_noise = index > 0 and (self.sampler == "ddpm" or self.eta > 0)
-        noise = draw_noise(self.generators, self.shape).to(self.device) if needs_noise else None
+        noise = self.step_noise[:, step] if index > 0 and self.step_noise is not None else None
         if self.sampler == "ddpm":
             self.x = self.diffusion.ddpm_step(out, self.x, index, noise)
         else:
