@@ -12,7 +12,7 @@ from qandc.data import images_to_model, load_fashion_mnist
 from qandc.errors import QandcError
 from qandc.metrics.classifier import STATS, WEIGHTS, FashionCNN, classify, uint8_to_input
 from qandc.metrics.evaluate import evaluate, read_samples
-from qandc.metrics.scores import PSNR_CAP, feature_stats, frechet_distance, image_similarity
+from qandc.metrics.scores import PSNR_CAP, feature_stats, frechet_distance, frechet_interval, image_similarity
 from qandc.model.dit import DiTConfig
 
 FASHION_CONFIG = DiTConfig(input_size=16, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=4,
@@ -84,6 +84,20 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
     assert frechet_distance(mu1, np.diag(s1), mu1, np.diag(s1)) == pytest.approx(0, abs=1e-9)
     with pytest.raises(QandcError, match="shape"):
         frechet_distance(mu1, np.diag(s1), mu2[:8], np.diag(s2[:8]))
+
+
+def test_frechet_interval_covers_the_distance_and_narrows_with_more_samples():
+    rng = np.random.default_rng(1)
+    mu, sigma = np.full(4, 0.5), np.eye(4)
+    true_fd = diagonal_fd(np.zeros(4), np.ones(4), mu, np.ones(4))
+    widths = []
+    for n in (200, 3200):
+        features = rng.standard_normal((n, 4))
+        low, high = frechet_interval(features, mu, sigma, resamples=100)
+        assert low < frechet_distance(*feature_stats(features), mu, sigma) < high
+        widths.append(high - low)
+    assert low < true_fd < high  # at n = 3200 (the estimate's upward bias, about D / n, shifts small samples' interval)
+    assert widths[1] < widths[0] / 2
 
 
 def test_frechet_distance_adds_eps_when_the_square_root_is_not_finite(monkeypatch):

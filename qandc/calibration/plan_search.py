@@ -19,9 +19,11 @@ the error below the budget, though nothing checks it).
 differently) returns the plan of least measured output error among a fixed family of candidates whose compute
 fraction is at most F. The family does not depend on F:
 - the interval plans N = 1 .. 8 (all branches; N = 1 is no cache);
-- for the full-step count M of each interval N = 2 .. 8: M full steps placed at quantiles of the measured change of
-  the branch outputs along the uncached trajectories (cumulative Σ_b ||o_b(s) − o_b(s−1)||, raised to the powers
-  PLACEMENT_POWERS; power 0 would be even spacing), and a two-tier schedule: the branches of most change per FLOP,
+- for the full-step count M = ⌈steps / N⌉ of each stride N in STRIDES (the intervals 2 .. 8 and the half strides 2.5
+  and 3.5, whose counts fall between the intervals': 0.4 and 0.3 of the steps at 50): M full steps placed at
+  quantiles of the measured change of the branch outputs along the uncached trajectories (cumulative
+  Σ_b ||o_b(s) − o_b(s−1)||, raised to the powers PLACEMENT_POWERS; power 0 would be even spacing), and a two-tier
+  schedule: the branches of most change per FLOP,
   about TIER_SHARE of the FLOPs, are refreshed TIER_RATIO times as often as the rest, at evenly spaced steps (graphs
   full, reuse1 = the rest reused, reuse = all reused: two reuse sets, of the 4 a plan may have).
 The error of a candidate is measured by sampling it: the geometric mean over the search trajectories (the
@@ -57,6 +59,7 @@ from ..sampling.plan import AUTO_GRAMMAR, FACTOR_DTYPES, FORECAST_ORDERS
 DEFAULT_BUDGET = 0.1
 KINDS = ("err", "reuse", "compute")
 MAX_INTERVAL = 8          # the interval plans of the compute family: N = 1 .. MAX_INTERVAL
+STRIDES = (2, 2.5, 3, 3.5, 4, 5, 6, 7, 8)  # full-step counts ⌈steps / N⌉ of the structured candidates
 PLACEMENT_POWERS = (0.5, 1.0)
 TIER_SHARE = 0.5          # the FLOP share of the tier refreshed more often
 TIER_RATIO = 1.5          # its refreshes per full step of the interval plan at the same compute
@@ -266,8 +269,8 @@ def candidate_plans(changes: Changes, flops: dict[str, float], forecast: int = 0
     family += [Candidate(f"interval{n}", CachePlan.interval(n, **common), True) for n in range(2, MAX_INTERVAL + 1)]
     tier, share = _tiers(changes, flops)
     rest = tuple(b for b in flops if b not in tier)
-    for n in range(2, MAX_INTERVAL + 1):
-        count = math.ceil(steps / n)
+    for stride in STRIDES:
+        count = math.ceil(steps / stride)
         for power in PLACEMENT_POWERS:
             full = set(_placed(count, changes.step ** power))
             family.append(Candidate(f"placed{count}-power{power:g}",

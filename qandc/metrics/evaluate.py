@@ -15,7 +15,7 @@ from ..images import has_image_space, model_to_images, to_uint8
 from ..model.dit import DiTConfig
 from ..readers import read_npz, regular_file
 from .classifier import ASSETS, classify, load_classifier
-from .scores import feature_stats, frechet_distance, image_similarity
+from .scores import feature_stats, frechet_distance, frechet_interval, image_similarity
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -148,16 +148,20 @@ def evaluate(samples_path, reference_path=None, classifier_assets=None) -> dict:
     return result
 
 
-def score(images: np.ndarray, labels=None, reference: np.ndarray | None = None, classifier_assets=None) -> dict:
+def score(images: np.ndarray, labels=None, reference: np.ndarray | None = None, classifier_assets=None,
+          fd_resamples: int = 0) -> dict:
     """FD between the reference classifier's features of uint8 images (N, 28, 28) and its shipped test-set
     statistics, class accuracy when labels are given, and PSNR / SSIM / MSE against paired reference images.
-    classifier_assets: a folder with the classifier files (None: the shipped qandc/assets)."""
+    classifier_assets: a folder with the classifier files (None: the shipped qandc/assets). `fd_resamples` > 0 adds
+    `fd_ci`, FD's 95% bootstrap interval over that many resamplings of the images."""
     model, stats = load_classifier(ASSETS if classifier_assets is None else classifier_assets)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     features, predictions = classify(model.to(device), images)
     result = {"n": len(images), "fd": frechet_distance(*feature_stats(features), stats["mu"], stats["sigma"]),
               "class_accuracy": None if labels is None else float((predictions == np.asarray(labels)).mean()),
               "classifier_sha256": stats["sha256"], "device": str(device)}
+    if fd_resamples:
+        result["fd_ci"] = list(frechet_interval(features, stats["mu"], stats["sigma"], fd_resamples))
     if reference is not None:
         result.update(image_similarity(images, reference))
     return result

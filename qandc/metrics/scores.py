@@ -40,6 +40,20 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False)
 
 
+def frechet_interval(features: np.ndarray, mu, sigma, resamples: int = 200, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval (scipy.stats.bootstrap, `resamples` resamplings of the feature vectors) of the
+    Fréchet distance between the Gaussian of `features` (N, D) and N(mu, sigma)."""
+    from scipy.stats import bootstrap
+
+    features = np.asarray(features, np.float64)
+    result = bootstrap((np.arange(len(features)),),
+                       lambda rows: frechet_distance(*feature_stats(features[rows.astype(np.int64)]), mu, sigma),
+                       n_resamples=resamples, confidence_level=level, method="percentile", vectorized=False,
+                       rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def image_similarity(images: np.ndarray, reference: np.ndarray) -> dict:
     """Mean per-image PSNR (dB, each capped at PSNR_CAP = 100 since identical images give infinity) and SSIM, and
     MSE on the [0, 255] scale, of uint8 images (N, H, W) or (N, H, W, C) against reference images of that shape."""
