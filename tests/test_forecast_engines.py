@@ -12,6 +12,7 @@ import torch
 
 from conftest import rel_err, tiny_model
 from qandc.errors import QandcError
+from qandc.formats.recipe import VarianceCompensation
 from qandc.model.graphs import example_feeds
 from qandc.sampling import CachePlan, sample
 
@@ -185,3 +186,21 @@ def test_cuda_graphs_replay_what_eager_engines_compute(model, tmp_path, plan):
     eager = Pipeline.load(tmp_path, compile=False, cuda_graphs=False).generate(LABELS, seed=SEED, steps=STEPS)
     assert rel_err(images, eager) < 1e-2 and rel_err(again, images) < 1e-5
     assert graphed.last_run["graphs"] == counts(PLANS[plan])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.compile, CUDA graphs)")
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampling_on_the_engines_never_waits_for_the_gpu(model, tmp_path, sampler):
+    """A whole sampling run on CUDA-graph engines (forecast weights, DDPM noise, VC) without one host-device sync,
+    so the host queues steps ahead of the GPU (torch's sync debug mode turns any sync into an error)."""
+    build_inductor(copy.deepcopy(model).to("cuda"), tmp_path, PLANS["searched-forecast2"], batch_sizes=[6])
+    pipeline = Pipeline.load(tmp_path)
+    pipeline.generate(LABELS, seed=SEED, steps=STEPS, sampler=sampler)  # compiles and captures
+    vc = VarianceCompensation(torch.full((STEPS, model.config.in_channels), 1.01, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images = sample(pipeline.denoiser, LABELS, STEPS, sampler, 1.5, seed=SEED, plan=pipeline.plan, correction=vc)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(images).all()

@@ -110,7 +110,7 @@ class SamplingRun:
             x = torch.as_tensor(noise, dtype=torch.float32)
             if tuple(x.shape) != (n, *self.shape):
                 raise QandcError(f"noise has shape {tuple(x.shape)}, expected {(n, *self.shape)}")
-        self.x = x.to(self.device)
+        self.x = to_device(x, self.device)
         # every step's noise drawn now, in one copy: per step, the draws of each sample and a copy from pageable
         # memory (which waits for the device) would keep the host from running ahead of the steps it launched
         draws_noise = sampler == "ddpm" or eta > 0
@@ -118,7 +118,7 @@ class SamplingRun:
             if draws_noise and steps > 1 else None
         self.guided = cfg_scale != 1.0
         y = torch.cat([self.labels, torch.full_like(self.labels, config.num_classes)]) if self.guided else self.labels
-        self.y = y.to(self.device)
+        self.y = to_device(y, self.device)
         tokens = (config.input_size // config.patch_size) ** 2
         self.cache = BranchCache(self.plan.forecast, TORCH_FACTOR_DTYPES[self.plan.factors],
                                  (tokens, config.hidden_size), self.device)
