@@ -15,7 +15,7 @@ from .errors import QandcError
 from .formats.lineage import check_recipe_checkpoint, confined, digest
 from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
-from .sampling.plan import AUTO_GRAMMAR, GRAMMAR
+from .sampling.plan import AUTO_GRAMMAR, DEFAULT_PLAN_SEARCH, GRAMMAR
 from .staging import check_apart, check_file_apart
 from .values import argument, integer, output_file, output_folder, real
 
@@ -51,9 +51,10 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=800, help="calibration set size (default 800)")
     p.add_argument("--pool-samples", type=int, default=400,
                    help="trajectories in the pool; entries = trajectories x steps (default 400)")
-    p.add_argument("--cache", default="interval=3",
-                   help=f"cache plan, as for generate (default interval=3), or a searched one: {AUTO_GRAMMAR}; "
-                        "the searched plan is kept in OUT/plan.json")
+    p.add_argument("--cache", default=DEFAULT_PLAN_SEARCH,
+                   help=f"cache plan: a searched one, {AUTO_GRAMMAR} (default {DEFAULT_PLAN_SEARCH}: the plan of "
+                        "least output error within that compute fraction, searched on this model's own "
+                        "trajectories, so it fits any model; kept in OUT/plan.json), or a fixed one as for generate")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5)
@@ -305,8 +306,8 @@ def cmd_inspect(args) -> None:
             if kind is None:
                 raise QandcError(f"{path}: manifest kind {data.get('kind')!r} is none of {', '.join(MANIFESTS)}")
             data = kind.read(folder, verify=False).to_dict()
-        keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "sampler", "steps",
-                                     "lineage", "versions") if k in data}
+        keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "plan_search", "sampler",
+                                     "steps", "lineage", "versions") if k in data}
         print(f"{name}: {json.dumps(keys)}")
         files = data.get("files", {})
         if not isinstance(files, dict):

@@ -32,6 +32,9 @@ FACTOR_DTYPES = ("float32", "bf16")
 AUTO_GRAMMAR = "auto[:err=E|:reuse=F|:compute=F][,forecast=0|1|2][,factors=float32|bf16] (E > 0, 0 < F <= 1)"
 GRAMMAR = ("none | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1][,forecast=0|1|2]"
            "[,factors=float32|bf16] | PLAN.json")
+# The default plan of `calibrate` and `run`: a search, so it fits any model, at the compute fraction and forecast
+# order the measured speed / quality front shows best on the reference model (benchmarks/results/front-<card>.json).
+DEFAULT_PLAN_SEARCH = "auto:compute=0.5,forecast=1"  # provisional until the front is measured
 
 
 def reuse_graph_name(index: int) -> str:
