@@ -9,8 +9,8 @@ with the least-squares forms of VC (mse, nsr) beside the default (var). PSNR / S
 
 Run on a GPU (with nvidia-modelopt): resumable, each finished recipe and row kept in --state, in a folder per sampler
 and plan (the rows without a cache in one per sampler, shared by every plan), so it runs over several 10-minute
-commands; a folder made with other settings is refused. Writes benchmarks/results/ablation.json (an object with a
-list `rows`) and ablation.md.
+commands (--budget-s: no row starts after it; exit code 3: rerun to resume); a folder made with other settings is
+refused. Writes benchmarks/results/ablation.json (an object with a list `rows`, the finished ones) and ablation.md.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def main():
     parser.add_argument("--vc-samples", type=int, default=256)
     parser.add_argument("--search-samples", type=int, default=8, help="trajectories a plan search measures")
     parser.add_argument("--only", nargs="*", help="row keys name@preset to run (default all)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no row after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-ablation")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ablation.json"))
     args = parser.parse_args()
@@ -139,11 +140,16 @@ def main():
                            folders[True])
     plans = {False: CachePlan.none(), True: plan}
     fp_images = folders[False] / "fp.npy"
+    begin, unfinished = time.time(), False
     for name, preset, recipe_name, cached, vc in ROWS:
         key = row_key(name, preset)
         row_file = folders[cached] / "rows" / f"{key}.json"
         if row_file.exists() or (args.only and key not in args.only):
             continue
+        if time.time() - begin > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: rerun to resume", flush=True)
+            unfinished = True
+            break
         if name != "fp" and not fp_images.exists():
             raise SystemExit(f"{fp_images}: the fp row comes first (its images are the PSNR / SSIM reference)")
         start = time.time()
@@ -189,6 +195,8 @@ def main():
             "matmul": "fp32 with TF32" if device.type == "cuda" else "fp32", "torch": torch.__version__,
             "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT)}
     write_results(args.out, meta, rows, markdown(rows, meta))
+    if unfinished:
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":
