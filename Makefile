@@ -16,10 +16,11 @@ $(BIN)/qandc: pyproject.toml
 
 setup: $(BIN)/qandc
 
-# The main job: the whole Q&C pipeline on the shipped Fashion-MNIST reference DiT, on the CPU: calibrate (TAP,
-# W8A8-INT8, VC) -> ONNX export -> ONNX Runtime engines -> a labelled grid through the engines -> eval.
+# The main job: the whole Q&C pipeline on the shipped Fashion-MNIST reference DiT, on the CPU: calibrate (the default
+# cache plan, a search; TAP, W8A8-INT8, VC) -> ONNX export -> ONNX Runtime engines -> a labelled grid through the
+# engines -> eval.
 run: setup
-	$(BIN)/qandc run --preset w8a8-int8 --selector tap --cache interval=2 --samples 200 --pool-samples 24 \
+	$(BIN)/qandc run --preset w8a8-int8 --selector tap --samples 200 --pool-samples 24 \
 		--vc-samples 16 --labels 0,1,2,3,4,5,6,7,8,9 --per-class 4 --seed 0 --out out/run
 
 test: setup

@@ -1,17 +1,23 @@
-"""The Q&C ablation on the shipped Fashion-MNIST reference DiT (DDPM-50, CFG 1.5, 10k samples, labels i % 10,
-seed 0, every row sharing the noise of the `fp` row), under a cache plan that costs real quality on its own
-(interval 3, reuse-all). Rows: fp, cache, quant-<preset>, naive (quant + cache, uniform selector, no VC), vc, tap,
-tap+vc for W8A8-INT8 and W8A8-FP8; W4A8 naive and tap+vc; selectors at equal size (kmeans, random; uniform and tap
-are the naive and tap rows); and tap+vc with the least-squares forms of VC (mse, nsr) beside the default (var). PSNR / SSIM are against the `fp` row.
+"""The Q&C ablation on the shipped Fashion-MNIST reference DiT (50 steps, DDPM by default, CFG 1.5, 10k samples, labels
+i % 10, seed 0, every row sharing the noise of the `fp` row) under one cache plan, `--plan` (default: the default of
+`qandc calibrate` / `run`, a plan search). A searched plan (`auto...`) is searched once per sampler, on trajectories
+of other seeds than the rows' (seed + 1000), and every row of that plan, its calibrations included, uses it.
 
-Run on a GPU (with nvidia-modelopt): resumable, each finished recipe and row kept in --state, so it runs over several
-10-minute commands. Writes benchmarks/results/ablation.json (an object with a list `rows`) and ablation.md.
+Rows: fp, cache (the plan alone), quant-<preset> (no cache); for W8A8-INT8, W8A8-FP8 and W4A8 naive (uniform
+selector, no VC), vc (uniform + VC), tap, tap+vc; then selectors at equal size (kmeans, random; W8A8-INT8) and tap+vc
+with the least-squares forms of VC (mse, nsr) beside the default (var). PSNR / SSIM are against the `fp` row.
+
+Run on a GPU (with nvidia-modelopt): resumable, each finished recipe and row kept in --state, in a folder per sampler
+and plan (the rows without a cache in one per sampler, shared by every plan), so it runs over several 10-minute
+commands (--budget-s: no row starts after it; exit code 3: rerun to resume); a folder made with other settings is
+refused. Writes benchmarks/results/ablation.json (an object with a list `rows`, the finished ones) and ablation.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -19,82 +25,143 @@ import numpy as np
 import torch
 
 from _common import generate_images, write_results
-from qandc.artifacts import sha256_file, write_json
+from qandc.artifacts import read_json, sha256_file, write_json
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate, fit_vc
+from qandc.calibration.plan_search import auto_plan, parse_auto
 from qandc.formats.recipe import VarianceCompensation, load_vc
 from qandc.metrics.evaluate import score
 from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
+from qandc.model.dit import branch_flops
 from qandc.sampling import CachePlan
+from qandc.sampling.plan import DEFAULT_PLAN_SEARCH
 
-PLAN = "interval=3"
-# recipe name -> (preset, selector, cache spec, VC form)
+STEPS = 50
+SEARCH_SEED_OFFSET = 1000  # searched plans are measured on seed + this, never on the rows' noise
+PRESETS = (("int8", "w8a8-int8"), ("fp8", "w8a8-fp8"), ("w4a8", "w4a8"))
+# recipe name -> (preset, selector, calibrated under the plan (else without a cache), VC form)
 RECIPES = {
-    f"{short}-{variant}": (preset, selector, cache, vc)
-    for short, preset in (("int8", "w8a8-int8"), ("fp8", "w8a8-fp8"), ("w4a8", "w4a8"))
-    for variant, selector, cache, vc in (("nocache", "uniform", "none", "none"), ("uniform", "uniform", PLAN, "var"),
-                                         ("tap", "tap", PLAN, "var"), ("kmeans", "kmeans", PLAN, "none"),
-                                         ("random", "random", PLAN, "none"))
+    f"{short}-{variant}": (preset, selector, cached, vc)
+    for short, preset in PRESETS
+    for variant, selector, cached, vc in (("nocache", "uniform", False, "none"), ("uniform", "uniform", True, "var"),
+                                          ("tap", "tap", True, "var"), ("kmeans", "kmeans", True, "none"),
+                                          ("random", "random", True, "none"))
 }
-# row name, preset, recipe (None: full precision), cache spec, VC ("recipe": the recipe's table, or a form to refit)
-ROWS = [("fp", "none", None, "none", None), ("cache", "none", None, PLAN, None)]
-for short, preset in (("int8", "w8a8-int8"), ("fp8", "w8a8-fp8")):
-    ROWS += [(f"quant-{short}", preset, f"{short}-nocache", "none", None),
-             ("naive", preset, f"{short}-uniform", PLAN, None), ("vc", preset, f"{short}-uniform", PLAN, "recipe"),
-             ("tap", preset, f"{short}-tap", PLAN, None), ("tap+vc", preset, f"{short}-tap", PLAN, "recipe")]
-ROWS += [("naive", "w4a8", "w4a8-uniform", PLAN, None), ("tap+vc", "w4a8", "w4a8-tap", PLAN, "recipe"),
-         ("kmeans", "w8a8-int8", "int8-kmeans", PLAN, None), ("random", "w8a8-int8", "int8-random", PLAN, None),
-         ("tap+vc-mse", "w8a8-int8", "int8-tap", PLAN, "mse"), ("tap+vc-nsr", "w8a8-int8", "int8-tap", PLAN, "nsr"),
-         ("tap+vc-mse", "w8a8-fp8", "fp8-tap", PLAN, "mse"), ("tap+vc-nsr", "w8a8-fp8", "fp8-tap", PLAN, "nsr")]
+# row name, preset, recipe (None: full precision), under the plan (else no cache), VC ("recipe": the recipe's table,
+# or a form to refit); the rows the ablation is about first, so a partial run holds them
+ROWS = [("fp", "none", None, False, None), ("cache", "none", None, True, None)]
+for _short, _preset in PRESETS:
+    ROWS += [(f"quant-{_short}", _preset, f"{_short}-nocache", False, None),
+             ("naive", _preset, f"{_short}-uniform", True, None), ("vc", _preset, f"{_short}-uniform", True, "recipe"),
+             ("tap", _preset, f"{_short}-tap", True, None), ("tap+vc", _preset, f"{_short}-tap", True, "recipe")]
+ROWS += [("kmeans", "w8a8-int8", "int8-kmeans", True, None), ("random", "w8a8-int8", "int8-random", True, None),
+         ("tap+vc-mse", "w8a8-int8", "int8-tap", True, "mse"), ("tap+vc-nsr", "w8a8-int8", "int8-tap", True, "nsr"),
+         ("tap+vc-mse", "w8a8-fp8", "fp8-tap", True, "mse"), ("tap+vc-nsr", "w8a8-fp8", "fp8-tap", True, "nsr")]
 
 
 def row_key(name: str, preset: str) -> str:
     return f"{name}@{preset}"
 
 
+def state_folder(state: Path, sampler: str, spec: str, settings: dict) -> Path:
+    """The folder of a sampler and plan spec ("none": the rows without a cache), holding `settings`; one made with
+    other settings is refused."""
+    folder = state / f"{sampler}-{re.sub(r'[^a-z0-9.]+', '-', spec.lower())}"
+    stamp = {"sampler": sampler, "plan_spec": spec, **settings}
+    path = folder / "settings.json"
+    if path.is_file() and read_json(path) != stamp:
+        raise SystemExit(f"{path}: made with other settings than {json.dumps(stamp)}; use another --state")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(path, stamp)
+    return folder
+
+
+def plan_of(spec: str, model, sampler: str, cfg_scale: float, seed: int, search_samples: int, folder: Path):
+    """(plan, search summary or None) of a spec; a searched plan is searched once, on `search_samples` trajectories
+    of seed + SEARCH_SEED_OFFSET, and kept in folder/plan.json."""
+    if not spec.startswith("auto"):
+        return CachePlan.parse(spec), None
+    path = folder / "plan.json"
+    if not path.is_file():
+        plan, summary = auto_plan(model, parse_auto(spec), STEPS, sampler, cfg_scale, seed + SEARCH_SEED_OFFSET,
+                                  search_samples)
+        write_json(path, {"spec": spec, "search_seed": seed + SEARCH_SEED_OFFSET, "search_samples": search_samples,
+                          "plan": plan.to_dict(), "search": summary})
+    stored = read_json(path)
+    return CachePlan.from_dict(stored["plan"]), stored["search"]
+
+
+def plan_name(meta: dict) -> str:
+    """The plan as the table's title names it: its spec and, for a searched one, what the search chose."""
+    if meta["plan_spec"] == meta["plan_describe"]:
+        return meta["plan_spec"]
+    return f"{meta['plan_spec']} → {meta['plan_describe']}"
+
+
 def markdown(rows, meta) -> str:
-    lines = [f"# Q&C ablation on the reference model ({meta['n']} samples a row, DDPM-50, CFG {meta['cfg_scale']}, "
-             f"cache {PLAN} reuse-all, {meta['card']})", "",
-             "| name | preset | FD | class accuracy | PSNR vs fp (dB) | SSIM vs fp | calibration |", "|---|---|---|---|---|---|---|"]
+    lines = [f"# Q&C ablation on the reference model ({meta['n']} samples a row, {meta['sampler'].upper()}-{STEPS}, "
+             f"CFG {meta['cfg_scale']}, cache plan {plan_name(meta)}, compute fraction "
+             f"{meta['compute_fraction']:.3f}, {meta['card']})", "",
+             "| name | preset | plan | FD | class accuracy | PSNR vs fp (dB) | SSIM vs fp | calibration |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['preset']} | {r['fd']:.3f} | {r['class_accuracy']:.4f} | {r['psnr']:.2f} | "
-                     f"{r['ssim']:.4f} | {r.get('calibration', '–')} |")
+        lines.append(f"| {r['name']} | {r['preset']} | {r['plan_describe']} | {r['fd']:.3f} | "
+                     f"{r['class_accuracy']:.4f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r.get('calibration') or '–'} |")
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--plan", default=DEFAULT_PLAN_SEARCH,
+                        help=f"cache spec of the cached rows, fixed or searched (default {DEFAULT_PLAN_SEARCH})")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument("--n", type=int, default=10_000, help="samples a row (default 10000)")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=2500)
     parser.add_argument("--budget", type=int, default=800, help="calibration samples (default 800)")
     parser.add_argument("--pool-samples", type=int, default=400)
     parser.add_argument("--vc-samples", type=int, default=256)
+    parser.add_argument("--search-samples", type=int, default=8, help="trajectories a plan search measures")
     parser.add_argument("--only", nargs="*", help="row keys name@preset to run (default all)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no row after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-ablation")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ablation.json"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    state = Path(args.state)
-    (state / "rows").mkdir(parents=True, exist_ok=True)
-    fp_model = load_checkpoint(REFERENCE_CHECKPOINT).to(device)
-    for name, preset, recipe_name, cache, vc in ROWS:
+    settings = {"n": args.n, "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": STEPS, "budget": args.budget,
+                "pool_samples": args.pool_samples, "vc_samples": args.vc_samples}
+    folders = {False: state_folder(Path(args.state), args.sampler, "none", settings),
+               True: state_folder(Path(args.state), args.sampler, args.plan,
+                                  {**settings, "search_samples": args.search_samples})}
+    fp_model = load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
+    plan, search = plan_of(args.plan, fp_model, args.sampler, args.cfg_scale, args.seed, args.search_samples,
+                           folders[True])
+    plans = {False: CachePlan.none(), True: plan}
+    fp_images = folders[False] / "fp.npy"
+    begin, unfinished = time.time(), False
+    for name, preset, recipe_name, cached, vc in ROWS:
         key = row_key(name, preset)
-        row_file = state / "rows" / f"{key}.json"
+        row_file = folders[cached] / "rows" / f"{key}.json"
         if row_file.exists() or (args.only and key not in args.only):
             continue
+        if time.time() - begin > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: rerun to resume", flush=True)
+            unfinished = True
+            break
+        if name != "fp" and not fp_images.exists():
+            raise SystemExit(f"{fp_images}: the fp row comes first (its images are the PSNR / SSIM reference)")
         start = time.time()
         model, correction, calibration = fp_model, None, None
         if recipe_name:
-            r_preset, selector, r_cache, r_vc = RECIPES[recipe_name]
-            folder = state / "recipes" / recipe_name
-            settings = CalibrationSettings(preset=r_preset, selector=selector, budget=args.budget,
-                                           plan=CachePlan.parse(r_cache), pool_samples=args.pool_samples,
-                                           cfg_scale=args.cfg_scale, seed=args.seed, vc=r_vc,
-                                           vc_samples=args.vc_samples, batch_size=args.batch_size // 4)
-            calibrate(fp_model, folder, settings, sha256_file(REFERENCE_CHECKPOINT))
+            r_preset, selector, r_cached, r_vc = RECIPES[recipe_name]
+            folder = folders[r_cached] / "recipes" / recipe_name
+            calibration_settings = CalibrationSettings(
+                preset=r_preset, selector=selector, budget=args.budget, plan=plans[r_cached],
+                pool_samples=args.pool_samples, steps=STEPS, sampler=args.sampler, cfg_scale=args.cfg_scale,
+                seed=args.seed, vc=r_vc, vc_samples=args.vc_samples, batch_size=max(1, args.batch_size // 4))
+            calibrate(fp_model, folder, calibration_settings, REFERENCE_CHECKPOINT)
             model, recipe = apply_recipe(load_checkpoint(REFERENCE_CHECKPOINT).to(device), folder)
             calibration = f"{selector}, {args.budget} samples"
             if vc == "recipe":
@@ -102,27 +169,34 @@ def main():
                 calibration += f", VC {r_vc}"
             elif vc:
                 labels = torch.arange(args.vc_samples) % fp_model.config.num_classes
-                correction = VarianceCompensation(fit_vc(fp_model, model, labels, 50, "ddpm", args.cfg_scale,
+                correction = VarianceCompensation(fit_vc(fp_model, model, labels, STEPS, args.sampler, args.cfg_scale,
                                                          args.seed + 1, recipe.cache_plan, vc))
                 calibration += f", VC {vc}"
-        images, labels = generate_images(model, args.n, 50, "ddpm", CachePlan.parse(cache), args.cfg_scale,
+        images, labels = generate_images(model, args.n, STEPS, args.sampler, plans[cached], args.cfg_scale,
                                          args.seed, args.batch_size, correction)
         if name == "fp":
-            np.save(state / "fp.npy", images)
-        result = score(images, labels, np.load(state / "fp.npy"))
-        row = {"name": name, "preset": preset, "cache": cache, "fd": result["fd"],
+            np.save(fp_images, images)
+        result = score(images, labels, np.load(fp_images))
+        row = {"name": name, "preset": preset, "cache": args.plan if cached else "none",
+               "plan": plans[cached].to_dict(), "plan_describe": plans[cached].describe(), "fd": result["fd"],
                "class_accuracy": result["class_accuracy"], "psnr": result["psnr"], "ssim": result["ssim"],
                "n": result["n"], "calibration": calibration, "seconds": time.time() - start}
         write_json(row_file, row)
-        print(json.dumps(row), flush=True)
-    rows = [json.loads((state / "rows" / f"{row_key(n, p)}.json").read_text()) for n, p, *_ in ROWS
-            if (state / "rows" / f"{row_key(n, p)}.json").exists()]
+        print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
+    rows = [json.loads(path.read_text()) for path in (folders[cached] / "rows" / f"{row_key(n, p)}.json"
+                                                      for n, p, _, cached, _ in ROWS) if path.exists()]
     meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "n": args.n,
-            "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": 50, "sampler": "ddpm", "cache_plan": PLAN,
+            "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": STEPS, "sampler": args.sampler,
+            "plan_spec": args.plan, "plan": plan.to_dict(), "plan_describe": plan.describe(),
+            "compute_fraction": plan.compute_fraction(STEPS, branch_flops(fp_model.config)),
+            "plan_search": search, "search_seed": args.seed + SEARCH_SEED_OFFSET if search else None,
+            "search_samples": args.search_samples if search else None,
             "calibration_budget": args.budget, "pool_samples": args.pool_samples, "vc_samples": args.vc_samples,
-            "matmul": "fp32 with TF32", "torch": torch.__version__,
+            "matmul": "fp32 with TF32" if device.type == "cuda" else "fp32", "torch": torch.__version__,
             "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT)}
     write_results(args.out, meta, rows, markdown(rows, meta))
+    if unfinished:
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """`qandc bench`: every configuration side by side on one GPU, one run, the same seeds — DiT-XL/2 at 256² (random
 weights, every layer non-zero: speed only) and the shipped reference model — from FP32 eager DDPM-250 (the paper's
-baseline) to Q&C FP8 / INT8 + cache on Inductor engines with CUDA graphs.
+baseline) to Q&C FP8 / INT8 + cache on Inductor engines with CUDA graphs, under the ablation's interval-3 plan and under
+the fixed plan the default search picks on the reference model (DEFAULT_PLAN_SHAPE; a search on random weights
+would measure nothing).
 
 Each configuration is one stage whose result is written to the state folder as soon as it is measured; a rerun
 skips finished stages, and `--budget-s` stops between stages so one call fits the GPU machine's 10-minute limit.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,9 +26,11 @@ import torch
 
 from .artifacts import atomic_path, write_json
 from .errors import QandcError
+from .sampling.plan import DEFAULT_PLAN_SEARCH, DEFAULT_PLAN_SHAPE
 
 BATCH, STEPS, CFG, SEED = 16, 50, 1.5, 0
-CACHE_PLAN = "interval=3"  # the ablation's plan: full step every 3rd, reuse all branches
+CACHE_PLAN = "interval=3"  # the first ablation's plan: full step every 3rd, reuse all branches
+FLOOR = "fp8-floor"        # the stage measuring the FP8 floor of a full step
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,18 @@ CONFIGS = [
     Config("int8-only", STEPS, "w8a8-int8", quality="ablation:quant-int8"),
     Config("qc-fp8-cache", STEPS, "w8a8-fp8", CACHE_PLAN, quality="ablation:tap+vc@w8a8-fp8"),
     Config("qc-int8-cache", STEPS, "w8a8-int8", CACHE_PLAN, quality="ablation:tap+vc@w8a8-int8"),
+    Config("cache-default", STEPS, "bf16", DEFAULT_PLAN_SHAPE, quality="ablation:cache"),
+    Config("qc-fp8-default", STEPS, "w8a8-fp8", DEFAULT_PLAN_SHAPE, quality="ablation:tap+vc@w8a8-fp8"),
+    Config("qc-int8-default", STEPS, "w8a8-int8", DEFAULT_PLAN_SHAPE, quality="ablation:tap+vc@w8a8-int8"),
 ]
+QC_CONFIGS = ("qc-fp8-cache", "qc-int8-cache", "qc-fp8-default", "qc-int8-default")  # candidates for best_qc
 MODELS = ("dit-xl-2", "reference")
+STAGES = tuple(c.name for c in CONFIGS) + (FLOOR,)
+
+
+def _slug(cache: str) -> str:
+    """A cache spec as part of a folder name."""
+    return re.sub(r"[^A-Za-z0-9.]+", "", cache)
 
 
 def make_model(name: str, device: str):
@@ -155,9 +170,9 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
     else:
         recipe = None
         if config.preset:
-            recipe = quick_recipe(model, config.preset, config.cache, work / f"{model_name}-{config.preset}-"
-                                  f"{config.cache.replace('=', '')}-recipe")
-        engine_dir = work / f"{model_name}-{config.precision}-{config.cache.replace('=', '')}-engines"
+            recipe = quick_recipe(model, config.preset, config.cache,
+                                  work / f"{model_name}-{config.preset}-{_slug(config.cache)}-recipe")
+        engine_dir = work / f"{model_name}-{config.precision}-{_slug(config.cache)}-engines"
         if not (engine_dir / "manifest.json").is_file():
             build_inductor(model, engine_dir, plan=plan, recipe_dir=recipe,
                            sampler=SamplerDefaults(STEPS, "ddpm", CFG),
@@ -220,14 +235,20 @@ def fp8_floor(model, rows: int) -> dict:
             "fp8_floor_ms": flops / rate * 1e3}
 
 
-def _quality(config_quality: str, results_dir: Path) -> dict:
-    source, _, row = config_quality.partition(":")
+def _quality(config: Config, results_dir: Path) -> dict:
+    """The FD and accuracy of the ablation (or baseline) row `config.quality` names, measured under the
+    configuration's plan (an ablation row under another plan is not this configuration's quality)."""
+    from .sampling import CachePlan
+
+    source, _, row = config.quality.partition(":")
     name, _, preset = row.partition("@")
     path = results_dir / ("ablation.json" if source == "ablation" else "reference-model.json")
     if not path.is_file():
         return {}
+    plan = CachePlan.parse(config.cache)
     for r in json.loads(path.read_text())["rows"]:
-        if r["name"] == name and (not preset or r.get("preset") == preset):
+        row_plan = CachePlan.from_dict(r["plan"]) if "plan" in r else CachePlan.parse(r["cache"])
+        if r["name"] == name and (not preset or r.get("preset") == preset) and row_plan == plan:
             return {"fd": r["fd"], "class_accuracy": r["class_accuracy"], "quality_n": r["n"]}
     return {}
 
@@ -242,23 +263,25 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
             if path.is_file():
                 row = json.loads(path.read_text())
                 if model_name == "reference":
-                    row.update(_quality(config.quality, results_dir))
+                    row.update(_quality(config, results_dir))
                 configs.append(row)
-    floors = {m: json.loads((state / f"{m}--fp8-floor.json").read_text())
-              for m in MODELS if (state / f"{m}--fp8-floor.json").is_file()}
+    floors = {m: json.loads((state / f"{m}--{FLOOR}.json").read_text())
+              for m in MODELS if (state / f"{m}--{FLOOR}.json").is_file()}
     by_name = {(r["model"], r["name"]): r for r in configs}
     result = {"card": card, "device_name": sorted({r.get("device_name", "") for r in configs}),
               "torch": sorted({r.get("torch", "") for r in configs}), "batch": BATCH, "cfg_scale": CFG,
               "sampler": "ddpm", "seed": SEED,
-              "cache_plan": CACHE_PLAN,
+              "cache_plan": CACHE_PLAN, "default_plan": DEFAULT_PLAN_SHAPE, "default_plan_search": DEFAULT_PLAN_SEARCH,
               "notes": ["DiT-XL/2 256x256 (latent 32x32x4) with seeded random weights, every layer non-zero: "
                         "speed only, no quality", "images_per_s: batch of 16 labels with CFG (32 rows per step), "
                         "median of whole sampling runs after a warm-up run",
                         "quantized configurations: static scales from a quick ModelOpt max calibration; quality "
                         "columns (reference model) are the ablation's rows (TAP + VC recipes, 10k samples)",
-                        "VC is not applied in the timed runs (one fused multiply-add per step)"],
+                        "VC is not applied in the timed runs (one fused multiply-add per step)",
+                        "*-default configurations: the fixed plan default_plan, the one the default search "
+                        "(default_plan_search) picks on the reference model"],
               "fp8_floor": floors, "configs": configs}
-    best = max((by_name[k] for k in [("dit-xl-2", "qc-fp8-cache"), ("dit-xl-2", "qc-int8-cache")] if k in by_name),
+    best = max((by_name[("dit-xl-2", name)] for name in QC_CONFIGS if ("dit-xl-2", name) in by_name),
                key=lambda r: r["images_per_s"], default=None)
     if best is not None:
         result["best_qc"] = best["name"]
@@ -299,33 +322,38 @@ def plot(result: dict, path: Path) -> None:
 
 
 def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Path, models=MODELS,
-          budget_s: float = 540.0, runs: int = 3) -> dict | None:
-    """Run the unfinished stages within `budget_s`; when all are done, write bench-<card>.json and its plot and
-    return the result (None while stages remain)."""
+          budget_s: float = 540.0, runs: int = 3, only=STAGES) -> dict | None:
+    """Run the unfinished stages of `only` (configuration names and FLOOR) within `budget_s`; when they are done,
+    write bench-<card>.json and its plot from every finished stage and return the result (None while stages
+    remain)."""
+    unknown = sorted(set(only) - set(STAGES))
+    if unknown:
+        raise QandcError(f"unknown bench stage {unknown[0]!r}; known: {', '.join(STAGES)}")
     state, work, results_dir = Path(state), Path(work), Path(results_dir)
-    done = all((state / f"{m}--{c.name}.json").is_file() for m in models for c in CONFIGS)
-    if not torch.cuda.is_available() and not done:
-        raise QandcError("qandc bench measures GPU speed and needs a CUDA GPU (with every stage done in --state, "
-                         "it only rewrites the JSON and the plot)")
+    pending = [(m, name) for m in models for name in STAGES
+               if name in only and not (state / f"{m}--{name}.json").is_file()]
+    if pending and not torch.cuda.is_available():
+        raise QandcError("qandc bench measures GPU speed and needs a CUDA GPU (with every stage asked for done in "
+                         "--state, it only rewrites the JSON and the plot)")
     state.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32 (the paper's baseline)
     torch.backends.cudnn.allow_tf32 = False
+    configs = {c.name: c for c in CONFIGS}
     begin = time.perf_counter()
     for model_name in models:
         model = None
-        pending = [c for c in CONFIGS if not (state / f"{model_name}--{c.name}.json").is_file()]
-        floor_path = state / f"{model_name}--fp8-floor.json"
-        for config in pending + ([None] if not floor_path.is_file() else []):
+        for name in [name for m, name in pending if m == model_name]:
             if time.perf_counter() - begin > budget_s:
                 print(f"budget of {budget_s:.0f} s spent: rerun to resume")
                 return None
             model = model or make_model(model_name, "cpu")
-            if config is None:
-                write_json(floor_path, fp8_floor(model.to("cuda"), 2 * BATCH))
+            if name == FLOOR:
+                write_json(state / f"{model_name}--{FLOOR}.json", fp8_floor(model.to("cuda"), 2 * BATCH))
                 model.to("cpu")
                 continue
+            config = configs[name]
             started = time.perf_counter()
             row = run_config(model_name, model, config, work, runs=1 if config.precision == "fp32" else runs)
             row["stage_seconds"] = time.perf_counter() - started
@@ -341,4 +369,3 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
     write_json(results_dir / f"bench-{card}.json", result)
     plot(result, results_dir / f"bench-{card}.png")
     return result
-

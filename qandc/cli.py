@@ -15,7 +15,7 @@ from .errors import QandcError
 from .formats.lineage import check_recipe_checkpoint, confined, digest
 from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
-from .sampling.plan import AUTO_GRAMMAR, GRAMMAR
+from .sampling.plan import AUTO_GRAMMAR, DEFAULT_PLAN_SEARCH, GRAMMAR
 from .staging import check_apart, check_file_apart
 from .values import argument, integer, output_file, output_folder, real
 
@@ -51,9 +51,10 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=800, help="calibration set size (default 800)")
     p.add_argument("--pool-samples", type=int, default=400,
                    help="trajectories in the pool; entries = trajectories x steps (default 400)")
-    p.add_argument("--cache", default="interval=3",
-                   help=f"cache plan, as for generate (default interval=3), or a searched one: {AUTO_GRAMMAR}; "
-                        "the searched plan is kept in OUT/plan.json")
+    p.add_argument("--cache", default=DEFAULT_PLAN_SEARCH,
+                   help=f"cache plan: a searched one, {AUTO_GRAMMAR} (default {DEFAULT_PLAN_SEARCH}: the plan of "
+                        "least output error within that compute fraction, searched on this model's own "
+                        "trajectories, so it fits any model; kept in OUT/plan.json), or a fixed one as for generate")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5)
@@ -305,8 +306,8 @@ def cmd_inspect(args) -> None:
             if kind is None:
                 raise QandcError(f"{path}: manifest kind {data.get('kind')!r} is none of {', '.join(MANIFESTS)}")
             data = kind.read(folder, verify=False).to_dict()
-        keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "sampler", "steps",
-                                     "lineage", "versions") if k in data}
+        keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "plan_search", "sampler",
+                                     "steps", "lineage", "versions") if k in data}
         print(f"{name}: {json.dumps(keys)}")
         files = data.get("files", {})
         if not isinstance(files, dict):
@@ -335,18 +336,20 @@ def cmd_train(args) -> None:
 def cmd_bench(args) -> None:
     """Measure every configuration side by side on this GPU — DiT-XL/2 256² (random non-zero weights: speed only)
     and the reference model, batch 16 with CFG: FP32 eager DDPM-250 and 50 steps, bf16 eager, bf16 + torch.compile
-    + CUDA graphs, cache only, FP8 only, INT8 only, Q&C FP8 / INT8 + cache (Inductor engines). Resumable: finished
-    stages are kept in --state and skipped; --budget-s stops between stages. When every stage is done, writes
-    bench-<card>.json and bench-<card>.png into --results."""
+    + CUDA graphs, cache only, FP8 only, INT8 only, Q&C FP8 / INT8 + cache (Inductor engines), the cached ones under
+    interval 3 and under the fixed plan the default plan search picks on the reference model (*-default). Resumable:
+    finished stages are kept in --state and skipped; --budget-s stops between stages. When every stage asked for
+    (--only) is done, writes bench-<card>.json and bench-<card>.png into --results."""
     import torch
 
-    from .bench import MODELS, bench
+    from .bench import MODELS, STAGES, bench
 
     card = args.card
     if card is None and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         card = next((c for c in ("h100", "h200") if c in name.lower()), name.lower().replace(" ", "-"))
-    result = bench(card, args.state, args.work, args.results, args.models or MODELS, args.budget_s, args.runs)
+    result = bench(card, args.state, args.work, args.results, args.models or MODELS, args.budget_s, args.runs,
+                   args.only or STAGES)
     if result is None:
         raise SystemExit(3)
     for key in ("speedup_vs_bf16_compiled", "speedup_vs_fp32_ddpm250", "full_step_over_fp8_floor"):
@@ -395,6 +398,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import STAGES
     from .engines import backend_names
 
     parser = _Parser(
@@ -519,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=argument(real, low=0), default=540.0,
                    help="start no new stage after this many seconds; exit code 3 means rerun to resume")
     p.add_argument("--runs", type=argument(integer), default=3, help="timed sampling runs per configuration (median)")
+    p.add_argument("--only", nargs="+", choices=STAGES, metavar="STAGE",
+                   help=f"run only these stages (default all: {', '.join(STAGES)}); the JSON and the plot are written "
+                        "from every stage finished in --state")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="score samples: FD, class accuracy, PSNR / SSIM / MSE",

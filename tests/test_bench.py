@@ -8,6 +8,8 @@ import torch
 
 from qandc.bench import CONFIGS, MODELS, bench
 from qandc.errors import QandcError
+from qandc.sampling import CachePlan
+from qandc.sampling.plan import DEFAULT_PLAN_SHAPE
 
 
 def _rows(state, rates):
@@ -36,3 +38,41 @@ def test_bench_summarizes_finished_stages_without_a_gpu(tmp_path):
     assert len(result["configs"]) == len(MODELS) * len(CONFIGS)
     assert json.loads((results / "bench-h200.json").read_text()) == result
     assert (results / "bench-h200.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_bench_only_runs_the_stages_named_and_best_qc_weighs_the_default_plan(tmp_path):
+    from qandc.cli import main
+
+    state, results = tmp_path / "state", tmp_path / "results"
+    state.mkdir()
+    _rows(state, {("dit-xl-2", "qc-fp8-cache"): 60.0, ("dit-xl-2", "qc-int8-default"): 80.0,
+                  ("dit-xl-2", "bf16-compiled-50"): 20.0})
+    (state / "reference--cache-default.json").unlink()
+    args = ["bench", "--card", "h200", "--state", str(state), "--work", str(tmp_path / "work"), "--results",
+            str(results)]
+    assert main(args) == 2  # a stage left to measure needs a GPU
+    assert main(args + ["--only", "bf16-compiled-50", "qc-int8-default", "fp8-floor"]) == 0  # those are done
+    result = json.loads((results / "bench-h200.json").read_text())
+    assert result["best_qc"] == "qc-int8-default" and result["speedup_vs_bf16_compiled"] == pytest.approx(4.0)
+    assert ("reference", "cache-default") not in {(r["model"], r["name"]) for r in result["configs"]}
+    with pytest.raises(QandcError, match="unknown bench stage 'qc-fp16'"):
+        bench("h200", state, tmp_path / "work", results, only=["qc-fp16"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_bench_quality_comes_from_the_ablation_row_of_the_same_plan(tmp_path):
+    state, results = tmp_path / "state", tmp_path / "results"
+    state.mkdir()
+    results.mkdir()
+    _rows(state, {})
+    quality = {"class_accuracy": 0.9, "n": 100}
+    rows = [{"name": "tap+vc", "preset": "w8a8-fp8", "cache": "auto:compute=0.5",  # a searched plan, as recorded
+             "plan": CachePlan.parse(DEFAULT_PLAN_SHAPE).to_dict(), "fd": 3.0, **quality},
+            {"name": "tap+vc", "preset": "w8a8-fp8", "cache": "interval=3", "fd": 7.5, **quality},  # the first form
+            {"name": "tap+vc", "preset": "w8a8-int8", "cache": "interval=5", "fd": 9.0, **quality}]
+    (results / "ablation.json").write_text(json.dumps({"rows": rows}))
+    configs = {r["name"]: r for r in bench("h200", state, tmp_path / "work", results)["configs"]
+               if r["model"] == "reference"}
+    assert configs["qc-fp8-default"]["fd"] == 3.0 and configs["qc-fp8-cache"]["fd"] == 7.5
+    assert "fd" not in configs["qc-int8-cache"] and "fd" not in configs["qc-int8-default"]  # no row of their plan

@@ -66,9 +66,14 @@ def test_generate_with_engines(built, tmp_path):
                  str(tmp_path / "h")]) == 2
 
 
-def test_qandc_run_end_to_end_and_resumes(tmp_path):
+def test_qandc_run_end_to_end_and_resumes(tmp_path, capsys):
+    """`qandc run` with the default plan: searched on the model, recorded in the recipe, deployed by the engines."""
+    import json
+
+    from qandc.calibration.plan_search import parse_auto
     from qandc.cli import main
     from qandc.model import save_checkpoint
+    from qandc.sampling.plan import DEFAULT_PLAN_SEARCH
     save_checkpoint(tiny_model(guidance="all", in_channels=4, pixel_shuffle=2, image_crop=28, input_size=16),
                     tmp_path / "m.pt")
     args = ["run", "--checkpoint", str(tmp_path / "m.pt"), "--preset", "w8a8-int8", "--selector", "uniform",
@@ -82,6 +87,12 @@ def test_qandc_run_end_to_end_and_resumes(tmp_path):
     for stage in ("recipe/recipe.json", "onnx/manifest.json", "engines/manifest.json", "samples/samples.npz",
                   "eval.json"):
         assert (run / stage).exists(), stage
+    search = json.loads((run / "recipe" / "plan.json").read_text())
+    assert search["spec"] == parse_auto(DEFAULT_PLAN_SEARCH).spec
+    recipe, engines = (json.loads((run / p).read_text()) for p in ("recipe/recipe.json", "engines/manifest.json"))
+    assert recipe["plan_search"] == search["spec"] and recipe["plan"] == engines["plan"] == search["plan"]
+    full = CachePlan.from_dict(search["plan"]).full_steps(6).count(True)
+    assert f"{full} full steps, {6 - full} reuse steps" in capsys.readouterr().err
     stamps = {p: (run / p).stat().st_mtime_ns for p in ("onnx/full.onnx", "engines/full.ort.onnx")}
     assert main(args) == 0  # valid stages are kept
     assert stamps == {p: (run / p).stat().st_mtime_ns for p in stamps}

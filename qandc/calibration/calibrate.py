@@ -24,6 +24,7 @@ from ..formats.recipe import RECIPE, QuantRecipe, quantizer_formats, write_vc
 from ..locking import holds_output
 from ..model.graphs import GraphSpec, engine_graphs
 from ..sampling import CachePlan, space_timesteps
+from ..sampling.plan import DEFAULT_PLAN_SEARCH
 from ..values import INT_LIMIT, check, integer, real
 from .plan_search import PlanSearch, auto_plan, check_search, parse_auto
 from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
@@ -40,7 +41,7 @@ class CalibrationSettings:
     preset: str = "w8a8-fp8"
     selector: str = "tap"
     budget: int = 800
-    plan: CachePlan | PlanSearch = field(default_factory=lambda: CachePlan.interval(3))  # or its CLI text
+    plan: CachePlan | PlanSearch | str = DEFAULT_PLAN_SEARCH  # or its CLI text
     plan_samples: int = 4     # trajectories the plan search measures
     pool_samples: int = 400
     steps: int = 50
@@ -159,21 +160,24 @@ def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint: str | 
     check_settings(model, s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(s.plan, PlanSearch):
+    search = s.plan.spec if isinstance(s.plan, PlanSearch) else ""
+    if search:
         s = dataclasses.replace(s, plan=world.broadcast(_searched_plan(model, out, s) if world.main else None))
     with tqdm(total=4, desc="calibrate", leave=False, disable=not world.main) as stages:  # cleared on errors too
         pool = _pool(model, out, s, world)
         world.close()
         if pool is None:
             return None
-        recipe = _stages(model, out, s, checkpoint, stages, pool)
+        recipe = _stages(model, out, s, checkpoint, stages, pool, search)
     if report and not (out / REPORT).exists():
         write_report(sensitivity_report(model, out, s.batch_size), out)
     return recipe
 
 
-def _stages(model, out: Path, s: CalibrationSettings, checkpoint: str | Path, stages, pool) -> QuantRecipe:
-    """Selection, then recipe and VC table, each skipped when the folder holds it."""
+def _stages(model, out: Path, s: CalibrationSettings, checkpoint: str | Path, stages, pool,
+            search: str) -> QuantRecipe:
+    """Selection, then recipe and VC table, each skipped when the folder holds it; `search`: the spec the plan was
+    searched by ("" for a given plan)."""
     source = reference(checkpoint, out) if checkpoint else {"path": "", "sha256": ""}
     stages.update()
     indices = _selection(pool, out, s)
@@ -185,7 +189,8 @@ def _stages(model, out: Path, s: CalibrationSettings, checkpoint: str | Path, st
                                    "budget": s.budget, "selection": f"selection-{s.selector}.json"},
                          pool_id=pool.pool_id, checkpoint_sha256=source["sha256"], checkpoint=source["path"],
                          model=model.config.to_dict(),
-                         vc=None if s.vc == "none" else {"form": s.vc, "samples": s.vc_samples, "seed": s.seed + 1})
+                         vc=None if s.vc == "none" else {"form": s.vc, "samples": s.vc_samples, "seed": s.seed + 1},
+                         plan_search=search)
     if (out / RECIPE).exists():
         existing = QuantRecipe.load(out)
         if checkpoint:

@@ -1,7 +1,7 @@
 """The quant recipe and the VC table: the files `calibrate` writes and every later stage reads.
 
-A recipe directory holds recipe.json (preset, quantized layers, cache plan, sampler settings, selector, lineage:
-the checkpoint's sha256, its path relative to the folder and its model config),
+A recipe directory holds recipe.json (preset, quantized layers, cache plan and the search it came from, sampler
+settings, selector, lineage: the checkpoint's sha256, its path relative to the folder and its model config),
 amax.safetensors (one amax per enabled ModelOpt quantizer, by quantizer name) and, once VC is fitted,
 vc.safetensors (K, steps x channels). Reading them needs neither ModelOpt nor scikit-learn: a deployed runtime
 reads the VC table and the engines the amax without importing calibration.
@@ -61,6 +61,8 @@ class QuantRecipe:
     checkpoint: str = field(default="", compare=False)  # path relative to the recipe folder (moves are no change)
     model: dict | None = field(default=None, compare=False)  # the checkpoint's model config, heads included
     vc: dict | None = None   # {"form": "var" | "mse" | "nsr", "samples": ..., "seed": ...} once fitted
+    # the `auto...` spec `plan` was searched by ("" for a given plan; the search is in plan.json, which guards a rerun)
+    plan_search: str = field(default="", compare=False)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):

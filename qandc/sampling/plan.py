@@ -32,6 +32,13 @@ FACTOR_DTYPES = ("float32", "bf16")
 AUTO_GRAMMAR = "auto[:err=E|:reuse=F|:compute=F][,forecast=0|1|2][,factors=float32|bf16] (E > 0, 0 < F <= 1)"
 GRAMMAR = ("none | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1][,forecast=0|1|2]"
            "[,factors=float32|bf16] | PLAN.json")
+# The default plan of `calibrate` and `run`: a search, so it fits any model, at the compute fraction and forecast
+# order the measured speed / quality front shows best on the reference model (benchmarks/results/front-<card>.json).
+DEFAULT_PLAN_SEARCH = "auto:compute=0.5,forecast=1"  # provisional until the front is measured
+# The shape of the plan that search picks on the reference model (its compute fraction, forecast order and reuse sets
+# as a fixed plan: a plan's speed depends on how many steps run each graph, not on which): what `qandc bench` times on
+# random weights, where a search measures nothing.
+DEFAULT_PLAN_SHAPE = "interval=2,forecast=1"  # provisional until the front is measured
 
 
 def reuse_graph_name(index: int) -> str:
