@@ -1,8 +1,8 @@
 """`qandc bench`: every configuration side by side on one GPU, one run, the same seeds — DiT-XL/2 at 256² (random
 weights, every layer non-zero: speed only) and the shipped reference model — from FP32 eager DDPM-250 (the paper's
 baseline) to Q&C FP8 / INT8 + cache on Inductor engines with CUDA graphs, under the ablation's interval-3 plan and under
-the fixed plan the default search picks on the reference model (DEFAULT_PLAN_SHAPE; a search on random weights
-would measure nothing).
+the shape of the plan the default search picks on the reference model (`default_plan_shape`; a search on random
+weights would measure nothing).
 
 Each configuration is one stage whose result is written to the state folder as soon as it is measured; a rerun
 skips finished stages, and `--budget-s` stops between stages so one call fits the GPU machine's 10-minute limit.
@@ -26,10 +26,11 @@ import torch
 
 from .artifacts import atomic_path, write_json
 from .errors import QandcError
-from .sampling.plan import DEFAULT_PLAN_SEARCH, DEFAULT_PLAN_SHAPE
+from .sampling.plan import DEFAULT_PLAN_SEARCH, default_plan_shape
 
 BATCH, STEPS, CFG, SEED = 16, 50, 1.5, 0
 CACHE_PLAN = "interval=3"  # the first ablation's plan: full step every 3rd, reuse all branches
+DEFAULT_SHAPE = "default-shape"  # default_plan_shape(STEPS): the plan the default search picks, as a fixed shape
 FLOOR = "fp8-floor"        # the stage measuring the FP8 floor of a full step
 
 
@@ -57,13 +58,20 @@ CONFIGS = [
     Config("int8-only", STEPS, "w8a8-int8", quality="ablation:quant-int8"),
     Config("qc-fp8-cache", STEPS, "w8a8-fp8", CACHE_PLAN, quality="ablation:tap+vc@w8a8-fp8"),
     Config("qc-int8-cache", STEPS, "w8a8-int8", CACHE_PLAN, quality="ablation:tap+vc@w8a8-int8"),
-    Config("cache-default", STEPS, "bf16", DEFAULT_PLAN_SHAPE, quality="ablation:cache"),
-    Config("qc-fp8-default", STEPS, "w8a8-fp8", DEFAULT_PLAN_SHAPE, quality="ablation:tap+vc@w8a8-fp8"),
-    Config("qc-int8-default", STEPS, "w8a8-int8", DEFAULT_PLAN_SHAPE, quality="ablation:tap+vc@w8a8-int8"),
+    Config("cache-default", STEPS, "bf16", DEFAULT_SHAPE, quality="ablation:cache"),
+    Config("qc-fp8-default", STEPS, "w8a8-fp8", DEFAULT_SHAPE, quality="ablation:tap+vc@w8a8-fp8"),
+    Config("qc-int8-default", STEPS, "w8a8-int8", DEFAULT_SHAPE, quality="ablation:tap+vc@w8a8-int8"),
 ]
 QC_CONFIGS = ("qc-fp8-cache", "qc-int8-cache", "qc-fp8-default", "qc-int8-default")  # candidates for best_qc
 MODELS = ("dit-xl-2", "reference")
 STAGES = tuple(c.name for c in CONFIGS) + (FLOOR,)
+
+
+def config_plan(cache: str):
+    """The CachePlan of a configuration's cache spec (DEFAULT_SHAPE: default_plan_shape(STEPS))."""
+    from .sampling import CachePlan
+
+    return default_plan_shape(STEPS) if cache == DEFAULT_SHAPE else CachePlan.parse(cache)
 
 
 def _slug(cache: str) -> str:
@@ -90,11 +98,10 @@ def quick_recipe(model, preset: str, cache: str, folder: Path, batches: int = 4)
 
     from .calibration.quantize import quantize, quantized_layers, save_amax
     from .formats.recipe import QuantRecipe
-    from .sampling import CachePlan
 
     if (folder / "amax.safetensors").is_file():
         return folder
-    recipe = QuantRecipe(preset=preset, layers=quantized_layers(model), plan=CachePlan.parse(cache),
+    recipe = QuantRecipe(preset=preset, layers=quantized_layers(model), plan=config_plan(cache),
                          steps=STEPS, sampler="ddpm", cfg_scale=CFG, selector={"name": "noise", "batches": batches})
     c = model.config
     generator = torch.Generator().manual_seed(SEED)
@@ -130,9 +137,8 @@ def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
     """Median ms of one call of the full and of the reuse graph at `rows` rows (guided batch), on their example
     feeds (fixed inputs)."""
     from .model.graphs import engine_graphs, example_feeds
-    from .sampling import CachePlan
 
-    graphs = engine_graphs(CachePlan.parse(config.cache), denoiser.branch_names)
+    graphs = engine_graphs(config_plan(config.cache), denoiser.branch_names)
     feeds = example_feeds(denoiser, graphs, rows)
 
     def median_ms(name: str, repeats: int) -> float:
@@ -157,10 +163,10 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
     """Build what the configuration needs, warm it up, then time whole sampling runs and single steps."""
     from .engines import build_inductor
     from .runtime import Pipeline
-    from .sampling import CachePlan, SamplerDefaults, sample
+    from .sampling import SamplerDefaults, sample
 
     labels = torch.arange(BATCH) % model.config.num_classes
-    plan = CachePlan.parse(config.cache)
+    plan = config_plan(config.cache)
     base = _memory_mark()
     model.to("cuda")
     if config.precision == "fp32":
@@ -245,7 +251,7 @@ def _quality(config: Config, results_dir: Path) -> dict:
     path = results_dir / ("ablation.json" if source == "ablation" else "reference-model.json")
     if not path.is_file():
         return {}
-    plan = CachePlan.parse(config.cache)
+    plan = config_plan(config.cache)
     for r in json.loads(path.read_text())["rows"]:
         row_plan = CachePlan.from_dict(r["plan"]) if "plan" in r else CachePlan.parse(r["cache"])
         if r["name"] == name and (not preset or r.get("preset") == preset) and row_plan == plan:
@@ -271,15 +277,17 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
     result = {"card": card, "device_name": sorted({r.get("device_name", "") for r in configs}),
               "torch": sorted({r.get("torch", "") for r in configs}), "batch": BATCH, "cfg_scale": CFG,
               "sampler": "ddpm", "seed": SEED,
-              "cache_plan": CACHE_PLAN, "default_plan": DEFAULT_PLAN_SHAPE, "default_plan_search": DEFAULT_PLAN_SEARCH,
+              "cache_plan": CACHE_PLAN, "default_plan": default_plan_shape(STEPS).to_dict(),
+              "default_plan_search": DEFAULT_PLAN_SEARCH,
               "notes": ["DiT-XL/2 256x256 (latent 32x32x4) with seeded random weights, every layer non-zero: "
                         "speed only, no quality", "images_per_s: batch of 16 labels with CFG (32 rows per step), "
                         "median of whole sampling runs after a warm-up run",
                         "quantized configurations: static scales from a quick ModelOpt max calibration; quality "
                         "columns (reference model) are the ablation's rows (TAP + VC recipes, 10k samples)",
                         "VC is not applied in the timed runs (one fused multiply-add per step)",
-                        "*-default configurations: the fixed plan default_plan, the one the default search "
-                        "(default_plan_search) picks on the reference model"],
+                        "*-default configurations: default_plan, the shape of the plan the default search "
+                        "(default_plan_search) picks on the reference model (its compute fraction and forecast order, "
+                        "full steps evenly spaced); their quality is the front's (front-<card>.json)"],
               "fp8_floor": floors, "configs": configs}
     best = max((by_name[("dit-xl-2", name)] for name in QC_CONFIGS if ("dit-xl-2", name) in by_name),
                key=lambda r: r["images_per_s"], default=None)

@@ -8,8 +8,7 @@ import torch
 
 from qandc.bench import CONFIGS, MODELS, bench
 from qandc.errors import QandcError
-from qandc.sampling import CachePlan
-from qandc.sampling.plan import DEFAULT_PLAN_SHAPE
+from qandc.sampling.plan import default_plan_shape
 
 
 def _rows(state, rates):
@@ -68,7 +67,7 @@ def test_bench_quality_comes_from_the_ablation_row_of_the_same_plan(tmp_path):
     _rows(state, {})
     quality = {"class_accuracy": 0.9, "n": 100}
     rows = [{"name": "tap+vc", "preset": "w8a8-fp8", "cache": "auto:compute=0.5",  # a searched plan, as recorded
-             "plan": CachePlan.parse(DEFAULT_PLAN_SHAPE).to_dict(), "fd": 3.0, **quality},
+             "plan": default_plan_shape(50).to_dict(), "fd": 3.0, **quality},
             {"name": "tap+vc", "preset": "w8a8-fp8", "cache": "interval=3", "fd": 7.5, **quality},  # the first form
             {"name": "tap+vc", "preset": "w8a8-int8", "cache": "interval=5", "fd": 9.0, **quality}]
     (results / "ablation.json").write_text(json.dumps({"rows": rows}))

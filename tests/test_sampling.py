@@ -164,6 +164,19 @@ def test_plan_grammar():
             CachePlan.parse(bad)
 
 
+@pytest.mark.parametrize("steps", [10, 50, 250])
+def test_default_plan_shape_has_the_default_compute_and_forecast(steps):
+    from qandc.sampling.plan import DEFAULT_COMPUTE, DEFAULT_FORECAST, default_plan_shape
+
+    plan = default_plan_shape(steps)
+    full = plan.full_steps(steps)
+    assert plan.forecast == DEFAULT_FORECAST and full[0]
+    assert sum(full) == round(DEFAULT_COMPUTE * steps)
+    at = [s for s in range(steps) if full[s]] + [steps]
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    assert max(gaps) - min(gaps) <= 1  # evenly spaced
+
+
 def test_plan_json_file(tmp_path, model):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(CachePlan.from_steps(["full", "reuse", "full"], ["blocks.1.mlp"]).to_dict()))

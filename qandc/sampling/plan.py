@@ -17,6 +17,7 @@ holds K+1 factors per branch, in `factors` precision ("float32" or "bf16").
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -33,12 +34,10 @@ AUTO_GRAMMAR = "auto[:err=E|:reuse=F|:compute=F][,forecast=0|1|2][,factors=float
 GRAMMAR = ("none | interval=N[,branches=all|attn|mlp|NAME+NAME...][,regate=0|1][,forecast=0|1|2]"
            "[,factors=float32|bf16] | PLAN.json")
 # The default plan of `calibrate` and `run`: a search, so it fits any model, at the compute fraction and forecast
-# order the measured speed / quality front shows best on the reference model (benchmarks/results/front-<card>.json).
-DEFAULT_PLAN_SEARCH = "auto:compute=0.5,forecast=1"  # provisional until the front is measured
-# The shape of the plan that search picks on the reference model (its compute fraction, forecast order and reuse sets
-# as a fixed plan: a plan's speed depends on how many steps run each graph, not on which): what `qandc bench` times on
-# random weights, where a search measures nothing.
-DEFAULT_PLAN_SHAPE = "interval=2,forecast=1"  # provisional until the front is measured
+# order the measured speed / quality front shows best on the reference model under DDPM-50 (benchmarks/results/
+# front-h200.json: 0.4 with forecast 1 holds FD within 1.10x of float32 in bf16, FP8 and INT8; 0.5 and 0.34 do not).
+DEFAULT_COMPUTE, DEFAULT_FORECAST = 0.4, 1
+DEFAULT_PLAN_SEARCH = f"auto:compute={DEFAULT_COMPUTE:g},forecast={DEFAULT_FORECAST}"
 
 
 def reuse_graph_name(index: int) -> str:
@@ -243,3 +242,12 @@ class CachePlan:
             branches = tuple(branches.split("+"))
         return cls.interval(int(fields["interval"]), branches, fields.get("regate") == "1",
                             int(fields.get("forecast", "0")), fields.get("factors", "float32"))
+
+
+def default_plan_shape(steps: int) -> "CachePlan":
+    """The shape of the plan the default search picks (its compute fraction and forecast order; full steps evenly
+    spaced), for timing random weights, where a search measures nothing: a plan's speed depends on how many steps run
+    each graph, not on which."""
+    count = max(1, round(DEFAULT_COMPUTE * steps))
+    full = {math.floor(i * steps / count) for i in range(count)}
+    return CachePlan.from_steps([s in full for s in range(steps)], forecast=DEFAULT_FORECAST)
