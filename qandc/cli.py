@@ -283,8 +283,9 @@ def cmd_run(args) -> None:
         result = run(model, args.out, _calibration_settings(args), args.backend, args.checkpoint, labels,
                      args.per_class)
         write_json(Path(args.out) / "eval.json", {"command": "run", **result, "versions": library_versions()})
-    print(f"FD {result['fd']:.3f}  class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); "
-          f"wrote {args.out}")
+    from .metrics.evaluate import fd_text
+
+    print(f"class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); {fd_text(result)}; wrote {args.out}")
 
 
 def cmd_inspect(args) -> None:
@@ -381,6 +382,8 @@ def cmd_eval(args) -> None:
     print(f"{'metric':<{width}}  value")
     for key, value in rows:
         print(f"{key:<{width}}  {_table_cell(value)}")
+    if result["fd_note"]:
+        print(result["fd_note"])
     print(f"wrote {out}")
 
 

@@ -11,7 +11,7 @@ from qandc.cli import main
 from qandc.data import images_to_model, load_fashion_mnist
 from qandc.errors import QandcError
 from qandc.metrics.classifier import STATS, WEIGHTS, FashionCNN, classify, uint8_to_input
-from qandc.metrics.evaluate import evaluate, read_samples
+from qandc.metrics.evaluate import evaluate, fd_validity, read_samples, score
 from qandc.metrics.scores import PSNR_CAP, feature_stats, frechet_distance, frechet_interval, image_similarity
 from qandc.model.dit import DiTConfig
 
@@ -150,6 +150,18 @@ def test_fd_against_its_own_statistics_is_zero_and_grows_with_noise(classifier, 
     assert 0 < fds[1] < fds[2]
 
 
+def test_fd_is_withheld_below_feature_dimension_plus_one_and_flagged_below_ten_times_it(classifier):
+    assets, _, images = classifier
+    few, some = score(images[:128], classifier_assets=assets), score(images[:129], classifier_assets=assets)
+    assert few["fd"] is None and not few["fd_reliable"] and "128-d" in few["fd_note"]
+    assert np.isfinite(some["fd"]) and not some["fd_reliable"] and "unreliable" in some["fd_note"]
+    assert "fd_ci" not in score(images[:20], classifier_assets=assets, fd_resamples=5)
+    many = score(np.concatenate([images] + [noisy(images, 10, seed) for seed in range(4)])[:1280],
+                 classifier_assets=assets)
+    assert np.isfinite(many["fd"]) and many["fd_reliable"] and many["fd_note"] is None
+    assert fd_validity(1279, 128)[:2] == (True, False) and fd_validity(1280, 128)[:2] == (True, True)
+
+
 def test_class_accuracy_is_the_fraction_of_labels_the_classifier_agrees_with(classifier, tmp_path):
     assets, model, images = classifier
     _, predictions = classify(model, images)
@@ -257,7 +269,9 @@ def test_eval_command_writes_eval_json_and_prints_a_table(classifier, tmp_path, 
     assert float(table[4].split()[1]) == pytest.approx(record["psnr"], abs=1e-4)
     assert main(["eval", "--samples", str(reference), "--out", str(tmp_path / "x" / "e.json")]) == 0
     assert json.loads((tmp_path / "x" / "e.json").read_text())["class_accuracy"] is None
-    assert "n/a" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "n/a" in printed and "FD not reported: 30 samples for 128-d features" in printed
+    assert json.loads((tmp_path / "x" / "e.json").read_text())["fd"] is None
     assert main(["eval", "--samples", str(reference)]) == 0 and (tmp_path / "eval.json").exists()
 
 

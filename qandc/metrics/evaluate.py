@@ -148,20 +148,47 @@ def evaluate(samples_path, reference_path=None, classifier_assets=None) -> dict:
     return result
 
 
+FD_RELIABLE_FACTOR = 10  # FD is flagged unreliable below this many samples per feature dimension
+
+
+def fd_validity(n: int, dim: int) -> tuple[bool, bool, str | None]:
+    """(whether FD can be reported, whether it is reliable, the note that says why not) for n samples of
+    dim-d features: below dim + 1 samples their covariance is singular (rank at most n - 1 < dim), so FD measures
+    the sample size rather than the samples; below FD_RELIABLE_FACTOR * dim it is biased upward and noisy."""
+    if n <= dim:
+        return False, False, (f"FD not reported: {n} samples for {dim}-d features (their covariance has rank at most "
+                              f"{n - 1} < {dim}; FD needs n > {dim}, and n >= {FD_RELIABLE_FACTOR * dim} to be "
+                              "reliable)")
+    if n < FD_RELIABLE_FACTOR * dim:
+        return True, False, (f"FD unreliable: {n} samples for {dim}-d features (biased upward below "
+                             f"{FD_RELIABLE_FACTOR} x {dim} = {FD_RELIABLE_FACTOR * dim}); compare only at equal n")
+    return True, True, None
+
+
 def score(images: np.ndarray, labels=None, reference: np.ndarray | None = None, classifier_assets=None,
           fd_resamples: int = 0) -> dict:
     """FD between the reference classifier's features of uint8 images (N, 28, 28) and its shipped test-set
     statistics, class accuracy when labels are given, and PSNR / SSIM / MSE against paired reference images.
-    classifier_assets: a folder with the classifier files (None: the shipped qandc/assets). `fd_resamples` > 0 adds
-    `fd_ci`, FD's 95% bootstrap interval over that many resamplings of the images."""
+    `fd` is None below feature dimension + 1 samples; `fd_reliable` and `fd_note` say whether and why not to trust
+    it (see `fd_validity`). classifier_assets: a folder with the classifier files (None: the shipped qandc/assets).
+    `fd_resamples` > 0 adds `fd_ci`, FD's 95% bootstrap interval over that many resamplings of the images."""
     model, stats = load_classifier(ASSETS if classifier_assets is None else classifier_assets)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     features, predictions = classify(model.to(device), images)
-    result = {"n": len(images), "fd": frechet_distance(*feature_stats(features), stats["mu"], stats["sigma"]),
+    reported, reliable, note = fd_validity(len(images), features.shape[1])
+    fd = frechet_distance(*feature_stats(features), stats["mu"], stats["sigma"]) if reported else None
+    result = {"n": len(images), "fd": fd, "fd_reliable": reliable, "fd_note": note,
               "class_accuracy": None if labels is None else float((predictions == np.asarray(labels)).mean()),
               "classifier_sha256": stats["sha256"], "device": str(device)}
-    if fd_resamples:
+    if fd_resamples and reported:
         result["fd_ci"] = list(frechet_interval(features, stats["mu"], stats["sigma"], fd_resamples))
     if reference is not None:
         result.update(image_similarity(images, reference))
     return result
+
+
+def fd_text(result: dict) -> str:
+    """FD as the CLI prints it: the number, marked when unreliable, or why there is none."""
+    if result["fd"] is None:
+        return result["fd_note"]
+    return f"FD {result['fd']:.3f}" + ("" if result["fd_reliable"] else f" ({result['fd_note']})")
