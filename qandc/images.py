@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from .artifacts import atomic_path
 from .errors import QandcError
@@ -51,25 +52,61 @@ def decode_latents(latents: torch.Tensor, vae_dir: str | Path) -> torch.Tensor:
         return vae.decode(latents / LATENT_SCALE).sample
 
 
+GRID_TILE = 64  # grid.png shows each sample at least this many pixels a side (NEAREST upscaling)
+CAPTION_SEPARATOR = " · "
+
+
 def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None,
-              captions: list[str] | None = None) -> None:
-    """Tile (N, H, W, C) uint8 images into one PNG, atomically; `captions` label the rows in a left margin."""
+              captions: list[str] | None = None, title: str = "") -> None:
+    """Tile (N, H, W, C) uint8 images into one PNG, atomically, each upscaled (NEAREST) to at least GRID_TILE
+    pixels a side; `captions` label the rows in a left margin, `title` (parts joined by CAPTION_SEPARATOR, wrapped
+    between parts) is drawn above the grid and kept in the PNG's "Description" text."""
+    scale = math.ceil(GRID_TILE / min(images.shape[1:3]))
     n, h, w, c = images.shape
+    h, w = h * scale, w * scale
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image.repeat(scale, 0).repeat(scale, 1)
     picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    font = ImageFont.load_default(size=12)
+    white = 255 if c == 1 else (255, 255, 255)
+    measure = ImageDraw.Draw(picture).textlength
     if captions:
-        font = ImageFont.load_default()
-        margin = 8 + max(int(ImageDraw.Draw(picture).textlength(text, font=font)) for text in captions)
-        captioned = Image.new(picture.mode, (picture.width + margin, picture.height))
-        captioned.paste(picture, (margin, 0))
-        draw = ImageDraw.Draw(captioned)
+        margin = 8 + max(int(measure(text, font=font)) for text in captions)
+        picture = _extend(picture, left=margin)
+        draw = ImageDraw.Draw(picture)
         for r, text in enumerate(captions[:rows]):
-            draw.text((4, r * h + h // 2), text, fill=255 if c == 1 else (255, 255, 255), font=font, anchor="lm")
-        picture = captioned
+            draw.text((4, r * h + h // 2), text, fill=white, font=font, anchor="lm")
+    info = PngInfo()
+    if title:
+        lines = _wrap(title.split(CAPTION_SEPARATOR), picture.width - 8, lambda text: measure(text, font=font))
+        width = max(picture.width, 8 + max(int(measure(line, font=font)) for line in lines))
+        picture = _extend(picture, top=4 + 16 * len(lines), right=width - picture.width)
+        draw = ImageDraw.Draw(picture)
+        for i, line in enumerate(lines):
+            draw.text((4, 4 + 16 * i), line, fill=white, font=font)
+        info.add_text("Description", title)
     with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+        picture.save(tmp, format="PNG", pnginfo=info)
+
+
+def _extend(picture: Image.Image, left: int = 0, top: int = 0, right: int = 0) -> Image.Image:
+    """`picture` on a black canvas with that many more pixels on the left, top and right."""
+    canvas = Image.new(picture.mode, (picture.width + left + right, picture.height + top))
+    canvas.paste(picture, (left, top))
+    return canvas
+
+
+def _wrap(parts: list[str], width: float, length) -> list[str]:
+    """`parts` joined by CAPTION_SEPARATOR into lines no longer than `width` where they fit (`length` measures)."""
+    lines = [parts[0]]
+    for part in parts[1:]:
+        joined = lines[-1] + CAPTION_SEPARATOR + part
+        if length(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    return lines

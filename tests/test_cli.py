@@ -8,6 +8,7 @@ from PIL import Image
 
 from qandc.artifacts import sha256_file
 from qandc.cli import main
+from qandc.sampling import CachePlan
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,11 @@ def test_generate_writes_samples_grid_and_config(checkpoint, tmp_path):
     data = np.load(out / "samples.npz")
     assert data["samples"].shape == (3, 3, 16, 16) and data["samples"].dtype == np.float32
     assert data["labels"].tolist() == [0, 1, 4]
-    assert Image.open(out / "grid.png").size == (32, 32)
     config = json.loads((out / "config.json").read_text())
+    grid = Image.open(out / "grid.png")  # 3 samples of 16x16 px in a 2x2 grid, each shown at 64 px under a caption
+    assert grid.width == 2 * 64 and grid.height > 2 * 64 and grid.text["Description"] == config["caption"]
+    assert config["caption"] == (f"{CachePlan.parse('interval=2,branches=mlp').describe()} · float · ddpm 6 steps · "
+                                 "CFG 1.5 · seed 3")
     assert config["checkpoint_sha256"] == sha256_file(checkpoint)
     assert config["plan"]["branches"] == "mlp" and config["seed"] == 3 and config["guidance"] == "first3"
     assert "torch" in config["versions"]
@@ -90,7 +94,7 @@ def test_latents_decode_through_a_local_vae(tmp_path):
     main(["init", "--config", "DiT-S/8", "--input-size", "16", "--num-classes", "3", "--nonzero", "--out", str(ckpt)])
     assert main(["generate", "--checkpoint", str(ckpt), "--labels", "0,2", "--steps", "2", "--vae",
                  str(tmp_path / "vae"), "--out", str(tmp_path / "g")]) == 0
-    assert Image.open(tmp_path / "g" / "grid.png").size == (32, 16)
+    assert Image.open(tmp_path / "g" / "grid.png").width == 2 * 64  # two decoded 16x16 samples at 64 px each
     assert main(["generate", "--checkpoint", str(ckpt), "--labels", "0", "--steps", "2", "--vae",
                  str(tmp_path / "nowhere"), "--out", str(tmp_path / "h")]) == 2
 

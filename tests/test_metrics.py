@@ -124,10 +124,10 @@ def test_image_similarity_of_identical_images_is_perfect_and_drops_with_noise():
     light, heavy = noisy(images, 5), noisy(images, 40)
     scores = [image_similarity(x, images) for x in (light, heavy)]
     assert PSNR_CAP > scores[0]["psnr"] > scores[1]["psnr"] and 1 > scores[0]["ssim"] > scores[1]["ssim"]
-    for x, score in zip((light, heavy), scores):
+    for x, similarity in zip((light, heavy), scores):
         per_image_mse = ((x.astype(np.float64) - images) ** 2).mean(axis=(1, 2))
-        assert score["mse"] == pytest.approx(per_image_mse.mean())
-        assert score["psnr"] == pytest.approx(np.mean(10 * np.log10(255 ** 2 / per_image_mse)))
+        assert similarity["mse"] == pytest.approx(per_image_mse.mean())
+        assert similarity["psnr"] == pytest.approx(np.mean(10 * np.log10(255 ** 2 / per_image_mse)))
     assert image_similarity(light[..., None], images[..., None]) == pytest.approx(scores[0])
 
 

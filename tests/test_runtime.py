@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import torch
@@ -62,6 +63,8 @@ def test_generate_with_engines(built, tmp_path):
     samples = np.load(tmp_path / "g" / "samples.npz")["samples"]
     direct = Pipeline.load(root / "engines").generate([1, 2], seed=5).numpy()
     assert np.allclose(samples, direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
+    caption = json.loads((tmp_path / "g" / "config.json").read_text())["caption"]
+    assert caption.startswith(PLAN.describe()) and "w8a8-int8 (onnxruntime engines) + VC" in caption
     assert main(["generate", "--engines", str(root / "engines"), "--recipe", str(root / "recipe"), "--out",
                  str(tmp_path / "h")]) == 2
 

@@ -18,7 +18,8 @@ from .. import distributed
 from ..artifacts import atomic_path, library_versions, sha256_file, write_json
 from ..distributed import World
 from ..errors import QandcError
-from ..images import decode_latents, has_image_space, model_to_images, save_grid, to_uint8
+from ..formats.recipe import QuantRecipe
+from ..images import CAPTION_SEPARATOR, decode_latents, has_image_space, model_to_images, save_grid, to_uint8
 from ..locking import holds_output
 from ..sampling import SAMPLERS, check_labels, space_timesteps
 from ..values import check, integer, real
@@ -117,13 +118,15 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
         buffer = io.BytesIO()
         np.savez(buffer, samples=data["samples"], labels=data["labels"])
         tmp.write_bytes(buffer.getvalue())
-    _save_grid(pipeline, torch.from_numpy(data["samples"][:GRID_LIMIT]), labels, out, vae, per_class, class_names)
+    caption = describe_samples(pipeline, options, provenance, uses_vc)
+    _save_grid(pipeline, torch.from_numpy(data["samples"][:GRID_LIMIT]), labels, out, vae, per_class, class_names,
+               caption)
     config = pipeline.config
     record = {
         "command": "generate", "checkpoint": provenance.checkpoint,
         "checkpoint_sha256": provenance.sha256.get("checkpoint"), "model": config.to_dict(),
         "guidance": config.guidance, "labels": labels.tolist(), **settings, "recipe": provenance.recipe,
-        "engines": provenance.engines, "vc": uses_vc,
+        "engines": provenance.engines, "vc": uses_vc, "caption": caption,
         "noise_keying": "per sample: generator keyed by (seed, index)", "vae": vae, "device": str(pipeline.device),
         "world_size": world.size, "shards": {"folder": "shards", "count": len(units), "size": options.batch_size},
         "sampling_seconds": seconds, "engine_steps_rank0": engine_steps if pipeline.runs_engines else None,
@@ -133,9 +136,26 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     return record
 
 
+def describe_samples(pipeline: Pipeline, options: SamplingOptions, provenance: Provenance, uses_vc: bool) -> str:
+    """What made the samples, for grid.png's caption and config.json: the cache plan's `describe()`, the
+    precision (the recipe preset, with the engine backend; "float" for an unquantized model), VC, sampler, steps,
+    CFG scale and seed."""
+    if pipeline.manifest is not None:
+        precision = f"{(pipeline.manifest.recipe or {}).get('preset', 'float')} ({pipeline.manifest.backend} engines)"
+    elif provenance.recipe:
+        precision = f"{QuantRecipe.load(provenance.recipe).preset} (fake quant)"
+    else:  # a fake-quant model handed over without its recipe still shows ModelOpt's quantizer modules
+        quantized = any(type(m).__name__ == "TensorQuantizer" for m in pipeline.denoiser.modules())
+        precision = "fake quant" if quantized else "float"
+    eta = f" eta {options.eta:g}" if options.eta else ""
+    return CAPTION_SEPARATOR.join([
+        pipeline.plan.describe(), precision + (" + VC" if uses_vc else ""), f"{options.sampler}{eta} {options.steps} "
+        "steps", f"CFG {options.cfg_scale:g}", f"seed {options.seed}"])
+
+
 def _save_grid(pipeline: Pipeline, shown: torch.Tensor, labels: torch.Tensor, out: Path, vae: str | None,
-               per_class: int | None, class_names: Sequence[str]) -> None:
-    """out/grid.png of the `shown` samples, when they are images or `vae` decodes them."""
+               per_class: int | None, class_names: Sequence[str], caption: str) -> None:
+    """out/grid.png of the `shown` samples, when they are images or `vae` decodes them, with `caption` above."""
     if vae:
         images = decode_latents(shown.to(pipeline.device), vae).cpu()
     elif has_image_space(pipeline.config):
@@ -145,4 +165,5 @@ def _save_grid(pipeline: Pipeline, shown: torch.Tensor, labels: torch.Tensor, ou
     captions = None
     if per_class and per_class > 1:  # one row per requested label, captioned with its class name
         captions = [class_names[k] if k < len(class_names) else f"class {k}" for k in labels[::per_class].tolist()]
-    save_grid(to_uint8(images), out / "grid.png", columns=per_class if captions else None, captions=captions)
+    save_grid(to_uint8(images), out / "grid.png", columns=per_class if captions else None, captions=captions,
+              title=caption)
