@@ -309,20 +309,23 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6))
     rows = sorted((r for r in result["configs"] if r["model"] == "reference" and "fd" in r),
                   key=lambda r: r["images_per_s"])
+    markers = "osD^v<>pPX*h"  # points that nearly coincide stay apart by marker; names are in the legend
     for i, r in enumerate(rows):
-        left.scatter(r["images_per_s"], r["fd"])
-        left.annotate(r["name"], (r["images_per_s"], r["fd"]), fontsize=7, rotation=30,
-                      xytext=(3, 6 + 9 * (i % 3)), textcoords="offset points")
+        left.scatter(r["images_per_s"], r["fd"], marker=markers[i % len(markers)], s=60, color=f"C{i % 10}",
+                     label=f"{r['name']}: {r['images_per_s']:.0f} img/s, FD {r['fd']:.2f}")
+    left.legend(fontsize=8, loc="upper left", frameon=False)
     left.set(xscale="log", xlabel="images / s (batch 16, CFG)", ylabel="FD (classifier features, 10k; lower is "
              "better)", title=f"Reference model: speed vs quality ({result['card']})")
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     xl = [r for r in result["configs"] if r["model"] == "dit-xl-2"]
-    right.barh([r["name"] for r in xl], [r["images_per_s"] for r in xl])
+    bars = right.barh([r["name"] for r in xl], [r["images_per_s"] for r in xl])
+    right.bar_label(bars, fmt="%.2f", padding=3, fontsize=9)
     right.set(xscale="log", xlabel="images / s (batch 16, CFG)", title=f"DiT-XL/2 256² ({result['card']}, random "
               "weights)")
+    right.set_xlim(right=right.get_xlim()[1] * 3)  # room for the last bar's value
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
