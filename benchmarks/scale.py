@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qandc.artifacts import read_json, write_json
+from qandc.artifacts import portable_path, read_json, write_json
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,8 +100,8 @@ def main():
         "card": card, "gpus": args.gpus, "images_per_s": rates,
         "efficiency": [rate / (k * rates[0]) for k, rate in zip(args.gpus, rates)],
         "sampling_seconds": seconds, "command_seconds": wall, "same_samples": same,
-        "config": {"images": args.images, "batch_size": args.batch_size, "checkpoint": args.checkpoint,
-                   "recipe": str(recipe), "preset": settings["preset"], "plan": settings["plan"],
+        "config": {"images": args.images, "batch_size": args.batch_size, "checkpoint": portable_path(args.checkpoint),
+                   "recipe": portable_path(recipe), "preset": settings["preset"], "plan": settings["plan"],
                    "steps": settings["steps"], "sampler": settings["sampler"], "cfg_scale": settings["cfg_scale"],
                    "threads_per_process": args.threads, "matmul": "fp32 (qandc generate's default)",
                    "timing": "rank 0, barrier before sampling to barrier after (shard writes included)",

@@ -15,6 +15,30 @@ from pathlib import Path
 from typing import Iterator
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # shipped weights: the reference DiT and classifier
+PROJECT = ASSETS.parent.parent  # the source tree; records name paths in it relative to it
+
+
+def portable_path(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> str:
+    """`path` as records keep it, true on any machine: a relative path as given; an absolute one relative to the
+    project when inside it, as $OUT/... when inside `folder` (the artifact's folder), else as <elsewhere>/NAME."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    path = path.resolve()
+    if path.is_relative_to(PROJECT):
+        return str(path.relative_to(PROJECT))
+    if folder is not None and path.is_relative_to(Path(folder).resolve()):
+        return str(Path("$OUT") / path.relative_to(Path(folder).resolve()))
+    return f"<elsewhere>/{path.name}"
+
+
+def portable_command(module: str, args: list[str], folder: str | os.PathLike | None = None) -> str:
+    """`python -m module args` with every absolute path in `args` (also after `--option=`) made portable."""
+    def portable(arg: str) -> str:
+        option, equals, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+        return option + equals + (portable_path(value, folder) if os.path.isabs(value) else value)
+
+    return " ".join(["python", "-m", module, *map(portable, args)])
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, portable_command, portable_path
 from .data import CLASSES, IMAGE_SIZE, PADDED_SIZE, UNSHUFFLE, images_to_model, load_fashion_mnist
 from .errors import QandcError
 from .model import DiT, DiTConfig, initialize_weights, save_checkpoint
@@ -78,7 +78,7 @@ def train(args) -> None:
         opt.load_state_dict(state["opt"])
         step = state["step"]
         _log(out, f"resumed at step {step}")
-    _log(out, f"command: {' '.join(sys.argv)}")
+    _log(out, f"command: {portable_command('qandc.train', sys.argv[1:], out)}")
     if not step:
         _log(out, f"config: {config.to_dict()} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
     diffusion = Diffusion(1000, learn_sigma=True)
@@ -129,14 +129,15 @@ def train(args) -> None:
         record = {"classes": list(CLASSES),
                   "data": {"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "split": "train (60k)",
                            "preprocess": "uint8/127.5-1, pad 28->32 with -1, random h-flip, pixel_unshuffle(2)"},
-                  "training": {"command": " ".join(sys.argv), "steps": step, "batch_size": args.batch_size,
+                  "training": {"command": portable_command("qandc.train", sys.argv[1:], Path(args.export).parent),
+                               "steps": step, "batch_size": args.batch_size,
                                "lr": args.lr, "ema_decay": args.ema_decay, "label_dropout": args.label_dropout,
                                "seed": args.seed, "bf16_autocast": device.type == "cuda",
                                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                "torch": torch.__version__},
                   "weights": "EMA, stored float16; load_checkpoint returns float32"}
         save_checkpoint(ema16, args.export, record)
-        _log(out, f"exported EMA weights to {args.export}")
+        _log(out, f"exported EMA weights to {portable_path(args.export, out)}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

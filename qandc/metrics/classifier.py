@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ..artifacts import ASSETS, atomic_path, read_safetensors, sha256_file, write_json
+from ..artifacts import ASSETS, atomic_path, portable_command, read_safetensors, sha256_file, write_json
 from ..errors import QandcError
 
 WEIGHTS, STATS, RECORD = "classifier.safetensors", "classifier-stats.safetensors", "classifier.json"
@@ -116,7 +116,7 @@ def train_classifier(out: Path, epochs: int, seed: int, data_dir=None, device=No
     record = {"test_accuracy": accuracy, "epochs": epochs, "seed": seed, "train_seconds": time.time() - start,
               "features": FEATURES, "stats": "mean and covariance of the 10k test images' penultimate features",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "command": " ".join(sys.argv)}
+              "command": portable_command("qandc.metrics.classifier", sys.argv[1:], out)}
     write_json(out / RECORD, record)
     return record
 
