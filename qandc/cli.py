@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, distributed
+from . import __version__, chatter, distributed
 from .artifacts import WRITE_ERRORS, library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
 from .formats.lineage import check_recipe_checkpoint, confined, digest
 from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
+from .requires import require_all
 from .sampling.plan import AUTO_GRAMMAR, DEFAULT_PLAN_SEARCH, GRAMMAR
 from .staging import check_apart, check_file_apart
 from .values import argument, integer, output_file, output_folder, real
@@ -34,6 +35,9 @@ def _device(name: str | None) -> torch.device:
 
 SEED = argument(integer, minimum=0)
 CFG_SCALE = argument(real)
+# what the stages import, checked before any work (qandc.requires names the extra that brings each)
+QUANTIZATION = ["modelopt.torch.quantization", "modelopt.torch.export"]
+EXPORT = ["onnx", "polygraphy.backend.onnxrt", "onnxruntime"]
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,9 +49,11 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["w8a8-int8", "w8a8-fp8", "w4a8"], default="w8a8-fp8")
+    p.add_argument("--preset", choices=["w8a8-int8", "w8a8-fp8", "w4a8"], default="w8a8-fp8",
+                   help="weight / activation formats of the block Linears")
     p.add_argument("--fp8-weight-per-channel", action="store_true", help="w8a8-fp8: per-output-channel weights")
-    p.add_argument("--selector", choices=["tap", "uniform", "random", "kmeans"], default="tap")
+    p.add_argument("--selector", choices=["tap", "uniform", "random", "kmeans"], default="tap",
+                   help="how the calibration set is picked from the pool")
     p.add_argument("--samples", type=int, default=800, help="calibration set size (default 800)")
     p.add_argument("--pool-samples", type=int, default=400,
                    help="trajectories in the pool; entries = trajectories x steps (default 400)")
@@ -55,9 +61,9 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"cache plan: a searched one, {AUTO_GRAMMAR} (default {DEFAULT_PLAN_SEARCH}: the plan of "
                         "least output error within that compute fraction, searched on this model's own "
                         "trajectories, so it fits any model; kept in OUT/plan.json), or a fixed one as for generate")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the trajectories, respaced from 1000")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler of the trajectories")
+    p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--seed", type=SEED, default=0, help="pool, selection and VC seed (default 0)")
     p.add_argument("--tap-m", type=argument(integer), default=3, help="TAP parallel subsamplings (default 3)")
     p.add_argument("--clusters", type=int, default=100, help="TAP / kmeans clusters (default 100)")
@@ -70,7 +76,7 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help="variance compensation: var (variance matching, default), nsr (noise-to-signal-weighted "
                         "least squares), mse (plain least squares) or none")
     p.add_argument("--vc-samples", type=int, default=256, help="trajectories VC is fitted on (default 256)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="trajectories per forward batch")
 
 
 def _load_model(args):
@@ -128,6 +134,7 @@ def cmd_generate(args) -> None:
     from .runtime import GRID_LIMIT, SamplingOptions, generate
     from .sampling import CachePlan
 
+    require_all((QUANTIZATION if args.recipe else []) + (["diffusers"] if args.vae else []), "qandc generate")
     plan = CachePlan.parse(args.cache or "none")
     check_apart(args.out, {"--checkpoint": None if args.engines else args.checkpoint, "--recipe": args.recipe,
                            "--engines": args.engines, "--vae": args.vae,
@@ -222,6 +229,7 @@ def cmd_calibrate(args) -> None:
     the pool collection (in shards, as generate's) and rank 0 alone does the rest."""
     from .calibration import calibrate
 
+    require_all(QUANTIZATION + (["matplotlib"] if args.report else []), "qandc calibrate")
     check_apart(args.out, {"--checkpoint": args.checkpoint}, "recipe")
     model = _load_model(args)
     world, device = distributed.init(_device(args.device))
@@ -248,6 +256,7 @@ def cmd_export(args) -> None:
     from .exporter import export
     from .sampling import CachePlan
 
+    require_all(EXPORT + (QUANTIZATION if args.recipe else []), "qandc export")
     model = _load_model(args)
     plan = CachePlan.parse(args.cache) if args.cache else None
     if plan is not None:
@@ -263,17 +272,22 @@ def cmd_build_engine(args) -> None:
     Inductor engines (torch.export programs + saved compile cache; bf16 with real FP8 / INT8 kernels; built from
     the checkpoint and recipe the export names, on the GPU when there is one) — with a manifest carrying the cache
     plan, VC table, recipe id, sampler defaults and the sha256 of every file."""
-    from .engines import build_engines
+    from .engines import build_engines, get_backend
 
-    manifest = build_engines(args.onnx, args.out, args.backend, args.max_batch, args.batch_sizes)
+    require_all(list(get_backend(args.backend).requires), "qandc build-engine")
+    onnx = Path(args.onnx)
+    manifest = build_engines(onnx.parent if onnx.is_file() else onnx, args.out, args.backend, args.max_batch,
+                             args.batch_sizes)
     print(f"{args.backend} engines: {', '.join(manifest.engines.values())}; wrote {args.out}")
 
 
 def cmd_run(args) -> None:
     """The whole pipeline in one folder: calibrate -> export -> build-engine -> generate (through the engines) ->
     eval; each stage is skipped when its artifacts are there and valid."""
+    from .engines import get_backend
     from .run import run
 
+    require_all(QUANTIZATION + EXPORT + list(get_backend(args.backend).requires), "qandc run")
     if distributed.torchrun_environment()[0] > 1:
         raise QandcError("qandc run is one process; under torchrun, run calibrate and generate")
     check_apart(args.out, {"--checkpoint": args.checkpoint}, "run")
@@ -393,11 +407,34 @@ def _table_cell(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default at the end of its help, "(default X)", unless the help already speaks of it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other expected failure."""
+    """Usage errors as one line, like every other expected failure; defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": _HelpFormatter, **kwargs})
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_output_flags(p: argparse.ArgumentParser, subcommand: bool) -> None:
+    """--debug and --verbose, accepted before the subcommand and after it (where an unset flag leaves the value
+    given before it)."""
+    unset = argparse.SUPPRESS if subcommand else False
+    p.add_argument("--debug", action="store_true", default=unset,
+                   help="show full tracebacks on errors (and the import error behind a missing dependency)")
+    p.add_argument("--verbose", action="store_true", default=unset,
+                   help="let third-party libraries speak (ModelOpt's notes, the ONNX tracer's warnings)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qandc", description="Post-training quantization plus feature caching (Q&C) for Diffusion Transformers.")
     parser.add_argument("--version", action="version", version=f"qandc {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _add_output_flags(parser, subcommand=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="write a randomly initialised DiT checkpoint",
@@ -437,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int,
                    help="N samples, labels cycling over --labels (for FD over many samples; not with --per-class)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced from 1000 (default 50)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler")
     p.add_argument("--eta", type=argument(real, low=0, high=1), default=0.0, help="DDIM eta, 0 to 1 (default 0)")
     p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--cache", help=f"{GRAMMAR} (default none; forecast=1|2 forecasts reused branch outputs from "
@@ -473,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_run.__doc__)
     _add_model_arguments(p)
     _add_calibration_arguments(p)
-    p.add_argument("--backend", choices=backend_names(), default="onnxruntime")
+    p.add_argument("--backend", choices=backend_names(), default="onnxruntime", help="engine backend")
     p.add_argument("--labels", type=_int_list, default=list(range(10)), help="labels to generate (default 0..9)")
     p.add_argument("--per-class", type=int, default=4, help="samples per label (default 4)")
     p.add_argument("--out", type=output_folder, required=True,
@@ -496,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-engine", help="engines from an export: onnxruntime, tensorrt or inductor",
                        description=cmd_build_engine.__doc__)
-    p.add_argument("--backend", choices=backend_names(), default="onnxruntime")
-    p.add_argument("--onnx", required=True, help="export directory from qandc export")
+    p.add_argument("--backend", choices=backend_names(), default="onnxruntime", help="engine backend")
+    p.add_argument("--onnx", required=True, help="export directory from qandc export, or a file in it (full.onnx)")
     p.add_argument("--max-batch", type=argument(integer), default=64,
                    help="largest batch of the TensorRT profile (default 64)")
     p.add_argument("--batch-sizes", type=_count_list, default=[],
@@ -539,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_file,
                    help="JSON to write (default: eval.json in the samples directory or beside the .npz)")
     p.set_defaults(func=cmd_eval)
+    for p in sub.choices.values():
+        _add_output_flags(p, subcommand=True)
     return parser
 
 
@@ -546,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command: 0 on success; 2 and one line for an expected failure (a bad input, a file that cannot be
     written); 130 and one line on Ctrl-C (every file written so far is whole: the same command resumes)."""
     args = build_parser().parse_args(argv)
+    chatter.show(args.verbose)
     try:
         distributed.torchrun_environment()  # torchrun's variables, checked before any work
         args.func(args)

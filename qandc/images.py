@@ -13,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .artifacts import atomic_path
 from .errors import QandcError
+from .requires import require
 
 IMAGE_CHANNELS = (1, 3)
 LATENT_SCALE = 0.18215  # the Stable Diffusion VAE's latent scale, as DiT uses it
@@ -40,10 +41,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def decode_latents(latents: torch.Tensor, vae_dir: str | Path) -> torch.Tensor:
     """Decode DiT latents with a local diffusers AutoencoderKL directory (diffusers is optional)."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise QandcError("--vae needs the optional dependency diffusers (pip install diffusers)") from None
+    AutoencoderKL = require("diffusers", "--vae").AutoencoderKL
     try:
         vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).to(latents.device).eval()
     except (OSError, ValueError) as e:

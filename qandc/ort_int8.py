@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QandcError
+from .requires import require
 
 # ONNX Runtime reads the external data of a model given as bytes from this folder
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -81,12 +81,8 @@ def to_u8(model, base_dir: str = "") -> int:
 
 def session(path: Path, options=None, providers: list[str] = ("CPUExecutionProvider",)):
     """An ONNX Runtime session of the model at `path`, rewritten by `to_u8` (its external data read in place)."""
-    import onnxruntime
-
-    try:
-        import onnx
-    except ImportError:
-        raise QandcError("ONNX Runtime runs INT8 graphs rewritten by onnx (pip install onnx)") from None
+    onnxruntime = require("onnxruntime", "ONNX Runtime sessions")
+    onnx = require("onnx", "ONNX Runtime sessions")  # INT8 graphs run rewritten by onnx
 
     model = onnx.load(str(path), load_external_data=False)
     to_u8(model, str(Path(path).parent))

@@ -1,9 +1,14 @@
+import argparse
 import json
+import re
 import subprocess
 import sys
+import traceback
+import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qandc.artifacts import sha256_file
@@ -101,8 +106,6 @@ def test_latents_decode_through_a_local_vae(tmp_path):
 
 def test_non_finite_samples_are_an_error_not_a_black_image(tmp_path, capsys):
     """A model that overflows (here: one infinite weight) must not leave NaN images behind silently."""
-    import torch
-
     from conftest import tiny_model
     from qandc.model import save_checkpoint
 
@@ -114,3 +117,110 @@ def test_non_finite_samples_are_an_error_not_a_black_image(tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 2
     assert "are not finite (NaN / Inf)" in capsys.readouterr().err
     assert not (tmp_path / "out" / "samples.npz").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from conftest import tiny_model
+    from qandc.model import save_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny") / "m.pt"
+    save_checkpoint(tiny_model(), path)
+    return path
+
+
+TINY_CALIBRATE = ["--preset", "w8a8-int8", "--selector", "random", "--samples", "8", "--pool-samples", "2",
+                  "--steps", "4", "--clusters", "2", "--vc-samples", "2", "--batch-size", "4", "--cache", "interval=2"]
+
+
+@pytest.mark.parametrize("module,hint", [
+    ("modelopt.torch.quantization", "qandc run needs nvidia-modelopt: pip install 'qandc[calibrate]'"),
+    ("onnx", "qandc run needs onnx: pip install 'qandc[export]'"),
+    ("onnxruntime", "qandc run needs onnxruntime: pip install 'qandc[ort]' (or 'qandc[ort-gpu]'"),
+])
+def test_a_missing_dependency_is_one_hint_before_any_work(tiny_checkpoint, tmp_path, monkeypatch, capsys, module,
+                                                          hint):
+    monkeypatch.setitem(sys.modules, module, None)  # its import now fails
+    out = tmp_path / "run"
+    args = ["run", "--checkpoint", str(tiny_checkpoint), *TINY_CALIBRATE, "--labels", "1", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qandc: error: {hint}") and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing computed, nothing written
+
+    from qandc.errors import QandcError
+
+    with pytest.raises(QandcError) as raised:  # --debug (after the subcommand): the import error behind the hint
+        main([*args, "--debug"])
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "ModuleNotFoundError" in shown and module in shown and hint in shown
+    assert not out.exists()
+
+
+def test_calibrate_checks_modelopt_first(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "modelopt.torch.export", None)
+    assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), *TINY_CALIBRATE, "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "qandc: error: qandc calibrate needs nvidia-modelopt: pip install 'qandc[calibrate]'"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags", [["--debug"], ["--verbose", "--debug"]])
+def test_output_flags_are_accepted_after_the_subcommand(tmp_path, flags):
+    from qandc.errors import QandcError
+
+    missing = ["--checkpoint", str(tmp_path / "x.pt"), "--out", str(tmp_path / "o")]
+    assert main(["generate", *missing]) == 2
+    with pytest.raises(QandcError, match="no such file"):
+        main(["generate", *missing, *flags])
+    with pytest.raises(QandcError, match="no such file"):
+        main([*flags, "generate", *missing])
+
+
+def _option_helps(help_text: str) -> dict[str, str]:
+    """Each option's help in a --help text, by its option string (wrapped lines joined)."""
+    sections, current = {}, None
+    for line in help_text.splitlines():
+        match = re.match(r"^  (-[-\w]+)", line)
+        if match:
+            current = match.group(1)
+            sections[current] = ""
+        if current and (match or line.startswith("      ")):
+            sections[current] += " " + line.strip()
+    return {k: " ".join(v.split()) for k, v in sections.items()}
+
+
+def test_every_help_shows_the_defaults():
+    from qandc.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in subparsers.items():
+        helps = _option_helps(sub.format_help())
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in helps[action.option_strings[0]], (name, action.option_strings)
+    calibrate = _option_helps(subparsers["calibrate"].format_help())
+    for option, default in (("--preset", "w8a8-fp8"), ("--selector", "tap"), ("--steps", "50"), ("--sampler", "ddpm"),
+                            ("--cfg-scale", "1.5")):
+        assert calibrate[option].endswith(f"(default {default})"), calibrate[option]
+
+
+def test_chatter_is_silenced_unless_verbose_and_onnx_takes_a_file(tiny_checkpoint, tmp_path, capsys):
+    """ModelOpt's "Inserted N quantizers" and the tracer's warnings show with --verbose only; build-engine --onnx
+    takes a file of the export folder."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("modelopt.torch.quantization")
+    ckpt = ["--checkpoint", str(tiny_checkpoint)]
+    assert main(["calibrate", *ckpt, *TINY_CALIBRATE, "--out", str(tmp_path / "r")]) == 0
+    assert "quantizers" not in capsys.readouterr().out
+    for verbose in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["export", *ckpt, "--recipe", str(tmp_path / "r"), "--out", str(tmp_path / f"o{verbose}"),
+                         *(["--verbose"] if verbose else [])]) == 0
+        tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        assert bool(tracer) == verbose
+        assert ("Inserted" in capsys.readouterr().out) == verbose
+    assert main(["build-engine", "--onnx", str(tmp_path / "oFalse" / "full.onnx"), "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "manifest.json").is_file()

@@ -8,24 +8,19 @@ re-creates the fake-quant model without re-calibrating and without pickles.
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from pathlib import Path
 
 import torch.nn as nn
 
+from ..chatter import quiet
 from ..errors import QandcError
+from ..requires import require
 from ..formats.recipe import AMAX, RECIPE, QuantRecipe, load_amax, quantizer_formats, write_amax
 
 
 def _mtq():
-    try:
-        import modelopt.torch.quantization as mtq
-        with warnings.catch_warnings():  # imported by quantize(); its HuggingFace-export note is noise here
-            warnings.filterwarnings("ignore", "Cannot find transformers package")
-            import modelopt.torch.export  # noqa: F401
-    except ImportError:
-        raise QandcError("quantization needs nvidia-modelopt (pip install nvidia-modelopt==0.47.0)") from None
-    return mtq
+    require("modelopt.torch.export", "quantization")  # imported by mtq.quantize()
+    return require("modelopt.torch.quantization", "quantization")
 
 
 def quantized_layers(model: nn.Module, keep: list[str] = ()) -> list[str]:
@@ -35,9 +30,10 @@ def quantized_layers(model: nn.Module, keep: list[str] = ()) -> list[str]:
 
 
 def quantize(model: nn.Module, recipe: QuantRecipe, forward_loop) -> nn.Module:
-    """Insert ModelOpt fake quantizers per the recipe and calibrate them (max) with `forward_loop(model)`."""
+    """Insert ModelOpt fake quantizers per the recipe and calibrate them (max) with `forward_loop(model)`, if any."""
     mtq = _mtq()
-    return mtq.quantize(model, recipe.modelopt_config(), forward_loop)
+    with quiet():  # "Inserted N quantizers" on every call
+        return mtq.quantize(model, recipe.modelopt_config(), forward_loop)
 
 
 def quantizers(model: nn.Module) -> dict:
@@ -62,8 +58,7 @@ def apply_recipe(model: nn.Module, folder: str | Path) -> tuple[nn.Module, Quant
         recipe.cache_plan.reuse_set(model.branch_names)
     except QandcError as e:
         raise QandcError(f"{folder / RECIPE}: {e}") from None
-    mtq = _mtq()
-    mtq.quantize(model, recipe.modelopt_config(), None)
+    quantize(model, recipe, None)
     amax = load_amax(folder)
     live = quantizers(model)
     if set(amax) != set(live):

@@ -9,10 +9,8 @@ sqrt(sum ||quantized - reference||^2 / sum ||reference||^2).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import io
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +18,11 @@ import torch
 
 from ..artifacts import atomic_path, write_json
 from ..errors import QandcError
+from ..requires import require
 from ..formats.recipe import QuantRecipe, load_amax
 from ..model.graphs import GraphSpec, engine_graphs
 from .pool import CalibrationEntry, Pool, replay, run_entries
-from .quantize import _mtq, apply_recipe, set_amax
+from .quantize import apply_recipe, quantize, set_amax
 from .selection import read_selection
 
 REPORT, REPORT_PLOT = "report.json", "report.png"
@@ -60,8 +59,7 @@ def _rel_error(squared_error: np.ndarray, squared_reference: np.ndarray) -> floa
 def _one_layer_quantized(model, recipe: QuantRecipe, layer: str, amax: dict):
     """A copy of `model` with only `layer` quantized, at its calibrated amax."""
     quantized = copy.deepcopy(model)
-    with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints a line per call: one per layer here
-        _mtq().quantize(quantized, dataclasses.replace(recipe, layers=[layer]).modelopt_config(), None)
+    quantize(quantized, dataclasses.replace(recipe, layers=[layer]), None)
     set_amax(quantized, amax)
     return quantized
 
@@ -105,11 +103,8 @@ def sensitivity_report(model, folder: str | Path, batch_size: int = 64) -> dict:
 def write_report(report: dict, folder: str | Path) -> None:
     """report.png (the worst layers; the error per step), then report.json, whose presence marks a finished
     report."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise QandcError("the report plot needs matplotlib (pip install matplotlib)") from None
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "the report plot").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "the report plot").Figure
     folder = Path(folder)
     figure = Figure(figsize=(13, 5.5), layout="constrained")
     FigureCanvasAgg(figure)

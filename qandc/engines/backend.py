@@ -63,11 +63,11 @@ class Engine(Protocol):
 class Backend(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
-    requires: ClassVar[str | None] = None  # the module it imports; None: plain torch
+    requires: ClassVar[tuple[str, ...]] = ()  # the modules it imports beyond torch
 
     def available(self) -> bool:
-        """Whether its library imports here (whether engines can be built or loaded on this machine)."""
-        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+        """Whether its libraries are installed here (whether engines can be built or loaded on this machine)."""
+        return all(importlib.util.find_spec(module) is not None for module in self.requires)
 
     @abstractmethod
     def versions(self) -> dict[str, str]:

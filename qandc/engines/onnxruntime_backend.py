@@ -12,6 +12,7 @@ import torch
 from .. import ort_int8
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from ..requires import require
 from ..formats.manifest import onnx_input_names
 from ..model.graphs import GraphSpec
 from ..readers import regular_file
@@ -22,11 +23,7 @@ INPUT_DTYPES = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64}  #
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise QandcError("the onnxruntime backend needs onnxruntime (pip install onnxruntime)") from None
-    return onnxruntime
+    return require("onnxruntime", "the onnxruntime backend")
 
 
 def _session(path: Path, options, providers: list[str], u8: bool = False):
@@ -93,7 +90,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     capabilities = Capabilities(devices=("cpu", "cuda"), precisions=("float", "w8a8-int8", "w8a8-fp8"),
                                 builds_from="onnx")
-    requires = "onnxruntime"
+    requires = ("onnxruntime", "onnx")  # onnx: INT8 graphs run rewritten (ort_int8)
 
     def versions(self) -> dict[str, str]:
         return {"onnxruntime": _ort().__version__}

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..artifacts import atomic_path
 from ..errors import QandcError
+from ..requires import require
 from ..formats.manifest import onnx_input_names
 from ..model.graphs import GraphSpec
 from ..readers import open_regular, regular_file
@@ -33,11 +34,7 @@ def _read(path: Path) -> bytes:
 
 
 def _trt():
-    try:
-        import tensorrt
-    except ImportError:
-        raise QandcError("the tensorrt backend needs TensorRT (the tensorrt Python package and a GPU)") from None
-    return tensorrt
+    return require("tensorrt", "the tensorrt backend")
 
 
 def build_plan(onnx_path: Path, out_dir: Path, name: str, quantized: bool, max_batch: int = 64,
@@ -134,7 +131,7 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     capabilities = Capabilities(devices=("cuda",), precisions=("float", "w8a8-int8", "w8a8-fp8"), builds_from="onnx",
                                 batch_profile=True)
-    requires = "tensorrt"
+    requires = ("tensorrt",)
 
     def versions(self) -> dict[str, str]:
         return {"tensorrt": _trt().__version__}

@@ -24,7 +24,9 @@ import torch.nn as nn
 
 from .. import ort_int8
 from ..artifacts import atomic_path
+from ..chatter import quiet
 from ..errors import QandcError
+from ..requires import require
 from ..formats.manifest import onnx_input_names
 from ..model.forecast import FACTOR_SUFFIXES
 from ..model.graphs import GraphSpec
@@ -66,11 +68,8 @@ def validate_with_polygraphy(path: Path, feeds: dict, expected: dict[str, torch.
     return the largest error against the traced module's `expected` outputs, relative to each output's norm (a
     forecast factor's: its branch value's, as a difference of close values has little norm of its own).
     Non-finite outputs are an error."""
-    try:
-        import onnxruntime  # noqa: F401  (ort_int8.session builds the session)
-        from polygraphy.backend.onnxrt import OnnxrtRunner
-    except ImportError:
-        raise QandcError("export validation needs polygraphy and onnxruntime (pip install 'qandc[export]')") from None
+    require("onnxruntime", "export validation")  # ort_int8.session builds the session
+    OnnxrtRunner = require("polygraphy.backend.onnxrt", "export validation").OnnxrtRunner
     with contextlib.redirect_stdout(io.StringIO()), OnnxrtRunner(ort_int8.session(path)) as runner:
         outputs = runner.infer({k: v.detach().cpu().numpy() for k, v in feeds.items()})
     worst = 0.0
@@ -91,15 +90,12 @@ def factor_branch(name: str) -> str:
 def export_graph(module: nn.Module, feeds: dict[str, torch.Tensor], spec: GraphSpec, path: Path) -> dict:
     """Trace `module` (a graph declared by `spec`) on `feeds` to ONNX at `path` (atomically), FP8 ops
     standardised, checked; returns node counts and validation results."""
-    try:
-        import onnx
-    except ImportError:
-        raise QandcError("export needs onnx (pip install 'qandc[export]')") from None
+    onnx = require("onnx", "export")
 
     inputs = tuple(feeds[n] for n in spec.input_names)
     names = onnx_input_names(spec)
     buffer = io.BytesIO()
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+    with torch.no_grad(), quiet():
         torch.onnx.export(module, inputs, buffer, dynamo=False, opset_version=OPSET, input_names=names,
                           output_names=spec.output_names,
                           dynamic_axes={name: {0: "batch"} for name in names + spec.output_names})
