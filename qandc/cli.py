@@ -16,6 +16,7 @@ from .formats.lineage import check_recipe_checkpoint, confined, digest
 from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
 from .requires import require_all
+from .sampling import SamplerDefaults
 from .sampling.plan import AUTO_GRAMMAR, DEFAULT_PLAN_SEARCH, GRAMMAR
 from .staging import check_apart, check_file_apart
 from .values import argument, integer, output_file, output_folder, real
@@ -79,10 +80,22 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="trajectories per forward batch")
 
 
-def _load_model(args):
+def _load_model(args, recipe_dir: str | None = None):
+    """The --checkpoint's DiT; with a recipe calibrated on that checkpoint (its sha256 checked first), loaded with
+    the model config the recipe records (heads included: neither a sidecar nor --num-heads is needed)."""
     from .model import load_checkpoint
 
-    return load_checkpoint(args.checkpoint, **({"num_heads": args.num_heads} if args.num_heads else {}))
+    overrides = {}
+    if recipe_dir:
+        from .formats.recipe import RECIPE, QuantRecipe
+
+        recipe = QuantRecipe.load(recipe_dir)
+        check_recipe_checkpoint(Path(recipe_dir) / RECIPE, recipe.checkpoint_sha256, args.checkpoint)
+        if recipe.checkpoint_sha256 and recipe.model:
+            overrides.update(recipe.model)
+    if args.num_heads:
+        overrides["num_heads"] = args.num_heads
+    return load_checkpoint(args.checkpoint, **overrides)
 
 
 def _int_list(text: str) -> list[int]:
@@ -142,13 +155,16 @@ def cmd_generate(args) -> None:
     world, device = distributed.init(_device(args.device))  # first: engines built on "cuda" get this rank's GPU
     pipeline, plan_source, vc_source = _generate_pipeline(args, plan, device)
     labels = _generate_labels(args.labels, args.per_class, args.num_images, pipeline.config.num_classes)
-    options = SamplingOptions(steps=args.steps, sampler=args.sampler, eta=args.eta, cfg_scale=args.cfg_scale,
+    defaults = pipeline.sampler_defaults  # the recipe's or the engines' settings; the CLI's given ones win
+    options = SamplingOptions(steps=defaults.steps if args.steps is None else args.steps,
+                              sampler=args.sampler or defaults.sampler, eta=args.eta,
+                              cfg_scale=defaults.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                               seed=args.seed, batch_size=args.batch_size, use_vc=not args.no_vc)
-    _check_plan(pipeline.plan, pipeline.denoiser, args.steps, plan_source)
+    _check_plan(pipeline.plan, pipeline.denoiser, options.steps, plan_source)
     if options.use_vc:
         from .formats.recipe import vc_correction
 
-        vc_correction(pipeline.vc, args.steps, vc_source, pipeline.config.in_channels)
+        vc_correction(pipeline.vc, options.steps, vc_source, pipeline.config.in_channels)
     class_names = (read_sidecar(args.checkpoint).get("classes") or []) if (args.per_class or 1) > 1 else []
     if generate(pipeline, labels, args.out, options, provenance=_provenance(args), world=world, vae=args.vae,
                 per_class=args.per_class, class_names=class_names) is None:
@@ -173,18 +189,17 @@ def _generate_pipeline(args, plan, device):
             raise QandcError("--engines carries its own recipe and cache plan: leave --recipe and --cache out")
         manifest = str(Path(args.engines) / "manifest.json")
         return Pipeline.load(args.engines, fallback=args.nan_fallback), manifest, manifest
-    model = _load_model(args)
+    model = _load_model(args, args.recipe)
     if not args.recipe:
         return Pipeline.from_model(model.to(device), plan), f"--cache {args.cache or 'none'}", None
     from .calibration import apply_recipe
     from .formats.recipe import RECIPE, VC, load_vc
 
     model, recipe = apply_recipe(model, args.recipe)
-    check_recipe_checkpoint(Path(args.recipe) / RECIPE, recipe.checkpoint_sha256, args.checkpoint)
     if args.cache and plan != recipe.cache_plan:
         raise QandcError(f"--cache {args.cache} differs from the recipe's cache plan; leave --cache out")
     pipeline = Pipeline.from_model(model.to(device), recipe.cache_plan, None if args.no_vc else load_vc(args.recipe),
-                                   name="the model with the recipe")
+                                   recipe.sampler_defaults, name="the model with the recipe")
     return pipeline, str(Path(args.recipe) / RECIPE), Path(args.recipe) / VC
 
 
@@ -257,7 +272,7 @@ def cmd_export(args) -> None:
     from .sampling import CachePlan
 
     require_all(EXPORT + (QUANTIZATION if args.recipe else []), "qandc export")
-    model = _load_model(args)
+    model = _load_model(args, args.recipe)
     plan = CachePlan.parse(args.cache) if args.cache else None
     if plan is not None:
         _check_plan(plan, model, None, f"--cache {args.cache}")
@@ -473,10 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per label; above 1 the grid has one captioned row per label (default 1)")
     p.add_argument("--num-images", type=int,
                    help="N samples, labels cycling over --labels (for FD over many samples; not with --per-class)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced from 1000 (default 50)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler")
+    plain = SamplerDefaults()
+    made_for = "default: with --recipe or --engines, the {} it was made for, else {}"
+    p.add_argument("--steps", type=int, help="sampling steps, respaced from 1000 (" + made_for.format(
+        "steps", plain.steps) + "; a VC table holds one step count: other steps need --no-vc)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], help=made_for.format("sampler", plain.sampler))
     p.add_argument("--eta", type=argument(real, low=0, high=1), default=0.0, help="DDIM eta, 0 to 1 (default 0)")
-    p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5, help="classifier-free guidance scale; 1 = off")
+    p.add_argument("--cfg-scale", type=CFG_SCALE, help="classifier-free guidance scale; 1 = off (" + made_for.format(
+        "scale", plain.cfg_scale) + ")")
     p.add_argument("--cache", help=f"{GRAMMAR} (default none; forecast=1|2 forecasts reused branch outputs from "
                                   "their last computations instead of reusing them); with --recipe, the recipe's "
                                   "plan (searched ones, --cache auto..., come from calibrate)")

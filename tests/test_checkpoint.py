@@ -72,6 +72,7 @@ def test_diffusers_directory_matches_diffusers_forward(tmp_path):
     ref, path = _diffusers_dit(tmp_path)
     model = load_checkpoint(path)
     assert (model.config.freq_shift, model.config.guidance, model.config.depth) == (1, "all", 3)
+    assert not model.config.block_embedders and not list(model.block_embedders)  # copies of one: shared
     x, t, y = _inputs(model.config, 3)
     with torch.no_grad():
         expected = ref(x, timestep=t, class_labels=y).sample
@@ -92,10 +93,43 @@ def test_diffusers_guidance_guides_all_noise_channels(tmp_path):
     assert rel_err(model.forward_with_cfg(x2, t2, y2, 4.0), expected) <= 1e-5
 
 
-def test_diffusers_with_distinct_block_embedders_is_refused(tmp_path):
-    _, path = _diffusers_dit(tmp_path, same_embedders=False)
-    with pytest.raises(QandcError, match="embedder"):
+def test_diffusers_initialised_dit_keeps_its_block_embedders(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(7)  # diffusers' own random init: every block's timestep/label embedder differs
+    ref = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                          out_channels=8, num_layers=3, sample_size=8, patch_size=2,
+                                          num_embeds_ada_norm=10).eval()
+    ref.save_pretrained(tmp_path / "transformer")
+    model = load_checkpoint(tmp_path / "transformer")
+    assert model.config.block_embedders and sorted(model.block_embedders) == ["1", "2"]
+    x, t, y = _inputs(model.config, 3)
+    with torch.no_grad():
+        expected = ref(x, timestep=t, class_labels=y).sample
+        assert rel_err(model(x, t, y), expected) <= 1e-5
+        model.block_embedders.clear()  # block 0's embedder for every block: no longer diffusers' function
+        assert rel_err(model(x, t, y), expected) > 1e-3
+
+
+def test_block_embedders_survive_saving_without_a_sidecar(tmp_path):
+    model = tiny_model(block_embedders=True, hidden_size=384, num_heads=6)
+    save_checkpoint(model, tmp_path / "m.pt")
+    assert load_checkpoint(tmp_path / "m.pt").config == model.config
+    (tmp_path / "m.json").unlink()  # the state dict alone tells the blocks have their own embedders
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    x, t, y = _inputs(model.config)
+    assert loaded.config.block_embedders and torch.equal(loaded(x, t, y), model(x, t, y))
+
+
+def test_diffusers_folder_errors_name_the_folder(tmp_path):
+    ref, path = _diffusers_dit(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "diffusion_pytorch_model.safetensors")
+    del weights["transformer_blocks.2.norm1.emb.class_embedder.embedding_table.weight"]
+    save_file(weights, path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(QandcError, match="transformer: not a diffusers DiT") as e:
         load_checkpoint(path)
+    assert str(path) in str(e.value)
 
 
 class _RunsCode:

@@ -70,6 +70,12 @@ def test_float_export_matches_pytorch(model, tmp_path):
         assert sha256_file(tmp_path / name) == digest
 
 
+def test_export_of_a_dit_with_per_block_embedders(tmp_path):
+    model = tiny_model(guidance="all", block_embedders=True)
+    export(model, tmp_path, PLAN)
+    _check_against_torch(tmp_path, model, 1e-5)
+
+
 @pytest.mark.parametrize("preset", ["w8a8-int8", "w8a8-fp8"])
 def test_qdq_export_matches_fake_quant(model, tmp_path, preset):
     recipe_dir = _recipe(model, tmp_path / "recipe", preset)

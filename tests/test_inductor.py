@@ -103,6 +103,15 @@ def test_inductor_engines_run_the_q_and_c_pipeline(recipe, tmp_path, device):
     assert rel_err(images.cpu(), expected.cpu()) < 5e-2
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_engines_of_a_dit_with_per_block_embedders(tmp_path, device):
+    model = tiny_model(guidance="all", block_embedders=True).to(device)
+    build_inductor(model, tmp_path, PLAN, batch_sizes=[3])
+    pipeline = Pipeline.load(tmp_path)
+    expected = sample(quantize_for_inference(model, None), [1, 2, 3], 8, "ddpm", 1.5, seed=4, plan=PLAN)
+    assert rel_err(pipeline.generate([1, 2, 3], seed=4, steps=8).cpu(), expected.cpu()) < 1e-2
+
+
 @gpu
 def test_cuda_graphs_replay_what_eager_engines_compute(recipe, tmp_path):
     model, folder = recipe

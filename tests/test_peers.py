@@ -23,7 +23,8 @@ def _diffusers_forward(transformer, x, t, y):
         return transformer(hidden_states=x, timestep=t, class_labels=y).sample
 
 
-@pytest.mark.parametrize("overrides", [{}, {"freq_shift": 1, "guidance": "all", "mlp_norm_eps": 1e-5}])
+@pytest.mark.parametrize("overrides", [{}, {"freq_shift": 1, "guidance": "all", "mlp_norm_eps": 1e-5},
+                                       {"block_embedders": True}])
 def test_conversion_computes_the_same_function(overrides):
     model = tiny_model(**overrides)
     x, t, y = sample_inputs(model, batch=11)  # labels 0..10: the null class (10) included
@@ -36,8 +37,9 @@ def test_conversion_computes_the_same_function(overrides):
     assert rel_err(_diffusers_forward(transformer, x, t, y), expected) > 1e-4
 
 
-def test_conversion_is_the_inverse_of_loading_a_diffusers_folder(tmp_path):
-    model = tiny_model(freq_shift=1, guidance="all", mlp_norm_eps=1e-5)
+@pytest.mark.parametrize("block_embedders", [False, True])
+def test_conversion_is_the_inverse_of_loading_a_diffusers_folder(tmp_path, block_embedders):
+    model = tiny_model(freq_shift=1, guidance="all", mlp_norm_eps=1e-5, block_embedders=block_embedders)
     to_diffusers(model).save_pretrained(tmp_path / "transformer")
     loaded = load_checkpoint(tmp_path / "transformer")
     assert loaded.config == model.config

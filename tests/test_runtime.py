@@ -69,6 +69,39 @@ def test_generate_with_engines(built, tmp_path):
                  str(tmp_path / "h")]) == 2
 
 
+def test_generate_takes_the_sampler_settings_and_model_config_of_its_artifact(tmp_path, capsys):
+    """A recipe made for DDIM-5 at guidance 3 from a state dict that cannot tell its heads: generate --recipe and
+    --engines sample as it was made (no --steps, --sampler, --cfg-scale, --num-heads or sidecar given); a --steps
+    the VC table does not hold is a one-line error."""
+    import json
+    from qandc.cli import main
+
+    model = tiny_model(guidance="all", freq_shift=1)  # hidden 32: no named config gives its heads
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    settings = CalibrationSettings(preset="w8a8-int8", selector="random", budget=10, plan=PLAN, pool_samples=2,
+                                   steps=5, sampler="ddim", cfg_scale=3.0, selector_params=SelectorParams(k=4),
+                                   vc="var", vc_samples=2, batch_size=4)
+    calibrate(model, tmp_path / "recipe", settings, checkpoint=tmp_path / "plain.pt")
+    export(model, tmp_path / "onnx", recipe_dir=tmp_path / "recipe")
+    build_engines(tmp_path / "onnx", tmp_path / "engines", "onnxruntime")
+    fake_quant, _ = apply_recipe(copy.deepcopy(model), tmp_path / "recipe")
+    expected = sample(fake_quant, [1, 2], 5, "ddim", 3.0, seed=4, plan=PLAN,
+                      correction=VarianceCompensation(load_vc(tmp_path / "recipe"))).numpy()
+    sources = {"recipe": ["--checkpoint", str(tmp_path / "plain.pt"), "--recipe", str(tmp_path / "recipe")],
+               "engines": ["--engines", str(tmp_path / "engines")]}
+    for name, source in sources.items():
+        out = tmp_path / f"samples-{name}"
+        assert main(["generate", *source, "--labels", "1,2", "--seed", "4", "--out", str(out)]) == 0
+        samples = np.load(out / "samples.npz")["samples"]
+        assert np.allclose(samples, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()), name
+        config = json.loads((out / "config.json").read_text())
+        assert (config["steps"], config["sampler"], config["cfg_scale"]) == (5, "ddim", 3.0)
+        capsys.readouterr()
+        assert main(["generate", *source, "--steps", "6", "--out", str(out) + "-6"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "VC table has 5 steps, sampling uses 6" in error and len(error.splitlines()) == 1
+
+
 def test_qandc_run_end_to_end_and_resumes(tmp_path, capsys):
     """`qandc run` with the default plan: searched on the model, recorded in the recipe, deployed by the engines."""
     import json

@@ -3,7 +3,9 @@
 Sources read by `load_checkpoint`:
 - an original facebookresearch/DiT checkpoint: a plain state dict (as the released `DiT-XL-2-256x256.pt`) or a
   training checkpoint holding `ema` / `model` (and `opt`, `args`); the architecture is inferred from tensor shapes;
-- a diffusers `DiTTransformer2DModel` directory (config.json + safetensors), mapped onto the same module.
+- a diffusers `DiTTransformer2DModel` directory (config.json + safetensors), mapped onto the same module: its
+  per-block timestep/label embedders become one when they are copies (conversions of an original DiT), and stay per
+  block (`DiTConfig.block_embedders`) when they differ (DiTs trained with diffusers).
 A sidecar `<name>.json` beside an original-format file, when present, supplies what shapes cannot tell (heads,
 guidance mode, ...) under the key "model"; keyword overrides win over both.
 """
@@ -53,7 +55,8 @@ def load_checkpoint(path: str | Path, **overrides) -> DiT:
         config, state = _read_diffusers(path)
     else:
         config, state = _read_original(path)
-    config = {**config, **overrides}
+    own_embedders = any(isinstance(k, str) and k.startswith("block_embedders.") for k in state)
+    config = {"block_embedders": own_embedders, **config, **overrides}
     if "num_heads" not in config:
         raise QandcError(f"{path}: hidden size {config['hidden_size']} matches no named DiT config: "
                          "give the number of heads (num_heads= / --num-heads)")
@@ -176,7 +179,7 @@ def _read_diffusers(path: Path) -> tuple[dict, dict]:
 
 
 # Tensors stored alike in both layouts (original DiT prefix -> diffusers prefix; weight and bias each), and those
-# of the one timestep/label embedder, which diffusers copies into every block under EMBEDDER.
+# of a timestep/label embedder, which diffusers keeps in every block under EMBEDDER.
 _TOP_LAYERS = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
                "final_layer.linear": "proj_out_2"}
 _BLOCK_LAYERS = {"attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
@@ -199,16 +202,15 @@ def _alike_keys(depth: int) -> list[tuple[str, str]]:
 
 
 def _map_diffusers(src: dict, depth: int) -> dict:
-    """diffusers DiT keys -> original DiT keys. diffusers gives every block its own timestep/label embedder; in a
-    DiT they are one (conversions copy it), so they must be equal."""
-    shared = {k[len(EMBEDDER.format(0)):]: v for k, v in src.items() if k.startswith(EMBEDDER.format(0))}
-    for i in range(1, depth):
-        for name, tensor in shared.items():
-            if not torch.equal(src[EMBEDDER.format(i) + name], tensor):
-                raise QandcError(f"block {i}'s timestep/label embedder differs from block 0's: not a DiT "
-                                 "(qandc maps diffusers DiTs whose per-block embedders are copies of one)")
+    """diffusers DiT keys -> qandc DiT keys. diffusers gives every block its own timestep/label embedder: block 0's
+    is the model's (diffusers' final layer uses it too); those of later blocks become `block_embedders` unless all
+    are copies of block 0's (conversions of an original DiT), which the model then shares."""
+    embedders = [{o: src[EMBEDDER.format(i) + d] for o, d in _EMBEDDER_TENSORS.items()} for i in range(depth)]
     state = {o: src[d] for o, d in _alike_keys(depth)}
-    state.update({o: shared[d] for o, d in _EMBEDDER_TENSORS.items()})
+    state.update(embedders[0])
+    if any(not torch.equal(tensor, embedders[0][name]) for own in embedders[1:] for name, tensor in own.items()):
+        state.update({f"block_embedders.{i}.{name}": tensor for i in range(1, depth)
+                      for name, tensor in embedders[i].items()})
     for i in range(depth):
         for p in ("weight", "bias"):
             state[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([src[f"transformer_blocks.{i}.attn1.to_{n}.{p}"]
@@ -218,7 +220,7 @@ def _map_diffusers(src: dict, depth: int) -> dict:
 
 def to_diffusers(model: DiT):
     """The DiT as a diffusers `DiTTransformer2DModel` computing the same function (float32, eval, on the model's
-    device): the inverse of the diffusers mapping, the embedder copied into every block, and the timestep
+    device): the inverse of the diffusers mapping, each block given its own embedder or the shared one, and the timestep
     embedding's frequency shift, which diffusers hard-codes to 1 (`downscale_freq_shift`), set to the model's.
     Guidance is no part of the module: drive it as the model's config says (`qandc.peers.DiffusersDenoiser`)."""
     from diffusers import DiTTransformer2DModel
@@ -233,7 +235,8 @@ def to_diffusers(model: DiT):
     src = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     state = {d: src[o] for o, d in _alike_keys(c.depth)}
     for i in range(c.depth):
-        state.update({EMBEDDER.format(i) + d: src[o] for o, d in _EMBEDDER_TENSORS.items()})
+        own = f"block_embedders.{i}." if c.block_embedders and i else ""
+        state.update({EMBEDDER.format(i) + d: src[own + o] for o, d in _EMBEDDER_TENSORS.items()})
         for p in ("weight", "bias"):
             for n, tensor in zip("qkv", src[f"blocks.{i}.attn.qkv.{p}"].chunk(3)):
                 state[f"transformer_blocks.{i}.attn1.to_{n}.{p}"] = tensor

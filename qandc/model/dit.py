@@ -38,6 +38,8 @@ class DiTConfig:
     freq_shift: 0 for the original timestep embedding, 1 for diffusers' (`downscale_freq_shift=1`).
     pixel_shuffle, image_crop: how outputs become images: pixel-shuffled by this factor (1 = as they are), then
     centre-cropped to this size (0 = no crop). The Fashion-MNIST reference model uses 2 and 28.
+    block_embedders: every block after the first has its own timestep/label embedder (`DiT.block_embedders`), as
+    DiTs trained with diffusers do; block 0 and the final layer use the model's (as diffusers' forward does).
     """
 
     input_size: int = 32
@@ -54,6 +56,7 @@ class DiTConfig:
     guidance: str = "first3"
     pixel_shuffle: int = 1
     image_crop: int = 0
+    block_embedders: bool = False
 
     def __post_init__(self):
         wrong = mistyped(DiTConfig, self.to_dict())
@@ -173,6 +176,18 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+class ConditionEmbedder(nn.Module):
+    """A block's own timestep and label embedders: its conditioning is their sum."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.t_embedder = TimestepEmbedder(config.hidden_size, config.freq_shift)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size)
+
+    def forward(self, t, y):
+        return self.t_embedder(t) + self.y_embedder(y)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -270,6 +285,9 @@ class DiT(nn.Module):
             DiTBlock(hidden, config.num_heads, config.mlp_ratio, config.mlp_norm_eps) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(hidden, config.patch_size, config.out_channels)
+        # block index -> that block's own embedder (blocks 1.. with config.block_embedders; none otherwise)
+        self.block_embedders = nn.ModuleDict(
+            {str(i): ConditionEmbedder(config) for i in range(1, config.depth)} if config.block_embedders else {})
         grid = config.input_size // config.patch_size
         self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed(hidden, grid)).float().unsqueeze(0))
 
@@ -293,7 +311,8 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for i, block in enumerate(self.blocks):
-            x = block(x, c, f"blocks.{i}", io)
+            own = self.block_embedders[str(i)](t, y) if str(i) in self.block_embedders else c
+            x = block(x, own, f"blocks.{i}", io)
         return self.unpatchify(self.final_layer(x, c))
 
     def forward(self, x, t, y):
@@ -359,9 +378,10 @@ def initialize_weights(model: DiT, seed: int = 0, zero_init: bool = True) -> DiT
             xavier(module.weight)
             nn.init.zeros_(module.bias)
     with torch.no_grad():
-        for weight in (model.y_embedder.embedding_table.weight, model.t_embedder.mlp[0].weight,
-                       model.t_embedder.mlp[2].weight):
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+        for embedder in (model, *model.block_embedders.values()):
+            for weight in (embedder.y_embedder.embedding_table.weight, embedder.t_embedder.mlp[0].weight,
+                           embedder.t_embedder.mlp[2].weight):
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
         if zero_init:
             zeroed = [block.adaLN_modulation[-1] for block in model.blocks]
             zeroed += [model.final_layer.adaLN_modulation[-1], model.final_layer.linear]
