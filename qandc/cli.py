@@ -43,8 +43,9 @@ EXPORT = ["onnx", "polygraphy.backend.onnxrt", "onnxruntime"]
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=str(REFERENCE_CHECKPOINT),
-                   help="original DiT checkpoint (.pt) or diffusers DiTTransformer2DModel directory (default: the "
-                        "shipped Fashion-MNIST reference model)")
+                   help="original DiT checkpoint (.pt), diffusers DiTTransformer2DModel directory or diffusers DiT "
+                        "pipeline folder (its scheduler only checked) (default: the shipped Fashion-MNIST reference "
+                        "model)")
     p.add_argument("--num-heads", type=argument(integer),
                    help="attention heads, when the hidden size matches no named config")
 
@@ -143,11 +144,12 @@ def cmd_generate(args) -> None:
     shards of --batch-size (kept in OUT/shards; a rerun skips finished ones); under torchrun the ranks share the
     shards and rank 0 merges them."""
     from .images import has_image_space
-    from .model.checkpoint import read_sidecar
+    from .model.checkpoint import pipeline_vae, read_sidecar
     from .runtime import GRID_LIMIT, SamplingOptions, generate
     from .sampling import CachePlan
 
-    require_all((QUANTIZATION if args.recipe else []) + (["diffusers"] if args.vae else []), "qandc generate")
+    vae = args.vae or pipeline_vae(args.checkpoint)  # a diffusers pipeline folder's own VAE unless --vae is given
+    require_all((QUANTIZATION if args.recipe else []) + (["diffusers"] if vae else []), "qandc generate")
     plan = CachePlan.parse(args.cache or "none")
     check_apart(args.out, {"--checkpoint": None if args.engines else args.checkpoint, "--recipe": args.recipe,
                            "--engines": args.engines, "--vae": args.vae,
@@ -166,11 +168,11 @@ def cmd_generate(args) -> None:
 
         vc_correction(pipeline.vc, options.steps, vc_source, pipeline.config.in_channels)
     class_names = (read_sidecar(args.checkpoint).get("classes") or []) if (args.per_class or 1) > 1 else []
-    if generate(pipeline, labels, args.out, options, provenance=_provenance(args), world=world, vae=args.vae,
+    if generate(pipeline, labels, args.out, options, provenance=_provenance(args), world=world, vae=vae and str(vae),
                 per_class=args.per_class, class_names=class_names) is None:
         return  # not rank 0
     out = Path(args.out)
-    grid = bool(args.vae) or has_image_space(pipeline.config)
+    grid = bool(vae) or has_image_space(pipeline.config)
     if not grid:
         print(f"{pipeline.config.in_channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without "
               "--vae DIR", file=sys.stderr)
@@ -511,7 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels per batch and per shard file (default 64)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun "
                                     "cuda:LOCAL_RANK)")
-    p.add_argument("--vae", help="local diffusers AutoencoderKL directory to decode latents into images")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL directory to decode latents into images, scaled by "
+                                 "its config's scaling_factor (default: --checkpoint's vae/ when it is a diffusers "
+                                 "pipeline folder)")
     p.add_argument("--out", type=output_folder, required=True, help="output directory")
     p.set_defaults(func=cmd_generate)
 

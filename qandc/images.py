@@ -16,7 +16,6 @@ from .errors import QandcError
 from .requires import require
 
 IMAGE_CHANNELS = (1, 3)
-LATENT_SCALE = 0.18215  # the Stable Diffusion VAE's latent scale, as DiT uses it
 
 
 def model_to_images(samples: torch.Tensor, config) -> torch.Tensor:
@@ -39,15 +38,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def decode_latents(latents: torch.Tensor, vae_dir: str | Path) -> torch.Tensor:
-    """Decode DiT latents with a local diffusers AutoencoderKL directory (diffusers is optional)."""
+def load_vae(vae_dir: str | Path, device: torch.device | str = "cpu"):
+    """A local diffusers AutoencoderKL directory, in eval mode on `device` (diffusers is optional)."""
     AutoencoderKL = require("diffusers", "--vae").AutoencoderKL
     try:
-        vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).to(latents.device).eval()
+        return AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).to(device).eval()
     except (OSError, ValueError) as e:
         raise QandcError(f"{vae_dir}: not a local diffusers AutoencoderKL ({str(e).splitlines()[0][:160]})") from None
+
+
+def decode_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """DiT latents -> images in [-1, 1] through a diffusers AutoencoderKL (a loaded one or its directory), divided by
+    the VAE config's `scaling_factor` first, as diffusers' DiTPipeline does."""
+    if isinstance(vae, (str, Path)):
+        vae = load_vae(vae, latents.device)
     with torch.no_grad():
-        return vae.decode(latents / LATENT_SCALE).sample
+        return vae.decode(latents / vae.config.scaling_factor).sample
 
 
 GRID_TILE = 64  # grid.png shows each sample at least this many pixels a side (NEAREST upscaling)

@@ -28,10 +28,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def digest(path: str | os.PathLike) -> str | dict:
-    """sha256 of a file, or of each file of a directory (a diffusers checkpoint) by name."""
+    """sha256 of a file, or of each file of a directory (a diffusers checkpoint or pipeline folder) by its path in
+    the directory."""
     path = Path(path)
     if path.is_dir():
-        return {f.name: file_sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
+        return {f.relative_to(path).as_posix(): file_sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
     return file_sha256(path)
 
 

@@ -5,7 +5,11 @@ Sources read by `load_checkpoint`:
   training checkpoint holding `ema` / `model` (and `opt`, `args`); the architecture is inferred from tensor shapes;
 - a diffusers `DiTTransformer2DModel` directory (config.json + safetensors), mapped onto the same module: its
   per-block timestep/label embedders become one when they are copies (conversions of an original DiT), and stay per
-  block (`DiTConfig.block_embedders`) when they differ (DiTs trained with diffusers).
+  block (`DiTConfig.block_embedders`) when they differ (DiTs trained with diffusers);
+- a diffusers DiT pipeline folder (model_index.json with transformer/, vae/, scheduler/, as
+  `DiTPipeline.save_pretrained` writes): its transformer/ as above; its scheduler is only checked (qandc samples with
+  its own DDPM / DDIM respacing of the 1000-step linear schedule, so a scheduler trained on another one is refused);
+  its vae/ is found by `pipeline_vae`.
 A sidecar `<name>.json` beside an original-format file, when present, supplies what shapes cannot tell (heads,
 guidance mode, ...) under the key "model"; keyword overrides win over both.
 """
@@ -22,6 +26,7 @@ import torch
 from ..artifacts import ASSETS, atomic_path, read_json, read_safetensors, write_json
 from ..errors import QandcError
 from ..readers import SIDECAR_MAX_BYTES, refuse_zip_bomb, regular_file
+from ..sampling.diffusion import TRAIN_STEPS
 from .dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed
 
 REFERENCE_CHECKPOINT = ASSETS / "reference-dit.pt"  # the Fashion-MNIST reference DiT shipped with qandc
@@ -52,7 +57,7 @@ def load_checkpoint(path: str | Path, **overrides) -> DiT:
     if not path.exists():
         raise QandcError(f"{path}: no such file or directory")
     if path.is_dir():
-        config, state = _read_diffusers(path)
+        config, state = _read_diffusers(_pipeline_transformer(path) if is_pipeline_folder(path) else path)
     else:
         config, state = _read_original(path)
     own_embedders = any(isinstance(k, str) and k.startswith("block_embedders.") for k in state)
@@ -140,6 +145,40 @@ def _infer_config(state: dict, path: Path) -> dict:
     if hidden in HEADS_BY_HIDDEN:
         config["num_heads"] = HEADS_BY_HIDDEN[hidden]
     return config
+
+
+PIPELINE_INDEX = "model_index.json"
+# The schedule qandc's sampling respaces (qandc.sampling.diffusion), in diffusers' scheduler config terms.
+TRAINING_SCHEDULE = {"num_train_timesteps": TRAIN_STEPS, "beta_schedule": "linear", "beta_start": 0.0001,
+                     "beta_end": 0.02, "prediction_type": "epsilon", "trained_betas": None}
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    """Whether `path` is a diffusers pipeline folder (it holds model_index.json)."""
+    return Path(path).is_dir() and (Path(path) / PIPELINE_INDEX).exists()
+
+
+def pipeline_vae(path: str | Path) -> Path | None:
+    """The vae/ folder of a diffusers pipeline folder; None for any other checkpoint or a pipeline without one."""
+    vae = Path(path) / "vae"
+    return vae if is_pipeline_folder(path) and vae.is_dir() else None
+
+
+def _pipeline_transformer(path: Path) -> Path:
+    """The transformer/ folder of a diffusers DiT pipeline folder, once its scheduler is checked to be trained on
+    the schedule qandc samples with (the scheduler itself is not used)."""
+    index = read_json(path / PIPELINE_INDEX)
+    if "transformer" not in index or not (path / "transformer").is_dir():
+        raise QandcError(f"{path}: a diffusers pipeline ({index.get('_class_name')!r}) without a transformer/ folder")
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    if scheduler_file.exists():
+        scheduler = read_json(scheduler_file)
+        differs = [f"{k} {scheduler[k]!r} (qandc: {v!r})" for k, v in TRAINING_SCHEDULE.items()
+                   if k in scheduler and scheduler[k] != v]
+        if differs:
+            raise QandcError(f"{scheduler_file}: qandc samples with the 1000-step linear DiT schedule; this "
+                             f"scheduler's differs: {', '.join(differs)}")
+    return path / "transformer"
 
 
 def _read_diffusers(path: Path) -> tuple[dict, dict]:
