@@ -319,13 +319,13 @@ def cmd_run(args) -> None:
     print(f"class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); {fd_text(result)}; wrote {args.out}")
 
 
-def cmd_inspect(args) -> None:
-    """Show what an artifact folder holds (export, engines, recipe, checkpoint sidecar), whether its checksums hold,
-    and which engine backends can run on this machine."""
-    from .engines import backend_names, get_backend
+RUN_STAGES = ("recipe", "onnx", "engines", "samples")  # qandc run's sub-folders, in stage order
+
+
+def _inspect_artifact(folder: Path) -> bool:
+    """Print what one artifact folder holds and whether its checksums hold; False when it holds no artifact."""
     from .formats.manifest import MANIFESTS
 
-    folder = Path(args.dir)
     found = False
     for name in ("manifest.json", "recipe.json", "pool.json", "plan.json", "config.json", "eval.json"):
         path = folder / name
@@ -349,7 +349,41 @@ def cmd_inspect(args) -> None:
             state = "outside the folder: not read" if inside is None else "missing" if not inside.is_file() else (
                 "OK" if sha256_file(inside) == sha else "CHECKSUM MISMATCH")
             print(f"  {file}: {state}")
-    if not found:
+    return found
+
+
+def _inspect_run(folder: Path) -> None:
+    """Print each stage of a qandc run folder in order, the evaluation's key numbers, and the stages missing."""
+    from .metrics.evaluate import fd_text
+
+    missing = []
+    for i, stage in enumerate(RUN_STAGES, 1):
+        print(f"[{i}/5] {stage}/")
+        if not (folder / stage).is_dir() or not _inspect_artifact(folder / stage):
+            print("  missing")
+            missing.append(f"{stage}/")
+    print("[5/5] eval.json")
+    if (folder / "eval.json").is_file():
+        result = read_json(folder / "eval.json")
+        try:
+            print(f"  class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); {fd_text(result)}")
+        except (KeyError, TypeError, ValueError):
+            raise QandcError(f"{folder / 'eval.json'}: not an evaluation qandc run wrote") from None
+    else:
+        print("  missing")
+        missing.append("eval.json")
+    print(f"missing stages: {', '.join(missing)}" if missing else "every stage is there")
+
+
+def cmd_inspect(args) -> None:
+    """Show what an artifact folder holds (export, engines, recipe, checkpoint sidecar), whether its checksums hold,
+    and which engine backends can run on this machine; a qandc run folder is shown stage by stage."""
+    from .engines import backend_names, get_backend
+
+    folder = Path(args.dir)
+    if any((folder / stage).is_dir() for stage in RUN_STAGES):
+        _inspect_run(folder)
+    elif not _inspect_artifact(folder):
         raise QandcError(f"{folder}: holds no qandc artifact (manifest, recipe, pool, plan, config or eval JSON)")
     here = "cuda" if torch.cuda.is_available() else "cpu"
     runnable = [name for name in backend_names()
@@ -542,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="what an artifact folder holds; checksums; runnable backends",
                        description=cmd_inspect.__doc__)
-    p.add_argument("dir", help="an export, engine, recipe or output folder")
+    p.add_argument("dir", help="an export, engine, recipe or output folder, or a qandc run folder")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="ONNX full and reuse graphs (+ Q/DQ from a recipe) and their manifest",

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .artifacts import atomic_path
 from .errors import QandcError
@@ -114,7 +114,7 @@ def run_shards(folder: str | os.PathLike, units: list[dict], compute: Callable[[
     shards = [Shard(shard_path(folder, i), json.dumps({**key, "unit": unit}, sort_keys=True))
               for i, unit in enumerate(units)]
     computed = kept = 0
-    for i in tqdm(range(world.rank, len(units), world.size), desc=desc, disable=not world.main, leave=False):
+    for i in progress(range(world.rank, len(units), world.size), desc, enabled=world.main):
         path, stamp = shards[i]
         if _stamp(path) == stamp:
             kept += 1

@@ -224,3 +224,41 @@ def test_chatter_is_silenced_unless_verbose_and_onnx_takes_a_file(tiny_checkpoin
         assert ("Inserted" in capsys.readouterr().out) == verbose
     assert main(["build-engine", "--onnx", str(tmp_path / "oFalse" / "full.onnx"), "--out", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e" / "manifest.json").is_file()
+
+
+def test_inspect_walks_a_run_folder_stage_by_stage(tiny_checkpoint, tmp_path, capsys):
+    """A qandc run folder (assembled from the stage commands) is shown stage by stage, missing stages named."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("modelopt.torch.quantization")
+    run, ckpt = tmp_path / "run", ["--checkpoint", str(tiny_checkpoint)]
+    assert main(["calibrate", *ckpt, *TINY_CALIBRATE, "--out", str(run / "recipe")]) == 0
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "recipe.json: " in out and "missing stages: onnx/, engines/, samples/, eval.json" in out
+    assert main(["export", *ckpt, "--recipe", str(run / "recipe"), "--out", str(run / "onnx")]) == 0
+    assert main(["build-engine", "--onnx", str(run / "onnx"), "--out", str(run / "engines")]) == 0
+    assert main(["generate", "--engines", str(run / "engines"), "--labels", "1", "--out", str(run / "samples")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    stages = [out.index(f"[{i}/5] {s}") for i, s in enumerate(("recipe/", "onnx/", "engines/", "samples/",
+                                                                "eval.json"), 1)]
+    assert stages == sorted(stages)
+    assert '"kind": "onnx-export"' in out and '"kind": "engines"' in out
+    assert "full.ort.onnx: OK" in out and "config.json: " in out
+    assert "missing stages: eval.json" in out
+    (run / "eval.json").write_text(json.dumps({"command": "run", "n": 4, "fd": None, "fd_reliable": False,
+                                               "fd_note": "no FD below n=129", "class_accuracy": 0.75}))
+    (run / "engines" / "reuse.ort.onnx").write_bytes(b"tampered")
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "class accuracy 0.7500  (n=4); no FD below n=129" in out and "every stage is there" in out
+    assert "reuse.ort.onnx: CHECKSUM MISMATCH" in out
+
+
+def test_no_escape_codes_when_stderr_is_not_a_terminal(checkpoint, tmp_path):
+    """Off a terminal no bar is drawn: no carriage returns or escape codes in a log (bytes: no newline translation)."""
+    result = subprocess.run([sys.executable, "-m", "qandc", "generate", "--checkpoint", str(checkpoint), "--labels",
+                             "0,1", "--steps", "6", "--out", str(tmp_path / "g")], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert b"\r" not in result.stderr and b"\x1b[" not in result.stderr and b"%|" not in result.stderr

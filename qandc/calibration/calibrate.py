@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..artifacts import read_json, write_json
 from ..distributed import World
@@ -163,7 +163,7 @@ def calibrate(model, out: str | Path, s: CalibrationSettings, checkpoint: str | 
     search = s.plan.spec if isinstance(s.plan, PlanSearch) else ""
     if search:
         s = dataclasses.replace(s, plan=world.broadcast(_searched_plan(model, out, s) if world.main else None))
-    with tqdm(total=4, desc="calibrate", leave=False, disable=not world.main) as stages:  # cleared on errors too
+    with progress(total=4, desc="calibrate", enabled=world.main) as stages:  # cleared on errors too
         pool = _pool(model, out, s, world)
         world.close()
         if pool is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..artifacts import atomic_path, read_json, write_json
 from ..distributed import World, merge_shards, run_shards
@@ -155,7 +155,7 @@ def replay(model, pool: Pool, selected: np.ndarray, batch_size: int = 256) -> li
         wanted.setdefault(int(pool.sample[k]), set()).add(int(pool.step[k]))
     samples = np.array(sorted(wanted))
     entries = {}
-    for start in tqdm(range(0, len(samples), batch_size), desc="replay", leave=False):
+    for start in progress(range(0, len(samples), batch_size), "replay"):
         index = samples[start:start + batch_size]
         recorder = _Recorder(model, wanted, index)
         labels = torch.from_numpy(index % model.config.num_classes)

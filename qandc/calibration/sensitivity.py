@@ -21,6 +21,7 @@ from ..errors import QandcError
 from ..requires import require
 from ..formats.recipe import QuantRecipe, load_amax
 from ..model.graphs import GraphSpec, engine_graphs
+from ..progress import progress
 from .pool import CalibrationEntry, Pool, replay, run_entries
 from .quantize import apply_recipe, quantize, set_amax
 from .selection import read_selection
@@ -91,7 +92,7 @@ def sensitivity_report(model, folder: str | Path, batch_size: int = 64) -> dict:
 
     amax = load_amax(folder)
     layers = []
-    for layer in recipe.layers:
+    for layer in progress(recipe.layers, "sensitivity report"):
         quantized = _one_layer_quantized(model, recipe, layer, amax)
         layer_error = _squared_norms(_outputs(quantized, entries, graphs, batch_size), reference)
         layers.append({"name": layer, "rel_error": _rel_error(layer_error, squared_reference)})

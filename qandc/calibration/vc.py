@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.recipe import VarianceCompensation
+from ..progress import progress
 from ..sampling import SamplingRun
 
 VC_FORMS = ("mse", "nsr", "var")
@@ -41,7 +42,7 @@ def fit_vc(fp_model, q_model, labels, steps: int, sampler: str, cfg_scale: float
     q_run = SamplingRun(q_model, labels, steps, sampler, cfg_scale, seed=seed, plan=plan)
     fp_run = SamplingRun(fp_model, labels, steps, sampler, cfg_scale, seed=seed)
     factors = []
-    for step in range(steps):
+    for step in progress(range(steps), "VC fit"):
         if one_step:
             fp_run.x = q_run.x
         x_hat, x_ref = q_run.step(), fp_run.step()

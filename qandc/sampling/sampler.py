@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from ..errors import QandcError
 from ..model.dit import guide
@@ -158,7 +158,7 @@ def sample(model, labels, steps: int, sampler: str = "ddpm", cfg_scale: float = 
     `cfg_scale=1.0` runs the plain model; otherwise the batch is doubled with the null class. `plan` defaults to no
     cache."""
     run = SamplingRun(model, labels, steps, sampler, cfg_scale, noise, seed, plan, eta, sample_ids)
-    for step in tqdm(range(run.diffusion.num_steps), desc="sampling", disable=not progress, leave=False):
+    for step in progress_bar(range(run.diffusion.num_steps), "sampling", enabled=progress):
         run.step()
         if correction is not None:
             run.x = correction(step, run.x)
