@@ -24,6 +24,12 @@ def generate_images(model, n: int, steps: int, sampler: str, plan, cfg_scale: fl
     return np.concatenate(images), labels.numpy()
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the header, its rule, a line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def write_results(out: str, meta: dict, rows: list[dict], markdown: str) -> None:
     """`out` (JSON: meta + rows) and the markdown table beside it, atomically; the table is printed too."""
     write_json(out, {**meta, "rows": rows})

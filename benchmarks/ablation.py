@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import generate_images, write_results
+from _common import generate_images, table, write_results
 from qandc.artifacts import read_json, sha256_file, write_json
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate, fit_vc
 from qandc.calibration.plan_search import auto_plan, parse_auto
@@ -99,15 +99,13 @@ def plan_name(meta: dict) -> str:
 
 
 def markdown(rows, meta) -> str:
-    lines = [f"# Q&C ablation on the reference model ({meta['n']} samples a row, {meta['sampler'].upper()}-{STEPS}, "
+    title = (f"# Q&C ablation on the reference model ({meta['n']} samples a row, {meta['sampler'].upper()}-{STEPS}, "
              f"CFG {meta['cfg_scale']}, cache plan {plan_name(meta)}, compute fraction "
-             f"{meta['compute_fraction']:.3f}, {meta['card']})", "",
-             "| name | preset | plan | FD | class accuracy | PSNR vs fp (dB) | SSIM vs fp | calibration |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['preset']} | {r['plan_describe']} | {r['fd']:.3f} | "
-                     f"{r['class_accuracy']:.4f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r.get('calibration') or '–'} |")
-    return "\n".join(lines) + "\n"
+             f"{meta['compute_fraction']:.3f}, {meta['card']})")
+    header = ["name", "preset", "plan", "FD", "class accuracy", "PSNR vs fp (dB)", "SSIM vs fp", "calibration"]
+    cells = [[r["name"], r["preset"], r["plan_describe"], f"{r['fd']:.3f}", f"{r['class_accuracy']:.4f}",
+              f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", r.get("calibration") or "–"] for r in rows]
+    return "\n".join([title, "", *table(header, cells)]) + "\n"
 
 
 def main():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import generate_images, write_results
+from _common import generate_images, table, write_results
 from qandc.artifacts import sha256_file, write_json
 from qandc.calibration.plan_search import auto_plan, parse_auto
 from qandc.metrics.evaluate import score
@@ -47,14 +47,13 @@ def row_file(state: Path, sampler: str, spec: str) -> Path:
 
 
 def markdown(rows, meta) -> str:
-    lines = [f"# Faithful caching on the reference model ({meta['n']} samples a row, {STEPS} steps, CFG "
-             f"{meta['cfg_scale']}, full precision, {meta['card']})", "",
-             "| sampler | cache | compute fraction | FD | FD / fp | class accuracy | PSNR vs fp (dB) | SSIM vs fp |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['sampler']} | {r['cache']} | {r['compute_fraction']:.3f} | {r['fd']:.3f} | "
-                     f"{r['fd_ratio_vs_fp']:.2f} | {r['class_accuracy']:.4f} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
-    return "\n".join(lines) + "\n"
+    title = (f"# Faithful caching on the reference model ({meta['n']} samples a row, {STEPS} steps, CFG "
+             f"{meta['cfg_scale']}, full precision, {meta['card']})")
+    header = ["sampler", "cache", "compute fraction", "FD", "FD / fp", "class accuracy", "PSNR vs fp (dB)",
+              "SSIM vs fp"]
+    cells = [[r["sampler"], r["cache"], f"{r['compute_fraction']:.3f}", f"{r['fd']:.3f}", f"{r['fd_ratio_vs_fp']:.2f}",
+              f"{r['class_accuracy']:.4f}", f"{r['psnr']:.2f}", f"{r['ssim']:.4f}"] for r in rows]
+    return "\n".join([title, "", *table(header, cells)]) + "\n"
 
 
 def main():

@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from _common import generate_images
+from _common import generate_images, table
 from qandc.artifacts import atomic_path, sha256_file, write_json
 from qandc.calibration.plan_search import sample_error
 from qandc.errors import QandcError
@@ -310,20 +310,20 @@ def peer_row(model, tuner: Tuner, method: str, sampler: str, target, args, state
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# diffusers cache hooks on the reference model ({meta['n']} samples a row, {meta['steps']} steps, CFG "
-             f"{meta['cfg_scale']}, one batch of {meta['batch_size']}, {meta['card']})", "",
-             "| method | sampler | target | compute fraction | FD | FD / fp | class accuracy | PSNR vs fp (dB) | "
-             "settings / failure |", "|---|---|---|---|---|---|---|---|---|"]
+    title = (f"# diffusers cache hooks on the reference model ({meta['n']} samples a row, {meta['steps']} steps, CFG "
+             f"{meta['cfg_scale']}, one batch of {meta['batch_size']}, {meta['card']})")
+    header = ["method", "sampler", "target", "compute fraction", "FD", "FD / fp", "class accuracy", "PSNR vs fp (dB)",
+              "settings / failure"]
+    cells = []
     for r in rows:
-        cells = [r["method"], r["sampler"], str(r["target_fraction"])]
+        cells.append([r["method"], r["sampler"], str(r["target_fraction"])])
         if r["fd"] is None:
-            cells += ["", "", "", "", "", r["failure"]]
+            cells[-1] += ["", "", "", "", "", r["failure"]]
         else:
-            cells += [f"{r['compute_fraction']:.3f}", f"{r['fd']:.3f}", f"{r['fd_ratio_vs_fp']:.2f}",
-                      f"{r['class_accuracy']:.4f}", f"{r['psnr']:.2f}",
-                      (r.get("failure", "") + " " + json.dumps(r["settings"])).strip()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            cells[-1] += [f"{r['compute_fraction']:.3f}", f"{r['fd']:.3f}", f"{r['fd_ratio_vs_fp']:.2f}",
+                          f"{r['class_accuracy']:.4f}", f"{r['psnr']:.2f}",
+                          (r.get("failure", "") + " " + json.dumps(r["settings"])).strip()]
+    return "\n".join([title, "", *table(header, cells)]) + "\n"
 
 
 def main():

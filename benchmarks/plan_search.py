@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from _common import write_results
+from _common import table, write_results
 from qandc.calibration.plan_search import TRUST, choose, evaluate_candidates, sample_errors
 from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
@@ -76,14 +76,15 @@ def main():
                              "held_out_per_sample": held[2], "held_out_interval_per_sample": held_interval[2],
                              "search_seconds": seconds, "candidates": len(evaluated)})
                 print(rows[-1], flush=True)
-    lines = ["| sampler | K | F | chosen (fraction) | interval | search dB: chosen / interval | held-out dB: chosen / "
-             "interval | held-out pooled dB |", "|---|---|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
         search = f"{decibels(r['search_error']):.1f} / {decibels(r['search_interval_error']):.1f}"
         held = f"{decibels(r['held_out_error']):.1f} / {decibels(r['held_out_interval_error']):.1f}"
         pooled = f"{decibels(r['held_out_pooled']):.1f} / {decibels(r['held_out_interval_pooled']):.1f}"
-        lines.append(f"| {r['sampler']} | {r['forecast']} | {r['target']} | {r['chosen']} ({r['compute_fraction']:.3f})"
-                     f" | {r['interval']} | {search} | {held} | {pooled} |")
+        cells.append([r["sampler"], str(r["forecast"]), str(r["target"]),
+                      f"{r['chosen']} ({r['compute_fraction']:.3f})", r["interval"], search, held, pooled])
+    lines = table(["sampler", "K", "F", "chosen (fraction)", "interval", "search dB: chosen / interval",
+                   "held-out dB: chosen / interval", "held-out pooled dB"], cells)
     meta = {"model": "reference-dit", "device": args.device, "host": platform.node(), "torch": torch.__version__,
             "steps": steps, "cfg_scale": cfg, "search_samples": args.search_samples, "search_seed": 0,
             "held_out": {"samples": args.held_out, "seed": 1, "labels": "(i + 3) % classes", "sample_ids": "1000.."},

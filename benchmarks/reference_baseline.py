@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import generate_images, write_results
+from _common import generate_images, table, write_results
 from qandc.artifacts import ASSETS, sha256_file, write_json
 from qandc.metrics.classifier import WEIGHTS
 from qandc.metrics.evaluate import score
@@ -38,14 +38,12 @@ REFERENCE_ROW = "ddpm-50"  # the uncached run the cache-only rows are compared w
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# Reference model baseline ({meta['n']} samples per row, CFG {meta['cfg_scale']}, seed {meta['seed']}, "
-             f"{meta['card']})", "", "| name | steps | FD | class accuracy | PSNR (dB) | SSIM | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        psnr = f"{r['psnr']:.2f}" if "psnr" in r else "–"
-        ssim = f"{r['ssim']:.4f}" if "ssim" in r else "–"
-        lines.append(f"| {r['name']} | {r['steps']} | {r['fd']:.3f} | {r['class_accuracy']:.4f} | {psnr} | {ssim} | "
-                     f"{r['seconds']:.0f} |")
+    title = (f"# Reference model baseline ({meta['n']} samples per row, CFG {meta['cfg_scale']}, seed {meta['seed']}, "
+             f"{meta['card']})")
+    cells = [[r["name"], str(r["steps"]), f"{r['fd']:.3f}", f"{r['class_accuracy']:.4f}",
+              f"{r['psnr']:.2f}" if "psnr" in r else "–", f"{r['ssim']:.4f}" if "ssim" in r else "–",
+              f"{r['seconds']:.0f}"] for r in rows]
+    lines = [title, "", *table(["name", "steps", "FD", "class accuracy", "PSNR (dB)", "SSIM", "seconds"], cells)]
     lines += ["", f"PSNR / SSIM of cache rows against `{REFERENCE_ROW}` (same labels, seeds and noise). "
               "FD: Fréchet distance to the 10k Fashion-MNIST test images in the reference classifier's features. "
               "Seconds: wall time of the row, per-sample CPU noise generation included: not a speed measurement."]
