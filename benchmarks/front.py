@@ -433,11 +433,14 @@ def main():
                   {"budget": args.budget, "pool_samples": args.pool_samples, "vc_samples": args.vc_samples,
                    "batch_size": 512}, args.steps)
 
+    announced = []
+
     def spent() -> bool:
-        if time.perf_counter() - begin > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s spent: rerun to resume", flush=True)
-            return True
-        return False
+        if time.perf_counter() - begin <= args.budget_s:
+            return False
+        if not announced:
+            announced.append(print(f"budget of {args.budget_s:.0f} s spent: rerun to resume", flush=True))
+        return True
 
     screen_rows = {}
     for point in screen_grid(front, args.samplers, args.precisions):
@@ -449,16 +452,14 @@ def main():
             r = screen_rows[point]
             print(f"screen {point.name}: fraction {r['compute_fraction']:.3f} FD {r['fd']:.3f} "
                   f"({r['fd_ratio_vs_fp']:.2f}x)", flush=True)
-    measured_rows = {}
-    if "measure" in args.phases:
-        chunk = None
-        for point in measure_list(front, screen_rows):
-            if not front.measure_path(point).exists():
-                if spent():
-                    break
-                chunk = chunk or front.chunk_reference(args.batch)
-            measured_rows[point] = r = {**front.measure(point, args.measure_n, args.batch, chunk),
-                                        "method": point.method}
+    measured_rows, chunk = {}, None
+    for point in measure_list(front, screen_rows):  # measured points kept in the state count in every phase
+        if not front.measure_path(point).exists():
+            if "measure" not in args.phases or spent():
+                continue
+            chunk = chunk or front.chunk_reference(args.batch)
+        measured_rows[point] = r = {**front.measure(point, args.measure_n, args.batch, chunk), "method": point.method}
+        if "measure" in args.phases:
             print(f"measure {point.name}: {r['images_per_s']:.0f} images/s ({r['speedup_vs_bf16_compiled']:.2f}x) "
                   f"FD {r['fd']:.3f} ({r['fd_ratio_vs_fp']:.2f}x)", flush=True)
     if "summary" in args.phases:

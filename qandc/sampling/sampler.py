@@ -9,6 +9,8 @@ the same face. Between steps the sampler carries the graphs' cache tensors (`Bra
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -25,6 +27,7 @@ from .diffusion import Diffusion
 from .plan import CachePlan
 
 SAMPLERS = ("ddpm", "ddim")
+NOISE_CHUNK = 8  # steps whose noise is drawn at once
 
 # correction(step_index, x) -> x, applied after every sampling step (variance compensation plugs in here)
 Correction = Callable[[int, torch.Tensor], torch.Tensor]
@@ -60,14 +63,18 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 
 def draw_noise(generators: list[torch.Generator], shape, count: int | None = None) -> torch.Tensor:
     """One standard-normal draw of `shape` from each sample's generator, stacked (CPU); with `count`, that many
-    successive draws at once (n, count, *shape). torch's CPU normal fills 16 values at a time, so for shapes of a
+    successive draws at once (n, count, *shape), the samples drawn on a thread pool (torch's CPU normal runs on one
+    core per generator and releases the GIL). torch's CPU normal fills 16 values at a time, so for shapes of a
     multiple of 16 values one draw of count x shape gives the successive draws' numbers (tests/test_sampling.py
     checks it); other shapes are drawn one by one."""
     if count is None:
         return torch.stack([torch.randn(shape, generator=g) for g in generators])
     if math.prod(shape) % 16 == 0:
-        return torch.stack([torch.randn((count, *shape), generator=g) for g in generators])
-    return torch.stack([torch.stack([torch.randn(shape, generator=g) for _ in range(count)]) for g in generators])
+        draw = lambda g: torch.randn((count, *shape), generator=g)  # noqa: E731
+    else:
+        draw = lambda g: torch.stack([torch.randn(shape, generator=g) for _ in range(count)])  # noqa: E731
+    with ThreadPoolExecutor(min(len(generators), os.cpu_count() or 1)) as pool:
+        return torch.stack(list(pool.map(draw, generators)))
 
 
 def check_labels(labels, num_classes: int) -> torch.Tensor:
@@ -111,11 +118,11 @@ class SamplingRun:
             if tuple(x.shape) != (n, *self.shape):
                 raise QandcError(f"noise has shape {tuple(x.shape)}, expected {(n, *self.shape)}")
         self.x = to_device(x, self.device)
-        # every step's noise drawn now, in one copy: per step, the draws of each sample and a copy from pageable
-        # memory (which waits for the device) would keep the host from running ahead of the steps it launched
-        draws_noise = sampler == "ddpm" or eta > 0
-        self.step_noise = to_device(draw_noise(self.generators, self.shape, steps - 1), self.device) \
-            if draws_noise and steps > 1 else None
+        # the steps' noise is drawn NOISE_CHUNK steps at a time, each chunk one copy through pinned memory, while the
+        # device runs the steps launched before it (drawing all at once would leave it idle; drawing per step, with
+        # a copy from pageable memory, would make the host wait for it at every step)
+        self.draws_noise = (sampler == "ddpm" or eta > 0) and steps > 1
+        self.step_noise, self.noise_from = None, 0
         self.guided = cfg_scale != 1.0
         y = torch.cat([self.labels, torch.full_like(self.labels, config.num_classes)]) if self.guided else self.labels
         self.y = to_device(y, self.device)
@@ -123,6 +130,14 @@ class SamplingRun:
         self.cache = BranchCache(self.plan.forecast, TORCH_FACTOR_DTYPES[self.plan.factors],
                                  (tokens, config.hidden_size), self.device)
         self.step_index = 0
+
+    def _noise(self, step: int) -> torch.Tensor:
+        """Step `step`'s noise (steps 0 .. steps - 2 draw, in order, from each sample's generator)."""
+        if self.step_noise is None or step >= self.noise_from + self.step_noise.shape[1]:
+            count = min(NOISE_CHUNK, self.diffusion.num_steps - 1 - step)
+            self.step_noise = to_device(draw_noise(self.generators, self.shape, count), self.device)
+            self.noise_from = step
+        return self.step_noise[:, step - self.noise_from]
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
@@ -138,7 +153,7 @@ class SamplingRun:
         out = outputs["out"]
         if self.guided:
             out = guide(out, self.cfg_scale, config)[:n]
-        noise = self.step_noise[:, step] if index > 0 and self.step_noise is not None else None
+        noise = self._noise(step) if index > 0 and self.draws_noise else None
         if self.sampler == "ddpm":
             self.x = self.diffusion.ddpm_step(out, self.x, index, noise)
         else:
