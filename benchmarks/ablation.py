@@ -159,7 +159,9 @@ def main():
                 preset=r_preset, selector=selector, budget=args.budget, plan=plans[r_cached],
                 pool_samples=args.pool_samples, steps=STEPS, sampler=args.sampler, cfg_scale=args.cfg_scale,
                 seed=args.seed, vc=r_vc, vc_samples=args.vc_samples, batch_size=max(1, args.batch_size // 4))
-            calibrate(fp_model, folder, calibration_settings, REFERENCE_CHECKPOINT)
+            if not (folder / "recipe.json").exists():
+                calibrate(fp_model, folder, calibration_settings, REFERENCE_CHECKPOINT)
+                (folder / "pool.npz").unlink(missing_ok=True)  # tens of MB: the state travels back from the GPU
             model, recipe = apply_recipe(load_checkpoint(REFERENCE_CHECKPOINT).to(device), folder)
             calibration = f"{selector}, {args.budget} samples"
             if vc == "recipe":

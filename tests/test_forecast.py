@@ -10,8 +10,8 @@ from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
 from qandc.model.dit import branch_flops
 from qandc.model.forecast import TAYLOR, factor_names, forecast, refresh
-from qandc.model.graphs import GraphSpec
-from qandc.sampling import CachePlan, sample
+from qandc.model.graphs import TRUNK, GraphSpec, engine_graphs
+from qandc.sampling import CachePlan, SamplingRun, sample
 from qandc.sampling.cache import BranchCache
 
 BRANCH = "blocks.0.attn"
@@ -84,6 +84,35 @@ class _OldPaths:
 def test_forecast_order_zero_is_plain_reuse_bitwise(model, regate, sampler):
     kwargs = dict(steps=10, sampler=sampler, cfg_scale=1.5, seed=2, plan=CachePlan.interval(3, "all", regate))
     assert torch.equal(sample(model, [1, 2], **kwargs), sample(_OldPaths(model), [1, 2], **kwargs))
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_reusing_every_branch_caches_their_sum_with_the_same_samples(model, order, sampler):
+    """A plan reusing every branch runs trunk graphs (one cached tensor, no block at a reuse step); its samples are
+    those of the per-branch graphs, each branch cached and forecast on its own."""
+    plan = CachePlan.from_steps(["full", "reuse", "full", "reuse", "reuse", "full", "reuse", "reuse"], forecast=order)
+    graphs = engine_graphs(plan, model.branch_names)
+    assert {name: (spec.reuse, spec.emit) for name, spec in graphs.items()} == {"full": ((), (TRUNK,)),
+                                                                               "reuse": ((TRUNK,), ())}
+    per_branch = {"full": GraphSpec("full", (), tuple(model.branch_names), forecast=order),
+                  "reuse": GraphSpec("reuse", tuple(model.branch_names), (), forecast=order)}
+    samples = []
+    for specs in (graphs, per_branch):
+        run = SamplingRun(model, [1, 2], 8, sampler, cfg_scale=1.5, seed=4, plan=plan)
+        run.graphs = specs
+        for _ in range(8):
+            run.step()
+        samples.append(run.x)
+    uncached = sample(model, [1, 2], 8, sampler, cfg_scale=1.5, seed=4)
+    assert rel_err(samples[0], samples[1]) < 1e-6 < 5e-5 < rel_err(samples[0], uncached)  # and the cache is on
+
+
+def test_a_set_short_of_every_branch_keeps_its_branches(model):
+    plan = CachePlan.interval(2, branches=model.branch_names[1:])
+    assert engine_graphs(plan, model.branch_names)["reuse"].reuse == tuple(model.branch_names[1:])
+    assert engine_graphs(CachePlan.interval(2, "all", regate=True), model.branch_names)["full"].emit == \
+        tuple(model.branch_names)  # regating needs each branch's pre-gate output
 
 
 @pytest.mark.parametrize("order", [1, 2])

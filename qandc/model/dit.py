@@ -9,7 +9,8 @@ computes everything and also returns the outputs of the requested branches; `for
 instead of computing the branches. With `regate=True` the cached tensor is the branch output *before* the adaLN
 gate and is multiplied by the current step's gate; with `regate=False` it is the gated output, reused as it is.
 `forward_graph` runs one engine graph of a cache plan (`qandc.model.graphs`), forecasting included: it is what the
-sampler drives, and what the exporter and the engine backends trace.
+sampler drives, and what the exporter and the engine backends trace. A graph may cache the trunk (`graphs.TRUNK`,
+x_L - x_0 over all the blocks) instead of every branch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from ..artifacts import mistyped
 from .forecast import TAYLOR, TORCH_FACTOR_DTYPES, factor_names, forecast, refresh
+from .graphs import TRUNK
 
 GUIDANCE_MODES = ("first3", "all")
 
@@ -310,9 +312,14 @@ class DiT(nn.Module):
     def _run(self, x, t, y, io: _CacheIO | None):
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
+        if io is not None and TRUNK in io.reuse:  # every branch reused: their sum, no block runs
+            return self.unpatchify(self.final_layer(x + io.reuse[TRUNK], c))
+        embedded = x
         for i, block in enumerate(self.blocks):
             own = self.block_embedders[str(i)](t, y) if str(i) in self.block_embedders else c
             x = block(x, own, f"blocks.{i}", io)
+        if io is not None and TRUNK in io.emit:
+            io.out[TRUNK] = x.float() - embedded.float()
         return self.unpatchify(self.final_layer(x, c))
 
     def forward(self, x, t, y):
@@ -344,7 +351,7 @@ class DiT(nn.Module):
         for i, b in enumerate(spec.emit, start=len(spec.reuse)):
             previous = [feeds[n] for n in factor_names(b, order)]
             new = refresh(io.out[b], previous, None if weights is None else weights[:, i], factor_dtype)
-            outputs.update(zip(factor_names(b, order + 1), new))
+            outputs.update(zip(factor_names(b, order + 1), (factor.to(factor_dtype) for factor in new)))
         return outputs
 
     def forward_with_cfg(self, x, t, y, cfg_scale):

@@ -8,6 +8,12 @@ forecasts), and every graph computes the other branches, returning the refreshed
 (`qandc.sampling.forecast`). Each tensor is declared with its role and dtype ("model": the engine's compute dtype,
 e.g. float32 in ONNX, bf16 in Inductor); axis 0 is the batch and is dynamic. `regate` says whether cache tensors
 hold pre-gate branch outputs that a reuse graph multiplies by its step's gate.
+
+A plan whose one reuse set is every branch, without regating, caches the trunk instead (`TRUNK`, one pseudo-branch):
+what all the blocks together added to the embedded input, x_L - x_0 = the sum of every gated branch output. Reusing
+every branch is reusing that sum, and its forecast is the sum of theirs (every branch then has the same computation
+steps, so the same Taylor weights; the forecast is linear in the factors). One tensor (K+1 with forecasting) moves
+between steps instead of one per branch, and a reuse step runs no block at all.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .forecast import TAYLOR, factor_names
 ROLES = ("x", "t", "y", "cache", "weights", "out")
 DTYPES = ("float32", "bfloat16", "int64", "model")
 FACTOR_SPEC_DTYPES = {"float32": "float32", "bf16": "bfloat16"}
+TRUNK = "trunk"  # the pseudo-branch of a plan that reuses every branch: the blocks' sum, x_L - x_0
 
 
 @dataclass(frozen=True)
@@ -115,10 +122,13 @@ class GraphSpec:
 def engine_graphs(plan, branch_names: list[str]) -> dict[str, GraphSpec]:
     """The full graph and every reuse graph of `plan` (a `qandc.sampling.CachePlan`: the sampling stage's, read
     here, not imported) for a model with `branch_names`."""
-    cached = plan.cached_branches(branch_names)
+    cached, reuse_sets = plan.cached_branches(branch_names), plan.reuse_sets_of(branch_names)
     common = dict(regate=plan.regate, forecast=plan.forecast, factors=plan.factors)
+    if not plan.regate and list(reuse_sets.values()) == [list(branch_names)]:
+        return {"full": GraphSpec("full", (), (TRUNK,), **common),
+                **{name: GraphSpec(name, (TRUNK,), (), **common) for name in reuse_sets}}
     graphs = {"full": GraphSpec("full", (), tuple(cached), **common)}
-    for name, reused in plan.reuse_sets_of(branch_names).items():
+    for name, reused in reuse_sets.items():
         graphs[name] = GraphSpec(name, tuple(reused), tuple(b for b in cached if b not in reused), **common)
     return graphs
 
