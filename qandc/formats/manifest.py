@@ -138,7 +138,8 @@ class Manifest:
         manifest = cls(**values)
         if manifest.graphs != engine_graphs(manifest.plan, branch_names(manifest.model.depth)):
             raise QandcError(f"field 'graphs' ({', '.join(manifest.graphs)}) does not declare the graphs its cache "
-                             "plan gives")
+                             "plan gives (made before plans reusing every branch cached the trunk? export and build "
+                             "again)")
         if manifest.vc is not None and manifest.vc_table.ndim != 2:
             raise QandcError("'vc' is not a steps x channels table")
         manifest._check()
