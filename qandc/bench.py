@@ -163,6 +163,27 @@ def _memory_mark() -> int:
     return torch.cuda.memory_allocated()
 
 
+def config_engines(model_name: str, model, precision: str, cache: str, work: Path,
+                   batch_sizes) -> tuple[Path, float | None]:
+    """The Inductor engines of `model` (on the device they are for) at `precision` (bf16 or a W8A8 preset, with a
+    `quick_recipe`) under the cache spec `cache`, in `work` (shared by every configuration of that precision and
+    plan): built unless already there, compiled for `batch_sizes`. The folder and the build's seconds (None: it was
+    there)."""
+    from .engines import build_inductor
+    from .sampling import SamplerDefaults
+
+    recipe = None
+    if precision.startswith("w8a8"):
+        recipe = quick_recipe(model, precision, cache, work / f"{model_name}-{precision}-{_slug(cache)}-recipe")
+    engine_dir = work / f"{model_name}-{precision}-{_slug(cache)}-engines"
+    if (engine_dir / "manifest.json").is_file():
+        return engine_dir, None
+    started = time.perf_counter()
+    build_inductor(model, engine_dir, plan=config_plan(cache), recipe_dir=recipe,
+                   sampler=SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=batch_sizes)
+    return engine_dir, time.perf_counter() - started
+
+
 def load_ready(engine_dir: Path, compiled: bool, rows: int):
     """`Pipeline.load(engine_dir)` and one call of each of its graphs at `rows` rows (compiling from Inductor's
     caches and capturing the CUDA graphs where `compiled`): the pipeline and the seconds until it was ready."""
@@ -183,8 +204,7 @@ def load_ready(engine_dir: Path, compiled: bool, rows: int):
 def run_config(model_name: str, model, config: Config, work: Path, runs: int) -> dict:
     """Build what the configuration needs, load it twice (the second load after torch.compiler.reset(), from
     Inductor's caches), warm it up, then time whole sampling runs and single steps."""
-    from .engines import build_inductor
-    from .sampling import SamplerDefaults, sample
+    from .sampling import sample
 
     labels = torch.arange(BATCH) % model.config.num_classes
     plan = config_plan(config.cache)
@@ -196,17 +216,7 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
         generate = lambda steps=config.steps: sample(model, labels, steps, "ddpm", CFG, seed=SEED,  # noqa: E731
                                                      plan=plan)
     else:
-        recipe = None
-        if config.preset:
-            recipe = quick_recipe(model, config.preset, config.cache,
-                                  work / f"{model_name}-{config.preset}-{_slug(config.cache)}-recipe")
-        engine_dir = work / f"{model_name}-{config.precision}-{_slug(config.cache)}-engines"
-        if not (engine_dir / "manifest.json").is_file():
-            started = time.perf_counter()
-            build_inductor(model, engine_dir, plan=plan, recipe_dir=recipe,
-                           sampler=SamplerDefaults(STEPS, "ddpm", CFG),
-                           batch_sizes=[2 * BATCH])
-            build_s = time.perf_counter() - started
+        engine_dir, build_s = config_engines(model_name, model, config.precision, config.cache, work, [2 * BATCH])
         model.to("cpu")  # the peak memory below is the engines' alone
         pipeline, load_s = load_ready(engine_dir, config.compiled, 2 * BATCH)
         del pipeline
