@@ -141,18 +141,28 @@ def profile_graphs(pipeline, rows: int, repeats: int) -> list[dict]:
                     call()
             _sync(device)
         events = work_events(prof, device)
+        if not events:
+            raise RuntimeError(f"the profiler recorded no {device} work in the {name} calls (kernels replayed in CUDA "
+                               "graphs not traced?): rerun with --no-cuda-graphs")
         rows_out.append({"graph": name, "ms_step": ms, "busy_ms_per_step": busy_us(events) / 1e3 / repeats,
                          **grouped(events, repeats)})
     return rows_out
 
 
 class StepClock:
-    """Wraps a denoiser's forward_graph: host timestamps at each call's start and end (the sampler's steps)."""
+    """Wraps a denoiser's forward_graph while open: host timestamps at each call's start and end (the sampler's
+    steps)."""
 
     def __init__(self, denoiser):
         self.denoiser, self.inner = denoiser, denoiser.forward_graph
         self.starts, self.ends = [], []
-        denoiser.forward_graph = self
+
+    def __enter__(self):
+        self.denoiser.forward_graph = self
+        return self
+
+    def __exit__(self, *exc):
+        del self.denoiser.forward_graph  # the class's method again
 
     def __call__(self, spec, feeds):
         self.starts.append(time.perf_counter())
@@ -161,23 +171,19 @@ class StepClock:
         self.ends.append(time.perf_counter())
         return out
 
-    def reset(self) -> None:
-        self.starts, self.ends = [], []
-
 
 def profile_run(pipeline, labels, steps: int, sampler: str) -> dict:
     """One timed sampling run (host timestamps per step) and one profiled run: per step the wall time, the device's
     busy time, the host's loop period, its time in the engine call and its time in synchronising CUDA calls."""
     device = pipeline.device.type
-    clock = StepClock(pipeline.denoiser)
     run = lambda: pipeline.generate(labels, 0, steps=steps, sampler=sampler, use_vc=False)  # noqa: E731
     run()  # warm-up: captures the CUDA graphs at this batch
     _sync(device)
-    clock.reset()
-    start = time.perf_counter()
-    run()
-    _sync(device)
-    wall = (time.perf_counter() - start) * 1e3
+    with StepClock(pipeline.denoiser) as clock:
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        wall = (time.perf_counter() - start) * 1e3
     n = len(clock.starts)
     period = (clock.starts[-1] - clock.starts[0]) * 1e3 / (n - 1) if n > 1 else wall
     in_engine = sum(e - s for s, e in zip(clock.starts, clock.ends)) * 1e3 / n
@@ -277,6 +283,8 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default="/tmp/qandc-bench", help="engines and recipes (the bench's by default)")
     parser.add_argument("--state", default=".profile-state", help="finished rows (a rerun skips them)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run the compiled engines without CUDA graphs (where a profile of graph replays is empty)")
     parser.add_argument("--card", help="card name in the file names (default from the device: h200, cpu)")
     args = parser.parse_args(argv)
 
@@ -290,7 +298,7 @@ def main(argv=None) -> None:
     kind = "run" if args.run else "step"
     meta = {"card": card, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "model": args.model, "plan": args.plan, "rows": rows,
-            "compiled": device == "cuda", "cuda_graphs": device == "cuda"}
+            "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs}
     if args.run:
         meta["images"] = args.images
     else:
@@ -299,12 +307,13 @@ def main(argv=None) -> None:
     results = []
     for precision in args.precisions:
         keys = [f"{args.model}--{precision}--{_slug(args.plan)}--{kind}{rows}" + (f"-{s}" if args.run else "")
+                + ("" if meta["cuda_graphs"] or device == "cpu" else "-nographs")
                 for s in (args.samplers if args.run else [""])]
         if all((state / f"{k}.json").is_file() for k in keys):
             results += [r for k in keys for r in read_json(state / f"{k}.json")["rows"]]
             continue
         engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows])
-        pipeline, load_s = load_ready(engine_dir, device == "cuda", rows)
+        pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
         for key, sampler in zip(keys, args.samplers if args.run else [None]):
             if (state / f"{key}.json").is_file():
                 found = read_json(state / f"{key}.json")["rows"]

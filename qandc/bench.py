@@ -184,14 +184,15 @@ def config_engines(model_name: str, model, precision: str, cache: str, work: Pat
     return engine_dir, time.perf_counter() - started
 
 
-def load_ready(engine_dir: Path, compiled: bool, rows: int):
+def load_ready(engine_dir: Path, compiled: bool, rows: int, cuda_graphs: bool | None = None):
     """`Pipeline.load(engine_dir)` and one call of each of its graphs at `rows` rows (compiling from Inductor's
-    caches and capturing the CUDA graphs where `compiled`): the pipeline and the seconds until it was ready."""
+    caches and capturing the CUDA graphs where `compiled`, unless `cuda_graphs` is False): the pipeline and the
+    seconds until it was ready."""
     from .model.graphs import example_feeds
     from .runtime import Pipeline
 
     start = time.perf_counter()
-    pipeline = Pipeline.load(engine_dir, compile=compiled, cuda_graphs=compiled)
+    pipeline = Pipeline.load(engine_dir, compile=compiled, cuda_graphs=compiled if cuda_graphs is None else cuda_graphs)
     denoiser = pipeline.denoiser
     feeds = example_feeds(denoiser, denoiser.graphs, rows)  # runs the full graph
     for name, spec in denoiser.graphs.items():
@@ -453,7 +454,8 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
             if name in PEER_STAGES:
                 row = measure_peer(peer(name), model, 2 * BATCH, os.environ["TORCHINDUCTOR_CACHE_DIR"])
                 write_json(state / f"{model_name}--{name}.json", row)
-                print(f"{model_name:10s} {name:20s} " + (f"skipped: {row['skipped']}" if "skipped" in row else
+                unmeasured = row.get("skipped") or row.get("failed")
+                print(f"{model_name:10s} {name:20s} " + (f"not measured: {unmeasured}" if unmeasured else
                       f"full {row['ms_full_step']:7.2f} ms  compile {row['compile_s']:.0f} s, again "
                       f"{row['recompile_s']:.0f} s"), flush=True)
                 _release()

@@ -8,6 +8,7 @@ a peer whose library, GPU or GPU feature is missing becomes a row with `skipped`
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from dataclasses import dataclass
@@ -100,19 +101,44 @@ def _first_call_s(compiled, step, x, t, y) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def kept_settings():
+    """Restore Inductor's config and the float32 matmul precision on exit: torchao's `set_inductor_config` changes
+    both (coordinate-descent tuning, TF32), which must not reach the bench's later stages."""
+    inductor = torch._inductor.config.get_config_copy()
+    precision = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        torch._inductor.config.load_config(inductor)
+        torch.set_float32_matmul_precision(precision)
+
+
 def measure_peer(p: Peer, model, rows: int, inductor_cache: str | None = None) -> dict:
     """A bench row: the peer's median ms per full step at `rows` rows (CUDA events, after warm-up), its compile
     time in this process (`compile_s`; a cold compile only when `inductor_cache_was_empty`) and again after
-    torch.compiler.reset() from Inductor's caches (`recompile_s`); `skipped` with the reason where it cannot run."""
+    torch.compiler.reset() from Inductor's caches (`recompile_s`); `skipped` with the reason where it cannot run,
+    `failed` with the error where it failed."""
+    row = {"name": p.name, "what": p.what, "rows": rows, "compile_mode": PEER_COMPILE_MODE, "torch": torch.__version__}
+    try:
+        with kept_settings():
+            return {**row, **_measure(p, model, rows, inductor_cache)}
+    except Exception as e:  # a peer stack failing (import, quantization, compile) is a row, not the bench's end
+        return {**row, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    finally:
+        torch.compiler.reset()
+
+
+def _measure(p: Peer, model, rows: int, inductor_cache: str | None) -> dict:
     from pathlib import Path
 
     from .bench import _median_ms
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    row = {"name": p.name, "what": p.what, "rows": rows, "compile_mode": PEER_COMPILE_MODE, "torch": torch.__version__}
     reason = skip_reason(p, device)
     if reason:
-        return {**row, "skipped": reason}
+        return {"skipped": reason}
+    row = {}
     cache = Path(inductor_cache) if inductor_cache else None
     row["inductor_cache_was_empty"] = cache is None or not cache.is_dir() or not any(cache.iterdir())
     start = time.perf_counter()
@@ -132,11 +158,8 @@ def measure_peer(p: Peer, model, rows: int, inductor_cache: str | None = None) -
     for _ in range(3):
         out = call()
     if not torch.isfinite(out).all():
-        row["skipped"] = "non-finite output"
-        return row
+        raise FloatingPointError("non-finite output")
     row["ms_full_step"] = _median_ms(call, 20)
     row["device_name"] = torch.cuda.get_device_name()
-    versions = {lib: importlib.import_module(lib).__version__ for lib in ("torchao", "diffusers")
-                if lib == p.library}
-    torch.compiler.reset()
-    return {**row, "versions": versions}
+    row["versions"] = {p.library: importlib.import_module(p.library).__version__} if p.library else {}
+    return row

@@ -44,3 +44,14 @@ def test_a_peer_without_a_gpu_is_a_row_saying_so():
     rows = [measure_peer(p, tiny_model(), 4) for p in PEERS]
     assert [r["name"] for r in rows] == [p.name for p in PEERS]
     assert all(r["skipped"] == "needs a CUDA GPU" and "ms_full_step" not in r for r in rows)
+
+
+def test_settings_a_peer_changes_do_not_outlive_it():
+    from qandc.step_peers import kept_settings
+
+    precision, tuning = torch.get_float32_matmul_precision(), torch._inductor.config.coordinate_descent_tuning
+    with kept_settings():  # what torchao's set_inductor_config does
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
+        torch._inductor.config.coordinate_descent_tuning = not tuning
+    assert torch.get_float32_matmul_precision() == precision
+    assert torch._inductor.config.coordinate_descent_tuning == tuning
