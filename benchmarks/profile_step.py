@@ -51,6 +51,7 @@ GROUPS = (
 )
 SYNC_CALLS = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy$|cudaMemcpy[^A]")  # host waits on the GPU
 ANNOTATION = "qandc::"  # record_function ranges of this script, not work
+DEVICE_WAITS = re.compile(r"^(stream|event|context) (sync|wait)", re.I)  # CUPTI's records of waits, not work
 
 
 def group_of(name: str) -> str:
@@ -64,7 +65,7 @@ def work_events(prof, device: str) -> list[tuple[str, float, float, float]]:
     memset), on the CPU its ops by self time (nested ops counted once)."""
     events = []
     for e in prof.events():
-        if device == "cuda" and e.device_type == DeviceType.CUDA:
+        if device == "cuda" and e.device_type == DeviceType.CUDA and not DEVICE_WAITS.match(e.name):
             events.append((e.name, e.time_range.start, e.time_range.end, e.time_range.elapsed_us()))
         elif device == "cpu" and e.device_type == DeviceType.CPU and not e.name.startswith(ANNOTATION):
             events.append((e.name, e.time_range.start, e.time_range.end, e.self_cpu_time_total))
@@ -289,6 +290,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # CUPTI set up before any CUDA graph is captured, so that their replays are traced
+        with profile(activities=activities(device)):
+            torch.zeros(1, device=device)
     card = args.card or card_of(device)
     work, state = Path(args.work), Path(args.state)
     work.mkdir(parents=True, exist_ok=True)

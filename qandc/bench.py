@@ -2,7 +2,8 @@
 weights, every layer non-zero: speed only) and the shipped reference model — from FP32 eager DDPM-250 (the paper's
 baseline) to Q&C FP8 / INT8 + cache on Inductor engines with CUDA graphs, under the ablation's interval-3 plan and under
 the shape of the plan the default search picks on the reference model (`default_plan_shape`; a search on random
-weights would measure nothing).
+weights would measure nothing). Beside them, the full-step peers on DiT-XL/2 (`step_peers.py`: torch.compile,
+torchao FP8 / INT8, diffusers), each a stage of its own.
 
 Each configuration is one stage whose result is written to the state folder as soon as it is measured; a rerun
 skips finished stages, and `--budget-s` stops between stages so one call fits the GPU machine's 10-minute limit.

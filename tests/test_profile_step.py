@@ -67,3 +67,8 @@ def test_run_profile_times_every_sampler_step(tmp_path):
     assert [r["sampler"] for r in rows] == ["ddim", "ddpm"]
     assert all(r["engine_calls"] == 4 and r["wall_ms_per_step"] >= r["host_in_engine_ms_per_step"] > 0
                for r in rows)
+
+
+def test_cupti_wait_records_are_not_work():
+    assert profile_step.DEVICE_WAITS.match("Stream Sync") and profile_step.DEVICE_WAITS.match("Event Sync")
+    assert not any(profile_step.DEVICE_WAITS.match(name) for name in GPU_NAMES)
