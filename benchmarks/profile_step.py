@@ -23,6 +23,7 @@ eagerly and the profile groups CPU ops by self time.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import time
@@ -281,7 +282,8 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=250, help="labels a sampling run (--run; default 250)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (--run; default 50)")
     parser.add_argument("--samplers", nargs="+", default=["ddim", "ddpm"], choices=("ddim", "ddpm"))
-    parser.add_argument("--work", default="/tmp/qandc-bench", help="engines and recipes (the bench's by default)")
+    parser.add_argument("--work", default="/tmp/qandc-bench",
+                        help="engines, recipes and Inductor's cache (the bench's --work default)")
     parser.add_argument("--state", default=".profile-state", help="finished rows (a rerun skips them)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--no-cuda-graphs", action="store_true",
@@ -297,6 +299,7 @@ def main(argv=None) -> None:
     work, state = Path(args.work), Path(args.state)
     work.mkdir(parents=True, exist_ok=True)
     state.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))  # the bench's, with its --work
     model = make(args.model, device)
     rows = 2 * args.images if args.run else args.rows
     kind = "run" if args.run else "step"

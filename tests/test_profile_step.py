@@ -40,8 +40,10 @@ def test_busy_time_is_the_union_of_overlapping_intervals():
 
 def _run(tmp_path, *args):
     out = tmp_path / "results"
-    profile_step.main(["--model", "tiny", "--precisions", "bf16", "--plan", "interval=3", "--work",
-                       str(tmp_path / "work"), "--state", str(tmp_path / "state"), "--results", str(out), *args])
+    with pytest.MonkeyPatch.context() as patch:  # the script sets Inductor's cache folder: not for later tests
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "work" / "inductor"))
+        profile_step.main(["--model", "tiny", "--precisions", "bf16", "--plan", "interval=3", "--work",
+                           str(tmp_path / "work"), "--state", str(tmp_path / "state"), "--results", str(out), *args])
     return out
 
 
