@@ -11,7 +11,7 @@ bench built). Writes benchmarks/results/profile-step-<card>.{json,md}.
 Sampling runs (`--run`): whole runs of `--images` labels under `--plan` with each `--samplers`, reporting per step
 the wall time, the GPU's busy time (the union of its kernels' intervals) and the host's time per step (the period of
 the sampler's loop, the part of it spent in the engine call, and the part spent waiting in synchronising CUDA calls),
-to tell whether sampling is host-bound. Writes benchmarks/results/profile-run-<card>.{json,md}.
+to tell whether sampling is host-bound. Writes benchmarks/results/profile-run-<card>-<model>-<plan>.{json,md}.
 
 Each finished row is kept in --state (a rerun skips it). On the CPU (`--model tiny` for a smoke run) the engines run
 eagerly and the profile groups CPU ops by self time.
@@ -335,7 +335,8 @@ def main(argv=None) -> None:
             results += found
         del pipeline
         torch.compiler.reset()
-    out = Path(args.results) / f"profile-{kind}-{card}.json"
+    out = Path(args.results) / (f"profile-run-{card}-{args.model}-{_slug(args.plan)}.json" if args.run
+                                else f"profile-step-{card}.json")
     write_json(out, {**meta, "groups": {g: p for g, p in GROUPS}, "rows": results})
     markdown = (run_markdown if args.run else step_markdown)(meta, results)
     with atomic_path(out.with_suffix(".md")) as tmp:

@@ -65,7 +65,7 @@ def test_step_profile_counts_every_linear_once_a_full_step_and_resumes_from_stat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path")
 def test_run_profile_times_every_sampler_step(tmp_path):
     out = _run(tmp_path, "--run", "--images", "2", "--steps", "4")
-    rows = json.loads((out / "profile-run-cpu.json").read_text())["rows"]
+    rows = json.loads((out / "profile-run-cpu-tiny-interval3.json").read_text())["rows"]
     assert [r["sampler"] for r in rows] == ["ddim", "ddpm"]
     assert all(r["engine_calls"] == 4 and r["wall_ms_per_step"] >= r["host_in_engine_ms_per_step"] > 0
                for r in rows)
