@@ -2,7 +2,8 @@
 weights, every layer non-zero: speed only) and the shipped reference model — from FP32 eager DDPM-250 (the paper's
 baseline) to Q&C FP8 / INT8 + cache on Inductor engines with CUDA graphs, under the ablation's interval-3 plan and under
 the shape of the plan the default search picks on the reference model (`default_plan_shape`; a search on random
-weights would measure nothing).
+weights would measure nothing). Beside them, the full-step peers on DiT-XL/2 (`step_peers.py`: torch.compile,
+torchao FP8 / INT8, diffusers), each a stage of its own.
 
 Each configuration is one stage whose result is written to the state folder as soon as it is measured; a rerun
 skips finished stages, and `--budget-s` stops between stages so one call fits the GPU machine's 10-minute limit.
@@ -27,6 +28,7 @@ import torch
 from .artifacts import atomic_path, write_json
 from .errors import QandcError
 from .sampling.plan import DEFAULT_PLAN_SEARCH, default_plan_shape
+from .step_peers import PEER_STAGES, measure_peer, peer
 
 BATCH, STEPS, CFG, SEED = 16, 50, 1.5, 0
 CACHE_PLAN = "interval=3"  # the first ablation's plan: full step every 3rd, reuse all branches
@@ -64,7 +66,10 @@ CONFIGS = [
 ]
 QC_CONFIGS = ("qc-fp8-cache", "qc-int8-cache", "qc-fp8-default", "qc-int8-default")  # candidates for best_qc
 MODELS = ("dit-xl-2", "reference")
-STAGES = tuple(c.name for c in CONFIGS) + (FLOOR,)
+PEERS_STAGE = "peers"      # names every peer stage (`peer-<name>`, qandc.step_peers)
+PEER_MODELS = ("dit-xl-2",)  # the peers run at DiT-XL/2's shapes only
+STAGES = tuple(c.name for c in CONFIGS) + (FLOOR,) + PEER_STAGES
+STAGE_CHOICES = STAGES + (PEERS_STAGE,)
 
 
 def config_plan(cache: str):
@@ -159,33 +164,67 @@ def _memory_mark() -> int:
     return torch.cuda.memory_allocated()
 
 
-def run_config(model_name: str, model, config: Config, work: Path, runs: int) -> dict:
-    """Build what the configuration needs, warm it up, then time whole sampling runs and single steps."""
+def config_engines(model_name: str, model, precision: str, cache: str, work: Path,
+                   batch_sizes) -> tuple[Path, float | None]:
+    """The Inductor engines of `model` (on the device they are for) at `precision` (bf16 or a W8A8 preset, with a
+    `quick_recipe`) under the cache spec `cache`, in `work` (shared by every configuration of that precision and
+    plan): built unless already there, compiled for `batch_sizes`. The folder and the build's seconds (None: it was
+    there)."""
     from .engines import build_inductor
+    from .sampling import SamplerDefaults
+
+    recipe = None
+    if precision.startswith("w8a8"):
+        recipe = quick_recipe(model, precision, cache, work / f"{model_name}-{precision}-{_slug(cache)}-recipe")
+    engine_dir = work / f"{model_name}-{precision}-{_slug(cache)}-engines"
+    if (engine_dir / "manifest.json").is_file():
+        return engine_dir, None
+    started = time.perf_counter()
+    build_inductor(model, engine_dir, plan=config_plan(cache), recipe_dir=recipe,
+                   sampler=SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=batch_sizes)
+    return engine_dir, time.perf_counter() - started
+
+
+def load_ready(engine_dir: Path, compiled: bool, rows: int, cuda_graphs: bool | None = None):
+    """`Pipeline.load(engine_dir)` and one call of each of its graphs at `rows` rows (compiling from Inductor's
+    caches and capturing the CUDA graphs where `compiled`, unless `cuda_graphs` is False): the pipeline and the
+    seconds until it was ready."""
+    from .model.graphs import example_feeds
     from .runtime import Pipeline
-    from .sampling import SamplerDefaults, sample
+
+    start = time.perf_counter()
+    pipeline = Pipeline.load(engine_dir, compile=compiled, cuda_graphs=compiled if cuda_graphs is None else cuda_graphs)
+    denoiser = pipeline.denoiser
+    feeds = example_feeds(denoiser, denoiser.graphs, rows)  # runs the full graph
+    for name, spec in denoiser.graphs.items():
+        denoiser.forward_graph(spec, feeds[name])
+    if pipeline.device.type == "cuda":
+        torch.cuda.synchronize()
+    return pipeline, time.perf_counter() - start
+
+
+def run_config(model_name: str, model, config: Config, work: Path, runs: int) -> dict:
+    """Build what the configuration needs, load it twice (the second load after torch.compiler.reset(), from
+    Inductor's caches), warm it up, then time whole sampling runs and single steps."""
+    from .sampling import sample
 
     labels = torch.arange(BATCH) % model.config.num_classes
     plan = config_plan(config.cache)
     base = _memory_mark()
+    build_s = load_s = reload_s = None
     model.to("cuda")
     if config.precision == "fp32":
         denoiser = model
         generate = lambda steps=config.steps: sample(model, labels, steps, "ddpm", CFG, seed=SEED,  # noqa: E731
                                                      plan=plan)
     else:
-        recipe = None
-        if config.preset:
-            recipe = quick_recipe(model, config.preset, config.cache,
-                                  work / f"{model_name}-{config.preset}-{_slug(config.cache)}-recipe")
-        engine_dir = work / f"{model_name}-{config.precision}-{_slug(config.cache)}-engines"
-        if not (engine_dir / "manifest.json").is_file():
-            build_inductor(model, engine_dir, plan=plan, recipe_dir=recipe,
-                           sampler=SamplerDefaults(STEPS, "ddpm", CFG),
-                           batch_sizes=[2 * BATCH])
+        engine_dir, build_s = config_engines(model_name, model, config.precision, config.cache, work, [2 * BATCH])
         model.to("cpu")  # the peak memory below is the engines' alone
+        pipeline, load_s = load_ready(engine_dir, config.compiled, 2 * BATCH)
+        del pipeline
+        torch.compiler.reset()
         base = _memory_mark()
-        pipeline = Pipeline.load(engine_dir, compile=config.compiled, cuda_graphs=config.compiled)
+        pipeline, reload_s = load_ready(engine_dir, config.compiled, 2 * BATCH)
         denoiser = pipeline.denoiser
         generate = lambda steps=config.steps: pipeline.generate(labels, SEED, steps=steps,  # noqa: E731
                                                                 use_vc=False)
@@ -209,16 +248,15 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
             "cache": config.cache, "compiled": config.compiled, "images_per_s": BATCH / statistics.median(seconds),
             "seconds_per_batch": statistics.median(seconds), "runs": runs, "ms_full_step": ms_full,
             "ms_reuse_step": ms_reuse, "peak_mem_gb": peak, "quality_from": config.quality,
-            "engine_calls": dict(calls) if calls else None, "device_name": torch.cuda.get_device_name(),
-            "torch": torch.__version__}
+            "engine_calls": dict(calls) if calls else None, "build_s": build_s, "load_s": load_s,
+            "reload_s": reload_s, "device_name": torch.cuda.get_device_name(), "torch": torch.__version__}
 
 
-def fp8_floor(model, rows: int) -> dict:
-    """FLOPs of one full step (FlopCounterMode over the bf16 forward) over the FP8 GEMM rate measured here
-    (`torch._scaled_mm`, per-tensor scales, at the model's MLP shape)."""
+def full_step_flops(model, rows: int) -> int:
+    """FLOPs of one full step at `rows` rows (FlopCounterMode over the forward of a bf16 copy, on the model's
+    device)."""
     import copy
 
-    import triton.testing
     from torch.utils.flop_counter import FlopCounterMode
 
     from .model.graphs import sample_inputs
@@ -227,8 +265,15 @@ def fp8_floor(model, rows: int) -> dict:
     x, t, y = sample_inputs(model, rows)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         bf16(x.to(torch.bfloat16), t, y)
-    flops = counter.get_total_flops()
-    del bf16
+    return counter.get_total_flops()
+
+
+def fp8_floor(model, rows: int) -> dict:
+    """FLOPs of one full step over the FP8 GEMM rate measured here (`torch._scaled_mm`, per-tensor scales, at the
+    model's MLP shape)."""
+    import triton.testing
+
+    flops = full_step_flops(model, rows)
     c = model.config
     m, k, n = rows * (c.input_size // c.patch_size) ** 2, c.hidden_size, int(c.hidden_size * c.mlp_ratio)
     a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
@@ -274,6 +319,8 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
     floors = {m: json.loads((state / f"{m}--{FLOOR}.json").read_text())
               for m in MODELS if (state / f"{m}--{FLOOR}.json").is_file()}
     by_name = {(r["model"], r["name"]): r for r in configs}
+    peers = [json.loads(path.read_text()) for path in (state / f"{m}--{s}.json" for m in PEER_MODELS
+                                                        for s in PEER_STAGES) if path.is_file()]
     result = {"card": card, "device_name": sorted({r.get("device_name", "") for r in configs}),
               "torch": sorted({r.get("torch", "") for r in configs}), "batch": BATCH, "cfg_scale": CFG,
               "sampler": "ddpm", "seed": SEED,
@@ -287,8 +334,21 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
                         "VC is not applied in the timed runs (one fused multiply-add per step)",
                         "*-default configurations: default_plan, the shape of the plan the default search "
                         "(default_plan_search) picks on the reference model (its compute fraction and forecast order, "
-                        "full steps evenly spaced); their quality is the front's (front-<card>.json)"],
-              "fp8_floor": floors, "configs": configs}
+                        "full steps evenly spaced); their quality is the front's (front-<card>.json)",
+                        "build_s: export, compile (autotune) and compile-cache save of the engines, when built in this "
+                        "stage; load_s: Pipeline.load plus a first call of every graph (compile from the engines' "
+                        "saved cache and Inductor's cache folder, CUDA graph capture), the stage's first load; "
+                        "reload_s: the same after torch.compiler.reset()",
+                        "peers: the same DiT-XL/2 weights and full-step inputs (32 rows) run by other stacks "
+                        "(qandc.step_peers); compile_s: their first compile in the process, recompile_s: again after "
+                        "torch.compiler.reset()"],
+              "fp8_floor": floors, "configs": configs, "peers": peers}
+    fastest = min((r for r in configs if r["model"] == "dit-xl-2" and r.get("precision") != "fp32"
+                   and r.get("compiled")), key=lambda r: r["ms_full_step"], default=None)
+    best_peer = min((r for r in peers if "ms_full_step" in r), key=lambda r: r["ms_full_step"], default=None)
+    if fastest is not None and best_peer is not None:
+        result.update(fastest_full_step=fastest["name"], best_peer=best_peer["name"],
+                      full_step_speedup_vs_best_peer=best_peer["ms_full_step"] / fastest["ms_full_step"])
     best = max((by_name[("dit-xl-2", name)] for name in QC_CONFIGS if ("dit-xl-2", name) in by_name),
                key=lambda r: r["images_per_s"], default=None)
     if best is not None:
@@ -303,13 +363,16 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Images/s against FD (reference model, quality from the ablation) and DiT-XL/2 images/s per configuration."""
+    """Images/s against FD (reference model, quality from the ablation), DiT-XL/2 images/s per configuration and,
+    with peers measured, DiT-XL/2 ms per full step of qandc's compiled engines and of the peers (FP8 floor marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6))
+    peers = [r for r in result.get("peers", []) if "ms_full_step" in r]
+    fig, axes = plt.subplots(1, 3 if peers else 2, figsize=(22 if peers else 15, 6))
+    left, right = axes[:2]
     rows = sorted((r for r in result["configs"] if r["model"] == "reference" and "fd" in r),
                   key=lambda r: r["images_per_s"])
     markers = "osD^v<>pPX*h"  # points that nearly coincide stay apart by marker; names are in the legend
@@ -326,23 +389,48 @@ def plot(result: dict, path: Path) -> None:
     right.set(xscale="log", xlabel="images / s (batch 16, CFG)", title=f"DiT-XL/2 256² ({result['card']}, random "
               "weights)")
     right.set_xlim(right=right.get_xlim()[1] * 3)  # room for the last bar's value
+    if peers:
+        steps = [(r["name"], r["ms_full_step"]) for r in xl if r.get("compiled") and r.get("precision") != "fp32"]
+        steps += [(f"peer: {r['name']}", r["ms_full_step"]) for r in peers]
+        bars = axes[2].barh([n for n, _ in steps], [ms for _, ms in steps],
+                            color=["C0"] * (len(steps) - len(peers)) + ["C1"] * len(peers))
+        axes[2].bar_label(bars, fmt="%.2f", padding=3, fontsize=9)
+        floor = result["fp8_floor"].get("dit-xl-2", {}).get("fp8_floor_ms")
+        if floor:
+            axes[2].axvline(floor, color="k", linestyle="--", label=f"FP8 floor {floor:.2f} ms")
+            axes[2].legend(fontsize=8, frameon=False)
+        axes[2].set(xlabel="ms per full step (32 rows)", title=f"DiT-XL/2 full step: qandc vs peers ({result['card']})")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
+def _finished(path: Path) -> bool:
+    """A stage's row is in the state folder (a peer skipped for want of a library counts only without a GPU)."""
+    return path.is_file() and not ("skipped" in json.loads(path.read_text()) and torch.cuda.is_available())
+
+
+def _release() -> None:
+    """Drop what a stage compiled (dynamo's cache holds the engines' weights) and the memory it held."""
+    torch.compiler.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Path, models=MODELS,
           budget_s: float = 540.0, runs: int = 3, only=STAGES) -> dict | None:
-    """Run the unfinished stages of `only` (configuration names and FLOOR) within `budget_s`; when they are done,
-    write bench-<card>.json and its plot from every finished stage and return the result (None while stages
-    remain)."""
-    unknown = sorted(set(only) - set(STAGES))
+    """Run the unfinished stages of `only` (configuration names, FLOOR, peer stages or PEERS_STAGE for all of them)
+    within `budget_s`; when they are done, write bench-<card>.json and its plot from every finished stage and return
+    the result (None while stages remain). A peer row skipped for a missing library is tried again on a GPU."""
+    unknown = sorted(set(only) - set(STAGE_CHOICES))
     if unknown:
-        raise QandcError(f"unknown bench stage {unknown[0]!r}; known: {', '.join(STAGES)}")
+        raise QandcError(f"unknown bench stage {unknown[0]!r}; known: {', '.join(STAGE_CHOICES)}")
+    only = set(only) | (set(PEER_STAGES) if PEERS_STAGE in only else set())
     state, work, results_dir = Path(state), Path(work), Path(results_dir)
     pending = [(m, name) for m in models for name in STAGES
-               if name in only and not (state / f"{m}--{name}.json").is_file()]
+               if name in only and (m in PEER_MODELS or name not in PEER_STAGES)
+               and not _finished(state / f"{m}--{name}.json")]
     if pending and not torch.cuda.is_available():
         raise QandcError("qandc bench measures GPU speed and needs a CUDA GPU (with every stage asked for done in "
                          "--state, it only rewrites the JSON and the plot)")
@@ -364,6 +452,15 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
                 write_json(state / f"{model_name}--{FLOOR}.json", fp8_floor(model.to("cuda"), 2 * BATCH))
                 model.to("cpu")
                 continue
+            if name in PEER_STAGES:
+                row = measure_peer(peer(name), model, 2 * BATCH, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+                write_json(state / f"{model_name}--{name}.json", row)
+                unmeasured = row.get("skipped") or row.get("failed")
+                print(f"{model_name:10s} {name:20s} " + (f"not measured: {unmeasured}" if unmeasured else
+                      f"full {row['ms_full_step']:7.2f} ms  compile {row['compile_s']:.0f} s, again "
+                      f"{row['recompile_s']:.0f} s"), flush=True)
+                _release()
+                continue
             config = configs[name]
             started = time.perf_counter()
             row = run_config(model_name, model, config, work, runs=1 if config.precision == "fp32" else runs)
@@ -371,10 +468,9 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
             write_json(state / f"{model_name}--{config.name}.json", row)
             print(f"{model_name:10s} {config.name:20s} {row['images_per_s']:9.2f} img/s  full "
                   f"{row['ms_full_step']:7.2f} ms  reuse {row['ms_reuse_step'] or 0:6.2f} ms  peak "
-                  f"{row['peak_mem_gb']:5.1f} GB  ({row['stage_seconds']:.0f} s)", flush=True)
-            torch.compiler.reset()  # drop the compiled engines (dynamo's cache holds their weights)
-            gc.collect()
-            torch.cuda.empty_cache()
+                  f"{row['peak_mem_gb']:5.1f} GB  ({row['stage_seconds']:.0f} s; load {row['load_s'] or 0:.0f} s, "
+                  f"again {row['reload_s'] or 0:.0f} s)", flush=True)
+            _release()
         del model
     result = summarize(state, card, results_dir)
     write_json(results_dir / f"bench-{card}.json", result)

@@ -403,9 +403,11 @@ def cmd_bench(args) -> None:
     """Measure every configuration side by side on this GPU — DiT-XL/2 256² (random non-zero weights: speed only)
     and the reference model, batch 16 with CFG: FP32 eager DDPM-250 and 50 steps, bf16 eager, bf16 + torch.compile
     + CUDA graphs, cache only, FP8 only, INT8 only, Q&C FP8 / INT8 + cache (Inductor engines), the cached ones under
-    interval 3 and under the fixed plan the default plan search picks on the reference model (*-default). Resumable:
-    finished stages are kept in --state and skipped; --budget-s stops between stages. When every stage asked for
-    (--only) is done, writes bench-<card>.json and bench-<card>.png into --results."""
+    interval 3 and under the fixed plan the default plan search picks on the reference model (*-default), with each
+    configuration's build, load and reload time; and the full-step peers on DiT-XL/2 (peer-*: torch.compile,
+    torchao FP8 / INT8, diffusers). Resumable: finished stages are kept in --state and skipped; --budget-s stops
+    between stages. When every stage asked for (--only) is done, writes bench-<card>.json and bench-<card>.png into
+    --results."""
     import torch
 
     from .bench import MODELS, STAGES, bench
@@ -418,7 +420,8 @@ def cmd_bench(args) -> None:
                    args.only or STAGES)
     if result is None:
         raise SystemExit(3)
-    for key in ("speedup_vs_bf16_compiled", "speedup_vs_fp32_ddpm250", "full_step_over_fp8_floor"):
+    for key in ("speedup_vs_bf16_compiled", "speedup_vs_fp32_ddpm250", "full_step_over_fp8_floor",
+                "full_step_speedup_vs_best_peer"):
         if key in result:
             print(f"{key}: {result[key]:.2f}")
     print(f"wrote {Path(args.results) / f'bench-{card}.json'}")
@@ -489,7 +492,7 @@ def _add_output_flags(p: argparse.ArgumentParser, subcommand: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import STAGES
+    from .bench import STAGE_CHOICES
     from .engines import backend_names
 
     parser = _Parser(
@@ -620,9 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=argument(real, low=0), default=540.0,
                    help="start no new stage after this many seconds; exit code 3 means rerun to resume")
     p.add_argument("--runs", type=argument(integer), default=3, help="timed sampling runs per configuration (median)")
-    p.add_argument("--only", nargs="+", choices=STAGES, metavar="STAGE",
-                   help=f"run only these stages (default all: {', '.join(STAGES)}); the JSON and the plot are written "
-                        "from every stage finished in --state")
+    p.add_argument("--only", nargs="+", choices=STAGE_CHOICES, metavar="STAGE",
+                   help=f"run only these stages (default all: {', '.join(STAGE_CHOICES[:-1])}; peers: every peer-*); "
+                        "the JSON and the plot are written from every stage finished in --state")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="score samples: FD, class accuracy, PSNR / SSIM / MSE",

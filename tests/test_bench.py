@@ -6,18 +6,26 @@ import json
 import pytest
 import torch
 
-from qandc.bench import CONFIGS, MODELS, bench
+from qandc.bench import CONFIGS, MODELS, PEER_MODELS, bench
 from qandc.errors import QandcError
 from qandc.sampling.plan import default_plan_shape
+from qandc.step_peers import PEER_STAGES
 
 
-def _rows(state, rates):
+def _rows(state, rates, peer_ms=None):
+    """Stage rows as the GPU writes them; peers measured at `peer_ms` (by stage; a peer not named is skipped)."""
     for model in MODELS:
         for i, config in enumerate(CONFIGS):
             row = {"name": config.name, "model": model, "images_per_s": rates.get((model, config.name), 1.0 + i),
-                   "ms_full_step": 10.0 + i, "ms_reuse_step": None, "peak_mem_gb": 1.0, "device_name": "test"}
+                   "ms_full_step": 10.0 + i, "ms_reuse_step": None, "peak_mem_gb": 1.0, "device_name": "test",
+                   "precision": config.precision, "compiled": config.compiled}
             (state / f"{model}--{config.name}.json").write_text(json.dumps(row))
         (state / f"{model}--fp8-floor.json").write_text(json.dumps({"fp8_floor_ms": 4.0}))
+    for model in PEER_MODELS:
+        for stage in PEER_STAGES:
+            ms = (peer_ms or {}).get(stage)
+            row = {"name": stage[5:], **({"ms_full_step": ms} if ms else {"skipped": "torchao is not installed"})}
+            (state / f"{model}--{stage}.json").write_text(json.dumps(row))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
@@ -75,3 +83,36 @@ def test_bench_quality_comes_from_the_ablation_row_of_the_same_plan(tmp_path):
                if r["model"] == "reference"}
     assert configs["qc-fp8-default"]["fd"] == 3.0 and configs["qc-fp8-cache"]["fd"] == 7.5
     assert "fd" not in configs["qc-int8-cache"] and "fd" not in configs["qc-int8-default"]  # no row of their plan
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_bench_compares_the_fastest_engine_full_step_with_the_best_measured_peer(tmp_path):
+    from qandc.cli import main
+
+    state, results = tmp_path / "state", tmp_path / "results"
+    state.mkdir()
+    _rows(state, {}, {"peer-compile-bf16": 16.8, "peer-torchao-fp8-tensor": 16.3, "peer-diffusers-compile": 19.0})
+    fastest = min((c for c in CONFIGS if c.compiled and c.precision != "fp32"), key=CONFIGS.index)
+    (state / "dit-xl-2--peer-torchao-fp8-tensor.json").unlink()
+    args = ["bench", "--card", "h200", "--state", str(state), "--work", str(tmp_path / "work"), "--results",
+            str(results)]
+    assert main(args + ["--only", "peers"]) == 2  # a peer left to measure needs a GPU
+    assert main(args + ["--only", "peer-compile-bf16", "peer-torchao-int8", "fp8-floor"]) == 0
+    result = json.loads((results / "bench-h200.json").read_text())
+    assert result["best_peer"] == "compile-bf16" and result["fastest_full_step"] == fastest.name
+    assert result["full_step_speedup_vs_best_peer"] == pytest.approx(16.8 / (10.0 + CONFIGS.index(fastest)))
+    peers = {r["name"]: r for r in result["peers"]}
+    assert peers["torchao-int8"]["skipped"] == "torchao is not installed" and "torchao-fp8-tensor" not in peers
+    assert (results / "bench-h200.png").stat().st_size > 10_000
+
+
+def test_load_ready_loads_the_engines_and_runs_every_graph_once(tmp_path):
+    from conftest import tiny_model
+
+    from qandc.bench import load_ready
+    from qandc.engines import build_inductor
+    from qandc.sampling import CachePlan
+
+    build_inductor(tiny_model(), tmp_path / "engines", CachePlan.interval(3))
+    pipeline, seconds = load_ready(tmp_path / "engines", compiled=False, rows=4)
+    assert seconds > 0 and pipeline.denoiser.calls == {"full": 2, "reuse": 1}  # example_feeds ran the full graph

@@ -1,0 +1,348 @@
+"""Where a step's time goes: torch.profiler over the Inductor engines as the runtime runs them (compiled, each call a
+replayed CUDA graph), kernels grouped by name into GEMMs, attention, norms / modulation, quantize, elementwise,
+copies and other, against the FP8 floor of the step (its FLOPs over the FP8 GEMM rate measured here, as
+`qandc bench` computes it).
+
+Steps (default): DiT-XL/2 with the bench's seeded random weights, 32 rows (the bench's batch 16 with CFG), every
+graph of `--plan` (`none`: the full step; `interval=3`: the full and the reuse step) at each precision. The engines
+are the bench's (`qandc.bench.config_engines`: the same folder names, so `--work /tmp/qandc-bench` reuses what the
+bench built). Writes benchmarks/results/profile-step-<card>.{json,md}.
+
+Sampling runs (`--run`): whole runs of `--images` labels under `--plan` with each `--samplers`, reporting per step
+the wall time, the GPU's busy time (the union of its kernels' intervals) and the host's time per step (the period of
+the sampler's loop, the part of it spent in the engine call, and the part spent waiting in synchronising CUDA calls),
+to tell whether sampling is host-bound. Writes benchmarks/results/profile-run-<card>-<model>-<plan>.{json,md}.
+
+Each finished row is kept in --state (a rerun skips it). On the CPU (`--model tiny` for a smoke run) the engines run
+eagerly and the profile groups CPU ops by self time.
+
+    PYTHONPATH=$PWD python benchmarks/profile_step.py --work /tmp/qandc-bench --precisions bf16 w8a8-fp8 w8a8-int8
+    PYTHONPATH=$PWD python benchmarks/profile_step.py --run --model reference --plan interval=4,forecast=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from _common import table
+from qandc.artifacts import atomic_path, read_json, write_json
+from qandc.bench import _slug, config_engines, fp8_floor, full_step_flops, load_ready, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# first match wins: attention before GEMMs (cutlass attention kernels), norms before quantize (Inductor fuses
+# LayerNorm + modulate + quantize into one kernel, counted as a norm; `top_kernels` shows what fused)
+GROUPS = (
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("gemm", r"gemm|scaled_mm|cutlass|xmma|nvjet|triton_tem|_mm_|\bmm\b|addmm|bmm|matmul|int8_linear"),
+    ("norm/modulation", r"norm|var_mean"),
+    ("quantize", r"clamp|round|float8|fp8|e4m3|quantiz"),
+    ("copies", r"memcpy|memset|direct_copy|aten::copy_|aten::clone|catarray|aten::cat\b|aten::contiguous"),
+    ("elementwise", r"triton_poi|elementwise|vectorized|unrolled|gelu|silu|tanh|aten::(add|mul|sub|div|neg|exp)"),
+    ("other", r""),
+)
+SYNC_CALLS = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy$|cudaMemcpy[^A]")  # host waits on the GPU
+ANNOTATION = "qandc::"  # record_function ranges of this script, not work
+DEVICE_WAITS = re.compile(r"^(stream|event|context) (sync|wait)", re.I)  # CUPTI's records of waits, not work
+
+
+def group_of(name: str) -> str:
+    """The group of a kernel or CPU op name."""
+    lower = name.lower()
+    return next(group for group, pattern in GROUPS if re.search(pattern, lower))
+
+
+def work_events(prof, device: str) -> list[tuple[str, float, float, float]]:
+    """(name, start µs, end µs, time µs) of the profile's work: on CUDA its device events (kernels, memcpy,
+    memset), on the CPU its ops by self time (nested ops counted once)."""
+    events = []
+    for e in prof.events():
+        if device == "cuda" and e.device_type == DeviceType.CUDA and not DEVICE_WAITS.match(e.name):
+            events.append((e.name, e.time_range.start, e.time_range.end, e.time_range.elapsed_us()))
+        elif device == "cpu" and e.device_type == DeviceType.CPU and not e.name.startswith(ANNOTATION):
+            events.append((e.name, e.time_range.start, e.time_range.end, e.self_cpu_time_total))
+    return events
+
+
+def busy_us(events) -> float:
+    """The union of the events' intervals (µs): time the device had work."""
+    total, end = 0.0, float("-inf")
+    for _, s, e, _ in sorted(events, key=lambda ev: ev[1]):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def grouped(events, per: int, top: int = 12) -> dict:
+    """Per-step ms, share and count of each group over `per` steps, and the `top` kernels by time."""
+    groups = {g: {"ms": 0.0, "kernels": 0} for g, _ in GROUPS}
+    kernels = {}
+    for name, _, _, us in events:
+        group = groups[group_of(name)]
+        group["ms"] += us / 1e3 / per
+        group["kernels"] += 1
+        k = kernels.setdefault(name, {"name": name[:160], "group": group_of(name), "ms": 0.0, "count": 0})
+        k["ms"] += us / 1e3 / per
+        k["count"] += 1
+    total = sum(g["ms"] for g in groups.values())
+    for g in [*groups.values(), *kernels.values()]:
+        g["share"] = g["ms"] / total if total else 0.0
+    for g in groups.values():
+        g["kernels"] /= per
+    for k in kernels.values():
+        k["count"] /= per
+    return {"groups": groups, "work_ms": total, "top_kernels": sorted(kernels.values(), key=lambda k: -k["ms"])[:top]}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(call, repeats: int, device: str) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def activities(device: str) -> list:
+    return [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+
+
+def profile_graphs(pipeline, rows: int, repeats: int) -> list[dict]:
+    """A row per graph of the pipeline's engines: unprofiled median ms per call, then the grouped profile of
+    `repeats` calls."""
+    from qandc.model.graphs import example_feeds
+
+    denoiser, device = pipeline.denoiser, pipeline.device.type
+    feeds = example_feeds(denoiser, denoiser.graphs, rows)
+    rows_out = []
+    for name, spec in denoiser.graphs.items():
+        call = lambda: denoiser.forward_graph(spec, feeds[name])  # noqa: E731
+        for _ in range(3):
+            call()
+        ms = median_ms(call, max(repeats, 10), device)
+        with profile(activities=activities(device)) as prof:
+            for _ in range(repeats):
+                with record_function(f"{ANNOTATION}{name}"):
+                    call()
+            _sync(device)
+        events = work_events(prof, device)
+        if not events:
+            raise RuntimeError(f"the profiler recorded no {device} work in the {name} calls (kernels replayed in CUDA "
+                               "graphs not traced?): rerun with --no-cuda-graphs")
+        rows_out.append({"graph": name, "ms_step": ms, "busy_ms_per_step": busy_us(events) / 1e3 / repeats,
+                         **grouped(events, repeats)})
+    return rows_out
+
+
+class StepClock:
+    """Wraps a denoiser's forward_graph while open: host timestamps at each call's start and end (the sampler's
+    steps)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.inner = denoiser, denoiser.forward_graph
+        self.starts, self.ends = [], []
+
+    def __enter__(self):
+        self.denoiser.forward_graph = self
+        return self
+
+    def __exit__(self, *exc):
+        del self.denoiser.forward_graph  # the class's method again
+
+    def __call__(self, spec, feeds):
+        self.starts.append(time.perf_counter())
+        with record_function(f"{ANNOTATION}step"):
+            out = self.inner(spec, feeds)
+        self.ends.append(time.perf_counter())
+        return out
+
+
+def profile_run(pipeline, labels, steps: int, sampler: str) -> dict:
+    """One timed sampling run (host timestamps per step) and one profiled run: per step the wall time, the device's
+    busy time, the host's loop period, its time in the engine call and its time in synchronising CUDA calls."""
+    device = pipeline.device.type
+    run = lambda: pipeline.generate(labels, 0, steps=steps, sampler=sampler, use_vc=False)  # noqa: E731
+    run()  # warm-up: captures the CUDA graphs at this batch
+    _sync(device)
+    with StepClock(pipeline.denoiser) as clock:
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        wall = (time.perf_counter() - start) * 1e3
+    n = len(clock.starts)
+    period = (clock.starts[-1] - clock.starts[0]) * 1e3 / (n - 1) if n > 1 else wall
+    in_engine = sum(e - s for s, e in zip(clock.starts, clock.ends)) * 1e3 / n
+    with profile(activities=activities(device)) as prof:
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        wall_profiled = (time.perf_counter() - start) * 1e3
+    events = work_events(prof, device)
+    sync = sum(e.time_range.elapsed_us() for e in prof.events() if SYNC_CALLS.search(e.name)) / 1e3
+    row = {"sampler": sampler, "steps": steps, "images": len(labels), "engine_calls": n,
+           "wall_ms_per_step": wall / n, "images_per_s": len(labels) / wall * 1e3,
+           "host_loop_ms_per_step": period, "host_in_engine_ms_per_step": in_engine,
+           "wall_ms_per_step_profiled": wall_profiled / n, "host_sync_ms_per_step_profiled": sync / n,
+           "busy_ms_per_step_profiled": busy_us(events) / 1e3 / n, **grouped(events, n)}
+    row["busy_fraction"] = row["busy_ms_per_step_profiled"] / row["wall_ms_per_step_profiled"]
+    row["reading"] = reading(row, device)
+    return row
+
+
+def reading(row: dict, device: str) -> str:
+    """Host- or device-bound, in words, from the profiled run's busy fraction and the host's time outside waits."""
+    if device != "cuda":
+        return "CPU run: host and device are one"
+    host = row["host_loop_ms_per_step"] - row["host_sync_ms_per_step_profiled"]
+    if row["busy_fraction"] > 0.9:
+        return "GPU-bound: the GPU is busy over 90% of the run"
+    if host > 0.8 * row["wall_ms_per_step"]:
+        return "host-bound: the host's own time per step (outside waits) is the step's wall time; the GPU idles"
+    return "neither: the GPU idles while the host waits (synchronising calls or gaps between graphs)"
+
+
+def card_of(device: str) -> str:
+    return torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"
+
+
+def make(name: str, device: str):
+    """The bench's models, or a tiny random DiT (`tiny`: CPU smoke runs)."""
+    if name != "tiny":
+        return make_model(name, device)
+    from qandc.model import DiT, DiTConfig, initialize_weights
+
+    config = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    return initialize_weights(DiT(config), seed=0, zero_init=False).to(device).eval()
+
+
+def step_markdown(meta: dict, rows: list[dict]) -> str:
+    floor = meta.get("fp8_floor_ms")
+    lines = [f"# Step profile: {meta['model']}, {meta['rows']} rows, plan {meta['plan']} ({meta['card']}, "
+             f"{meta['device_name']}, torch {meta['torch']})", "",
+             f"FLOPs of a full step {meta['flops_full_step'] / 1e9:.4g} GFLOP; FP8 floor "
+             + (f"{floor:.2f} ms at {meta['fp8_gemm_tflops']:.0f} TFLOP/s (`_scaled_mm`, {meta['gemm_shape']})"
+                if floor else "not measured (no GPU)")
+             + ". ms step: median of unprofiled calls; ms busy: the device's busy time in the profiled calls; "
+             "per group: ms per step (share of the work) ×kernels per step.", ""]
+    groups = [g for g, _ in GROUPS]
+    cells = [[r["precision"], r["graph"], f"{r['ms_step']:.2f}", f"{r['busy_ms_per_step']:.2f}",
+              f"{r['ms_step'] / floor:.2f}x" if floor and r["graph"] == "full" else "–",
+              *(f"{r['groups'][g]['ms']:.2f} ({r['groups'][g]['share']:.0%}) ×{r['groups'][g]['kernels']:.0f}"
+                for g in groups)] for r in rows]
+    lines += table(["precision", "graph", "ms step", "ms busy", "/ floor", *groups], cells)
+    for r in rows:
+        lines += ["", f"Top kernels, {r['precision']} {r['graph']}:", ""]
+        lines += table(["kernel", "group", "ms per step", "share", "per step"],
+                       [[f"`{k['name'][:100]}`", k["group"], f"{k['ms']:.3f}", f"{k['share']:.1%}", f"{k['count']:g}"]
+                        for k in r["top_kernels"]])
+    return "\n".join(lines) + "\n"
+
+
+def run_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# Sampling-run profile: {meta['model']}, {meta['images']} images, plan {meta['plan']} "
+             f"({meta['card']}, {meta['device_name']}, torch {meta['torch']})", "",
+             "ms per step (engine calls); host loop: the sampler's period per step; in engine: host time inside "
+             "the engine call; sync: host time in synchronising CUDA calls (profiled run); busy: the GPU's kernels' "
+             "union (profiled run).", ""]
+    cells = [[r["precision"], r["sampler"], f"{r['images_per_s']:.0f}", f"{r['wall_ms_per_step']:.2f}",
+              f"{r['host_loop_ms_per_step']:.2f}", f"{r['host_in_engine_ms_per_step']:.2f}",
+              f"{r['host_sync_ms_per_step_profiled']:.2f}", f"{r['busy_ms_per_step_profiled']:.2f}",
+              f"{r['wall_ms_per_step_profiled']:.2f}", f"{r['busy_fraction']:.0%}", r["reading"]] for r in rows]
+    lines += table(["precision", "sampler", "images/s", "wall", "host loop", "in engine", "sync", "busy",
+                    "wall (profiled)", "busy share", "reading"], cells)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dit-xl-2", choices=("dit-xl-2", "reference", "tiny"))
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "w8a8-fp8", "w8a8-int8"],
+                        choices=("bf16", "w8a8-fp8", "w8a8-int8"))
+    parser.add_argument("--plan", default="none", help="cache spec, or default-shape (the bench's); default none")
+    parser.add_argument("--rows", type=int, default=32, help="rows a step (steps mode; default 32, the bench's)")
+    parser.add_argument("--repeats", type=int, default=5, help="profiled calls per graph (default 5)")
+    parser.add_argument("--run", action="store_true", help="profile whole sampling runs instead of single steps")
+    parser.add_argument("--images", type=int, default=250, help="labels a sampling run (--run; default 250)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (--run; default 50)")
+    parser.add_argument("--samplers", nargs="+", default=["ddim", "ddpm"], choices=("ddim", "ddpm"))
+    parser.add_argument("--work", default="/tmp/qandc-bench",
+                        help="engines, recipes and Inductor's cache (the bench's --work default)")
+    parser.add_argument("--state", default=".profile-state", help="finished rows (a rerun skips them)")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run the compiled engines without CUDA graphs (where a profile of graph replays is empty)")
+    parser.add_argument("--card", help="card name in the file names (default from the device: h200, cpu)")
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # CUPTI set up before any CUDA graph is captured, so that their replays are traced
+        with profile(activities=activities(device)):
+            torch.zeros(1, device=device)
+    card = args.card or card_of(device)
+    work, state = Path(args.work), Path(args.state)
+    work.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))  # the bench's, with its --work
+    model = make(args.model, device)
+    rows = 2 * args.images if args.run else args.rows
+    kind = "run" if args.run else "step"
+    meta = {"card": card, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "model": args.model, "plan": args.plan, "rows": rows,
+            "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs}
+    if args.run:
+        meta["images"] = args.images
+    else:
+        floor = fp8_floor(model, rows) if device == "cuda" else {"flops_full_step": full_step_flops(model, rows)}
+        meta.update(floor)
+    results = []
+    for precision in args.precisions:
+        keys = [f"{args.model}--{precision}--{_slug(args.plan)}--{kind}{rows}" + (f"-{s}" if args.run else "")
+                + ("" if meta["cuda_graphs"] or device == "cpu" else "-nographs")
+                for s in (args.samplers if args.run else [""])]
+        if all((state / f"{k}.json").is_file() for k in keys):
+            results += [r for k in keys for r in read_json(state / f"{k}.json")["rows"]]
+            continue
+        engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows])
+        pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
+        for key, sampler in zip(keys, args.samplers if args.run else [None]):
+            if (state / f"{key}.json").is_file():
+                found = read_json(state / f"{key}.json")["rows"]
+            elif args.run:
+                labels = torch.arange(args.images) % model.config.num_classes
+                found = [{"precision": precision, "load_s": load_s, **profile_run(pipeline, labels, args.steps,
+                                                                                   sampler)}]
+            else:
+                found = [{"precision": precision, "load_s": load_s, **r}
+                         for r in profile_graphs(pipeline, rows, args.repeats)]
+            write_json(state / f"{key}.json", {"rows": found})
+            results += found
+        del pipeline
+        torch.compiler.reset()
+    out = Path(args.results) / (f"profile-run-{card}-{args.model}-{_slug(args.plan)}.json" if args.run
+                                else f"profile-step-{card}.json")
+    write_json(out, {**meta, "groups": {g: p for g, p in GROUPS}, "rows": results})
+    markdown = (run_markdown if args.run else step_markdown)(meta, results)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

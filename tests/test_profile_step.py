@@ -1,0 +1,76 @@
+"""benchmarks/profile_step.py on the CPU: a tiny DiT's engines run eagerly under the profiler, CPU ops grouped by
+self time; the kernel-name grouping is checked on names the GPU profile shows."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import profile_step  # noqa: E402
+
+GPU_NAMES = {  # kernel names of the kinds an H200 profile of the engines holds
+    "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<72, 128, 64, 4>>": "attention",
+    "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1": "attention",
+    "sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128_warpgroupsize1x1x1": "gemm",
+    "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "gemm",
+    "_int8_gemm_kernel": "gemm",
+    "triton_tem_fused_addmm_gelu_0": "gemm",
+    "triton_per_fused__to_copy_add_clamp_div_mul_native_layer_norm_3": "norm/modulation",
+    "triton_poi_fused__to_copy_clamp_div_gelu_5": "quantize",
+    "triton_poi_fused_add_mul_7": "elementwise",
+    "Memcpy DtoD (Device -> Device)": "copies",
+    "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>": "copies",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<bool>>": "other",
+}
+
+
+def test_kernel_names_fall_into_their_groups():
+    assert {name: profile_step.group_of(name) for name in GPU_NAMES} == GPU_NAMES
+
+
+def test_busy_time_is_the_union_of_overlapping_intervals():
+    events = [("a", 0.0, 10.0, 10.0), ("b", 5.0, 12.0, 7.0), ("c", 20.0, 21.0, 1.0), ("d", 6.0, 7.0, 1.0)]
+    assert profile_step.busy_us(events) == 13.0
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "results"
+    with pytest.MonkeyPatch.context() as patch:  # the script sets Inductor's cache folder: not for later tests
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "work" / "inductor"))
+        profile_step.main(["--model", "tiny", "--precisions", "bf16", "--plan", "interval=3", "--work",
+                           str(tmp_path / "work"), "--state", str(tmp_path / "state"), "--results", str(out), *args])
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path")
+def test_step_profile_counts_every_linear_once_a_full_step_and_resumes_from_state(tmp_path):
+    out = _run(tmp_path, "--rows", "4", "--repeats", "2")
+    result = json.loads((out / "profile-step-cpu.json").read_text())
+    rows = {r["graph"]: r for r in result["rows"]}
+    linears = sum(isinstance(m, torch.nn.Linear) for m in profile_step.make("tiny", "cpu").modules())
+    assert rows["full"]["groups"]["gemm"]["kernels"] == linears
+    assert rows["full"]["groups"]["attention"]["kernels"] > 0 == rows["reuse"]["groups"]["attention"]["kernels"]
+    assert sum(g["share"] for g in rows["full"]["groups"].values()) == pytest.approx(1.0)
+    assert result["flops_full_step"] > 0 and "fp8_floor_ms" not in result
+    assert "(cpu, cpu," in (out / "profile-step-cpu.md").read_text()
+    shutil.rmtree(tmp_path / "work")  # a rerun takes the rows from --state: no engines needed
+    assert json.loads((_run(tmp_path, "--rows", "4") / "profile-step-cpu.json").read_text()) == result
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path")
+def test_run_profile_times_every_sampler_step(tmp_path):
+    out = _run(tmp_path, "--run", "--images", "2", "--steps", "4")
+    rows = json.loads((out / "profile-run-cpu-tiny-interval3.json").read_text())["rows"]
+    assert [r["sampler"] for r in rows] == ["ddim", "ddpm"]
+    assert all(r["engine_calls"] == 4 and r["wall_ms_per_step"] >= r["host_in_engine_ms_per_step"] > 0
+               for r in rows)
+
+
+def test_cupti_wait_records_are_not_work():
+    assert profile_step.DEVICE_WAITS.match("Stream Sync") and profile_step.DEVICE_WAITS.match("Event Sync")
+    assert not any(profile_step.DEVICE_WAITS.match(name) for name in GPU_NAMES)

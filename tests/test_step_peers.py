@@ -1,0 +1,57 @@
+"""The full-step peers of `qandc bench` compute the step qandc's model computes, on the same inputs (tiny DiT on the
+CPU, eager); their timing needs a GPU, and a peer that cannot run is a row saying why."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from qandc.step_peers import PEERS, measure_peer, peer, peer_module, step_inputs
+
+from conftest import rel_err, tiny_model
+
+
+def _peer_output(name, model):
+    module, step = peer_module(peer(f"peer-{name}"), model, "cpu")
+    x, t, y = step_inputs(model, 4, "cpu")
+    with torch.no_grad():
+        return step(module, x, t, y).float(), model(x.float(), t, y)
+
+
+def test_the_bf16_module_peer_is_the_model_in_bf16():
+    out, reference = _peer_output("compile-bf16", tiny_model())
+    assert rel_err(out, reference) < 2e-2
+
+
+def test_the_diffusers_peer_computes_the_same_step():
+    pytest.importorskip("diffusers")
+    out, reference = _peer_output("diffusers-compile", tiny_model(hidden_size=64))
+    assert out.shape == reference.shape and rel_err(out, reference) < 3e-2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_the_torchao_int8_peer_quantizes_the_block_linears_only():
+    model = tiny_model(hidden_size=64)
+    module, _ = peer_module(peer("peer-torchao-int8"), model, "cpu")
+    kinds = {n: type(m.weight).__name__ for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert all((kind != "Parameter") == n.startswith("blocks.") for n, kind in kinds.items()), kinds
+    out, reference = _peer_output("torchao-int8", model)
+    assert rel_err(out, reference) < 0.1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_a_peer_without_a_gpu_is_a_row_saying_so():
+    rows = [measure_peer(p, tiny_model(), 4) for p in PEERS]
+    assert [r["name"] for r in rows] == [p.name for p in PEERS]
+    assert all(r["skipped"] == "needs a CUDA GPU" and "ms_full_step" not in r for r in rows)
+
+
+def test_settings_a_peer_changes_do_not_outlive_it():
+    from qandc.step_peers import kept_settings
+
+    precision, tuning = torch.get_float32_matmul_precision(), torch._inductor.config.coordinate_descent_tuning
+    with kept_settings():  # what torchao's set_inductor_config does
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
+        torch._inductor.config.coordinate_descent_tuning = not tuning
+    assert torch.get_float32_matmul_precision() == precision
+    assert torch._inductor.config.coordinate_descent_tuning == tuning
