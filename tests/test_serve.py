@@ -23,6 +23,7 @@ from qandc.sampling import CachePlan
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 

@@ -139,8 +139,9 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
     async def lifespan(app: FastAPI):
         started = time.perf_counter()
         warm = asyncio.ensure_future(batcher.warm_up())
-        warm.add_done_callback(lambda _: log.info("ready: %d buckets %s warmed in %.1f s", len(batcher.buckets),
-                                                  batcher.buckets, time.perf_counter() - started))
+        warm.add_done_callback(lambda _: batcher.ready and log.info(
+            "ready: %d buckets %s warmed in %.1f s", len(batcher.buckets), batcher.buckets,
+            time.perf_counter() - started))
         running = asyncio.ensure_future(_after(warm, batcher.run()))
         yield
         await batcher.close()
@@ -172,7 +173,8 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
     @app.get("/readyz")
     async def readyz():
         if not batcher.ready or batcher.closing:
-            return JSONResponse({"status": "shutting down" if batcher.closing else "warming up"}, 503)
+            status = batcher.failure or ("shutting down" if batcher.closing else "warming up")
+            return JSONResponse({"status": status}, 503)
         return {"status": "ready", "buckets": batcher.buckets}
 
     @app.get("/metrics")
@@ -192,6 +194,8 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
         return JSONResponse(body, headers={"X-Request-ID": rid})
 
     async def _generate(request: Request, rid: str) -> dict:
+        if batcher.failure:
+            raise ServeError(503, batcher.failure)
         if not batcher.ready:
             raise ServeError(503, "warming up the engines", {"Retry-After": "1"})
         parsed = parse_request(await read_body(request, options.max_body_bytes), request)
@@ -220,8 +224,14 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
     return app
 
 
-async def _after(first: asyncio.Future, then):
-    await first
+async def _after(warm_up: asyncio.Future, then):
+    """Run `then` once the warm-up is done; after a failed one, log it and serve nothing (never ready)."""
+    try:
+        await warm_up
+    except Exception:
+        log.exception("the warm-up failed; /readyz stays 503")
+        then.close()
+        return
     await then
 
 

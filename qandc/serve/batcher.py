@@ -86,6 +86,7 @@ class Batcher:
         self.pending: deque[Job] = deque()
         self.queued_images = 0
         self.ready = self.closing = False
+        self.failure: str | None = None
         self.batch_seconds = 0.0  # the last batch's, for Retry-After
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="qandc-inference")
         self._wakeup = asyncio.Event()
@@ -106,7 +107,12 @@ class Batcher:
             self.queued_images -= len(job.labels)
 
     async def warm_up(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
+        """Run the warm-up batches; a failure is kept in `failure` (the server then never turns ready)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
+        except Exception as e:
+            self.failure = f"the warm-up failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            raise
         self.ready = True
 
     def _warm_up(self) -> None:
