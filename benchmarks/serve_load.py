@@ -255,12 +255,13 @@ def main() -> int:
     parser.add_argument("--images-per-request", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--steps", type=int, help="sampling steps (default: the engines')")
-    parser.add_argument("--duration-s", type=float, default=20.0 if gpu else 8.0, help="per load point")
+    parser.add_argument("--duration-s", type=float, default=10.0 if gpu else 8.0, help="per load point")
     parser.add_argument("--runs", type=int, default=5, help="timed offline runs (median)")
     parser.add_argument("--state", default=".serve-load-state", help="finished --max-batch points")
     parser.add_argument("--work", default="/tmp/qandc-serve-load", help="built engines and compile caches")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--budget-s", type=float, default=480.0, help="start no new --max-batch after this long")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="start no new --max-batch after this long (one takes 2-4 minutes on a GPU)")
     args = parser.parse_args()
     started, card, load_average = time.perf_counter(), card_name(), os.getloadavg()[0]  # a shared CPU skews it
     state, work = Path(args.state), Path(args.work)
@@ -269,6 +270,7 @@ def main() -> int:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     max_batches = [int(b) for b in args.max_batch.split(",")]
     engines = Path(args.engines) if args.engines else build_engines_here(work, max_batches, args.cache)
+    print(f"engines ready at {time.perf_counter() - started:.0f} s", flush=True)
     for max_batch in max_batches:
         done = state / f"{card}-max-batch-{max_batch}.json"
         if done.is_file():
@@ -277,6 +279,7 @@ def main() -> int:
             print(f"budget of {args.budget_s:.0f} s spent: rerun to resume")
             return 3
         write_json(done, measure(engines, max_batch, args))
+        print(f"max-batch {max_batch} done at {time.perf_counter() - started:.0f} s", flush=True)
     manifest = read_json(engines / "manifest.json")
     points = [read_json(state / f"{card}-max-batch-{b}.json") for b in max_batches]
     headline = max(points, key=lambda p: p["max_batch"])

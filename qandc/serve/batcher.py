@@ -88,7 +88,9 @@ class Batcher:
         self.ready = self.closing = False
         self.failure: str | None = None
         self.batch_seconds = 0.0  # the last batch's, for Retry-After
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="qandc-inference")
+        device = pipeline.device  # the inference thread works on the engines' CUDA device (new threads take 0)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="qandc-inference", initializer=lambda: (
+            torch.cuda.set_device(device) if device.type == "cuda" else None))
         self._wakeup = asyncio.Event()
 
     def submit(self, job: Job) -> None:
