@@ -121,7 +121,7 @@ def test_images_equal_generate_whatever_they_are_batched_with(engines, server, t
         {"labels": [4, 4], "seed": 9, "steps": STEPS},
         {"labels": [1, 2, 3], "seed": 5, "steps": STEPS, "format": "png"}])
     assert [r.status_code for r in (a, b, c, d)] == [200] * 4
-    assert metric(server, "qandc_serve_batch_images_count") - batches == 2  # 9 images, 8 a batch at most: two batches
+    assert metric(server, "qandc_serve_batch_images_count") - batches == 2  # 9 images, 8 a batch: 2
     assert np.array_equal(samples_of(a), expected)  # bitwise, batched with other seeds and labels
     assert np.array_equal(samples_of(b), expected[2:3])
     pngs = [np.array(Image.open(io.BytesIO(base64.b64decode(p)))) for p in d.json()["images"]]
