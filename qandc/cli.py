@@ -245,7 +245,7 @@ def cmd_serve(args) -> None:
     Concurrent requests with the same steps, sampler and guidance are batched (up to --max-batch images or
     --max-wait-ms), padded to power-of-two batch sizes warmed at start; an image equals what qandc generate gives
     for the same seed, label and sample id. SIGINT / SIGTERM finish the accepted requests, then exit."""
-    require_all(["fastapi", "uvicorn", "prometheus_client"], "qandc serve")
+    require_all(["fastapi", "uvicorn", "prometheus_client"] + (["diffusers"] if args.vae else []), "qandc serve")
     from .serve import ServeOptions, serve
 
     device = _device(args.device)
@@ -254,7 +254,7 @@ def cmd_serve(args) -> None:
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_images=args.max_images or args.max_batch, timeout_s=args.timeout_s,
                            max_body_bytes=args.max_body_kb * 1024)
-    serve(args.engines, args.host, args.port, options, nan_fallback=args.nan_fallback)
+    serve(args.engines, args.host, args.port, options, nan_fallback=args.nan_fallback, vae=args.vae)
 
 
 def cmd_calibrate(args) -> None:
@@ -588,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nan-fallback", action="store_true",
                    help="recompute a step whose engine output holds NaN / Inf with the float model of the engines' "
                         "checkpoint (default: the requests whose samples are not finite fail with a 500)")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL directory: latents are decoded into PNG images "
+                                 "(default: latent models answer in npz)")
     p.add_argument("--device", help="CUDA device the engines load on (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_serve)
 

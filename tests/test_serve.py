@@ -54,9 +54,9 @@ def engines(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running(engine_dir, **options):
+def running(engine_dir, vae=None, **options):
     """A server on a free port in a thread; yields (base URL, app); stops it as SIGTERM does (should_exit)."""
-    app = create_app(Pipeline.load(engine_dir), engine_dir, ServeOptions(**options))
+    app = create_app(Pipeline.load(engine_dir), engine_dir, ServeOptions(**options), vae)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -214,8 +214,32 @@ def test_full_queue_is_503_and_a_client_that_leaves_frees_its_slot(engines):
 
 def test_timeout_is_504(engines):
     with running(engines, max_batch=1, max_images=1, timeout_s=0.05) as (url, app):
-        response = httpx.post(url + "/v1/generate", json={"labels": [1], "steps": SLOW_STEPS})
+        response = httpx.post(url + "/v1/generate", json={"labels": [1], "steps": SLOW_STEPS // 2})
         assert response.status_code == 504 and "0.05 s" in response.json()["error"]
+
+
+def test_latents_come_as_npz_or_through_the_vae_as_png(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from qandc.images import decode_latents, load_vae
+
+    export(tiny_model(guidance="all"), tmp_path / "onnx", plan=CachePlan.interval(3))  # 4-channel latents
+    build_engines(tmp_path / "onnx", tmp_path / "engines", "onnxruntime")
+    diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)
+                            ).save_pretrained(tmp_path / "vae")
+    body = {"labels": [1, 2], "seed": 3, "steps": STEPS}
+    with running(tmp_path / "engines") as (url, app):
+        plain = httpx.post(url + "/v1/generate", json=body)
+        assert plain.json()["format"] == "npz" and samples_of(plain).shape == (2, 4, 8, 8)
+        refused = httpx.post(url + "/v1/generate", json={**body, "format": "png"})
+        assert refused.status_code == 422 and "--vae" in refused.json()["error"]
+    vae = load_vae(tmp_path / "vae")
+    with running(tmp_path / "engines", vae) as (url, app):
+        png, npz = post_all(url, [body, {**body, "format": "npz"}])
+    assert np.array_equal(samples_of(npz), samples_of(plain))
+    expected = to_uint8(decode_latents(torch.from_numpy(samples_of(npz)), vae))
+    got = np.stack([np.array(Image.open(io.BytesIO(base64.b64decode(p)))) for p in png.json()["images"]])
+    assert png.json()["format"] == "png" and np.array_equal(got, expected)
 
 
 def test_serve_command_finishes_accepted_requests_on_sigterm(engines):

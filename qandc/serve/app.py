@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
@@ -29,10 +30,10 @@ from starlette.exceptions import HTTPException
 from ..artifacts import sha256_file
 from ..errors import QandcError
 from ..formats.recipe import vc_correction
-from ..images import has_image_space, model_to_images, to_uint8
+from ..images import decode_latents, has_image_space, load_vae, model_to_images, to_uint8
 from ..runtime import Pipeline
 from ..sampling import SAMPLERS, space_timesteps
-from .batcher import Batcher, BatchKey, BatchRun, Job, QueueFull
+from .batcher import Batcher, BatchKey, BatchRun, Job, QueueFull, device_thread
 
 log = logging.getLogger("qandc.serve")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -124,9 +125,11 @@ def request_id(request: Request) -> str:
     return request.state.request_id
 
 
-def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions = ServeOptions()) -> FastAPI:
+def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions = ServeOptions(),
+               vae=None) -> FastAPI:
     """The service over `pipeline` (loaded from `engine_dir`): warms up every bucket at start (`/readyz` turns
-    ready after), and on shutdown finishes the requests it accepted."""
+    ready after), and on shutdown finishes the requests it accepted. `vae` (a loaded diffusers AutoencoderKL)
+    decodes latents into PNG images, on the inference thread."""
     limit = pipeline.denoiser.max_batch if pipeline.runs_engines else None
     if limit is not None and 2 * options.max_batch > limit:
         raise QandcError(f"--max-batch {options.max_batch} needs {2 * options.max_batch} rows with guidance; the "
@@ -134,6 +137,7 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
     metrics = Metrics()
     batcher = Batcher(pipeline, options.max_batch, options.max_wait_ms, options.max_queue, metrics.batch)
     engines = engine_metadata(pipeline, engine_dir)
+    decoder = device_thread("qandc-vae", pipeline.device)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -147,6 +151,7 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
         await batcher.close()
         await running
         batcher.executor.shutdown(wait=True)
+        decoder.shutdown(wait=True)
 
     app = FastAPI(title="qandc serve", lifespan=lifespan)
 
@@ -199,7 +204,7 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
         if not batcher.ready:
             raise ServeError(503, "warming up the engines", {"Retry-After": "1"})
         parsed = parse_request(await read_body(request, options.max_body_bytes), request)
-        key, fmt = check_request(parsed, pipeline, options.max_images)
+        key, fmt = check_request(parsed, pipeline, options.max_images, vae is not None)
         ids = parsed.sample_ids if parsed.sample_ids is not None else list(range(len(parsed.labels)))
         job = Job(key, parsed.labels, parsed.seed, ids, rid, asyncio.get_running_loop().create_future())
         try:
@@ -209,7 +214,13 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
                              {"Retry-After": str(e.retry_after)}) from None
         samples, run = await wait_for(job, request, batcher, options.timeout_s)
         metrics.images.inc(len(samples))
-        payload = await run_in_threadpool(encode, samples, job, fmt, pipeline)
+        if fmt == "npz":
+            payload = await run_in_threadpool(encode_npz, samples, job)
+        elif vae is not None:  # on a thread of its own: the next batch samples meanwhile
+            payload = await asyncio.get_running_loop().run_in_executor(decoder, decode_to_png, samples, pipeline,
+                                                                       vae)
+        else:
+            payload = await run_in_threadpool(encode_png, model_to_images(samples, pipeline.config))
         log.info("request %s: %d images, batch of %d (%d padded), queued %.3f s", rid, len(samples), run.images,
                  run.padded, job.batched - job.enqueued)
         return {"request_id": rid, "format": fmt, **payload, "labels": job.labels, "sample_ids": ids,
@@ -271,7 +282,7 @@ def parse_request(body: bytes, request: Request) -> GenerateRequest:
                                                              if len(e.errors()) > 1 else "")) from None
 
 
-def check_request(req: GenerateRequest, pipeline: Pipeline, max_images: int) -> tuple[BatchKey, str]:
+def check_request(req: GenerateRequest, pipeline: Pipeline, max_images: int, vae: bool) -> tuple[BatchKey, str]:
     """The request's batch key and format, each value checked against the engines (422 naming the field)."""
     config, defaults = pipeline.config, pipeline.sampler_defaults
     if len(req.labels) > max_images:
@@ -289,11 +300,11 @@ def check_request(req: GenerateRequest, pipeline: Pipeline, max_images: int) -> 
         vc_correction(pipeline.vc, key.steps, "the engines", config.in_channels)
     except QandcError as e:
         raise ServeError(422, f"steps: {e}") from None
-    images = has_image_space(config)
+    images = vae or has_image_space(config)
     fmt = req.format or ("png" if images else "npz")
     if fmt == "png" and not images:
         raise ServeError(422, f"format: png needs images; this model's {config.in_channels}-channel latents come "
-                              "as npz (no VAE here)")
+                              "as npz (the server was started without --vae)")
     return key, fmt
 
 
@@ -321,28 +332,37 @@ async def wait_for(job: Job, request: Request, batcher: Batcher, timeout: float)
         raise ServeError(500, str(e)) from None
 
 
-def encode(samples, job: Job, fmt: str, pipeline: Pipeline) -> dict:
-    """{"images": [base64 PNG per sample]} or {"npz": base64 of samples.npz (samples, labels, sample_ids)}."""
-    if fmt == "npz":
-        buffer = io.BytesIO()
-        np.savez(buffer, samples=samples.numpy().astype(np.float32), labels=np.array(job.labels),
-                 sample_ids=np.array(job.sample_ids))
-        return {"npz": base64.b64encode(buffer.getvalue()).decode()}
+def decode_to_png(latents: torch.Tensor, pipeline: Pipeline, vae) -> dict:
+    """Latents decoded by `vae` on the engines' device, as encode_png gives them."""
+    return encode_png(decode_latents(latents.to(pipeline.device), vae).cpu())
+
+
+def encode_png(images: torch.Tensor) -> dict:
+    """{"images": [base64 PNG per image]}."""
     pngs = []
-    for image in to_uint8(model_to_images(samples, pipeline.config)):
+    for image in to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
         pngs.append(base64.b64encode(buffer.getvalue()).decode())
     return {"images": pngs}
 
 
+def encode_npz(samples: torch.Tensor, job: Job) -> dict:
+    """{"npz": base64 of an .npz with the samples (model space, float32), labels and sample ids}."""
+    buffer = io.BytesIO()
+    np.savez(buffer, samples=samples.numpy().astype(np.float32), labels=np.array(job.labels),
+             sample_ids=np.array(job.sample_ids))
+    return {"npz": base64.b64encode(buffer.getvalue()).decode()}
+
+
 def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
-          nan_fallback: bool = False) -> None:
-    """Load the engines once and serve them until SIGINT / SIGTERM (which finish the accepted requests first)."""
+          nan_fallback: bool = False, vae: str | Path | None = None) -> None:
+    """Load the engines (and the VAE folder `vae`) once and serve them until SIGINT / SIGTERM (which finish the
+    accepted requests first)."""
     import uvicorn
 
     pipeline = Pipeline.load(engine_dir, fallback=nan_fallback)
-    app = create_app(pipeline, engine_dir, options)
+    app = create_app(pipeline, engine_dir, options, vae and load_vae(vae, pipeline.device))
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)

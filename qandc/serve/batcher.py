@@ -68,6 +68,12 @@ class NonFiniteSamples(QandcError):
     """A request whose samples came out NaN / Inf (the rest of its batch is unaffected)."""
 
 
+def device_thread(name: str, device: torch.device) -> ThreadPoolExecutor:
+    """One worker thread that works on `device` (a new thread would take CUDA device 0)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lambda: (
+        torch.cuda.set_device(device) if device.type == "cuda" else None))
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """The padded batch sizes: powers of two below `max_batch`, and `max_batch`."""
     return sorted({2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch} | {max_batch})
@@ -88,9 +94,7 @@ class Batcher:
         self.ready = self.closing = False
         self.failure: str | None = None
         self.batch_seconds = 0.0  # the last batch's, for Retry-After
-        device = pipeline.device  # the inference thread works on the engines' CUDA device (new threads take 0)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="qandc-inference", initializer=lambda: (
-            torch.cuda.set_device(device) if device.type == "cuda" else None))
+        self.executor = device_thread("qandc-inference", pipeline.device)
         self._wakeup = asyncio.Event()
 
     def submit(self, job: Job) -> None:
