@@ -6,7 +6,7 @@ For each --max-batch: the offline rate (the engines loaded here, median of timed
 (`python -m qandc serve`, a subprocess) driven by an asyncio httpx client with requests of --images-per-request
 images: a closed loop that keeps the queue full gives the saturating rate; then open-loop Poisson arrivals at
 fractions of it give latency against offered load. Each finished --max-batch is kept in --state (a rerun skips it);
---budget-s stops between them (exit 3: rerun to resume).
+--budget-s stops between them, after the first of a call (exit 3: rerun to resume).
 
 Engines: --engines DIR, or built into --work: on a GPU the shipped reference model with a quick W8A8-INT8 recipe under
 the default plan's shape (Inductor engines, compiled for every bucket's rows); on the CPU a tiny float DiT (ONNX
@@ -271,14 +271,16 @@ def main() -> int:
     max_batches = [int(b) for b in args.max_batch.split(",")]
     engines = Path(args.engines) if args.engines else build_engines_here(work, max_batches, args.cache)
     print(f"engines ready at {time.perf_counter() - started:.0f} s", flush=True)
+    measured = False  # one --max-batch per call at least: a fresh machine spends its budget building the engines
     for max_batch in max_batches:
         done = state / f"{card}-max-batch-{max_batch}.json"
         if done.is_file():
             continue
-        if time.perf_counter() - started > args.budget_s:
+        if measured and time.perf_counter() - started > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: rerun to resume")
             return 3
         write_json(done, measure(engines, max_batch, args))
+        measured = True
         print(f"max-batch {max_batch} done at {time.perf_counter() - started:.0f} s", flush=True)
     manifest = read_json(engines / "manifest.json")
     points = [read_json(state / f"{card}-max-batch-{b}.json") for b in max_batches]
