@@ -52,11 +52,13 @@ def card_name() -> str:
 
 def build_engines_here(work: Path, max_batches: list[int], cache: str) -> Path:
     """The engines of this device (kept in `work`): the reference model's on a GPU, a tiny DiT's on the CPU."""
+    from qandc.bench import STEPS, config_plan
+
     out = work / f"engines-{'cuda' if torch.cuda.is_available() else 'cpu'}"
     if (out / "manifest.json").is_file():
         return out
     if torch.cuda.is_available():
-        from qandc.bench import STEPS, config_plan, make_model, quick_recipe
+        from qandc.bench import make_model, quick_recipe
         from qandc.engines import build_inductor
         from qandc.sampling import SamplerDefaults
 
@@ -69,12 +71,11 @@ def build_engines_here(work: Path, max_batches: list[int], cache: str) -> Path:
     from qandc.engines import build_engines
     from qandc.exporter import export
     from qandc.model import DiT, DiTConfig, initialize_weights
-    from qandc.sampling import CachePlan
 
     config = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4,
                        num_classes=10, learn_sigma=True, guidance="all")
     model = initialize_weights(DiT(config), seed=0, zero_init=False).eval()
-    export(model, work / "onnx", plan=CachePlan.parse(cache if cache.startswith("interval") else "interval=3"))
+    export(model, work / "onnx", plan=config_plan(cache))
     build_engines(work / "onnx", out, "onnxruntime")
     return out
 
@@ -249,8 +250,8 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     parser.add_argument("--engines", help="engine folder (default: built into --work for this device)")
     parser.add_argument("--cache", default="default-shape" if gpu else "interval=3",
-                        help="cache plan of the built engines: default-shape (the default search's plan shape) or "
-                             "interval=N")
+                        help="cache plan of the built engines: default-shape (the shape of the plan the default "
+                             "search picks) or a fixed plan spec")
     parser.add_argument("--max-batch", default="16,64" if gpu else "4,16", help="comma-separated --max-batch values")
     parser.add_argument("--images-per-request", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
