@@ -6,6 +6,7 @@ depend on what it was batched with; a sample whose output is not finite fails on
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -16,6 +17,8 @@ import torch
 
 from ..errors import QandcError
 from ..runtime import Pipeline
+
+log = logging.getLogger("qandc.serve")
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,13 @@ class Batcher:
                 return
             try:
                 samples, run = await loop.run_in_executor(self.executor, self._infer, jobs)
-            except Exception as e:  # the whole batch failed (an engine error): each request gets the one line
+            except Exception as e:  # the whole batch failed (an engine error): each request gets one line
+                log.exception("a batch of %d requests failed", len(jobs))
+                line = (str(e).splitlines() or [""])[0]
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(e if isinstance(e, QandcError) else QandcError(str(e)))
+                        job.future.set_exception(QandcError(line if isinstance(e, QandcError) else
+                                                            f"the engines failed: {type(e).__name__}: {line}"))
                 continue
             self.batch_seconds = run.seconds
             self.on_batch(run, jobs)
