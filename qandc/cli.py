@@ -240,6 +240,23 @@ def _provenance(args):
     return Provenance(checkpoint=str(args.checkpoint), recipe=args.recipe, sha256=sha256)
 
 
+def cmd_serve(args) -> None:
+    """Serve an engine folder over HTTP (FastAPI + uvicorn): POST /v1/generate, GET /healthz, /readyz, /metrics.
+    Concurrent requests with the same steps, sampler and guidance are batched (up to --max-batch images or
+    --max-wait-ms), padded to power-of-two batch sizes warmed at start; an image equals what qandc generate gives
+    for the same seed, label and sample id. SIGINT / SIGTERM finish the accepted requests, then exit."""
+    require_all(["fastapi", "uvicorn", "prometheus_client"] + (["diffusers"] if args.vae else []), "qandc serve")
+    from .serve import ServeOptions, serve
+
+    device = _device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # engines built on "cuda" load on the current device
+    options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                           max_images=args.max_images or args.max_batch, timeout_s=args.timeout_s,
+                           max_body_bytes=args.max_body_kb * 1024)
+    serve(args.engines, args.host, args.port, options, nan_fallback=args.nan_fallback, vae=args.vae)
+
+
 def cmd_calibrate(args) -> None:
     """Collect a calibration pool along cached trajectories, select the calibration set, quantize both paths with
     ModelOpt into a quant recipe, and fit VC factors. A rerun skips finished stages. Under torchrun the ranks share
@@ -555,6 +572,29 @@ def build_parser() -> argparse.ArgumentParser:
                                  "pipeline folder)")
     p.add_argument("--out", type=output_folder, required=True, help="output directory")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve engines over HTTP with dynamic batching", description=cmd_serve.__doc__)
+    p.add_argument("engines", help="engine directory from qandc build-engine")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=argument(integer, minimum=0), default=8000, help="port to listen on")
+    p.add_argument("--max-batch", type=argument(integer, minimum=1), default=16,
+                   help="images per engine batch (guidance doubles its rows)")
+    p.add_argument("--max-wait-ms", type=argument(real, low=0), default=10.0,
+                   help="how long the oldest queued request waits for others to share its batch")
+    p.add_argument("--max-queue", type=argument(integer, minimum=1), default=256,
+                   help="images waiting at most; beyond, requests get 503 with Retry-After")
+    p.add_argument("--max-images", type=argument(integer, minimum=1),
+                   help="images per request at most (default --max-batch)")
+    p.add_argument("--timeout-s", type=argument(real, low=0), default=60.0,
+                   help="per request, queue and sampling: 504 after")
+    p.add_argument("--max-body-kb", type=argument(integer, minimum=1), default=64, help="request body size limit")
+    p.add_argument("--nan-fallback", action="store_true",
+                   help="recompute a step whose engine output holds NaN / Inf with the float model of the engines' "
+                        "checkpoint (default: the requests whose samples are not finite fail with a 500)")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL directory: latents are decoded into PNG images "
+                                 "(default: latent models answer in npz)")
+    p.add_argument("--device", help="CUDA device the engines load on (default: cuda when available, else cpu)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="pool, TAP selection, ModelOpt quantization and VC: a quant recipe",
                        description=cmd_calibrate.__doc__)

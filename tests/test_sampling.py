@@ -125,6 +125,15 @@ def test_noise_is_keyed_per_sample(model):
     assert rel_err(sample(model, [1], 6, "ddpm", cfg_scale=2.0, seed=12), batch[:1]) > 1e-2
 
 
+def test_a_seed_per_sample_keys_each_as_its_own_seed_would(model):
+    """A batch merging requests of different seeds (qandc serve): each sample is the one its (seed, id) gives."""
+    mixed = sample(model, [3, 5], 6, "ddpm", cfg_scale=2.0, seed=[11, 12], sample_ids=[2, 0])
+    assert rel_err(mixed[:1], sample(model, [1, 2, 3], 6, "ddpm", cfg_scale=2.0, seed=11)[2:3]) < 1e-5
+    assert rel_err(mixed[1:], sample(model, [5], 6, "ddpm", cfg_scale=2.0, seed=12)) < 1e-5
+    with pytest.raises(QandcError, match="1 seeds for 2 labels"):
+        sample(model, [3, 5], 2, seed=[11])
+
+
 def test_correction_hook_is_called_each_step(model):
     seen = []
 

@@ -12,7 +12,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -93,7 +93,8 @@ class SamplingRun:
     it to the end; VC fitting drives two runs in lockstep (same noise keys) and moves `x` between them."""
 
     def __init__(self, model, labels, steps: int, sampler: str = "ddpm", cfg_scale: float = 1.0, noise=None,
-                 seed: int | None = None, plan: CachePlan | None = None, eta: float = 0.0, sample_ids=None):
+                 seed: int | Sequence[int] | None = None, plan: CachePlan | None = None, eta: float = 0.0,
+                 sample_ids=None):
         config = model.config
         if sampler not in SAMPLERS:
             raise QandcError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
@@ -107,10 +108,11 @@ class SamplingRun:
         self.device = model.device
         self.shape = (config.in_channels, config.input_size, config.input_size)
         seed = int(np.random.SeedSequence().entropy % 2 ** 32) if seed is None else seed
+        seeds = [seed] * n if np.ndim(seed) == 0 else list(seed)  # one seed per sample: a batch of requests
         sample_ids = range(n) if sample_ids is None else sample_ids
-        if len(sample_ids) != n:
-            raise QandcError(f"{len(sample_ids)} sample ids for {n} labels")
-        self.generators = [sample_generator(seed, int(i)) for i in sample_ids]
+        if len(sample_ids) != n or len(seeds) != n:
+            raise QandcError(f"{len(sample_ids)} sample ids and {len(seeds)} seeds for {n} labels")
+        self.generators = [sample_generator(int(s), int(i)) for s, i in zip(seeds, sample_ids)]
         if noise is None:
             x = draw_noise(self.generators, self.shape)
         else:
@@ -164,14 +166,14 @@ class SamplingRun:
 
 @torch.no_grad()
 def sample(model, labels, steps: int, sampler: str = "ddpm", cfg_scale: float = 1.0, noise=None,
-           seed: int | None = None, plan: CachePlan | None = None, eta: float = 0.0,
+           seed: int | Sequence[int] | None = None, plan: CachePlan | None = None, eta: float = 0.0,
            correction: Correction | None = None, sample_ids=None, progress: bool = False) -> torch.Tensor:
     """Final samples, one per label, in the model's output space (float32, on the model's device).
 
     Sample i's noise comes from a generator keyed by (seed, sample_ids[i]) (default ids 0..n-1), so it does not
-    depend on batch size or position. `noise`, when given, replaces the initial noise (one row per label).
-    `cfg_scale=1.0` runs the plain model; otherwise the batch is doubled with the null class. `plan` defaults to no
-    cache."""
+    depend on batch size or position; `seed` may be a list, one per sample (a batch that merges requests).
+    `noise`, when given, replaces the initial noise (one row per label). `cfg_scale=1.0` runs the plain model;
+    otherwise the batch is doubled with the null class. `plan` defaults to no cache."""
     run = SamplingRun(model, labels, steps, sampler, cfg_scale, noise, seed, plan, eta, sample_ids)
     for step in progress_bar(range(run.diffusion.num_steps), "sampling", enabled=progress):
         run.step()

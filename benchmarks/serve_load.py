@@ -1,0 +1,310 @@
+"""`qandc serve` under load: throughput and p50 / p99 latency against offered load and --max-batch, and the offline
+throughput of `Pipeline.generate` at the same batch size (images per second of its sampling time), which the server
+should approach under saturating load.
+
+For each --max-batch: the offline rate (the engines loaded here, median of timed runs after a warm-up), then a server
+(`python -m qandc serve`, a subprocess) driven by an asyncio httpx client with requests of --images-per-request
+images: a closed loop that keeps the queue full gives the saturating rate; then open-loop Poisson arrivals at
+fractions of it give latency against offered load. Each finished --max-batch is kept in --state (a rerun skips it);
+--budget-s stops between them, after the first of a call (exit 3: rerun to resume).
+
+Engines: --engines DIR, or built into --work: on a GPU the shipped reference model with a quick W8A8-INT8 recipe under
+the default plan's shape (Inductor engines, compiled for every bucket's rows); on the CPU a tiny float DiT (ONNX
+Runtime engines). Writes benchmarks/results/serve-<card>.json (headline keys `throughput_ratio_vs_generate` and
+`p99_over_p50_at_half_load`, at the largest --max-batch) and serve-<card>.png.
+
+    python benchmarks/serve_load.py                                  # GPU: reference model, max-batch 16 and 64
+    python benchmarks/serve_load.py --max-batch 4,16 --duration-s 6  # the CPU run (tiny ORT engines)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from qandc.artifacts import atomic_path, read_json, write_json
+from qandc.runtime import Pipeline
+from qandc.serve import batch_buckets
+
+ROOT = Path(__file__).resolve().parents[1]
+LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)
+
+
+def card_name() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    return next((c for c in ("h100", "h200") if c in name), re.sub(r"[^a-z0-9]+", "-", name))
+
+
+def build_engines_here(work: Path, max_batches: list[int], cache: str) -> Path:
+    """The engines of this device (kept in `work`): the reference model's on a GPU, a tiny DiT's on the CPU."""
+    from qandc.bench import STEPS, config_plan
+
+    out = work / f"engines-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    if (out / "manifest.json").is_file():
+        return out
+    if torch.cuda.is_available():
+        from qandc.bench import make_model, quick_recipe
+        from qandc.engines import build_inductor
+        from qandc.sampling import SamplerDefaults
+
+        model = make_model("reference", "cuda")
+        recipe = quick_recipe(model, "w8a8-int8", cache, work / "recipe")
+        rows = sorted({2 * b for b in batch_buckets(max(max_batches))} | {1})  # what the warm-up runs (guided)
+        build_inductor(model, out, plan=config_plan(cache), recipe_dir=recipe,
+                       sampler=SamplerDefaults(STEPS, "ddpm", 1.5), batch_sizes=rows)
+        return out
+    from qandc.engines import build_engines
+    from qandc.exporter import export
+    from qandc.model import DiT, DiTConfig, initialize_weights
+
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4,
+                       num_classes=10, learn_sigma=True, guidance="all")
+    model = initialize_weights(DiT(config), seed=0, zero_init=False).eval()
+    export(model, work / "onnx", plan=config_plan(cache))
+    build_engines(work / "onnx", out, "onnxruntime")
+    return out
+
+
+def offline_rate(engines: Path, batch: int, steps: int | None, runs: int) -> float:
+    """Images per second of Pipeline.generate at `batch` images (median over `runs`, after a warm-up run)."""
+    pipeline = Pipeline.load(engines)
+    labels = [i % pipeline.config.num_classes for i in range(batch)]
+
+    def once(seed):
+        started = time.perf_counter()
+        pipeline.generate(labels, seed, steps, sample_ids=range(batch))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+    once(0)
+    return batch / statistics.median(once(seed) for seed in range(1, runs + 1))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(engines: Path, max_batch: int, max_wait_ms: float, images_per_request: int) -> tuple:
+    port = free_port()
+    command = [sys.executable, "-m", "qandc", "serve", str(engines), "--port", str(port), "--max-batch",
+               str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-images", str(images_per_request),
+               "--max-queue", str(64 * max_batch), "--timeout-s", "300"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 540
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"qandc serve exited with {process.returncode}: {' '.join(command)}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("qandc serve did not become ready within 540 s")
+
+
+def stop_server(process) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def request_body(i: int, images: int, num_classes: int, steps: int | None) -> dict:
+    body = {"labels": [(i * images + k) % num_classes for k in range(images)], "seed": i}
+    return body if steps is None else {**body, "steps": steps}
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes: int, steps) -> dict:
+    """`concurrency` clients posting back to back: the saturating rate (after a warm-up of a quarter of the time)."""
+    done, counter = [], iter(range(10 ** 9))
+    start = time.perf_counter()
+    measure_from, stop = start + seconds / 4, start + seconds * 1.25
+
+    async def client(http):
+        while time.perf_counter() < stop:
+            sent = time.perf_counter()
+            response = await http.post("/v1/generate", json=request_body(next(counter), images, classes, steps))
+            if response.status_code == 200 and sent >= measure_from:
+                done.append(time.perf_counter() - sent)
+
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
+        await asyncio.gather(*[client(http) for _ in range(concurrency)])
+    window = stop - measure_from
+    return {"concurrency": concurrency, "requests_per_s": len(done) / window,
+            "images_per_s": len(done) * images / window, **percentiles(done)}
+
+
+async def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed: int) -> dict:
+    """Poisson arrivals at `rate` requests per second for `seconds`: latency of each, how many were refused."""
+    rng = np.random.default_rng(seed)
+    latencies, refused = [], 0
+
+    async def one(http, i):
+        nonlocal refused
+        sent = time.perf_counter()
+        response = await http.post("/v1/generate", json=request_body(i, images, classes, steps))
+        if response.status_code == 200:
+            latencies.append(time.perf_counter() - sent)
+        else:
+            refused += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
+        tasks, start, due, i = [], time.perf_counter(), 0.0, 0
+        while due < seconds:
+            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(http, i)))
+            due, i = due + rng.exponential(1 / rate), i + 1
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return {"offered_requests_per_s": rate, "sent": i, "refused": refused,
+            "images_per_s": len(latencies) * images / elapsed, **percentiles(latencies)}
+
+
+def percentiles(latencies: list[float]) -> dict:
+    if not latencies:
+        return {"p50_s": None, "p99_s": None, "completed": 0}
+    return {"p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99)),
+            "completed": len(latencies)}
+
+
+def measure(engines: Path, max_batch: int, args) -> dict:
+    """One --max-batch: the offline rate, the saturating rate, latency at fractions of it."""
+    classes = read_json(engines / "manifest.json")["model"]["num_classes"]
+    offline = offline_rate(engines, max_batch, args.steps, args.runs)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the offline engines are gone: the server has the GPU to itself
+    print(f"max-batch {max_batch}: offline {offline:.1f} images/s", flush=True)
+    process, url = start_server(engines, max_batch, args.max_wait_ms, args.images_per_request)
+    try:
+        concurrency = 2 * max(1, max_batch // args.images_per_request) + 2
+        saturating = asyncio.run(closed_loop(url, concurrency, args.duration_s, args.images_per_request, classes,
+                                             args.steps))
+        print(f"  saturating: {saturating['images_per_s']:.1f} images/s, p50 {saturating['p50_s']:.3f} s",
+              flush=True)
+        loads = []
+        for k, fraction in enumerate(LOAD_FRACTIONS):
+            point = asyncio.run(open_loop(url, fraction * saturating["requests_per_s"], args.duration_s,
+                                          args.images_per_request, classes, args.steps, seed=k))
+            loads.append({"fraction": fraction, **point})
+            print(f"  {fraction:.2f} x: {point['images_per_s']:.1f} images/s, p50 {point['p50_s']:.3f} s, "
+                  f"p99 {point['p99_s']:.3f} s, refused {point['refused']}", flush=True)
+    finally:
+        stop_server(process)
+    half = next(p for p in loads if p["fraction"] == 0.5)
+    return {"max_batch": max_batch, "offline_images_per_s": offline, "saturating": saturating, "loads": loads,
+            "throughput_ratio_vs_generate": saturating["images_per_s"] / offline,
+            "p99_over_p50_at_half_load": half["p99_s"] / half["p50_s"]}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, point in enumerate(result["points"]):
+        rates = [p["offered_requests_per_s"] * result["images_per_request"] for p in point["loads"]]
+        label = f"max-batch {point['max_batch']}"
+        left.plot(rates, [p["p50_s"] for p in point["loads"]], "o-", color=f"C{i}", label=f"{label} p50")
+        left.plot(rates, [p["p99_s"] for p in point["loads"]], "s--", color=f"C{i}", label=f"{label} p99")
+        right.plot(rates, [p["images_per_s"] for p in point["loads"]], "o-", color=f"C{i}", label=label)
+        right.axhline(point["offline_images_per_s"], color=f"C{i}", linestyle=":",
+                      label=f"{label}: offline generate")
+    left.set(xlabel="offered load (images / s)", ylabel="latency (s)", yscale="log",
+             title=f"qandc serve latency ({result['card']}, {result['images_per_request']} images a request)")
+    right.set(xlabel="offered load (images / s)", ylabel="served images / s", title="throughput")
+    for ax in (left, right):
+        ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--engines", help="engine folder (default: built into --work for this device)")
+    parser.add_argument("--cache", default="default-shape" if gpu else "interval=3",
+                        help="cache plan of the built engines: default-shape (the shape of the plan the default "
+                             "search picks) or a fixed plan spec")
+    parser.add_argument("--max-batch", default="16,64" if gpu else "4,16", help="comma-separated --max-batch values")
+    parser.add_argument("--images-per-request", type=int, default=4)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the engines')")
+    parser.add_argument("--duration-s", type=float, default=10.0 if gpu else 8.0, help="per load point")
+    parser.add_argument("--runs", type=int, default=5, help="timed offline runs (median)")
+    parser.add_argument("--state", default=".serve-load-state", help="finished --max-batch points")
+    parser.add_argument("--work", default="/tmp/qandc-serve-load", help="built engines and compile caches")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="start no new --max-batch after this long (one takes 2-4 minutes on a GPU)")
+    args = parser.parse_args()
+    started, card, load_average = time.perf_counter(), card_name(), os.getloadavg()[0]  # a shared CPU skews it
+    state, work = Path(args.state), Path(args.work)
+    state.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
+    max_batches = [int(b) for b in args.max_batch.split(",")]
+    engines = Path(args.engines) if args.engines else build_engines_here(work, max_batches, args.cache)
+    print(f"engines ready at {time.perf_counter() - started:.0f} s", flush=True)
+    measured = False  # one --max-batch per call at least: a fresh machine spends its budget building the engines
+    for max_batch in max_batches:
+        done = state / f"{card}-max-batch-{max_batch}.json"
+        if done.is_file():
+            continue
+        if measured and time.perf_counter() - started > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: rerun to resume")
+            return 3
+        write_json(done, measure(engines, max_batch, args))
+        measured = True
+        print(f"max-batch {max_batch} done at {time.perf_counter() - started:.0f} s", flush=True)
+    manifest = read_json(engines / "manifest.json")
+    points = [read_json(state / f"{card}-max-batch-{b}.json") for b in max_batches]
+    headline = max(points, key=lambda p: p["max_batch"])
+    result = {
+        "card": card, "device_name": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "engines": {"backend": manifest["backend"], "precision": (manifest.get("recipe") or {}).get("preset", "float"),
+                    "model": manifest["model"], "plan": manifest["plan"], "sampler": manifest["sampler"],
+                    "source": "given --engines" if args.engines else f"built here ({args.cache})"},
+        "images_per_request": args.images_per_request, "max_wait_ms": args.max_wait_ms, "steps": args.steps,
+        "duration_s": args.duration_s, "load_average_at_start": load_average,
+        "load_fractions": list(LOAD_FRACTIONS), "headline_max_batch": headline["max_batch"],
+        "throughput_ratio_vs_generate": headline["throughput_ratio_vs_generate"],
+        "p99_over_p50_at_half_load": headline["p99_over_p50_at_half_load"], "points": points,
+        "targets": {"throughput_ratio_vs_generate": ">= 0.9 (GPU)", "p99_over_p50_at_half_load": "<= 2 (GPU)"},
+    }
+    results = Path(args.results)
+    write_json(results / f"serve-{card}.json", result)
+    plot(result, results / f"serve-{card}.png")
+    print({k: result[k] for k in ("card", "headline_max_batch", "throughput_ratio_vs_generate",
+                                  "p99_over_p50_at_half_load")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Dynamic batching: requests with the same sampler settings are merged into one engine batch (up to `max_batch`
+images, or whatever arrived within `max_wait_ms` of the oldest), padded to a batch-size bucket warmed at start, and
+run on one inference thread. Each sample keeps its own noise key (request seed, sample id), so an image does not
+depend on what it was batched with; a sample whose output is not finite fails only its own request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import QandcError
+from ..runtime import Pipeline
+
+log = logging.getLogger("qandc.serve")
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """The settings a batch shares: requests with equal keys can be merged."""
+
+    steps: int
+    sampler: str
+    cfg_scale: float
+
+
+@dataclass
+class Job:
+    """One request's samples, waiting for (or in) a batch; `future` gets (its samples (n, C, H, W) on the CPU, the
+    BatchRun they came from)."""
+
+    key: BatchKey
+    labels: list[int]
+    seed: int
+    sample_ids: list[int]
+    request_id: str
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    batched: float | None = None  # when its batch was formed
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """What one engine batch did, for the metrics: real and padded images, seconds, steps by graph kind, steps
+    recomputed by the float model, real images whose output is not finite."""
+
+    images: int
+    padded: int
+    steps: int
+    seconds: float
+    engine_steps: dict
+    fallback_steps: int
+    nonfinite: int
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` images already; `retry_after`: seconds until it has likely drained."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("the queue is full")
+        self.retry_after = retry_after
+
+
+class NonFiniteSamples(QandcError):
+    """A request whose samples came out NaN / Inf (the rest of its batch is unaffected)."""
+
+
+def device_thread(name: str, device: torch.device) -> ThreadPoolExecutor:
+    """One worker thread that works on `device` (a new thread would take CUDA device 0)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lambda: (
+        torch.cuda.set_device(device) if device.type == "cuda" else None))
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The padded batch sizes: powers of two below `max_batch`, and `max_batch`."""
+    return sorted({2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch} | {max_batch})
+
+
+class Batcher:
+    """Merges submitted jobs into batches and runs them one at a time on a single inference thread. `warm_up()`
+    runs a batch at every bucket first (compiling and capturing CUDA graphs where the engines do) and sets
+    `ready`; `close()` finishes the queued jobs and stops."""
+
+    def __init__(self, pipeline: Pipeline, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
+        self.pipeline, self.max_batch, self.max_wait, self.max_queue = pipeline, max_batch, max_wait_ms / 1000, \
+            max_queue
+        self.buckets = batch_buckets(max_batch)
+        self.on_batch = on_batch or (lambda run, jobs: None)
+        self.pending: deque[Job] = deque()
+        self.queued_images = 0
+        self.ready = self.closing = False
+        self.failure: str | None = None
+        self.batch_seconds = 0.0  # the last batch's, for Retry-After
+        self.executor = device_thread("qandc-inference", pipeline.device)
+        self._wakeup = asyncio.Event()
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; QueueFull when its images would take the queue past `max_queue`."""
+        if self.closing or self.queued_images + len(job.labels) > self.max_queue:
+            batches = math.ceil((self.queued_images + 1) / self.max_batch)
+            raise QueueFull(max(1, math.ceil(batches * self.batch_seconds)))
+        self.pending.append(job)
+        self.queued_images += len(job.labels)
+        self._wakeup.set()
+
+    def withdraw(self, job: Job) -> None:
+        """Take a job that is still queued out (its client timed out or left): its images free their slots."""
+        if job in self.pending:
+            self.pending.remove(job)
+            self.queued_images -= len(job.labels)
+
+    async def warm_up(self) -> None:
+        """Run the warm-up batches; a failure is kept in `failure` (the server then never turns ready)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
+        except Exception as e:
+            self.failure = f"the warm-up failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            raise
+        self.ready = True
+
+    def _warm_up(self) -> None:
+        """One guided batch at every bucket (guidance doubles the rows), and an unguided one where a bucket's row
+        count is no guided batch's, with the engines' steps and sampler: serving meets no new shape."""
+        defaults = self.pipeline.sampler_defaults
+        guided = defaults.cfg_scale if defaults.cfg_scale != 1.0 else 2.0  # any scale but 1 doubles the rows
+        guided_rows = {2 * b for b in self.buckets}
+        for size in self.buckets:
+            self.pipeline.generate([0] * size, 0, cfg_scale=guided, allow_nonfinite=True)
+            if size not in guided_rows:
+                self.pipeline.generate([0] * size, 0, cfg_scale=1.0, allow_nonfinite=True)
+
+    async def run(self) -> None:
+        """Form and run batches until `close()`, then finish what is queued."""
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._next_batch()
+            if not jobs:
+                return
+            try:
+                samples, run = await loop.run_in_executor(self.executor, self._infer, jobs)
+            except Exception as e:  # the whole batch failed (an engine error): each request gets one line
+                log.exception("a batch of %d requests failed", len(jobs))
+                line = (str(e).splitlines() or [""])[0]
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(QandcError(line if isinstance(e, QandcError) else
+                                                            f"the engines failed: {type(e).__name__}: {line}"))
+                continue
+            self.batch_seconds = run.seconds
+            self.on_batch(run, jobs)
+            start = 0
+            for job in jobs:
+                part = samples[start:start + len(job.labels)]
+                start += len(job.labels)
+                if job.future.done():  # timed out or cancelled while running
+                    continue
+                bad = (~torch.isfinite(part)).flatten(1).any(1)
+                if bad.any():
+                    ids = [i for i, b in zip(job.sample_ids, bad.tolist()) if b]
+                    job.future.set_exception(NonFiniteSamples(
+                        f"the engines' output is not finite (NaN / Inf) for sample ids {ids}"))
+                else:
+                    job.future.set_result((part, run))
+
+    async def close(self) -> None:
+        """Stop taking jobs; `run` finishes the queued ones and returns."""
+        self.closing = True
+        self._wakeup.set()
+
+    async def _next_batch(self) -> list[Job]:
+        """The oldest job and the later ones with its settings that fit in `max_batch`, once they fill it or the
+        oldest has waited `max_wait`; [] once closing with nothing queued."""
+        while True:
+            if not self.pending:
+                if self.closing:
+                    return []
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self.pending[0]
+            jobs = self._fitting(head)
+            remaining = head.enqueued + self.max_wait - time.monotonic()
+            if sum(len(j.labels) for j in jobs) >= self.max_batch or remaining <= 0 or self.closing:
+                for job in jobs:
+                    self.withdraw(job)
+                    job.batched = time.monotonic()
+                return jobs
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def _fitting(self, head: Job) -> list[Job]:
+        jobs, images = [], 0
+        for job in self.pending:
+            if job.key == head.key and images + len(job.labels) <= self.max_batch:
+                jobs.append(job)
+                images += len(job.labels)
+        return jobs
+
+    def _infer(self, jobs: list[Job]) -> tuple[torch.Tensor, BatchRun]:
+        """Run `jobs` as one batch padded to its bucket (padding: label 0, seed 0); (their samples, the run)."""
+        key = jobs[0].key
+        labels = [label for job in jobs for label in job.labels]
+        seeds = [job.seed for job in jobs for _ in job.labels]
+        ids = [i for job in jobs for i in job.sample_ids]
+        size = next(b for b in self.buckets if b >= len(labels))
+        pad = size - len(labels)
+        started = time.perf_counter()
+        samples = self.pipeline.generate(labels + [0] * pad, seeds + [0] * pad, key.steps, key.sampler,
+                                         key.cfg_scale, sample_ids=ids + list(range(pad)), allow_nonfinite=True)
+        samples = samples[:len(labels)].cpu()
+        seconds = time.perf_counter() - started
+        last = self.pipeline.last_run or {}
+        nonfinite = int((~torch.isfinite(samples)).flatten(1).any(1).sum())
+        return samples, BatchRun(len(labels), size, key.steps, seconds,
+                                 {"full": last.get("full", 0), "reuse": last.get("reuse", 0)},
+                                 len(last.get("fallback_steps", ())), nonfinite)

@@ -1,0 +1,278 @@
+"""`qandc serve`: the real server (uvicorn on a free port) over tiny ONNX Runtime engines, spoken to over HTTP."""
+
+import asyncio
+import base64
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from qandc.sampling import CachePlan
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from PIL import Image  # noqa: E402
+
+from qandc.artifacts import sha256_file  # noqa: E402
+from qandc.engines import build_engines  # noqa: E402
+from qandc.exporter import export  # noqa: E402
+from qandc.images import model_to_images, to_uint8  # noqa: E402
+from qandc.runtime import Pipeline  # noqa: E402
+from qandc.serve import ServeOptions, create_app  # noqa: E402
+
+NAN_CLASS = 7  # its label embedding is NaN: every sample of this class comes out NaN, and only those
+STEPS = 8
+SLOW_STEPS = 1000  # a batch that takes a while (~0.5 s), to fill the queue behind it
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """Float ONNX Runtime engines of a tiny one-channel (image-space) DiT with an interval-3 cache plan."""
+    model = tiny_model(guidance="all", in_channels=1)
+    with torch.no_grad():
+        model.y_embedder.embedding_table.weight[NAN_CLASS] = float("nan")
+    root = tmp_path_factory.mktemp("serve")
+    export(model, root / "onnx", plan=CachePlan.interval(3))
+    build_engines(root / "onnx", root / "engines", "onnxruntime")
+    return root / "engines"
+
+
+@contextlib.contextmanager
+def running(engine_dir, vae=None, **options):
+    """A server on a free port in a thread; yields (base URL, app); stops it as SIGTERM does (should_exit)."""
+    app = create_app(Pipeline.load(engine_dir), engine_dir, ServeOptions(**options), vae)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_ready(url)
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_ready(url, seconds=60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url + "/readyz").status_code == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not become ready")
+
+
+def post_all(url, bodies, timeout=60.0):
+    """POST every body to /v1/generate at once; the responses in order."""
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+            return await asyncio.gather(*[client.post("/v1/generate", json=body) for body in bodies])
+    return asyncio.run(go())
+
+
+def metric(url, name, **labels) -> float:
+    """A sample of /metrics (0 when absent)."""
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def samples_of(response) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(response.json()["npz"])))["samples"]
+
+
+@pytest.fixture(scope="module")
+def server(engines):
+    with running(engines, max_batch=8, max_images=4, max_wait_ms=300) as (url, app):
+        yield url
+
+
+def test_images_equal_generate_whatever_they_are_batched_with(engines, server, tmp_path):
+    from qandc.cli import main
+
+    assert main(["generate", "--engines", str(engines), "--labels", "1,2,3", "--seed", "5", "--steps", str(STEPS),
+                 "--out", str(tmp_path / "g")]) == 0
+    expected = np.load(tmp_path / "g" / "samples.npz")["samples"]
+    batches = metric(server, "qandc_serve_batch_images_count")
+    a, b, c, d = post_all(server, [
+        {"labels": [1, 2, 3], "seed": 5, "steps": STEPS, "format": "npz"},
+        {"labels": [3], "seed": 5, "sample_ids": [2], "steps": STEPS, "format": "npz"},
+        {"labels": [4, 4], "seed": 9, "steps": STEPS},
+        {"labels": [1, 2, 3], "seed": 5, "steps": STEPS, "format": "png"}])
+    assert [r.status_code for r in (a, b, c, d)] == [200] * 4
+    assert metric(server, "qandc_serve_batch_images_count") - batches == 2  # 9 images, 8 a batch: 2
+    assert np.array_equal(samples_of(a), expected)  # bitwise, batched with other seeds and labels
+    assert np.array_equal(samples_of(b), expected[2:3])
+    pngs = [np.array(Image.open(io.BytesIO(base64.b64decode(p)))) for p in d.json()["images"]]
+    config = Pipeline.load(engines).config
+    assert np.array_equal(np.stack(pngs), to_uint8(model_to_images(torch.from_numpy(expected), config))[..., 0])
+    body = a.json()
+    assert body["config"] == {"steps": STEPS, "sampler": "ddpm", "cfg_scale": 1.5, "seed": 5,
+                              "plan": CachePlan.interval(3).describe(), "vc": False,
+                              "noise_keying": "per sample: generator keyed by (seed, sample id)"}
+    assert body["engines"]["manifest_sha256"] == sha256_file(engines / "manifest.json")
+    assert a.headers["x-request-id"] == body["request_id"] != c.json()["request_id"]
+
+
+def test_concurrent_requests_share_engine_batches(server):
+    before = {name: metric(server, name) for name in ("qandc_serve_batch_images_count", "qandc_serve_images_total")}
+    full = metric(server, "qandc_serve_engine_steps_total", kind="full")
+    responses = post_all(server, [{"labels": [i], "seed": i, "steps": STEPS} for i in (0, 1, 2, 3, 4, 5)])
+    assert all(r.status_code == 200 for r in responses)
+    batches = metric(server, "qandc_serve_batch_images_count") - before["qandc_serve_batch_images_count"]
+    assert 1 <= batches < 6
+    assert metric(server, "qandc_serve_images_total") - before["qandc_serve_images_total"] == 6
+    # interval 3 over 8 steps: 3 full steps a batch, not a request
+    assert metric(server, "qandc_serve_engine_steps_total", kind="full") - full == 3 * batches
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{", 400, "not valid JSON"),
+    (b"[1]", 422, "an object"),
+    (b'{"labels": []}', 422, "labels"),
+    (b'{"labels": [1, 2, 3, 4, 5]}', 422, "at most 4"),
+    (b'{"labels": [10]}', 422, "out of range"),
+    (b'{"labels": ["1"]}', 422, "labels.0"),
+    (b'{"labels": [1], "seed": -1}', 422, "seed"),
+    (b'{"labels": [1], "steps": 0}', 422, "steps"),
+    (b'{"labels": [1], "steps": 1001}', 422, "steps"),
+    (b'{"labels": [1], "sampler": "euler"}', 422, "sampler"),
+    (b'{"labels": [1], "cfg_scale": NaN}', 422, "cfg_scale"),
+    (b'{"labels": [1], "sample_ids": [1, 2]}', 422, "sample_ids"),
+    (b'{"labels": [1], "format": "jpeg"}', 422, "format"),
+    (b'{"labels": [1], "prompt": "a cat"}', 422, "prompt"),
+    (b'{"labels": [1], "pad": "' + b"x" * 70000 + b'"}', 413, "limit"),
+])
+def test_bad_requests_get_one_json_error(server, body, status, message):
+    response = httpx.post(server + "/v1/generate", content=body,
+                          headers={"content-type": "application/json", "x-request-id": "req-42"})
+    assert response.status_code == status
+    assert response.json() == {"error": response.json()["error"], "request_id": "req-42"}
+    assert message in response.json()["error"] and "\n" not in response.json()["error"]
+    assert response.headers["x-request-id"] == "req-42"
+
+
+def test_other_bad_requests(server):
+    assert httpx.post(server + "/v1/generate", content=b'{"labels": [1]}').status_code == 415
+    for response in (httpx.get(server + "/v1/generate"), httpx.get(server + "/nowhere")):
+        assert response.status_code in (404, 405) and set(response.json()) == {"error", "request_id"}
+    assert metric(server, "qandc_serve_requests_total", status="422") > 0
+
+
+def test_a_nan_fails_only_its_own_request(server):
+    bad = metric(server, "qandc_serve_nonfinite_images_total")
+    good, poisoned = post_all(server, [{"labels": [1, 2], "seed": 3, "steps": STEPS},
+                                       {"labels": [NAN_CLASS, 1], "seed": 3, "steps": STEPS, "sample_ids": [4, 5]}])
+    assert good.status_code == 200 and good.json()["timing"]["batch_images"] == 4  # they shared the batch
+    assert poisoned.status_code == 500 and "sample ids [4]" in poisoned.json()["error"]
+    assert metric(server, "qandc_serve_nonfinite_images_total") - bad == 1
+
+
+def test_full_queue_is_503_and_a_client_that_leaves_frees_its_slot(engines):
+    with running(engines, max_batch=1, max_images=1, max_queue=2, max_wait_ms=0) as (url, app):
+        responses = post_all(url, [{"labels": [i], "seed": i, "steps": SLOW_STEPS} for i in range(6)])
+        codes = [r.status_code for r in responses]
+        assert codes.count(503) >= 3 and codes.count(200) + codes.count(503) == 6  # 1 running + 2 queued at most
+        assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 503)
+
+        async def leave_early():
+            async with httpx.AsyncClient(base_url=url) as client:
+                running_one = asyncio.ensure_future(client.post("/v1/generate", json={"labels": [1],
+                                                                                      "steps": SLOW_STEPS}))
+                await asyncio.sleep(0.1)
+                with pytest.raises(httpx.ReadTimeout):
+                    await client.post("/v1/generate", json={"labels": [2], "steps": SLOW_STEPS}, timeout=0.2)
+                return await running_one
+        batches = metric(url, "qandc_serve_batch_images_count")
+        assert asyncio.run(leave_early()).status_code == 200
+        time.sleep(0.2)
+        assert metric(url, "qandc_serve_requests_total", status="499") == 1
+        assert metric(url, "qandc_serve_batch_images_count") - batches == 1  # the one that left never ran
+        assert metric(url, "qandc_serve_queued_images") == 0
+
+
+def test_timeout_is_504(engines):
+    with running(engines, max_batch=1, max_images=1, timeout_s=0.05) as (url, app):
+        response = httpx.post(url + "/v1/generate", json={"labels": [1], "steps": SLOW_STEPS // 2})
+        assert response.status_code == 504 and "0.05 s" in response.json()["error"]
+
+
+def test_latents_come_as_npz_or_through_the_vae_as_png(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from qandc.images import decode_latents, load_vae
+
+    export(tiny_model(guidance="all"), tmp_path / "onnx", plan=CachePlan.interval(3))  # 4-channel latents
+    build_engines(tmp_path / "onnx", tmp_path / "engines", "onnxruntime")
+    diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)
+                            ).save_pretrained(tmp_path / "vae")
+    body = {"labels": [1, 2], "seed": 3, "steps": STEPS}
+    with running(tmp_path / "engines") as (url, app):
+        plain = httpx.post(url + "/v1/generate", json=body)
+        assert plain.json()["format"] == "npz" and samples_of(plain).shape == (2, 4, 8, 8)
+        refused = httpx.post(url + "/v1/generate", json={**body, "format": "png"})
+        assert refused.status_code == 422 and "--vae" in refused.json()["error"]
+    vae = load_vae(tmp_path / "vae")
+    with running(tmp_path / "engines", vae) as (url, app):
+        png, npz = post_all(url, [body, {**body, "format": "npz"}])
+    assert np.array_equal(samples_of(npz), samples_of(plain))
+    expected = to_uint8(decode_latents(torch.from_numpy(samples_of(npz)), vae))
+    got = np.stack([np.array(Image.open(io.BytesIO(base64.b64decode(p)))) for p in png.json()["images"]])
+    assert png.json()["format"] == "png" and np.array_equal(got, expected)
+
+
+def test_serve_command_finishes_accepted_requests_on_sigterm(engines):
+    """The CLI server: ready after warm-up of buckets 1 and 2; SIGTERM while requests run: every accepted one is
+    answered, then it stops (uvicorn re-raises the signal once shut down: exit status -SIGTERM), having logged the
+    request ids."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "qandc", "serve", str(engines), "--port", str(port),
+                                "--max-batch", "2", "--max-wait-ms", "50"], env=env, stderr=subprocess.PIPE,
+                               text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        assert httpx.get(url + "/readyz").json() == {"status": "ready", "buckets": [1, 2]}
+        assert metric(url, "qandc_serve_batch_images_count") == 0  # warm-up is not counted as serving
+
+        async def go():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                posts = [asyncio.ensure_future(client.post("/v1/generate", json={"labels": [i], "steps": SLOW_STEPS},
+                                                           headers={"x-request-id": f"term-{i}"}))
+                         for i in range(4)]
+                await asyncio.sleep(0.3)
+                process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*posts)
+        responses = asyncio.run(go())
+        assert [r.status_code for r in responses] == [200] * 4
+        assert process.wait(30) == -signal.SIGTERM
+    finally:
+        process.kill()
+    log = process.stderr.read()
+    assert all(re.search(f"request term-{i}: 1 images", log) for i in range(4)), log
+    assert log.index("Shutting down") < max(log.index(f"request term-{i}:") for i in range(4))  # answered after
+    assert "Finished server process" in log
