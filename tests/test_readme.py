@@ -27,7 +27,7 @@ CALIBRATION_SIZE = "--samples 16 --pool-samples 4 --vc-samples 2 --clusters 4 --
 # Sizes made tiny: regex -> (replacement, why). An appended option wins: argparse keeps an option's last value.
 TINY = {
     r"^(qandc (calibrate|run)\b.*)$": (rf"\1 {CALIBRATION_SIZE}",
-                                       "4 trajectories of 4 steps and 16 samples instead of 400 x 50 and 800"),
+                                       "16 samples of 4 x 4 steps (4 TAP clusters), not 800 of 400 x 50"),
     r"^(qandc generate\b(?!.*--(recipe|engines|steps)\b).*)$": (r"\1 --steps 4",
                                                                 "4 steps instead of 50 (artifacts carry their 4)"),
     r"--steps 50\b": ("--steps 4", "4 sampling steps instead of 50"),
@@ -106,7 +106,7 @@ def test_snippet_runs(folder, monkeypatch, line, lang, text):
         exec(compile(tiny(text), f"README.md:{line}", "exec"), {"__name__": "readme"})
         return
     if reason := skip_reason(text):
-        pytest.skip(f"{text.split()[0]} ... : {reason}")
+        pytest.skip(f"{text[:60]}: {reason}")
     argv = shlex.split(tiny(text))[1:]
     assert main([*argv, "--debug"]) == 0
     if "--out" in argv:
