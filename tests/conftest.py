@@ -15,6 +15,24 @@ def tiny_model(seed=0, **overrides) -> DiT:
     return initialize_weights(DiT(tiny_config(**overrides)), seed=seed, zero_init=False).eval()
 
 
+def save_tiny_dit_pipeline(path, num_classes=5, **vae_config):
+    """A tiny DiTPipeline (random DiT, two-level VAE, DDIM scheduler) saved by diffusers itself to `path`."""
+    import diffusers
+
+    torch.manual_seed(3)
+    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                  out_channels=8, num_layers=2, sample_size=4, patch_size=2,
+                                                  num_embeds_ada_norm=num_classes)
+    with torch.no_grad():
+        for p in transformer.parameters():  # diffusers zero-inits the output layers: make the samples vary
+            p.add_(torch.randn_like(p) * 0.1)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, **vae_config)
+    diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler()).save_pretrained(path)
+    return path
+
+
 def rel_err(a, b) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())

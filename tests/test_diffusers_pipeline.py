@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_dit_pipeline
 from PIL import Image
 
 from qandc.cli import main
@@ -20,20 +21,8 @@ SCALING = 0.5  # not the Stable Diffusion VAE's 0.18215: decoding must read it f
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A tiny DiTPipeline (random DiT, two-level VAE of scaling factor SCALING, DDIM) saved by diffusers."""
-    torch.manual_seed(3)
-    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                                  out_channels=8, num_layers=2, sample_size=4, patch_size=2,
-                                                  num_embeds_ada_norm=5)
-    with torch.no_grad():
-        for p in transformer.parameters():  # diffusers zero-inits the output layers: make the samples vary
-            p.add_(torch.randn_like(p) * 0.1)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=SCALING)
-    path = tmp_path_factory.mktemp("dit") / "pipeline"
-    diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler()).save_pretrained(path)
-    return path
+    """A tiny DiTPipeline whose VAE's scaling factor is SCALING."""
+    return save_tiny_dit_pipeline(tmp_path_factory.mktemp("dit") / "pipeline", scaling_factor=SCALING)
 
 
 def _direct_decode(folder, latents, scale):
