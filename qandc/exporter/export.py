@@ -19,6 +19,7 @@ from ..formats.manifest import ExportManifest, pipeline_fields
 from ..formats.recipe import AMAX, RECIPE
 from ..locking import holds_output
 from ..model.graphs import PathGraph, example_feeds
+from ..progress import progress
 from ..sampling import CachePlan
 from ..staging import check_apart, staged_folder
 from .onnx_export import export_graph
@@ -46,7 +47,7 @@ def _write(model, out: Path, fields: dict, recipe_dir) -> ExportManifest:
     """The graphs, the recipe's files and, last, the manifest, in the (staging) folder `out`."""
     feeds = example_feeds(model, fields["graphs"])
     checks = {name: export_graph(PathGraph(model, spec), feeds[name], spec, out / f"{name}.onnx")
-              for name, spec in fields["graphs"].items()}
+              for name, spec in progress(fields["graphs"].items(), "export", total=len(fields["graphs"]))}
     copied = []
     if recipe_dir is not None:  # what the Inductor backend builds from
         for name in (RECIPE, AMAX):

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..artifacts import ASSETS, atomic_path, portable_command, read_safetensors, sha256_file, write_json
 from ..errors import QandcError
+from ..progress import progress
 
 WEIGHTS, STATS, RECORD = "classifier.safetensors", "classifier-stats.safetensors", "classifier.json"
 FEATURES = 128
@@ -69,7 +70,7 @@ def classify(model: FashionCNN, images: np.ndarray, batch: int = 1000) -> tuple[
     """(penultimate features float64 (N, 128), predicted labels (N,)) for uint8 images."""
     device = next(model.parameters()).device
     feats, preds = [], []
-    for i in range(0, len(images), batch):
+    for i in progress(range(0, len(images), batch), "classifier features"):
         f = model.features(uint8_to_input(images[i:i + batch]).to(device))
         feats.append(f.double().cpu())
         preds.append(model.head(f).argmax(1).cpu())

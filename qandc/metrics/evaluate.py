@@ -13,6 +13,7 @@ from ..artifacts import read_json
 from ..errors import QandcError
 from ..images import has_image_space, model_to_images, to_uint8
 from ..model.dit import DiTConfig
+from ..progress import progress
 from ..readers import read_npz, regular_file
 from .classifier import ASSETS, classify, load_classifier
 from .scores import feature_stats, frechet_distance, frechet_interval, image_similarity
@@ -84,7 +85,7 @@ def _read_pngs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not files:
         raise QandcError(f"{path}: no samples.npz and no PNG files")
     images = []
-    for file in files:
+    for file in progress(files, "reading PNGs"):
         images.append(_read_png(file))
     matches = [LABELED_NAME.match(f.name) for f in files]
     if any(matches) and not all(matches):
