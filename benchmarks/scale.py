@@ -2,12 +2,14 @@
 `torchrun --standalone --nproc-per-node K` for K = 1, 2, 4, ... on one host.
 
 For each K it records, from rank 0's config.json and the wall clock around the command:
-- images/s between the barriers before and after sampling (`sampling_seconds`: shard writes included, start-up,
-  warm-up and merge excluded) and its efficiency images_per_s[K] / (K * images_per_s[1]);
+- images/s between the barriers before and after sampling (the images of the shards computed there over
+  `sampling_seconds`: shard writes included; start-up, each rank's first shard, which is its warm-up, and the merge
+  excluded) and its efficiency images_per_s[K] / (K * images_per_s[1]);
 - the whole command's time and its efficiency command_seconds[1] / (K * command_seconds[K]), with the overhead
-  broken down: engine load (programs + the compile cache), warm-up (compiling from the cache and capturing the CUDA
-  graphs at the one batch size: `--fixed-batch`, so no rank compiles mid-run), the rank-0 merge (streamed shard by
-  shard into samples.npz, plus grid.png), and the rest (interpreter and torch import, torchrun, rendezvous, exit);
+  broken down: engine load (programs + the compile cache), warm-up (each rank's first shard, compiling from the cache
+  and capturing the CUDA graphs at the one batch size: `--fixed-batch`, so no rank compiles mid-run; its images are
+  kept), the rank-0 merge (streamed shard by shard into samples.npz, plus grid.png), and the rest (interpreter and
+  torch import, torchrun, rendezvous, exit);
 - the samples' sha256 and whether they equal K=1's bitwise (else the largest difference).
 Each run starts with an empty Inductor cache folder (TORCHINDUCTOR_CACHE_DIR), as on a fresh host: only the engine
 folder's compile cache is there. The engines are built once (the same folder for every K and rank) and checked to be
@@ -111,7 +113,10 @@ def run_k(k: int, engines: Path, args, work: Path) -> dict:
     config = read_json(folder / "config.json")
     sha, _ = samples_digest(folder)
     parts = {name: config[f"{name}_seconds"] for name in ("load", "warmup", "sampling", "merge")}
-    row = {"gpus": k, "world_size": config["world_size"], "images_per_s": args.images / parts["sampling"],
+    if not config["sampled_images"]:
+        raise SystemExit(f"K={k}: no shard left after each rank's warm-up shard; raise --images")
+    row = {"gpus": k, "world_size": config["world_size"], "sampled_images": config["sampled_images"],
+           "images_per_s": config["sampled_images"] / parts["sampling"],
            "command_seconds": wall, **{f"{name}_seconds": s for name, s in parts.items()},
            "other_seconds": wall - sum(parts.values()), "samples_sha256": sha,
            "engines_unchanged": folder_state(engines) == before, "fixed_batch": config["shards"]["fixed_batch"],

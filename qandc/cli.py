@@ -567,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64,
                    help="labels per batch and per shard file (default 64)")
     p.add_argument("--fixed-batch", action=argparse.BooleanOptionalAction, default=None,
-                   help="run every batch at --batch-size (the last partial one padded, the padding dropped) and warm "
-                        "up at that size before the timed sampling, so no rank compiles or captures a CUDA graph "
+                   help="run every batch at --batch-size (the last partial one padded, the padding dropped) and each "
+                        "rank's first shard before the timed sampling, so no rank compiles or captures a CUDA graph "
                         "mid-run (default: on for engines that compile per batch size, Inductor on a GPU)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun "
                                     "cuda:LOCAL_RANK)")

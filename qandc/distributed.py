@@ -49,6 +49,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def close(self) -> None:
         """Leave the process group (every rank, together, once the shared work is done)."""
         if self.size > 1 and dist.is_initialized():
@@ -118,13 +126,17 @@ def run_shards(folder: str | os.PathLike, units: list[dict], compute: Callable[[
         if _stamp(path) == stamp:
             kept += 1
             continue
-        arrays = compute(units[i])
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, stamp=np.array(stamp), **arrays)
+        write_shard(shards[i], compute(units[i]))
         computed += 1
     print(f"rank {world.rank}/{world.size} {desc}: {computed} computed, {kept} kept", file=sys.stderr)
     world.barrier()
     return shards
+
+
+def write_shard(shard: Shard, arrays: dict[str, np.ndarray]) -> None:
+    """A unit's arrays as its shard file, with its stamp, atomically."""
+    with atomic_path(shard.path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, stamp=np.array(shard.stamp), **arrays)
 
 
 def stamped_shards(folder: str | os.PathLike, units: list[dict], key: dict) -> list[Shard]:

@@ -66,10 +66,11 @@ def test_fixed_batch_runs_every_batch_at_one_size_and_gives_the_same_samples(eng
     labels = [3, 1, 4, 1, 5]
     fixed = generate(pipeline, labels, tmp_path / "fixed", SamplingOptions(steps=STEPS, batch_size=2,
                                                                             fixed_batch=True))
-    assert set(rows_seen) == {4} and len(rows_seen) == 4 * pipeline.last_run["full"]  # warm-up + 3 batches
+    assert set(rows_seen) == {4} and len(rows_seen) == 3 * pipeline.last_run["full"]  # 3 batches, none twice
     assert fixed["shards"]["fixed_batch"] == 2 and fixed["warmup_seconds"] > 0
+    assert fixed["sampled_images"] == 3  # the first shard (2 labels) is the warm-up, before the timing
     plain = generate(pipeline, labels, tmp_path / "plain", SamplingOptions(steps=STEPS, batch_size=2))
-    assert plain["shards"]["fixed_batch"] is None and plain["warmup_seconds"] == 0
+    assert plain["shards"]["fixed_batch"] is None and plain["warmup_seconds"] == 0 and plain["sampled_images"] == 5
     a, b = (np.load(tmp_path / name / "samples.npz") for name in ("fixed", "plain"))
     assert a["labels"].tolist() == labels and a["samples"].shape == (5, 4, 8, 8)
     assert np.allclose(a["samples"], b["samples"], atol=1e-5)  # the padding rows do not touch the real ones
@@ -145,7 +146,8 @@ def test_engine_scaling_benchmark_smoke_run_on_cpu(engines, tmp_path):
     for row in scale["rows"]:
         config = json.loads((tmp_path / "work" / f"generate-{row['gpus']}" / "config.json").read_text())
         assert row["world_size"] == row["gpus"] and row["sampling_seconds"] == config["sampling_seconds"]
-        assert row["images_per_s"] == pytest.approx(5 / config["sampling_seconds"])
+        assert row["sampled_images"] == 5 - 2 * row["gpus"]  # each rank's first shard is its warm-up
+        assert row["images_per_s"] == pytest.approx(row["sampled_images"] / config["sampling_seconds"])
         assert row["fixed_batch"] == 2 and row["engines_unchanged"] and row["warmup_seconds"] > 0
         parts = sum(row[f"{name}_seconds"] for name in ("load", "warmup", "sampling", "merge", "other"))
         assert parts == pytest.approx(row["command_seconds"])

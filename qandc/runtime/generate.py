@@ -71,7 +71,9 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
              provenance: Provenance = Provenance(), world: World = World(), vae: str | None = None,
              per_class: int | None = None, class_names: Sequence[str] = ()) -> dict | None:
     """Sample `labels` into `out` in shards of `options.batch_size`, then (rank 0) write samples.npz, grid.png and
-    config.json and return its record (None on the other ranks). The grid shows the first GRID_LIMIT samples,
+    config.json and return its record (None on the other ranks). config.json times the engine load, the warm-up
+    (fixed_batch), the sampling between two barriers (`sampled_images` of every rank) and rank 0's merge, which
+    streams the shards into samples.npz one at a time. The grid shows the first GRID_LIMIT samples,
     latents decoded by the diffusers VAE folder `vae` (no grid for latents without one); with `per_class` > 1 it has
     one row per label, captioned from `class_names`. `world` (from distributed.init) is left once the shards are
     done."""
@@ -91,6 +93,8 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
                                  sample_ids=range(start, start + padded), use_vc=options.use_vc,
                                  progress=world.main, eta=options.eta)[:stop - start]
 
+    sampled = {"images": 0}  # real (unpadded) samples this rank computed
+
     def shard(unit: dict) -> dict[str, np.ndarray]:
         x = run(unit)
         if pipeline.runs_engines:
@@ -101,6 +105,7 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
             for name, count in run_steps["graphs"].items():
                 engine_steps["graphs"][name] = engine_steps["graphs"].get(name, 0) + count
         start, stop = unit["ids"]
+        sampled["images"] += stop - start
         return {"samples": x.cpu().numpy().astype(np.float32), "labels": labels[start:stop].numpy()}
 
     settings = {"steps": options.steps, "sampler": options.sampler, "eta": options.eta,
@@ -115,14 +120,18 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     shards = distributed.stamped_shards(out / "shards", units, key)
     pending = distributed.pending_units(shards, world)
     warmup_seconds = 0.0
-    if fixed and pending:  # compile and capture at the one batch size before the timing starts
+    if fixed and pending:  # this rank's first shard compiles and captures at the one batch size, before the timing
         started = time.perf_counter()
-        run({**units[pending[0]], "rows": rows})
+        distributed.write_shard(shards[pending[0]], shard(units[pending[0]]))
         warmup_seconds = time.perf_counter() - started
-    world.barrier()  # every rank is loaded: the timing covers sampling alone
+        sampled["images"] = 0
+        print(f"rank {world.rank}: shard {pending[0]} computed first, as the warm-up at {rows} labels a batch "
+              f"({warmup_seconds:.1f} s)", file=sys.stderr)
+    world.barrier()  # every rank is loaded (and warmed up): the timing covers steady sampling
     started = time.perf_counter()
     files = distributed.run_shards(out / "shards", units, shard, world, key)
     seconds = time.perf_counter() - started
+    sampled_images = sum(world.gather(sampled["images"]))
     world.close()
     if pipeline.runs_engines:
         reuse = {name: count for name, count in engine_steps["graphs"].items() if name != "full"}
@@ -147,8 +156,9 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
         "noise_keying": "per sample: generator keyed by (seed, index)", "vae": vae, "device": str(pipeline.device),
         "world_size": world.size, "shards": {"folder": "shards", "count": len(units), "size": options.batch_size,
                                              "fixed_batch": rows},
-        "sampling_seconds": seconds, "load_seconds": pipeline.load_seconds, "warmup_seconds": warmup_seconds,
-        "merge_seconds": merge_seconds, "engine_steps_rank0": engine_steps if pipeline.runs_engines else None,
+        "sampling_seconds": seconds, "sampled_images": sampled_images, "load_seconds": pipeline.load_seconds,
+        "warmup_seconds": warmup_seconds, "merge_seconds": merge_seconds,
+        "engine_steps_rank0": engine_steps if pipeline.runs_engines else None,
         "versions": library_versions(),
     }
     write_json(out / "config.json", record)
