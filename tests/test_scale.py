@@ -3,6 +3,7 @@ the streamed merge's memory, two torchrun "hosts" over gloo, and the engine scal
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,27 +112,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_hosts_over_gloo_give_one_process_samples(engines, tmp_path):
-    """Two torchrun launchers (--nnodes 2, one process each, c10d rendezvous on localhost) play two hosts that share
-    the output folder."""
-    args = ["generate", "--engines", str(engines), "--num-images", "7", "--batch-size", "2", "--seed", "3"]
-    one = subprocess.run([sys.executable, "-m", "qandc", *args, "--out", str(tmp_path / "one")], env=ENV, cwd=ROOT,
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
+HOSTS_ARGS = ["generate", "--num-images", "7", "--batch-size", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def one_process(engines, tmp_path_factory):
+    """The samples of one process (no torchrun)."""
+    out = tmp_path_factory.mktemp("one") / "out"
+    result = subprocess.run([sys.executable, "-m", "qandc", *HOSTS_ARGS, "--engines", str(engines), "--out", str(out)],
+                            env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(out / "samples.npz")
+
+
+def two_hosts(engines, outs: list[Path]) -> list[tuple[int, str]]:
+    """Two torchrun launchers (--nnodes 2, one process each, c10d rendezvous on localhost) playing two hosts, each
+    with its own --out; (exit status, stderr) of each. The rendezvous, not --node-rank, decides which is rank 0."""
     endpoint = f"127.0.0.1:{_free_port()}"
     hosts = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
                                "1", "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-                               "--rdzv-id", "qandc-test", "-m", "qandc", *args, "--out", str(tmp_path / "two")],
+                               "--rdzv-id", "qandc-test", "-m", "qandc", *HOSTS_ARGS, "--engines", str(engines),
+                               "--out", str(out)],
                               env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    logs = [host.communicate(timeout=240) for host in hosts]
-    assert all(host.returncode == 0 for host in hosts), [err[-2000:] for _, err in logs]
-    config = json.loads((tmp_path / "two" / "config.json").read_text())
+             for rank, out in enumerate(outs)]
+    stderr = [host.communicate(timeout=240)[1] for host in hosts]
+    return [(host.returncode, err) for host, err in zip(hosts, stderr)]
+
+
+def test_two_hosts_sharing_the_output_folder_give_one_process_samples(engines, one_process, tmp_path):
+    logs = two_hosts(engines, [tmp_path / "out"] * 2)
+    assert [status for status, _ in logs] == [0, 0], [err[-2000:] for _, err in logs]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["world_size"] == 2 and config["shards"]["count"] == 4
     stderr = "".join(err for _, err in logs)
     assert "rank 0/2 shards: 2 computed" in stderr and "rank 1/2 shards: 2 computed" in stderr
-    a, b = (np.load(tmp_path / name / "samples.npz") for name in ("one", "two"))
-    assert np.array_equal(a["samples"], b["samples"]) and np.array_equal(a["labels"], b["labels"])
+    two = np.load(tmp_path / "out" / "samples.npz")
+    assert np.array_equal(one_process["samples"], two["samples"]) and np.array_equal(one_process["labels"],
+                                                                                      two["labels"])
+
+
+def test_two_hosts_without_a_shared_folder_merge_once_the_shards_are_copied(engines, one_process, tmp_path):
+    outs = [tmp_path / "host-a", tmp_path / "host-b"]
+    logs = two_hosts(engines, outs)
+    failed = [i for i, (status, _) in enumerate(logs) if status]
+    assert len(failed) == 1, [err[-2000:] for _, err in logs]  # rank 0's host misses the other host's shards
+    assert "missing; without a folder shared by every host, copy each host's OUT/shards" in logs[failed[0]][1]
+    merging, other = outs[failed[0]], outs[1 - failed[0]]
+    for shard in (other / "shards").glob("shard-*.npz"):
+        shutil.copy(shard, merging / "shards")
+    rerun = subprocess.run([sys.executable, "-m", "qandc", *HOSTS_ARGS, "--engines", str(engines), "--out",
+                            str(merging)], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "shards: 0 computed, 4 kept" in rerun.stderr, rerun.stderr[-2000:]
+    assert np.array_equal(np.load(merging / "samples.npz")["samples"], one_process["samples"])
 
 
 def test_engine_scaling_benchmark_smoke_run_on_cpu(engines, tmp_path):
