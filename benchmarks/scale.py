@@ -81,8 +81,7 @@ def build_engines(checkpoint: str, precision: str, plan: str, batch_size: int, w
     if precision != "bf16":
         recipe = quick_recipe(model, precision, plan, work / f"recipe-{precision}-{_slug(plan)}")
     build_inductor(model, folder, plan=None if recipe else config_plan(plan), recipe_dir=recipe,
-                   sampler=None if recipe else SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=[2 * batch_size],
-                   checkpoint=checkpoint)
+                   sampler=None if recipe else SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=[2 * batch_size])
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
