@@ -8,8 +8,9 @@ For each K it records, from rank 0's config.json and the wall clock around the c
 - the whole command's time and its efficiency command_seconds[1] / (K * command_seconds[K]), with the overhead
   broken down: engine load (programs + the compile cache), warm-up (each rank's first shard, compiling from the cache
   and capturing the CUDA graphs at the one batch size: `--fixed-batch`, so no rank compiles mid-run; its images are
-  kept), the rank-0 merge (streamed shard by shard into samples.npz, plus grid.png), and the rest (interpreter and
-  torch import, torchrun, rendezvous, exit);
+  kept; `compile_capture_seconds` estimates its part beyond a steady shard), the rank-0 merge (streamed shard by
+  shard into samples.npz, plus grid.png), and the rest (interpreter and torch import, torchrun, rendezvous, waiting
+  for the slowest rank, exit; each rank's load and warm-up are in config.json's `ranks`);
 - the samples' sha256 and whether they equal K=1's bitwise (else the largest difference).
 Each run starts with an empty Inductor cache folder (TORCHINDUCTOR_CACHE_DIR), as on a fresh host: only the engine
 folder's compile cache is there. The engines are built once (the same folder for every K and rank) and checked to be
@@ -119,7 +120,11 @@ def run_k(k: int, engines: Path, args, work: Path) -> dict:
            "command_seconds": wall, **{f"{name}_seconds": s for name, s in parts.items()},
            "other_seconds": wall - sum(parts.values()), "samples_sha256": sha,
            "engines_unchanged": folder_state(engines) == before, "fixed_batch": config["shards"]["fixed_batch"],
+           "slowest_rank_load_seconds": max(r["load_seconds"] for r in config["ranks"]),
+           "slowest_rank_warmup_seconds": max(r["warmup_seconds"] for r in config["ranks"]),
            "engine_steps_rank0": config["engine_steps_rank0"]}
+    # the warm-up is one shard: what it took beyond a steady shard of this rank is compiling and capturing
+    row["compile_capture_seconds"] = parts["warmup"] - args.batch_size * k / row["images_per_s"]
     print(f"K={k}: {row['images_per_s']:.1f} images/s ({parts['sampling']:.2f} s sampling), {wall:.1f} s command "
           f"(load {parts['load']:.1f}, warm-up {parts['warmup']:.1f}, merge {parts['merge']:.1f}, other "
           f"{row['other_seconds']:.1f})", file=sys.stderr)

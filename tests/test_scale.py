@@ -181,6 +181,7 @@ def test_engine_scaling_benchmark_smoke_run_on_cpu(engines, tmp_path):
         assert row["sampled_images"] == 5 - 2 * row["gpus"]  # each rank's first shard is its warm-up
         assert row["images_per_s"] == pytest.approx(row["sampled_images"] / config["sampling_seconds"])
         assert row["fixed_batch"] == 2 and row["engines_unchanged"] and row["warmup_seconds"] > 0
+        assert [r["sampled_images"] for r in config["ranks"]] == ([1, 0] if row["gpus"] == 2 else [3])
         parts = sum(row[f"{name}_seconds"] for name in ("load", "warmup", "sampling", "merge", "other"))
         assert parts == pytest.approx(row["command_seconds"])
     one, two = scale["images_per_s"]

@@ -131,7 +131,8 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     started = time.perf_counter()
     files = distributed.run_shards(out / "shards", units, shard, world, key)
     seconds = time.perf_counter() - started
-    sampled_images = sum(world.gather(sampled["images"]))
+    ranks = world.gather({"sampled_images": sampled["images"], "warmup_seconds": warmup_seconds,
+                          "load_seconds": pipeline.load_seconds})
     world.close()
     if pipeline.runs_engines:
         reuse = {name: count for name, count in engine_steps["graphs"].items() if name != "full"}
@@ -156,8 +157,9 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
         "noise_keying": "per sample: generator keyed by (seed, index)", "vae": vae, "device": str(pipeline.device),
         "world_size": world.size, "shards": {"folder": "shards", "count": len(units), "size": options.batch_size,
                                              "fixed_batch": rows},
-        "sampling_seconds": seconds, "sampled_images": sampled_images, "load_seconds": pipeline.load_seconds,
-        "warmup_seconds": warmup_seconds, "merge_seconds": merge_seconds,
+        "sampling_seconds": seconds, "sampled_images": sum(r["sampled_images"] for r in ranks),
+        "load_seconds": pipeline.load_seconds, "warmup_seconds": warmup_seconds, "merge_seconds": merge_seconds,
+        "ranks": ranks,
         "engine_steps_rank0": engine_steps if pipeline.runs_engines else None,
         "versions": library_versions(),
     }
