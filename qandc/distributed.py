@@ -25,6 +25,9 @@ from .errors import QandcError
 from .readers import read_npz
 from .values import INT_LIMIT, check, integer
 
+SHARDS_ELSEWHERE = ("without a folder shared by every host, copy each host's OUT/shards here and run the same command "
+                    "again as one process (finished shards are kept)")
+
 
 @dataclass(frozen=True)
 class World:
@@ -161,13 +164,21 @@ def _stamp(path: Path) -> str | None:
         return None
 
 
+def require_shards_here(shards: list[Shard], world: World) -> None:
+    """Fail on every rank together (so that no torchrun agent waits for a failed one) when rank 0 lacks a shard
+    file: ranks on hosts that share no folder wrote theirs elsewhere."""
+    missing = world.broadcast([str(path) for path, _ in shards if not path.exists()] if world.main else None)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise QandcError(f"{missing[0]}: missing{more}; {SHARDS_ELSEWHERE}")
+
+
 def read_shard(shard: Shard, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The arrays `names` of one shard; a missing file, or one whose stamp is not its shard's (another job's work),
     is a QandcError."""
     path, stamp = shard
     if not path.exists():
-        raise QandcError(f"{path}: missing; without a folder shared by every host, copy each host's OUT/shards here "
-                         "and run the same command again (finished shards are kept)")
+        raise QandcError(f"{path}: missing; {SHARDS_ELSEWHERE}")
     data = read_npz(path, "shard", names=(*names, "stamp"))
     missing = [name for name in (*names, "stamp") if name not in data]
     if missing:

@@ -133,7 +133,10 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     seconds = time.perf_counter() - started
     ranks = world.gather({"sampled_images": sampled["images"], "warmup_seconds": warmup_seconds,
                           "load_seconds": pipeline.load_seconds})
-    world.close()
+    try:
+        distributed.require_shards_here(files, world)
+    finally:
+        world.close()
     if pipeline.runs_engines:
         reuse = {name: count for name, count in engine_steps["graphs"].items() if name != "full"}
         per_graph = f" ({', '.join(f'{name} {count}' for name, count in reuse.items())})" if len(reuse) > 1 else ""
