@@ -1,8 +1,8 @@
-"""ONNX Runtime engines: the CPU execution provider (tested here; real int8 kernels for INT8 Q/DQ graphs) and the
-CUDA provider (configured on GPU LOCAL_RANK, each torchrun rank its own; it runs only where onnxruntime-gpu and a GPU
-exist). The optimised model is saved at
-build time, so loading does not optimise again; INT8 Q/DQ is rewritten to uint8 first (`ort_int8`), so its integer
-MatMuls are U8U8, exact on every CPU, whichever CPU built it."""
+"""ONNX Runtime engines: the CPU execution provider (tested here; real int8 kernels for INT8 Q/DQ graphs) and the CUDA
+provider (configured on torch's current CUDA device: each torchrun rank its own GPU; it runs only where
+onnxruntime-gpu and a GPU exist). The optimised model is saved at build time, so loading does not optimise again; INT8
+Q/DQ is rewritten to uint8 first (`ort_int8`), so its integer MatMuls are U8U8, exact on every CPU, whichever CPU
+built it."""
 
 from __future__ import annotations
 
@@ -41,17 +41,18 @@ def _session(path: Path, options, providers: list, u8: bool = False):
         raise QandcError(f"{path}: not a readable ONNX model for ONNX Runtime ({reason})") from None
 
 
-def session_providers(available: list[str], local_rank: int) -> list[tuple[str, dict]]:
-    """The execution providers, with their options, of a session on the process of torchrun local rank
-    `local_rank`: the CUDA provider on GPU `local_rank` (each rank its own GPU), then the CPU provider; only those
-    in `available`."""
-    chosen = {"CUDAExecutionProvider": {"device_id": str(local_rank)}, "CPUExecutionProvider": {}}
+def session_providers(available: list[str], device_index: int) -> list[tuple[str, dict]]:
+    """The execution providers, with their options, of a session on GPU `device_index`: the CUDA provider there,
+    then the CPU provider; only those in `available`."""
+    chosen = {"CUDAExecutionProvider": {"device_id": str(device_index)}, "CPUExecutionProvider": {}}
     return [(name, options) for name, options in chosen.items() if name in available]
 
 
 def providers() -> list[tuple[str, dict]]:
-    """This process's execution providers (`session_providers` for its torchrun local rank; 0 outside torchrun)."""
-    return session_providers(_ort().get_available_providers(), distributed.torchrun_environment()[2])
+    """This process's execution providers: `session_providers` for torch's current CUDA device (cuda:LOCAL_RANK
+    under torchrun, set before the engines load), or for the torchrun local rank where torch has no CUDA."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else distributed.torchrun_environment()[2]
+    return session_providers(_ort().get_available_providers(), device)
 
 
 def optimise(onnx_path: Path, target: Path) -> Path:
