@@ -161,7 +161,8 @@ def cmd_generate(args) -> None:
     options = SamplingOptions(steps=defaults.steps if args.steps is None else args.steps,
                               sampler=args.sampler or defaults.sampler, eta=args.eta,
                               cfg_scale=defaults.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                              seed=args.seed, batch_size=args.batch_size, use_vc=not args.no_vc)
+                              seed=args.seed, batch_size=args.batch_size, use_vc=not args.no_vc,
+                              fixed_batch=args.fixed_batch)
     _check_plan(pipeline.plan, pipeline.denoiser, options.steps, plan_source)
     if options.use_vc:
         from .formats.recipe import vc_correction
@@ -565,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="labels per batch and per shard file (default 64)")
+    p.add_argument("--fixed-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="run every batch at --batch-size (the last partial one padded, the padding dropped) and each "
+                        "rank's first shard before the timed sampling, so no rank compiles or captures a CUDA graph "
+                        "mid-run (default: on for engines that compile per batch size, Inductor on a GPU)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun "
                                     "cuda:LOCAL_RANK)")
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory to decode latents into images, scaled by "

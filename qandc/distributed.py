@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -23,6 +24,9 @@ from .artifacts import atomic_path
 from .errors import QandcError
 from .readers import read_npz
 from .values import INT_LIMIT, check, integer
+
+SHARDS_ELSEWHERE = ("without a folder shared by every host, copy each host's OUT/shards here and run the same command "
+                    "again as one process (finished shards are kept)")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,14 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def close(self) -> None:
         """Leave the process group (every rank, together, once the shared work is done)."""
@@ -110,22 +122,35 @@ def run_shards(folder: str | os.PathLike, units: list[dict], compute: Callable[[
     """Run the work units of this rank (unit i goes to rank i % world.size): `compute(unit)` gives the arrays kept
     in folder/shard-<i>.npz, written atomically with a stamp of `key` and the unit. A unit whose file carries the
     same stamp is skipped. Returns every unit's shard once every rank is done (a barrier)."""
-    folder = Path(folder)
-    shards = [Shard(shard_path(folder, i), json.dumps({**key, "unit": unit}, sort_keys=True))
-              for i, unit in enumerate(units)]
+    shards = stamped_shards(folder, units, key)
     computed = kept = 0
     for i in progress(range(world.rank, len(units), world.size), desc, enabled=world.main):
         path, stamp = shards[i]
         if _stamp(path) == stamp:
             kept += 1
             continue
-        arrays = compute(units[i])
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, stamp=np.array(stamp), **arrays)
+        write_shard(shards[i], compute(units[i]))
         computed += 1
     print(f"rank {world.rank}/{world.size} {desc}: {computed} computed, {kept} kept", file=sys.stderr)
     world.barrier()
     return shards
+
+
+def write_shard(shard: Shard, arrays: dict[str, np.ndarray]) -> None:
+    """A unit's arrays as its shard file, with its stamp, atomically."""
+    with atomic_path(shard.path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, stamp=np.array(shard.stamp), **arrays)
+
+
+def stamped_shards(folder: str | os.PathLike, units: list[dict], key: dict) -> list[Shard]:
+    """Every unit's shard file and the stamp it must carry."""
+    return [Shard(shard_path(Path(folder), i), json.dumps({**key, "unit": unit}, sort_keys=True))
+            for i, unit in enumerate(units)]
+
+
+def pending_units(shards: list[Shard], world: World) -> list[int]:
+    """The units of this rank whose shard is not done yet (no file carrying its stamp)."""
+    return [i for i in range(world.rank, len(shards), world.size) if _stamp(shards[i].path) != shards[i].stamp]
 
 
 def shard_path(folder: Path, index: int) -> Path:
@@ -139,17 +164,61 @@ def _stamp(path: Path) -> str | None:
         return None
 
 
+def require_shards_here(shards: list[Shard], world: World) -> None:
+    """Fail on every rank together (so that no torchrun agent waits for a failed one) when rank 0 lacks a shard
+    file: ranks on hosts that share no folder wrote theirs elsewhere."""
+    missing = world.broadcast([str(path) for path, _ in shards if not path.exists()] if world.main else None)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise QandcError(f"{missing[0]}: missing{more}; {SHARDS_ELSEWHERE}")
+
+
+def read_shard(shard: Shard, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `names` of one shard; a missing file, or one whose stamp is not its shard's (another job's work),
+    is a QandcError."""
+    path, stamp = shard
+    if not path.exists():
+        raise QandcError(f"{path}: missing; {SHARDS_ELSEWHERE}")
+    data = read_npz(path, "shard", names=(*names, "stamp"))
+    missing = [name for name in (*names, "stamp") if name not in data]
+    if missing:
+        raise QandcError(f"{path}: not a readable shard (no {', '.join(missing)})")
+    if str(data["stamp"]) != stamp:
+        raise QandcError(f"{path}: a shard made with other settings (another job's); it is recomputed on a rerun")
+    return {name: data[name] for name in names}
+
+
 def merge_shards(shards: list[Shard], names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The arrays `names` of the shards, concatenated in order; a file whose stamp is not its shard's (another
-    job's work) is a QandcError."""
-    parts = {name: [] for name in names}
-    for path, stamp in shards:
-        data = read_npz(path, "shard")
-        missing = [name for name in (*names, "stamp") if name not in data]
-        if missing:
-            raise QandcError(f"{path}: not a readable shard (no {', '.join(missing)})")
-        if str(data["stamp"]) != stamp:
-            raise QandcError(f"{path}: a shard made with other settings (another job's); it is recomputed on a rerun")
+    """The arrays `names` of the shards, concatenated in order, in memory (`write_merged` streams them to a file)."""
+    parts = [read_shard(shard, names) for shard in shards]
+    return {name: np.concatenate([part[name] for part in parts]) for name in names}
+
+
+def write_merged(shards: list[Shard], names: tuple[str, ...], rows: int, path: str | os.PathLike,
+                 head: int = 0) -> dict[str, np.ndarray]:
+    """Write the arrays `names` of the shards, concatenated in order (`rows` rows in all), as the .npz `path`
+    (atomically, uncompressed, readable by np.load), holding one shard's array at a time, never all of them.
+    Returns the first `head` rows of each array."""
+    heads = {}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         for name in names:
-            parts[name].append(data[name])
-    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+            written, kept, layout = 0, [], None
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
+                for shard in shards:
+                    array = np.ascontiguousarray(read_shard(shard, (name,))[name])
+                    if layout is None:
+                        layout = (array.shape[1:], array.dtype)
+                        header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+                                  "shape": (rows, *array.shape[1:])}
+                        np.lib.format.write_array_header_1_0(f, header)
+                    elif (array.shape[1:], array.dtype) != layout:
+                        raise QandcError(f"{shard.path}: {name} of shape {array.shape} {array.dtype}, other shards "
+                                         f"hold rows of {layout[0]} {layout[1]}")
+                    f.write(array.data)
+                    written += len(array)
+                    if written - len(array) < head:
+                        kept.append(array[:head - written + len(array)].copy())
+            if written != rows:
+                raise QandcError(f"the shards in {shards[0].path.parent} hold {written} rows of {name}, not {rows}")
+            heads[name] = np.concatenate(kept) if kept else np.empty((0, *layout[0]), layout[1])
+    return heads

@@ -1,5 +1,5 @@
 """Sharded generation and pool collection under torchrun (gloo, 2 CPU processes): the same bits as one process,
-reruns that skip finished shards, eval of the merged output, and the scaling benchmark's JSON."""
+reruns that skip finished shards, eval of the merged output (the engine scaling benchmark: test_scale.py)."""
 
 import json
 import os
@@ -108,23 +108,6 @@ def test_calibrate_under_torchrun_gives_the_same_pool_and_recipe(checkpoint, rec
     assert len(two["x"]) == 6 * 6 and all(np.array_equal(one[k], two[k]) for k in one.files)
     for name in ("pool.json", "selection-tap.json", "recipe.json", "amax.safetensors", "vc.safetensors"):
         assert (recipe / name).read_bytes() == (tmp_path / name).read_bytes(), name
-
-
-def test_scaling_benchmark_writes_efficiency_from_measured_throughput(checkpoint, recipe, tmp_path):
-    out = tmp_path / "scale.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--checkpoint", str(checkpoint),
-                    "--recipe", str(recipe), "--images", "8", "--batch-size", "2", "--gpus", "1", "2",
-                    "--warmup-images", "0", "--work", str(tmp_path / "work"), "--out", str(out)],
-                   check=True, env=ENV, cwd=ROOT, capture_output=True)
-    result = json.loads(out.read_text())
-    assert result["card"] == "cpu" and result["gpus"] == [1, 2] and len(result["images_per_s"]) == 2
-    for k, seconds, rate in zip(result["gpus"], result["sampling_seconds"], result["images_per_s"]):
-        config = json.loads((tmp_path / "work" / f"generate-{k}" / "config.json").read_text())
-        assert config["world_size"] == k and seconds == config["sampling_seconds"]
-        assert rate == pytest.approx(8 / seconds)
-    one = result["images_per_s"][0]
-    assert result["efficiency"] == pytest.approx([1.0, result["images_per_s"][1] / (2 * one)])
-    assert result["same_samples"] == [True, True]
 
 
 @pytest.mark.parametrize("device,message", [("cuda:1", "each process takes cuda:LOCAL_RANK"),

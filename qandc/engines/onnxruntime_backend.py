@@ -1,7 +1,8 @@
-"""ONNX Runtime engines: the CPU execution provider (tested here; real int8 kernels for INT8 Q/DQ graphs) and the
-CUDA provider (configured; it runs only where onnxruntime-gpu and a GPU exist). The optimised model is saved at
-build time, so loading does not optimise again; INT8 Q/DQ is rewritten to uint8 first (`ort_int8`), so its integer
-MatMuls are U8U8, exact on every CPU, whichever CPU built it."""
+"""ONNX Runtime engines: the CPU execution provider (tested here; real int8 kernels for INT8 Q/DQ graphs) and the CUDA
+provider (configured on torch's current CUDA device: each torchrun rank its own GPU; it runs only where
+onnxruntime-gpu and a GPU exist). The optimised model is saved at build time, so loading does not optimise again; INT8
+Q/DQ is rewritten to uint8 first (`ort_int8`), so its integer MatMuls are U8U8, exact on every CPU, whichever CPU
+built it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import ort_int8
+from .. import distributed, ort_int8
 from ..artifacts import atomic_path
 from ..errors import QandcError
 from ..requires import require
@@ -26,7 +27,7 @@ def _ort():
     return require("onnxruntime", "the onnxruntime backend")
 
 
-def _session(path: Path, options, providers: list[str], u8: bool = False):
+def _session(path: Path, options, providers: list, u8: bool = False):
     """An InferenceSession (`u8`: of the graph rewritten by `ort_int8.to_u8`), with load errors (a damaged or foreign
     model) as one line."""
     ort = _ort()
@@ -40,9 +41,18 @@ def _session(path: Path, options, providers: list[str], u8: bool = False):
         raise QandcError(f"{path}: not a readable ONNX model for ONNX Runtime ({reason})") from None
 
 
-def providers() -> list[str]:
-    available = _ort().get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+def session_providers(available: list[str], device_index: int) -> list[tuple[str, dict]]:
+    """The execution providers, with their options, of a session on GPU `device_index`: the CUDA provider there,
+    then the CPU provider; only those in `available`."""
+    chosen = {"CUDAExecutionProvider": {"device_id": str(device_index)}, "CPUExecutionProvider": {}}
+    return [(name, options) for name, options in chosen.items() if name in available]
+
+
+def providers() -> list[tuple[str, dict]]:
+    """This process's execution providers: `session_providers` for torch's current CUDA device (cuda:LOCAL_RANK
+    under torchrun, set before the engines load), or for the torchrun local rank where torch has no CUDA."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else distributed.torchrun_environment()[2]
+    return session_providers(_ort().get_available_providers(), device)
 
 
 def optimise(onnx_path: Path, target: Path) -> Path:
@@ -65,7 +75,8 @@ class OrtEngine:
         ort = _ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised at build time
-        self.session = _session(path, options, providers())
+        self.providers = providers()  # asked for; session.get_providers() says which ONNX Runtime has
+        self.session = _session(path, options, self.providers)
         self.input_names, self.output_names = spec.input_names, spec.output_names
         self.onnx_names = dict(zip(spec.input_names, onnx_input_names(spec)))
         inputs = {i.name: i.type for i in self.session.get_inputs()}

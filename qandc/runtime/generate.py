@@ -4,7 +4,6 @@ config.json."""
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..artifacts import atomic_path, library_versions, sha256_file, write_json
+from ..artifacts import library_versions, sha256_file, write_json
 from ..distributed import World
 from ..errors import QandcError
 from ..formats.recipe import QuantRecipe
@@ -39,6 +38,7 @@ class SamplingOptions:
     seed: int = 0
     batch_size: int = 64
     use_vc: bool = True
+    fixed_batch: bool | None = None  # None: when each new batch size compiles again (Pipeline.shape_specialised)
 
     def __post_init__(self):
         space_timesteps(1000, self.steps)
@@ -71,7 +71,9 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
              provenance: Provenance = Provenance(), world: World = World(), vae: str | None = None,
              per_class: int | None = None, class_names: Sequence[str] = ()) -> dict | None:
     """Sample `labels` into `out` in shards of `options.batch_size`, then (rank 0) write samples.npz, grid.png and
-    config.json and return its record (None on the other ranks). The grid shows the first GRID_LIMIT samples,
+    config.json and return its record (None on the other ranks). config.json times the engine load, the warm-up
+    (fixed_batch), the sampling between two barriers (`sampled_images` of every rank) and rank 0's merge, which
+    streams the shards into samples.npz one at a time. The grid shows the first GRID_LIMIT samples,
     latents decoded by the diffusers VAE folder `vae` (no grid for latents without one); with `per_class` > 1 it has
     one row per label, captioned from `class_names`. `world` (from distributed.init) is left once the shards are
     done."""
@@ -79,18 +81,31 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     out = Path(out)
     engine_steps = {"full": 0, "reuse": 0, "graphs": {}, "fallback_steps": 0}  # reuse: every reuse graph's steps
 
-    def shard(unit: dict) -> dict[str, np.ndarray]:
+    fixed = pipeline.shape_specialised if options.fixed_batch is None else options.fixed_batch
+    rows = min(options.batch_size, len(labels)) if fixed else None
+
+    def run(unit: dict) -> torch.Tensor:
+        """The unit's samples, computed at `rows` rows (padded with the sample ids after it) under fixed_batch."""
         start, stop = unit["ids"]
-        x = pipeline.generate(labels[start:stop], options.seed, options.steps, options.sampler, options.cfg_scale,
-                              sample_ids=range(start, stop), use_vc=options.use_vc, progress=world.main,
-                              eta=options.eta)
+        padded = unit.get("rows", stop - start)
+        batch = torch.cat([labels[start:stop], labels[:padded - (stop - start)]])
+        return pipeline.generate(batch, options.seed, options.steps, options.sampler, options.cfg_scale,
+                                 sample_ids=range(start, start + padded), use_vc=options.use_vc,
+                                 progress=world.main, eta=options.eta)[:stop - start]
+
+    sampled = {"images": 0}  # real (unpadded) samples this rank computed
+
+    def shard(unit: dict) -> dict[str, np.ndarray]:
+        x = run(unit)
         if pipeline.runs_engines:
-            run = pipeline.last_run
-            engine_steps["full"] += run["full"]
-            engine_steps["reuse"] += run["reuse"]
-            engine_steps["fallback_steps"] += len(run["fallback_steps"])
-            for name, count in run["graphs"].items():
+            run_steps = pipeline.last_run
+            engine_steps["full"] += run_steps["full"]
+            engine_steps["reuse"] += run_steps["reuse"]
+            engine_steps["fallback_steps"] += len(run_steps["fallback_steps"])
+            for name, count in run_steps["graphs"].items():
                 engine_steps["graphs"][name] = engine_steps["graphs"].get(name, 0) + count
+        start, stop = unit["ids"]
+        sampled["images"] += stop - start
         return {"samples": x.cpu().numpy().astype(np.float32), "labels": labels[start:stop].numpy()}
 
     settings = {"steps": options.steps, "sampler": options.sampler, "eta": options.eta,
@@ -100,11 +115,28 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     units = [{"ids": [start, min(start + options.batch_size, len(labels))],
               "labels": labels[start:start + options.batch_size].tolist()}
              for start in range(0, len(labels), options.batch_size)]
-    world.barrier()  # every rank is loaded: the timing covers sampling alone
+    if rows and units[-1]["ids"][1] - units[-1]["ids"][0] < rows:
+        units[-1]["rows"] = rows
+    shards = distributed.stamped_shards(out / "shards", units, key)
+    pending = distributed.pending_units(shards, world)
+    warmup_seconds = 0.0
+    if fixed and pending:  # this rank's first shard compiles and captures at the one batch size, before the timing
+        started = time.perf_counter()
+        distributed.write_shard(shards[pending[0]], shard(units[pending[0]]))
+        warmup_seconds = time.perf_counter() - started
+        sampled["images"] = 0
+        print(f"rank {world.rank}: shard {pending[0]} computed first, as the warm-up at {rows} labels a batch "
+              f"({warmup_seconds:.1f} s)", file=sys.stderr)
+    world.barrier()  # every rank is loaded (and warmed up): the timing covers steady sampling
     started = time.perf_counter()
     files = distributed.run_shards(out / "shards", units, shard, world, key)
     seconds = time.perf_counter() - started
-    world.close()
+    ranks = world.gather({"sampled_images": sampled["images"], "warmup_seconds": warmup_seconds,
+                          "load_seconds": pipeline.load_seconds})
+    try:
+        distributed.require_shards_here(files, world)
+    finally:
+        world.close()
     if pipeline.runs_engines:
         reuse = {name: count for name, count in engine_steps["graphs"].items() if name != "full"}
         per_graph = f" ({', '.join(f'{name} {count}' for name, count in reuse.items())})" if len(reuse) > 1 else ""
@@ -113,14 +145,12 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
               file=sys.stderr)
     if not world.main:
         return None
-    data = distributed.merge_shards(files, ("samples", "labels"))
-    with atomic_path(out / "samples.npz") as tmp:
-        buffer = io.BytesIO()
-        np.savez(buffer, samples=data["samples"], labels=data["labels"])
-        tmp.write_bytes(buffer.getvalue())
+    started = time.perf_counter()
+    shown = distributed.write_merged(files, ("samples", "labels"), len(labels), out / "samples.npz",
+                                     head=GRID_LIMIT)["samples"]
     caption = describe_samples(pipeline, options, provenance, uses_vc)
-    _save_grid(pipeline, torch.from_numpy(data["samples"][:GRID_LIMIT]), labels, out, vae, per_class, class_names,
-               caption)
+    _save_grid(pipeline, torch.from_numpy(shown), labels, out, vae, per_class, class_names, caption)
+    merge_seconds = time.perf_counter() - started
     config = pipeline.config
     record = {
         "command": "generate", "checkpoint": provenance.checkpoint,
@@ -128,8 +158,12 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
         "guidance": config.guidance, "labels": labels.tolist(), **settings, "recipe": provenance.recipe,
         "engines": provenance.engines, "vc": uses_vc, "caption": caption,
         "noise_keying": "per sample: generator keyed by (seed, index)", "vae": vae, "device": str(pipeline.device),
-        "world_size": world.size, "shards": {"folder": "shards", "count": len(units), "size": options.batch_size},
-        "sampling_seconds": seconds, "engine_steps_rank0": engine_steps if pipeline.runs_engines else None,
+        "world_size": world.size, "shards": {"folder": "shards", "count": len(units), "size": options.batch_size,
+                                             "fixed_batch": rows},
+        "sampling_seconds": seconds, "sampled_images": sum(r["sampled_images"] for r in ranks),
+        "load_seconds": pipeline.load_seconds, "warmup_seconds": warmup_seconds, "merge_seconds": merge_seconds,
+        "ranks": ranks,
+        "engine_steps_rank0": engine_steps if pipeline.runs_engines else None,
         "versions": library_versions(),
     }
     write_json(out / "config.json", record)

@@ -12,6 +12,7 @@ each step is checked as it runs and a non-finite one is recomputed by the fallba
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -81,6 +82,9 @@ class EngineDenoiser:
             static = set()
             engines = {name: CudaGraphEngine(engine, static) for name, engine in engines.items()}
         self.engines = engines
+        # a new batch size means a new CUDA graph capture or compilation
+        self.shape_specialised = any(isinstance(e, CudaGraphEngine) or getattr(e, "compiled", False)
+                                     for e in engines.values())
         self.calls = dict.fromkeys(self.graphs, 0)
         self.max_batch = backend.batch_limit(manifest)
         self.fallback = fallback
@@ -144,6 +148,7 @@ class Pipeline:
         self.denoiser, self.plan, self.vc, self.manifest, self.name = denoiser, plan, vc, manifest, name
         self.sampler_defaults = sampler_defaults or SamplerDefaults()
         self.last_run = None
+        self.load_seconds = None  # Pipeline.load: how long loading the engines (and the fallback model) took
 
     @classmethod
     def load(cls, folder: str | Path, compile: bool = True, cuda_graphs: bool = True,
@@ -151,12 +156,15 @@ class Pipeline:
         """`compile` / `cuda_graphs`: Inductor engines on a GPU only (False for eager runs and comparisons).
         `fallback`: load the float model of the checkpoint the engines were built from, to recompute steps whose
         engine output is not finite."""
+        started = time.perf_counter()
         manifest, engines = load_engines(folder, compile)
         model = None
         if fallback:  # the checkpoint's sha256 verified, loaded with the manifest's model config
             model = manifest.checkpoint_model(folder).to(engines["full"].device).eval()
-        return cls(EngineDenoiser(manifest, engines, cuda_graphs, model), manifest.plan, manifest.vc_table,
-                   manifest.sampler, manifest)
+        pipeline = cls(EngineDenoiser(manifest, engines, cuda_graphs, model), manifest.plan, manifest.vc_table,
+                       manifest.sampler, manifest)
+        pipeline.load_seconds = time.perf_counter() - started
+        return pipeline
 
     @classmethod
     def from_model(cls, model, plan: CachePlan | None = None, vc: torch.Tensor | None = None,
@@ -176,6 +184,11 @@ class Pipeline:
     @property
     def runs_engines(self) -> bool:
         return isinstance(self.denoiser, EngineDenoiser)
+
+    @property
+    def shape_specialised(self) -> bool:
+        """Whether each new batch size compiles or captures again (Inductor engines on a GPU)."""
+        return self.runs_engines and self.denoiser.shape_specialised
 
     def generate(self, labels, seed: int | Sequence[int], steps: int | None = None, sampler: str | None = None,
                  cfg_scale: float | None = None, sample_ids=None, use_vc: bool = True,
