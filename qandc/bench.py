@@ -28,7 +28,7 @@ import torch
 from .artifacts import atomic_path, write_json
 from .errors import QandcError
 from .sampling.plan import DEFAULT_PLAN_SEARCH, default_plan_shape
-from .step_peers import PEER_STAGES, measure_peer, peer
+from .step_peers import PEER_STAGES, measure_peer, median_ms, peer
 
 BATCH, STEPS, CFG, SEED = 16, 50, 1.5, 0
 CACHE_PLAN = "interval=3"  # the first ablation's plan: full step every 3rd, reuse all branches
@@ -126,18 +126,6 @@ def quick_recipe(model, preset: str, cache: str, folder: Path, batches: int = 4)
     return folder
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
     """Median ms of one call of the full and of the reuse graph at `rows` rows (guided batch), on their example
     feeds (fixed inputs)."""
@@ -146,14 +134,14 @@ def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
     graphs = engine_graphs(config_plan(config.cache), denoiser.branch_names)
     feeds = example_feeds(denoiser, graphs, rows)
 
-    def median_ms(name: str, repeats: int) -> float:
+    def graph_ms(name: str, repeats: int) -> float:
         call = lambda: denoiser.forward_graph(graphs[name], feeds[name])  # noqa: E731
         for _ in range(3):
             call()
-        return _median_ms(call, repeats)
+        return median_ms(call, repeats)
 
-    ms_full = median_ms("full", 20 if config.steps <= STEPS else 5)
-    return ms_full, None if config.cache == "none" else median_ms("reuse", 50)
+    ms_full = graph_ms("full", 20 if config.steps <= STEPS else 5)
+    return ms_full, None if config.cache == "none" else graph_ms("reuse", 50)
 
 
 def _memory_mark() -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -129,11 +131,20 @@ def measure_peer(p: Peer, model, rows: int, inductor_cache: str | None = None) -
         torch.compiler.reset()
 
 
+def median_ms(fn, repeats: int) -> float:
+    """The median of `repeats` calls of `fn` on the GPU, in ms (CUDA events)."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def _measure(p: Peer, model, rows: int, inductor_cache: str | None) -> dict:
-    from pathlib import Path
-
-    from .bench import _median_ms
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reason = skip_reason(p, device)
     if reason:
@@ -159,7 +170,7 @@ def _measure(p: Peer, model, rows: int, inductor_cache: str | None) -> dict:
         out = call()
     if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite output")
-    row["ms_full_step"] = _median_ms(call, 20)
+    row["ms_full_step"] = median_ms(call, 20)
     row["device_name"] = torch.cuda.get_device_name()
     row["versions"] = {p.library: importlib.import_module(p.library).__version__} if p.library else {}
     return row

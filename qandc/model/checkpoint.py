@@ -26,7 +26,6 @@ import torch
 from ..artifacts import ASSETS, atomic_path, read_json, read_safetensors, write_json
 from ..errors import QandcError
 from ..readers import SIDECAR_MAX_BYTES, refuse_zip_bomb, regular_file
-from ..sampling.diffusion import TRAIN_STEPS
 from .dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed
 
 REFERENCE_CHECKPOINT = ASSETS / "reference-dit.pt"  # the Fashion-MNIST reference DiT shipped with qandc
@@ -148,8 +147,9 @@ def _infer_config(state: dict, path: Path) -> dict:
 
 
 PIPELINE_INDEX = "model_index.json"
-# The schedule qandc's sampling respaces (qandc.sampling.diffusion), in diffusers' scheduler config terms.
-TRAINING_SCHEDULE = {"num_train_timesteps": TRAIN_STEPS, "beta_schedule": "linear", "beta_start": 0.0001,
+# The schedule DiT checkpoints are trained with and qandc's sampling respaces (qandc.sampling.diffusion reads it
+# here), in diffusers' scheduler config terms.
+TRAINING_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
                      "beta_end": 0.02, "prediction_type": "epsilon", "trained_betas": None}
 
 

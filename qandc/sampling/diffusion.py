@@ -10,13 +10,15 @@ import numpy as np
 import torch
 
 from ..errors import QandcError
+from ..model.checkpoint import TRAINING_SCHEDULE
 
-TRAIN_STEPS = 1000
+TRAIN_STEPS = TRAINING_SCHEDULE["num_train_timesteps"]
 
 
 def linear_betas(num_steps: int = TRAIN_STEPS) -> np.ndarray:
     scale = 1000 / num_steps
-    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+    start, end = TRAINING_SCHEDULE["beta_start"], TRAINING_SCHEDULE["beta_end"]
+    return np.linspace(scale * start, scale * end, num_steps, dtype=np.float64)
 
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
@@ -117,7 +119,8 @@ class Diffusion:
         if not self.learn_sigma:
             return mse
         g = lambda arr: self._gather(arr, t, n)  # noqa: E731
-        pred_xstart = g(self.sqrt_recip_alphas_cumprod) * x_t - g(self.sqrt_recipm1_alphas_cumprod) * eps.detach().float()
+        pred_xstart = (g(self.sqrt_recip_alphas_cumprod) * x_t
+                       - g(self.sqrt_recipm1_alphas_cumprod) * eps.detach().float())
         model_mean = g(self.posterior_mean_coef1) * pred_xstart + g(self.posterior_mean_coef2) * x_t
         frac = (var_values.float() + 1) / 2
         model_log_var = frac * g(np.log(self.betas)) + (1 - frac) * g(self.posterior_log_variance_clipped)
