@@ -12,7 +12,7 @@ import torch
 from . import __version__, chatter, distributed
 from .artifacts import WRITE_ERRORS, library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
-from .formats.lineage import check_recipe_checkpoint, confined, digest
+from .formats.lineage import confined, digest
 from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
 from .requires import require_all
@@ -84,18 +84,12 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
 def _load_model(args, recipe_dir: str | None = None):
     """The --checkpoint's DiT; with a recipe calibrated on that checkpoint (its sha256 checked first), loaded with
     the model config the recipe records (heads included: neither a sidecar nor --num-heads is needed)."""
+    from .formats.recipe import load_recipe_checkpoint
     from .model import load_checkpoint
 
-    overrides = {}
+    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     if recipe_dir:
-        from .formats.recipe import RECIPE, QuantRecipe
-
-        recipe = QuantRecipe.load(recipe_dir)
-        check_recipe_checkpoint(Path(recipe_dir) / RECIPE, recipe.checkpoint_sha256, args.checkpoint)
-        if recipe.checkpoint_sha256 and recipe.model:
-            overrides.update(recipe.model)
-    if args.num_heads:
-        overrides["num_heads"] = args.num_heads
+        return load_recipe_checkpoint(recipe_dir, args.checkpoint, **overrides)
     return load_checkpoint(args.checkpoint, **overrides)
 
 
@@ -195,14 +189,11 @@ def _generate_pipeline(args, plan, device):
     model = _load_model(args, args.recipe)
     if not args.recipe:
         return Pipeline.from_model(model.to(device), plan), f"--cache {args.cache or 'none'}", None
-    from .calibration import apply_recipe
-    from .formats.recipe import RECIPE, VC, load_vc
+    from .formats.recipe import RECIPE, VC
 
-    model, recipe = apply_recipe(model, args.recipe)
-    if args.cache and plan != recipe.cache_plan:
+    pipeline = Pipeline.from_recipe(model, args.recipe, not args.no_vc, device)
+    if args.cache and plan != pipeline.plan:
         raise QandcError(f"--cache {args.cache} differs from the recipe's cache plan; leave --cache out")
-    pipeline = Pipeline.from_model(model.to(device), recipe.cache_plan, None if args.no_vc else load_vc(args.recipe),
-                                   recipe.sampler_defaults, name="the model with the recipe")
     return pipeline, str(Path(args.recipe) / RECIPE), Path(args.recipe) / VC
 
 

@@ -21,6 +21,9 @@ SKIPPED = {
     r"^python benchmarks/": "benchmarks are GPU jobs at thousands of samples",
     r"^qandc train\b|^python -m qandc\.metrics\.classifier\b": "training needs the Fashion-MNIST files and minutes",
     r"--backend inductor\b|^qandc bench\b": "needs a GPU",
+    r"^pip install\b": "installation: CI installs the test extras, .ci/calibrate-extra a clean [calibrate]",
+    r"^qandc serve\b|^curl\b": "a server that runs until stopped and a client of it: tests/test_serve.py starts the "
+                                 "real server on a free port and talks to it over HTTP",
 }
 
 CALIBRATION_SIZE = "--samples 16 --pool-samples 4 --vc-samples 2 --clusters 4 --steps 4"

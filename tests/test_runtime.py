@@ -100,6 +100,14 @@ def test_generate_takes_the_sampler_settings_and_model_config_of_its_artifact(tm
         assert main(["generate", *source, "--steps", "6", "--out", str(out) + "-6"]) == 2
         error = capsys.readouterr().err.strip()
         assert "VC table has 5 steps, sampling uses 6" in error and len(error.splitlines()) == 1
+    # from Python, as diffusers users load a pipeline: the recipe's fake quant, plan, VC and sampler settings
+    from qandc.runtime import QandcDiTPipeline
+
+    pipe = QandcDiTPipeline.from_pretrained(tmp_path / "plain.pt", recipe=tmp_path / "recipe")
+    got = pipe.pipeline.generate([1, 2], seed=4).numpy()
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    with pytest.raises(QandcError, match="a recipe carries its own cache plan"):
+        QandcDiTPipeline.from_pretrained(tmp_path / "plain.pt", cache="interval=2", recipe=tmp_path / "recipe")
 
 
 def test_qandc_run_end_to_end_and_resumes(tmp_path, capsys):

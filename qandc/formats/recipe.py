@@ -112,6 +112,18 @@ class QuantRecipe:
         return recipe
 
 
+def load_recipe_checkpoint(recipe_dir: str | Path, checkpoint: str | Path, **overrides):
+    """The DiT of `checkpoint`, which the recipe was calibrated on (its sha256 checked first), loaded with the model
+    config the recipe records (heads included: neither a sidecar nor num_heads is needed); `overrides` win."""
+    from ..model import load_checkpoint
+    from .lineage import check_recipe_checkpoint
+
+    recipe = QuantRecipe.load(recipe_dir)
+    check_recipe_checkpoint(Path(recipe_dir) / RECIPE, recipe.checkpoint_sha256, checkpoint)
+    config = recipe.model if recipe.checkpoint_sha256 and recipe.model else {}
+    return load_checkpoint(checkpoint, **{**config, **overrides})
+
+
 def load_amax(folder: str | Path) -> dict[str, torch.Tensor]:
     """The stored amax of every enabled quantizer of a recipe directory, by quantizer name (float32). Values must
     be finite and not negative; zeros are judged where the model is (`calibration.apply_recipe`): legitimate only

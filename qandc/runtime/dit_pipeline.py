@@ -44,13 +44,20 @@ class QandcDiTPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, cache: str = "none", device: str | torch.device = "cpu",
-                        vae=None) -> "QandcDiTPipeline":
+                        vae=None, recipe: str | Path | None = None) -> "QandcDiTPipeline":
         """A checkpoint qandc loads (a diffusers DiT pipeline folder included: its transformer, and its vae/ unless
-        `vae` is given) as a float model with the cache plan `cache` (qandc's --cache syntax)."""
+        `vae` is given) as a float model with the cache plan `cache` (qandc's --cache syntax), or with `recipe` (a
+        `qandc calibrate` folder: its fake quant, cache plan, VC table and sampler defaults)."""
+        from ..formats.recipe import load_recipe_checkpoint
         from ..model.checkpoint import load_checkpoint, pipeline_vae
 
-        model = load_checkpoint(path).to(device)
-        return cls(Pipeline.from_model(model, CachePlan.parse(cache)), vae or pipeline_vae(path))
+        if recipe is None:
+            pipeline = Pipeline.from_model(load_checkpoint(path).to(device), CachePlan.parse(cache))
+        elif cache != "none":
+            raise QandcError("a recipe carries its own cache plan: leave cache out")
+        else:
+            pipeline = Pipeline.from_recipe(load_recipe_checkpoint(recipe, path), recipe, device=device)
+        return cls(pipeline, vae or pipeline_vae(path))
 
     def __call__(self, class_labels, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,

@@ -173,6 +173,18 @@ class Pipeline:
         `name` says what it is in error messages."""
         return cls(model, plan or CachePlan.none(), vc, sampler_defaults, name=name)
 
+    @classmethod
+    def from_recipe(cls, model, recipe_dir: str | Path, use_vc: bool = True, device=None) -> "Pipeline":
+        """A float DiT with a recipe applied (ModelOpt fake quant), on `device`: the recipe's cache plan, VC table
+        (unless `use_vc` is False) and sampler defaults."""
+        from ..calibration import apply_recipe
+        from ..formats.recipe import load_vc
+
+        model, recipe = apply_recipe(model, recipe_dir)
+        return cls.from_model(model.to(device) if device is not None else model, recipe.cache_plan,
+                              load_vc(recipe_dir) if use_vc else None, recipe.sampler_defaults,
+                              name="the model with the recipe")
+
     @property
     def config(self) -> DiTConfig:
         return self.denoiser.config
