@@ -1,5 +1,5 @@
-"""Third-party chatter (ModelOpt's "Inserted N quantizers", the ONNX tracer's TracerWarnings): dropped unless
-`--verbose` (`show(True)`)."""
+"""Third-party chatter (ModelOpt's "Inserted N quantizers", the ONNX tracer's TracerWarnings, scikit-learn's note
+that a small spectral embedding falls back to a dense eigensolver): dropped unless `--verbose` (`show(True)`)."""
 
 from __future__ import annotations
 
@@ -26,4 +26,5 @@ def quiet():
         return
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", r"k >= N for N \* N square matrix", RuntimeWarning)
         yield

@@ -131,3 +131,23 @@ def test_bad_params(params):
 def test_params_round_trip():
     params = SelectorParams(k=7, tau=0.2)
     assert SelectorParams(**params.to_dict()) == params
+
+
+def test_small_subsamples_keep_sklearns_eigensolver_note_to_verbose_runs():
+    import warnings
+
+    from qandc import chatter
+
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(24, 16)).astype(np.float32), np.repeat(np.arange(6), 4)
+    seen = {}
+    for verbose in (False, True):
+        chatter.show(verbose)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tap_clusters(x, t, 0)
+        finally:
+            chatter.show(False)
+        seen[verbose] = [w for w in caught if "square matrix" in str(w.message)]
+    assert not seen[False] and seen[True]

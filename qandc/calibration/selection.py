@@ -20,6 +20,7 @@ from sklearn.metrics import pairwise_distances_argmin
 from sklearn.preprocessing import OneHotEncoder, normalize
 
 from ..artifacts import read_json
+from ..chatter import quiet
 from ..errors import QandcError
 
 SELECTORS = ("tap", "uniform", "random", "kmeans")
@@ -104,7 +105,8 @@ def tap_clusters(x: np.ndarray, t: np.ndarray, seed: int, params: SelectorParams
         members = rng.choice(n, size=subsample_size, replace=False)
         affinity = _affinity(unit_x[members], t[members], params)
         spectral = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=_draw_seed(rng))
-        labels = spectral.fit_predict(affinity)
+        with quiet():  # scipy's dense eigensolver stands in on subsamples smaller than sklearn's sparse one wants
+            labels = spectral.fit_predict(affinity)
         centroids = np.stack([features[members[labels == c]].mean(axis=0) for c in np.unique(labels)])
         pool_labels[:, j] = pairwise_distances_argmin(features, centroids)
     consensus = OneHotEncoder(dtype=np.float32).fit_transform(pool_labels)
