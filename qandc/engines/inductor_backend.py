@@ -37,6 +37,7 @@ CACHE = "inductor-cache.bin"
 # kernel (which autotunes itself), so Inductor's default mode suffices and compiles in a fraction of the time.
 # CUDA graphs are the runtime's, per batch size.
 COMPILE_MODES = {False: "max-autotune-no-cudagraphs", True: "default"}
+MAX_BATCH_SIZES = 64  # batch sizes one engine may be compiled for in a process
 
 
 def build_files(model, out_dir: Path, graphs: dict[str, GraphSpec], batch_sizes) -> BuildResult:
@@ -101,6 +102,9 @@ class InductorEngine:
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.module.to(self.device)
         self.compiled = compile
+        if compile:  # one compilation per batch size (dynamic=False): a server's buckets pass dynamo's default of 8,
+            # after which it would run the program uncompiled, silently
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_BATCH_SIZES)
         self.fn = torch.compile(self.module, mode=COMPILE_MODES[quantized], dynamic=False) if compile else self.module
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
