@@ -38,6 +38,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def to_pil(image: np.ndarray) -> Image.Image:
+    """One (H, W, C) uint8 image as a PIL image: greyscale ("L") for one channel, RGB for three."""
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
 def load_vae(vae_dir: str | Path, device: torch.device | str = "cpu"):
     """A local diffusers AutoencoderKL directory, in eval mode on `device` (diffusers is optional)."""
     AutoencoderKL = require("diffusers", "--vae").AutoencoderKL
@@ -74,7 +79,7 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None,
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image.repeat(scale, 0).repeat(scale, 1)
-    picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    picture = to_pil(grid)
     font = ImageFont.load_default(size=12)
     white = 255 if c == 1 else (255, 255, 255)
     measure = ImageDraw.Draw(picture).textlength

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import QandcError
-from ..images import decode_latents, has_image_space, load_vae, model_to_images, to_uint8
+from ..images import decode_latents, has_image_space, load_vae, model_to_images, to_pil, to_uint8
 from ..sampling import CachePlan
 from .pipeline import Pipeline
 
@@ -76,8 +75,7 @@ class QandcDiTPipeline:
         samples = self.pipeline.generate(torch.tensor(labels), seed, num_inference_steps, sampler, guidance_scale)
         images = self._to_images(samples)
         if output_type == "pil":
-            images = [Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
-                      for image in to_uint8(images)]
+            images = [to_pil(image) for image in to_uint8(images)]
         else:  # as diffusers: (N, H, W, C) float32 in [0, 1]
             images = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         return DiTPipelineOutput(images) if return_dict else (images,)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -30,9 +29,10 @@ from starlette.exceptions import HTTPException
 from ..artifacts import sha256_file
 from ..errors import QandcError
 from ..formats.recipe import vc_correction
-from ..images import decode_latents, has_image_space, load_vae, model_to_images, to_uint8
+from ..images import decode_latents, has_image_space, load_vae, model_to_images, to_pil, to_uint8
 from ..runtime import Pipeline
-from ..sampling import SAMPLERS, space_timesteps
+from ..sampling import SAMPLERS, check_labels, space_timesteps
+from ..sampling.diffusion import TRAIN_STEPS
 from .batcher import Batcher, BatchKey, BatchRun, Job, QueueFull, device_thread
 
 log = logging.getLogger("qandc.serve")
@@ -287,15 +287,16 @@ def check_request(req: GenerateRequest, pipeline: Pipeline, max_images: int, vae
     config, defaults = pipeline.config, pipeline.sampler_defaults
     if len(req.labels) > max_images:
         raise ServeError(422, f"labels: {len(req.labels)} images; a request takes at most {max_images}")
-    bad = [label for label in req.labels if not 0 <= label < config.num_classes]
-    if bad:
-        raise ServeError(422, f"labels: {bad[0]} is out of range: the model has classes 0..{config.num_classes - 1}")
+    try:
+        check_labels(req.labels, config.num_classes)
+    except QandcError as e:
+        raise ServeError(422, f"labels: {e}") from None
     if req.sample_ids is not None and len(req.sample_ids) != len(req.labels):
         raise ServeError(422, f"sample_ids: {len(req.sample_ids)} ids for {len(req.labels)} labels")
     key = BatchKey(defaults.steps if req.steps is None else req.steps, req.sampler or defaults.sampler,
                    float(defaults.cfg_scale if req.cfg_scale is None else req.cfg_scale))
     try:
-        space_timesteps(1000, key.steps)
+        space_timesteps(TRAIN_STEPS, key.steps)
         pipeline.plan.step_graphs(key.steps)
         vc_correction(pipeline.vc, key.steps, "the engines", config.in_channels)
     except QandcError as e:
@@ -342,7 +343,7 @@ def encode_png(images: torch.Tensor) -> dict:
     pngs = []
     for image in to_uint8(images):
         buffer = io.BytesIO()
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+        to_pil(image).save(buffer, format="PNG")
         pngs.append(base64.b64encode(buffer.getvalue()).decode())
     return {"images": pngs}
 
