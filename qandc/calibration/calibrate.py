@@ -25,6 +25,7 @@ from ..locking import holds_output
 from ..model.graphs import GraphSpec, engine_graphs
 from ..sampling import CachePlan, space_timesteps
 from ..sampling.plan import DEFAULT_PLAN_SEARCH
+from ..sampling.diffusion import TRAIN_STEPS
 from ..values import INT_LIMIT, check, integer, real
 from .plan_search import PlanSearch, auto_plan, check_search, parse_auto
 from .pool import CalibrationEntry, Pool, collect_pool, replay, run_entries
@@ -73,7 +74,7 @@ def check_settings(model, s: CalibrationSettings) -> None:
     for flag, value in counts.items():
         if value < 1:
             raise QandcError(f"{flag} must be positive, got {value}")
-    space_timesteps(1000, s.steps)
+    space_timesteps(TRAIN_STEPS, s.steps)
     check("--cfg-scale", real, s.cfg_scale)
     check("--seed", integer, s.seed, minimum=0, maximum=INT_LIMIT - 2)  # VC draws its noise from seed + 1
     check("--tau", real, s.selector_params.tau, low=0, low_open=True)

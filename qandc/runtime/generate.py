@@ -21,6 +21,7 @@ from ..formats.recipe import QuantRecipe
 from ..images import CAPTION_SEPARATOR, decode_latents, has_image_space, model_to_images, save_grid, to_uint8
 from ..locking import holds_output
 from ..sampling import SAMPLERS, check_labels, space_timesteps
+from ..sampling.diffusion import TRAIN_STEPS
 from ..values import check, integer, real
 from .pipeline import Pipeline
 
@@ -41,7 +42,7 @@ class SamplingOptions:
     fixed_batch: bool | None = None  # None: when each new batch size compiles again (Pipeline.shape_specialised)
 
     def __post_init__(self):
-        space_timesteps(1000, self.steps)
+        space_timesteps(TRAIN_STEPS, self.steps)
         if self.sampler not in SAMPLERS:
             raise QandcError(f"sampler must be {' or '.join(SAMPLERS)}, got {self.sampler!r}")
         check("eta", real, self.eta, low=0, high=1)
