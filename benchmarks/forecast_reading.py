@@ -21,6 +21,7 @@ import torch
 
 from _common import generate_images, table, write_results
 from qandc.artifacts import sha256_file, write_json
+from qandc.bench import card_name
 from qandc.calibration.plan_search import auto_plan, parse_auto
 from qandc.metrics.evaluate import score
 from qandc.model import load_checkpoint
@@ -69,7 +70,7 @@ def main():
     parser.add_argument("--out", help="default benchmarks/results/forecast-reading-<card>.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name().split()[-1].lower() if device.type == "cuda" else "cpu"
+    card = card_name()
     out = args.out or str(Path(__file__).parent / "results" / f"forecast-reading-{card}.json")
     state = Path(args.state)
     (state / "rows").mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ import torch
 
 from _common import generate_images
 from qandc.artifacts import atomic_path, sha256_file, write_json
+from qandc.bench import card_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
 from qandc.calibration.plan_search import PlanSearch, auto_plan
 from qandc.formats.recipe import VarianceCompensation, load_vc
@@ -380,7 +381,7 @@ def write_summary(front: Front, args, rows: list[dict]) -> None:
     state = front.state
     ran_on = json.loads((state / "device.json").read_text()) if (state / "device.json").exists() else \
         {"device_name": "cpu", "torch": torch.__version__}
-    card = ran_on["device_name"].split()[-1].lower()
+    card = card_name(ran_on["device_name"])
     peers_path = Path(args.peers) if args.peers else ROOT / "benchmarks" / "results" / f"front-peers-{card}.json"
     peers = json.loads(peers_path.read_text())["peers"] if peers_path.exists() else []
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"front-{card}.json"

@@ -39,6 +39,7 @@ import torch
 
 from _common import generate_images, table
 from qandc.artifacts import atomic_path, sha256_file, write_json
+from qandc.bench import card_name
 from qandc.calibration.plan_search import sample_error
 from qandc.errors import QandcError
 from qandc.metrics.evaluate import score
@@ -348,7 +349,7 @@ def main():
     diffusers_logging.set_verbosity_error()  # FasterCache warns it is experimental at every application
     torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks/front.py's float32 rows (and twice as fast)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name().split()[-1].lower() if device.type == "cuda" else "cpu"
+    card = card_name()
     out = args.out or str(Path(__file__).parent / "results" / f"front-peers-{card}.json")
     state = Path(args.state)
     (state / "rows").mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from _common import table
 from qandc.artifacts import atomic_path, read_json, write_json
-from qandc.bench import _slug, config_engines, fp8_floor, full_step_flops, load_ready, make_model
+from qandc.bench import _slug, card_name, config_engines, fp8_floor, full_step_flops, load_ready, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,10 +218,6 @@ def reading(row: dict, device: str) -> str:
     return "neither: the GPU idles while the host waits (synchronising calls or gaps between graphs)"
 
 
-def card_of(device: str) -> str:
-    return torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"
-
-
 def make(name: str, device: str):
     """The bench's models, or a tiny random DiT (`tiny`: CPU smoke runs)."""
     if name != "tiny":
@@ -295,7 +291,7 @@ def main(argv=None) -> None:
     if device == "cuda":  # CUPTI set up before any CUDA graph is captured, so that their replays are traced
         with profile(activities=activities(device)):
             torch.zeros(1, device=device)
-    card = args.card or card_of(device)
+    card = args.card or card_name()
     work, state = Path(args.work), Path(args.state)
     work.mkdir(parents=True, exist_ok=True)
     state.mkdir(parents=True, exist_ok=True)

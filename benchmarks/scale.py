@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from qandc.artifacts import portable_path, read_json, write_json
+from qandc.bench import card_name
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,7 +62,7 @@ def torchrun_qandc(args: list, procs: int, env: dict) -> float:
     return time.perf_counter() - start
 
 
-def card_name() -> str:
+def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
@@ -170,9 +170,8 @@ def main():
         parser.error(f"--gpus {max(args.gpus)}: only {gpus} GPUs are visible")
     begin = time.time()
     work = Path(args.work)
-    card = card_name()
-    short = next((c for c in ("h100", "h200") if c in card.lower()), re.sub(r"[^a-z0-9]+", "-", card.lower()))
-    out = Path(args.out or RESULTS / f"scale-engines-{short.strip('-')}.json")
+    card = device_name()
+    out = Path(args.out or RESULTS / f"scale-engines-{card_name(card)}.json")
 
     engines = Path(args.engines) if args.engines else build_engines(args.checkpoint, args.precision, args.plan,
                                                                      args.batch_size, work)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import signal
 import socket
 import statistics
@@ -36,18 +35,12 @@ import numpy as np
 import torch
 
 from qandc.artifacts import atomic_path, read_json, write_json
+from qandc.bench import card_name
 from qandc.runtime import Pipeline
 from qandc.serve import batch_buckets
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)
-
-
-def card_name() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name(0).lower()
-    return next((c for c in ("h100", "h200") if c in name), re.sub(r"[^a-z0-9]+", "-", name))
 
 
 def build_engines_here(work: Path, max_batches: list[int], cache: str) -> Path:

@@ -419,12 +419,11 @@ def cmd_bench(args) -> None:
     --results."""
     import torch
 
-    from .bench import MODELS, STAGES, bench
+    from .bench import MODELS, STAGES, bench, card_name
 
     card = args.card
     if card is None and torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        card = next((c for c in ("h100", "h200") if c in name.lower()), name.lower().replace(" ", "-"))
+        card = card_name()
     result = bench(card, args.state, args.work, args.results, args.models or MODELS, args.budget_s, args.runs,
                    args.only or STAGES)
     if result is None:

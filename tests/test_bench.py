@@ -116,3 +116,10 @@ def test_load_ready_loads_the_engines_and_runs_every_graph_once(tmp_path):
     build_inductor(tiny_model(), tmp_path / "engines", CachePlan.interval(3))
     pipeline, seconds = load_ready(tmp_path / "engines", compiled=False, rows=4)
     assert seconds > 0 and pipeline.denoiser.calls == {"full": 2, "reuse": 1}  # example_feeds ran the full graph
+
+
+def test_card_names_for_result_files():
+    from qandc.bench import card_name
+
+    names = ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "cpu", "NVIDIA A100-SXM4-40GB"]
+    assert [card_name(n) for n in names] == ["h200", "h100", "cpu", "nvidia-a100-sxm4-40gb"]
