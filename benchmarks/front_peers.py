@@ -349,10 +349,13 @@ def main():
     diffusers_logging.set_verbosity_error()  # FasterCache warns it is experimental at every application
     torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks/front.py's float32 rows (and twice as fast)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = card_name()
-    out = args.out or str(Path(__file__).parent / "results" / f"front-peers-{card}.json")
     state = Path(args.state)
     (state / "rows").mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda" and not (state / "device.json").exists():  # the card the state's rows ran on
+        write_json(state / "device.json", {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__})
+    ran_on = json.loads((state / "device.json").read_text()) if (state / "device.json").exists() else \
+        {"device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    out = args.out or str(Path(__file__).parent / "results" / f"front-peers-{card_name(ran_on['device_name'])}.json")
     settings = {k: getattr(args, k) for k in ("n", "batch_size", "steps", "cfg_scale", "seed", "tune_n")}
     kept = json.loads((state / "settings.json").read_text()) if (state / "settings.json").exists() else settings
     if kept != settings:
@@ -389,10 +392,10 @@ def main():
             fps[sampler] = json.loads((state / f"fp-{sampler}.json").read_text())
         for method in args.methods:
             rows += [json.loads(p.read_text()) for p in sorted((state / "rows").glob(f"{method}-{sampler}-*.json"))]
-    meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **settings,
+    meta = {"card": ran_on["device_name"], **settings,
             "samplers": args.samplers, "targets": args.targets, "tolerance": TOLERANCE, "fp": fps,
             "complete": complete, "conversion_error": conversion_error, "matmul": "float32 with TF32",
-            "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+            "torch": ran_on["torch"], "diffusers": __import__("diffusers").__version__,
             "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT),
             "tuning": {"seed": args.seed + 1000, "samples": args.tune_n, "error": "sample_error (plan search's)",
                        "choice_tolerance": CHOICE_TOLERANCE, "max_evals": MAX_EVALS,
