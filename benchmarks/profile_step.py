@@ -36,6 +36,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from _common import table
 from qandc.artifacts import atomic_path, read_json, write_json
 from qandc.bench import _slug, card_name, config_engines, fp8_floor, full_step_flops, load_ready, make_model
+from qandc.engines import inductor_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,13 +239,14 @@ def step_markdown(meta: dict, rows: list[dict]) -> str:
              + ". ms step: median of unprofiled calls; ms busy: the device's busy time in the profiled calls; "
              "per group: ms per step (share of the work) ×kernels per step.", ""]
     groups = [g for g, _ in GROUPS]
-    cells = [[r["precision"], r["graph"], f"{r['ms_step']:.2f}", f"{r['busy_ms_per_step']:.2f}",
+    cells = [[r["precision"], r.get("compile_mode", ""), r["graph"], f"{r['ms_step']:.2f}",
+              f"{r['busy_ms_per_step']:.2f}",
               f"{r['ms_step'] / floor:.2f}x" if floor and r["graph"] == "full" else "–",
               *(f"{r['groups'][g]['ms']:.2f} ({r['groups'][g]['share']:.0%}) ×{r['groups'][g]['kernels']:.0f}"
                 for g in groups)] for r in rows]
-    lines += table(["precision", "graph", "ms step", "ms busy", "/ floor", *groups], cells)
+    lines += table(["precision", "Inductor mode", "graph", "ms step", "ms busy", "/ floor", *groups], cells)
     for r in rows:
-        lines += ["", f"Top kernels, {r['precision']} {r['graph']}:", ""]
+        lines += ["", f"Top kernels, {r['precision']} ({r.get('compile_mode', '')}) {r['graph']}:", ""]
         lines += table(["kernel", "group", "ms per step", "share", "per step"],
                        [[f"`{k['name'][:100]}`", k["group"], f"{k['ms']:.3f}", f"{k['share']:.1%}", f"{k['count']:g}"]
                         for k in r["top_kernels"]])
@@ -285,7 +287,13 @@ def main(argv=None) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="run the compiled engines without CUDA graphs (where a profile of graph replays is empty)")
     parser.add_argument("--card", help="card name in the file names (default from the device: h200, cpu)")
+    parser.add_argument("--quantized-mode", choices=("default", "max-autotune-no-cudagraphs"),
+                        help="Inductor mode for the W8A8 engines instead of the engines' own (default mode, "
+                             "`_scaled_mm` an external cuBLASLt call): max-autotune lets Inductor try its Triton "
+                             "scaled-mm templates, into whose epilogue the next pointwise ops can fuse (issue 17)")
     args = parser.parse_args(argv)
+    if args.quantized_mode:
+        inductor_backend.COMPILE_MODES[True] = args.quantized_mode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # CUPTI set up before any CUDA graph is captured, so that their replays are traced
@@ -301,7 +309,8 @@ def main(argv=None) -> None:
     kind = "run" if args.run else "step"
     meta = {"card": card, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "model": args.model, "plan": args.plan, "rows": rows,
-            "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs}
+            "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
+            "quantized_mode": inductor_backend.COMPILE_MODES[True]}
     if args.run:
         meta["images"] = args.images
     else:
@@ -311,21 +320,23 @@ def main(argv=None) -> None:
     for precision in args.precisions:
         keys = [f"{args.model}--{precision}--{_slug(args.plan)}--{kind}{rows}" + (f"-{s}" if args.run else "")
                 + ("" if meta["cuda_graphs"] or device == "cpu" else "-nographs")
+                + (f"-{args.quantized_mode}" if args.quantized_mode and precision != "bf16" else "")
                 for s in (args.samplers if args.run else [""])]
         if all((state / f"{k}.json").is_file() for k in keys):
             results += [r for k in keys for r in read_json(state / f"{k}.json")["rows"]]
             continue
         engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows])
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
+        mode = inductor_backend.COMPILE_MODES[precision != "bf16"]
         for key, sampler in zip(keys, args.samplers if args.run else [None]):
             if (state / f"{key}.json").is_file():
                 found = read_json(state / f"{key}.json")["rows"]
             elif args.run:
                 labels = torch.arange(args.images) % model.config.num_classes
-                found = [{"precision": precision, "load_s": load_s, **profile_run(pipeline, labels, args.steps,
-                                                                                   sampler)}]
+                found = [{"precision": precision, "compile_mode": mode, "load_s": load_s,
+                          **profile_run(pipeline, labels, args.steps, sampler)}]
             else:
-                found = [{"precision": precision, "load_s": load_s, **r}
+                found = [{"precision": precision, "compile_mode": mode, "load_s": load_s, **r}
                          for r in profile_graphs(pipeline, rows, args.repeats)]
             write_json(state / f"{key}.json", {"rows": found})
             results += found

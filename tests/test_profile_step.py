@@ -71,6 +71,22 @@ def test_run_profile_times_every_sampler_step(tmp_path):
                for r in rows)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path")
+def test_a_quantized_mode_is_kept_apart_from_the_engines_own(tmp_path):
+    from qandc.engines import inductor_backend
+
+    with pytest.MonkeyPatch.context() as patch:  # main sets the mode for the process: restored after the test
+        patch.setitem(inductor_backend.COMPILE_MODES, True, inductor_backend.COMPILE_MODES[True])
+        own = json.loads((_run(tmp_path, "--rows", "2", "--repeats", "1", "--precisions", "w8a8-int8")
+                          / "profile-step-cpu.json").read_text())
+        tried = json.loads((_run(tmp_path, "--rows", "2", "--repeats", "1", "--precisions", "w8a8-int8",
+                                 "--quantized-mode", "max-autotune-no-cudagraphs")
+                            / "profile-step-cpu.json").read_text())
+    assert {r["compile_mode"] for r in own["rows"]} == {"default"} == {own["quantized_mode"]}
+    assert {r["compile_mode"] for r in tried["rows"]} == {"max-autotune-no-cudagraphs"}  # not the state's rows
+    assert len(list((tmp_path / "state").glob("*.json"))) == 2
+
+
 def test_cupti_wait_records_are_not_work():
     assert profile_step.DEVICE_WAITS.match("Stream Sync") and profile_step.DEVICE_WAITS.match("Event Sync")
     assert not any(profile_step.DEVICE_WAITS.match(name) for name in GPU_NAMES)
