@@ -16,8 +16,11 @@ float32 model's (labels i % 10, sample i keyed by (seed, i)).
    real FP8 / INT8 kernels, CUDA graphs, VC) at --measure-n samples, FD with a 95% bootstrap interval; images/s over
    the whole sampling runs of --batch images (twice the rows with CFG) after a warm-up batch. The bf16 no-cache
    engines of each sampler are timed again in every command (a chunk of the work) as that chunk's reference.
-3. summary: front-<card>.json (`rows`: screened and measured points; `peers` from benchmarks/front_peers.py's JSON;
-   `targets`) and front-<card>.png.
+3. trust (a diagnostic of the search, not a method of the front): where a bf16 search chose another candidate than
+   its lowest-error one within the target (plan_search.TRUST's bar for placed plans), that candidate screened beside
+   the chosen one — does the bar cost FD or save it?
+4. summary: front-<card>.json (`rows`: screened and measured points; `peers` from benchmarks/front_peers.py's JSON;
+   `targets`; `trust_bar`) and front-<card>.png.
 
 Resumable: plans, recipes and rows are kept in --state; --budget-s stops between points (one GPU command is at most
 10 minutes). Engines are rebuilt in --work when missing.
@@ -40,7 +43,7 @@ from _common import generate_images
 from qandc.artifacts import atomic_path, sha256_file, write_json
 from qandc.bench import card_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
-from qandc.calibration.plan_search import PlanSearch, auto_plan
+from qandc.calibration.plan_search import PlanSearch, auto_plan, family_plans
 from qandc.formats.recipe import VarianceCompensation, load_vc
 from qandc.images import model_to_images, to_uint8
 from qandc.metrics.evaluate import score
@@ -94,7 +97,7 @@ class Front:
                  steps: int = STEPS):
         self.state, self.work, self.device, self.steps = state, work, device, steps
         self.search_samples, self.calibration = search_samples, calibration
-        for sub in ("plans", "recipes", "reference", "screen", "measure", "speed"):
+        for sub in ("plans", "recipes", "reference", "screen", "measure", "speed", "trust"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         if device.type == "cuda" and not (state / "device.json").exists():  # the card the state's rows ran on
             write_json(state / "device.json", {"device_name": device_name(device), "torch": torch.__version__})
@@ -162,7 +165,10 @@ class Front:
     def screen(self, point: Point, n: int) -> dict:
         """The point's screened row (shared by points whose plans are the same)."""
         plan = self.plan(point)
-        path = self.screen_path(point, plan)
+        return self.screen_plan(point, plan, self.screen_path(point, plan), n)
+
+    def screen_plan(self, point: Point, plan: CachePlan, path: Path, n: int) -> dict:
+        """`plan` screened at the point's sampler and precision, kept in `path`."""
         if not path.exists():
             start = time.time()
             model, correction = self.model, None
@@ -175,6 +181,33 @@ class Front:
             result = score(images, labels, self.reference(point.sampler, n))
             write_json(path, {**self.row_fields(point, plan, result, n, "pytorch"), "seconds": time.time() - start})
         return json.loads(path.read_text())
+
+    def trust_row(self, point: Point, chosen_row: dict, n: int) -> dict | None:
+        """The trust-bar diagnostic of a bf16 searched point: its search's lowest-error candidate within the target
+        screened beside the chosen plan, or None where the search chose that candidate."""
+        search = json.loads(self.plan_path(point).read_text())["search"]
+        within = [c for c in search.get("candidates", []) if c["compute_fraction"] <= search["target"]["compute"]]
+        lowest = min(within, key=lambda c: c["error"], default=None)
+        if lowest is None or lowest["name"] == search["chosen"]:
+            return None
+        path = self.trust_path(point)
+        if not path.exists():
+            labels = torch.arange(self.search_samples) % self.model.config.num_classes
+            plan = family_plans(self.model, point.forecast, "float32", labels, self.steps, point.sampler, CFG,
+                                SEARCH_SEED)[lowest["name"]]
+            screened = self.state / "trust" / f"screen-{point.sampler}-{self.plan_key(plan)}.json"
+            row = self.screen_plan(point, plan, screened, n)
+            write_json(path, {"sampler": point.sampler, "target": point.fraction, "forecast": point.forecast,
+                              "chosen": search["chosen"], "chosen_error": search["error"],
+                              "chosen_compute_fraction": chosen_row["compute_fraction"],
+                              "chosen_fd_ratio_vs_fp": chosen_row["fd_ratio_vs_fp"],
+                              "lowest": lowest["name"], "lowest_error": lowest["error"],
+                              "lowest_compute_fraction": row["compute_fraction"],
+                              "lowest_fd_ratio_vs_fp": row["fd_ratio_vs_fp"], "n": n})
+        return json.loads(path.read_text())
+
+    def trust_path(self, point: Point) -> Path:
+        return self.state / "trust" / f"{point.sampler}-{point.fraction:g}-f{point.forecast}.json"
 
     def row_fields(self, point: Point, plan: CachePlan, result: dict, n: int, path: str) -> dict:
         fp = self.reference_fd(point.sampler, n)
@@ -375,7 +408,7 @@ def plot(rows: list[dict], peers: list[dict], path: Path, card: str, steps: int)
     plt.close(fig)
 
 
-def write_summary(front: Front, args, rows: list[dict]) -> None:
+def write_summary(front: Front, args, rows: list[dict], trust_rows: list[dict]) -> None:
     """front-<card>.json and .png from the rows at hand (one per point: points whose plans agree share numbers), for
     the card the state's rows ran on."""
     state = front.state
@@ -396,7 +429,7 @@ def write_summary(front: Front, args, rows: list[dict]) -> None:
             "speed_reference_chunks": [json.loads(p.read_text()) for p in sorted((state / "speed").glob("*.json"))],
             "matmul": "float32 PyTorch paths with TF32", "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT),
             "peers_source": peers_path.resolve().relative_to(ROOT).as_posix() if peers_path.exists() else None}
-    result = {"meta": meta, "rows": rows, "peers": peers, "targets": targets(rows, peers)}
+    result = {"meta": meta, "rows": rows, "peers": peers, "targets": targets(rows, peers), "trust_bar": trust_rows}
     write_json(out, result)
     plot(rows, peers, out.with_suffix(".png"), meta["device_name"], front.steps)
     print(json.dumps(result["targets"], indent=1))
@@ -415,7 +448,7 @@ def main():
     parser.add_argument("--samplers", nargs="*", default=list(SAMPLERS))
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS),
                         help="bf16 first (it picks forecast orders)")
-    parser.add_argument("--phases", nargs="*", default=["screen", "measure", "summary"])
+    parser.add_argument("--phases", nargs="*", default=["screen", "measure", "trust", "summary"])
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop between points after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-front")
     parser.add_argument("--work", default="/tmp/qandc-front-work", help="engines and Inductor's compile cache")
@@ -463,8 +496,18 @@ def main():
         if "measure" in args.phases:
             print(f"measure {point.name}: {r['images_per_s']:.0f} images/s ({r['speedup_vs_bf16_compiled']:.2f}x) "
                   f"FD {r['fd']:.3f} ({r['fd_ratio_vs_fp']:.2f}x)", flush=True)
+    trust_rows = []
+    for point, row in screen_rows.items():  # kept rows count in every phase, as measured ones
+        if point.precision != "bf16" or not point.method.startswith("searched"):
+            continue
+        if front.trust_path(point).exists() or ("trust" in args.phases and not spent()):
+            trust = front.trust_row(point, row, args.screen_n)
+            if trust:
+                trust_rows.append(trust)
+                print(f"trust {point.name}: chosen {trust['chosen']} {trust['chosen_fd_ratio_vs_fp']:.2f}x, lowest "
+                      f"error {trust['lowest']} {trust['lowest_fd_ratio_vs_fp']:.2f}x", flush=True)
     if "summary" in args.phases:
-        write_summary(front, args, [*screen_rows.values(), *measured_rows.values()])
+        write_summary(front, args, [*screen_rows.values(), *measured_rows.values()], trust_rows)
 
 
 if __name__ == "__main__":

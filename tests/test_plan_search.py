@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from qandc.calibration.plan_search import (TRUST, PlanSearch, auto_plan, check_search, choose,
-                                           evaluate_candidates, parse_auto, reuse_errors, sample_error, search_plan)
+from qandc.calibration.plan_search import (TRUST, PlanSearch, auto_plan, check_search, choose, evaluate_candidates,
+                                           family_plans, parse_auto, reuse_errors, sample_error, search_plan)
 from qandc.errors import QandcError
 from qandc.model.dit import branch_flops
 from qandc.sampling import CachePlan, sample
@@ -98,6 +98,14 @@ def test_compute_fraction_one_is_no_cache(model):
     assert evaluated[-1]["name"] == "none" and evaluated[-1]["error"] == 0.0  # the recorded run is the uncached one
     assert all(c["error"] > 0 for c in evaluated[:-1])
     assert all(len(p.graph_names) <= MAX_REUSE_SETS for p in plans.values())
+
+
+def test_family_plans_rebuild_the_candidates_the_search_sampled(model):
+    labels = torch.arange(3)
+    evaluated, plans = evaluate_candidates(model, 0.5, 1, "float32", labels, STEPS, "ddpm", 1.5, 4)
+    family = family_plans(model, 1, "float32", labels, STEPS, "ddpm", 1.5, 4)
+    assert any(plan.schedule for plan in plans.values())  # placed plans: built from the measured changes
+    assert all(family[name] == plan for name, plan in plans.items())
 
 
 @pytest.mark.parametrize("sampler, forecast", [("ddpm", 0), ("ddim", 1), ("ddpm", 2)])

@@ -330,6 +330,14 @@ def choose(candidates: list[dict], target: float) -> dict | None:
     return chosen
 
 
+def family_plans(model, forecast: int, factors: str, labels, steps: int, sampler: str, cfg_scale: float,
+                 seed: int) -> dict[str, CachePlan]:
+    """The compute family's plans by name, built as `evaluate_candidates` builds them on uncached trajectories of
+    `labels` (none sampled): a candidate the search measured, to run on its own."""
+    changes, _ = _measure(model, labels, steps, sampler, cfg_scale, seed)
+    return {c.name: c.plan for c in candidate_plans(changes, branch_flops(model.config), forecast, factors)}
+
+
 def evaluate_candidates(model, limit: float, forecast: int, factors: str, labels, steps: int, sampler: str,
                         cfg_scale: float, seed: int) -> tuple[list[dict], dict[str, CachePlan]]:
     """Build the compute family on uncached trajectories of `labels` and sample every candidate whose compute

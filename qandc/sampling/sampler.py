@@ -76,9 +76,10 @@ def draw_noise(generators: list[torch.Generator], shape, count: int | None = Non
 class NoiseStream:
     """Every step's noise from the samples' generators, drawn NOISE_CHUNK steps at a time on a background thread,
     NOISE_AHEAD chunks ahead of the step that needs it. Drawing is host work (about 10 ms for 8 steps of 250
-    samples of 4x16x16), as long as several cached steps take on the device: drawn on the sampling thread it made
-    the device wait (DDPM at 0.40 of the compute ran at 1.2x the uncached images/s where DDIM at 0.26 ran at 3.1x).
-    One thread draws, so each generator's draws stay in order; the chunks reach the device through pinned memory."""
+    samples of 4x16x16 on one core), longer than 8 cached steps take on an H200: drawn on the sampling thread it
+    made the GPU wait (DDPM at 0.40 of the compute ran at 1.2x the uncached images/s where DDIM at 0.26 ran at 3.1x).
+    One thread draws, so each generator's draws stay in order; the sampling thread copies each chunk to the device
+    through pinned memory."""
 
     def __init__(self, generators: list[torch.Generator], shape, draws: int, device):
         self.generators, self.shape, self.draws, self.device = generators, shape, draws, torch.device(device)
@@ -89,12 +90,9 @@ class NoiseStream:
             self._submit(first)
 
     def _submit(self, first: int) -> None:
-        if first < self.draws:
-            self.pending[first] = self.pool.submit(self._draw, min(NOISE_CHUNK, self.draws - first))
-
-    def _draw(self, count: int) -> torch.Tensor:
-        noise = draw_noise(self.generators, self.shape, count)
-        return noise.pin_memory() if self.device.type == "cuda" else noise
+        if first < self.draws:  # CPU work only: a CUDA call here could meet a graph capture on the sampling thread
+            self.pending[first] = self.pool.submit(draw_noise, self.generators, self.shape,
+                                                   min(NOISE_CHUNK, self.draws - first))
 
     def take(self, step: int) -> torch.Tensor:
         """Step `step`'s noise on the device (steps are taken in order, 0 .. draws - 1)."""
