@@ -38,7 +38,7 @@ from qandc.serve import ServeOptions, create_app  # noqa: E402
 
 NAN_CLASS = 7  # its label embedding is NaN: every sample of this class comes out NaN, and only those
 STEPS = 8
-SLOW_STEPS = 1000  # a batch that takes a while (~0.25 s on 2 CPU cores), to fill the queue behind it
+SLOW_STEPS = 1000  # a batch that takes a while (0.25-0.7 s on 2 CPU cores), to fill the queue behind it
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_full_queue_is_503_and_a_client_that_leaves_frees_its_slot(engines):
             async with httpx.AsyncClient(base_url=url) as client:
                 running_one = asyncio.ensure_future(client.post("/v1/generate", json={"labels": [1],
                                                                                       "steps": SLOW_STEPS}))
-                await asyncio.sleep(0.05)  # it runs: ~0.25 s on 2 CPU cores
+                await asyncio.sleep(0.05)  # it runs (SLOW_STEPS)
                 with pytest.raises(httpx.ReadTimeout):  # leaves while the first still runs
                     await client.post("/v1/generate", json={"labels": [2], "steps": SLOW_STEPS}, timeout=0.05)
                 return await running_one
