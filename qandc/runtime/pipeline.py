@@ -68,6 +68,11 @@ class CudaGraphEngine:
         return graph, inputs, outputs
 
 
+def nonfinite_samples(images: torch.Tensor) -> torch.Tensor:
+    """Which samples (rows) hold a NaN or an Inf: a bool tensor of len(images)."""
+    return (~torch.isfinite(images)).flatten(1).any(1)
+
+
 class EngineDenoiser:
     """The engines behind the denoiser face the sampler drives (tensors on the engines' device). `calls` counts
     the steps of each graph."""
@@ -220,9 +225,9 @@ class Pipeline:
                         eta=eta, correction=correction, sample_ids=sample_ids, progress=progress)
         if self.runs_engines:
             self._check_engine_run(calls, steps, allow_nonfinite)
-        elif not allow_nonfinite and not torch.isfinite(images).all():  # never return a black image silently
+        elif not allow_nonfinite and nonfinite_samples(images).any():  # never return a black image silently
             ids = list(range(len(images)) if sample_ids is None else sample_ids)
-            bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+            bad = int(nonfinite_samples(images).sum())
             raise QandcError(f"{bad} of the samples {ids[0]}..{ids[-1]} are not finite (NaN / Inf): {self.name} "
                              "overflowed")
         return images

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import QandcError
 from ..runtime import Pipeline
+from ..runtime.pipeline import nonfinite_samples
 
 log = logging.getLogger("qandc.serve")
 
@@ -143,7 +144,7 @@ class Batcher:
             if not jobs:
                 return
             try:
-                samples, run = await loop.run_in_executor(self.executor, self._infer, jobs)
+                samples, bad, run = await loop.run_in_executor(self.executor, self._infer, jobs)
             except Exception as e:  # the whole batch failed (an engine error): each request gets one line
                 log.exception("a batch of %d requests failed", len(jobs))
                 line = (str(e).splitlines() or [""])[0]
@@ -156,13 +157,12 @@ class Batcher:
             self.on_batch(run, jobs)
             start = 0
             for job in jobs:
-                part = samples[start:start + len(job.labels)]
+                part, part_bad = samples[start:start + len(job.labels)], bad[start:start + len(job.labels)]
                 start += len(job.labels)
                 if job.future.done():  # timed out or cancelled while running
                     continue
-                bad = (~torch.isfinite(part)).flatten(1).any(1)
-                if bad.any():
-                    ids = [i for i, b in zip(job.sample_ids, bad.tolist()) if b]
+                if part_bad.any():
+                    ids = [i for i, b in zip(job.sample_ids, part_bad.tolist()) if b]
                     job.future.set_exception(NonFiniteSamples(
                         f"the engines' output is not finite (NaN / Inf) for sample ids {ids}"))
                 else:
@@ -205,8 +205,9 @@ class Batcher:
                 images += len(job.labels)
         return jobs
 
-    def _infer(self, jobs: list[Job]) -> tuple[torch.Tensor, BatchRun]:
-        """Run `jobs` as one batch padded to its bucket (padding: label 0, seed 0); (their samples, the run)."""
+    def _infer(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, BatchRun]:
+        """Run `jobs` as one batch padded to its bucket (padding: label 0, seed 0); (their samples, which of them
+        are not finite, the run)."""
         key = jobs[0].key
         labels = [label for job in jobs for label in job.labels]
         seeds = [job.seed for job in jobs for _ in job.labels]
@@ -219,7 +220,7 @@ class Batcher:
         samples = samples[:len(labels)].cpu()
         seconds = time.perf_counter() - started
         last = self.pipeline.last_run or {}
-        nonfinite = int((~torch.isfinite(samples)).flatten(1).any(1).sum())
-        return samples, BatchRun(len(labels), size, key.steps, seconds,
-                                 {"full": last.get("full", 0), "reuse": last.get("reuse", 0)},
-                                 len(last.get("fallback_steps", ())), nonfinite)
+        bad = nonfinite_samples(samples)
+        return samples, bad, BatchRun(len(labels), size, key.steps, seconds,
+                                      {"full": last.get("full", 0), "reuse": last.get("reuse", 0)},
+                                      len(last.get("fallback_steps", ())), int(bad.sum()))
