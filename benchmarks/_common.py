@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qandc.artifacts import atomic_path, write_json
+from qandc.artifacts import atomic_path, read_json, write_json
+from qandc.bench import device_name
 from qandc.images import model_to_images, to_uint8
 from qandc.sampling import sample
 
@@ -22,6 +23,15 @@ def generate_images(model, n: int, steps: int, sampler: str, plan, cfg_scale: fl
             raise RuntimeError("non-finite samples")
         images.append(to_uint8(model_to_images(out, model.config))[..., 0])
     return np.concatenate(images), labels.numpy()
+
+
+def ran_on(state: Path, device: torch.device) -> dict:
+    """The device a resumable state's rows ran on ({"device_name", "torch"}): recorded in state/device.json by the
+    first run on a GPU, so that a summary written elsewhere (on the CPU) names the card that measured them."""
+    path = state / "device.json"
+    if device.type == "cuda" and not path.exists():
+        write_json(path, {"device_name": device_name(device), "torch": torch.__version__})
+    return read_json(path) if path.exists() else {"device_name": device_name(device), "torch": torch.__version__}
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

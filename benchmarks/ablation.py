@@ -26,6 +26,7 @@ import torch
 
 from _common import generate_images, table, write_results
 from qandc.artifacts import read_json, sha256_file, write_json
+from qandc.bench import device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate, fit_vc
 from qandc.calibration.plan_search import auto_plan, parse_auto
 from qandc.formats.recipe import VarianceCompensation, load_vc
@@ -185,7 +186,7 @@ def main():
         print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
     rows = [json.loads(path.read_text()) for path in (folders[cached] / "rows" / f"{row_key(n, p)}.json"
                                                       for n, p, _, cached, _ in ROWS) if path.exists()]
-    meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "n": args.n,
+    meta = {"card": device_name(device), "n": args.n,
             "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": STEPS, "sampler": args.sampler,
             "plan_spec": args.plan, "plan": plan.to_dict(), "plan_describe": plan.describe(),
             "compute_fraction": plan.compute_fraction(STEPS, branch_flops(fp_model.config)),

@@ -21,7 +21,7 @@ import torch
 
 from _common import generate_images, table, write_results
 from qandc.artifacts import sha256_file, write_json
-from qandc.bench import card_name
+from qandc.bench import card_name, device_name
 from qandc.calibration.plan_search import auto_plan, parse_auto
 from qandc.metrics.evaluate import score
 from qandc.model import load_checkpoint
@@ -102,7 +102,7 @@ def main():
     fp = {r["sampler"]: r["fd"] for r in rows if r["cache"] == "none"}
     for r in rows:
         r["fd_ratio_vs_fp"] = r["fd"] / fp[r["sampler"]] if r["sampler"] in fp else float("nan")
-    meta = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "n": args.n,
+    meta = {"card": device_name(device), "n": args.n,
             "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": STEPS, "search_samples": args.search_samples,
             "search_seed": args.seed + 1000, "matmul": "fp32 with TF32" if device.type == "cuda" else "fp32",
             "torch": torch.__version__, "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT)}

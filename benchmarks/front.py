@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import generate_images
+from _common import generate_images, ran_on
 from qandc.artifacts import atomic_path, sha256_file, write_json
-from qandc.bench import card_name
+from qandc.bench import card_name, device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
 from qandc.calibration.plan_search import PlanSearch, auto_plan, family_plans
 from qandc.formats.recipe import VarianceCompensation, load_vc
@@ -64,10 +64,6 @@ PRECISIONS = ("bf16", "w8a8-fp8", "w8a8-int8")
 SAMPLERS = ("ddim", "ddpm")
 QUALITY_TARGETS = (1.10, 1.25)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 @dataclass(frozen=True)
@@ -105,8 +101,7 @@ class Front:
         self.search_samples, self.calibration = search_samples, calibration
         for sub in ("plans", "recipes", "reference", "screen", "measure", "speed", "trust"):
             (state / sub).mkdir(parents=True, exist_ok=True)
-        if device.type == "cuda" and not (state / "device.json").exists():  # the card the state's rows ran on
-            write_json(state / "device.json", {"device_name": device_name(device), "torch": torch.__version__})
+        self.ran_on = ran_on(state, device)  # the card the state's rows ran on
         self.model = load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
         self.flops = branch_flops(self.model.config)
 
@@ -424,14 +419,12 @@ def write_summary(front: Front, args, rows: list[dict], trust_rows: list[dict]) 
     """front-<card>.json and .png from the rows at hand (one per point: points whose plans agree share numbers), for
     the card the state's rows ran on."""
     state = front.state
-    ran_on = json.loads((state / "device.json").read_text()) if (state / "device.json").exists() else \
-        {"device_name": "cpu", "torch": torch.__version__}
-    card = card_name(ran_on["device_name"])
+    card = card_name(front.ran_on["device_name"])
     peers_path = Path(args.peers) if args.peers else ROOT / "benchmarks" / "results" / f"front-peers-{card}.json"
     peers = json.loads(peers_path.read_text())["peers"] if peers_path.exists() else []
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"front-{card}.json"
-    meta = {"card": card, "device_name": ran_on["device_name"], "torch": ran_on["torch"], "steps": front.steps,
-            "cfg_scale": CFG, "seed": SEED,
+    meta = {"card": card, "device_name": front.ran_on["device_name"], "torch": front.ran_on["torch"],
+            "steps": front.steps, "cfg_scale": CFG, "seed": SEED,
             "search_seed": SEARCH_SEED, "search_samples": args.search_samples,
             "calibration": {"selector": "tap", "budget": args.budget, "pool_samples": args.pool_samples,
                             "vc": "var", "vc_samples": args.vc_samples},

@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from _common import generate_images, table
+from _common import generate_images, ran_on, table
 from qandc.artifacts import atomic_path, sha256_file, write_json
 from qandc.bench import card_name
 from qandc.calibration.plan_search import sample_error
@@ -351,11 +351,9 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = Path(args.state)
     (state / "rows").mkdir(parents=True, exist_ok=True)
-    if device.type == "cuda" and not (state / "device.json").exists():  # the card the state's rows ran on
-        write_json(state / "device.json", {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__})
-    ran_on = json.loads((state / "device.json").read_text()) if (state / "device.json").exists() else \
-        {"device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    out = args.out or str(Path(__file__).parent / "results" / f"front-peers-{card_name(ran_on['device_name'])}.json")
+    measured_on = ran_on(state, device)  # the card the state's rows ran on
+    card = card_name(measured_on["device_name"])
+    out = args.out or str(Path(__file__).parent / "results" / f"front-peers-{card}.json")
     settings = {k: getattr(args, k) for k in ("n", "batch_size", "steps", "cfg_scale", "seed", "tune_n")}
     kept = json.loads((state / "settings.json").read_text()) if (state / "settings.json").exists() else settings
     if kept != settings:
@@ -392,10 +390,10 @@ def main():
             fps[sampler] = json.loads((state / f"fp-{sampler}.json").read_text())
         for method in args.methods:
             rows += [json.loads(p.read_text()) for p in sorted((state / "rows").glob(f"{method}-{sampler}-*.json"))]
-    meta = {"card": ran_on["device_name"], **settings,
+    meta = {"card": measured_on["device_name"], **settings,
             "samplers": args.samplers, "targets": args.targets, "tolerance": TOLERANCE, "fp": fps,
             "complete": complete, "conversion_error": conversion_error, "matmul": "float32 with TF32",
-            "torch": ran_on["torch"], "diffusers": __import__("diffusers").__version__,
+            "torch": measured_on["torch"], "diffusers": __import__("diffusers").__version__,
             "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT),
             "tuning": {"seed": args.seed + 1000, "samples": args.tune_n, "error": "sample_error (plan search's)",
                        "choice_tolerance": CHOICE_TOLERANCE, "max_evals": MAX_EVALS,

@@ -35,7 +35,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from _common import table
 from qandc.artifacts import atomic_path, read_json, write_json
-from qandc.bench import _slug, card_name, config_engines, fp8_floor, full_step_flops, load_ready, make_model
+from qandc.bench import (_slug, card_name, config_engines, device_name, fp8_floor, full_step_flops, load_ready,
+                         make_model)
 from qandc.engines import inductor_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,7 +308,7 @@ def main(argv=None) -> None:
     model = make(args.model, device)
     rows = 2 * args.images if args.run else args.rows
     kind = "run" if args.run else "step"
-    meta = {"card": card, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    meta = {"card": card, "device_name": device_name(device),
             "torch": torch.__version__, "model": args.model, "plan": args.plan, "rows": rows,
             "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
             "quantized_mode": inductor_backend.COMPILE_MODES[True]}

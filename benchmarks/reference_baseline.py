@@ -19,6 +19,7 @@ import torch
 
 from _common import generate_images, table, write_results
 from qandc.artifacts import ASSETS, sha256_file, write_json
+from qandc.bench import device_name
 from qandc.metrics.classifier import WEIGHTS
 from qandc.metrics.evaluate import score
 from qandc.model import load_checkpoint
@@ -62,7 +63,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True  # recorded below
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    card = device_name(device)
     model = load_checkpoint(REFERENCE_CHECKPOINT).to(device)
     state = Path(args.state)
     state.mkdir(parents=True, exist_ok=True)

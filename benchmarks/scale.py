@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from qandc.artifacts import portable_path, read_json, write_json
-from qandc.bench import card_name
+from qandc.bench import card_name, device_name
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,10 +60,6 @@ def torchrun_qandc(args: list, procs: int, env: dict) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, **env})
     return time.perf_counter() - start
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def build_engines(checkpoint: str, precision: str, plan: str, batch_size: int, work: Path) -> Path:

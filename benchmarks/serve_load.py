@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from qandc.artifacts import atomic_path, read_json, write_json
-from qandc.bench import card_name
+from qandc.bench import card_name, device_name
 from qandc.runtime import Pipeline
 from qandc.serve import batch_buckets
 
@@ -280,7 +280,7 @@ def main() -> int:
     points = [read_json(state / f"{card}-max-batch-{b}.json") for b in max_batches]
     headline = max(points, key=lambda p: p["max_batch"])
     result = {
-        "card": card, "device_name": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "card": card, "device_name": device_name(),
         "engines": {"backend": manifest["backend"], "precision": (manifest.get("recipe") or {}).get("preset", "float"),
                     "model": manifest["model"], "plan": manifest["plan"], "sampler": manifest["sampler"],
                     "source": "given --engines" if args.engines else f"built here ({args.cache})"},

@@ -79,12 +79,16 @@ def config_plan(cache: str):
     return default_plan_shape(STEPS) if cache == DEFAULT_SHAPE else CachePlan.parse(cache)
 
 
-def card_name(device_name: str | None = None) -> str:
-    """A card's short name for result files: h100 or h200, else the name as a slug ("cpu" on the CPU); of
-    `device_name`, or of this machine's first GPU."""
-    if device_name is None:
-        device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    name = device_name.lower()
+def device_name(device: torch.device | str | None = None) -> str:
+    """The GPU's name of `device` (default: this machine's current GPU), "cpu" on the CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def card_name(name: str | None = None) -> str:
+    """A card's short name for result files: h100 or h200, else the name as a slug ("cpu" on the CPU); of the
+    device `name`, or of this machine's current GPU."""
+    name = (name or device_name()).lower()
     return next((c for c in ("h100", "h200") if c in name), re.sub(r"[^a-z0-9]+", "-", name).strip("-"))
 
 
