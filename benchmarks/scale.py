@@ -64,21 +64,14 @@ def torchrun_qandc(args: list, procs: int, env: dict) -> float:
 
 def build_engines(checkpoint: str, precision: str, plan: str, batch_size: int, work: Path) -> Path:
     """Inductor engines of the checkpoint at `precision` under the cache spec `plan` (bench's `default-shape` or a
-    cache spec), compiled for 2 x batch_size rows, in WORK (kept: a rerun reuses them)."""
-    from qandc.bench import CFG, STEPS, _slug, config_plan, quick_recipe
-    from qandc.engines import build_inductor
+    cache spec), compiled for 2 x batch_size rows, in WORK (kept: a rerun reuses them): the bench's
+    `config_engines`."""
+    from qandc.bench import config_engines
     from qandc.model import load_checkpoint
-    from qandc.sampling import SamplerDefaults
 
-    folder = work / f"engines-{precision}-{_slug(plan)}-b{batch_size}"
-    if (folder / "manifest.json").is_file():
-        return folder
     model = load_checkpoint(checkpoint).to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    recipe = None
-    if precision != "bf16":
-        recipe = quick_recipe(model, precision, plan, work / f"recipe-{precision}-{_slug(plan)}")
-    build_inductor(model, folder, plan=None if recipe else config_plan(plan), recipe_dir=recipe,
-                   sampler=None if recipe else SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=[2 * batch_size])
+    folder, _ = config_engines(f"{Path(checkpoint).stem}-b{batch_size}", model, precision, plan, work,
+                               [2 * batch_size])
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
