@@ -44,22 +44,15 @@ LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)
 
 
 def build_engines_here(work: Path, max_batches: list[int], cache: str) -> Path:
-    """The engines of this device (kept in `work`): the reference model's on a GPU, a tiny DiT's on the CPU."""
-    from qandc.bench import STEPS, config_plan
+    """The engines of this device (kept in `work`): the reference model's W8A8-INT8 Inductor engines on a GPU (the
+    bench's `config_engines`), a tiny DiT's ONNX Runtime engines on the CPU."""
+    from qandc.bench import config_engines, config_plan, make_model
 
-    out = work / f"engines-{'cuda' if torch.cuda.is_available() else 'cpu'}"
-    if (out / "manifest.json").is_file():
-        return out
     if torch.cuda.is_available():
-        from qandc.bench import make_model, quick_recipe
-        from qandc.engines import build_inductor
-        from qandc.sampling import SamplerDefaults
-
-        model = make_model("reference", "cuda")
-        recipe = quick_recipe(model, "w8a8-int8", cache, work / "recipe")
         rows = sorted({2 * b for b in batch_buckets(max(max_batches))} | {1})  # what the warm-up runs (guided)
-        build_inductor(model, out, plan=config_plan(cache), recipe_dir=recipe,
-                       sampler=SamplerDefaults(STEPS, "ddpm", 1.5), batch_sizes=rows)
+        return config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", cache, work, rows)[0]
+    out = work / "engines-cpu"
+    if (out / "manifest.json").is_file():
         return out
     from qandc.engines import build_engines
     from qandc.exporter import export
