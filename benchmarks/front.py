@@ -104,6 +104,7 @@ class Front:
         self.ran_on = ran_on(state, device)  # the card the state's rows ran on
         self.model = load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
         self.flops = branch_flops(self.model.config)
+        self.families = {}  # (sampler, forecast) -> the plan search's candidate plans by name
 
     # --- plans and recipes ---------------------------------------------------------------------------------------
     def plan(self, point: Point) -> CachePlan:
@@ -193,9 +194,7 @@ class Front:
             return None
         path = self.trust_path(point)
         if not path.exists():
-            labels = torch.arange(self.search_samples) % self.model.config.num_classes
-            plan = family_plans(self.model, point.forecast, "float32", labels, self.steps, point.sampler, CFG,
-                                SEARCH_SEED)[lowest["name"]]
+            plan = self.family(point.sampler, point.forecast)[lowest["name"]]
             screened = self.state / "trust" / f"screen-{point.sampler}-{self.plan_key(plan)}.json"
             row = self.screen_plan(point, plan, screened, n)
             write_json(path, {"sampler": point.sampler, "target": point.fraction, "forecast": point.forecast,
@@ -206,6 +205,14 @@ class Front:
                               "lowest_compute_fraction": row["compute_fraction"],
                               "lowest_fd_ratio_vs_fp": row["fd_ratio_vs_fp"], "n": n})
         return json.loads(path.read_text())
+
+    def family(self, sampler: str, forecast: int) -> dict[str, CachePlan]:
+        """The plan search's candidates by name, as its searches at `sampler` and `forecast` built them."""
+        if (sampler, forecast) not in self.families:
+            labels = torch.arange(self.search_samples) % self.model.config.num_classes
+            self.families[sampler, forecast] = family_plans(self.model, forecast, "float32", labels, self.steps,
+                                                            sampler, CFG, SEARCH_SEED)
+        return self.families[sampler, forecast]
 
     def trust_path(self, point: Point) -> Path:
         return self.state / "trust" / f"{point.sampler}-{point.fraction:g}-f{point.forecast}.json"
