@@ -34,6 +34,17 @@ def ran_on(state: Path, device: torch.device) -> dict:
     return read_json(path) if path.exists() else {"device_name": device_name(device), "torch": torch.__version__}
 
 
+def seed_state(files: dict[Path, dict]) -> int:
+    """Writes the state files a committed result gives back (path -> content), those missing only: a GPU machine keeps
+    nothing between sessions, so a resumable benchmark's finished rows come back from its committed JSON and only
+    what is missing, and what can be recomputed (images, recipes, engines), is computed again. Returns how many."""
+    missing = {path: content for path, content in files.items() if not path.exists()}
+    for path, content in missing.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, content)
+    return len(missing)
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """The lines of a markdown table: the header, its rule, a line per row of cells."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),

@@ -10,7 +10,9 @@ with the least-squares forms of VC (mse, nsr) beside the default (var). PSNR / S
 Run on a GPU (with nvidia-modelopt): resumable, each finished recipe and row kept in --state, in a folder per sampler
 and plan (the rows without a cache in one per sampler, shared by every plan), so it runs over several 10-minute
 commands (--budget-s: no row starts after it; exit code 3: rerun to resume); a folder made with other settings is
-refused. Writes benchmarks/results/ablation.json (an object with a list `rows`, the finished ones) and ablation.md.
+refused. The GPU machine keeps nothing between sessions: --seed-from ablation.json starts a new state from the rows
+and the searched plan a committed JSON holds (the fp row's images, the PSNR / SSIM reference, are sampled again).
+Writes benchmarks/results/ablation.json (an object with a list `rows`, the finished ones) and ablation.md.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import generate_images, table, write_results
+from _common import generate_images, ran_on, seed_state, table, write_results
 from qandc.artifacts import read_json, sha256_file, write_json
-from qandc.bench import device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate, fit_vc
 from qandc.calibration.plan_search import auto_plan, parse_auto
 from qandc.formats.recipe import VarianceCompensation, load_vc
@@ -92,6 +93,19 @@ def plan_of(spec: str, model, sampler: str, cfg_scale: float, seed: int, search_
     return CachePlan.from_dict(stored["plan"]), stored["search"]
 
 
+def seed(folders: dict[bool, Path], summary: dict) -> int:
+    """The state files an ablation JSON of the same settings gives back: its card, rows and searched plan; returns
+    how many were missing."""
+    files = {folders[False].parent / "device.json": {"device_name": summary["card"], "torch": summary["torch"]}}
+    files.update({folders[row["cache"] != "none"] / "rows" / f"{row_key(row['name'], row['preset'])}.json": row
+                  for row in summary["rows"]})
+    if summary["plan_search"] is not None:
+        files[folders[True] / "plan.json"] = {"spec": summary["plan_spec"], "search_seed": summary["search_seed"],
+                                              "search_samples": summary["search_samples"], "plan": summary["plan"],
+                                              "search": summary["plan_search"]}
+    return seed_state(files)
+
+
 def plan_name(meta: dict) -> str:
     """The plan as the table's title names it: its spec and, for a searched one, what the search chose."""
     if meta["plan_spec"] == meta["plan_describe"]:
@@ -126,14 +140,25 @@ def main():
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no row after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-ablation")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ablation.json"))
+    parser.add_argument("--seed-from", help="an ablation JSON of these settings whose rows a new state starts from")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     settings = {"n": args.n, "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": STEPS, "budget": args.budget,
                 "pool_samples": args.pool_samples, "vc_samples": args.vc_samples}
+    summary = read_json(Path(args.seed_from)) if args.seed_from else None
+    if summary:  # refused before anything is written
+        given = {"n": summary["n"], "cfg_scale": summary["cfg_scale"], "seed": summary["seed"], "steps": summary["steps"],
+                 "budget": summary["calibration_budget"], "pool_samples": summary["pool_samples"],
+                 "vc_samples": summary["vc_samples"], "sampler": summary["sampler"], "plan": summary["plan_spec"]}
+        if given != {**settings, "sampler": args.sampler, "plan": args.plan}:
+            raise SystemExit(f"{args.seed_from}: rows of other settings ({json.dumps(given)}) than these")
     folders = {False: state_folder(Path(args.state), args.sampler, "none", settings),
                True: state_folder(Path(args.state), args.sampler, args.plan,
                                   {**settings, "search_samples": args.search_samples})}
+    if summary:
+        print(f"{seed(folders, summary)} state files from {args.seed_from}")
+    measured_on = ran_on(Path(args.state), device)  # the card the state's rows ran on
     fp_model = load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
     plan, search = plan_of(args.plan, fp_model, args.sampler, args.cfg_scale, args.seed, args.search_samples,
                            folders[True])
@@ -143,7 +168,7 @@ def main():
     for name, preset, recipe_name, cached, vc in ROWS:
         key = row_key(name, preset)
         row_file = folders[cached] / "rows" / f"{key}.json"
-        if row_file.exists() or (args.only and key not in args.only):
+        if (row_file.exists() and (name != "fp" or fp_images.exists())) or (args.only and key not in args.only):
             continue
         if time.time() - begin > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: rerun to resume", flush=True)
@@ -186,14 +211,14 @@ def main():
         print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
     rows = [json.loads(path.read_text()) for path in (folders[cached] / "rows" / f"{row_key(n, p)}.json"
                                                       for n, p, _, cached, _ in ROWS) if path.exists()]
-    meta = {"card": device_name(device), "n": args.n,
+    meta = {"card": measured_on["device_name"], "n": args.n,
             "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": STEPS, "sampler": args.sampler,
             "plan_spec": args.plan, "plan": plan.to_dict(), "plan_describe": plan.describe(),
             "compute_fraction": plan.compute_fraction(STEPS, branch_flops(fp_model.config)),
             "plan_search": search, "search_seed": args.seed + SEARCH_SEED_OFFSET if search else None,
             "search_samples": args.search_samples if search else None,
             "calibration_budget": args.budget, "pool_samples": args.pool_samples, "vc_samples": args.vc_samples,
-            "matmul": "fp32 with TF32" if device.type == "cuda" else "fp32", "torch": torch.__version__,
+            "matmul": "fp32 with TF32" if measured_on["device_name"] != "cpu" else "fp32", "torch": measured_on["torch"],
             "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT)}
     write_results(args.out, meta, rows, markdown(rows, meta))
     if unfinished:

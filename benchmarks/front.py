@@ -24,7 +24,9 @@ float32 model's (labels i % 10, sample i keyed by (seed, i)).
    `targets`; `trust_bar`) and front-<card>.png.
 
 Resumable: plans, recipes and rows are kept in --state; --budget-s stops between points (one GPU command is at most
-10 minutes). Engines are rebuilt in --work when missing.
+10 minutes). Engines are rebuilt in --work when missing. The GPU machine keeps nothing between sessions: --seed-from
+front-<card>.json gives a new state the rows, plans, searches and speed chunks that JSON holds (images, recipes and
+engines are computed again where a phase needs them).
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import generate_images, ran_on
+from _common import generate_images, ran_on, seed_state
 from qandc.artifacts import atomic_path, sha256_file, write_json
 from qandc.bench import card_name, device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
-from qandc.calibration.plan_search import PlanSearch, auto_plan, family_plans
+from qandc.calibration.plan_search import PlanSearch, auto_plan, family_plans, parse_auto
 from qandc.formats.recipe import VarianceCompensation, load_vc
 from qandc.images import model_to_images, to_uint8
 from qandc.metrics.evaluate import score
@@ -120,6 +122,42 @@ class Front:
             write_json(path, {"spec": search.spec, "plan": plan.to_dict(), "search": summary})
         return CachePlan.from_dict(json.loads(path.read_text())["plan"])
 
+    def search(self, point: Point) -> dict:
+        """The search summary of a searched point's plan; a plan seeded without one is searched again here, and
+        kept only where the search gives the same plan."""
+        path = self.plan_path(point)
+        stored = json.loads(path.read_text())
+        if stored["search"] is None:
+            plan, summary = auto_plan(self.model, parse_auto(stored["spec"]), self.steps, point.sampler,
+                                      CFG, SEARCH_SEED, self.search_samples)
+            if plan.to_dict() != stored["plan"]:
+                raise RuntimeError(f"{path.name}: searched again, the search chose another plan than the seeded one")
+            write_json(path, {**stored, "search": summary})
+        return json.loads(path.read_text())["search"]
+
+    def seed(self, summary: dict) -> int:
+        """The state files a front JSON gives back (see the module's docstring); returns how many were missing."""
+        files = {self.state / "device.json": {k: summary["meta"][k] for k in ("device_name", "torch")}}
+        files.update({self.state / "plans" / f"{stem}.json": plan for stem, plan in summary["searches"].items()})
+        files.update({self.state / "reference" / f"{stem}.json": {"fd": fd}
+                      for stem, fd in summary["meta"]["reference_fd"].items()})
+        files.update({self.state / "speed" / f"{chunk['chunk']}.json": chunk
+                      for chunk in summary["meta"]["speed_reference_chunks"]})
+        for row in summary["rows"]:
+            point = Point(row["sampler"], row["method"], row["target_fraction"], row["forecast"], row["precision"])
+            plan = CachePlan.from_dict(row["plan"])
+            folder = "screen" if row["path"] == "pytorch" else "measure"
+            files[self.state / folder / f"{point.sampler}-{point.precision}-{self.plan_key(plan)}.json"] = row
+        files.update({self.trust_path(Point(t["sampler"], "searched", t["target"], t["forecast"], "bf16")): t
+                      for t in summary["trust_bar"]})
+        written = seed_state(files)
+        self.ran_on = ran_on(self.state, self.device)
+        return written
+
+    def searches(self) -> dict[str, dict]:
+        """The state's plan files by stem: the searched plans and their searches, for the summary."""
+        return {path.stem: json.loads(path.read_text()) for path in sorted((self.state / "plans").glob("*.json"))}
+
     def plan_path(self, point: Point) -> Path:
         return self.state / "plans" / f"{point.sampler}-{point.fraction:g}-f{point.forecast}.json"
 
@@ -187,23 +225,24 @@ class Front:
     def trust_row(self, point: Point, chosen_row: dict, n: int) -> dict | None:
         """The trust-bar diagnostic of a bf16 searched point: its search's lowest-error candidate within the target
         screened beside the chosen plan, or None where the search chose that candidate."""
-        search = json.loads(self.plan_path(point).read_text())["search"]
+        path = self.trust_path(point)
+        if path.exists():
+            return json.loads(path.read_text())
+        search = self.search(point)
         within = [c for c in search.get("candidates", []) if c["compute_fraction"] <= search["target"]["compute"]]
         lowest = min(within, key=lambda c: c["error"], default=None)
         if lowest is None or lowest["name"] == search["chosen"]:
             return None
-        path = self.trust_path(point)
-        if not path.exists():
-            plan = self.family(point.sampler, point.forecast)[lowest["name"]]
-            screened = self.state / "trust" / f"screen-{point.sampler}-{self.plan_key(plan)}.json"
-            row = self.screen_plan(point, plan, screened, n)
-            write_json(path, {"sampler": point.sampler, "target": point.fraction, "forecast": point.forecast,
-                              "chosen": search["chosen"], "chosen_error": search["error"],
-                              "chosen_compute_fraction": chosen_row["compute_fraction"],
-                              "chosen_fd_ratio_vs_fp": chosen_row["fd_ratio_vs_fp"],
-                              "lowest": lowest["name"], "lowest_error": lowest["error"],
-                              "lowest_compute_fraction": row["compute_fraction"],
-                              "lowest_fd_ratio_vs_fp": row["fd_ratio_vs_fp"], "n": n})
+        plan = self.family(point.sampler, point.forecast)[lowest["name"]]
+        screened = self.state / "trust" / f"screen-{point.sampler}-{self.plan_key(plan)}.json"
+        row = self.screen_plan(point, plan, screened, n)
+        write_json(path, {"sampler": point.sampler, "target": point.fraction, "forecast": point.forecast,
+                          "chosen": search["chosen"], "chosen_error": search["error"],
+                          "chosen_compute_fraction": chosen_row["compute_fraction"],
+                          "chosen_fd_ratio_vs_fp": chosen_row["fd_ratio_vs_fp"],
+                          "lowest": lowest["name"], "lowest_error": lowest["error"],
+                          "lowest_compute_fraction": row["compute_fraction"],
+                          "lowest_fd_ratio_vs_fp": row["fd_ratio_vs_fp"], "n": n})
         return json.loads(path.read_text())
 
     def family(self, sampler: str, forecast: int) -> dict[str, CachePlan]:
@@ -441,7 +480,8 @@ def write_summary(front: Front, args, rows: list[dict], trust_rows: list[dict]) 
             "speed_reference_chunks": [json.loads(p.read_text()) for p in sorted((state / "speed").glob("*.json"))],
             "matmul": "float32 PyTorch paths with TF32", "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT),
             "peers_source": peers_path.resolve().relative_to(ROOT).as_posix() if peers_path.exists() else None}
-    result = {"meta": meta, "rows": rows, "peers": peers, "targets": targets(rows, peers), "trust_bar": trust_rows}
+    result = {"meta": meta, "rows": rows, "peers": peers, "targets": targets(rows, peers), "trust_bar": trust_rows,
+              "searches": front.searches()}
     write_json(out, result)
     plot(rows, peers, out.with_suffix(".png"), meta["device_name"], front.steps)
     print(json.dumps(result["targets"], indent=1))
@@ -466,6 +506,7 @@ def main():
     parser.add_argument("--work", default="/tmp/qandc-front-work", help="engines and Inductor's compile cache")
     parser.add_argument("--peers", help="benchmarks/front_peers.py's JSON (default: front-peers-<card>.json)")
     parser.add_argument("--out", help="default benchmarks/results/front-<card>.json")
+    parser.add_argument("--seed-from", help="a front JSON whose rows, plans and searches a new state starts from")
     args = parser.parse_args()
     if args.measure_n % args.batch:
         parser.error(f"--measure-n ({args.measure_n}) must be a multiple of --batch ({args.batch})")
@@ -478,6 +519,8 @@ def main():
     front = Front(state, work, device, args.search_samples,
                   {"budget": args.budget, "pool_samples": args.pool_samples, "vc_samples": args.vc_samples,
                    "batch_size": 512}, args.steps)
+    if args.seed_from:
+        print(f"{front.seed(json.loads(Path(args.seed_from).read_text()))} state files from {args.seed_from}")
 
     announced = []
 
@@ -494,7 +537,8 @@ def main():
             continue
         path = front.screen_path(point, front.plan(point))
         if path.exists() or ("screen" in args.phases and not spent()):
-            screen_rows[point] = {**front.screen(point, args.screen_n), "method": point.method}
+            screen_rows[point] = {**front.screen(point, args.screen_n), "method": point.method,
+                                  "target_fraction": point.fraction}
             r = screen_rows[point]
             print(f"screen {point.name}: fraction {r['compute_fraction']:.3f} FD {r['fd']:.3f} "
                   f"({r['fd_ratio_vs_fp']:.2f}x)", flush=True)
@@ -504,7 +548,8 @@ def main():
             if "measure" not in args.phases or spent():
                 continue
             chunk = chunk or front.chunk_reference(args.batch)
-        measured_rows[point] = r = {**front.measure(point, args.measure_n, args.batch, chunk), "method": point.method}
+        measured_rows[point] = r = {**front.measure(point, args.measure_n, args.batch, chunk), "method": point.method,
+                                    "target_fraction": point.fraction}
         if "measure" in args.phases:
             print(f"measure {point.name}: {r['images_per_s']:.0f} images/s ({r['speedup_vs_bf16_compiled']:.2f}x) "
                   f"FD {r['fd']:.3f} ({r['fd_ratio_vs_fp']:.2f}x)", flush=True)

@@ -18,8 +18,9 @@ where the decision depends on the data). A method that cannot reach a target rec
 lowest fraction it reached); one that reaches none of them also gets a row at its own lowest fraction ("floor").
 A `none` row runs the converted model without hooks (compute fraction 1: the conversion, sample for sample).
 
-Run on a GPU: resumable (each finished row is a JSON file in --state; --budget-s stops between rows); writes
-benchmarks/results/front-peers-<card>.json ({"meta", "peers"}) and the .md table beside it. On a CPU, check it
+Run on a GPU: resumable (each finished row is a JSON file in --state; --budget-s stops between rows; --seed-from
+front-peers-<card>.json starts a new state from the rows a committed JSON holds, the GPU machine keeping nothing
+between sessions); writes benchmarks/results/front-peers-<card>.json ({"meta", "peers"}) and the .md table beside it. On a CPU, check it
 end to end with e.g. `--n 130 --steps 10 --tune-n 4 --methods none FirstBlockCache --targets 0.5` (FD needs n > 128).
 """
 
@@ -37,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from _common import generate_images, ran_on, table
+from _common import generate_images, ran_on, seed_state, table
 from qandc.artifacts import atomic_path, sha256_file, write_json
 from qandc.bench import card_name
 from qandc.calibration.plan_search import sample_error
@@ -57,6 +58,7 @@ MAX_FAMILIES = 4         # threshold families bisected on the tuning batch (each
 BISECTIONS = 8
 NEVER = 1e9              # a threshold no change reaches: the hook skips all it may (its lowest fraction)
 CONVERSION_TOLERANCE = 1e-5
+SETTINGS = ("n", "batch_size", "steps", "cfg_scale", "seed", "tune_n")  # a state folder holds rows of one setting
 
 
 @dataclass(frozen=True)
@@ -240,9 +242,10 @@ def check_conversion(model) -> float:
 
 
 def fp_row(model, sampler: str, args, state: Path) -> dict:
-    """The float32 qandc model's row (uncached), its images kept in the state folder for PSNR / SSIM."""
+    """The float32 qandc model's row (uncached), its images kept in the state folder for PSNR / SSIM (sampled again
+    where a seeded state lacks them)."""
     path = state / f"fp-{sampler}.json"
-    if path.exists():
+    if path.exists() and (state / f"fp-{sampler}.npy").exists():
         return json.loads(path.read_text())
     start = time.time()
     images, labels = generate_images(model, args.n, args.steps, sampler, None, args.cfg_scale, args.seed,
@@ -310,6 +313,21 @@ def peer_row(model, tuner: Tuner, method: str, sampler: str, target, args, state
     return row
 
 
+def seed(state: Path, summary: dict) -> int:
+    """The state files a front-peers JSON gives back: its settings, card, fp rows and peer rows (a row whose target
+    is none of the JSON's targets is a method's floor row); returns how many were missing."""
+    meta = summary["meta"]
+    files = {state / "settings.json": {k: meta[k] for k in SETTINGS},
+             state / "device.json": {"device_name": meta["card"], "torch": meta["torch"]}}
+    files.update({state / f"fp-{sampler}.json": row for sampler, row in meta["fp"].items()})
+    for row in summary["peers"]:
+        target = row["target_fraction"]
+        if row["method"] != "none" and target not in meta["targets"]:
+            target = "floor"
+        files[row_file(state, row["method"], row["sampler"], target)] = row
+    return seed_state(files)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     title = (f"# diffusers cache hooks on the reference model ({meta['n']} samples a row, {meta['steps']} steps, CFG "
              f"{meta['cfg_scale']}, one batch of {meta['batch_size']}, {meta['card']})")
@@ -341,6 +359,7 @@ def main():
     parser.add_argument("--state", default="/tmp/qandc-front-peers")
     parser.add_argument("--budget-s", type=float, default=math.inf, help="start no row after this many seconds")
     parser.add_argument("--out", help="default benchmarks/results/front-peers-<card>.json")
+    parser.add_argument("--seed-from", help="a front-peers JSON whose rows a new state starts from")
     args = parser.parse_args()
     args.batch_size = args.batch_size or args.n
     started = time.time()
@@ -351,10 +370,12 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = Path(args.state)
     (state / "rows").mkdir(parents=True, exist_ok=True)
+    if args.seed_from:
+        print(f"{seed(state, json.loads(Path(args.seed_from).read_text()))} state files from {args.seed_from}")
     measured_on = ran_on(state, device)  # the card the state's rows ran on
     card = card_name(measured_on["device_name"])
     out = args.out or str(Path(__file__).parent / "results" / f"front-peers-{card}.json")
-    settings = {k: getattr(args, k) for k in ("n", "batch_size", "steps", "cfg_scale", "seed", "tune_n")}
+    settings = {k: getattr(args, k) for k in SETTINGS}
     kept = json.loads((state / "settings.json").read_text()) if (state / "settings.json").exists() else settings
     if kept != settings:
         raise QandcError(f"{state}: a state folder of other settings ({json.dumps(kept)}): give another --state")
@@ -364,8 +385,7 @@ def main():
     print(f"conversion: relative error {conversion_error:.2e} against qandc's forward", flush=True)
     complete = True
     for sampler in args.samplers:
-        fp = fp_row(model, sampler, args, state)
-        tuner = Tuner(model, sampler, args, state)
+        fp, tuner = None, Tuner(model, sampler, args, state)
         for method in args.methods:
             targets = [1.0] if method == "none" else list(args.targets)
             for target in [*targets, "floor"]:
@@ -380,6 +400,7 @@ def main():
                 if time.time() - started > args.budget_s:
                     complete = False
                     break
+                fp = fp or fp_row(model, sampler, args, state)  # sampled once a row needs it
                 row = peer_row(model, tuner, method, sampler, target, args, state)
                 row["fd_ratio_vs_fp"] = row["fd"] / fp["fd"] if row["fd"] is not None else None
                 write_json(path, row)
