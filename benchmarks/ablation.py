@@ -148,9 +148,10 @@ def main():
                 "pool_samples": args.pool_samples, "vc_samples": args.vc_samples}
     summary = read_json(Path(args.seed_from)) if args.seed_from else None
     if summary:  # refused before anything is written
-        given = {"n": summary["n"], "cfg_scale": summary["cfg_scale"], "seed": summary["seed"], "steps": summary["steps"],
-                 "budget": summary["calibration_budget"], "pool_samples": summary["pool_samples"],
-                 "vc_samples": summary["vc_samples"], "sampler": summary["sampler"], "plan": summary["plan_spec"]}
+        given = {"n": summary["n"], "cfg_scale": summary["cfg_scale"], "seed": summary["seed"],
+                 "steps": summary["steps"], "budget": summary["calibration_budget"],
+                 "pool_samples": summary["pool_samples"], "vc_samples": summary["vc_samples"],
+                 "sampler": summary["sampler"], "plan": summary["plan_spec"]}
         if given != {**settings, "sampler": args.sampler, "plan": args.plan}:
             raise SystemExit(f"{args.seed_from}: rows of other settings ({json.dumps(given)}) than these")
     folders = {False: state_folder(Path(args.state), args.sampler, "none", settings),
@@ -218,7 +219,8 @@ def main():
             "plan_search": search, "search_seed": args.seed + SEARCH_SEED_OFFSET if search else None,
             "search_samples": args.search_samples if search else None,
             "calibration_budget": args.budget, "pool_samples": args.pool_samples, "vc_samples": args.vc_samples,
-            "matmul": "fp32 with TF32" if measured_on["device_name"] != "cpu" else "fp32", "torch": measured_on["torch"],
+            "matmul": "fp32 with TF32" if measured_on["device_name"] != "cpu" else "fp32",
+            "torch": measured_on["torch"],
             "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT)}
     write_results(args.out, meta, rows, markdown(rows, meta))
     if unfinished:

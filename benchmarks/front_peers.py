@@ -20,8 +20,9 @@ A `none` row runs the converted model without hooks (compute fraction 1: the con
 
 Run on a GPU: resumable (each finished row is a JSON file in --state; --budget-s stops between rows; --seed-from
 front-peers-<card>.json starts a new state from the rows a committed JSON holds, the GPU machine keeping nothing
-between sessions); writes benchmarks/results/front-peers-<card>.json ({"meta", "peers"}) and the .md table beside it. On a CPU, check it
-end to end with e.g. `--n 130 --steps 10 --tune-n 4 --methods none FirstBlockCache --targets 0.5` (FD needs n > 128).
+between sessions); writes benchmarks/results/front-peers-<card>.json ({"meta", "peers"}) and the .md table beside
+it. On a CPU, check it end to end with e.g. `--n 130 --steps 10 --tune-n 4 --methods none FirstBlockCache
+--targets 0.5` (FD needs n > 128).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ def main():
     rows = [measure(name, args.batch, args.repeats) for name in args.configs]
     for r in rows:
         print(f"{r['config']:9s} full {r['full_gflop']:8.1f} GFLOP {r['full_ms']:9.1f} ms | reuse "
-              f"{r['reuse_gflop']:6.2f} GFLOP {r['reuse_ms']:7.1f} ms | FLOP ratio {r['flop_ratio_reuse_over_full']:.4f}"
+              f"{r['reuse_gflop']:6.2f} GFLOP {r['reuse_ms']:7.1f} ms | "
+              f"FLOP ratio {r['flop_ratio_reuse_over_full']:.4f}"
               f" time ratio {r['time_ratio_reuse_over_full']:.4f}")
     write_json(args.out, {"device": f"cpu ({platform.processor() or platform.machine()}, "
                                     f"{torch.get_num_threads()} threads)", "torch": torch.__version__,
