@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU benchmarks' jobs, run from the project root on the device machine (`device` tool), one or more per call:
+#   bash benchmarks/gpu_session.sh quality          # front screens + trust ‖ DDIM peers ‖ ablation (quality only)
+#   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s)
+#   bash benchmarks/gpu_session.sh profile          # DiT-XL/2 step profiles, W8A8 default vs max-autotune (issue 17)
+#   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls)
+# Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
+# prometheus_client httpx httpcore anyio sniffio click" for serve) and `.gpu-states/NAME.tgz` of earlier calls of this
+# session. Each job's state comes back as $OUT/NAME.tgz (copy it to .gpu-states/), results written on the machine as
+# $OUT/results.tgz. A state missing its rows starts from the committed JSON (--seed-from: the machine and a new
+# checkout keep nothing between sessions). Every job stops itself before the device's 10-minute limit.
+set -u
+cd "$(dirname "$0")/.."
+: "${OUT:?run on the device machine: \$OUT is where results come back}"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-bundle/whl/*.whl 2>&1 |
+  grep -iv warning | tail -2
+export PYTHONPATH=/tmp/site:$PWD
+for t in .gpu-states/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C /tmp; done
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+touch /tmp/gpu-session-start
+save() { tar czf "$OUT/$1.tgz" -C /tmp "qandc-$1" && echo "saved $1: $(du -h "$OUT/$1.tgz" | cut -f1)"; }
+R=benchmarks/results
+
+quality() {
+  (cd benchmarks
+   (timeout -s INT 540 python3 front.py --phases screen trust --samplers ddpm ddim --state /tmp/qandc-front \
+      --seed-from results/front-h200.json --budget-s 470 > "$OUT/front.log" 2>&1; save front) &
+   (timeout -s INT 545 python3 front_peers.py --samplers ddim --state /tmp/qandc-front-peers --budget-s 380 \
+      --seed-from results/front-peers-h200.json --out /tmp/peers-ddim.json > "$OUT/peers.log" 2>&1; save front-peers) &
+   (timeout -s INT 545 python3 ablation.py --state /tmp/qandc-ablation --batch-size 1000 --budget-s 420 \
+      --seed-from results/ablation.json --out "$OUT/ablation.json" > "$OUT/ablation.log" 2>&1; save ablation) &
+   wait)
+}
+
+measure() {
+  (cd benchmarks && timeout -s INT 560 python3 front.py --phases measure --state /tmp/qandc-front \
+     --seed-from results/front-h200.json --budget-s "${BUDGET:-470}" > "$OUT/measure.log" 2>&1)
+  save front
+}
+
+profile() {
+  timeout -s INT 560 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions bf16 w8a8-fp8 \
+    --state /tmp/qandc-profile/steps > "$OUT/profile.log" 2>&1 &&
+  timeout -s INT 300 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 \
+    --quantized-mode max-autotune-no-cudagraphs --state /tmp/qandc-profile/steps >> "$OUT/profile.log" 2>&1
+  save profile
+}
+
+serve() {
+  timeout -s INT 560 python3 benchmarks/serve_load.py --state /tmp/qandc-serve-load/state \
+    --work /tmp/qandc-serve-load/work --budget-s 420 > "$OUT/serve.log" 2>&1
+  tar czf "$OUT/serve-load.tgz" -C /tmp qandc-serve-load/state
+}
+
+for job in "$@"; do "$job"; done
+find $R -newer /tmp/gpu-session-start -type f | tar czf "$OUT/results.tgz" -T -
+tail -n 5 "$OUT"/*.log
