@@ -2,7 +2,7 @@
 # The GPU benchmarks' jobs, run from the project root on the device machine (`device` tool), one or more per call:
 #   bash benchmarks/gpu_session.sh quality          # front screens + trust ‖ DDIM peers ‖ ablation (quality only)
 #   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s)
-#   bash benchmarks/gpu_session.sh profile          # DiT-XL/2 step profiles, W8A8 default vs max-autotune (issue 17)
+#   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click" for serve) and `.gpu-states/NAME.tgz` of earlier calls of this
@@ -38,10 +38,14 @@ measure() {
   save front
 }
 
-profile() {
-  timeout -s INT 560 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions bf16 w8a8-fp8 \
-    --state /tmp/qandc-profile/steps > "$OUT/profile.log" 2>&1 &&
-  timeout -s INT 300 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 \
+profile() {  # whole sampling runs of the reference model (host- or GPU-bound: DDPM's default plan runs at 1.75x of a
+  # 2.2x bound), then single DiT-XL/2 steps; rows resume, the compile cache stays while the machine is warm: call it
+  # again until profile.log shows every row
+  timeout -s INT 150 python3 benchmarks/profile_step.py --model reference --run --plan default-shape \
+    --precisions bf16 --state /tmp/qandc-profile/runs > "$OUT/profile.log" 2>&1
+  timeout -s INT 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions bf16 w8a8-fp8 \
+    --state /tmp/qandc-profile/steps >> "$OUT/profile.log" 2>&1 &&
+  timeout -s INT 150 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 \
     --quantized-mode max-autotune-no-cudagraphs --state /tmp/qandc-profile/steps >> "$OUT/profile.log" 2>&1
   save profile
 }
