@@ -26,8 +26,10 @@ R=benchmarks/results
 
 quality() {
   (cd benchmarks
-   (timeout -s INT 540 python3 front.py --phases screen trust --samplers ddpm ddim --state /tmp/qandc-front \
-      --seed-from results/front-h200.json --budget-s 470 > "$OUT/front.log" 2>&1; save front) &
+   (F="python3 front.py --samplers ddpm ddim --state /tmp/qandc-front --seed-from results/front-h200.json"
+    # the trust screens first (they decide the search's bar), then the points not screened yet
+    timeout -s INT 300 $F --phases trust --budget-s 270 > "$OUT/front.log" 2>&1
+    timeout -s INT 230 $F --phases screen --budget-s 200 >> "$OUT/front.log" 2>&1; save front) &
    (timeout -s INT 545 python3 front_peers.py --samplers ddim --state /tmp/qandc-front-peers --budget-s 380 \
       --seed-from results/front-peers-h200.json --out /tmp/peers-ddim.json > "$OUT/peers.log" 2>&1; save front-peers) &
    (timeout -s INT 545 python3 ablation.py --state /tmp/qandc-ablation --batch-size 1000 --budget-s 420 \
