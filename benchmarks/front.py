@@ -135,8 +135,9 @@ class Front:
             if plan.to_dict() != stored["plan"]:
                 print(f"{path.name}: searched again, the search chose another plan than the seeded one", flush=True)
                 return None
-            write_json(path, {**stored, "search": summary})
-        return json.loads(path.read_text())["search"]
+            stored = {**stored, "search": summary}
+            write_json(path, stored)
+        return stored["search"]
 
     def seed(self, summary: dict) -> int:
         """The state files a front JSON gives back (see the module's docstring); returns how many were missing."""
@@ -146,11 +147,9 @@ class Front:
                       for stem, fd in summary["meta"]["reference_fd"].items()})
         files.update({self.state / "speed" / f"{chunk['chunk']}.json": chunk
                       for chunk in summary["meta"]["speed_reference_chunks"]})
-        for row in summary["rows"]:
-            point = Point(row["sampler"], row["method"], row["target_fraction"], row["forecast"], row["precision"])
-            plan = CachePlan.from_dict(row["plan"])
-            folder = "screen" if row["path"] == "pytorch" else "measure"
-            files[self.state / folder / f"{point.sampler}-{point.precision}-{self.plan_key(plan)}.json"] = row
+        files.update({self.row_path("screen" if row["path"] == "pytorch" else "measure", row["sampler"],
+                                    row["precision"], CachePlan.from_dict(row["plan"])): row
+                      for row in summary["rows"]})
         files.update({self.trust_path(Point(t["sampler"], "searched", t["target"], t["forecast"], "bf16")): t
                       for t in summary["trust_bar"]})
         written = seed_state(files)
@@ -202,8 +201,12 @@ class Front:
         return json.loads(path.read_text())["fd"]
 
     # --- screen ---------------------------------------------------------------------------------------------------
+    def row_path(self, phase: str, sampler: str, precision: str, plan: CachePlan) -> Path:
+        """A screened or measured row's file: points whose plans are the same share it."""
+        return self.state / phase / f"{sampler}-{precision}-{self.plan_key(plan)}.json"
+
     def screen_path(self, point: Point, plan: CachePlan) -> Path:
-        return self.state / "screen" / f"{point.sampler}-{point.precision}-{self.plan_key(plan)}.json"
+        return self.row_path("screen", point.sampler, point.precision, plan)
 
     def screen(self, point: Point, n: int) -> dict:
         """The point's screened row (shared by points whose plans are the same)."""
@@ -303,7 +306,7 @@ class Front:
         return (np.concatenate(images) if images else None), speed, pipeline.last_run
 
     def measure_path(self, point: Point) -> Path:
-        return self.state / "measure" / f"{point.sampler}-{point.precision}-{self.plan_key(self.plan(point))}.json"
+        return self.row_path("measure", point.sampler, point.precision, self.plan(point))
 
     def measure(self, point: Point, n: int, batch: int, chunk: dict | None) -> dict:
         plan, path = self.plan(point), self.measure_path(point)
