@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmarks' jobs, run from the project root on the device machine (`device` tool), one or more per call:
-#   bash benchmarks/gpu_session.sh quality          # front screens + trust ‖ DDIM peers ‖ ablation (quality only)
+#   bash benchmarks/gpu_session.sh quality          # front trust + screens ‖ DDIM peers in two processes (quality only)
+#   bash benchmarks/gpu_session.sh ablation         # the ablation's optional rows
 #   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
-# prometheus_client httpx httpcore anyio sniffio click" for serve) and `.gpu-states/NAME.tgz` of earlier calls of this
+# prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions" for serve:
+# fastapi 0.165 imports the last three, the torch machine's typing_extensions lacks what anyio 4.16 imports) and `.gpu-states/NAME.tgz` of earlier calls of this
 # session. Each job's state comes back as $OUT/NAME.tgz (copy it to .gpu-states/), results written on the machine as
 # $OUT/results.tgz. A state missing its rows starts from the committed JSON (--seed-from: the machine and a new
 # checkout keep nothing between sessions). Every job stops itself before the device's 10-minute limit.
@@ -30,11 +32,20 @@ quality() {
     # the trust screens first (they decide the search's bar), then the points not screened yet
     timeout -s INT 300 $F --phases trust --budget-s 270 > "$OUT/front.log" 2>&1
     timeout -s INT 230 $F --phases screen --budget-s 200 >> "$OUT/front.log" 2>&1; save front) &
-   (timeout -s INT 545 python3 front_peers.py --samplers ddim --state /tmp/qandc-front-peers --budget-s 380 \
-      --seed-from results/front-peers-h200.json --out /tmp/peers-ddim.json > "$OUT/peers.log" 2>&1; save front-peers) &
-   (timeout -s INT 545 python3 ablation.py --state /tmp/qandc-ablation --batch-size 1000 --budget-s 420 \
-      --seed-from results/ablation.json --out "$OUT/ablation.json" > "$OUT/ablation.log" 2>&1; save ablation) &
+   # the DDIM peers in two processes of their own states (rows merge: one file a row), each under its own budget
+   for group in ${PEER_GROUPS:-SeaCache FasterCache,PyramidAttentionBroadcast}; do  # methods of a process: a,b
+     (name=front-peers-${group%%,*}
+      timeout -s INT 545 python3 front_peers.py --samplers ddim --methods none ${group//,/ } \
+        --state /tmp/qandc-$name --budget-s 380 --seed-from results/front-peers-h200.json \
+        --out /tmp/$name.json > "$OUT/$name.log" 2>&1; save $name) &
+   done
    wait)
+}
+
+ablation() {  # the ablation's optional rows (the issue's 16 are committed)
+  (cd benchmarks && timeout -s INT 545 python3 ablation.py --state /tmp/qandc-ablation --batch-size 1000 \
+     --budget-s 420 --seed-from results/ablation.json --out "$OUT/ablation.json" > "$OUT/ablation.log" 2>&1)
+  save ablation
 }
 
 measure() {
