@@ -18,11 +18,8 @@ float32 model's (labels i % 10, sample i keyed by (seed, i)).
    the whole sampling runs of --batch images (twice the rows with CFG) after a warm-up batch. The bf16 no-cache
    engines of each sampler are timed again in every command (a chunk of the work) as that chunk's reference.
    Points measured once and no longer picked (a cheaper point screened since) stay in the JSON.
-3. trust (a diagnostic of the search, not a method of the front): where a bf16 search chose another candidate than
-   its lowest-error one within the target (plan_search.TRUST's bar for placed plans), that candidate screened beside
-   the chosen one — does the bar cost FD or save it?
-4. summary: front-<card>.json (`rows`: screened and measured points; `peers` from benchmarks/front_peers.py's JSON;
-   `targets`; `trust_bar`) and front-<card>.png.
+3. summary: front-<card>.json (`rows`: screened and measured points; `peers` from benchmarks/front_peers.py's JSON;
+   `targets`; `searches`: every plan with its search) and front-<card>.png.
 
 Resumable: plans, recipes and rows are kept in --state; --budget-s stops between points (one GPU command is at most
 10 minutes). Engines are rebuilt in --work when missing. The GPU machine keeps nothing between sessions: --seed-from
@@ -47,7 +44,7 @@ from _common import generate_images, ran_on, seed_state
 from qandc.artifacts import atomic_path, sha256_file, write_json
 from qandc.bench import card_name, device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
-from qandc.calibration.plan_search import PlanSearch, auto_plan, family_plans, parse_auto
+from qandc.calibration.plan_search import PlanSearch, auto_plan
 from qandc.formats.recipe import VarianceCompensation, load_vc
 from qandc.images import model_to_images, to_uint8
 from qandc.metrics.evaluate import score
@@ -103,12 +100,11 @@ class Front:
                  steps: int = STEPS):
         self.state, self.work, self.device, self.steps = state, work, device, steps
         self.search_samples, self.calibration = search_samples, calibration
-        for sub in ("plans", "recipes", "reference", "screen", "measure", "speed", "trust"):
+        for sub in ("plans", "recipes", "reference", "screen", "measure", "speed"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         self.ran_on = ran_on(state, device)  # the card the state's rows ran on
         self.model = load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
         self.flops = branch_flops(self.model.config)
-        self.families = {}  # (sampler, forecast) -> the plan search's candidate plans by name
 
     # --- plans and recipes ---------------------------------------------------------------------------------------
     def plan(self, point: Point) -> CachePlan:
@@ -124,21 +120,6 @@ class Front:
             write_json(path, {"spec": search.spec, "plan": plan.to_dict(), "search": summary})
         return CachePlan.from_dict(json.loads(path.read_text())["plan"])
 
-    def search(self, point: Point) -> dict | None:
-        """The search summary of a searched point's plan; a plan seeded without one is searched again here, and
-        kept only where the search gives the same plan (else None)."""
-        path = self.plan_path(point)
-        stored = json.loads(path.read_text())
-        if stored["search"] is None:
-            plan, summary = auto_plan(self.model, parse_auto(stored["spec"]), self.steps, point.sampler,
-                                      CFG, SEARCH_SEED, self.search_samples)
-            if plan.to_dict() != stored["plan"]:
-                print(f"{path.name}: searched again, the search chose another plan than the seeded one", flush=True)
-                return None
-            stored = {**stored, "search": summary}
-            write_json(path, stored)
-        return stored["search"]
-
     def seed(self, summary: dict) -> int:
         """The state files a front JSON gives back (see the module's docstring); returns how many were missing."""
         files = {self.state / "device.json": {k: summary["meta"][k] for k in ("device_name", "torch")}}
@@ -150,8 +131,6 @@ class Front:
         files.update({self.row_path("screen" if row["path"] == "pytorch" else "measure", row["sampler"],
                                     row["precision"], CachePlan.from_dict(row["plan"])): row
                       for row in summary["rows"]})
-        files.update({self.trust_path(Point(t["sampler"], "searched", t["target"], t["forecast"], "bf16")): t
-                      for t in summary["trust_bar"]})
         written = seed_state(files)
         self.ran_on = ran_on(self.state, self.device)
         return written
@@ -227,42 +206,6 @@ class Front:
             result = score(images, labels, self.reference(point.sampler, n))
             write_json(path, {**self.row_fields(point, plan, result, n, "pytorch"), "seconds": time.time() - start})
         return json.loads(path.read_text())
-
-    def trust_row(self, point: Point, chosen_row: dict, n: int) -> dict | None:
-        """The trust-bar diagnostic of a bf16 searched point: its search's lowest-error candidate within the target
-        screened beside the chosen plan, or None where the search chose that candidate."""
-        path = self.trust_path(point)
-        if path.exists():
-            return json.loads(path.read_text())
-        search = self.search(point)
-        if search is None:
-            return None
-        within = [c for c in search.get("candidates", []) if c["compute_fraction"] <= search["target"]["compute"]]
-        lowest = min(within, key=lambda c: c["error"], default=None)
-        if lowest is None or lowest["name"] == search["chosen"]:
-            return None
-        plan = self.family(point.sampler, point.forecast)[lowest["name"]]
-        screened = self.state / "trust" / f"screen-{point.sampler}-{self.plan_key(plan)}.json"
-        row = self.screen_plan(point, plan, screened, n)
-        write_json(path, {"sampler": point.sampler, "target": point.fraction, "forecast": point.forecast,
-                          "chosen": search["chosen"], "chosen_error": search["error"],
-                          "chosen_compute_fraction": chosen_row["compute_fraction"],
-                          "chosen_fd_ratio_vs_fp": chosen_row["fd_ratio_vs_fp"],
-                          "lowest": lowest["name"], "lowest_error": lowest["error"],
-                          "lowest_compute_fraction": row["compute_fraction"],
-                          "lowest_fd_ratio_vs_fp": row["fd_ratio_vs_fp"], "n": n})
-        return json.loads(path.read_text())
-
-    def family(self, sampler: str, forecast: int) -> dict[str, CachePlan]:
-        """The plan search's candidates by name, as its searches at `sampler` and `forecast` built them."""
-        if (sampler, forecast) not in self.families:
-            labels = torch.arange(self.search_samples) % self.model.config.num_classes
-            self.families[sampler, forecast] = family_plans(self.model, forecast, "float32", labels, self.steps,
-                                                            sampler, CFG, SEARCH_SEED)
-        return self.families[sampler, forecast]
-
-    def trust_path(self, point: Point) -> Path:
-        return self.state / "trust" / f"{point.sampler}-{point.fraction:g}-f{point.forecast}.json"
 
     def row_fields(self, point: Point, plan: CachePlan, result: dict, n: int, path: str) -> dict:
         fp = self.reference_fd(point.sampler, n)
@@ -400,22 +343,28 @@ def targets(rows: list[dict], peers: list[dict]) -> dict:
                                                                  "speedup_vs_bf16_compiled")}
         result["moonshot_4x_met"] = best["speedup_vs_bf16_compiled"] >= 4
     comparisons = []
-    for peer in (p for p in peers if p.get("fd") is not None):
-        screened = [r for r in rows if r["path"] == "pytorch" and r["sampler"] == peer["sampler"]
-                    and r["n"] == peer["n"] and r["compute_fraction"] <= peer["compute_fraction"] + TOLERANCE]
-        comparison = {"sampler": peer["sampler"], "peer": peer["method"],
-                      "compute_fraction": peer["compute_fraction"], "peer_fd": peer["fd"]}
-        for key, ours in (("", [r for r in screened if r["compute_fraction"] >= peer["compute_fraction"] - TOLERANCE]),
-                          ("_within_budget", screened)):
-            best = min(ours, key=lambda r: r["fd"], default=None)
-            comparison.update({f"qandc_best{key}": best and f"{best['method']} {best['precision']} at "
-                                                         f"{best['compute_fraction']:.2f}",
-                               f"qandc_best_fd{key}": best and best["fd"],
-                               f"qandc_wins{key}": best is not None and best["fd"] <= peer["fd"]})
-        comparisons.append(comparison)
+    for sampler in SAMPLERS:
+        for fraction in FRACTIONS[1:]:
+            near = [p for p in peers if p["sampler"] == sampler and p.get("fd") is not None
+                    and abs(p["compute_fraction"] - fraction) <= TOLERANCE]
+            if not near:
+                continue
+            peer = min(near, key=lambda p: p["fd"])
+            screened = [r for r in rows if r["path"] == "pytorch" and r["sampler"] == sampler and r["n"] == peer["n"]
+                        and r["compute_fraction"] <= fraction + TOLERANCE]
+            comparison = {"sampler": sampler, "fraction": fraction, "best_peer": peer["method"],
+                          "peer_compute_fraction": peer["compute_fraction"], "peer_fd": peer["fd"]}
+            for key, ours in (("", [r for r in screened if r["compute_fraction"] >= fraction - TOLERANCE]),
+                              ("_within_budget", screened)):
+                best = min(ours, key=lambda r: r["fd"], default=None)
+                comparison.update({f"qandc_best{key}": best and f"{best['method']} {best['precision']} at "
+                                                             f"{best['compute_fraction']:.2f}",
+                                   f"qandc_best_fd{key}": best and best["fd"],
+                                   f"qandc_wins{key}": best is not None and best["fd"] <= peer["fd"]})
+            comparisons.append(comparison)
     result["vs_peers"] = comparisons
-    # the issue's reading: qandc's best within ±TOLERANCE of each peer's fraction; and a user's, with a budget of
-    # that fraction: qandc's best at that fraction or below (a cheaper point that is also better counts)
+    # the issue's reading: at each fraction of the grid, qandc's best within ±TOLERANCE against the best peer's; and
+    # a user's, with a budget of that fraction: qandc's best at that fraction or below (a cheaper point counts)
     for key in ("", "_within_budget"):
         result[f"beats_every_peer_at_every_fraction{key}"] = bool(comparisons) and all(
             c[f"qandc_wins{key}"] for c in comparisons)
@@ -477,7 +426,7 @@ def plot(rows: list[dict], peers: list[dict], path: Path, card: str, steps: int)
     plt.close(fig)
 
 
-def write_summary(front: Front, args, rows: list[dict], trust_rows: list[dict]) -> None:
+def write_summary(front: Front, args, rows: list[dict]) -> None:
     """front-<card>.json and .png from the rows at hand (one per point: points whose plans agree share numbers), for
     the card the state's rows ran on."""
     state = front.state
@@ -496,7 +445,7 @@ def write_summary(front: Front, args, rows: list[dict], trust_rows: list[dict]) 
             "speed_reference_chunks": [json.loads(p.read_text()) for p in sorted((state / "speed").glob("*.json"))],
             "matmul": "float32 PyTorch paths with TF32", "checkpoint_sha256": sha256_file(REFERENCE_CHECKPOINT),
             "peers_source": peers_path.resolve().relative_to(ROOT).as_posix() if peers_path.exists() else None}
-    result = {"meta": meta, "rows": rows, "peers": peers, "targets": targets(rows, peers), "trust_bar": trust_rows,
+    result = {"meta": meta, "rows": rows, "peers": peers, "targets": targets(rows, peers),
               "searches": front.searches()}
     write_json(out, result)
     plot(rows, peers, out.with_suffix(".png"), meta["device_name"], front.steps)
@@ -516,7 +465,7 @@ def main():
     parser.add_argument("--samplers", nargs="*", default=list(SAMPLERS))
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS),
                         help="bf16 first (it picks forecast orders)")
-    parser.add_argument("--phases", nargs="*", default=["screen", "measure", "trust", "summary"])
+    parser.add_argument("--phases", nargs="*", default=["screen", "measure", "summary"])
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop between points after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-front")
     parser.add_argument("--work", default="/tmp/qandc-front-work", help="engines and Inductor's compile cache")
@@ -571,18 +520,8 @@ def main():
                   f"FD {r['fd']:.3f} ({r['fd_ratio_vs_fp']:.2f}x)", flush=True)
     picked = {front.measure_path(point) for point in measured_rows}
     earlier = [json.loads(p.read_text()) for p in sorted((state / "measure").glob("*.json")) if p not in picked]
-    trust_rows = []
-    for point, row in screen_rows.items():  # kept rows count in every phase, as measured ones
-        if point.precision != "bf16" or not point.method.startswith("searched"):
-            continue
-        if front.trust_path(point).exists() or ("trust" in args.phases and not spent()):
-            trust = front.trust_row(point, row, args.screen_n)
-            if trust:
-                trust_rows.append(trust)
-                print(f"trust {point.name}: chosen {trust['chosen']} {trust['chosen_fd_ratio_vs_fp']:.2f}x, lowest "
-                      f"error {trust['lowest']} {trust['lowest_fd_ratio_vs_fp']:.2f}x", flush=True)
     if "summary" in args.phases:
-        write_summary(front, args, [*screen_rows.values(), *measured_rows.values(), *earlier], trust_rows)
+        write_summary(front, args, [*screen_rows.values(), *measured_rows.values(), *earlier])
 
 
 if __name__ == "__main__":

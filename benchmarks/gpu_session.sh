@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU benchmarks' jobs, run from the project root on the device machine (`device` tool), one or more per call:
-#   bash benchmarks/gpu_session.sh quality          # front trust + screens ‖ DDIM peers in two processes (quality only)
+#   bash benchmarks/gpu_session.sh quality          # the front's points not screened yet (2k samples each)
+#   bash benchmarks/gpu_session.sh peers            # the peers' rows not run yet, two processes (PEER_GROUPS)
 #   bash benchmarks/gpu_session.sh ablation         # the ablation's optional rows
 #   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions" for serve:
-# fastapi 0.165 imports the last three, the torch machine's typing_extensions lacks what anyio 4.16 imports) and `.gpu-states/NAME.tgz` of earlier calls of this
+# fastapi 0.165 imports the last three; the torch machine's typing_extensions lacks what anyio 4.16 imports) and
+# `.gpu-states/NAME.tgz` of earlier calls of this
 # session. Each job's state comes back as $OUT/NAME.tgz (copy it to .gpu-states/), results written on the machine as
 # $OUT/results.tgz. A state missing its rows starts from the committed JSON (--seed-from: the machine and a new
 # checkout keep nothing between sessions). Every job stops itself before the device's 10-minute limit.
@@ -26,18 +28,19 @@ touch /tmp/gpu-session-start
 save() { tar czf "$OUT/$1.tgz" -C /tmp "qandc-$1" && echo "saved $1: $(du -h "$OUT/$1.tgz" | cut -f1)"; }
 R=benchmarks/results
 
-quality() {
+quality() {  # the front's points not screened yet (a changed plan search re-screens its points)
+  (cd benchmarks && timeout -s INT 560 python3 front.py --samplers ddpm ddim --phases screen --budget-s 480 \
+     --state /tmp/qandc-front --seed-from results/front-h200.json > "$OUT/front.log" 2>&1)
+  save front
+}
+
+peers() {  # the peers' rows not run yet, in processes of their own states (rows merge: one file a row)
   (cd benchmarks
-   (F="python3 front.py --samplers ddpm ddim --state /tmp/qandc-front --seed-from results/front-h200.json"
-    # the trust screens first (they decide the search's bar), then the points not screened yet
-    timeout -s INT 300 $F --phases trust --budget-s 270 > "$OUT/front.log" 2>&1
-    timeout -s INT 230 $F --phases screen --budget-s 200 >> "$OUT/front.log" 2>&1; save front) &
-   # the DDIM peers in two processes of their own states (rows merge: one file a row), each under its own budget
    for group in ${PEER_GROUPS:-SeaCache FasterCache,PyramidAttentionBroadcast}; do  # methods of a process: a,b
      (name=front-peers-${group%%,*}
-      timeout -s INT 545 python3 front_peers.py --samplers ddim --methods none ${group//,/ } \
-        --state /tmp/qandc-$name --budget-s 380 --seed-from results/front-peers-h200.json \
-        --out /tmp/$name.json > "$OUT/$name.log" 2>&1; save $name) &
+      timeout -s INT 545 python3 front_peers.py --methods none ${group//,/ } --state /tmp/qandc-$name \
+        --budget-s 380 --seed-from results/front-peers-h200.json --out /tmp/$name.json > "$OUT/$name.log" 2>&1
+      save $name) &
    done
    wait)
 }

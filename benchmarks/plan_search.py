@@ -18,7 +18,7 @@ import time
 import torch
 
 from _common import table, write_results
-from qandc.calibration.plan_search import TRUST, choose, evaluate_candidates, sample_errors
+from qandc.calibration.plan_search import choose, evaluate_candidates, sample_errors
 from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
 from qandc.sampling import sample
@@ -88,7 +88,7 @@ def main():
     meta = {"model": "reference-dit", "device": args.device, "host": platform.node(), "torch": torch.__version__,
             "steps": steps, "cfg_scale": cfg, "search_samples": args.search_samples, "search_seed": 0,
             "held_out": {"samples": args.held_out, "seed": 1, "labels": "(i + 3) % classes", "sample_ids": "1000.."},
-            "trust": TRUST, "error": "geometric mean over samples of sum (x - x0)^2 / sum x0^2; dB = -10 log10",
+            "error": "geometric mean over samples of sum (x - x0)^2 / sum x0^2; dB = -10 log10",
             "searches": searches}
     write_results(args.out, meta, rows, "\n".join(lines) + "\n")
 

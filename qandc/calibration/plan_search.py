@@ -31,11 +31,11 @@ calibration's seed, `samples` labels i % classes) of each final sample's Σ (x �
 one x₀, the noise shared; −10 log10 of it is their mean SNR (PSNR up to the peak) in dB. A geometric mean, since
 under DDPM a plan can send an odd sample to another image altogether, and one such sample would otherwise outweigh
 the fidelity of all the others. Candidates are walked in order of compute fraction; one
-becomes the answer when its error is below the answer's so far, and a structured candidate only when it is also
-below the best interval plan's error at its fraction or less divided by TRUST = 3 (4.8 dB). The search trajectories
-are few: on the reference model under DDPM without forecast, change-placed schedules 1.9-2.2 times better there
-were up to 1.2 times worse on held-out samples (a sparser start sent an odd sample to another image), while those
-6.6-10.6 times better (with a forecast) stayed 2.3-3.6 times better. Hence, on the search
+becomes the answer when its error is below the answer's so far: the least error within F, the cheaper candidate at
+a tie. (A bar for structured candidates — cut the best interval plan's error 3 times, set on held-out L2 of 8 search
+trajectories — was dropped: at the 10 searches on the reference model where it chose otherwise, under DDPM and
+DDIM, the least-error candidate screened at a lower FD at 9 and the same at one, e.g. DDPM at 0.5: 0.92-0.94x of the
+uncached FD against 1.27-1.47x; benchmarks/results/plan-search-choice-h200.json.) Hence, on the search
 trajectories: the answer's error is at most every interval plan's within F, and does not grow as F grows (the family
 and its errors do not depend on F; only candidates within F are sampled). F ≥ 1 gives no cache without measuring;
 F below the interval-8 plan's fraction is refused. Cost: one uncached run of the search trajectories, then each
@@ -64,7 +64,6 @@ STRIDES = (2, 2.5, 3, 3.5, 4, 5, 6, 7, 8)  # full-step counts ⌈steps / N⌉ of
 PLACEMENT_POWERS = (0.5, 1.0)
 TIER_SHARE = 0.5          # the FLOP share of the tier refreshed more often
 TIER_RATIO = 1.5          # its refreshes per full step of the interval plan at the same compute
-TRUST = 3.0               # a structured candidate must cut the interval plans' error this many times
 
 
 class PlanSearch(NamedTuple):
@@ -312,30 +311,15 @@ def sample_error(model, plan: CachePlan, labels, steps: int, sampler: str, cfg_s
 
 
 def choose(candidates: list[dict], target: float) -> dict | None:
-    """The answer for a compute fraction `target` among evaluated candidates ({"compute_fraction", "error",
-    "interval"}), listed by compute fraction with interval plans first at equal fractions: walking those within
-    `target`, a candidate takes over when its error is below the answer's so far and, for a structured one, also
-    below the best interval plan's error so far divided by TRUST. None when no error is finite."""
-    chosen, best_interval = None, math.inf
+    """The answer for a compute fraction `target` among evaluated candidates ({"compute_fraction", "error"}), listed
+    by compute fraction: the least error within `target`, the first at a tie. None when no error is finite."""
+    chosen = None
     for candidate in candidates:
         if candidate["compute_fraction"] > target:
             break
-        error, bar = candidate["error"], chosen["error"] if chosen else math.inf
-        if candidate["interval"]:
-            best_interval = min(best_interval, error)
-        else:
-            bar = min(bar, best_interval / TRUST)
-        if error < bar:
+        if candidate["error"] < (chosen["error"] if chosen else math.inf):
             chosen = candidate
     return chosen
-
-
-def family_plans(model, forecast: int, factors: str, labels, steps: int, sampler: str, cfg_scale: float,
-                 seed: int) -> dict[str, CachePlan]:
-    """The compute family's plans by name, built as `evaluate_candidates` builds them on uncached trajectories of
-    `labels` (none sampled): a candidate the search measured, to run on its own."""
-    changes, _ = _measure(model, labels, steps, sampler, cfg_scale, seed)
-    return {c.name: c.plan for c in candidate_plans(changes, branch_flops(model.config), forecast, factors)}
 
 
 def evaluate_candidates(model, limit: float, forecast: int, factors: str, labels, steps: int, sampler: str,
@@ -371,7 +355,7 @@ def compute_search(model, search: PlanSearch, labels, steps: int, sampler: str, 
         raise QandcError(f"{search.spec}: no candidate plan gave a finite error (does the model output NaNs?)")
     summary = {"target": target, "chosen": chosen["name"], "compute_fraction": chosen["compute_fraction"],
                "error": chosen["error"], "interval_error": min(c["error"] for c in evaluated if c["interval"]),
-               "trust": TRUST, "samples": len(labels), "candidates": evaluated}
+               "samples": len(labels), "candidates": evaluated}
     return plans[chosen["name"]], summary
 
 
