@@ -42,7 +42,7 @@ from qandc.engines import inductor_backend
 ROOT = Path(__file__).resolve().parents[1]
 
 # first match wins: attention before GEMMs (cutlass attention kernels), norms before quantize (Inductor fuses
-# LayerNorm + modulate + quantize into one kernel, counted as a norm; `top_kernels` shows what fused)
+# LayerNorm + modulate + quantize into one kernel, counted as a norm; `kernels` shows what fused)
 GROUPS = (
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("gemm", r"gemm|scaled_mm|cutlass|xmma|nvjet|triton_tem|_mm_|\bmm\b|addmm|bmm|matmul|int8_linear"),
@@ -53,13 +53,21 @@ GROUPS = (
     ("other", r""),
 )
 SYNC_CALLS = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy$|cudaMemcpy[^A]")  # host waits on the GPU
+TOP_KERNELS = 12  # kernels a markdown table shows (the JSON keeps them all)
 ANNOTATION = "qandc::"  # record_function ranges of this script, not work
 DEVICE_WAITS = re.compile(r"^(stream|event|context) (sync|wait)", re.I)  # CUPTI's records of waits, not work
 
 
+TRITON_POINTWISE = re.compile(r"^triton_(poi|red|per)_")  # Inductor's generated non-GEMM kernels
+FED_GEMM = re.compile(r"_(scaled_mm|addmm|bmm|mm)_")  # ...named after the GEMM they feed or follow too
+
+
 def group_of(name: str) -> str:
-    """The group of a kernel or CPU op name."""
+    """The group of a kernel or CPU op name (an Inductor pointwise or reduction kernel is never a GEMM, though its
+    name may carry the GEMM whose input it quantizes: `triton_poi_fused__scaled_mm__to_copy_clamp_div_gelu`)."""
     lower = name.lower()
+    if TRITON_POINTWISE.match(lower):
+        lower = FED_GEMM.sub("_", lower)
     return next(group for group, pattern in GROUPS if re.search(pattern, lower))
 
 
@@ -68,7 +76,8 @@ def work_events(prof, device: str) -> list[tuple[str, float, float, float]]:
     memset), on the CPU its ops by self time (nested ops counted once)."""
     events = []
     for e in prof.events():
-        if device == "cuda" and e.device_type == DeviceType.CUDA and not DEVICE_WAITS.match(e.name):
+        if (device == "cuda" and e.device_type == DeviceType.CUDA and not DEVICE_WAITS.match(e.name)
+                and not e.name.startswith(ANNOTATION)):  # record_function ranges appear on the GPU's timeline too
             events.append((e.name, e.time_range.start, e.time_range.end, e.time_range.elapsed_us()))
         elif device == "cpu" and e.device_type == DeviceType.CPU and not e.name.startswith(ANNOTATION):
             events.append((e.name, e.time_range.start, e.time_range.end, e.self_cpu_time_total))
@@ -85,25 +94,27 @@ def busy_us(events) -> float:
     return total
 
 
-def grouped(events, per: int, top: int = 12) -> dict:
-    """Per-step ms, share and count of each group over `per` steps, and the `top` kernels by time."""
-    groups = {g: {"ms": 0.0, "kernels": 0} for g, _ in GROUPS}
+def grouped(events, per: int) -> dict:
+    """Every kernel's ms, share and count per step over `per` steps, by time, and their groups' (`group_totals`)."""
     kernels = {}
     for name, _, _, us in events:
-        group = groups[group_of(name)]
-        group["ms"] += us / 1e3 / per
-        group["kernels"] += 1
-        k = kernels.setdefault(name, {"name": name[:160], "group": group_of(name), "ms": 0.0, "count": 0})
+        k = kernels.setdefault(name, {"name": name[:160], "ms": 0.0, "count": 0})
         k["ms"] += us / 1e3 / per
-        k["count"] += 1
+        k["count"] += 1 / per
+    return group_totals(sorted(kernels.values(), key=lambda k: -k["ms"]))
+
+
+def group_totals(kernels: list[dict]) -> dict:
+    """{"groups": per group ms, share and kernels per step; "work_ms"; "kernels": each with its group and share}."""
+    groups = {g: {"ms": 0.0, "kernels": 0.0} for g, _ in GROUPS}
+    for k in kernels:
+        k["group"] = group_of(k["name"])
+        groups[k["group"]]["ms"] += k["ms"]
+        groups[k["group"]]["kernels"] += k["count"]
     total = sum(g["ms"] for g in groups.values())
-    for g in [*groups.values(), *kernels.values()]:
+    for g in [*groups.values(), *kernels]:
         g["share"] = g["ms"] / total if total else 0.0
-    for g in groups.values():
-        g["kernels"] /= per
-    for k in kernels.values():
-        k["count"] /= per
-    return {"groups": groups, "work_ms": total, "top_kernels": sorted(kernels.values(), key=lambda k: -k["ms"])[:top]}
+    return {"groups": groups, "work_ms": total, "kernels": kernels}
 
 
 def _sync(device: str) -> None:
@@ -232,7 +243,7 @@ def make(name: str, device: str):
 
 def step_markdown(meta: dict, rows: list[dict]) -> str:
     floor = meta.get("fp8_floor_ms")
-    lines = [f"# Step profile: {meta['model']}, {meta['rows']} rows, plan {meta['plan']} ({meta['card']}, "
+    lines = [f"# Step profile: {meta['model']}, {meta['batch_rows']} rows, plan {meta['plan']} ({meta['card']}, "
              f"{meta['device_name']}, torch {meta['torch']})", "",
              f"FLOPs of a full step {meta['flops_full_step'] / 1e9:.4g} GFLOP; FP8 floor "
              + (f"{floor:.2f} ms at {meta['fp8_gemm_tflops']:.0f} TFLOP/s (`_scaled_mm`, {meta['gemm_shape']})"
@@ -250,7 +261,7 @@ def step_markdown(meta: dict, rows: list[dict]) -> str:
         lines += ["", f"Top kernels, {r['precision']} ({r.get('compile_mode', '')}) {r['graph']}:", ""]
         lines += table(["kernel", "group", "ms per step", "share", "per step"],
                        [[f"`{k['name'][:100]}`", k["group"], f"{k['ms']:.3f}", f"{k['share']:.1%}", f"{k['count']:g}"]
-                        for k in r["top_kernels"]])
+                        for k in r["kernels"][:TOP_KERNELS]])
     return "\n".join(lines) + "\n"
 
 
@@ -309,7 +320,7 @@ def main(argv=None) -> None:
     rows = 2 * args.images if args.run else args.rows
     kind = "run" if args.run else "step"
     meta = {"card": card, "device_name": device_name(device),
-            "torch": torch.__version__, "model": args.model, "plan": args.plan, "rows": rows,
+            "torch": torch.__version__, "model": args.model, "plan": args.plan, "batch_rows": rows,
             "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
             "quantized_mode": inductor_backend.COMPILE_MODES[True]}
     if args.run:

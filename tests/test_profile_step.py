@@ -23,6 +23,11 @@ GPU_NAMES = {  # kernel names of the kinds an H200 profile of the engines holds
     "triton_per_fused__to_copy_add_clamp_div_mul_native_layer_norm_3": "norm/modulation",
     "triton_poi_fused__to_copy_clamp_div_gelu_5": "quantize",
     "triton_poi_fused_add_mul_7": "elementwise",
+    # seen on the H200 (FP8 engines): Inductor's kernels named after the `_scaled_mm` whose input they quantize
+    "nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_coopA_algo2_bias_TNT": "gemm",
+    "triton_poi_fused__scaled_mm__to_copy_clamp_div_gelu_t_view_10": "quantize",
+    "triton_red_fused__scaled_mm__to_copy_add_clamp_div_mul_native_layer_norm_split_t_unsqueeze_view_11":
+        "norm/modulation",
     "Memcpy DtoD (Device -> Device)": "copies",
     "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>": "copies",
     "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<bool>>": "other",
@@ -90,3 +95,20 @@ def test_a_quantized_mode_is_kept_apart_from_the_engines_own(tmp_path):
 def test_cupti_wait_records_are_not_work():
     assert profile_step.DEVICE_WAITS.match("Stream Sync") and profile_step.DEVICE_WAITS.match("Event Sync")
     assert not any(profile_step.DEVICE_WAITS.match(name) for name in GPU_NAMES)
+
+
+def test_the_scripts_own_ranges_on_the_gpu_timeline_are_not_work():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end):
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA,
+                               time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start))
+
+    prof = SimpleNamespace(events=lambda: [event("qandc::full", 0.0, 100.0), event("nvjet_sm90_qqtst_TNT", 1.0, 41.0),
+                                           event("Stream Sync", 41.0, 90.0), event("triton_poi_fused_add_0", 50, 52)])
+    events = profile_step.work_events(prof, "cuda")
+    assert [e[0] for e in events] == ["nvjet_sm90_qqtst_TNT", "triton_poi_fused_add_0"]
+    totals = profile_step.grouped(events, per=2)
+    assert totals["work_ms"] == pytest.approx(0.021) and totals["groups"]["gemm"]["ms"] == pytest.approx(0.02)
