@@ -23,6 +23,7 @@ eagerly and the profile groups CPU ops by self time.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import statistics
@@ -241,6 +242,11 @@ def make(name: str, device: str):
     return initialize_weights(DiT(config), seed=0, zero_init=False).to(device).eval()
 
 
+def compiled_as(row: dict) -> str:
+    """The Inductor mode of a row, with the config settings it ran under."""
+    return " ".join([row.get("compile_mode", ""), *(f"{k}={v}" for k, v in row.get("inductor_config", {}).items())])
+
+
 def step_markdown(meta: dict, rows: list[dict]) -> str:
     floor = meta.get("fp8_floor_ms")
     lines = [f"# Step profile: {meta['model']}, {meta['batch_rows']} rows, plan {meta['plan']} ({meta['card']}, "
@@ -251,14 +257,14 @@ def step_markdown(meta: dict, rows: list[dict]) -> str:
              + ". ms step: median of unprofiled calls; ms busy: the device's busy time in the profiled calls; "
              "per group: ms per step (share of the work) ×kernels per step.", ""]
     groups = [g for g, _ in GROUPS]
-    cells = [[r["precision"], r.get("compile_mode", ""), r["graph"], f"{r['ms_step']:.2f}",
+    cells = [[r["precision"], compiled_as(r), r["graph"], f"{r['ms_step']:.2f}",
               f"{r['busy_ms_per_step']:.2f}",
               f"{r['ms_step'] / floor:.2f}x" if floor and r["graph"] == "full" else "–",
               *(f"{r['groups'][g]['ms']:.2f} ({r['groups'][g]['share']:.0%}) ×{r['groups'][g]['kernels']:.0f}"
                 for g in groups)] for r in rows]
     lines += table(["precision", "Inductor mode", "graph", "ms step", "ms busy", "/ floor", *groups], cells)
     for r in rows:
-        lines += ["", f"Top kernels, {r['precision']} ({r.get('compile_mode', '')}) {r['graph']}:", ""]
+        lines += ["", f"Top kernels, {r['precision']} ({compiled_as(r)}) {r['graph']}:", ""]
         lines += table(["kernel", "group", "ms per step", "share", "per step"],
                        [[f"`{k['name'][:100]}`", k["group"], f"{k['ms']:.3f}", f"{k['share']:.1%}", f"{k['count']:g}"]
                         for k in r["kernels"][:TOP_KERNELS]])
@@ -303,9 +309,18 @@ def main(argv=None) -> None:
                         help="Inductor mode for the W8A8 engines instead of the engines' own (default mode, "
                              "`_scaled_mm` an external cuBLASLt call): max-autotune lets Inductor try its Triton "
                              "scaled-mm templates, into whose epilogue the next pointwise ops can fuse (issue 17)")
+    parser.add_argument("--inductor-config", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings for every compile of this run, e.g. "
+                             "triton.multi_kernel=1 (persistent reductions up to 16384 elements: DiT-XL/2's 1152-wide "
+                             "LayerNorm kernels are looped reductions at the default's 1024); rows kept apart")
     args = parser.parse_args(argv)
     if args.quantized_mode:
         inductor_backend.COMPILE_MODES[True] = args.quantized_mode
+    inductor_settings = dict(setting.split("=", 1) for setting in args.inductor_config if "=" in setting)
+    unknown = set(inductor_settings) - set(torch._inductor.config.get_config_copy())
+    if len(inductor_settings) < len(args.inductor_config) or unknown:
+        parser.error(f"--inductor-config takes KEY=VALUE of torch._inductor.config: {args.inductor_config}")
+    torch._inductor.config.load_config({k: ast.literal_eval(v) for k, v in inductor_settings.items()})
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # CUPTI set up before any CUDA graph is captured, so that their replays are traced
@@ -322,7 +337,7 @@ def main(argv=None) -> None:
     meta = {"card": card, "device_name": device_name(device),
             "torch": torch.__version__, "model": args.model, "plan": args.plan, "batch_rows": rows,
             "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
-            "quantized_mode": inductor_backend.COMPILE_MODES[True]}
+            "quantized_mode": inductor_backend.COMPILE_MODES[True], "inductor_config": inductor_settings}
     if args.run:
         meta["images"] = args.images
     else:
@@ -333,6 +348,7 @@ def main(argv=None) -> None:
         keys = [f"{args.model}--{precision}--{_slug(args.plan)}--{kind}{rows}" + (f"-{s}" if args.run else "")
                 + ("" if meta["cuda_graphs"] or device == "cpu" else "-nographs")
                 + (f"-{args.quantized_mode}" if args.quantized_mode and precision != "bf16" else "")
+                + "".join(f"-{k}={v}" for k, v in sorted(inductor_settings.items()))
                 for s in (args.samplers if args.run else [""])]
         if all((state / f"{k}.json").is_file() for k in keys):
             results += [r for k in keys for r in read_json(state / f"{k}.json")["rows"]]
@@ -345,10 +361,11 @@ def main(argv=None) -> None:
                 found = read_json(state / f"{key}.json")["rows"]
             elif args.run:
                 labels = torch.arange(args.images) % model.config.num_classes
-                found = [{"precision": precision, "compile_mode": mode, "load_s": load_s,
-                          **profile_run(pipeline, labels, args.steps, sampler)}]
+                found = [{"precision": precision, "compile_mode": mode, "inductor_config": inductor_settings,
+                          "load_s": load_s, **profile_run(pipeline, labels, args.steps, sampler)}]
             else:
-                found = [{"precision": precision, "compile_mode": mode, "load_s": load_s, **r}
+                found = [{"precision": precision, "compile_mode": mode, "inductor_config": inductor_settings,
+                          "load_s": load_s, **r}
                          for r in profile_graphs(pipeline, rows, args.repeats)]
             write_json(state / f"{key}.json", {"rows": found})
             results += found

@@ -112,3 +112,20 @@ def test_the_scripts_own_ranges_on_the_gpu_timeline_are_not_work():
     assert [e[0] for e in events] == ["nvjet_sm90_qqtst_TNT", "triton_poi_fused_add_0"]
     totals = profile_step.grouped(events, per=2)
     assert totals["work_ms"] == pytest.approx(0.021) and totals["groups"]["gemm"]["ms"] == pytest.approx(0.02)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path")
+def test_inductor_settings_are_applied_recorded_and_kept_apart(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.multi_kernel": inductor_config.triton.multi_kernel}):  # restored after
+        plain = json.loads((_run(tmp_path, "--rows", "2", "--repeats", "1") / "profile-step-cpu.json").read_text())
+        tried = json.loads((_run(tmp_path, "--rows", "2", "--repeats", "1", "--inductor-config",
+                                 "triton.multi_kernel=1") / "profile-step-cpu.json").read_text())
+        assert inductor_config.triton.multi_kernel == 1
+    assert all(r["inductor_config"] == {"triton.multi_kernel": "1"} for r in tried["rows"])
+    assert all(r["inductor_config"] == {} for r in plain["rows"])
+    assert tried["inductor_config"] != plain["inductor_config"]
+    assert len(list((tmp_path / "state").glob("*.json"))) == 2
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--inductor-config", "triton.no_such_setting=1")
