@@ -13,8 +13,9 @@ the wall time, the GPU's busy time (the union of its kernels' intervals) and the
 the sampler's loop, the part of it spent in the engine call, and the part spent waiting in synchronising CUDA calls),
 to tell whether sampling is host-bound. Writes benchmarks/results/profile-run-<card>-<model>-<plan>.{json,md}.
 
-Each finished row is kept in --state (a rerun skips it). On the CPU (`--model tiny` for a smoke run) the engines run
-eagerly and the profile groups CPU ops by self time.
+Each finished row is kept in --state (a rerun skips it); the results hold every row of the state at the same model,
+plan and rows, so variants (`--quantized-mode`, `--inductor-config`, `--fused-fp8-mlp`) share one table. On the
+CPU (`--model tiny` for a smoke run) the engines run eagerly and the profile groups CPU ops by self time.
 
     PYTHONPATH=$PWD python benchmarks/profile_step.py --work /tmp/qandc-bench --precisions bf16 w8a8-fp8 w8a8-int8
     PYTHONPATH=$PWD python benchmarks/profile_step.py --run --model reference --plan interval=4,forecast=1
@@ -55,7 +56,7 @@ GROUPS = (
 )
 SYNC_CALLS = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy$|cudaMemcpy[^A]")  # host waits on the GPU
 TOP_KERNELS = 12  # kernels a markdown table shows (the JSON keeps them all)
-ANNOTATION = "qandc::"  # record_function ranges of this script, not work
+ANNOTATION = "profile_step::"  # record_function ranges of this script, not work (qandc:: is its custom ops')
 DEVICE_WAITS = re.compile(r"^(stream|event|context) (sync|wait)", re.I)  # CUPTI's records of waits, not work
 
 
@@ -243,8 +244,9 @@ def make(name: str, device: str):
 
 
 def compiled_as(row: dict) -> str:
-    """The Inductor mode of a row, with the config settings it ran under."""
-    return " ".join([row.get("compile_mode", ""), *(f"{k}={v}" for k, v in row.get("inductor_config", {}).items())])
+    """The Inductor mode of a row, with the config settings it ran under and whether its FP8 MLPs were fused."""
+    return " ".join([row.get("compile_mode", ""), *(f"{k}={v}" for k, v in row.get("inductor_config", {}).items()),
+                     *(["fused FP8 MLP"] if row.get("fused_fp8_mlp") else [])])
 
 
 def step_markdown(meta: dict, rows: list[dict]) -> str:
@@ -313,6 +315,9 @@ def main(argv=None) -> None:
                         help="torch._inductor.config settings for every compile of this run, e.g. "
                              "triton.multi_kernel=1 (persistent reductions up to 16384 elements: DiT-XL/2's 1152-wide "
                              "LayerNorm kernels are looped reductions at the default's 1024); rows kept apart")
+    parser.add_argument("--fused-fp8-mlp", action="store_true",
+                        help="W8A8-FP8 engines with fc1, GELU and fc2's activation quantize as one Triton kernel "
+                             "(qandc.engines.triton_fp8) instead of cuBLASLt + an Inductor kernel; rows kept apart")
     args = parser.parse_args(argv)
     if args.quantized_mode:
         inductor_backend.COMPILE_MODES[True] = args.quantized_mode
@@ -343,17 +348,17 @@ def main(argv=None) -> None:
     else:
         floor = fp8_floor(model, rows) if device == "cuda" else {"flops_full_step": full_step_flops(model, rows)}
         meta.update(floor)
-    results = []
     for precision in args.precisions:
         keys = [f"{args.model}--{precision}--{_slug(args.plan)}--{kind}{rows}" + (f"-{s}" if args.run else "")
                 + ("" if meta["cuda_graphs"] or device == "cpu" else "-nographs")
                 + (f"-{args.quantized_mode}" if args.quantized_mode and precision != "bf16" else "")
                 + "".join(f"-{k}={v}" for k, v in sorted(inductor_settings.items()))
+                + ("-fusedmlp" if args.fused_fp8_mlp and precision == "w8a8-fp8" else "")
                 for s in (args.samplers if args.run else [""])]
         if all((state / f"{k}.json").is_file() for k in keys):
-            results += [r for k in keys for r in read_json(state / f"{k}.json")["rows"]]
             continue
-        engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows])
+        fused = args.fused_fp8_mlp and precision == "w8a8-fp8"
+        engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], fused)
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
         mode = inductor_backend.COMPILE_MODES[precision != "bf16"]
         for key, sampler in zip(keys, args.samplers if args.run else [None]):
@@ -362,15 +367,17 @@ def main(argv=None) -> None:
             elif args.run:
                 labels = torch.arange(args.images) % model.config.num_classes
                 found = [{"precision": precision, "compile_mode": mode, "inductor_config": inductor_settings,
-                          "load_s": load_s, **profile_run(pipeline, labels, args.steps, sampler)}]
+                          "fused_fp8_mlp": fused, "load_s": load_s,
+                          **profile_run(pipeline, labels, args.steps, sampler)}]
             else:
                 found = [{"precision": precision, "compile_mode": mode, "inductor_config": inductor_settings,
-                          "load_s": load_s, **r}
+                          "fused_fp8_mlp": fused, "load_s": load_s, **r}
                          for r in profile_graphs(pipeline, rows, args.repeats)]
             write_json(state / f"{key}.json", {"rows": found})
-            results += found
         del pipeline
         torch.compiler.reset()
+    results = [r for f in sorted(state.glob(f"{args.model}--*--{_slug(args.plan)}--{kind}{rows}*.json"))
+               for r in read_json(f)["rows"]]  # every variant the state holds: one table to compare them
     out = Path(args.results) / (f"profile-run-{card}-{args.model}-{_slug(args.plan)}.json" if args.run
                                 else f"profile-step-{card}.json")
     write_json(out, {**meta, "groups": {g: p for g, p in GROUPS}, "rows": results})

@@ -12,8 +12,10 @@ from conftest import rel_err, tiny_model
 from qandc.calibration import CalibrationSettings, SelectorParams, apply_recipe, calibrate
 from qandc.engines import load_engines
 from qandc.engines import build_inductor
-from qandc.engines.quantized import QuantLinear, int8_linear, quantize_for_inference
+from qandc.engines.quantized import (FusedFp8Mlp, QuantLinear, fp8_linear_gelu_quant, int8_linear,
+                                     quantize_for_inference)
 from qandc.errors import QandcError
+from qandc.formats.recipe import QuantRecipe
 from qandc.runtime import Pipeline
 from qandc.sampling import CachePlan, sample
 
@@ -119,3 +121,60 @@ def test_cuda_graphs_replay_what_eager_engines_compute(recipe, tmp_path):
     graphed = Pipeline.load(tmp_path).generate([1, 5], seed=2, steps=8)
     eager = Pipeline.load(tmp_path, compile=False, cuda_graphs=False).generate([1, 5], seed=2, steps=8)
     assert rel_err(graphed, eager) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_fp8_mlps_compute_what_the_unfused_ones_do(recipe, tmp_path, device):
+    """fc1, GELU and fc2's activation quantize as one op: as close to fake quant as the unfused engines; its
+    engines export the op and run it; an INT8 recipe has no FP8 MLP to fuse."""
+    model, folder = recipe
+    model = model.to(device)
+    if QuantRecipe.load(folder).preset != "w8a8-fp8":
+        kept = quantize_for_inference(model, folder, fused_fp8_mlp=True)
+        assert not any(isinstance(m, FusedFp8Mlp) for m in kept.modules())
+        with pytest.raises(QandcError, match="no MLP with FP8 fc1 and fc2 to fuse"):
+            build_inductor(model, tmp_path / "engines", recipe_dir=folder, fused_fp8_mlp=True)
+        assert not (tmp_path / "engines").exists()
+        return
+    fused = quantize_for_inference(model, folder, fused_fp8_mlp=True)
+    unfused = quantize_for_inference(model, folder)
+    assert sum(isinstance(m, FusedFp8Mlp) for m in fused.modules()) == model.config.depth
+    fake, _ = apply_recipe(copy.deepcopy(model), folder)
+    x = torch.randn(6, 4, 8, 8, device=device)
+    t = torch.tensor([0, 100, 400, 700, 900, 999], device=device)
+    y = torch.tensor([0, 1, 2, 3, 10, 10], device=device)
+    with torch.no_grad():
+        expected, got = fake(x, t, y), fused(x.bfloat16(), t, y).float()
+        before = unfused(x.bfloat16(), t, y).float()
+    assert rel_err(got, before) < 2e-2 and rel_err(got, expected) < 1.5 * rel_err(before, expected) + 1e-3
+    hidden = torch.randn(6, 16, model.config.hidden_size, device=device).bfloat16()
+    for one, other in zip(fused.blocks, unfused.blocks):  # e4m3 steps apart where bf16 rounding crossed one (~1%)
+        with torch.no_grad():
+            assert rel_err(one.mlp(hidden).float(), other.mlp(hidden).float()) < 3e-2
+
+    manifest = build_inductor(model, tmp_path / "engines", recipe_dir=folder, batch_sizes=[6], fused_fp8_mlp=True)
+    assert manifest.build["fused_fp8_mlps"] == model.config.depth
+    full = Pipeline.load(tmp_path / "engines").denoiser
+    program = torch.export.load(str(tmp_path / "engines" / "full.pt2"))
+    assert sum("fp8_linear_gelu_quant" in str(node.target) for node in program.graph.nodes) == model.config.depth
+    with torch.no_grad():
+        want = fused.forward_graph(manifest.graphs["full"], {"x": x, "t": t, "y": y})["out"]
+        engines = full.forward_graph(manifest.graphs["full"], {"x": x, "t": t, "y": y})["out"]
+    assert rel_err(engines.float(), want.float()) < 1e-2
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 256, 96), (300, 1152, 640)])
+def test_fp8_linear_gelu_quant_is_gelu_of_the_exact_product_rounded_once(m, k, n):
+    """e4m3 products are exact in float32 up to accumulation order: the output is the e4m3 rounding of GELU of the
+    float64 result, give or take one e4m3 step (the accumulation and the float32 GELU may cross a rounding
+    boundary)."""
+    torch.manual_seed(m)
+    x = (torch.randn(m, k) * 4).to(torch.float8_e4m3fn)
+    w = (torch.randn(n, k) * 4).to(torch.float8_e4m3fn)
+    scale, bias, out_scale = torch.rand(n) * 1e-2, torch.randn(n).bfloat16(), torch.tensor(0.05)
+    got = fp8_linear_gelu_quant(x, w, scale, bias, out_scale).double()
+    product = (x.double() @ w.double().t()) * scale.double() + bias.double()
+    exact = torch.nn.functional.gelu(product, approximate="tanh")
+    want = (exact / 0.05).clamp(-448, 448)
+    assert got.shape == (m, n) and ((got - want).abs() <= want.abs() * 2 ** -3 + 2 ** -9).all()
+    assert (got.abs() <= 448).all() and (got == want.to(torch.float8_e4m3fn).double()).float().mean() > 0.97

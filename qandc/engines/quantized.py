@@ -7,6 +7,9 @@
   int8 with its static scale (fused the same way); `qandc::int8_linear` multiplies them — on CUDA a Triton GEMM
   (`triton_int8.py`) that accumulates in int32 and applies the per-channel dequantize scale and the bias in its
   epilogue, writing bf16; on the CPU the same integer arithmetic in PyTorch (for tests and portability).
+- `fuse_fp8_mlp`: an MLP whose fc1 and fc2 are both FP8 runs fc1, its GELU and fc2's activation quantize as one
+  op, `qandc::fp8_linear_gelu_quant` (on CUDA a Triton GEMM with that epilogue, `triton_fp8.py`), so the hidden
+  activation is written once, as e4m3; the GELU then sees fc1's float32 epilogue instead of its bf16 output.
 Rounding follows ModelOpt's fake quant (INT8: round-half-even, clamp to [-128, 127], scale amax/127; FP8: scale
 amax/448), so the engines compute what the fake-quant model computes, up to bf16 and accumulation order.
 Everything not quantized runs in bf16.
@@ -39,6 +42,29 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
 @int8_linear.register_fake
 def _(x, weight, scale, bias):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("qandc::fp8_linear_gelu_quant", mutates_args=())
+def fp8_linear_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                          out_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 x [M, K] times e4m3 weight [N, K]^T, times scale [N] (float32), plus bias [N], through GELU (tanh),
+    quantized to e4m3 with the static scale `out_scale` (the next layer's activation scale); e4m3 [M, N]."""
+    if x.is_cuda:
+        from .triton_fp8 import fp8_gemm_gelu_quant
+
+        return fp8_gemm_gelu_quant(x, weight, scale, bias, out_scale)
+    hidden = torch.nn.functional.gelu((x.float() @ weight.float().t()) * scale + bias.float(), approximate="tanh")
+    return to_fp8(hidden, out_scale)
+
+
+@fp8_linear_gelu_quant.register_fake
+def _(x, weight, scale, bias, out_scale):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float8_e4m3fn)
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x quantized to e4m3 with a static scale (ModelOpt's FP8 fake quant: x / s, clamped to ±448)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def _scales(amax: torch.Tensor, maximum: float, what: str) -> torch.Tensor:
@@ -86,7 +112,10 @@ class QuantLinear(nn.Module):
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def _fp8(self, x):
-        q = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return self.fp8_matmul(to_fp8(x, self.input_scale))
+
+    def fp8_matmul(self, q: torch.Tensor) -> torch.Tensor:
+        """bf16 output of the e4m3 activation `q` (quantized with this layer's input scale) [M, K]."""
         if self.weight_scale.dim() == 0:
             scale_a, scale_b = self.input_scale, self.weight_scale
         else:  # row-wise scales: both operands per row
@@ -96,9 +125,41 @@ class QuantLinear(nn.Module):
                                 out_dtype=torch.bfloat16)
 
 
-def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16) -> nn.Module:
+class FusedFp8Mlp(nn.Module):
+    """An MLP (fc1 → GELU tanh → fc2) whose two Linears are FP8 QuantLinears: fc1, the GELU and fc2's activation
+    quantize as one op, then fc2's `_scaled_mm` on the e4m3 hidden activation."""
+
+    def __init__(self, fc1: QuantLinear, fc2: QuantLinear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        q = to_fp8(x.reshape(-1, shape[-1]), self.fc1.input_scale)
+        hidden = fp8_linear_gelu_quant(q, self.fc1.weight, self.fc1.out_scale, self.fc1.bias, self.fc2.input_scale)
+        out = self.fc2.fp8_matmul(hidden)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def fuse_fp8_mlps(model: nn.Module) -> int:
+    """Replace, in place, every MLP of `model` whose fc1 and fc2 are FP8 QuantLinears by a FusedFp8Mlp; how many."""
+    from ..model.dit import Mlp
+
+    fused = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Mlp) and all(isinstance(m, QuantLinear) and m.fmt == "fp8"
+                                           for m in (module.fc1, module.fc2)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FusedFp8Mlp(module.fc1, module.fc2))
+            fused += 1
+    return fused
+
+
+def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16,
+                           fused_fp8_mlp: bool = False) -> nn.Module:
     """A copy of `model` in `dtype` with every Linear the recipe quantizes replaced by a QuantLinear carrying the
-    recipe's static scales (read from its amax file; ModelOpt is not needed). No recipe: the plain `dtype` model."""
+    recipe's static scales (read from its amax file; ModelOpt is not needed), and with `fused_fp8_mlp` its FP8
+    MLPs fused (`fuse_fp8_mlps`). No recipe: the plain `dtype` model."""
     source = model
     model = copy.deepcopy(model).to(dtype).eval()
     if recipe_dir is None:
@@ -119,4 +180,6 @@ def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtyp
         parent, _, child = name.rpartition(".")
         layer = QuantLinear(originals[name], amax[keys[0]], amax[keys[1]], fmt, name).to(model.device)
         setattr(modules[parent], child, layer)
+    if fused_fp8_mlp:
+        fuse_fp8_mlps(model)
     return model

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_tiles import tile_product
+
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
     for bm, bn, bk, s, w in [
@@ -23,29 +25,7 @@ _CONFIGS = [
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n  # grouped ordering: neighbouring programs share B tiles in L2
-    group = pid // width
-    first_m = group * GROUP_M
-    group_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    a_rows = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    b_cols = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
-    a = a_ptr + a_rows[:, None] * K + rk[None, :]
-    b = b_ptr + b_cols[None, :] * K + rk[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        left = K - k * BLOCK_K
-        acc = tl.dot(tl.load(a, mask=rk[None, :] < left, other=0), tl.load(b, mask=rk[:, None] < left, other=0),
-                     acc, out_dtype=tl.int32)
-        a += BLOCK_K
-        b += BLOCK_K
+    acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.int32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
     scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
     bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)

@@ -1,0 +1,59 @@
+"""FP8 GEMM for Hopper in Triton with the MLP's middle fused into its epilogue: e4m3 A [M, K] (row-major) x e4m3
+B = weight [N, K] (K-major), float32 accumulation, then per output channel scale (both operands' scales) and bias,
+GELU (tanh) and the next layer's static activation quantize, written as e4m3. cuBLASLt's `_scaled_mm` has no GELU
+epilogue: fc1 there writes bf16 [M, 4 · hidden] and a separate kernel reads it back for GELU + quantize (1.75 of the
+13.2 ms of DiT-XL/2's FP8 step on the H200, `benchmarks/results/profile-step-h200.md`); here fc1 writes 1 byte an
+element and nothing reads it twice. CUDA only (imported on first use); the CPU computes the same in PyTorch
+(`quantized.fp8_linear_gelu_quant`). Tested here under Triton's interpreter only: its speed against cuBLASLt is for
+the GPU profile (`benchmarks/profile_step.py --fused-fp8-mlp`)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_tiles import tile_product
+
+FP8_MAX = 448.0
+_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+    for bm, bn, bk, s, w in [
+        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
+        (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (32, 64, 128, 4, 4),
+    ]
+]
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _fp8_gemm_gelu_quant_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_scale_ptr, c_ptr, M, N, K,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                GROUP_M: tl.constexpr):
+    acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+    scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
+    bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    hidden = _gelu_tanh(acc * scale[None, :] + bias[None, :]) / tl.load(out_scale_ptr)
+    hidden = tl.minimum(tl.maximum(hidden, -FP8_MAX), FP8_MAX)
+    c = c_ptr + rm[:, None] * N + rn[None, :]
+    tl.store(c, hidden.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def fp8_gemm_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                        out_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 clamp(gelu_tanh((x @ weight.T) * scale + bias) / out_scale) for e4m3 x [M, K], e4m3 weight [N, K],
+    float32 scale [N], bias [N], out_scale a float32 scalar tensor."""
+    x, weight = x.contiguous(), weight.contiguous()
+    (m, k), n = x.shape, weight.shape[0]
+    out = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _fp8_gemm_gelu_quant_kernel[grid](x, weight, scale.float().contiguous(), bias.contiguous(),
+                                      out_scale.float().reshape(1), out, m, n, k)
+    return out
