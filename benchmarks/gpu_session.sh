@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls)
+#   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs' and Inductor engines' GPU tests
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions" for serve:
 # fastapi 0.165 imports the last three; the torch machine's typing_extensions lacks what anyio 4.16 imports) and
@@ -72,6 +73,11 @@ profile() {  # whole sampling runs of the reference model (host- or GPU-bound: D
       --state /tmp/qandc-profile/steps >> "$OUT/profile.log" 2>&1
   done
   save profile
+}
+
+kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines (the CPU CI has no GPU and no Triton)
+  timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_inductor.py \
+    > "$OUT/kernels.log" 2>&1
 }
 
 serve() {
