@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks' jobs, run from the project root on the device machine (`device` tool), one or more per call:
+# The GPU benchmarks' jobs, run from the project root on the device machine (`device` tool), one or more per call
+# (in turn; `quality+kernels` runs both at once):
 #   bash benchmarks/gpu_session.sh quality          # the front's points not screened yet (2k samples each)
 #   bash benchmarks/gpu_session.sh peers            # the peers' rows not run yet, two processes (PEER_GROUPS)
 #   bash benchmarks/gpu_session.sh ablation         # the ablation's optional rows
@@ -86,6 +87,10 @@ serve() {
   tar czf "$OUT/serve-load.tgz" -C /tmp qandc-serve-load/state
 }
 
-for job in "$@"; do "$job"; done
+for job in "$@"; do  # a+b: jobs side by side (quality-only ones: a timed job wants the GPU alone)
+  IFS=+ read -ra side <<< "$job"
+  for part in "${side[@]}"; do "$part" & done
+  wait
+done
 find $R -newer /tmp/gpu-session-start -type f | tar czf "$OUT/results.tgz" -T -
 tail -n 5 "$OUT"/*.log
