@@ -7,9 +7,10 @@
   int8 with its static scale (fused the same way); `qandc::int8_linear` multiplies them — on CUDA a Triton GEMM
   (`triton_int8.py`) that accumulates in int32 and applies the per-channel dequantize scale and the bias in its
   epilogue, writing bf16; on the CPU the same integer arithmetic in PyTorch (for tests and portability).
-- `fuse_fp8_mlp`: an MLP whose fc1 and fc2 are both FP8 runs fc1, its GELU and fc2's activation quantize as one
-  op, `qandc::fp8_linear_gelu_quant` (on CUDA a Triton GEMM with that epilogue, `triton_fp8.py`), so the hidden
-  activation is written once, as e4m3; the GELU then sees fc1's float32 epilogue instead of its bf16 output.
+- `fuse_fp8_mlps` (`quantize_for_inference(..., fused_fp8_mlp=True)`): an MLP whose fc1 and fc2 are both FP8 runs
+  fc1, its GELU and fc2's activation quantize as one op, `qandc::fp8_linear_gelu_quant` (on CUDA a Triton GEMM with
+  that epilogue, `triton_fp8.py`), so the hidden activation is written once, as e4m3; the GELU then sees fc1's
+  float32 epilogue instead of its bf16 output.
 Rounding follows ModelOpt's fake quant (INT8: round-half-even, clamp to [-128, 127], scale amax/127; FP8: scale
 amax/448), so the engines compute what the fake-quant model computes, up to bf16 and accumulation order.
 Everything not quantized runs in bf16.
@@ -141,18 +142,15 @@ class FusedFp8Mlp(nn.Module):
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def fuse_fp8_mlps(model: nn.Module) -> int:
-    """Replace, in place, every MLP of `model` whose fc1 and fc2 are FP8 QuantLinears by a FusedFp8Mlp; how many."""
+def fuse_fp8_mlps(model: nn.Module) -> None:
+    """Replace, in place, every MLP of `model` whose fc1 and fc2 are FP8 QuantLinears by a FusedFp8Mlp."""
     from ..model.dit import Mlp
 
-    fused = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, Mlp) and all(isinstance(m, QuantLinear) and m.fmt == "fp8"
                                            for m in (module.fc1, module.fc2)):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, FusedFp8Mlp(module.fc1, module.fc2))
-            fused += 1
-    return fused
 
 
 def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16,

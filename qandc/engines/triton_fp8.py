@@ -4,8 +4,9 @@ GELU (tanh) and the next layer's static activation quantize, written as e4m3. cu
 epilogue: fc1 there writes bf16 [M, 4 · hidden] and a separate kernel reads it back for GELU + quantize (1.75 of the
 13.2 ms of DiT-XL/2's FP8 step on the H200, `benchmarks/results/profile-step-h200.md`); here fc1 writes 1 byte an
 element and nothing reads it twice. CUDA only (imported on first use); the CPU computes the same in PyTorch
-(`quantized.fp8_linear_gelu_quant`). Tested here under Triton's interpreter only: its speed against cuBLASLt is for
-the GPU profile (`benchmarks/profile_step.py --fused-fp8-mlp`)."""
+(`quantized.fp8_linear_gelu_quant`). `tests/test_triton_kernels.py` checks it against that computation under
+Triton's interpreter and on a GPU; whether it beats cuBLASLt + the separate kernel is for the GPU profile
+(`benchmarks/profile_step.py --fused-fp8-mlp`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import quantized
 from .triton_tiles import tile_product
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(quantized.FP8_MAX)  # a jit function reads globals only as constexpr
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
     for bm, bn, bk, s, w in [
