@@ -21,8 +21,9 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-bundle/whl/*.whl 2>&1 |
   grep -iv warning | tail -2
 export PYTHONPATH=/tmp/site:$PWD
-# quality runs three processes on one GPU; front_peers alone has held 112 GB at 2k rows a batch (its hooks' caches),
-# and ran out of memory beside the ablation at 2500 rows a batch (1000 here): segments that grow fragment less
+# peers runs two processes on one GPU and a+b jobs share it; front_peers alone has held 112 GB at 2k rows a batch
+# (its hooks' caches), and ran out of memory beside the ablation at 2500 rows a batch (1000 here): segments that grow
+# fragment less
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 for t in .gpu-states/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C /tmp; done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader

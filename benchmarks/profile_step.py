@@ -349,35 +349,33 @@ def main(argv=None) -> None:
         floor = fp8_floor(model, rows) if device == "cuda" else {"flops_full_step": full_step_flops(model, rows)}
         meta.update(floor)
     for precision in args.precisions:
+        fused = args.fused_fp8_mlp and precision == "w8a8-fp8"
         keys = [f"{args.model}--{precision}--{_slug(args.plan)}--{kind}{rows}" + (f"-{s}" if args.run else "")
                 + ("" if meta["cuda_graphs"] or device == "cpu" else "-nographs")
                 + (f"-{args.quantized_mode}" if args.quantized_mode and precision != "bf16" else "")
                 + "".join(f"-{k}={v}" for k, v in sorted(inductor_settings.items()))
-                + ("-fusedmlp" if args.fused_fp8_mlp and precision == "w8a8-fp8" else "")
+                + ("-fusedmlp" if fused else "")
                 for s in (args.samplers if args.run else [""])]
         if all((state / f"{k}.json").is_file() for k in keys):
             continue
-        fused = args.fused_fp8_mlp and precision == "w8a8-fp8"
         engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], fused)
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
-        mode = inductor_backend.COMPILE_MODES[precision != "bf16"]
+        settings = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
+                    "inductor_config": inductor_settings, "fused_fp8_mlp": fused, "load_s": load_s}
         for key, sampler in zip(keys, args.samplers if args.run else [None]):
             if (state / f"{key}.json").is_file():
-                found = read_json(state / f"{key}.json")["rows"]
-            elif args.run:
+                continue
+            if args.run:
                 labels = torch.arange(args.images) % model.config.num_classes
-                found = [{"precision": precision, "compile_mode": mode, "inductor_config": inductor_settings,
-                          "fused_fp8_mlp": fused, "load_s": load_s,
-                          **profile_run(pipeline, labels, args.steps, sampler)}]
+                found = [{**settings, **profile_run(pipeline, labels, args.steps, sampler)}]
             else:
-                found = [{"precision": precision, "compile_mode": mode, "inductor_config": inductor_settings,
-                          "fused_fp8_mlp": fused, "load_s": load_s, **r}
-                         for r in profile_graphs(pipeline, rows, args.repeats)]
+                found = [{**settings, **r} for r in profile_graphs(pipeline, rows, args.repeats)]
             write_json(state / f"{key}.json", {"rows": found})
         del pipeline
         torch.compiler.reset()
-    results = [r for f in sorted(state.glob(f"{args.model}--*--{_slug(args.plan)}--{kind}{rows}*.json"))
-               for r in read_json(f)["rows"]]  # every variant the state holds: one table to compare them
+    prefix = f"{args.model}--*--{_slug(args.plan)}--{kind}{rows}"  # every variant the state holds: one table
+    results = [r for f in sorted([*state.glob(f"{prefix}.json"), *state.glob(f"{prefix}-*.json")])
+               for r in read_json(f)["rows"]]
     out = Path(args.results) / (f"profile-run-{card}-{args.model}-{_slug(args.plan)}.json" if args.run
                                 else f"profile-step-{card}.json")
     write_json(out, {**meta, "groups": {g: p for g, p in GROUPS}, "rows": results})
