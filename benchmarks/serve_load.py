@@ -87,18 +87,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(engines: Path, max_batch: int, max_wait_ms: float, images_per_request: int) -> tuple:
+def start_server(engines: Path, max_batch: int, max_wait_ms: float, images_per_request: int, log: Path) -> tuple:
+    """The server as a subprocess, its output in `log` (whose tail a failed start shows)."""
     port = free_port()
     command = [sys.executable, "-m", "qandc", "serve", str(engines), "--port", str(port), "--max-batch",
                str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-images", str(images_per_request),
                "--max-queue", str(64 * max_batch), "--timeout-s", "300"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 540
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"qandc serve exited with {process.returncode}: {' '.join(command)}")
+            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+            raise SystemExit(f"qandc serve exited with {process.returncode}: {' '.join(command)}\n{tail}")
         try:
             if httpx.get(url + "/readyz", timeout=5).status_code == 200:
                 return process, url
@@ -106,7 +109,7 @@ def start_server(engines: Path, max_batch: int, max_wait_ms: float, images_per_r
             pass
         time.sleep(0.2)
     process.kill()
-    raise SystemExit("qandc serve did not become ready within 540 s")
+    raise SystemExit(f"qandc serve did not become ready within 540 s (its output: {log})")
 
 
 def stop_server(process) -> None:
@@ -182,7 +185,8 @@ def measure(engines: Path, max_batch: int, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the offline engines are gone: the server has the GPU to itself
     print(f"max-batch {max_batch}: offline {offline:.1f} images/s", flush=True)
-    process, url = start_server(engines, max_batch, args.max_wait_ms, args.images_per_request)
+    process, url = start_server(engines, max_batch, args.max_wait_ms, args.images_per_request,
+                                Path(args.state) / f"server-{max_batch}.log")
     try:
         concurrency = 2 * max(1, max_batch // args.images_per_request) + 2
         saturating = asyncio.run(closed_loop(url, concurrency, args.duration_s, args.images_per_request, classes,

@@ -46,11 +46,13 @@ print(json.dumps({"shape": list(got.shape), "exact": (got == want).float().mean(
 """
 
 
-def stats(code: str, env: dict) -> dict:
+def stats(code: str, env: dict, lines: int = 1):
+    """The JSON the last `lines` lines of `code`'s output hold (one object, or a list of `lines`)."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    reports = [json.loads(line) for line in done.stdout.strip().splitlines()[-lines:]]
+    return reports[0] if lines == 1 else reports
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernel itself")
@@ -67,14 +69,20 @@ def test_the_kernel_computes_the_op_under_the_interpreter(shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_kernel_computes_the_op_on_the_gpu(shape):
-    """The GPU rounds to nearest even: off only where the accumulation order moves a value across a rounding
-    boundary."""
+    """Within one e4m3 step of the exact result, plus what Hopper's FP8 tensor cores lose accumulating: they keep ~14
+    bits of a running sum between float32 promotions. Seen on the H200 against the one-step bound alone: at K = 80
+    1.5% of outputs off, at K = 256 some beyond a step, with the promotion every K block and without. So the bound
+    adds 2^-12 of the sum of the products' magnitudes (times GELU's largest slope, 1.13) to the step; exact for
+    nearly all outputs. Not run on a GPU with this bound yet."""
     code = CASE.format(shape=shape) + """
 from qandc.engines.triton_fp8 import fp8_gemm_gelu_quant
 got = fp8_gemm_gelu_quant(x.cuda(), w.cuda(), scale.cuda(), bias.cuda(), out_scale.cuda()).float().cpu()
-""" + REPORT
-    result = stats(code, {})
-    assert result["shape"] == [shape[0], shape[2]] and result["within_a_step"] and result["exact"] > 0.99
+magnitude = (x.float().abs() @ w.float().abs().t()) * scale / out_scale * 1.13
+""" + REPORT + """
+print(json.dumps({"within_accumulation": bool(((got - want).abs() <= step * 1.0001 + magnitude * 2 ** -12).all())}))
+"""
+    result, accumulation = stats(code, {}, lines=2)
+    assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.97
 
 
 INT8 = """

@@ -31,8 +31,12 @@ def tile_product(a_ptr, b_ptr, M, N, K, ACC: tl.constexpr, BLOCK_M: tl.constexpr
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         left = K - k * BLOCK_K
-        acc = tl.dot(tl.load(a, mask=rk[None, :] < left, other=0.0), tl.load(b, mask=rk[:, None] < left, other=0.0),
-                     acc, out_dtype=ACC)
+        a_tile, b_tile = tl.load(a, mask=rk[None, :] < left, other=0.0), tl.load(b, mask=rk[:, None] < left, other=0.0)
+        if ACC == tl.float32:  # FP8: Hopper's tensor cores keep ~14 bits of a running sum; promote it to float32
+            # every block, as cuBLASLt's _scaled_mm does (Triton's default on sm_90 never promotes)
+            acc = tl.dot(a_tile, b_tile, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=ACC)
+        else:
+            acc = tl.dot(a_tile, b_tile, acc, out_dtype=ACC)
         a += BLOCK_K
         b += BLOCK_K
     return acc, rm, rn
