@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls)
-#   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs' and Inductor engines' GPU tests
+#   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions" for serve:
 # fastapi 0.165 imports the last three; the torch machine's typing_extensions lacks what anyio 4.16 imports) and
@@ -61,15 +61,16 @@ measure() {
 }
 
 profile() {  # whole sampling runs of the reference model (host- or GPU-bound: DDPM's default plan runs at 1.75x of a
-  # 2.2x bound), then single DiT-XL/2 FP8 steps: the engines as built, with Inductor's multi-kernel (the 1152-wide
-  # LayerNorm + modulate + quantize kernels as persistent reductions: 2.3 ms of the 13.2 ms step), with fc1 + GELU +
-  # quantize as one Triton kernel (1.75 ms more), and both. Rows resume and the compile cache stays while the machine
-  # is warm: call it again until profile.log shows every row (no variant starts after 360 s of a call)
+  # 2.2x bound), then single DiT-XL/2 FP8 steps: the engines as built; the 1152-wide LayerNorm + modulate + quantize
+  # kernels (2.3 ms of the 13.2 ms step, looped reductions) as one-pass ones, by Inductor's multi-kernel or by a
+  # choices handler; fc1 + GELU + quantize as one Triton kernel (1.75 ms more); and both. Rows resume and the compile
+  # cache stays while the machine is warm: call it again until profile.log shows every row (no variant starts after
+  # 360 s of a call)
   local start=$SECONDS
   timeout -s INT 140 python3 benchmarks/profile_step.py --model reference --run --plan default-shape \
     --precisions bf16 --state /tmp/qandc-profile/runs > "$OUT/profile.log" 2>&1
-  for variant in "" "--inductor-config triton.multi_kernel=1" "--fused-fp8-mlp" \
-                 "--fused-fp8-mlp --inductor-config triton.multi_kernel=1"; do
+  for variant in "" "--persistent-reductions-up-to 2048" "--fused-fp8-mlp" \
+                 "--fused-fp8-mlp --persistent-reductions-up-to 2048" "--inductor-config triton.multi_kernel=1"; do
     (( SECONDS - start > 360 )) && break
     timeout -s INT 200 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
       --state /tmp/qandc-profile/steps >> "$OUT/profile.log" 2>&1
@@ -78,8 +79,8 @@ profile() {  # whole sampling runs of the reference model (host- or GPU-bound: D
 }
 
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines (the CPU CI has no GPU and no Triton)
-  timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_inductor.py \
-    > "$OUT/kernels.log" 2>&1
+  timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_profile_step.py \
+    tests/test_inductor.py > "$OUT/kernels.log" 2>&1
 }
 
 serve() {

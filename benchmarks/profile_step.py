@@ -233,6 +233,27 @@ def reading(row: dict, device: str) -> str:
     return "neither: the GPU idles while the host waits (synchronising calls or gaps between graphs)"
 
 
+def persistent_reductions_up_to(limit: int) -> None:
+    """Inductor's choices for this process, but one-pass (persistent) Triton kernels for inner reductions of up to
+    `limit` elements (Inductor's own limit is 1024: DiT-XL/2's 1152-wide LayerNorm + modulate + quantize kernels loop
+    over their rows twice). Compile caches off: they would hand back kernels compiled under the default choice."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class PersistentRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+            if (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER):
+                return V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    V.set_choices_handler(PersistentRows())
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+
+
 def make(name: str, device: str):
     """The bench's models, or a tiny random DiT (`tiny`: CPU smoke runs)."""
     if name != "tiny":
@@ -244,8 +265,11 @@ def make(name: str, device: str):
 
 
 def compiled_as(row: dict) -> str:
-    """The Inductor mode of a row, with the config settings it ran under and whether its FP8 MLPs were fused."""
+    """The Inductor mode of a row, with the config settings it ran under, its persistent-reduction limit and whether
+    its FP8 MLPs were fused."""
     return " ".join([row.get("compile_mode", ""), *(f"{k}={v}" for k, v in row.get("inductor_config", {}).items()),
+                     *([f"persistent reductions to {row['persistent_reductions_up_to']}"]
+                       if row.get("persistent_reductions_up_to") else []),
                      *(["fused FP8 MLP"] if row.get("fused_fp8_mlp") else [])])
 
 
@@ -315,6 +339,9 @@ def main(argv=None) -> None:
                         help="torch._inductor.config settings for every compile of this run, e.g. "
                              "triton.multi_kernel=1 (persistent reductions up to 16384 elements: DiT-XL/2's 1152-wide "
                              "LayerNorm kernels are looped reductions at the default's 1024); rows kept apart")
+    parser.add_argument("--persistent-reductions-up-to", type=int, metavar="N",
+                        help="one-pass Triton kernels for row reductions of up to N elements (Inductor's limit: 1024; "
+                             "DiT-XL/2's rows are 1152 wide), compile caches off; rows kept apart")
     parser.add_argument("--fused-fp8-mlp", action="store_true",
                         help="W8A8-FP8 engines with fc1, GELU and fc2's activation quantize as one Triton kernel "
                              "(qandc.engines.triton_fp8) instead of cuBLASLt + an Inductor kernel; rows kept apart")
@@ -326,6 +353,9 @@ def main(argv=None) -> None:
     if len(inductor_settings) < len(args.inductor_config) or unknown:
         parser.error(f"--inductor-config takes KEY=VALUE of torch._inductor.config: {args.inductor_config}")
     torch._inductor.config.load_config({k: ast.literal_eval(v) for k, v in inductor_settings.items()})
+    persistent = args.persistent_reductions_up_to
+    if persistent:
+        persistent_reductions_up_to(persistent)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # CUPTI set up before any CUDA graph is captured, so that their replays are traced
@@ -354,6 +384,7 @@ def main(argv=None) -> None:
                 + ("" if meta["cuda_graphs"] or device == "cpu" else "-nographs")
                 + (f"-{args.quantized_mode}" if args.quantized_mode and precision != "bf16" else "")
                 + "".join(f"-{k}={v}" for k, v in sorted(inductor_settings.items()))
+                + (f"-persistent{persistent}" if persistent else "")
                 + ("-fusedmlp" if fused else "")
                 for s in (args.samplers if args.run else [""])]
         if all((state / f"{k}.json").is_file() for k in keys):
@@ -361,7 +392,8 @@ def main(argv=None) -> None:
         engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], fused)
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
         settings = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
-                    "inductor_config": inductor_settings, "fused_fp8_mlp": fused, "load_s": load_s}
+                    "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent,
+                    "fused_fp8_mlp": fused, "load_s": load_s}
         for key, sampler in zip(keys, args.samplers if args.run else [None]):
             if (state / f"{key}.json").is_file():
                 continue
