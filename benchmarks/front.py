@@ -44,7 +44,7 @@ from _common import generate_images, ran_on, seed_state
 from qandc.artifacts import atomic_path, sha256_file, write_json
 from qandc.bench import card_name, device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
-from qandc.calibration.plan_search import PlanSearch, auto_plan
+from qandc.calibration.plan_search import FAMILY, PlanSearch, auto_plan
 from qandc.formats.recipe import VarianceCompensation, load_vc
 from qandc.images import model_to_images, to_uint8
 from qandc.metrics.evaluate import score
@@ -58,8 +58,8 @@ FRACTIONS = (1.0, 0.5, 0.4, 0.33, 0.25)
 TOLERANCE = 0.03
 INTERVALS = {0.5: 2, 0.33: 3, 0.25: 4}
 # below the grid, for the moonshot, searched + forecast only and only under DDIM (DDPM's best at 0.26 was 8x full
-# precision's FD): 0.16 landed at 0.18 (9 full steps: 3.68x at 0.98x FD, front-h200.json); >= 4x at a reuse step's
-# cost of 0.09 of a full one needs 8 full steps of 50 or fewer, and the search refuses less than interval 8 (0.14)
+# precision's FD): 0.13 landed at 0.16 (8 full steps, forecast 2: 3.87x at 0.97x FD, front-h200.json); >= 4x at a
+# reuse step's cost of 0.09 of a full one needs 7 full steps of 50 or fewer (0.14: the least the search allows)
 BEYOND = {"ddim": (0.2, 0.16, 0.13)}
 PRECISIONS = ("bf16", "w8a8-fp8", "w8a8-int8")
 SAMPLERS = ("ddim", "ddpm")
@@ -107,14 +107,16 @@ class Front:
         self.flops = branch_flops(self.model.config)
 
     # --- plans and recipes ---------------------------------------------------------------------------------------
-    def plan(self, point: Point) -> CachePlan:
+    def plan(self, point: Point, search_stale: bool = False) -> CachePlan:
+        """The point's plan: searched once and kept in the state; `search_stale`: searched again where the kept one
+        came from another candidate family (the screen phase; the others report what the state holds)."""
         if point.method == "none":
             return CachePlan.none()
         if point.method == "interval":
             return CachePlan.interval(INTERVALS[point.fraction])
         search = PlanSearch("compute", round(point.fraction + TOLERANCE, 4), point.forecast)
         path = self.plan_path(point)
-        if not path.exists():
+        if not path.exists() or search_stale and json.loads(path.read_text())["search"].get("family") != FAMILY:
             plan, summary = auto_plan(self.model, search, self.steps, point.sampler, CFG, SEARCH_SEED,
                                       self.search_samples)
             write_json(path, {"spec": search.spec, "plan": plan.to_dict(), "search": summary})
@@ -500,7 +502,7 @@ def main():
     for point in screen_grid(front, args.samplers, args.precisions):
         if not front.has_plan(point) and ("screen" not in args.phases or spent()):
             continue
-        path = front.screen_path(point, front.plan(point))
+        path = front.screen_path(point, front.plan(point, search_stale="screen" in args.phases and not spent()))
         if path.exists() or ("screen" in args.phases and not spent()):
             screen_rows[point] = {**front.screen(point, args.screen_n), "method": point.method,
                                   "target_fraction": point.fraction}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from qandc.calibration.plan_search import (PlanSearch, auto_plan, check_search, choose, evaluate_candidates,
-                                           parse_auto, reuse_errors, sample_error, search_plan)
+from qandc.calibration.plan_search import (Changes, PlanSearch, auto_plan, candidate_plans, check_search, choose,
+                                           evaluate_candidates, parse_auto, reuse_errors, sample_error, search_plan)
 from qandc.errors import QandcError
 from qandc.model.dit import branch_flops
 from qandc.sampling import CachePlan, sample
@@ -120,3 +120,16 @@ def test_compute_search_guarantees(model, sampler, forecast):
     held_out = held_out_errors(model, plans + intervals, sampler)
     assert all(a <= b for a, b in zip(held_out, held_out[len(TARGETS):]))
     assert held_out[:len(TARGETS)] == sorted(held_out[:len(TARGETS)], reverse=True)
+
+
+def test_the_family_holds_evenly_spaced_schedules(model):
+    """Beside the change-placed ones, whatever the changes measured: a forecast extrapolates over the gaps between
+    full steps (stride 2's 25 even steps are interval 2, listed once)."""
+    flops = branch_flops(model.config)
+    changes = Changes(np.random.default_rng(0).random(50) ** 4 + 0.01, dict.fromkeys(flops, 1.0))
+    family = {c.name: c.plan for c in candidate_plans(changes, flops, forecast=1)}
+    for count in (20, 17, 15, 13):  # strides 2.5, 3, 3.5, 4 at 50 steps
+        full = [s for s, graph in enumerate(family[f"placed{count}-power0"].step_graphs(50)) if graph == "full"]
+        gaps = np.diff(full + [50])
+        assert len(full) == count and gaps.max() - gaps.min() <= 1
+    assert "placed25-power0" not in family and "interval2" in family
