@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import quantized
 from .triton_tiles import tile_product
 
-FP8_MAX = tl.constexpr(quantized.FP8_MAX)  # a jit function reads globals only as constexpr
+# e4m3's largest finite value (quantized.FP8_MAX); a jit function reads globals only as constexpr
+FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
     for bm, bn, bk, s, w in [
