@@ -73,9 +73,12 @@ class NonFiniteSamples(QandcError):
 
 
 def device_thread(name: str, device: torch.device) -> ThreadPoolExecutor:
-    """One worker thread that works on `device` (a new thread would take CUDA device 0)."""
-    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lambda: (
-        torch.cuda.set_device(device) if device.type == "cuda" else None))
+    """One worker thread that works on `device` (a new thread would take CUDA device 0; "cuda" without an index is
+    this thread's current device)."""
+    if device.type != "cuda":
+        return ThreadPoolExecutor(1, thread_name_prefix=name)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lambda: torch.cuda.set_device(index))
 
 
 def batch_buckets(max_batch: int) -> list[int]:
