@@ -290,14 +290,13 @@ def best_orders(front: Front, sampler: str):
     return orders
 
 
-def screen_grid(front: Front, samplers=SAMPLERS, precisions=PRECISIONS) -> list[Point]:
-    """Every point in screening order: bf16 first (its results pick the quantized points' forecast order)."""
-    grid = []
+def screen_grid(front: Front, samplers=SAMPLERS, precisions=PRECISIONS):
+    """Every point in screening order, bf16 first: its results pick the quantized points' forecast order, so a
+    precision's points are listed once the points before them have been screened (a generator)."""
     for precision in precisions:
         for sampler in samplers:
-            grid += points(sampler, precision, (lambda f: (1, 2)) if precision == "bf16" else
-                           best_orders(front, sampler))
-    return grid
+            yield from points(sampler, precision, (lambda f: (1, 2)) if precision == "bf16" else
+                              best_orders(front, sampler))
 
 
 def measure_list(front: Front, screen_rows: dict[Point, dict]) -> list[Point]:
