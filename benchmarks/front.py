@@ -117,11 +117,13 @@ class Front:
             return CachePlan.interval(INTERVALS[point.fraction])
         search = PlanSearch("compute", round(point.fraction + TOLERANCE, 4), point.forecast)
         path = self.plan_path(point)
-        if not path.exists() or search_stale and json.loads(path.read_text())["search"].get("family") != FAMILY:
+        kept = json.loads(path.read_text()) if path.exists() else None
+        if kept is None or search_stale and kept["search"].get("family") != FAMILY:
             plan, summary = auto_plan(self.model, search, self.steps, point.sampler, CFG, SEARCH_SEED,
                                       self.search_samples)
-            write_json(path, {"spec": search.spec, "plan": plan.to_dict(), "search": summary})
-        return CachePlan.from_dict(json.loads(path.read_text())["plan"])
+            kept = {"spec": search.spec, "plan": plan.to_dict(), "search": summary}
+            write_json(path, kept)
+        return CachePlan.from_dict(kept["plan"])
 
     def seed(self, summary: dict) -> int:
         """The state files a front JSON gives back (see the module's docstring); returns how many were missing."""
