@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_session.sh ablation         # the ablation's optional rows
 #   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
-#   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls)
+#   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls;
+#                                                   # SERVE_ARGS="--duration-s 6" passes it more options)
 #   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions" for serve:
@@ -85,7 +86,7 @@ kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines (the C
 
 serve() {
   timeout -s INT 560 python3 benchmarks/serve_load.py --state /tmp/qandc-serve-load/state \
-    --work /tmp/qandc-serve-load/work --budget-s 420 > "$OUT/serve.log" 2>&1
+    --work /tmp/qandc-serve-load/work --budget-s 420 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
   tar czf "$OUT/serve-load.tgz" -C /tmp qandc-serve-load/state
 }
 
