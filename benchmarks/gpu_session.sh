@@ -88,6 +88,9 @@ serve() {
   timeout -s INT 560 python3 benchmarks/serve_load.py --state /tmp/qandc-serve-load/state \
     --work /tmp/qandc-serve-load/work --budget-s 420 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
   tar czf "$OUT/serve-load.tgz" -C /tmp qandc-serve-load/state
+  # the built engines and their Inductor cache (~200 s to build on a fresh machine): carried back, a next call skips
+  # the build; a tarball too large to come back is left out alone, the state above still comes back
+  tar czf "$OUT/serve-load-work.tgz" -C /tmp qandc-serve-load/work && du -h "$OUT/serve-load-work.tgz"
 }
 
 for job in "$@"; do  # a+b: jobs side by side (quality-only ones: a timed job wants the GPU alone)
