@@ -283,14 +283,14 @@ def step_markdown(meta: dict, rows: list[dict]) -> str:
              + ". ms step: median of unprofiled calls; ms busy: the device's busy time in the profiled calls; "
              "per group: ms per step (share of the work) ×kernels per step.", ""]
     groups = [g for g, _ in GROUPS]
-    sittings = {(r.get("sitting") or {}).get("started") for r in rows}
-    if len(sittings) > 1:  # rows resumed on another machine: each "/ floor" takes the floor of its own sitting
+    sitting = lambda r: r.get("sitting", {})  # noqa: E731 (when the row ran, and that sitting's floor)
+    if len({sitting(r).get("started") for r in rows}) > 1:  # rows resumed on another machine
         lines += ["Rows from several sittings (machines of one card, not one run): compare kernels and groups "
                   "across them, step times only roughly.", ""]
-    cells = [[r["precision"], compiled_as(r), r["graph"], (r.get("sitting") or {}).get("started") or "–",
+    cells = [[r["precision"], compiled_as(r), r["graph"], sitting(r).get("started", "–"),
               f"{r['ms_step']:.2f}", f"{r['busy_ms_per_step']:.2f}",
               f"{r['ms_step'] / row_floor:.2f}x"
-              if (row_floor := (r.get("sitting") or {}).get("fp8_floor_ms") or floor) and r["graph"] == "full" else "–",
+              if (row_floor := sitting(r).get("fp8_floor_ms") or floor) and r["graph"] == "full" else "–",
               *(f"{r['groups'][g]['ms']:.2f} ({r['groups'][g]['share']:.0%}) ×{r['groups'][g]['kernels']:.0f}"
                 for g in groups)] for r in rows]
     lines += table(["precision", "Inductor mode", "graph", "sitting", "ms step", "ms busy", "/ floor", *groups], cells)
@@ -399,8 +399,7 @@ def main(argv=None) -> None:
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
         settings = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
                     "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent,
-                    "fused_fp8_mlp": fused, "load_s": load_s,
-                    "sitting": sitting}
+                    "fused_fp8_mlp": fused, "load_s": load_s, "sitting": sitting}
         for key, sampler in zip(keys, args.samplers if args.run else [None]):
             if (state / f"{key}.json").is_file():
                 continue
