@@ -283,7 +283,10 @@ def step_markdown(meta: dict, rows: list[dict]) -> str:
              + ". ms step: median of unprofiled calls; ms busy: the device's busy time in the profiled calls; "
              "per group: ms per step (share of the work) ×kernels per step.", ""]
     groups = [g for g, _ in GROUPS]
-    sitting = lambda r: r.get("sitting", {})  # noqa: E731 (when the row ran, and that sitting's floor)
+
+    def sitting(row: dict) -> dict:  # when the row ran, and that sitting's floor
+        return row.get("sitting", {})
+
     if len({sitting(r).get("started") for r in rows}) > 1:  # rows resumed on another machine
         lines += ["Rows from several sittings (machines of one card, not one run): compare kernels and groups "
                   "across them, step times only roughly.", ""]
