@@ -74,7 +74,7 @@ profile() {  # whole sampling runs of the reference model (host- or GPU-bound: D
                  "--fused-fp8-mlp --persistent-reductions-up-to 2048" "--inductor-config triton.multi_kernel=1"; do
     (( SECONDS - start > 360 )) && break
     timeout -s INT 200 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
-      --state /tmp/qandc-profile/steps >> "$OUT/profile.log" 2>&1
+      --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
   save profile
 }

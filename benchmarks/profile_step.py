@@ -42,6 +42,7 @@ from qandc.bench import (_slug, card_name, config_engines, device_name, fp8_floo
 from qandc.engines import inductor_backend
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES_MODE = inductor_backend.COMPILE_MODES[True]  # the quantized engines' own mode (before --quantized-mode)
 
 # first match wins: attention before GEMMs (cutlass attention kernels), norms before quantize (Inductor fuses
 # LayerNorm + modulate + quantize into one kernel, counted as a norm; `kernels` shows what fused)
@@ -264,6 +265,32 @@ def make(name: str, device: str):
     return initialize_weights(DiT(config), seed=0, zero_init=False).to(device).eval()
 
 
+def state_key(meta: dict, row: dict) -> str:
+    """The state file name of a row's variant (rows of one key: one profile, its graphs or one run); every setting
+    that changes what ran is in it."""
+    quantized_mode = row["compile_mode"] if row["precision"] != "bf16" and row["compile_mode"] != ENGINES_MODE else ""
+    return (f"{meta['model']}--{row['precision']}--{_slug(meta['plan'])}--{'run' if 'images' in meta else 'step'}"
+            f"{meta['batch_rows']}" + (f"-{row['sampler']}" if row.get("sampler") else "")
+            + ("" if meta["cuda_graphs"] or not meta["compiled"] else "-nographs")
+            + (f"-{quantized_mode}" if quantized_mode else "")
+            + "".join(f"-{k}={v}" for k, v in sorted(row.get("inductor_config", {}).items()))
+            + (f"-persistent{row['persistent_reductions_up_to']}" if row.get("persistent_reductions_up_to") else "")
+            + ("-fusedmlp" if row.get("fused_fp8_mlp") else ""))
+
+
+def seed_state(state: Path, meta: dict, seed: dict) -> None:
+    """Write the rows of an earlier results file `seed` whose variant `state` lacks (same model, plan, rows and
+    CUDA-graph setting only), so that rows measured on an earlier machine stay in the results."""
+    if any(seed.get(k) != meta.get(k) for k in ("card", "model", "plan", "batch_rows", "images", "cuda_graphs")):
+        return
+    variants: dict[str, list] = {}
+    for row in seed["rows"]:
+        variants.setdefault(state_key(meta, row), []).append(row)
+    for key, rows in variants.items():
+        if not (state / f"{key}.json").is_file():
+            write_json(state / f"{key}.json", {"rows": rows})
+
+
 def compiled_as(row: dict) -> str:
     """The Inductor mode of a row, with the config settings it ran under, its persistent-reduction limit and whether
     its FP8 MLPs were fused."""
@@ -335,6 +362,9 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default="/tmp/qandc-bench",
                         help="engines, recipes and Inductor's cache (the bench's --work default)")
     parser.add_argument("--state", default=".profile-state", help="finished rows (a rerun skips them)")
+    parser.add_argument("--seed-from", type=Path,
+                        help="results JSON whose rows a missing --state takes (a new machine keeps no state); "
+                             "rows of another model, plan, row count or CUDA-graph setting are left out")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="run the compiled engines without CUDA graphs (where a profile of graph replays is empty)")
@@ -387,22 +417,19 @@ def main(argv=None) -> None:
         floor = fp8_floor(model, rows) if device == "cuda" else {"flops_full_step": full_step_flops(model, rows)}
         meta.update(floor)
     sitting = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "fp8_floor_ms": meta.get("fp8_floor_ms")}
+    if args.seed_from:
+        seed_state(state, meta, read_json(args.seed_from))
     for precision in args.precisions:
         fused = args.fused_fp8_mlp and precision == "w8a8-fp8"
-        keys = [f"{args.model}--{precision}--{_slug(args.plan)}--{kind}{rows}" + (f"-{s}" if args.run else "")
-                + ("" if meta["cuda_graphs"] or device == "cpu" else "-nographs")
-                + (f"-{args.quantized_mode}" if args.quantized_mode and precision != "bf16" else "")
-                + "".join(f"-{k}={v}" for k, v in sorted(inductor_settings.items()))
-                + (f"-persistent{persistent}" if persistent else "")
-                + ("-fusedmlp" if fused else "")
-                for s in (args.samplers if args.run else [""])]
+        variant = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
+                   "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent,
+                   "fused_fp8_mlp": fused}
+        keys = [state_key(meta, {**variant, "sampler": s}) for s in (args.samplers if args.run else [None])]
         if all((state / f"{k}.json").is_file() for k in keys):
             continue
         engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], fused)
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
-        settings = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
-                    "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent,
-                    "fused_fp8_mlp": fused, "load_s": load_s, "sitting": sitting}
+        settings = {**variant, "load_s": load_s, "sitting": sitting}
         for key, sampler in zip(keys, args.samplers if args.run else [None]):
             if (state / f"{key}.json").is_file():
                 continue

@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from qandc.artifacts import atomic_path, read_json, write_json
 from qandc.bench import card_name, device_name
@@ -125,11 +126,33 @@ def request_body(i: int, images: int, num_classes: int, steps: int | None) -> di
     return body if steps is None else {**body, "steps": steps}
 
 
+def engine_counters(text: str) -> dict:
+    """From the server's /metrics: engine batches run, their real images and their seconds so far."""
+    values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return {"batches": values["qandc_serve_batch_images_count"], "images": values["qandc_serve_batch_images_sum"],
+            "seconds": values["qandc_serve_sampling_seconds_total"]}
+
+
+def engine_share(before: dict, after: dict, window: float) -> dict:
+    """What the engines did in a window: the share of it they were busy, their own images/s while busy (the
+    offline rate's counterpart) and the mean real images a batch — where a shortfall against the offline rate goes:
+    idle engines (the HTTP side or batch forming), smaller batches, or slower batches."""
+    batches, images, seconds = (after[k] - before[k] for k in ("batches", "images", "seconds"))
+    return {"engine_busy_share": seconds / window, "engine_images_per_s": images / seconds if seconds else None,
+            "mean_batch_images": images / batches if batches else None}
+
+
 async def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes: int, steps) -> dict:
-    """`concurrency` clients posting back to back: the saturating rate (after a warm-up of a quarter of the time)."""
+    """`concurrency` clients posting back to back: the saturating rate (after a warm-up of a quarter of the time),
+    with what the engines did meanwhile (`engine_share`)."""
     done, counter = [], iter(range(10 ** 9))
     start = time.perf_counter()
     measure_from, stop = start + seconds / 4, start + seconds * 1.25
+    counters = []
+
+    async def scrape(http, at: float):
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        counters.append(engine_counters((await http.get("/metrics")).text))
 
     async def client(http):
         while time.perf_counter() < stop:
@@ -139,10 +162,11 @@ async def closed_loop(url: str, concurrency: int, seconds: float, images: int, c
                 done.append(time.perf_counter() - sent)
 
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
-        await asyncio.gather(*[client(http) for _ in range(concurrency)])
+        await asyncio.gather(*[client(http) for _ in range(concurrency)], scrape(http, measure_from),
+                             scrape(http, stop))
     window = stop - measure_from
     return {"concurrency": concurrency, "requests_per_s": len(done) / window,
-            "images_per_s": len(done) * images / window, **percentiles(done)}
+            "images_per_s": len(done) * images / window, **percentiles(done), **engine_share(*counters, window)}
 
 
 async def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed: int) -> dict:
@@ -191,8 +215,9 @@ def measure(engines: Path, max_batch: int, args) -> dict:
         concurrency = 2 * max(1, max_batch // args.images_per_request) + 2
         saturating = asyncio.run(closed_loop(url, concurrency, args.duration_s, args.images_per_request, classes,
                                              args.steps))
-        print(f"  saturating: {saturating['images_per_s']:.1f} images/s, p50 {saturating['p50_s']:.3f} s",
-              flush=True)
+        print(f"  saturating: {saturating['images_per_s']:.1f} images/s, p50 {saturating['p50_s']:.3f} s; engines "
+              f"busy {saturating['engine_busy_share']:.0%} at {saturating['engine_images_per_s']:.1f} images/s, "
+              f"{saturating['mean_batch_images']:.1f} images a batch", flush=True)
         loads = []
         for k, fraction in enumerate(LOAD_FRACTIONS):
             point = asyncio.run(open_loop(url, fraction * saturating["requests_per_s"], args.duration_s,

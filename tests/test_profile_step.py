@@ -169,3 +169,25 @@ def test_rows_of_1152_are_one_pass_kernels_up_to_the_limit_only(limit):
                           cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == str(limit is not None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path")
+def test_a_new_state_takes_the_rows_of_earlier_results_it_lacks(tmp_path):
+    from qandc.engines import inductor_backend
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(inductor_backend.COMPILE_MODES, True, inductor_backend.COMPILE_MODES[True])
+        _run(tmp_path, "--rows", "2", "--repeats", "1", "--precisions", "w8a8-int8")
+        earlier = json.loads((_run(tmp_path, "--rows", "2", "--repeats", "1", "--precisions", "w8a8-int8",
+                                   "--quantized-mode", "max-autotune-no-cudagraphs")
+                              / "profile-step-cpu.json").read_text())
+        seed = tmp_path / "earlier.json"
+        seed.write_text(json.dumps(earlier))
+        shutil.rmtree(tmp_path / "state")  # a new machine: the state is gone, the committed results are not
+        again = json.loads((_run(tmp_path / "fresh", "--rows", "2", "--repeats", "1", "--precisions", "w8a8-int8",
+                                 "--seed-from", str(seed)) / "profile-step-cpu.json").read_text())
+        other_rows = json.loads((_run(tmp_path / "other", "--rows", "4", "--repeats", "1", "--precisions",
+                                      "w8a8-int8", "--seed-from", str(seed)) / "profile-step-cpu.json").read_text())
+    assert again["rows"] == earlier["rows"]  # no variant measured again: both came from the seed
+    assert {r["compile_mode"] for r in again["rows"]} == {"default", "max-autotune-no-cudagraphs"}
+    assert len(other_rows["rows"]) == len(earlier["rows"]) // 2  # another row count: its own variant, none seeded

@@ -147,6 +147,23 @@ def test_concurrent_requests_share_engine_batches(server):
     assert metric(server, "qandc_serve_engine_steps_total", kind="full") - full == 3 * batches
 
 
+def test_the_load_benchmark_reads_the_engines_share_from_metrics(server):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serve_load
+
+    before = serve_load.engine_counters(httpx.get(server + "/metrics").text)
+    started = time.perf_counter()
+    responses = post_all(server, [{"labels": [i, i + 1], "seed": i, "steps": STEPS} for i in (0, 2, 4)])
+    wall = time.perf_counter() - started
+    after = serve_load.engine_counters(httpx.get(server + "/metrics").text)
+    timings = {(t["batch_images"], t["sampling_seconds"]) for t in (r.json()["timing"] for r in responses)}  # a batch
+    assert after["images"] - before["images"] == 6 == sum(t[0] for t in timings)
+    assert after["batches"] - before["batches"] == len(timings)
+    assert after["seconds"] - before["seconds"] == pytest.approx(sum(t[1] for t in timings))
+    share = serve_load.engine_share(before, after, wall)
+    assert 0 < share["engine_busy_share"] < 1 and share["mean_batch_images"] == 6 / len(timings)
+
+
 @pytest.mark.parametrize("body, status, message", [
     (b"{", 400, "not valid JSON"),
     (b"[1]", 422, "an object"),

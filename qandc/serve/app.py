@@ -95,6 +95,8 @@ class Metrics:
         self.padded_images = Counter("qandc_serve_padded_images", "padding images run to fill a bucket", registry=r)
         self.queue_seconds = Histogram("qandc_serve_queue_seconds", "time a request waited for its batch",
                                        registry=r)
+        self.sampling_seconds = Counter("qandc_serve_sampling_seconds", "seconds the engines spent on batches "
+                                        "(sampling and the copy out)", registry=r)
         self.step_seconds = Histogram("qandc_serve_step_seconds", "sampling seconds per step of a batch",
                                       buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2), registry=r)
         self.engine_steps = Counter("qandc_serve_engine_steps", "sampling steps by engine kind (full, reuse)",
@@ -108,6 +110,7 @@ class Metrics:
     def batch(self, run: BatchRun, jobs: list[Job]) -> None:
         self.batch_images.observe(run.images)
         self.padded_images.inc(run.padded - run.images)
+        self.sampling_seconds.inc(run.seconds)
         self.step_seconds.observe(run.seconds / run.steps)
         for kind, count in run.engine_steps.items():
             self.engine_steps.labels(kind).inc(count)
@@ -148,7 +151,7 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
             time.perf_counter() - started))
         running = asyncio.ensure_future(_after(warm, batcher.run()))
         yield
-        await batcher.close()
+        batcher.close()
         await running
         batcher.executor.shutdown(wait=True)
         decoder.shutdown(wait=True)

@@ -1,6 +1,7 @@
 """Dynamic batching: requests with the same sampler settings are merged into one engine batch (up to `max_batch`
 images, or whatever arrived within `max_wait_ms` of the oldest), padded to a batch-size bucket warmed at start, and
-run on one inference thread. Each sample keeps its own noise key (request seed, sample id), so an image does not
+run on one inference thread, which takes the next batch from the queue itself the moment it is free (no hop through
+the event loop between batches). Each sample keeps its own noise key (request seed, sample id), so an image does not
 depend on what it was batched with; a sample whose output is not finite fails only its own request."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -89,7 +91,8 @@ def batch_buckets(max_batch: int) -> list[int]:
 class Batcher:
     """Merges submitted jobs into batches and runs them one at a time on a single inference thread. `warm_up()`
     runs a batch at every bucket first (compiling and capturing CUDA graphs where the engines do) and sets
-    `ready`; `close()` finishes the queued jobs and stops."""
+    `ready`; `run()` serves until `close()`, then finishes the queued jobs. The queue is shared by the event loop
+    (submit, withdraw) and the inference thread (forming batches) under one lock; results go back to the loop."""
 
     def __init__(self, pipeline: Pipeline, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
         self.pipeline, self.max_batch, self.max_wait, self.max_queue = pipeline, max_batch, max_wait_ms / 1000, \
@@ -102,22 +105,24 @@ class Batcher:
         self.failure: str | None = None
         self.batch_seconds = 0.0  # the last batch's, for Retry-After
         self.executor = device_thread("qandc-inference", pipeline.device)
-        self._wakeup = asyncio.Event()
+        self._queue = threading.Condition()
 
     def submit(self, job: Job) -> None:
         """Queue `job`; QueueFull when its images would take the queue past `max_queue`."""
-        if self.closing or self.queued_images + len(job.labels) > self.max_queue:
-            batches = math.ceil((self.queued_images + 1) / self.max_batch)
-            raise QueueFull(max(1, math.ceil(batches * self.batch_seconds)))
-        self.pending.append(job)
-        self.queued_images += len(job.labels)
-        self._wakeup.set()
+        with self._queue:
+            if self.closing or self.queued_images + len(job.labels) > self.max_queue:
+                batches = math.ceil((self.queued_images + 1) / self.max_batch)
+                raise QueueFull(max(1, math.ceil(batches * self.batch_seconds)))
+            self.pending.append(job)
+            self.queued_images += len(job.labels)
+            self._queue.notify()
 
     def withdraw(self, job: Job) -> None:
         """Take a job that is still queued out (its client timed out or left): its images free their slots."""
-        if job in self.pending:
-            self.pending.remove(job)
-            self.queued_images -= len(job.labels)
+        with self._queue:
+            if job in self.pending:
+                self.pending.remove(job)
+                self.queued_images -= len(job.labels)
 
     async def warm_up(self) -> None:
         """Run the warm-up batches; a failure is kept in `failure` (the server then never turns ready)."""
@@ -140,65 +145,49 @@ class Batcher:
                 self.pipeline.generate([0] * size, 0, cfg_scale=1.0, allow_nonfinite=True)
 
     async def run(self) -> None:
-        """Form and run batches until `close()`, then finish what is queued."""
+        """Serve batches on the inference thread until `close()` and the queue is empty."""
         loop = asyncio.get_running_loop()
-        while True:
-            jobs = await self._next_batch()
-            if not jobs:
-                return
+        await loop.run_in_executor(self.executor, self._serve, loop)
+
+    def close(self) -> None:
+        """Stop taking jobs; `run` finishes the queued ones and returns."""
+        with self._queue:
+            self.closing = True
+            self._queue.notify()
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The inference thread's loop: take a batch, run it, hand its results to the event loop."""
+        while jobs := self._next_batch(loop):
             try:
-                samples, bad, run = await loop.run_in_executor(self.executor, self._infer, jobs)
+                result = self._infer(jobs)
             except Exception as e:  # the whole batch failed (an engine error): each request gets one line
                 log.exception("a batch of %d requests failed", len(jobs))
-                line = (str(e).splitlines() or [""])[0]
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(QandcError(line if isinstance(e, QandcError) else
-                                                            f"the engines failed: {type(e).__name__}: {line}"))
-                continue
-            self.batch_seconds = run.seconds
-            self.on_batch(run, jobs)
-            start = 0
-            for job in jobs:
-                part, part_bad = samples[start:start + len(job.labels)], bad[start:start + len(job.labels)]
-                start += len(job.labels)
-                if job.future.done():  # timed out or cancelled while running
-                    continue
-                if part_bad.any():
-                    ids = [i for i, b in zip(job.sample_ids, part_bad.tolist()) if b]
-                    job.future.set_exception(NonFiniteSamples(
-                        f"the engines' output is not finite (NaN / Inf) for sample ids {ids}"))
-                else:
-                    job.future.set_result((part, run))
+                loop.call_soon_threadsafe(self._fail, jobs, e)
+            else:
+                loop.call_soon_threadsafe(self._deliver, jobs, *result)
 
-    async def close(self) -> None:
-        """Stop taking jobs; `run` finishes the queued ones and returns."""
-        self.closing = True
-        self._wakeup.set()
-
-    async def _next_batch(self) -> list[Job]:
+    def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[Job]:
         """The oldest job and the later ones with its settings that fit in `max_batch`, once they fill it or the
-        oldest has waited `max_wait`; [] once closing with nothing queued."""
-        while True:
-            if not self.pending:
-                if self.closing:
-                    return []
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            head = self.pending[0]
-            jobs = self._fitting(head)
-            remaining = head.enqueued + self.max_wait - time.monotonic()
-            if sum(len(j.labels) for j in jobs) >= self.max_batch or remaining <= 0 or self.closing:
-                for job in jobs:
-                    self.withdraw(job)
-                    job.batched = time.monotonic()
-                return jobs
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+        oldest has waited `max_wait`; [] once closing with nothing queued (or once the loop is gone: a server
+        stopped without its shutdown must not leave this thread waiting)."""
+        with self._queue:
+            while True:
+                if not self.pending:
+                    if self.closing or loop.is_closed():
+                        return []
+                    self._queue.wait(1.0)
+                    continue
+                head = self.pending[0]
+                jobs = self._fitting(head)
+                remaining = head.enqueued + self.max_wait - time.monotonic()
+                if sum(len(j.labels) for j in jobs) >= self.max_batch or remaining <= 0 or self.closing:
+                    now = time.monotonic()
+                    for job in jobs:
+                        self.pending.remove(job)
+                        self.queued_images -= len(job.labels)
+                        job.batched = now
+                    return jobs
+                self._queue.wait(remaining)
 
     def _fitting(self, head: Job) -> list[Job]:
         jobs, images = [], 0
@@ -227,3 +216,29 @@ class Batcher:
         return samples, bad, BatchRun(len(labels), size, key.steps, seconds,
                                       {"full": last.get("full", 0), "reuse": last.get("reuse", 0)},
                                       len(last.get("fallback_steps", ())), int(bad.sum()))
+
+    def _deliver(self, jobs: list[Job], samples: torch.Tensor, bad: torch.Tensor, run: BatchRun) -> None:
+        """On the event loop: each request its samples, or the error of its non-finite ones."""
+        self.batch_seconds = run.seconds
+        self.on_batch(run, jobs)
+        start = 0
+        for job in jobs:
+            part, part_bad = samples[start:start + len(job.labels)], bad[start:start + len(job.labels)]
+            start += len(job.labels)
+            if job.future.done():  # timed out or cancelled while running
+                continue
+            if part_bad.any():
+                ids = [i for i, b in zip(job.sample_ids, part_bad.tolist()) if b]
+                job.future.set_exception(NonFiniteSamples(
+                    f"the engines' output is not finite (NaN / Inf) for sample ids {ids}"))
+            else:
+                job.future.set_result((part, run))
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: Exception) -> None:
+        """On the event loop: every request of a failed batch gets the error's first line."""
+        line = (str(error).splitlines() or [""])[0]
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(QandcError(line if isinstance(error, QandcError) else
+                                                    f"the engines failed: {type(error).__name__}: {line}"))
