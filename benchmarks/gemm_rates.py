@@ -1,6 +1,9 @@
 """GEMM rates at DiT-XL/2's shapes (batch 16 + CFG = 32 rows of 256 tokens): bf16 cuBLAS, FP8 `_scaled_mm`,
 `torch._int_mm` with a column-major weight plus its dequantize, and qandc's Triton INT8 GEMM with the dequantize
-fused (`qandc::int8_linear`). Median of `triton.testing.do_bench`; inputs random, never zeros. GPU only.
+fused (`qandc::int8_linear`). At fc1's shape also the MLP's middle both ways (issue 17): `_scaled_mm` then GELU +
+quantize compiled by Inductor (what the FP8 engines run), and qandc's fused Triton kernel (`qandc::fp8_linear_gelu_
+quant`), autotuned and at each of its tile configs. Median of `triton.testing.do_bench`; inputs random, never zeros.
+GPU only.
 
     python benchmarks/gemm_rates.py --out benchmarks/results/gemm-h200.json
 """
@@ -32,13 +35,47 @@ def rates(m: int, k: int, n: int) -> dict:
         "int8_int_mm_plus_dequant": lambda: (torch._int_mm(ai, bi.t()) * scale + bias).bfloat16(),
         "int8_triton_fused": lambda: int8_linear(ai, bi, scale, bias),
     }
+    if (m, k, n) == SHAPES["fc1"]:
+        kernels.update(fused_mlp_kernels(a8, b8, scale, bias))
     expected = (ai.double() @ bi.double().t()) * scale.double() + bias.double()
     error = float((int8_linear(ai, bi, scale, bias).double() - expected).norm() / expected.norm())
     out = {"int8_triton_rel_err": error}
     for name, fn in kernels.items():
-        ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+        try:
+            ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+        except Exception as e:  # a tile config this card cannot run (shared memory, registers): recorded, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+            continue
         out[name] = {"us": ms * 1e3, "tflops": 2 * m * k * n / (ms * 1e-3) / 1e12}
     return out
+
+
+def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> dict:
+    """fc1 + GELU + fc2's activation quantize: cuBLASLt then an Inductor kernel, and the fused Triton kernel
+    (autotuned, then each config alone)."""
+    import triton
+
+    from qandc.engines import triton_fp8
+    from qandc.engines.quantized import fp8_linear_gelu_quant, to_fp8
+
+    (m, k), n = a8.shape, b8.shape[0]
+    one, out_scale = torch.tensor(1.0, device="cuda"), torch.tensor(0.05, device="cuda")
+    gelu_quant = torch.compile(lambda h: to_fp8(torch.nn.functional.gelu(h, approximate="tanh"), out_scale))
+    out = torch.empty((m, n), dtype=torch.float8_e4m3fn, device="cuda")
+    kernels = {
+        "fp8_scaled_mm_then_gelu_quant": lambda: gelu_quant(torch._scaled_mm(  # per-tensor, as the engines
+            a8, b8.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16)),
+        "fp8_triton_gelu_quant": lambda: fp8_linear_gelu_quant(a8, b8, scale, bias, out_scale),
+    }
+    for config in triton_fp8._CONFIGS:
+        blocks = config.kwargs
+        grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+        name = "fp8_triton_gelu_quant_{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**blocks) + \
+            f"_s{config.num_stages}_w{config.num_warps}"
+        kernels[name] = lambda grid=grid, config=config: triton_fp8._fp8_gemm_gelu_quant_kernel.fn[grid](
+            a8, b8, scale, bias, out_scale.reshape(1), out, m, n, k, **config.kwargs, num_stages=config.num_stages,
+            num_warps=config.num_warps)
+    return kernels
 
 
 def main() -> None:
@@ -52,6 +89,9 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:6s} " + " ".join(f"{r[k]['us']:9.1f} us {r[k]['tflops']:7.0f} TF  " for k in
                                        ("bf16", "fp8_scaled_mm", "int8_int_mm_plus_dequant", "int8_triton_fused")))
+    for kernel, r in results["fc1"].items():
+        if kernel.startswith("fp8_"):
+            print(f"fc1 {kernel:45s} " + (f"{r['us']:9.1f} us {r['tflops']:7.0f} TF" if "us" in r else r["error"]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tiles import tile_product
+from .triton_tiles import even_k, tile_product
 
 # e4m3's largest finite value (quantized.FP8_MAX); a jit function reads globals only as constexpr
 FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
@@ -23,6 +23,8 @@ _CONFIGS = [
     for bm, bn, bk, s, w in [
         (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
         (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (32, 64, 128, 4, 4),
+        # the promotion keeps a second float32 accumulator: tiles of half the registers too
+        (128, 128, 128, 3, 4), (128, 256, 64, 3, 8), (128, 64, 128, 5, 4), (64, 256, 128, 3, 8),
     ]
 ]
 
@@ -34,11 +36,13 @@ def _gelu_tanh(x):
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _fp8_gemm_gelu_quant_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_scale_ptr, c_ptr, M, N, K,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                GROUP_M: tl.constexpr):
-    acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                              EVEN_K)
 
     scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
     bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)

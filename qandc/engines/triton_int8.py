@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tiles import tile_product
+from .triton_tiles import even_k, tile_product
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -22,10 +22,13 @@ _CONFIGS = [
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.int32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      EVEN_K: tl.constexpr):
+    acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.int32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                              EVEN_K)
 
     scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
     bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
