@@ -2,7 +2,8 @@
 throughput of `Pipeline.generate` at the same batch size (images per second of its sampling time), which the server
 should approach under saturating load.
 
-For each --max-batch: the offline rate (the engines loaded here, median of timed runs after a warm-up), then a server
+For each --max-batch: the offline rate (the engines loaded here, median of timed runs after a warm-up; read before
+the server and again after it, the higher of the two counts: a disturbed reading shows as a gap), then a server
 (`python -m qandc serve`, a subprocess) driven by an asyncio httpx client with requests of --images-per-request
 images: a closed loop that keeps the queue full gives the saturating rate; then open-loop Poisson arrivals at
 fractions of it give latency against offered load. Each finished --max-batch is kept in --state (a rerun skips it);
@@ -205,10 +206,15 @@ def percentiles(latencies: list[float]) -> dict:
 def measure(engines: Path, max_batch: int, args) -> dict:
     """One --max-batch: the offline rate, the saturating rate, latency at fractions of it."""
     classes = read_json(engines / "manifest.json")["model"]["num_classes"]
-    offline = offline_rate(engines, max_batch, args.steps, args.runs)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the offline engines are gone: the server has the GPU to itself
-    print(f"max-batch {max_batch}: offline {offline:.1f} images/s", flush=True)
+
+    def offline(when: str) -> float:
+        rate = offline_rate(engines, max_batch, args.steps, args.runs)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the offline engines are gone: the GPU is the next one's alone
+        print(f"max-batch {max_batch}: offline {rate:.1f} images/s ({when} the server)", flush=True)
+        return rate
+
+    before = offline("before")
     process, url = start_server(engines, max_batch, args.max_wait_ms, args.images_per_request,
                                 Path(args.state) / f"server-{max_batch}.log")
     try:
@@ -227,9 +233,11 @@ def measure(engines: Path, max_batch: int, args) -> dict:
                   f"p99 {point['p99_s']:.3f} s, refused {point['refused']}", flush=True)
     finally:
         stop_server(process)
+    readings = [before, offline("after")]
     half = next(p for p in loads if p["fraction"] == 0.5)
-    return {"max_batch": max_batch, "offline_images_per_s": offline, "saturating": saturating, "loads": loads,
-            "throughput_ratio_vs_generate": saturating["images_per_s"] / offline,
+    return {"max_batch": max_batch, "offline_images_per_s": max(readings), "offline_readings": readings,
+            "saturating": saturating, "loads": loads,
+            "throughput_ratio_vs_generate": saturating["images_per_s"] / max(readings),
             "p99_over_p50_at_half_load": half["p99_s"] / half["p50_s"]}
 
 
