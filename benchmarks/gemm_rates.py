@@ -2,8 +2,9 @@
 `torch._int_mm` with a column-major weight plus its dequantize, and qandc's Triton INT8 GEMM with the dequantize
 fused (`qandc::int8_linear`). At fc1's shape also the MLP's middle both ways (issue 17): `_scaled_mm` then GELU +
 quantize compiled by Inductor (what the FP8 engines run), and qandc's fused Triton kernel (`qandc::fp8_linear_gelu_
-quant`), autotuned and at each of its tile configs. Median of `triton.testing.do_bench`; inputs random, never zeros.
-GPU only.
+quant`), autotuned and at each of its tile configs; each with the float32 promotion of the running sum and without
+(`use_fast_accum`, `fast_accum`), with the share of e4m3 outputs equal to the exact result's (float64 GEMM) and the
+share off by more than one e4m3 step. Median of `triton.testing.do_bench`; inputs random, never zeros. GPU only.
 
     python benchmarks/gemm_rates.py --out benchmarks/results/gemm-h200.json
 """
@@ -35,11 +36,12 @@ def rates(m: int, k: int, n: int) -> dict:
         "int8_int_mm_plus_dequant": lambda: (torch._int_mm(ai, bi.t()) * scale + bias).bfloat16(),
         "int8_triton_fused": lambda: int8_linear(ai, bi, scale, bias),
     }
+    out = {}
     if (m, k, n) == SHAPES["fc1"]:
-        kernels.update(fused_mlp_kernels(a8, b8, scale, bias))
+        fused, out["fp8_gelu_quant_accuracy"] = fused_mlp_kernels(a8, b8, scale, bias)
+        kernels.update(fused)
     expected = (ai.double() @ bi.double().t()) * scale.double() + bias.double()
-    error = float((int8_linear(ai, bi, scale, bias).double() - expected).norm() / expected.norm())
-    out = {"int8_triton_rel_err": error}
+    out["int8_triton_rel_err"] = float((int8_linear(ai, bi, scale, bias).double() - expected).norm() / expected.norm())
     for name, fn in kernels.items():
         try:
             ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
@@ -50,32 +52,52 @@ def rates(m: int, k: int, n: int) -> dict:
     return out
 
 
-def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> dict:
+def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> tuple:
     """fc1 + GELU + fc2's activation quantize: cuBLASLt then an Inductor kernel, and the fused Triton kernel
-    (autotuned, then each config alone)."""
+    (autotuned, then each config alone), each promoting the running sum and not; (the kernels, their accuracy)."""
     import triton
 
     from qandc.engines import triton_fp8
-    from qandc.engines.quantized import fp8_linear_gelu_quant, to_fp8
+    from qandc.engines.quantized import to_fp8
 
     (m, k), n = a8.shape, b8.shape[0]
-    one, out_scale = torch.tensor(1.0, device="cuda"), torch.tensor(0.05, device="cuda")
+    weight_scale = scale.mean()  # per tensor, as the FP8 engines' `_scaled_mm` (the fused kernel takes it per channel)
+    scale, one = weight_scale.expand(n).contiguous(), torch.tensor(1.0, device="cuda")
+    out_scale = torch.tensor(0.05, device="cuda")
     gelu_quant = torch.compile(lambda h: to_fp8(torch.nn.functional.gelu(h, approximate="tanh"), out_scale))
     out = torch.empty((m, n), dtype=torch.float8_e4m3fn, device="cuda")
-    kernels = {
-        "fp8_scaled_mm_then_gelu_quant": lambda: gelu_quant(torch._scaled_mm(  # per-tensor, as the engines
-            a8, b8.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16)),
-        "fp8_triton_gelu_quant": lambda: fp8_linear_gelu_quant(a8, b8, scale, bias, out_scale),
-    }
-    for config in triton_fp8._CONFIGS:
-        blocks = config.kwargs
-        grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
-        name = "fp8_triton_gelu_quant_{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**blocks) + \
-            f"_s{config.num_stages}_w{config.num_warps}"
-        kernels[name] = lambda grid=grid, config=config: triton_fp8._fp8_gemm_gelu_quant_kernel.fn[grid](
-            a8, b8, scale, bias, out_scale.reshape(1), out, m, n, k, **config.kwargs, num_stages=config.num_stages,
-            num_warps=config.num_warps)
-    return kernels
+    kernels = {}
+    for fast in (False, True):
+        suffix = "_fast_accum" if fast else ""
+        kernels[f"fp8_scaled_mm_then_gelu_quant{suffix}"] = lambda fast=fast: gelu_quant(torch._scaled_mm(
+            a8, b8.t(), scale_a=one, scale_b=weight_scale, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast))
+        kernels[f"fp8_triton_gelu_quant{suffix}"] = lambda fast=fast: triton_fp8.fp8_gemm_gelu_quant(
+            a8, b8, scale, bias, out_scale, fast_accum=fast)
+        for config in triton_fp8._CONFIGS:
+            blocks = config.kwargs
+            grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+            name = "fp8_triton_gelu_quant_{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**blocks) + \
+                f"_s{config.num_stages}_w{config.num_warps}{suffix}"
+            kernels[name] = lambda grid=grid, config=config, fast=fast: triton_fp8._fp8_gemm_gelu_quant_kernel.fn[
+                grid](a8, b8, scale, bias, out_scale.reshape(1), out, m, n, k, **config.kwargs, PROMOTE=not fast,
+                      num_stages=config.num_stages, num_warps=config.num_warps)
+    exact = gelu_tanh((a8.float().double() @ b8.float().double().t()) * scale.double() + bias.double()) / \
+        out_scale.double()
+    want = exact.clamp(-448, 448).float().to(torch.float8_e4m3fn).float()
+    step = torch.where(want.abs() < 2 ** -6, torch.full_like(want, 2 ** -9),
+                       2 ** (torch.floor(torch.log2(want.abs())) - 3))  # e4m3's spacing at each value
+    accuracy = {}
+    for name in ("fp8_scaled_mm_then_gelu_quant", "fp8_triton_gelu_quant"):
+        for suffix in ("", "_fast_accum"):
+            got = kernels[name + suffix]().float()
+            accuracy[name + suffix] = {"exact_share": (got == want).float().mean().item(),
+                                       "beyond_one_step_share": ((got - want).abs() > step * 1.0001).float().mean()
+                                       .item()}
+    return kernels, accuracy
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
 
 
 def main() -> None:
@@ -90,8 +112,10 @@ def main() -> None:
         print(f"{name:6s} " + " ".join(f"{r[k]['us']:9.1f} us {r[k]['tflops']:7.0f} TF  " for k in
                                        ("bf16", "fp8_scaled_mm", "int8_int_mm_plus_dequant", "int8_triton_fused")))
     for kernel, r in results["fc1"].items():
-        if kernel.startswith("fp8_"):
-            print(f"fc1 {kernel:45s} " + (f"{r['us']:9.1f} us {r['tflops']:7.0f} TF" if "us" in r else r["error"]))
+        if kernel.startswith("fp8_") and kernel != "fp8_gelu_quant_accuracy":
+            print(f"fc1 {kernel:55s} " + (f"{r['us']:9.1f} us {r['tflops']:7.0f} TF" if "us" in r else r["error"]))
+    for kernel, r in results["fc1"]["fp8_gelu_quant_accuracy"].items():
+        print(f"fc1 {kernel:55s} exact {r['exact_share']:.4f}, beyond one e4m3 step {r['beyond_one_step_share']:.2e}")
 
 
 if __name__ == "__main__":

@@ -36,14 +36,14 @@ def _gelu_tanh(x):
     return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "PROMOTE"])
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _fp8_gemm_gelu_quant_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_scale_ptr, c_ptr, M, N, K,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROMOTE: tl.constexpr = True):
     acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                              EVEN_K)
+                              EVEN_K, PROMOTE)
 
     scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
     bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -54,13 +54,14 @@ def _fp8_gemm_gelu_quant_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_scale_ptr
 
 
 def fp8_gemm_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                        out_scale: torch.Tensor) -> torch.Tensor:
+                        out_scale: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
     """e4m3 clamp(gelu_tanh((x @ weight.T) * scale + bias) / out_scale) for e4m3 x [M, K], e4m3 weight [N, K],
-    float32 scale [N], bias [N], out_scale a float32 scalar tensor."""
+    float32 scale [N], bias [N], out_scale a float32 scalar tensor. `fast_accum`: no float32 promotion of the
+    running sum (`_scaled_mm`'s `use_fast_accum`; faster, less exact: `benchmarks/gemm_rates.py` measures both)."""
     x, weight = x.contiguous(), weight.contiguous()
     (m, k), n = x.shape, weight.shape[0]
     out = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _fp8_gemm_gelu_quant_kernel[grid](x, weight, scale.float().contiguous(), bias.contiguous(),
-                                      out_scale.float().reshape(1), out, m, n, k)
+                                      out_scale.float().reshape(1), out, m, n, k, PROMOTE=not fast_accum)
     return out

@@ -28,7 +28,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       EVEN_K: tl.constexpr):
     acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.int32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                              EVEN_K)
+                              EVEN_K, False)
 
     scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
     bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)

@@ -10,9 +10,11 @@ import triton.language as tl
 
 @triton.jit
 def tile_product(a_ptr, b_ptr, M, N, K, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PROMOTE: tl.constexpr):
     """(this program's A @ B^T tile accumulated in ACC, its output rows, its output columns). EVEN_K: K is a
-    multiple of BLOCK_K (`even_k`), so the K loads need no mask (DiT's K: 1152, 4608)."""
+    multiple of BLOCK_K (`even_k`), so the K loads need no mask (DiT's K: 1152, 4608). PROMOTE (FP8): Hopper's
+    tensor cores keep ~14 bits of a running sum; a partial accumulator promoted to float32 every K block keeps it
+    exact, as cuBLASLt's `_scaled_mm` does unless `use_fast_accum` (Triton's default on sm_90 never promotes)."""
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n
@@ -37,8 +39,7 @@ def tile_product(a_ptr, b_ptr, M, N, K, ACC: tl.constexpr, BLOCK_M: tl.constexpr
             left = K - k * BLOCK_K
             a_tile = tl.load(a, mask=rk[None, :] < left, other=0.0)
             b_tile = tl.load(b, mask=rk[:, None] < left, other=0.0)
-        if ACC == tl.float32:  # FP8: Hopper's tensor cores keep ~14 bits of a running sum; promote it to float32
-            # every block, as cuBLASLt's _scaled_mm does (Triton's default on sm_90 never promotes)
+        if PROMOTE:
             acc = tl.dot(a_tile, b_tile, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=ACC)
         else:
             acc = tl.dot(a_tile, b_tile, acc, out_dtype=ACC)
