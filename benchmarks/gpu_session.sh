@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls;
 #                                                   # SERVE_ARGS="--duration-s 6" passes it more options)
 #   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
+#   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions" for serve:
 # fastapi 0.165 imports the last three; the torch machine's typing_extensions lacks what anyio 4.16 imports) and
@@ -82,6 +83,10 @@ profile() {  # whole sampling runs of the reference model (host- or GPU-bound: D
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines (the CPU CI has no GPU and no Triton)
   timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_profile_step.py \
     tests/test_inductor.py > "$OUT/kernels.log" 2>&1
+}
+
+gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and tile sweep, both accumulations)
+  timeout -s INT 300 python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
 }
 
 serve() {
