@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
 #   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
-# prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions" for serve:
-# fastapi 0.165 imports the last three; the torch machine's typing_extensions lacks what anyio 4.16 imports) and
+# prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions uvloop
+# httptools" for serve: fastapi 0.165 imports opentelemetry-api and annotated-doc, the torch machine's
+# typing_extensions lacks what anyio 4.16 imports, uvicorn runs on uvloop and httptools where it finds them) and
 # `.gpu-states/NAME.tgz` of earlier calls of this
 # session. Each job's state comes back as $OUT/NAME.tgz (copy it to .gpu-states/), results written on the machine as
 # $OUT/results.tgz. A state missing its rows starts from the committed JSON (--seed-from: the machine and a new

@@ -143,9 +143,21 @@ def engine_share(before: dict, after: dict, window: float) -> dict:
             "mean_batch_images": images / batches if batches else None}
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes: int, steps) -> dict:
+def loop_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds the server's main thread (its asyncio loop: HTTP, validation, responses) has used; None without
+    Linux's /proc. Per request, times the request rate, it is the share of the GIL the HTTP side takes from the
+    inference thread."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes: int, steps,
+                      pid: int | None = None) -> dict:
     """`concurrency` clients posting back to back: the saturating rate (after a warm-up of a quarter of the time),
-    with what the engines did meanwhile (`engine_share`)."""
+    with what the engines did meanwhile (`engine_share`) and, given the server's `pid`, its loop's CPU per request."""
     done, counter = [], iter(range(10 ** 9))
     start = time.perf_counter()
     measure_from, stop = start + seconds / 4, start + seconds * 1.25
@@ -153,7 +165,8 @@ async def closed_loop(url: str, concurrency: int, seconds: float, images: int, c
 
     async def scrape(http, at: float):
         await asyncio.sleep(max(0.0, at - time.perf_counter()))
-        counters.append(engine_counters((await http.get("/metrics")).text))
+        counters.append({**engine_counters((await http.get("/metrics")).text),
+                         "loop_cpu": loop_cpu_seconds(pid) if pid else None})
 
     async def client(http):
         while time.perf_counter() < stop:
@@ -166,8 +179,12 @@ async def closed_loop(url: str, concurrency: int, seconds: float, images: int, c
         await asyncio.gather(*[client(http) for _ in range(concurrency)], scrape(http, measure_from),
                              scrape(http, stop))
     window = stop - measure_from
+    before, after = counters
+    loop_cpu = after["loop_cpu"] - before["loop_cpu"] if after["loop_cpu"] is not None else None
+    requests = (after["images"] - before["images"]) / images
     return {"concurrency": concurrency, "requests_per_s": len(done) / window,
-            "images_per_s": len(done) * images / window, **percentiles(done), **engine_share(*counters, window)}
+            "images_per_s": len(done) * images / window, **percentiles(done), **engine_share(before, after, window),
+            "loop_cpu_ms_per_request": loop_cpu / requests * 1e3 if loop_cpu is not None and requests else None}
 
 
 async def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed: int) -> dict:
@@ -220,10 +237,11 @@ def measure(engines: Path, max_batch: int, args) -> dict:
     try:
         concurrency = 2 * max(1, max_batch // args.images_per_request) + 2
         saturating = asyncio.run(closed_loop(url, concurrency, args.duration_s, args.images_per_request, classes,
-                                             args.steps))
+                                             args.steps, process.pid))
         print(f"  saturating: {saturating['images_per_s']:.1f} images/s, p50 {saturating['p50_s']:.3f} s; engines "
               f"busy {saturating['engine_busy_share']:.0%} at {saturating['engine_images_per_s']:.1f} images/s, "
-              f"{saturating['mean_batch_images']:.1f} images a batch", flush=True)
+              f"{saturating['mean_batch_images']:.1f} images a batch; loop CPU "
+              f"{saturating['loop_cpu_ms_per_request'] or float('nan'):.2f} ms a request", flush=True)
         loads = []
         for k, fraction in enumerate(LOAD_FRACTIONS):
             point = asyncio.run(open_loop(url, fraction * saturating["requests_per_s"], args.duration_s,
