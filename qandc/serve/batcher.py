@@ -105,7 +105,7 @@ class Batcher:
         self.failure: str | None = None
         self.batch_seconds = 0.0  # the last batch's, for Retry-After
         self.executor = device_thread("qandc-inference", pipeline.device)
-        self._queue = threading.Condition()
+        self._queue = threading.Condition(threading.RLock())
 
     def submit(self, job: Job) -> None:
         """Queue `job`; QueueFull when its images would take the queue past `max_queue`."""
@@ -183,8 +183,7 @@ class Batcher:
                 if sum(len(j.labels) for j in jobs) >= self.max_batch or remaining <= 0 or self.closing:
                     now = time.monotonic()
                     for job in jobs:
-                        self.pending.remove(job)
-                        self.queued_images -= len(job.labels)
+                        self.withdraw(job)  # the condition's lock is re-entrant
                         job.batched = now
                     return jobs
                 self._queue.wait(remaining)
