@@ -241,12 +241,12 @@ def cmd_serve(args) -> None:
     from .serve import ServeOptions, serve
 
     device = _device(args.device)
-    if device.type == "cuda" and device.index is not None:  # engines built on "cuda" load on the current device
+    if device.type == "cuda" and device.index is not None:  # the VAE (and the engines' process) on this device
         torch.cuda.set_device(device)
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_images=args.max_images or args.max_batch, timeout_s=args.timeout_s,
                            max_body_bytes=args.max_body_kb * 1024)
-    serve(args.engines, args.host, args.port, options, nan_fallback=args.nan_fallback, vae=args.vae)
+    serve(args.engines, args.host, args.port, options, nan_fallback=args.nan_fallback, vae=args.vae, device=device)
 
 
 def cmd_calibrate(args) -> None:

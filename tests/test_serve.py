@@ -31,10 +31,11 @@ from PIL import Image  # noqa: E402
 
 from qandc.artifacts import sha256_file  # noqa: E402
 from qandc.engines import build_engines  # noqa: E402
+from qandc.errors import QandcError  # noqa: E402
 from qandc.exporter import export  # noqa: E402
 from qandc.images import model_to_images, to_uint8  # noqa: E402
 from qandc.runtime import Pipeline  # noqa: E402
-from qandc.serve import ServeOptions, create_app  # noqa: E402
+from qandc.serve import EngineProcess, ServeOptions, create_app  # noqa: E402
 
 NAN_CLASS = 7  # its label embedding is NaN: every sample of this class comes out NaN, and only those
 STEPS = 8
@@ -55,8 +56,9 @@ def engines(tmp_path_factory):
 
 @contextlib.contextmanager
 def running(engine_dir, vae=None, **options):
-    """A server on a free port in a thread; yields (base URL, app); stops it as SIGTERM does (should_exit)."""
-    app = create_app(Pipeline.load(engine_dir), engine_dir, ServeOptions(**options), vae)
+    """A server on a free port in a thread, its engines in their own process; yields (base URL, app); stops it as
+    SIGTERM does (should_exit)."""
+    app = create_app(EngineProcess(engine_dir), engine_dir, ServeOptions(**options), vae)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -233,6 +235,27 @@ def test_timeout_is_504(engines):
     with running(engines, max_batch=1, max_images=1, timeout_s=0.05) as (url, app):
         response = httpx.post(url + "/v1/generate", json={"labels": [1], "steps": SLOW_STEPS // 2})
         assert response.status_code == 504 and "0.05 s" in response.json()["error"]
+
+
+def test_an_engine_process_that_dies_fails_its_batch_and_readiness(engines):
+    with running(engines, max_batch=2, max_images=2) as (url, app):
+        assert httpx.post(url + "/v1/generate", json={"labels": [1], "steps": STEPS}).status_code == 200
+        app.state.engines.process.kill()
+        app.state.engines.process.join(10)
+        response = httpx.post(url + "/v1/generate", json={"labels": [1], "steps": STEPS})
+        assert response.status_code == 500 and "the engine process exited" in response.json()["error"]
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "the engine process exited"
+
+
+def test_an_engine_folder_that_fails_to_load_is_one_error_here(engines, tmp_path):
+    broken = tmp_path / "engines"
+    broken.mkdir()
+    for f in engines.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    next(f for f in broken.iterdir() if f.suffix == ".onnx").write_bytes(b"not the engine")
+    with pytest.raises(QandcError, match="sha256|checksum"):
+        EngineProcess(broken)
 
 
 def test_latents_come_as_npz_or_through_the_vae_as_png(tmp_path):

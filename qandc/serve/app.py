@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,10 @@ from ..artifacts import sha256_file
 from ..errors import QandcError
 from ..formats.recipe import vc_correction
 from ..images import decode_latents, has_image_space, load_vae, model_to_images, to_pil, to_uint8
-from ..runtime import Pipeline
 from ..sampling import SAMPLERS, check_labels, space_timesteps
 from ..sampling.diffusion import TRAIN_STEPS
-from .batcher import Batcher, BatchKey, BatchRun, Job, QueueFull, device_thread
+from .batcher import Batcher, BatchKey, BatchRun, Job, QueueFull
+from .engine_process import EngineProcess
 
 log = logging.getLogger("qandc.serve")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -128,19 +129,19 @@ def request_id(request: Request) -> str:
     return request.state.request_id
 
 
-def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions = ServeOptions(),
+def create_app(engines: EngineProcess, engine_dir: str | Path, options: ServeOptions = ServeOptions(),
                vae=None) -> FastAPI:
-    """The service over `pipeline` (loaded from `engine_dir`): warms up every bucket at start (`/readyz` turns
-    ready after), and on shutdown finishes the requests it accepted. `vae` (a loaded diffusers AutoencoderKL)
-    decodes latents into PNG images, on the inference thread."""
-    limit = pipeline.denoiser.max_batch if pipeline.runs_engines else None
+    """The service over `engines` (loaded from `engine_dir`): warms up every bucket at start (`/readyz` turns
+    ready after), and on shutdown finishes the requests it accepted, then closes the engine process. `vae` (a
+    loaded diffusers AutoencoderKL) decodes latents into PNG images, on a thread of its own."""
+    limit = engines.max_batch
     if limit is not None and 2 * options.max_batch > limit:
         raise QandcError(f"--max-batch {options.max_batch} needs {2 * options.max_batch} rows with guidance; the "
                          f"engines' profile holds {limit}")
     metrics = Metrics()
-    batcher = Batcher(pipeline, options.max_batch, options.max_wait_ms, options.max_queue, metrics.batch)
-    engines = engine_metadata(pipeline, engine_dir)
-    decoder = device_thread("qandc-vae", pipeline.device)
+    batcher = Batcher(engines, options.max_batch, options.max_wait_ms, options.max_queue, metrics.batch)
+    described = engine_metadata(engines, engine_dir)
+    decoder = device_thread("qandc-vae", engines.device)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -155,6 +156,7 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
         await running
         batcher.executor.shutdown(wait=True)
         decoder.shutdown(wait=True)
+        engines.close()
 
     app = FastAPI(title="qandc serve", lifespan=lifespan)
 
@@ -180,6 +182,8 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
 
     @app.get("/readyz")
     async def readyz():
+        if not engines.alive:
+            return JSONResponse({"status": "the engine process exited"}, 503)
         if not batcher.ready or batcher.closing:
             status = batcher.failure or ("shutting down" if batcher.closing else "warming up")
             return JSONResponse({"status": status}, 503)
@@ -207,7 +211,7 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
         if not batcher.ready:
             raise ServeError(503, "warming up the engines", {"Retry-After": "1"})
         parsed = parse_request(await read_body(request, options.max_body_bytes), request)
-        key, fmt = check_request(parsed, pipeline, options.max_images, vae is not None)
+        key, fmt = check_request(parsed, engines, options.max_images, vae is not None)
         ids = parsed.sample_ids if parsed.sample_ids is not None else list(range(len(parsed.labels)))
         job = Job(key, parsed.labels, parsed.seed, ids, rid, asyncio.get_running_loop().create_future())
         try:
@@ -220,21 +224,21 @@ def create_app(pipeline: Pipeline, engine_dir: str | Path, options: ServeOptions
         if fmt == "npz":
             payload = await run_in_threadpool(encode_npz, samples, job)
         elif vae is not None:  # on a thread of its own: the next batch samples meanwhile
-            payload = await asyncio.get_running_loop().run_in_executor(decoder, decode_to_png, samples, pipeline,
-                                                                       vae)
+            payload = await asyncio.get_running_loop().run_in_executor(decoder, decode_to_png, samples,
+                                                                       engines.device, vae)
         else:
-            payload = await run_in_threadpool(encode_png, model_to_images(samples, pipeline.config))
+            payload = await run_in_threadpool(encode_png, model_to_images(samples, engines.config))
         log.info("request %s: %d images, batch of %d (%d padded), queued %.3f s", rid, len(samples), run.images,
                  run.padded, job.batched - job.enqueued)
         return {"request_id": rid, "format": fmt, **payload, "labels": job.labels, "sample_ids": ids,
                 "config": {"steps": key.steps, "sampler": key.sampler, "cfg_scale": key.cfg_scale,
-                           "seed": parsed.seed, "plan": pipeline.plan.describe(), "vc": pipeline.vc is not None,
+                           "seed": parsed.seed, "plan": engines.plan.describe(), "vc": engines.vc is not None,
                            "noise_keying": "per sample: generator keyed by (seed, sample id)"},
-                "engines": engines,
+                "engines": described,
                 "timing": {"queue_seconds": job.batched - job.enqueued, "batch_images": run.images,
                            "batch_padded": run.padded, "sampling_seconds": run.seconds}}
 
-    app.state.batcher, app.state.metrics = batcher, metrics
+    app.state.batcher, app.state.metrics, app.state.engines = batcher, metrics, engines
     return app
 
 
@@ -249,12 +253,11 @@ async def _after(warm_up: asyncio.Future, then):
     await then
 
 
-def engine_metadata(pipeline: Pipeline, engine_dir: str | Path) -> dict:
+def engine_metadata(engines: EngineProcess, engine_dir: str | Path) -> dict:
     """What every response names the engines by: the manifest's sha256 (its id), backend and precision."""
-    manifest = pipeline.manifest
-    return {"manifest_sha256": sha256_file(Path(engine_dir) / "manifest.json"),
-            "backend": manifest.backend if manifest else None,
-            "precision": (manifest.recipe or {}).get("preset", "float") if manifest else None}
+    manifest = engines.manifest
+    return {"manifest_sha256": sha256_file(Path(engine_dir) / "manifest.json"), "backend": manifest.backend,
+            "precision": (manifest.recipe or {}).get("preset", "float")}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -285,9 +288,10 @@ def parse_request(body: bytes, request: Request) -> GenerateRequest:
                                                              if len(e.errors()) > 1 else "")) from None
 
 
-def check_request(req: GenerateRequest, pipeline: Pipeline, max_images: int, vae: bool) -> tuple[BatchKey, str]:
+def check_request(req: GenerateRequest, engines: EngineProcess, max_images: int, vae: bool
+                  ) -> tuple[BatchKey, str]:
     """The request's batch key and format, each value checked against the engines (422 naming the field)."""
-    config, defaults = pipeline.config, pipeline.sampler_defaults
+    config, defaults = engines.config, engines.sampler_defaults
     if len(req.labels) > max_images:
         raise ServeError(422, f"labels: {len(req.labels)} images; a request takes at most {max_images}")
     try:
@@ -300,8 +304,8 @@ def check_request(req: GenerateRequest, pipeline: Pipeline, max_images: int, vae
                    float(defaults.cfg_scale if req.cfg_scale is None else req.cfg_scale))
     try:
         space_timesteps(TRAIN_STEPS, key.steps)
-        pipeline.plan.step_graphs(key.steps)
-        vc_correction(pipeline.vc, key.steps, "the engines", config.in_channels)
+        engines.plan.step_graphs(key.steps)
+        vc_correction(engines.vc, key.steps, "the engines", config.in_channels)
     except QandcError as e:
         raise ServeError(422, f"steps: {e}") from None
     images = vae or has_image_space(config)
@@ -336,9 +340,18 @@ async def wait_for(job: Job, request: Request, batcher: Batcher, timeout: float)
         raise ServeError(500, str(e)) from None
 
 
-def decode_to_png(latents: torch.Tensor, pipeline: Pipeline, vae) -> dict:
-    """Latents decoded by `vae` on the engines' device, as encode_png gives them."""
-    return encode_png(decode_latents(latents.to(pipeline.device), vae).cpu())
+def device_thread(name: str, device: torch.device) -> ThreadPoolExecutor:
+    """One worker thread that works on `device` (a new thread would take CUDA device 0; "cuda" without an index is
+    this thread's current device)."""
+    if device.type != "cuda":
+        return ThreadPoolExecutor(1, thread_name_prefix=name)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lambda: torch.cuda.set_device(index))
+
+
+def decode_to_png(latents: torch.Tensor, device: torch.device, vae) -> dict:
+    """Latents decoded by `vae` on `device` (the engines'), as encode_png gives them."""
+    return encode_png(decode_latents(latents.to(device), vae).cpu())
 
 
 def encode_png(images: torch.Tensor) -> dict:
@@ -360,13 +373,17 @@ def encode_npz(samples: torch.Tensor, job: Job) -> dict:
 
 
 def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
-          nan_fallback: bool = False, vae: str | Path | None = None) -> None:
-    """Load the engines (and the VAE folder `vae`) once and serve them until SIGINT / SIGTERM (which finish the
-    accepted requests first)."""
+          nan_fallback: bool = False, vae: str | Path | None = None, device: torch.device | None = None) -> None:
+    """Load the engines (in their own process, on `device`) and the VAE folder `vae` once and serve them until
+    SIGINT / SIGTERM (which finish the accepted requests first)."""
     import uvicorn
 
-    pipeline = Pipeline.load(engine_dir, fallback=nan_fallback)
-    app = create_app(pipeline, engine_dir, options, vae and load_vae(vae, pipeline.device))
+    engines = EngineProcess(engine_dir, nan_fallback, device)
+    try:
+        app = create_app(engines, engine_dir, options, vae and load_vae(vae, engines.device))
+    except BaseException:
+        engines.close()
+        raise
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)

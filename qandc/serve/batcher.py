@@ -1,8 +1,9 @@
 """Dynamic batching: requests with the same sampler settings are merged into one engine batch (up to `max_batch`
 images, or whatever arrived within `max_wait_ms` of the oldest), padded to a batch-size bucket warmed at start, and
-run on one inference thread, which takes the next batch from the queue itself the moment it is free (no hop through
-the event loop between batches). Each sample keeps its own noise key (request seed, sample id), so an image does not
-depend on what it was batched with; a sample whose output is not finite fails only its own request."""
+run by one inference thread, which takes the next batch from the queue itself the moment it is free (no hop through
+the event loop between batches) and hands it to the engine process (`EngineProcess`). Each sample keeps its own
+noise key (request seed, sample id), so an image does not depend on what it was batched with; a sample whose output
+is not finite fails only its own request."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import QandcError
-from ..runtime import Pipeline
 from ..runtime.pipeline import nonfinite_samples
+from .engine_process import EngineProcess
 
 log = logging.getLogger("qandc.serve")
 
@@ -74,28 +75,19 @@ class NonFiniteSamples(QandcError):
     """A request whose samples came out NaN / Inf (the rest of its batch is unaffected)."""
 
 
-def device_thread(name: str, device: torch.device) -> ThreadPoolExecutor:
-    """One worker thread that works on `device` (a new thread would take CUDA device 0; "cuda" without an index is
-    this thread's current device)."""
-    if device.type != "cuda":
-        return ThreadPoolExecutor(1, thread_name_prefix=name)
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lambda: torch.cuda.set_device(index))
-
-
 def batch_buckets(max_batch: int) -> list[int]:
     """The padded batch sizes: powers of two below `max_batch`, and `max_batch`."""
     return sorted({2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch} | {max_batch})
 
 
 class Batcher:
-    """Merges submitted jobs into batches and runs them one at a time on a single inference thread. `warm_up()`
+    """Merges submitted jobs into batches and runs them one at a time on `engines` from a single thread. `warm_up()`
     runs a batch at every bucket first (compiling and capturing CUDA graphs where the engines do) and sets
     `ready`; `run()` serves until `close()`, then finishes the queued jobs. The queue is shared by the event loop
     (submit, withdraw) and the inference thread (forming batches) under one lock; results go back to the loop."""
 
-    def __init__(self, pipeline: Pipeline, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
-        self.pipeline, self.max_batch, self.max_wait, self.max_queue = pipeline, max_batch, max_wait_ms / 1000, \
+    def __init__(self, engines: EngineProcess, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
+        self.engines, self.max_batch, self.max_wait, self.max_queue = engines, max_batch, max_wait_ms / 1000, \
             max_queue
         self.buckets = batch_buckets(max_batch)
         self.on_batch = on_batch or (lambda run, jobs: None)
@@ -104,7 +96,7 @@ class Batcher:
         self.ready = self.closing = False
         self.failure: str | None = None
         self.batch_seconds = 0.0  # the last batch's, for Retry-After
-        self.executor = device_thread("qandc-inference", pipeline.device)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="qandc-inference")  # it waits on the engines
         self._queue = threading.Condition(threading.RLock())
 
     def submit(self, job: Job) -> None:
@@ -136,13 +128,12 @@ class Batcher:
     def _warm_up(self) -> None:
         """One guided batch at every bucket (guidance doubles the rows), and an unguided one where a bucket's row
         count is no guided batch's, with the engines' steps and sampler: serving meets no new shape."""
-        defaults = self.pipeline.sampler_defaults
+        defaults = self.engines.sampler_defaults
         guided = defaults.cfg_scale if defaults.cfg_scale != 1.0 else 2.0  # any scale but 1 doubles the rows
         guided_rows = {2 * b for b in self.buckets}
         for size in self.buckets:
-            self.pipeline.generate([0] * size, 0, cfg_scale=guided, allow_nonfinite=True)
-            if size not in guided_rows:
-                self.pipeline.generate([0] * size, 0, cfg_scale=1.0, allow_nonfinite=True)
+            for scale in (guided, 1.0) if size not in guided_rows else (guided,):
+                self.engines.generate([0] * size, [0] * size, defaults.steps, defaults.sampler, scale, range(size))
 
     async def run(self) -> None:
         """Serve batches on the inference thread until `close()` and the queue is empty."""
@@ -206,11 +197,10 @@ class Batcher:
         size = next(b for b in self.buckets if b >= len(labels))
         pad = size - len(labels)
         started = time.perf_counter()
-        samples = self.pipeline.generate(labels + [0] * pad, seeds + [0] * pad, key.steps, key.sampler,
-                                         key.cfg_scale, sample_ids=ids + list(range(pad)), allow_nonfinite=True)
-        samples = samples[:len(labels)].cpu()
+        samples = self.engines.generate(labels + [0] * pad, seeds + [0] * pad, key.steps, key.sampler,
+                                        key.cfg_scale, ids + list(range(pad)))[:len(labels)]
         seconds = time.perf_counter() - started
-        last = self.pipeline.last_run or {}
+        last = self.engines.last_run or {}
         bad = nonfinite_samples(samples)
         return samples, bad, BatchRun(len(labels), size, key.steps, seconds,
                                       {"full": last.get("full", 0), "reuse": last.get("reuse", 0)},

@@ -1,0 +1,123 @@
+"""The engines in a process of their own. A server's sampling loop is host work (a launch or a graph replay a step,
+the sampler's arithmetic between steps), and in the server's process it shares one GIL with the HTTP side: every
+millisecond the event loop spends on a request is one the sampling loop waits (on an H200, 0.80x of `generate`'s
+images/s with both in one process). Here `Pipeline.load` and `Pipeline.generate` run in a spawned process; the
+server's inference thread hands it a batch over a pipe and waits on it without holding the GIL."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import QandcError
+
+log = logging.getLogger("qandc.serve")
+
+
+class EngineProcess:
+    """`Pipeline.load(engine_dir)` in a process of its own, with the face of the Pipeline the server uses: `config`,
+    `plan`, `vc`, `sampler_defaults`, `manifest`, `device` and `max_batch` (the engines' row limit, None without
+    one) from the loaded engines; `generate` (one batch at a time; samples on the CPU) and its `last_run`; `close`.
+    Loading waits for the engines and raises their load error as the parent's own. `device`: a CUDA device whose
+    index the process makes current (engines built on "cuda" load on the current device)."""
+
+    def __init__(self, engine_dir: str | Path, nan_fallback: bool = False, device: torch.device | None = None):
+        context = multiprocessing.get_context("spawn")  # a forked CUDA context is unusable
+        self._pipe, child = context.Pipe()
+        index = device.index if device is not None and device.type == "cuda" else None
+        self.process = context.Process(target=_run_engines, args=(child, str(engine_dir), nan_fallback, index),
+                                       name="qandc-engines", daemon=True)
+        self.process.start()
+        child.close()
+        loaded = self._reply()
+        self.manifest, self.max_batch = loaded["manifest"], loaded["max_batch"]
+        self.device, self.load_seconds = torch.device(loaded["device"]), loaded["load_seconds"]
+        self.config, self.plan, self.sampler_defaults = self.manifest.model, self.manifest.plan, self.manifest.sampler
+        self.vc = self.manifest.vc_table
+        self.last_run: dict | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def generate(self, labels, seed, steps: int, sampler: str, cfg_scale: float, sample_ids) -> torch.Tensor:
+        """`Pipeline.generate(..., allow_nonfinite=True)` of the engines' process: the samples on the CPU;
+        `last_run` the steps each graph took. An error there is a QandcError here (its traceback in this log)."""
+        try:
+            self._pipe.send((list(labels), list(seed), steps, sampler, cfg_scale, list(sample_ids)))
+        except (BrokenPipeError, OSError):
+            raise self._exited() from None
+        samples, self.last_run = self._reply()
+        return torch.from_numpy(samples)
+
+    def close(self) -> None:
+        """Let the process finish (it exits at the pipe's end) and wait for it."""
+        if self.process.is_alive():
+            try:
+                self._pipe.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(30)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        self._pipe.close()
+
+    def _reply(self):
+        try:
+            kind, value = self._pipe.recv()
+        except (EOFError, OSError):
+            raise self._exited() from None
+        if kind == "error":
+            raise QandcError(value)
+        return value
+
+    def _exited(self) -> QandcError:
+        self.process.join(5)
+        return QandcError(f"the engine process exited (status {self.process.exitcode})")
+
+
+def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | None) -> None:
+    """The engine process: load, report, then run each batch the pipe brings until it brings None or closes.
+    SIGINT / SIGTERM are the server's to handle: the process finishes the batches it is given."""
+    from ..runtime import Pipeline
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if device_index is not None:
+            torch.cuda.set_device(device_index)
+        pipeline = Pipeline.load(engine_dir, fallback=nan_fallback)
+    except Exception as e:
+        pipe.send(("error", _one_line(e)))
+        return
+    pipe.send(("loaded", {"manifest": pipeline.manifest, "max_batch": pipeline.denoiser.max_batch,
+                          "device": str(pipeline.device), "load_seconds": pipeline.load_seconds}))
+    while True:
+        try:
+            batch = pipe.recv()
+        except EOFError:
+            return
+        if batch is None:
+            return
+        labels, seeds, steps, sampler, cfg_scale, sample_ids = batch
+        try:
+            samples = pipeline.generate(labels, seeds, steps, sampler, cfg_scale, sample_ids=sample_ids,
+                                        allow_nonfinite=True)
+            reply = ("done", (samples.cpu().numpy().astype(np.float32), pipeline.last_run))
+        except Exception as e:
+            log.exception("a batch of %d images failed", len(labels))
+            reply = ("error", _one_line(e))
+        pipe.send(reply)
+
+
+def _one_line(error: Exception) -> str:
+    """A QandcError's message, or the type and first line of another error."""
+    line = (str(error).splitlines() or [""])[0]
+    return line if isinstance(error, QandcError) else f"the engines failed: {type(error).__name__}: {line}"
