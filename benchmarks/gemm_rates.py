@@ -1,10 +1,11 @@
-"""GEMM rates at DiT-XL/2's shapes (batch 16 + CFG = 32 rows of 256 tokens): bf16 cuBLAS, FP8 `_scaled_mm`,
-`torch._int_mm` with a column-major weight plus its dequantize, and qandc's Triton INT8 GEMM with the dequantize
-fused (`qandc::int8_linear`). At fc1's shape also the MLP's middle both ways (issue 17): `_scaled_mm` then GELU +
-quantize compiled by Inductor (what the FP8 engines run), and qandc's fused Triton kernel (`qandc::fp8_linear_gelu_
-quant`), autotuned and at each of its tile configs; each with the float32 promotion of the running sum and without
-(`use_fast_accum`, `fast_accum`), with the share of e4m3 outputs equal to the exact result's (float64 GEMM) and the
-share off by more than one e4m3 step. Median of `triton.testing.do_bench`; inputs random, never zeros. GPU only.
+"""GEMM rates at DiT-XL/2's shapes (batch 16 + CFG = 32 rows of 256 tokens): bf16 cuBLAS, FP8 `_scaled_mm` with
+and without the float32 promotion of its running sum (`use_fast_accum`), `torch._int_mm` with a column-major weight
+plus its dequantize, and qandc's Triton INT8 GEMM with the dequantize fused (`qandc::int8_linear`). At fc1's shape
+also the MLP's middle both ways (issue 17): `_scaled_mm` then GELU + quantize compiled by Inductor (what the FP8
+engines run), and qandc's fused Triton kernel (`qandc::fp8_linear_gelu_quant`), autotuned and at each of its tile
+configs; each with the promotion and without (`use_fast_accum`, `fast_accum`), with the share of e4m3 outputs equal
+to the exact result's (float64 GEMM) and the share off by more than one e4m3 step. Median of
+`triton.testing.do_bench`; inputs random, never zeros. GPU only.
 
     python benchmarks/gemm_rates.py --out benchmarks/results/gemm-h200.json
 """
@@ -33,6 +34,8 @@ def rates(m: int, k: int, n: int) -> dict:
         "bf16": lambda: torch.nn.functional.linear(a16, b16, bias),
         "fp8_scaled_mm": lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, bias=bias,
                                                   out_dtype=torch.bfloat16),
+        "fp8_scaled_mm_fast_accum": lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, bias=bias,
+                                                             out_dtype=torch.bfloat16, use_fast_accum=True),
         "int8_int_mm_plus_dequant": lambda: (torch._int_mm(ai, bi.t()) * scale + bias).bfloat16(),
         "int8_triton_fused": lambda: int8_linear(ai, bi, scale, bias),
     }
@@ -94,7 +97,6 @@ def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, b
                                        "beyond_one_step_share": ((got - want).abs() > step * 1.0001).float().mean()
                                        .item()}
     return kernels, accuracy
-
 
 
 def main() -> None:
