@@ -275,7 +275,7 @@ def state_key(meta: dict, row: dict) -> str:
             + (f"-{quantized_mode}" if quantized_mode else "")
             + "".join(f"-{k}={v}" for k, v in sorted(row.get("inductor_config", {}).items()))
             + (f"-persistent{row['persistent_reductions_up_to']}" if row.get("persistent_reductions_up_to") else "")
-            + ("-fusedmlp" if row.get("fused_fp8_mlp") else ""))
+            + ("-fusedmlp" if row.get("fused_fp8_mlp") else "") + ("-fastaccum" if row.get("fp8_fast_accum") else ""))
 
 
 def seed_state(state: Path, meta: dict, seed: dict) -> None:
@@ -292,12 +292,13 @@ def seed_state(state: Path, meta: dict, seed: dict) -> None:
 
 
 def compiled_as(row: dict) -> str:
-    """The Inductor mode of a row, with the config settings it ran under, its persistent-reduction limit and whether
-    its FP8 MLPs were fused."""
+    """The Inductor mode of a row, with the config settings it ran under, its persistent-reduction limit, whether
+    its FP8 MLPs were fused and whether its FP8 GEMMs promoted their running sums."""
     return " ".join([row.get("compile_mode", ""), *(f"{k}={v}" for k, v in row.get("inductor_config", {}).items()),
                      *([f"persistent reductions to {row['persistent_reductions_up_to']}"]
                        if row.get("persistent_reductions_up_to") else []),
-                     *(["fused FP8 MLP"] if row.get("fused_fp8_mlp") else [])])
+                     *(["fused FP8 MLP"] if row.get("fused_fp8_mlp") else []),
+                     *(["FP8 fast accumulation"] if row.get("fp8_fast_accum") else [])])
 
 
 def step_markdown(meta: dict, rows: list[dict]) -> str:
@@ -383,6 +384,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fused-fp8-mlp", action="store_true",
                         help="W8A8-FP8 engines with fc1, GELU and fc2's activation quantize as one Triton kernel "
                              "(qandc.engines.triton_fp8) instead of cuBLASLt + an Inductor kernel; rows kept apart")
+    parser.add_argument("--fp8-fast-accum", action="store_true",
+                        help="W8A8-FP8 engines whose GEMMs keep their running sums without float32 promotion "
+                             "(`_scaled_mm(use_fast_accum=True)`, the fused kernel's too); rows kept apart")
     args = parser.parse_args(argv)
     if args.quantized_mode:
         inductor_backend.COMPILE_MODES[True] = args.quantized_mode
@@ -421,13 +425,14 @@ def main(argv=None) -> None:
         seed_state(state, meta, read_json(args.seed_from))
     for precision in args.precisions:
         fused = args.fused_fp8_mlp and precision == "w8a8-fp8"
+        fast_accum = args.fp8_fast_accum and precision == "w8a8-fp8"
         variant = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
                    "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent,
-                   "fused_fp8_mlp": fused}
+                   "fused_fp8_mlp": fused, "fp8_fast_accum": fast_accum}
         keys = [state_key(meta, {**variant, "sampler": s}) for s in (args.samplers if args.run else [None])]
         if all((state / f"{k}.json").is_file() for k in keys):
             continue
-        engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], fused)
+        engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], fused, fast_accum)
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
         settings = {**variant, "load_s": load_s, "sitting": sitting}
         for key, sampler in zip(keys, args.samplers if args.run else [None]):

@@ -166,23 +166,25 @@ def _memory_mark() -> int:
 
 
 def config_engines(model_name: str, model, precision: str, cache: str, work: Path,
-                   batch_sizes, fused_fp8_mlp: bool = False) -> tuple[Path, float | None]:
+                   batch_sizes, fused_fp8_mlp: bool = False, fp8_fast_accum: bool = False) -> tuple[Path, float | None]:
     """The Inductor engines of `model` (on the device they are for) at `precision` (bf16 or a W8A8 preset, with a
-    `quick_recipe`; `fused_fp8_mlp`: build_inductor's) under the cache spec `cache`, in `work` (shared by every
-    configuration of that precision and plan): built unless already there, compiled for `batch_sizes`. The folder and
-    the build's seconds (None: it was there)."""
+    `quick_recipe`; `fused_fp8_mlp`, `fp8_fast_accum`: build_inductor's) under the cache spec `cache`, in `work`
+    (shared by every configuration of that precision and plan): built unless already there, compiled for
+    `batch_sizes`. The folder and the build's seconds (None: it was there)."""
     from .engines import build_inductor
     from .sampling import SamplerDefaults
 
     recipe = None
     if precision.startswith("w8a8"):
         recipe = quick_recipe(model, precision, cache, work / f"{model_name}-{precision}-{_slug(cache)}-recipe")
-    engine_dir = work / f"{model_name}-{precision}-{_slug(cache)}{'-fusedmlp' if fused_fp8_mlp else ''}-engines"
+    variant = ("-fusedmlp" if fused_fp8_mlp else "") + ("-fastaccum" if fp8_fast_accum else "")
+    engine_dir = work / f"{model_name}-{precision}-{_slug(cache)}{variant}-engines"
     if (engine_dir / "manifest.json").is_file():
         return engine_dir, None
     started = time.perf_counter()
     build_inductor(model, engine_dir, plan=config_plan(cache), recipe_dir=recipe,
-                   sampler=SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=batch_sizes, fused_fp8_mlp=fused_fp8_mlp)
+                   sampler=SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=batch_sizes, fused_fp8_mlp=fused_fp8_mlp,
+                   fp8_fast_accum=fp8_fast_accum)
     return engine_dir, time.perf_counter() - started
 
 

@@ -163,6 +163,40 @@ def test_fused_fp8_mlps_compute_what_the_unfused_ones_do(recipe, tmp_path, devic
     assert rel_err(engines.float(), want.float()) < 1e-2
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_fast_accumulation_engines_carry_it_into_every_fp8_gemm(recipe, tmp_path, device):
+    """`fp8_fast_accum`: every `_scaled_mm` of the exported engines (and the fused MLP op) runs without promotion,
+    the manifest says so, and the outputs stay those of the promoting engines up to accumulation order."""
+    model, folder = recipe
+    if QuantRecipe.load(folder).preset != "w8a8-fp8":
+        pytest.skip("FP8 only")
+    model = model.to(device)
+    x, t, y = torch.randn(6, 4, 8, 8, device=device), torch.tensor([0, 100, 400, 700, 900, 999], device=device), \
+        torch.tensor([0, 1, 2, 3, 10, 10], device=device)
+    outs = {}
+    for fast in (False, True):
+        out = tmp_path / f"engines-{fast}"
+        manifest = build_inductor(model, out, recipe_dir=folder, batch_sizes=[6], fused_fp8_mlp=True,
+                                  fp8_fast_accum=fast)
+        assert manifest.build["fp8_fast_accum"] is fast
+        program = torch.export.load(str(out / "full.pt2"))
+        gemms = [n for n in program.graph.nodes if "_scaled_mm" in str(n.target)
+                 or "fp8_linear_gelu_quant" in str(n.target)]
+        assert len(gemms) > model.config.depth  # fc1 (fused) and at least fc2 a block
+        assert [accumulates_fast(node) for node in gemms] == [fast] * len(gemms)
+        with torch.no_grad():
+            outs[fast] = Pipeline.load(out).denoiser.forward_graph(manifest.graphs["full"],
+                                                                   {"x": x, "t": t, "y": y})["out"].float()
+    assert rel_err(outs[True], outs[False]) < 2e-2
+
+
+def accumulates_fast(node) -> bool:
+    """An exported FP8 GEMM node's `use_fast_accum` (`_scaled_mm`) or `fast_accum` (the fused op), by its schema."""
+    arguments = node.target._schema.arguments
+    i = next(i for i, a in enumerate(arguments) if a.name in ("use_fast_accum", "fast_accum"))
+    return bool(node.kwargs.get(arguments[i].name, node.args[i] if len(node.args) > i else arguments[i].default_value))
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 256, 96), (300, 1152, 640)])
 def test_fp8_linear_gelu_quant_is_gelu_of_the_exact_product_rounded_once(m, k, n):
     """e4m3 products are exact in float32 up to accumulation order: the output is the e4m3 rounding of GELU of the

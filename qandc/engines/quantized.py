@@ -47,19 +47,20 @@ def _(x, weight, scale, bias):
 
 @torch.library.custom_op("qandc::fp8_linear_gelu_quant", mutates_args=())
 def fp8_linear_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                          out_scale: torch.Tensor) -> torch.Tensor:
+                          out_scale: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
     """e4m3 x [M, K] times e4m3 weight [N, K]^T, times scale [N] (float32), plus bias [N], through GELU (tanh),
-    quantized to e4m3 with the static scale `out_scale` (the next layer's activation scale); e4m3 [M, N]."""
+    quantized to e4m3 with the static scale `out_scale` (the next layer's activation scale); e4m3 [M, N].
+    `fast_accum`: the GPU kernel's running sum without float32 promotion (the CPU's is exact either way)."""
     if x.is_cuda:
         from .triton_fp8 import fp8_gemm_gelu_quant
 
-        return fp8_gemm_gelu_quant(x, weight, scale, bias, out_scale)
+        return fp8_gemm_gelu_quant(x, weight, scale, bias, out_scale, fast_accum)
     hidden = torch.nn.functional.gelu((x.float() @ weight.float().t()) * scale + bias.float(), approximate="tanh")
     return to_fp8(hidden, out_scale)
 
 
 @fp8_linear_gelu_quant.register_fake
-def _(x, weight, scale, bias, out_scale):
+def _(x, weight, scale, bias, out_scale, fast_accum=False):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float8_e4m3fn)
 
 
@@ -78,11 +79,12 @@ def _scales(amax: torch.Tensor, maximum: float, what: str) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     """A Linear computed by a real FP8 or INT8 kernel with static per-tensor activation and per-tensor or
-    per-channel weight scales."""
+    per-channel weight scales. `fast_accum` (FP8): `_scaled_mm`'s running sum without float32 promotion."""
 
-    def __init__(self, linear: nn.Linear, weight_amax: torch.Tensor, input_amax: torch.Tensor, fmt: str, name=""):
+    def __init__(self, linear: nn.Linear, weight_amax: torch.Tensor, input_amax: torch.Tensor, fmt: str, name="",
+                 fast_accum: bool = False):
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.fast_accum = fmt, fast_accum
         maximum = FP8_MAX if fmt == "fp8" else INT8_MAX
         w_scale = _scales(weight_amax, maximum, f"{name}.weight_quantizer")
         a_scale = _scales(input_amax, maximum, f"{name}.input_quantizer")
@@ -123,7 +125,7 @@ class QuantLinear(nn.Module):
             scale_a = self.input_scale.expand(q.shape[0], 1).contiguous()
             scale_b = self.weight_scale.reshape(1, -1)
         return torch._scaled_mm(q, self.weight.t(), scale_a=scale_a, scale_b=scale_b, bias=self.bias,
-                                out_dtype=torch.bfloat16)
+                                out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
 
 
 class FusedFp8Mlp(nn.Module):
@@ -137,7 +139,8 @@ class FusedFp8Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         q = to_fp8(x.reshape(-1, shape[-1]), self.fc1.input_scale)
-        hidden = fp8_linear_gelu_quant(q, self.fc1.weight, self.fc1.out_scale, self.fc1.bias, self.fc2.input_scale)
+        hidden = fp8_linear_gelu_quant(q, self.fc1.weight, self.fc1.out_scale, self.fc1.bias, self.fc2.input_scale,
+                                       self.fc1.fast_accum)
         out = self.fc2.fp8_matmul(hidden)
         return out.reshape(*shape[:-1], out.shape[-1])
 
@@ -154,10 +157,11 @@ def fuse_fp8_mlps(model: nn.Module) -> None:
 
 
 def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16,
-                           fused_fp8_mlp: bool = False) -> nn.Module:
+                           fused_fp8_mlp: bool = False, fp8_fast_accum: bool = False) -> nn.Module:
     """A copy of `model` in `dtype` with every Linear the recipe quantizes replaced by a QuantLinear carrying the
     recipe's static scales (read from its amax file; ModelOpt is not needed), and with `fused_fp8_mlp` its FP8
-    MLPs fused (`fuse_fp8_mlps`). No recipe: the plain `dtype` model."""
+    MLPs fused (`fuse_fp8_mlps`); `fp8_fast_accum`: FP8 GEMMs without float32 promotion of the running sum. No
+    recipe: the plain `dtype` model."""
     source = model
     model = copy.deepcopy(model).to(dtype).eval()
     if recipe_dir is None:
@@ -176,7 +180,7 @@ def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtyp
         if name not in modules or any(k not in amax for k in keys):
             raise QandcError(f"{recipe_dir}: the recipe quantizes {name}, which this model or its amax file lacks")
         parent, _, child = name.rpartition(".")
-        layer = QuantLinear(originals[name], amax[keys[0]], amax[keys[1]], fmt, name).to(model.device)
+        layer = QuantLinear(originals[name], amax[keys[0]], amax[keys[1]], fmt, name, fp8_fast_accum).to(model.device)
         setattr(modules[parent], child, layer)
     if fused_fp8_mlp:
         fuse_fp8_mlps(model)
