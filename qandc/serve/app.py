@@ -141,7 +141,7 @@ def create_app(engines: EngineProcess, engine_dir: str | Path, options: ServeOpt
     metrics = Metrics()
     batcher = Batcher(engines, options.max_batch, options.max_wait_ms, options.max_queue, metrics.batch)
     described = engine_metadata(engines, engine_dir)
-    decoder = device_thread("qandc-vae", engines.device)
+    decoder = device_thread("qandc-vae", engines.device) if vae is not None else None  # CUDA here only for a VAE
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -155,7 +155,8 @@ def create_app(engines: EngineProcess, engine_dir: str | Path, options: ServeOpt
         batcher.close()
         await running
         batcher.executor.shutdown(wait=True)
-        decoder.shutdown(wait=True)
+        if decoder is not None:
+            decoder.shutdown(wait=True)
         engines.close()
 
     app = FastAPI(title="qandc serve", lifespan=lifespan)
