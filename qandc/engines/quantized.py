@@ -50,7 +50,7 @@ def fp8_linear_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
                           out_scale: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
     """e4m3 x [M, K] times e4m3 weight [N, K]^T, times scale [N] (float32), plus bias [N], through GELU (tanh),
     quantized to e4m3 with the static scale `out_scale` (the next layer's activation scale); e4m3 [M, N].
-    `fast_accum`: the GPU kernel's running sum without float32 promotion (the CPU's is exact either way)."""
+    `fast_accum`: the GPU kernel's running sum without float32 promotion (the CPU sums in float32 either way)."""
     if x.is_cuda:
         from .triton_fp8 import fp8_gemm_gelu_quant
 
