@@ -24,7 +24,7 @@ _CONFIGS = [
         (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
         (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (32, 64, 128, 4, 4),
         # the fastest at DiT-XL/2's fc1 on an H200 (136 µs; 128 x 256 x 64, 128 x 64 x 128 with 5 stages and 64 x
-        # 256 x 128 tried there too: 170-334 µs, gemm-h200.json)
+        # 256 x 128 tried there too: 170-334 µs, benchmarks/results/gpu-logs/gemm-h200-session8.log)
         (128, 128, 128, 3, 4),
     ]
 ]

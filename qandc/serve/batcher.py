@@ -20,7 +20,7 @@ import torch
 
 from ..errors import QandcError
 from ..runtime.pipeline import nonfinite_samples
-from .engine_process import EngineProcess
+from .engine_process import EngineProcess, one_line
 
 log = logging.getLogger("qandc.serve")
 
@@ -226,8 +226,6 @@ class Batcher:
     @staticmethod
     def _fail(jobs: list[Job], error: Exception) -> None:
         """On the event loop: every request of a failed batch gets the error's first line."""
-        line = (str(error).splitlines() or [""])[0]
         for job in jobs:
             if not job.future.done():
-                job.future.set_exception(QandcError(line if isinstance(error, QandcError) else
-                                                    f"the engines failed: {type(error).__name__}: {line}"))
+                job.future.set_exception(QandcError(one_line(error)))

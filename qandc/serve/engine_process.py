@@ -36,7 +36,7 @@ class EngineProcess:
         child.close()
         loaded = self._reply()
         self.manifest, self.max_batch = loaded["manifest"], loaded["max_batch"]
-        self.device, self.load_seconds = torch.device(loaded["device"]), loaded["load_seconds"]
+        self.device = torch.device(loaded["device"])
         self.config, self.plan, self.sampler_defaults = self.manifest.model, self.manifest.plan, self.manifest.sampler
         self.vc = self.manifest.vc_table
         self.last_run: dict | None = None
@@ -95,10 +95,10 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
             torch.cuda.set_device(device_index)
         pipeline = Pipeline.load(engine_dir, fallback=nan_fallback)
     except Exception as e:
-        pipe.send(("error", _one_line(e)))
+        pipe.send(("error", one_line(e)))
         return
     pipe.send(("loaded", {"manifest": pipeline.manifest, "max_batch": pipeline.denoiser.max_batch,
-                          "device": str(pipeline.device), "load_seconds": pipeline.load_seconds}))
+                          "device": str(pipeline.device)}))
     while True:
         try:
             batch = pipe.recv()
@@ -110,14 +110,14 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
         try:
             samples = pipeline.generate(labels, seeds, steps, sampler, cfg_scale, sample_ids=sample_ids,
                                         allow_nonfinite=True)
-            reply = ("done", (samples.cpu().numpy().astype(np.float32), pipeline.last_run))
+            reply = ("done", (samples.cpu().numpy().astype(np.float32, copy=False), pipeline.last_run))
         except Exception as e:
             log.exception("a batch of %d images failed", len(labels))
-            reply = ("error", _one_line(e))
+            reply = ("error", one_line(e))
         pipe.send(reply)
 
 
-def _one_line(error: Exception) -> str:
-    """A QandcError's message, or the type and first line of another error."""
+def one_line(error: Exception) -> str:
+    """What a request learns of an engine error: a QandcError's message, or the type and first line of another."""
     line = (str(error).splitlines() or [""])[0]
     return line if isinstance(error, QandcError) else f"the engines failed: {type(error).__name__}: {line}"
