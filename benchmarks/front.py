@@ -17,7 +17,9 @@ float32 model's (labels i % 10, sample i keyed by (seed, i)).
    real FP8 / INT8 kernels, CUDA graphs, VC) at --measure-n samples, FD with a 95% bootstrap interval; images/s over
    the whole sampling runs of --batch images (twice the rows with CFG) after a warm-up batch. The bf16 no-cache
    engines of each sampler are timed again in every command (a chunk of the work) as that chunk's reference.
-   Points measured once and no longer picked (a cheaper point screened since) stay in the JSON.
+   Points measured once and no longer picked (a cheaper point screened since) stay in the JSON. With
+   --fp8-fast-accum the W8A8-FP8 points run engines whose FP8 GEMMs skip the float32 promotion of their running sum
+   (issue 17's fastest step): rows of their own, compared with the promoting ones in targets' `fp8_fast_accum`.
 3. summary: front-<card>.json (`rows`: screened and measured points; `peers` from benchmarks/front_peers.py's JSON;
    `targets`; `searches`: every plan with its search) and front-<card>.png.
 
@@ -66,6 +68,9 @@ PRECISIONS = ("bf16", "w8a8-fp8", "w8a8-int8")
 SAMPLERS = ("ddim", "ddpm")
 QUALITY_TARGETS = (1.10, 1.25)
 ROOT = Path(__file__).resolve().parent.parent
+# a measured row's `path` -> its state folder: FP8 engines with fast accumulation (--fp8-fast-accum) are kept apart,
+# out of the front, its targets and its plot
+MEASURED = {"inductor-engines": "measure", "inductor-engines-fastaccum": "measure-fastaccum"}
 
 
 @dataclass(frozen=True)
@@ -98,10 +103,11 @@ class Front:
     """The state folder and the model: plans, recipes, reference images and rows, each computed once."""
 
     def __init__(self, state: Path, work: Path, device: torch.device, search_samples: int, calibration: dict,
-                 steps: int = STEPS):
+                 steps: int = STEPS, fp8_fast_accum: bool = False):
         self.state, self.work, self.device, self.steps = state, work, device, steps
         self.search_samples, self.calibration = search_samples, calibration
-        for sub in ("plans", "recipes", "reference", "screen", "measure", "speed"):
+        self.fp8_fast_accum = fp8_fast_accum
+        for sub in ("plans", "recipes", "reference", "screen", *MEASURED.values(), "speed"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         self.ran_on = ran_on(state, device)  # the card the state's rows ran on
         self.model = load_checkpoint(REFERENCE_CHECKPOINT).to(device).eval()
@@ -133,7 +139,7 @@ class Front:
                       for stem, fd in summary["meta"]["reference_fd"].items()})
         files.update({self.state / "speed" / f"{chunk['chunk']}.json": chunk
                       for chunk in summary["meta"]["speed_reference_chunks"]})
-        files.update({self.row_path("screen" if row["path"] == "pytorch" else "measure", row["sampler"],
+        files.update({self.row_path("screen" if row["path"] == "pytorch" else MEASURED[row["path"]], row["sampler"],
                                     row["precision"], CachePlan.from_dict(row["plan"])): row
                       for row in summary["rows"]})
         written = seed_state(files)
@@ -221,14 +227,22 @@ class Front:
                 "class_accuracy": result["class_accuracy"], "psnr": result["psnr"], "ssim": result["ssim"]}
 
     # --- measure --------------------------------------------------------------------------------------------------
+    def engine_path(self, point: Point) -> str:
+        """A measured row's `path`: the FP8 points of a --fp8-fast-accum command run engines of their own."""
+        fast = self.fp8_fast_accum and point.precision == "w8a8-fp8"
+        return "inductor-engines-fastaccum" if fast else "inductor-engines"
+
     def engines(self, point: Point, plan: CachePlan, batch: int) -> Path:
         from qandc.engines import build_inductor
 
-        folder = self.work / "engines" / f"{point.sampler}-{point.precision}-{self.plan_key(plan)}"
+        fast = self.engine_path(point) == "inductor-engines-fastaccum"
+        folder = (self.work / "engines" /
+                  f"{point.sampler}-{point.precision}-{self.plan_key(plan)}{'-fastaccum' if fast else ''}")
         if not (folder / "manifest.json").exists():
             recipe = self.recipe(point, plan) if point.precision != "bf16" else None
             build_inductor(self.model, folder, plan=plan, recipe_dir=recipe,
-                           sampler=SamplerDefaults(self.steps, point.sampler, CFG), batch_sizes=[2 * batch])
+                           sampler=SamplerDefaults(self.steps, point.sampler, CFG), batch_sizes=[2 * batch],
+                           fp8_fast_accum=fast)
         return folder
 
     def run_engines(self, point: Point, n: int, batch: int, timed_batches: int | None = None):
@@ -254,7 +268,7 @@ class Front:
         return (np.concatenate(images) if images else None), speed, pipeline.last_run
 
     def measure_path(self, point: Point) -> Path:
-        return self.row_path("measure", point.sampler, point.precision, self.plan(point))
+        return self.row_path(MEASURED[self.engine_path(point)], point.sampler, point.precision, self.plan(point))
 
     def measure(self, point: Point, n: int, batch: int, chunk: dict | None) -> dict:
         plan, path = self.plan(point), self.measure_path(point)
@@ -263,7 +277,7 @@ class Front:
             images, speed, last_run = self.run_engines(point, n, batch)
             labels = np.arange(n) % self.model.config.num_classes
             result = score(images, labels, self.reference(point.sampler, n), fd_resamples=200)
-            write_json(path, {**self.row_fields(point, plan, result, n, "inductor-engines"), "images_per_s": speed,
+            write_json(path, {**self.row_fields(point, plan, result, n, self.engine_path(point)), "images_per_s": speed,
                               "speedup_vs_bf16_compiled": speed / chunk["images_per_s"][point.sampler],
                               "chunk": chunk["chunk"],
                               "engine_steps": last_run["graphs"], "seconds": time.time() - start})
@@ -367,6 +381,17 @@ def targets(rows: list[dict], peers: list[dict]) -> dict:
                                    f"qandc_wins{key}": best is not None and best["fd"] <= peer["fd"]})
             comparisons.append(comparison)
     result["vs_peers"] = comparisons
+    promoted = {(r["sampler"], json.dumps(r["plan"], sort_keys=True)): r for r in measured
+                if r["precision"] == "w8a8-fp8"}
+    fast = [(r, promoted.get((r["sampler"], json.dumps(r["plan"], sort_keys=True))))
+            for r in rows if r["path"] == "inductor-engines-fastaccum"]
+    if fast:  # FP8 engines without float32 promotion against the same points' promoting engines (same seeds)
+        result["fp8_fast_accum"] = [
+            {"sampler": r["sampler"], "method": r["method"], "compute_fraction": r["compute_fraction"],
+             "fd_ratio_vs_fp": r["fd_ratio_vs_fp"], "fd_ci": r["fd_ci"],
+             "fd_ratio_vs_promoting": p and r["fd"] / p["fd"],
+             "speedup_vs_promoting": p and r["speedup_vs_bf16_compiled"] / p["speedup_vs_bf16_compiled"]}
+            for r, p in fast]
     # the issue's reading: at each fraction of the grid, qandc's best within ±TOLERANCE against the best peer's; and
     # a user's, with a budget of that fraction: qandc's best at that fraction or below (a cheaper point counts)
     for key in ("", "_within_budget"):
@@ -470,6 +495,9 @@ def main():
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS),
                         help="bf16 first (it picks forecast orders)")
     parser.add_argument("--phases", nargs="*", default=["screen", "measure", "summary"])
+    parser.add_argument("--fp8-fast-accum", action="store_true",
+                        help="measure the W8A8-FP8 points on engines whose FP8 GEMMs skip the float32 promotion of "
+                             "their running sum (rows kept apart, out of the front: targets' fp8_fast_accum)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop between points after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-front")
     parser.add_argument("--work", default="/tmp/qandc-front-work", help="engines and Inductor's compile cache")
@@ -487,7 +515,7 @@ def main():
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     front = Front(state, work, device, args.search_samples,
                   {"budget": args.budget, "pool_samples": args.pool_samples, "vc_samples": args.vc_samples,
-                   "batch_size": 512}, args.steps)
+                   "batch_size": 512}, args.steps, args.fp8_fast_accum)
     if args.seed_from:
         print(f"{front.seed(json.loads(Path(args.seed_from).read_text()))} state files from {args.seed_from}")
 
@@ -523,7 +551,8 @@ def main():
             print(f"measure {point.name}: {r['images_per_s']:.0f} images/s ({r['speedup_vs_bf16_compiled']:.2f}x) "
                   f"FD {r['fd']:.3f} ({r['fd_ratio_vs_fp']:.2f}x)", flush=True)
     picked = {front.measure_path(point) for point in measured_rows}
-    earlier = [json.loads(p.read_text()) for p in sorted((state / "measure").glob("*.json")) if p not in picked]
+    earlier = [json.loads(p.read_text()) for folder in MEASURED.values()
+               for p in sorted((state / folder).glob("*.json")) if p not in picked]
     if "summary" in args.phases:
         write_summary(front, args, [*screen_rows.values(), *measured_rows.values(), *earlier])
 

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh quality          # the front's points not screened yet (2k samples each)
 #   bash benchmarks/gpu_session.sh peers            # the peers' rows not run yet, two processes (PEER_GROUPS)
 #   bash benchmarks/gpu_session.sh ablation         # the ablation's optional rows
-#   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s)
+#   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s;
+#                                                   # FRONT_ARGS="--fp8-fast-accum": FP8 without promotion)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls;
 #                                                   # SERVE_ARGS="--duration-s 6" passes it more options)
@@ -60,7 +61,7 @@ ablation() {  # the ablation's optional rows (the issue's 16 are committed)
 
 measure() {
   (cd benchmarks && timeout -s INT 560 python3 front.py --phases measure --state /tmp/qandc-front \
-     --seed-from results/front-h200.json --budget-s "${BUDGET:-470}" > "$OUT/measure.log" 2>&1)
+     --seed-from results/front-h200.json --budget-s "${BUDGET:-470}" ${FRONT_ARGS:-} > "$OUT/measure.log" 2>&1)
   save front
 }
 
