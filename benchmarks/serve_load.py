@@ -157,7 +157,8 @@ def loop_cpu_seconds(pid: int) -> float | None:
 async def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes: int, steps,
                       pid: int | None = None) -> dict:
     """`concurrency` clients posting back to back: the saturating rate (after a warm-up of a quarter of the time),
-    with what the engines did meanwhile (`engine_share`) and, given the server's `pid`, its loop's CPU per request."""
+    with what the engines did meanwhile (`engine_share`), the share of a core this client used (near 1: the client,
+    not the server, set the rate) and, given the server's `pid`, its loop's CPU per request."""
     done, counter = [], iter(range(10 ** 9))
     start = time.perf_counter()
     measure_from, stop = start + seconds / 4, start + seconds * 1.25
@@ -166,7 +167,7 @@ async def closed_loop(url: str, concurrency: int, seconds: float, images: int, c
     async def scrape(http, at: float):
         await asyncio.sleep(max(0.0, at - time.perf_counter()))
         counters.append({**engine_counters((await http.get("/metrics")).text),
-                         "loop_cpu": loop_cpu_seconds(pid) if pid else None})
+                         "loop_cpu": loop_cpu_seconds(pid) if pid else None, "client_cpu": time.process_time()})
 
     async def client(http):
         while time.perf_counter() < stop:
@@ -184,6 +185,7 @@ async def closed_loop(url: str, concurrency: int, seconds: float, images: int, c
     requests = (after["images"] - before["images"]) / images
     return {"concurrency": concurrency, "requests_per_s": len(done) / window,
             "images_per_s": len(done) * images / window, **percentiles(done), **engine_share(before, after, window),
+            "client_cpu_share": (after["client_cpu"] - before["client_cpu"]) / window,
             "loop_cpu_ms_per_request": loop_cpu / requests * 1e3 if loop_cpu is not None and requests else None}
 
 
@@ -202,6 +204,7 @@ async def open_loop(url: str, rate: float, seconds: float, images: int, classes:
             refused += 1
 
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
+        before = engine_counters((await http.get("/metrics")).text)
         tasks, start, due, i = [], time.perf_counter(), 0.0, 0
         while due < seconds:
             await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
@@ -209,8 +212,10 @@ async def open_loop(url: str, rate: float, seconds: float, images: int, classes:
             due, i = due + rng.exponential(1 / rate), i + 1
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
+        after = engine_counters((await http.get("/metrics")).text)
     return {"offered_requests_per_s": rate, "sent": i, "refused": refused,
-            "images_per_s": len(latencies) * images / elapsed, **percentiles(latencies)}
+            "images_per_s": len(latencies) * images / elapsed, **percentiles(latencies),
+            **engine_share(before, after, elapsed)}
 
 
 def percentiles(latencies: list[float]) -> dict:
@@ -235,20 +240,23 @@ def measure(engines: Path, max_batch: int, args) -> dict:
     process, url = start_server(engines, max_batch, args.max_wait_ms, args.images_per_request,
                                 Path(args.state) / f"server-{max_batch}.log")
     try:
-        concurrency = 2 * max(1, max_batch // args.images_per_request) + 2
+        # four batches of clients: one running, one handed over behind it, one queued, one on its way back
+        concurrency = 4 * max(1, max_batch // args.images_per_request) + 2
         saturating = asyncio.run(closed_loop(url, concurrency, args.duration_s, args.images_per_request, classes,
                                              args.steps, process.pid))
         print(f"  saturating: {saturating['images_per_s']:.1f} images/s, p50 {saturating['p50_s']:.3f} s; engines "
               f"busy {saturating['engine_busy_share']:.0%} at {saturating['engine_images_per_s']:.1f} images/s, "
               f"{saturating['mean_batch_images']:.1f} images a batch; loop CPU "
-              f"{saturating['loop_cpu_ms_per_request'] or float('nan'):.2f} ms a request", flush=True)
+              f"{saturating['loop_cpu_ms_per_request'] or float('nan'):.2f} ms a request; client "
+              f"{saturating['client_cpu_share']:.0%} of a core", flush=True)
         loads = []
         for k, fraction in enumerate(LOAD_FRACTIONS):
             point = asyncio.run(open_loop(url, fraction * saturating["requests_per_s"], args.duration_s,
                                           args.images_per_request, classes, args.steps, seed=k))
             loads.append({"fraction": fraction, **point})
             print(f"  {fraction:.2f} x: {point['images_per_s']:.1f} images/s, p50 {point['p50_s']:.3f} s, "
-                  f"p99 {point['p99_s']:.3f} s, refused {point['refused']}", flush=True)
+                  f"p99 {point['p99_s']:.3f} s, refused {point['refused']}; engines busy "
+                  f"{point['engine_busy_share']:.0%}", flush=True)
     finally:
         stop_server(process)
     readings = [before, offline("after")]

@@ -212,23 +212,37 @@ def test_full_queue_is_503_and_a_client_that_leaves_frees_its_slot(engines):
     with running(engines, max_batch=1, max_images=1, max_queue=2, max_wait_ms=0) as (url, app):
         responses = post_all(url, [{"labels": [i], "seed": i, "steps": SLOW_STEPS} for i in range(6)])
         codes = [r.status_code for r in responses]
-        assert codes.count(503) >= 3 and codes.count(200) + codes.count(503) == 6  # 1 running + 2 queued at most
+        # 1 running, 1 handed over behind it, 2 queued at most
+        assert codes.count(503) >= 2 and codes.count(200) + codes.count(503) == 6
         assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 503)
 
         async def leave_early():
             async with httpx.AsyncClient(base_url=url) as client:
-                running_one = asyncio.ensure_future(client.post("/v1/generate", json={"labels": [1],
-                                                                                      "steps": SLOW_STEPS}))
+                def slow(label):
+                    return asyncio.ensure_future(client.post("/v1/generate", json={"labels": [label],
+                                                                                   "steps": SLOW_STEPS}))
+                running_one = slow(1)
                 await asyncio.sleep(0.05)  # it runs (SLOW_STEPS)
+                handed_over = slow(2)
+                await asyncio.sleep(0.05)  # it waits in the engine process's pipe
                 with pytest.raises(httpx.ReadTimeout):  # leaves while the first still runs
-                    await client.post("/v1/generate", json={"labels": [2], "steps": SLOW_STEPS}, timeout=0.05)
-                return await running_one
+                    await client.post("/v1/generate", json={"labels": [3], "steps": SLOW_STEPS}, timeout=0.05)
+                return await running_one, await handed_over
         batches = metric(url, "qandc_serve_batch_images_count")
-        assert asyncio.run(leave_early()).status_code == 200
+        assert [r.status_code for r in asyncio.run(leave_early())] == [200, 200]
         time.sleep(0.2)
         assert metric(url, "qandc_serve_requests_total", status="499") == 1
-        assert metric(url, "qandc_serve_batch_images_count") - batches == 1  # the one that left never ran
+        assert metric(url, "qandc_serve_batch_images_count") - batches == 2  # the one that left never ran
         assert metric(url, "qandc_serve_queued_images") == 0
+
+
+def test_a_full_batch_is_handed_over_while_another_runs(engines):
+    with running(engines, max_batch=1, max_images=1, max_wait_ms=0) as (url, app):
+        first, second = post_all(url, [{"labels": [i], "seed": i, "steps": SLOW_STEPS} for i in range(2)])
+    assert first.status_code == second.status_code == 200
+    timings = sorted((r.json()["timing"] for r in (first, second)), key=lambda t: t["queue_seconds"])
+    # the later batch went to the engine process at once, not after the earlier one's sampling time
+    assert timings[1]["queue_seconds"] < 0.3 * timings[0]["sampling_seconds"]
 
 
 def test_timeout_is_504(engines):

@@ -94,8 +94,8 @@ class Metrics:
         self.batch_images = Histogram("qandc_serve_batch_images", "real images per engine batch (its count: "
                                       "batches run)", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.padded_images = Counter("qandc_serve_padded_images", "padding images run to fill a bucket", registry=r)
-        self.queue_seconds = Histogram("qandc_serve_queue_seconds", "time a request waited for its batch",
-                                       registry=r)
+        self.queue_seconds = Histogram("qandc_serve_queue_seconds", "time a request waited for its batch to be "
+                                       "handed to the engines", registry=r)
         self.sampling_seconds = Counter("qandc_serve_sampling_seconds", "seconds the engines spent on batches "
                                         "(sampling and the copy out)", registry=r)
         self.step_seconds = Histogram("qandc_serve_step_seconds", "sampling seconds per step of a batch",

@@ -1,15 +1,17 @@
 """Dynamic batching: requests with the same sampler settings are merged into one engine batch (up to `max_batch`
 images, or whatever arrived within `max_wait_ms` of the oldest), padded to a batch-size bucket warmed at start, and
-run by one inference thread, which takes the next batch from the queue itself the moment it is free (no hop through
-the event loop between batches) and hands it to the engine process (`EngineProcess`). Each sample keeps its own
-noise key (request seed, sample id), so an image does not depend on what it was batched with; a sample whose output
-is not finite fails only its own request."""
+handed to the engine process (`EngineProcess`) by one batching thread; a second thread collects the results. A full
+batch is handed over while another runs (it waits in the pipe), so under load the engines go from batch to batch
+without waiting on this process; a partial one waits for idle engines, taking what arrives meanwhile. Each sample
+keeps its own noise key (request seed, sample id), so an image does not depend on what it was batched with; a sample
+whose output is not finite fails only its own request."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -23,6 +25,7 @@ from ..runtime.pipeline import nonfinite_samples
 from .engine_process import EngineProcess, one_line
 
 log = logging.getLogger("qandc.serve")
+HANDED_OVER = 2  # batches with the engine process at most: one running, a full one waiting in its pipe
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Job:
     request_id: str
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
-    batched: float | None = None  # when its batch was formed
+    batched: float | None = None  # when its batch was handed to the engines
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,10 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class Batcher:
-    """Merges submitted jobs into batches and runs them one at a time on `engines` from a single thread. `warm_up()`
-    runs a batch at every bucket first (compiling and capturing CUDA graphs where the engines do) and sets
-    `ready`; `run()` serves until `close()`, then finishes the queued jobs. The queue is shared by the event loop
-    (submit, withdraw) and the inference thread (forming batches) under one lock; results go back to the loop."""
+    """Merges submitted jobs into batches and runs them on `engines` (one at a time, in order). `warm_up()` runs a
+    batch at every bucket first (compiling and capturing CUDA graphs where the engines do) and sets `ready`; `run()`
+    serves until `close()`, then finishes the queued jobs. The queue is shared by the event loop (submit, withdraw)
+    and the batching thread (forming batches) under one lock; the collecting thread hands results to the loop."""
 
     def __init__(self, engines: EngineProcess, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
         self.engines, self.max_batch, self.max_wait, self.max_queue = engines, max_batch, max_wait_ms / 1000, \
@@ -96,8 +99,10 @@ class Batcher:
         self.ready = self.closing = False
         self.failure: str | None = None
         self.batch_seconds = 0.0  # the last batch's, for Retry-After
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="qandc-inference")  # it waits on the engines
+        self.executor = ThreadPoolExecutor(2, thread_name_prefix="qandc-batches")  # hands over; collects
         self._queue = threading.Condition(threading.RLock())
+        self._handed: queue.SimpleQueue = queue.SimpleQueue()  # (jobs, padded size) in the engines' order; None
+        self.handed_over = 0  # batches with the engine process
 
     def submit(self, job: Job) -> None:
         """Queue `job`; QueueFull when its images would take the queue past `max_queue`."""
@@ -136,9 +141,10 @@ class Batcher:
                 self.engines.generate([0] * size, [0] * size, defaults.steps, defaults.sampler, scale, range(size))
 
     async def run(self) -> None:
-        """Serve batches on the inference thread until `close()` and the queue is empty."""
+        """Serve batches until `close()` and the queue is empty: one thread hands them over, one collects."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._serve, loop)
+        await asyncio.gather(loop.run_in_executor(self.executor, self._hand_over, loop),
+                             loop.run_in_executor(self.executor, self._collect, loop))
 
     def close(self) -> None:
         """Stop taking jobs; `run` finishes the queued ones and returns."""
@@ -146,21 +152,40 @@ class Batcher:
             self.closing = True
             self._queue.notify()
 
-    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The inference thread's loop: take a batch, run it, hand its results to the event loop."""
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The batching thread: form each batch and hand it to the engine process."""
         while jobs := self._next_batch(loop):
             try:
-                result = self._infer(jobs)
+                self._handed.put((jobs, self._submit(jobs)))
+            except Exception as e:  # the engine process is gone
+                self._collected()
+                loop.call_soon_threadsafe(self._fail, jobs, e)
+        self._handed.put(None)
+
+    def _collect(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The collecting thread: each handed-over batch's results, in order, to the event loop."""
+        while (handed := self._handed.get()) is not None:
+            jobs, size = handed
+            try:
+                result = self._result(jobs, size)
             except Exception as e:  # the whole batch failed (an engine error): each request gets one line
                 log.exception("a batch of %d requests failed", len(jobs))
                 loop.call_soon_threadsafe(self._fail, jobs, e)
             else:
                 loop.call_soon_threadsafe(self._deliver, jobs, *result)
+            finally:
+                self._collected()
+
+    def _collected(self) -> None:
+        with self._queue:
+            self.handed_over -= 1
+            self._queue.notify()
 
     def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[Job]:
-        """The oldest job and the later ones with its settings that fit in `max_batch`, once they fill it or the
-        oldest has waited `max_wait`; [] once closing with nothing queued (or once the loop is gone: a server
-        stopped without its shutdown must not leave this thread waiting)."""
+        """The oldest job and the later ones with its settings that fit in `max_batch`: at once when they fill it
+        and fewer than HANDED_OVER batches are with the engines; otherwise once the engines are idle and the oldest
+        has waited `max_wait` (or the server is closing). [] once closing with nothing queued (or once the loop is
+        gone: a server stopped without its shutdown must not leave this thread waiting)."""
         with self._queue:
             while True:
                 if not self.pending:
@@ -171,13 +196,16 @@ class Batcher:
                 head = self.pending[0]
                 jobs = self._fitting(head)
                 remaining = head.enqueued + self.max_wait - time.monotonic()
-                if sum(len(j.labels) for j in jobs) >= self.max_batch or remaining <= 0 or self.closing:
+                full = sum(len(j.labels) for j in jobs) >= self.max_batch
+                idle = self.handed_over == 0
+                if self.handed_over < HANDED_OVER and (full or idle and (remaining <= 0 or self.closing)):
                     now = time.monotonic()
                     for job in jobs:
                         self.withdraw(job)  # the condition's lock is re-entrant
                         job.batched = now
+                    self.handed_over += 1
                     return jobs
-                self._queue.wait(remaining)
+                self._queue.wait(remaining if idle and remaining > 0 else 1.0)
 
     def _fitting(self, head: Job) -> list[Job]:
         jobs, images = [], 0
@@ -187,22 +215,25 @@ class Batcher:
                 images += len(job.labels)
         return jobs
 
-    def _infer(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, BatchRun]:
-        """Run `jobs` as one batch padded to its bucket (padding: label 0, seed 0); (their samples, which of them
-        are not finite, the run)."""
+    def _submit(self, jobs: list[Job]) -> int:
+        """Hand `jobs` over as one batch padded to its bucket (padding: label 0, seed 0); the bucket."""
         key = jobs[0].key
         labels = [label for job in jobs for label in job.labels]
         seeds = [job.seed for job in jobs for _ in job.labels]
         ids = [i for job in jobs for i in job.sample_ids]
         size = next(b for b in self.buckets if b >= len(labels))
         pad = size - len(labels)
-        started = time.perf_counter()
-        samples = self.engines.generate(labels + [0] * pad, seeds + [0] * pad, key.steps, key.sampler,
-                                        key.cfg_scale, ids + list(range(pad)))[:len(labels)]
-        seconds = time.perf_counter() - started
-        last = self.engines.last_run or {}
+        self.engines.submit(labels + [0] * pad, seeds + [0] * pad, key.steps, key.sampler, key.cfg_scale,
+                            ids + list(range(pad)))
+        return size
+
+    def _result(self, jobs: list[Job], size: int) -> tuple[torch.Tensor, torch.Tensor, BatchRun]:
+        """A handed-over batch's (samples of `jobs`, which of them are not finite, the run)."""
+        images = sum(len(job.labels) for job in jobs)
+        samples = self.engines.result()[:images]
+        last = self.engines.last_run
         bad = nonfinite_samples(samples)
-        return samples, bad, BatchRun(len(labels), size, key.steps, seconds,
+        return samples, bad, BatchRun(images, size, jobs[0].key.steps, last["seconds"],
                                       {"full": last.get("full", 0), "reuse": last.get("reuse", 0)},
                                       len(last.get("fallback_steps", ())), int(bad.sum()))
 

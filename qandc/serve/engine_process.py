@@ -2,13 +2,15 @@
 the sampler's arithmetic between steps), and in the server's process it shares one GIL with the HTTP side: every
 millisecond the event loop spends on a request is one the sampling loop waits (on an H200, 0.80x of `generate`'s
 images/s with both in one process). Here `Pipeline.load` and `Pipeline.generate` run in a spawned process; the
-server's inference thread hands it a batch over a pipe and waits on it without holding the GIL."""
+server hands it batches over a pipe (the next may wait there while one runs) and waits on the replies without
+holding the GIL."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,9 @@ log = logging.getLogger("qandc.serve")
 class EngineProcess:
     """`Pipeline.load(engine_dir)` in a process of its own, with the face of the Pipeline the server uses: `config`,
     `plan`, `vc`, `sampler_defaults`, `manifest`, `device` and `max_batch` (the engines' row limit, None without
-    one) from the loaded engines; `generate` (one batch at a time; samples on the CPU) and its `last_run`; `close`.
+    one) from the loaded engines; `generate` (samples on the CPU) and its `last_run`, or `submit` and `result` apart
+    (batches run in the order submitted, one at a time: a batch submitted while another runs waits in the pipe);
+    `close`.
     Loading waits for the engines and raises their load error as the parent's own. `device`: a CUDA device whose
     index the process makes current (engines built on "cuda" load on the current device)."""
 
@@ -46,12 +50,21 @@ class EngineProcess:
         return self.process.is_alive()
 
     def generate(self, labels, seed, steps: int, sampler: str, cfg_scale: float, sample_ids) -> torch.Tensor:
-        """`Pipeline.generate(..., allow_nonfinite=True)` of the engines' process: the samples on the CPU;
-        `last_run` the steps each graph took. An error there is a QandcError here (its traceback in this log)."""
+        """`Pipeline.generate(..., allow_nonfinite=True)` of the engines' process (`submit`, then `result`)."""
+        self.submit(labels, seed, steps, sampler, cfg_scale, sample_ids)
+        return self.result()
+
+    def submit(self, labels, seed, steps: int, sampler: str, cfg_scale: float, sample_ids) -> None:
+        """Hand a batch over (`Pipeline.generate`'s arguments, a seed per sample); `result` collects it."""
         try:
             self._pipe.send((list(labels), list(seed), steps, sampler, cfg_scale, list(sample_ids)))
         except (BrokenPipeError, OSError):
             raise self._exited() from None
+
+    def result(self) -> torch.Tensor:
+        """The samples (on the CPU) of the oldest batch submitted and not collected yet; `last_run`: the steps
+        each graph took and `seconds`, the engines' time on the batch. An error there is a QandcError here (its
+        traceback in this log)."""
         samples, self.last_run = self._reply()
         return torch.from_numpy(samples)
 
@@ -108,9 +121,11 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
             return
         labels, seeds, steps, sampler, cfg_scale, sample_ids = batch
         try:
+            started = time.perf_counter()
             samples = pipeline.generate(labels, seeds, steps, sampler, cfg_scale, sample_ids=sample_ids,
-                                        allow_nonfinite=True)
-            reply = ("done", (samples.cpu().numpy().astype(np.float32, copy=False), pipeline.last_run))
+                                        allow_nonfinite=True).cpu()
+            run = {**pipeline.last_run, "seconds": time.perf_counter() - started}
+            reply = ("done", (samples.numpy().astype(np.float32, copy=False), run))
         except Exception as e:
             log.exception("a batch of %d images failed", len(labels))
             reply = ("error", one_line(e))
