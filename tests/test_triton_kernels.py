@@ -71,15 +71,18 @@ def test_the_kernel_computes_the_op_under_the_interpreter(shape, promote):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", SHAPES)
-def test_the_kernel_computes_the_op_on_the_gpu(shape):
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_the_kernel_computes_the_op_on_the_gpu(shape, fast_accum):
     """Within one e4m3 step of the exact result, plus what Hopper's FP8 tensor cores lose accumulating: they keep ~14
     bits of a running sum between float32 promotions. Seen on the H200 against the one-step bound alone: at K = 80
     1.5% of outputs off, at K = 256 some beyond a step, with the promotion every K block and without. So the bound
     adds 2^-12 of the sum of the products' magnitudes (times GELU's largest slope, 1.13) to the step; exact for
-    nearly all outputs. Passed at all three shapes on the H200 (gpu-logs/kernels-h200-session7.log)."""
-    code = CASE.format(shape=shape) + """
+    nearly all outputs, with the promotion and without (`fast_accum`). With it, passed at all three shapes on the
+    H200 (gpu-logs/kernels-h200-session7.log)."""
+    code = CASE.format(shape=shape) + f"""
 from qandc.engines.triton_fp8 import fp8_gemm_gelu_quant
-got = fp8_gemm_gelu_quant(x.cuda(), w.cuda(), scale.cuda(), bias.cuda(), out_scale.cuda()).float().cpu()
+got = fp8_gemm_gelu_quant(x.cuda(), w.cuda(), scale.cuda(), bias.cuda(), out_scale.cuda(),
+                          fast_accum={fast_accum}).float().cpu()
 magnitude = (x.float().abs() @ w.float().abs().t()) * scale / out_scale * 1.13
 """ + REPORT + """
 print(json.dumps({"within_accumulation": bool(((got - want).abs() <= step * 1.0001 + magnitude * 2 ** -12).all())}))
