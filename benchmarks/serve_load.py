@@ -306,7 +306,7 @@ def main() -> int:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--steps", type=int, help="sampling steps (default: the engines')")
     parser.add_argument("--duration-s", type=float, default=10.0 if gpu else 8.0, help="per load point")
-    parser.add_argument("--runs", type=int, default=5, help="timed offline runs (median)")
+    parser.add_argument("--runs", type=int, default=20, help="timed offline runs (median)")
     parser.add_argument("--state", default=".serve-load-state", help="finished --max-batch points")
     parser.add_argument("--work", default="/tmp/qandc-serve-load", help="built engines and compile caches")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
