@@ -63,7 +63,12 @@ def root(tmp_path_factory):
 
 
 def _state(path: Path):
-    return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+    """(inode, mtime) of `path`, None while it is absent (the command may remove it between two looks)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _kill_when_written(argv: list[str], out: Path, names: list[str], also: tuple[Path, ...] = (),
