@@ -108,7 +108,7 @@ class Batcher:
         """Queue `job`; QueueFull when its images would take the queue past `max_queue`."""
         with self._queue:
             if self.closing or self.queued_images + len(job.labels) > self.max_queue:
-                batches = math.ceil((self.queued_images + 1) / self.max_batch)
+                batches = math.ceil((self.queued_images + 1) / self.max_batch) + self.handed_over
                 raise QueueFull(max(1, math.ceil(batches * self.batch_seconds)))
             self.pending.append(job)
             self.queued_images += len(job.labels)
