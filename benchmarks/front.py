@@ -227,15 +227,18 @@ class Front:
                 "class_accuracy": result["class_accuracy"], "psnr": result["psnr"], "ssim": result["ssim"]}
 
     # --- measure --------------------------------------------------------------------------------------------------
+    def fast_accum(self, point: Point) -> bool:
+        """Whether the point's engines skip the float32 promotion: its FP8 points, in a --fp8-fast-accum command."""
+        return self.fp8_fast_accum and point.precision == "w8a8-fp8"
+
     def engine_path(self, point: Point) -> str:
-        """A measured row's `path`: the FP8 points of a --fp8-fast-accum command run engines of their own."""
-        fast = self.fp8_fast_accum and point.precision == "w8a8-fp8"
-        return "inductor-engines-fastaccum" if fast else "inductor-engines"
+        """A measured row's `path`: the fast-accumulation engines' rows are kept apart."""
+        return "inductor-engines-fastaccum" if self.fast_accum(point) else "inductor-engines"
 
     def engines(self, point: Point, plan: CachePlan, batch: int) -> Path:
         from qandc.engines import build_inductor
 
-        fast = self.engine_path(point) == "inductor-engines-fastaccum"
+        fast = self.fast_accum(point)
         folder = (self.work / "engines" /
                   f"{point.sampler}-{point.precision}-{self.plan_key(plan)}{'-fastaccum' if fast else ''}")
         if not (folder / "manifest.json").exists():
@@ -381,10 +384,11 @@ def targets(rows: list[dict], peers: list[dict]) -> dict:
                                    f"qandc_wins{key}": best is not None and best["fd"] <= peer["fd"]})
             comparisons.append(comparison)
     result["vs_peers"] = comparisons
-    promoted = {(r["sampler"], json.dumps(r["plan"], sort_keys=True)): r for r in measured
-                if r["precision"] == "w8a8-fp8"}
-    fast = [(r, promoted.get((r["sampler"], json.dumps(r["plan"], sort_keys=True))))
-            for r in rows if r["path"] == "inductor-engines-fastaccum"]
+    def point_key(row: dict) -> tuple[str, str]:
+        return row["sampler"], Front.plan_key(CachePlan.from_dict(row["plan"]))
+
+    promoted = {point_key(r): r for r in measured if r["precision"] == "w8a8-fp8"}
+    fast = [(r, promoted.get(point_key(r))) for r in rows if r["path"] == "inductor-engines-fastaccum"]
     if fast:  # FP8 engines without float32 promotion against the same points' promoting engines (same seeds)
         result["fp8_fast_accum"] = [
             {"sampler": r["sampler"], "method": r["method"], "compute_fraction": r["compute_fraction"],
