@@ -10,9 +10,10 @@
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls;
 #                                                   # SERVE_ARGS="--duration-s 6" passes it more options)
 #   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
-#   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways
+#   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways,
+#                                                   # the residual add + norm + quantize kernels (norm_rates.py)
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
-#                                                   # coordinate-descent tuning)
+#                                                   # coordinate-descent tuning, qandc's norm kernel)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions uvloop
 # httptools" for serve: fastapi 0.165 imports opentelemetry-api and annotated-doc, the torch machine's
@@ -85,10 +86,11 @@ profile() {  # whole sampling runs of the reference model (host- or GPU-bound: D
 }
 
 fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum, the fused kernel's): the plain and
-  # the fused-MLP engines, one-pass norms, and the fused ones with Inductor's coordinate-descent tuning of its Triton
-  # kernels (the norm kernels run at about half the memory's rate) (~2 minutes a row on a fresh machine; rows resume
-  # like profile's)
-  for variant in "" "--fused-fp8-mlp" "--fused-fp8-mlp --inductor-config coordinate_descent_tuning=True"; do
+  # the fused-MLP engines, one-pass norms, the fused ones with Inductor's coordinate-descent tuning of its Triton
+  # kernels (its norm kernels run at about half the memory's rate), and with qandc's norm kernel instead
+  # (~2 minutes a row on a fresh machine; rows resume like profile's)
+  for variant in "" "--fused-fp8-mlp" "--fused-fp8-mlp --inductor-config coordinate_descent_tuning=True" \
+                 "--fused-fp8-mlp --fused-fp8-norm"; do
     timeout -s INT 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
       --persistent-reductions-up-to 2048 --fp8-fast-accum --state /tmp/qandc-profile/steps \
       --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
@@ -101,8 +103,10 @@ kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines (the C
     tests/test_inductor.py > "$OUT/kernels.log" 2>&1
 }
 
-gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and tile sweep, both accumulations)
+gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and tile sweep, both accumulations), then
+  # the residual add + norm + quantize kernels (~1 minute)
   timeout -s INT 300 python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
+  timeout -s INT 150 python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
 }
 
 serve() {

@@ -37,8 +37,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from _common import table
 from qandc.artifacts import atomic_path, read_json, write_json
-from qandc.bench import (_slug, card_name, config_engines, device_name, fp8_floor, full_step_flops, load_ready,
-                         make_model)
+from qandc.bench import (FP8_OPTION_SUFFIXES, _slug, card_name, config_engines, device_name, fp8_floor,
+                         full_step_flops, load_ready, make_model)
 from qandc.engines import inductor_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +275,7 @@ def state_key(meta: dict, row: dict) -> str:
             + (f"-{quantized_mode}" if quantized_mode else "")
             + "".join(f"-{k}={v}" for k, v in sorted(row.get("inductor_config", {}).items()))
             + (f"-persistent{row['persistent_reductions_up_to']}" if row.get("persistent_reductions_up_to") else "")
-            + ("-fusedmlp" if row.get("fused_fp8_mlp") else "") + ("-fastaccum" if row.get("fp8_fast_accum") else ""))
+            + "".join(suffix for option, suffix in FP8_OPTION_SUFFIXES.items() if row.get(option)))
 
 
 def seed_state(state: Path, meta: dict, seed: dict) -> None:
@@ -298,6 +298,7 @@ def compiled_as(row: dict) -> str:
                      *([f"persistent reductions to {row['persistent_reductions_up_to']}"]
                        if row.get("persistent_reductions_up_to") else []),
                      *(["fused FP8 MLP"] if row.get("fused_fp8_mlp") else []),
+                     *(["fused FP8 norms"] if row.get("fused_fp8_norm") else []),
                      *(["FP8 fast accumulation"] if row.get("fp8_fast_accum") else [])])
 
 
@@ -384,6 +385,10 @@ def main(argv=None) -> None:
     parser.add_argument("--fused-fp8-mlp", action="store_true",
                         help="W8A8-FP8 engines with fc1, GELU and fc2's activation quantize as one Triton kernel "
                              "(qandc.engines.triton_fp8) instead of cuBLASLt + an Inductor kernel; rows kept apart")
+    parser.add_argument("--fused-fp8-norm", action="store_true",
+                        help="W8A8-FP8 engines with each residual add, LayerNorm, modulation and quantize before qkv "
+                             "and fc1 as one Triton kernel of several rows a program (qandc.engines.triton_norm) "
+                             "instead of Inductor's; rows kept apart")
     parser.add_argument("--fp8-fast-accum", action="store_true",
                         help="W8A8-FP8 engines whose GEMMs keep their running sums without float32 promotion "
                              "(`_scaled_mm(use_fast_accum=True)`, the fused kernel's too); rows kept apart")
@@ -424,15 +429,13 @@ def main(argv=None) -> None:
     if args.seed_from:
         seed_state(state, meta, read_json(args.seed_from))
     for precision in args.precisions:
-        fused = args.fused_fp8_mlp and precision == "w8a8-fp8"
-        fast_accum = args.fp8_fast_accum and precision == "w8a8-fp8"
+        fp8 = {option: getattr(args, option) and precision == "w8a8-fp8" for option in FP8_OPTION_SUFFIXES}
         variant = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
-                   "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent,
-                   "fused_fp8_mlp": fused, "fp8_fast_accum": fast_accum}
+                   "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent, **fp8}
         keys = [state_key(meta, {**variant, "sampler": s}) for s in (args.samplers if args.run else [None])]
         if all((state / f"{k}.json").is_file() for k in keys):
             continue
-        engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], fused, fast_accum)
+        engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], **fp8)
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
         settings = {**variant, "load_s": load_s, "sitting": sitting}
         for key, sampler in zip(keys, args.samplers if args.run else [None]):

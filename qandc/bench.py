@@ -157,6 +157,10 @@ def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
     return ms_full, None if config.cache == "none" else graph_ms("reuse", 50)
 
 
+# build_inductor's FP8 options -> their mark in engine folder and state names
+FP8_OPTION_SUFFIXES = {"fused_fp8_mlp": "-fusedmlp", "fused_fp8_norm": "-fusednorm", "fp8_fast_accum": "-fastaccum"}
+
+
 def _memory_mark() -> int:
     """Reset the peak counter; return what is allocated now (held by earlier stages, not the one measured)."""
     gc.collect()
@@ -165,26 +169,25 @@ def _memory_mark() -> int:
     return torch.cuda.memory_allocated()
 
 
-def config_engines(model_name: str, model, precision: str, cache: str, work: Path,
-                   batch_sizes, fused_fp8_mlp: bool = False, fp8_fast_accum: bool = False) -> tuple[Path, float | None]:
+def config_engines(model_name: str, model, precision: str, cache: str, work: Path, batch_sizes,
+                   **fp8_options: bool) -> tuple[Path, float | None]:
     """The Inductor engines of `model` (on the device they are for) at `precision` (bf16 or a W8A8 preset, with a
-    `quick_recipe`; `fused_fp8_mlp`, `fp8_fast_accum`: build_inductor's) under the cache spec `cache`, in `work`
-    (shared by every configuration of that precision and plan): built unless already there, compiled for
-    `batch_sizes`. The folder and the build's seconds (None: it was there)."""
+    `quick_recipe`; `fp8_options`: build_inductor's `fused_fp8_mlp`, `fused_fp8_norm`, `fp8_fast_accum`) under the
+    cache spec `cache`, in `work` (shared by every configuration of that precision and plan): built unless already
+    there, compiled for `batch_sizes`. The folder and the build's seconds (None: it was there)."""
     from .engines import build_inductor
     from .sampling import SamplerDefaults
 
     recipe = None
     if precision.startswith("w8a8"):
         recipe = quick_recipe(model, precision, cache, work / f"{model_name}-{precision}-{_slug(cache)}-recipe")
-    variant = ("-fusedmlp" if fused_fp8_mlp else "") + ("-fastaccum" if fp8_fast_accum else "")
+    variant = "".join(suffix for option, suffix in FP8_OPTION_SUFFIXES.items() if fp8_options.get(option))
     engine_dir = work / f"{model_name}-{precision}-{_slug(cache)}{variant}-engines"
     if (engine_dir / "manifest.json").is_file():
         return engine_dir, None
     started = time.perf_counter()
     build_inductor(model, engine_dir, plan=config_plan(cache), recipe_dir=recipe,
-                   sampler=SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=batch_sizes, fused_fp8_mlp=fused_fp8_mlp,
-                   fp8_fast_accum=fp8_fast_accum)
+                   sampler=SamplerDefaults(STEPS, "ddpm", CFG), batch_sizes=batch_sizes, **fp8_options)
     return engine_dir, time.perf_counter() - started
 
 

@@ -212,3 +212,45 @@ def test_fp8_linear_gelu_quant_is_gelu_of_the_exact_product_rounded_once(m, k, n
     want = (exact / 0.05).clamp(-448, 448)
     assert got.shape == (m, n) and ((got - want).abs() <= want.abs() * 2 ** -3 + 2 ** -9).all()
     assert (got.abs() <= 448).all() and (got == want.to(torch.float8_e4m3fn).double()).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_fp8_norms_compute_what_the_unfused_blocks_do(recipe, tmp_path, device):
+    """Residual add, LayerNorm, modulation and quantize before qkv and fc1 as one op, the MLP's add handed to the
+    next block: the unfused engines' outputs and cache tensors, full and reuse, gated or not; its engines export
+    the op (every branch input but the first block's attention) and run it; INT8 has nothing to fuse."""
+    model, folder = recipe
+    model = model.to(device)
+    if QuantRecipe.load(folder).preset != "w8a8-fp8":
+        with pytest.raises(QandcError, match="no block with FP8 qkv and fc1"):
+            build_inductor(model, tmp_path / "engines", recipe_dir=folder, fused_fp8_norm=True)
+        assert not (tmp_path / "engines").exists()
+        return
+    depth = model.config.depth
+    fused = quantize_for_inference(model, folder, fused_fp8_mlp=True, fused_fp8_norm=True)
+    unfused = quantize_for_inference(model, folder, fused_fp8_mlp=True)
+    assert [getattr(b, "last", None) for b in fused.blocks] == [False] * (depth - 1) + [True]
+    x = torch.randn(6, 4, 8, 8, device=device).bfloat16()
+    t = torch.tensor([0, 100, 400, 700, 900, 999], device=device)
+    y = torch.tensor([0, 1, 2, 3, 10, 10], device=device)
+    with torch.no_grad():
+        assert rel_err(fused(x, t, y).float(), unfused(x, t, y).float()) < 1e-2
+        for regate in (True, False):
+            want, cache = unfused.forward_full(x, t, y, regate=regate)
+            got, emitted = fused.forward_full(x, t, y, regate=regate)
+            assert rel_err(got.float(), want.float()) < 1e-2 and emitted.keys() == cache.keys()
+            assert max(rel_err(emitted[b].float(), cache[b].float()) for b in cache) < 5e-2
+            some = {b: cache[b] for b in list(cache)[1::3]}  # reused branches between computed ones, both kinds
+            assert rel_err(fused.forward_reuse(x, t, y, some, regate=regate).float(),
+                           unfused.forward_reuse(x, t, y, some, regate=regate).float()) < 1e-2
+
+    manifest = build_inductor(model, tmp_path / "engines", recipe_dir=folder, batch_sizes=[6], fused_fp8_mlp=True,
+                              fused_fp8_norm=True)
+    assert manifest.build["fused_fp8_norm_blocks"] == depth
+    program = torch.export.load(str(tmp_path / "engines" / "full.pt2"))
+    assert sum("add_norm_modulate_fp8" in str(node.target) for node in program.graph.nodes) == 2 * depth - 1
+    feeds = {"x": x.float(), "t": t, "y": y}
+    with torch.no_grad():
+        want = fused.forward_graph(manifest.graphs["full"], feeds)["out"]
+        engines = Pipeline.load(tmp_path / "engines").denoiser.forward_graph(manifest.graphs["full"], feeds)["out"]
+    assert rel_err(engines.float(), want.float()) < 1e-2

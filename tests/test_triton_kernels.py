@@ -91,6 +91,63 @@ print(json.dumps({"within_accumulation": bool(((got - want).abs() <= step * 1.00
     assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.97
 
 
+NORM = """
+import json, torch, triton
+from qandc.engines.quantized import add_norm_modulate_fp8, to_fp8
+from qandc.engines import triton_norm
+b, t, c = {shape}
+torch.manual_seed(c)
+x, delta = torch.randn(b, t, c).bfloat16(), torch.randn(b, t, c).bfloat16()
+adaln = (torch.randn(b, 6 * c) * 0.3).bfloat16()  # chunks of it, as the blocks take them
+shift, scale, gate, q_scale = adaln[:, :c], adaln[:, c:2 * c], adaln[:, 2 * c:3 * c], torch.tensor(0.02)
+want_x, want = add_norm_modulate_fp8(x, delta, gate, shift, scale, q_scale, 1e-6)
+want_x, want = want_x.float(), want.float()
+"""
+NORM_INTERPRETED = NORM + """
+got_x, got = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+triton_norm._add_norm_modulate_fp8_kernel.fn[(triton.cdiv(b * t, 2),)](
+    x, delta, gate, shift, scale, q_scale.reshape(1), got_x, got, b * t, c, t, shift.stride(0), 1e-6,
+    BLOCK_C=triton.next_power_of_2(c), ROWS=2)
+"""
+NORM_GPU = NORM + """
+got_x, got = triton_norm.add_norm_modulate_fp8(x.cuda(), delta.cuda(), gate.cuda(), shift.cuda(), scale.cuda(),
+                                               q_scale.cuda(), 1e-6)
+"""
+NORM_REPORT = """
+got_x, got = got_x.float().cpu(), got.float().cpu()
+# the e4m3 of the kernel's own residual stream: the interpreter's bf16 truncation then moves nothing downstream
+normed = torch.nn.functional.layer_norm(got_x, (c,), eps=1e-6)
+own = to_fp8(normed * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1), q_scale).float()
+power = (own != 0) & (torch.log2(own.abs()) == torch.log2(own.abs()).round())
+print(json.dumps({"x_within_bf16_step": bool(((got_x - want_x).abs() <= want_x.abs() * 2 ** -7).all()),
+                  "x_exact": (got_x == want_x).float().mean().item(), "exact": (got == want).float().mean().item(),
+                  "own_exact_but_interpreter_rounding": (((got == own) | (power & (got == own / 2))).float().mean()
+                                                         .item())}))
+"""
+NORM_SHAPES = [(3, 5, 48), (2, 7, 1152)]  # rows off the programs' multiples; DiT-XL/2's width (1152 of a 2048 block)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernel itself")
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_the_norm_kernel_computes_the_op_under_the_interpreter(shape):
+    """The residual add within a bf16 step (the interpreter truncates to bf16 where the GPU rounds: about half the
+    values a step below), and the e4m3 input of the next GEMM what the op's float32 arithmetic gives for that
+    residual stream, but for the interpreter's e4m3 rounding (see above; ~5% of outputs at these sizes)."""
+    result = stats(NORM_INTERPRETED.format(shape=shape) + NORM_REPORT, {"TRITON_INTERPRET": "1"})
+    assert result["x_within_bf16_step"] and result["own_exact_but_interpreter_rounding"] > 0.999
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_the_norm_kernel_computes_the_op_on_the_gpu(shape):
+    """The residual add exact (float32, rounded once to bf16 as the op does), the e4m3 outputs nearly all equal:
+    the GPU's float32 sums run in another order than the CPU's. Not run as a test on a GPU yet;
+    `benchmarks/norm_rates.py` found all of both equal at DiT-XL/2's shape on the H200
+    (gpu-logs/norm-h200-session11.log)."""
+    result = stats(NORM_GPU.format(shape=shape) + NORM_REPORT, {})
+    assert result["x_exact"] == 1.0 and result["exact"] > 0.99
+
+
 INT8 = """
 import json, torch, triton
 from qandc.engines.quantized import int8_linear

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QandcError
+from ..model.dit import DiTBlock, Mlp, modulate
 
 INT8_MAX, FP8_MAX = 127.0, 448.0
 
@@ -62,6 +63,25 @@ def fp8_linear_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
 @fp8_linear_gelu_quant.register_fake
 def _(x, weight, scale, bias, out_scale, fast_accum=False):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("qandc::add_norm_modulate_fp8", mutates_args=())
+def add_norm_modulate_fp8(x: torch.Tensor, delta: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                          scale: torch.Tensor, q_scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the next branch's input in one pass: x' = x + gate · delta (bf16 [B, T, C]; gate, shift,
+    scale [B, C]) and e4m3 (LayerNorm(x', eps) · (1 + scale) + shift) / q_scale; (x', the e4m3 [B, T, C])."""
+    if x.is_cuda:
+        from .triton_norm import add_norm_modulate_fp8 as kernel
+
+        return kernel(x, delta, gate, shift, scale, q_scale, eps)
+    added = (x.float() + gate.float().unsqueeze(1) * delta.float()).to(x.dtype).contiguous()
+    normed = torch.nn.functional.layer_norm(added.float(), added.shape[-1:], eps=eps)
+    return added, to_fp8(normed * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1), q_scale)
+
+
+@add_norm_modulate_fp8.register_fake
+def _(x, delta, gate, shift, scale, q_scale, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.float8_e4m3fn)  # contiguous, as the kernel's
 
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -137,18 +157,19 @@ class FusedFp8Mlp(nn.Module):
         self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        q = to_fp8(x.reshape(-1, shape[-1]), self.fc1.input_scale)
-        hidden = fp8_linear_gelu_quant(q, self.fc1.weight, self.fc1.out_scale, self.fc1.bias, self.fc2.input_scale,
-                                       self.fc1.fast_accum)
+        return self.from_fp8(to_fp8(x, self.fc1.input_scale))
+
+    def from_fp8(self, q: torch.Tensor) -> torch.Tensor:
+        """The MLP of an input already quantized with fc1's input scale (e4m3 [..., C]); bf16 out."""
+        shape = q.shape
+        hidden = fp8_linear_gelu_quant(q.reshape(-1, shape[-1]), self.fc1.weight, self.fc1.out_scale, self.fc1.bias,
+                                       self.fc2.input_scale, self.fc1.fast_accum)
         out = self.fc2.fp8_matmul(hidden)
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
 def fuse_fp8_mlps(model: nn.Module) -> None:
     """Replace, in place, every MLP of `model` whose fc1 and fc2 are FP8 QuantLinears by a FusedFp8Mlp."""
-    from ..model.dit import Mlp
-
     for name, module in list(model.named_modules()):
         if isinstance(module, Mlp) and all(isinstance(m, QuantLinear) and m.fmt == "fp8"
                                            for m in (module.fc1, module.fc2)):
@@ -156,12 +177,87 @@ def fuse_fp8_mlps(model: nn.Module) -> None:
             setattr(model.get_submodule(parent), child, FusedFp8Mlp(module.fc1, module.fc2))
 
 
+class FusedFp8Block(DiTBlock):
+    """A DiT block whose FP8 qkv and fc1 take their e4m3 inputs from `qandc::add_norm_modulate_fp8`: the residual
+    add of the branch before and the next branch's LayerNorm, modulation and quantize in one pass. The MLP branch's
+    residual add is handed to the next block, as (x, branch output, gate), unless the block is `last` of a run of
+    fused blocks; the cache's reads and writes are the DiTBlock's (`DiTBlock.branch_parts`)."""
+
+    def __init__(self, block: DiTBlock, last: bool):
+        nn.Module.__init__(self)
+        self.norm1, self.attn, self.norm2 = block.norm1, block.attn, block.norm2
+        self.mlp, self.adaLN_modulation = block.mlp, block.adaLN_modulation
+        self.last = last
+
+    def forward(self, x, c, name: str = "", io=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        stream = _Residual(*(x if isinstance(x, tuple) else (x,)))
+        qkv = self.attn.qkv
+
+        def attention():
+            q = stream.branch_input(self.norm1, shift_msa, scale_msa, qkv.input_scale)
+            return self.attn.attend(qkv.fp8_matmul(q.reshape(-1, q.shape[-1])).reshape(*q.shape[:-1], -1))
+
+        def mlp():
+            q = stream.branch_input(self.norm2, shift_mlp, scale_mlp, self.mlp.fc1.input_scale)
+            if isinstance(self.mlp, FusedFp8Mlp):
+                return self.mlp.from_fp8(q)
+            hidden = self.mlp.fc1.fp8_matmul(q.reshape(-1, q.shape[-1])).reshape(*q.shape[:-1], -1)
+            return self.mlp.fc2(self.mlp.act(hidden))
+
+        stream.hand(*self.branch_parts(f"{name}.attn", gate_msa, io, attention))
+        stream.hand(*self.branch_parts(f"{name}.mlp", gate_mlp, io, mlp))
+        return stream.added() if self.last else (stream.x, stream.delta, stream.gate)
+
+
+class _Residual:
+    """A residual stream with at most one branch output not yet added (gate None: gated already)."""
+
+    def __init__(self, x, delta=None, gate=None):
+        self.x, self.delta, self.gate = x, delta, gate
+
+    def added(self) -> torch.Tensor:
+        if self.delta is not None:
+            self.x = self.x + (self.delta if self.gate is None else self.gate.unsqueeze(1) * self.delta)
+            self.delta = self.gate = None
+        return self.x
+
+    def hand(self, delta, gate) -> None:
+        """A branch's output to add: the one before it is added first unless a branch input took it in."""
+        self.added()
+        self.delta, self.gate = delta, gate
+
+    def branch_input(self, norm: nn.LayerNorm, shift, scale, q_scale) -> torch.Tensor:
+        """The pending branch output added and the stream's e4m3 modulated LayerNorm, in one op where one is
+        pending."""
+        if self.delta is None:
+            return to_fp8(modulate(norm(self.x), shift, scale), q_scale)
+        gate = torch.ones_like(shift) if self.gate is None else self.gate
+        self.x, q = add_norm_modulate_fp8(self.x, self.delta, gate, shift, scale, q_scale, norm.eps)
+        self.delta = self.gate = None
+        return q
+
+
+def fuse_fp8_norms(model: nn.Module) -> int:
+    """Replace, in place, every DiT block of `model` whose qkv and fc1 are FP8 QuantLinears by a FusedFp8Block
+    (the last of each run of them adds its MLP branch itself); the number replaced."""
+    blocks = model.blocks
+    fusable = [isinstance(getattr(b.attn, "qkv", None), QuantLinear) and b.attn.qkv.fmt == "fp8"
+               and isinstance(b.mlp.fc1, QuantLinear) and b.mlp.fc1.fmt == "fp8" for b in blocks]
+    for i, block in enumerate(blocks):
+        if fusable[i]:
+            blocks[i] = FusedFp8Block(block, last=i + 1 == len(blocks) or not fusable[i + 1])
+    return sum(fusable)
+
+
 def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16,
-                           fused_fp8_mlp: bool = False, fp8_fast_accum: bool = False) -> nn.Module:
+                           fused_fp8_mlp: bool = False, fp8_fast_accum: bool = False,
+                           fused_fp8_norm: bool = False) -> nn.Module:
     """A copy of `model` in `dtype` with every Linear the recipe quantizes replaced by a QuantLinear carrying the
-    recipe's static scales (read from its amax file; ModelOpt is not needed), and with `fused_fp8_mlp` its FP8
-    MLPs fused (`fuse_fp8_mlps`); `fp8_fast_accum`: FP8 GEMMs without float32 promotion of the running sum. No
-    recipe: the plain `dtype` model."""
+    recipe's static scales (read from its amax file; ModelOpt is not needed), with `fused_fp8_mlp` its FP8 MLPs
+    fused (`fuse_fp8_mlps`) and with `fused_fp8_norm` the residual adds and norms before FP8 qkv and fc1
+    (`fuse_fp8_norms`); `fp8_fast_accum`: FP8 GEMMs without float32 promotion of the running sum. No recipe: the
+    plain `dtype` model."""
     source = model
     model = copy.deepcopy(model).to(dtype).eval()
     if recipe_dir is None:
@@ -184,4 +280,6 @@ def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtyp
         setattr(modules[parent], child, layer)
     if fused_fp8_mlp:
         fuse_fp8_mlps(model)
+    if fused_fp8_norm:
+        fuse_fp8_norms(model)
     return model

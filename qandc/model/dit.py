@@ -198,8 +198,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.attend(self.qkv(x))
+
+    def attend(self, qkv):
+        """The attention and its output projection, from the qkv projection's output [B, T, 3C]."""
+        b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
@@ -245,18 +249,23 @@ class DiTBlock(nn.Module):
     @staticmethod
     def _branch(name, gate, io, compute):
         """The gated branch output: computed, or taken from the cache; emitted to the cache when asked."""
-        gate = gate.unsqueeze(1)
+        out, gate = DiTBlock.branch_parts(name, gate, io, compute)
+        return out if gate is None else gate.unsqueeze(1) * out
+
+    @staticmethod
+    def branch_parts(name, gate, io, compute):
+        """(the branch output, the gate [B, C] it is still to be multiplied by, or None where it is gated already)
+        as `_branch` takes them apart: computed, or taken from the cache; emitted to the cache when asked."""
         if io is not None and name in io.reuse:
-            cached = io.reuse[name]
-            return gate * cached if io.regate else cached
+            return io.reuse[name], gate if io.regate else None
         if io is None or name not in io.emit:
-            return gate * compute()
+            return compute(), gate
         out = compute()
         if io.regate:
             io.out[name] = out
-            return gate * out
-        io.out[name] = gate * out
-        return io.out[name]
+            return out, gate
+        io.out[name] = gate.unsqueeze(1) * out
+        return io.out[name], None
 
 
 class FinalLayer(nn.Module):
