@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s;
 #                                                   # FRONT_ARGS="--fp8-fast-accum": FP8 without promotion)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
-#   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; resumable over two calls;
+#   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; two calls: build, measure;
 #                                                   # SERVE_ARGS="--duration-s 6" passes it more options)
 #   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
 #   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways,
@@ -109,9 +109,10 @@ gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and til
   timeout -s INT 150 python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
 }
 
-serve() {
+serve() {  # a fresh machine builds the engines (~220 s) and stops: call it again on the warm machine to measure
+  # (a --max-batch takes ~330 s: offline readings, the engine process alone, the server's warm-up of 7 buckets)
   timeout -s INT 560 python3 benchmarks/serve_load.py --state /tmp/qandc-serve-load/state \
-    --work /tmp/qandc-serve-load/work --budget-s 420 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
+    --work /tmp/qandc-serve-load/work --budget-s 150 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
   tar czf "$OUT/serve-load.tgz" -C /tmp qandc-serve-load/state
   # the built engines and their Inductor cache (~200 s to build on a fresh machine): carried back, a next call skips
   # the build; a tarball too large to come back is left out alone, the state above still comes back
