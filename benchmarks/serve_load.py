@@ -13,10 +13,12 @@ fractions of it give latency against offered load. Each finished --max-batch is 
 Engines: --engines DIR, or built into --work: on a GPU the shipped reference model with a quick W8A8-INT8 recipe under
 the default plan's shape (Inductor engines, compiled for every bucket's rows); on the CPU a tiny float DiT (ONNX
 Runtime engines). Writes benchmarks/results/serve-<card>.json (headline keys `throughput_ratio_vs_generate` and
-`p99_over_p50_at_half_load`, at the largest --max-batch) and serve-<card>.png.
+`p99_over_p50_at_half_load`, at the largest --max-batch) and serve-<card>.png (serve-<card>-processes-N.* with
+--engine-processes N > 1).
 
     python benchmarks/serve_load.py                                  # GPU: reference model, max-batch 16 and 64
     python benchmarks/serve_load.py --max-batch 4,16 --duration-s 6  # the CPU run (tiny ORT engines)
+    python benchmarks/serve_load.py --max-batch 64 --engine-processes 2  # a server of two engine processes
 """
 
 from __future__ import annotations
@@ -111,12 +113,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(engines: Path, max_batch: int, max_wait_ms: float, images_per_request: int, log: Path) -> tuple:
+def start_server(engines: Path, max_batch: int, args, log: Path) -> tuple:
     """The server as a subprocess, its output in `log` (whose tail a failed start shows)."""
     port = free_port()
     command = [sys.executable, "-m", "qandc", "serve", str(engines), "--port", str(port), "--max-batch",
-               str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-images", str(images_per_request),
-               "--max-queue", str(64 * max_batch), "--timeout-s", "300"]
+               str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-images", str(args.images_per_request),
+               "--max-queue", str(64 * max_batch), "--timeout-s", "300", "--engine-processes",
+               str(args.engine_processes)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "w") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
@@ -261,8 +264,7 @@ def measure(engines: Path, max_batch: int, args) -> dict:
     before = offline("before")
     alone = engine_process_rate(engines, max_batch, args.steps, args.runs)
     print(f"max-batch {max_batch}: the engine process alone {alone:.1f} images/s", flush=True)
-    process, url = start_server(engines, max_batch, args.max_wait_ms, args.images_per_request,
-                                Path(args.state) / f"server-{max_batch}.log")
+    process, url = start_server(engines, max_batch, args, Path(args.state) / f"server-{max_batch}.log")
     try:
         # four batches of clients: one running, one handed over behind it, one queued, one on its way back
         concurrency = 4 * max(1, max_batch // args.images_per_request) + 2
@@ -328,6 +330,8 @@ def main() -> int:
     parser.add_argument("--max-batch", default="16,64" if gpu else "4,16", help="comma-separated --max-batch values")
     parser.add_argument("--images-per-request", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--engine-processes", type=int, default=1,
+                        help="the server's engine processes (qandc serve --engine-processes); points kept apart")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the engines')")
     parser.add_argument("--duration-s", type=float, default=10.0 if gpu else 8.0, help="per load point")
     parser.add_argument("--runs", type=int, default=20, help="timed offline runs (median)")
@@ -344,10 +348,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     max_batches = [int(b) for b in args.max_batch.split(",")]
+    processes = f"-processes-{args.engine_processes}" if args.engine_processes > 1 else ""  # in state names
     engines = Path(args.engines) if args.engines else build_engines_here(work, max_batches, args.cache)
     print(f"engines ready at {time.perf_counter() - started:.0f} s", flush=True)
     for max_batch in max_batches:
-        done = state / f"{card}-max-batch-{max_batch}.json"
+        done = state / f"{card}-max-batch-{max_batch}{processes}.json"
         if done.is_file():
             continue
         if time.perf_counter() - started > args.budget_s:  # a fresh machine may spend it building the engines
@@ -356,7 +361,7 @@ def main() -> int:
         write_json(done, measure(engines, max_batch, args))
         print(f"max-batch {max_batch} done at {time.perf_counter() - started:.0f} s", flush=True)
     manifest = read_json(engines / "manifest.json")
-    points = [read_json(state / f"{card}-max-batch-{b}.json") for b in max_batches]
+    points = [read_json(state / f"{card}-max-batch-{b}{processes}.json") for b in max_batches]
     headline = max(points, key=lambda p: p["max_batch"])
     result = {
         "card": card, "device_name": device_name(),
@@ -364,6 +369,7 @@ def main() -> int:
                     "model": manifest["model"], "plan": manifest["plan"], "sampler": manifest["sampler"],
                     "source": "given --engines" if args.engines else f"built here ({args.cache})"},
         "images_per_request": args.images_per_request, "max_wait_ms": args.max_wait_ms, "steps": args.steps,
+        "engine_processes": args.engine_processes,
         "duration_s": args.duration_s, "load_average_at_start": load_average,
         "load_fractions": list(LOAD_FRACTIONS), "headline_max_batch": headline["max_batch"],
         "throughput_ratio_vs_generate": headline["throughput_ratio_vs_generate"],
@@ -371,8 +377,8 @@ def main() -> int:
         "targets": {"throughput_ratio_vs_generate": ">= 0.9 (GPU)", "p99_over_p50_at_half_load": "<= 2 (GPU)"},
     }
     results = Path(args.results)
-    write_json(results / f"serve-{card}.json", result)
-    plot(result, results / f"serve-{card}.png")
+    write_json(results / f"serve-{card}{processes}.json", result)
+    plot(result, results / f"serve-{card}{processes}.png")
     print({k: result[k] for k in ("card", "headline_max_batch", "throughput_ratio_vs_generate",
                                   "p99_over_p50_at_half_load")})
     return 0

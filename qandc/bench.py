@@ -44,12 +44,16 @@ class Config:
     cache: str = "none"
     compiled: bool = True    # engines: torch.compile + CUDA graphs; False: eager
     quality: str = ""        # the ablation / baseline row whose quality this configuration has
+    fused_fp8: bool = False  # FP8 engines with FUSED_FP8's kernels
 
     @property
     def preset(self) -> str | None:
         return self.precision if self.precision.startswith("w8a8") else None
 
 
+# the fastest FP8 engines (issue 17): fc1 + GELU + quantize and each residual add + norm + quantize as Triton kernels,
+# GEMMs without float32 promotion (FD on the reference model within the bootstrap interval of the promoting engines')
+FUSED_FP8 = {"fused_fp8_mlp": True, "fused_fp8_norm": True, "fp8_fast_accum": True}
 CONFIGS = [
     Config("fp32-eager-ddpm250", 250, "fp32", compiled=False, quality="baseline:ddpm-250"),
     Config("fp32-eager-50", STEPS, "fp32", compiled=False, quality="ablation:fp"),
@@ -63,8 +67,12 @@ CONFIGS = [
     Config("cache-default", STEPS, "bf16", DEFAULT_SHAPE, quality="ablation:cache"),
     Config("qc-fp8-default", STEPS, "w8a8-fp8", DEFAULT_SHAPE, quality="ablation:tap+vc@w8a8-fp8"),
     Config("qc-int8-default", STEPS, "w8a8-int8", DEFAULT_SHAPE, quality="ablation:tap+vc@w8a8-int8"),
+    Config("fp8-fused-only", STEPS, "w8a8-fp8", quality="ablation:quant-fp8", fused_fp8=True),
+    Config("qc-fp8-fused-default", STEPS, "w8a8-fp8", DEFAULT_SHAPE, quality="ablation:tap+vc@w8a8-fp8",
+           fused_fp8=True),
 ]
-QC_CONFIGS = ("qc-fp8-cache", "qc-int8-cache", "qc-fp8-default", "qc-int8-default")  # candidates for best_qc
+# candidates for best_qc
+QC_CONFIGS = ("qc-fp8-cache", "qc-int8-cache", "qc-fp8-default", "qc-int8-default", "qc-fp8-fused-default")
 MODELS = ("dit-xl-2", "reference")
 PEERS_STAGE = "peers"      # names every peer stage (`peer-<name>`, qandc.step_peers)
 PEER_MODELS = ("dit-xl-2",)  # the peers run at DiT-XL/2's shapes only
@@ -224,7 +232,8 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
         generate = lambda steps=config.steps: sample(model, labels, steps, "ddpm", CFG, seed=SEED,  # noqa: E731
                                                      plan=plan)
     else:
-        engine_dir, build_s = config_engines(model_name, model, config.precision, config.cache, work, [2 * BATCH])
+        engine_dir, build_s = config_engines(model_name, model, config.precision, config.cache, work, [2 * BATCH],
+                                             **(FUSED_FP8 if config.fused_fp8 else {}))
         model.to("cpu")  # the peak memory below is the engines' alone
         pipeline, load_s = load_ready(engine_dir, config.compiled, 2 * BATCH)
         del pipeline
@@ -251,7 +260,8 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
     calls = getattr(denoiser, "calls", None)
     model.to("cpu")
     return {"name": config.name, "model": model_name, "steps": config.steps, "precision": config.precision,
-            "cache": config.cache, "compiled": config.compiled, "images_per_s": BATCH / statistics.median(seconds),
+            "cache": config.cache, "compiled": config.compiled, "fused_fp8": config.fused_fp8,
+            "images_per_s": BATCH / statistics.median(seconds),
             "seconds_per_batch": statistics.median(seconds), "runs": runs, "ms_full_step": ms_full,
             "ms_reuse_step": ms_reuse, "peak_mem_gb": peak, "quality_from": config.quality,
             "engine_calls": dict(calls) if calls else None, "build_s": build_s, "load_s": load_s,

@@ -245,7 +245,7 @@ def cmd_serve(args) -> None:
         torch.cuda.set_device(device)
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_images=args.max_images or args.max_batch, timeout_s=args.timeout_s,
-                           max_body_bytes=args.max_body_kb * 1024)
+                           max_body_bytes=args.max_body_kb * 1024, engine_processes=args.engine_processes)
     serve(args.engines, args.host, args.port, options, nan_fallback=args.nan_fallback, vae=args.vae, device=device)
 
 
@@ -583,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=argument(real, low=0), default=60.0,
                    help="per request, queue and sampling: 504 after")
     p.add_argument("--max-body-kb", type=argument(integer, minimum=1), default=64, help="request body size limit")
+    p.add_argument("--engine-processes", type=argument(integer, minimum=1), default=1,
+                   help="processes loading the engines on the device, running batches side by side (a small, "
+                        "host-bound model gains from 2: one's Python and kernel launches overlap the other's)")
     p.add_argument("--nan-fallback", action="store_true",
                    help="recompute a step whose engine output holds NaN / Inf with the float model of the engines' "
                         "checkpoint (default: the requests whose samples are not finite fail with a 500)")

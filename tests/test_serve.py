@@ -58,7 +58,8 @@ def engines(tmp_path_factory):
 def running(engine_dir, vae=None, **options):
     """A server on a free port in a thread, its engines in their own process; yields (base URL, app); stops it as
     SIGTERM does (should_exit)."""
-    app = create_app(EngineProcess(engine_dir), engine_dir, ServeOptions(**options), vae)
+    options = ServeOptions(**options)
+    app = create_app([EngineProcess(engine_dir) for _ in range(options.engine_processes)], engine_dir, options, vae)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -245,6 +246,24 @@ def test_a_full_batch_is_handed_over_while_another_runs(engines):
     assert timings[1]["queue_seconds"] < 0.3 * timings[0]["sampling_seconds"]
 
 
+def test_two_engine_processes_run_batches_side_by_side(engines):
+    """Two batches at once on two engine processes: the later request is back after about one batch's sampling
+    time, not two (on one process the second waits in its pipe: latency ~ the sum), and each image is still the
+    one `generate` gives for its seed and label."""
+    bodies = [{"labels": [i], "seed": i, "steps": SLOW_STEPS, "format": "npz"} for i in range(2)]
+    with running(engines, max_batch=1, max_images=1, max_wait_ms=0, engine_processes=2) as (url, app):
+        started = time.perf_counter()
+        responses = post_all(url, bodies)
+        latest = time.perf_counter() - started
+        assert {r.status_code for r in responses} == {200}
+        assert metric(url, "qandc_serve_batch_images_count") == 2
+    sampled = [r.json()["timing"]["sampling_seconds"] for r in responses]
+    assert latest < 0.8 * sum(sampled), (latest, sampled)
+    pipeline = Pipeline.load(engines)
+    for body, response in zip(bodies, responses):  # bitwise
+        assert np.array_equal(samples_of(response), pipeline.generate(body["labels"], body["seed"], SLOW_STEPS))
+
+
 def test_timeout_is_504(engines):
     with running(engines, max_batch=1, max_images=1, timeout_s=0.05) as (url, app):
         response = httpx.post(url + "/v1/generate", json={"labels": [1], "steps": SLOW_STEPS // 2})
@@ -254,12 +273,12 @@ def test_timeout_is_504(engines):
 def test_an_engine_process_that_dies_fails_its_batch_and_readiness(engines):
     with running(engines, max_batch=2, max_images=2) as (url, app):
         assert httpx.post(url + "/v1/generate", json={"labels": [1], "steps": STEPS}).status_code == 200
-        app.state.engines.process.kill()
-        app.state.engines.process.join(10)
+        app.state.engines[0].process.kill()
+        app.state.engines[0].process.join(10)
         response = httpx.post(url + "/v1/generate", json={"labels": [1], "steps": STEPS})
         assert response.status_code == 500 and "the engine process exited" in response.json()["error"]
         ready = httpx.get(url + "/readyz")
-        assert ready.status_code == 503 and ready.json()["status"] == "the engine process exited"
+        assert ready.status_code == 503 and ready.json()["status"] == "an engine process exited"
 
 
 def test_an_engine_folder_that_fails_to_load_is_one_error_here(engines, tmp_path):

@@ -45,7 +45,8 @@ NoNegative = Annotated[int, Field(ge=0, lt=2 ** 63)]
 class ServeOptions:
     """Batching and limits: `max_batch` images per engine batch (padded to power-of-two buckets), `max_wait_ms` the
     oldest request waits for company, `max_queue` images waiting at most, `max_images` per request, `timeout_s` per
-    request (queue and sampling), `max_body_bytes` per request body."""
+    request (queue and sampling), `max_body_bytes` per request body, `engine_processes` loading the engines on the
+    device (batches run on them side by side: a host-bound model's Python and launches overlap)."""
 
     max_batch: int = 16
     max_wait_ms: float = 10.0
@@ -53,13 +54,15 @@ class ServeOptions:
     max_images: int = 16
     timeout_s: float = 60.0
     max_body_bytes: int = 65536
+    engine_processes: int = 1
 
     def __post_init__(self):
         if not 1 <= self.max_images <= self.max_batch <= self.max_queue:
             raise QandcError(f"need 1 <= --max-images ({self.max_images}) <= --max-batch ({self.max_batch}) <= "
                              f"--max-queue ({self.max_queue})")
-        if not (self.max_wait_ms >= 0 and self.timeout_s > 0 and self.max_body_bytes > 0):
-            raise QandcError("--max-wait-ms must be >= 0, --timeout-s and --max-body-kb > 0")
+        if not (self.max_wait_ms >= 0 and self.timeout_s > 0 and self.max_body_bytes > 0
+                and self.engine_processes >= 1):
+            raise QandcError("--max-wait-ms must be >= 0, --timeout-s and --max-body-kb > 0, --engine-processes >= 1")
 
 
 class GenerateRequest(BaseModel):
@@ -129,17 +132,18 @@ def request_id(request: Request) -> str:
     return request.state.request_id
 
 
-def create_app(engines: EngineProcess, engine_dir: str | Path, options: ServeOptions = ServeOptions(),
+def create_app(processes: list[EngineProcess], engine_dir: str | Path, options: ServeOptions = ServeOptions(),
                vae=None) -> FastAPI:
-    """The service over `engines` (loaded from `engine_dir`): warms up every bucket at start (`/readyz` turns
-    ready after), and on shutdown finishes the requests it accepted, then closes the engine process. `vae` (a
-    loaded diffusers AutoencoderKL) decodes latents into PNG images, on a thread of its own."""
+    """The service over the engine processes `processes` (each loaded from `engine_dir`): warms up every bucket at
+    start (`/readyz` turns ready after), and on shutdown finishes the requests it accepted, then closes the engine
+    processes. `vae` (a loaded diffusers AutoencoderKL) decodes latents into PNG images, on a thread of its own."""
+    engines = processes[0]  # what every process loaded: the model, plan, sampler settings, manifest
     limit = engines.max_batch
     if limit is not None and 2 * options.max_batch > limit:
         raise QandcError(f"--max-batch {options.max_batch} needs {2 * options.max_batch} rows with guidance; the "
                          f"engines' profile holds {limit}")
     metrics = Metrics()
-    batcher = Batcher(engines, options.max_batch, options.max_wait_ms, options.max_queue, metrics.batch)
+    batcher = Batcher(processes, options.max_batch, options.max_wait_ms, options.max_queue, metrics.batch)
     described = engine_metadata(engines, engine_dir)
     decoder = device_thread("qandc-vae", engines.device) if vae is not None else None  # CUDA here only for a VAE
 
@@ -157,7 +161,8 @@ def create_app(engines: EngineProcess, engine_dir: str | Path, options: ServeOpt
         batcher.executor.shutdown(wait=True)
         if decoder is not None:
             decoder.shutdown(wait=True)
-        engines.close()
+        for process in processes:
+            process.close()
 
     app = FastAPI(title="qandc serve", lifespan=lifespan)
 
@@ -183,8 +188,8 @@ def create_app(engines: EngineProcess, engine_dir: str | Path, options: ServeOpt
 
     @app.get("/readyz")
     async def readyz():
-        if not engines.alive:
-            return JSONResponse({"status": "the engine process exited"}, 503)
+        if not all(process.alive for process in processes):
+            return JSONResponse({"status": "an engine process exited"}, 503)
         if not batcher.ready or batcher.closing:
             status = batcher.failure or ("shutting down" if batcher.closing else "warming up")
             return JSONResponse({"status": status}, 503)
@@ -239,7 +244,7 @@ def create_app(engines: EngineProcess, engine_dir: str | Path, options: ServeOpt
                 "timing": {"queue_seconds": job.batched - job.enqueued, "batch_images": run.images,
                            "batch_padded": run.padded, "sampling_seconds": run.seconds}}
 
-    app.state.batcher, app.state.metrics, app.state.engines = batcher, metrics, engines
+    app.state.batcher, app.state.metrics, app.state.engines = batcher, metrics, processes
     return app
 
 
@@ -375,15 +380,21 @@ def encode_npz(samples: torch.Tensor, job: Job) -> dict:
 
 def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
           nan_fallback: bool = False, vae: str | Path | None = None, device: torch.device | None = None) -> None:
-    """Load the engines (in their own process, on `device`) and the VAE folder `vae` once and serve them until
-    SIGINT / SIGTERM (which finish the accepted requests first)."""
+    """Load the engines (in `options.engine_processes` processes of their own, at once, on `device`) and the VAE
+    folder `vae` once and serve them until SIGINT / SIGTERM (which finish the accepted requests first)."""
     import uvicorn
 
-    engines = EngineProcess(engine_dir, nan_fallback, device)
+    with ThreadPoolExecutor(options.engine_processes) as loading:
+        loads = [loading.submit(EngineProcess, engine_dir, nan_fallback, device)
+                 for _ in range(options.engine_processes)]
+    processes = [load.result() for load in loads if load.exception() is None]
     try:
-        app = create_app(engines, engine_dir, options, vae and load_vae(vae, engines.device))
+        if len(processes) < len(loads):
+            raise next(load.exception() for load in loads if load.exception() is not None)
+        app = create_app(processes, engine_dir, options, vae and load_vae(vae, processes[0].device))
     except BaseException:
-        engines.close()
+        for process in processes:
+            process.close()
         raise
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)

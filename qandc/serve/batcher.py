@@ -1,8 +1,9 @@
 """Dynamic batching: requests with the same sampler settings are merged into one engine batch (up to `max_batch`
 images, or whatever arrived within `max_wait_ms` of the oldest), padded to a batch-size bucket warmed at start, and
-handed to the engine process (`EngineProcess`) by one batching thread; a second thread collects the results. A full
-batch is handed over while another runs (it waits in the pipe), so under load the engines go from batch to batch
-without waiting on this process; a partial one waits for idle engines, taking what arrives meanwhile. Each sample
+handed to an engine process (`EngineProcess`; one, or several on one GPU, whose host work then overlaps) by one
+batching thread; a thread a process collects its results. A full batch is handed over while another runs (it waits
+in the pipe), so under load the engines go from batch to batch without waiting on this process; a partial one waits
+for idle engines, taking what arrives meanwhile. Each sample
 keeps its own noise key (request seed, sample id), so an image does not depend on what it was batched with; a sample
 whose output is not finite fails only its own request."""
 
@@ -25,7 +26,7 @@ from ..runtime.pipeline import nonfinite_samples
 from .engine_process import EngineProcess, one_line
 
 log = logging.getLogger("qandc.serve")
-HANDED_OVER = 2  # batches with the engine process at most: one running, a full one waiting in its pipe
+HANDED_OVER = 2  # batches with an engine process at most: one running, a full one waiting in its pipe
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,15 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class Batcher:
-    """Merges submitted jobs into batches and runs them on `engines` (one at a time, in order). `warm_up()` runs a
-    batch at every bucket first (compiling and capturing CUDA graphs where the engines do) and sets `ready`; `run()`
-    serves until `close()`, then finishes the queued jobs. The queue is shared by the event loop (submit, withdraw)
-    and the batching thread (forming batches) under one lock; the collecting thread hands results to the loop."""
+    """Merges submitted jobs into batches and runs them on the engine processes `engines` (each one batch at a time,
+    in the order handed over; a batch goes to an idle process first, else to the least busy). `warm_up()` runs a
+    batch at every bucket on each first (compiling and capturing CUDA graphs where the engines do) and sets `ready`;
+    `run()` serves until `close()`, then finishes the queued jobs. The queue is shared by the event loop (submit,
+    withdraw) and the batching thread (forming batches) under one lock; the collecting threads hand results to the
+    loop."""
 
-    def __init__(self, engines: EngineProcess, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
+    def __init__(self, engines: list[EngineProcess], max_batch: int, max_wait_ms: float, max_queue: int,
+                 on_batch=None):
         self.engines, self.max_batch, self.max_wait, self.max_queue = engines, max_batch, max_wait_ms / 1000, \
             max_queue
         self.buckets = batch_buckets(max_batch)
@@ -99,17 +103,24 @@ class Batcher:
         self.ready = self.closing = False
         self.failure: str | None = None
         self.batch_seconds = 0.0  # the last batch's, for Retry-After
-        self.executor = ThreadPoolExecutor(2, thread_name_prefix="qandc-batches")  # hands over; collects
+        # one thread hands batches over, one a process collects
+        self.executor = ThreadPoolExecutor(1 + len(engines), thread_name_prefix="qandc-batches")
         self._queue = threading.Condition(threading.RLock())
-        self._handed: queue.SimpleQueue = queue.SimpleQueue()  # (jobs, padded size) in the engines' order; None
-        self.handed_over = 0  # batches with the engine process
+        # a process's (jobs, padded size) in the order handed over; None: no more
+        self._handed: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in engines]
+        self.handed = [0] * len(engines)  # batches with each process
+
+    @property
+    def handed_over(self) -> int:
+        """Batches with the engine processes."""
+        return sum(self.handed)
 
     def submit(self, job: Job) -> None:
         """Queue `job`; QueueFull when its images would take the queue past `max_queue`."""
         with self._queue:
             if self.closing or self.queued_images + len(job.labels) > self.max_queue:
                 batches = math.ceil((self.queued_images + 1) / self.max_batch) + self.handed_over
-                raise QueueFull(max(1, math.ceil(batches * self.batch_seconds)))
+                raise QueueFull(max(1, math.ceil(batches * self.batch_seconds / len(self.engines))))
             self.pending.append(job)
             self.queued_images += len(job.labels)
             self._queue.notify()
@@ -132,19 +143,25 @@ class Batcher:
 
     def _warm_up(self) -> None:
         """One guided batch at every bucket (guidance doubles the rows), and an unguided one where a bucket's row
-        count is no guided batch's, with the engines' steps and sampler: serving meets no new shape."""
-        defaults = self.engines.sampler_defaults
+        count is no guided batch's, with the engines' steps and sampler, on every process at once: serving meets
+        no new shape."""
+        defaults = self.engines[0].sampler_defaults
         guided = defaults.cfg_scale if defaults.cfg_scale != 1.0 else 2.0  # any scale but 1 doubles the rows
         guided_rows = {2 * b for b in self.buckets}
         for size in self.buckets:
             for scale in (guided, 1.0) if size not in guided_rows else (guided,):
-                self.engines.generate([0] * size, [0] * size, defaults.steps, defaults.sampler, scale, range(size))
+                for process in self.engines:
+                    process.submit([0] * size, [0] * size, defaults.steps, defaults.sampler, scale, range(size))
+                for process in self.engines:
+                    process.result()
 
     async def run(self) -> None:
-        """Serve batches until `close()` and the queue is empty: one thread hands them over, one collects."""
+        """Serve batches until `close()` and the queue is empty: one thread hands them over, one a process
+        collects."""
         loop = asyncio.get_running_loop()
         await asyncio.gather(loop.run_in_executor(self.executor, self._hand_over, loop),
-                             loop.run_in_executor(self.executor, self._collect, loop))
+                             *(loop.run_in_executor(self.executor, self._collect, loop, i)
+                               for i in range(len(self.engines))))
 
     def close(self) -> None:
         """Stop taking jobs; `run` finishes the queued ones and returns."""
@@ -153,58 +170,63 @@ class Batcher:
             self._queue.notify()
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The batching thread: form each batch and hand it to the engine process."""
-        while jobs := self._next_batch(loop):
+        """The batching thread: form each batch and hand it to an engine process."""
+        while batch := self._next_batch(loop):
+            jobs, process = batch
             try:
-                self._handed.put((jobs, self._submit(jobs)))
+                self._handed[process].put((jobs, self._submit(jobs, process)))
             except Exception as e:  # the engine process is gone
-                self._collected()
+                self._collected(process)
                 loop.call_soon_threadsafe(self._fail, jobs, e)
-        self._handed.put(None)
+        for handed in self._handed:
+            handed.put(None)
 
-    def _collect(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The collecting thread: each handed-over batch's results, in order, to the event loop."""
-        while (handed := self._handed.get()) is not None:
+    def _collect(self, loop: asyncio.AbstractEventLoop, process: int) -> None:
+        """A collecting thread: each batch handed to engine process `process`, its results in order to the event
+        loop."""
+        while (handed := self._handed[process].get()) is not None:
             jobs, size = handed
             try:
-                result = self._result(jobs, size)
+                result = self._result(jobs, size, process)
             except Exception as e:  # the whole batch failed (an engine error): each request gets one line
                 log.exception("a batch of %d requests failed", len(jobs))
                 loop.call_soon_threadsafe(self._fail, jobs, e)
             else:
                 loop.call_soon_threadsafe(self._deliver, jobs, *result)
             finally:
-                self._collected()
+                self._collected(process)
 
-    def _collected(self) -> None:
+    def _collected(self, process: int) -> None:
         with self._queue:
-            self.handed_over -= 1
+            self.handed[process] -= 1
             self._queue.notify()
 
-    def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[Job]:
-        """The oldest job and the later ones with its settings that fit in `max_batch`: at once when they fill it
-        and fewer than HANDED_OVER batches are with the engines; otherwise once the engines are idle and the oldest
-        has waited `max_wait` (or the server is closing). [] once closing with nothing queued (or once the loop is
-        gone: a server stopped without its shutdown must not leave this thread waiting)."""
+    def _next_batch(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Job], int] | None:
+        """(The oldest job and the later ones with its settings that fit in `max_batch`, the engine process to take
+        them): at once when they fill it and a process has fewer than HANDED_OVER batches; otherwise once a process
+        is idle and the oldest has waited `max_wait` (or the server is closing). None once closing with nothing
+        queued (or once the loop is gone: a server stopped without its shutdown must not leave this thread
+        waiting)."""
         with self._queue:
             while True:
                 if not self.pending:
                     if self.closing or loop.is_closed():
-                        return []
+                        return None
                     self._queue.wait(1.0)
                     continue
                 head = self.pending[0]
                 jobs = self._fitting(head)
                 remaining = head.enqueued + self.max_wait - time.monotonic()
                 full = sum(len(j.labels) for j in jobs) >= self.max_batch
-                idle = self.handed_over == 0
-                if self.handed_over < HANDED_OVER and (full or idle and (remaining <= 0 or self.closing)):
+                process = min(range(len(self.engines)), key=self.handed.__getitem__)  # the least busy
+                idle = self.handed[process] == 0
+                if self.handed[process] < HANDED_OVER and (full or idle and (remaining <= 0 or self.closing)):
                     now = time.monotonic()
                     for job in jobs:
                         self.withdraw(job)  # the condition's lock is re-entrant
                         job.batched = now
-                    self.handed_over += 1
-                    return jobs
+                    self.handed[process] += 1
+                    return jobs, process
                 self._queue.wait(remaining if idle and remaining > 0 else 1.0)
 
     def _fitting(self, head: Job) -> list[Job]:
@@ -215,23 +237,25 @@ class Batcher:
                 images += len(job.labels)
         return jobs
 
-    def _submit(self, jobs: list[Job]) -> int:
-        """Hand `jobs` over as one batch padded to its bucket (padding: label 0, seed 0); the bucket."""
+    def _submit(self, jobs: list[Job], process: int) -> int:
+        """Hand `jobs` to engine process `process` as one batch padded to its bucket (padding: label 0, seed 0); the
+        bucket."""
         key = jobs[0].key
         labels = [label for job in jobs for label in job.labels]
         seeds = [job.seed for job in jobs for _ in job.labels]
         ids = [i for job in jobs for i in job.sample_ids]
         size = next(b for b in self.buckets if b >= len(labels))
         pad = size - len(labels)
-        self.engines.submit(labels + [0] * pad, seeds + [0] * pad, key.steps, key.sampler, key.cfg_scale,
-                            ids + list(range(pad)))
+        self.engines[process].submit(labels + [0] * pad, seeds + [0] * pad, key.steps, key.sampler, key.cfg_scale,
+                                     ids + list(range(pad)))
         return size
 
-    def _result(self, jobs: list[Job], size: int) -> tuple[torch.Tensor, torch.Tensor, BatchRun]:
-        """A handed-over batch's (samples of `jobs`, which of them are not finite, the run)."""
+    def _result(self, jobs: list[Job], size: int, process: int) -> tuple[torch.Tensor, torch.Tensor, BatchRun]:
+        """A batch handed to engine process `process`: (samples of `jobs`, which of them are not finite, the
+        run)."""
         images = sum(len(job.labels) for job in jobs)
-        samples = self.engines.result()[:images]
-        last = self.engines.last_run
+        samples = self.engines[process].result()[:images]
+        last = self.engines[process].last_run
         bad = nonfinite_samples(samples)
         return samples, bad, BatchRun(images, size, jobs[0].key.steps, last["seconds"],
                                       {"full": last.get("full", 0), "reuse": last.get("reuse", 0)},
