@@ -159,12 +159,14 @@ def engine_counters(text: str) -> dict:
             "seconds": values["qandc_serve_sampling_seconds_total"]}
 
 
-def engine_share(before: dict, after: dict, window: float) -> dict:
-    """What the engines did in a window: the share of it they were busy, their own images/s while busy (the
-    offline rate's counterpart) and the mean real images a batch — where a shortfall against the offline rate goes:
-    idle engines (the HTTP side or batch forming), smaller batches, or slower batches."""
+def engine_share(before: dict, after: dict, window: float, processes: int = 1) -> dict:
+    """What the engines (`processes` engine processes) did in a window: the share of it they were busy (a
+    process's mean), their own images/s were all of them busy throughout (the offline rate's counterpart) and the
+    mean real images a batch — where a shortfall against the offline rate goes: idle engines (the HTTP side or
+    batch forming), smaller batches, or slower batches."""
     batches, images, seconds = (after[k] - before[k] for k in ("batches", "images", "seconds"))
-    return {"engine_busy_share": seconds / window, "engine_images_per_s": images / seconds if seconds else None,
+    return {"engine_busy_share": seconds / (window * processes),
+            "engine_images_per_s": images * processes / seconds if seconds else None,
             "mean_batch_images": images / batches if batches else None}
 
 
@@ -180,7 +182,7 @@ def loop_cpu_seconds(pid: int) -> float | None:
 
 
 async def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes: int, steps,
-                      pid: int | None = None) -> dict:
+                      pid: int | None = None, processes: int = 1) -> dict:
     """`concurrency` clients posting back to back: the saturating rate (after a warm-up of a quarter of the time),
     with what the engines did meanwhile (`engine_share`), the share of a core this client used (near 1: the client,
     not the server, set the rate) and, given the server's `pid`, its loop's CPU per request."""
@@ -209,12 +211,14 @@ async def closed_loop(url: str, concurrency: int, seconds: float, images: int, c
     loop_cpu = after["loop_cpu"] - before["loop_cpu"] if after["loop_cpu"] is not None else None
     requests = (after["images"] - before["images"]) / images
     return {"concurrency": concurrency, "requests_per_s": len(done) / window,
-            "images_per_s": len(done) * images / window, **percentiles(done), **engine_share(before, after, window),
+            "images_per_s": len(done) * images / window, **percentiles(done),
+            **engine_share(before, after, window, processes),
             "client_cpu_share": (after["client_cpu"] - before["client_cpu"]) / window,
             "loop_cpu_ms_per_request": loop_cpu / requests * 1e3 if loop_cpu is not None and requests else None}
 
 
-async def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed: int) -> dict:
+async def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed: int,
+                    processes: int = 1) -> dict:
     """Poisson arrivals at `rate` requests per second for `seconds`: latency of each, how many were refused."""
     rng = np.random.default_rng(seed)
     latencies, refused = [], 0
@@ -240,7 +244,7 @@ async def open_loop(url: str, rate: float, seconds: float, images: int, classes:
         after = engine_counters((await http.get("/metrics")).text)
     return {"offered_requests_per_s": rate, "sent": i, "refused": refused,
             "images_per_s": len(latencies) * images / elapsed, **percentiles(latencies),
-            **engine_share(before, after, elapsed)}
+            **engine_share(before, after, elapsed, processes)}
 
 
 def percentiles(latencies: list[float]) -> dict:
@@ -266,10 +270,12 @@ def measure(engines: Path, max_batch: int, args) -> dict:
     print(f"max-batch {max_batch}: the engine process alone {alone:.1f} images/s", flush=True)
     process, url = start_server(engines, max_batch, args, Path(args.state) / f"server-{max_batch}.log")
     try:
-        # four batches of clients: one running, one handed over behind it, one queued, one on its way back
-        concurrency = 4 * max(1, max_batch // args.images_per_request) + 2
+        # batches' worth of clients: one running and one handed over behind it a process, one queued, one on its
+        # way back
+        batches = 2 * args.engine_processes + 2
+        concurrency = batches * max(1, max_batch // args.images_per_request) + 2
         saturating = asyncio.run(closed_loop(url, concurrency, args.duration_s, args.images_per_request, classes,
-                                             args.steps, process.pid))
+                                             args.steps, process.pid, args.engine_processes))
         print(f"  saturating: {saturating['images_per_s']:.1f} images/s, p50 {saturating['p50_s']:.3f} s; engines "
               f"busy {saturating['engine_busy_share']:.0%} at {saturating['engine_images_per_s']:.1f} images/s, "
               f"{saturating['mean_batch_images']:.1f} images a batch; loop CPU "
@@ -278,7 +284,8 @@ def measure(engines: Path, max_batch: int, args) -> dict:
         loads = []
         for k, fraction in enumerate(LOAD_FRACTIONS):
             point = asyncio.run(open_loop(url, fraction * saturating["requests_per_s"], args.duration_s,
-                                          args.images_per_request, classes, args.steps, seed=k))
+                                          args.images_per_request, classes, args.steps, seed=k,
+                                          processes=args.engine_processes))
             loads.append({"fraction": fraction, **point})
             print(f"  {fraction:.2f} x: {point['images_per_s']:.1f} images/s, p50 {point['p50_s']:.3f} s, "
                   f"p99 {point['p99_s']:.3f} s, refused {point['refused']}; engines busy "
