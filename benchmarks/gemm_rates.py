@@ -3,9 +3,9 @@ and without the float32 promotion of its running sum (`use_fast_accum`), `torch.
 plus its dequantize, and qandc's Triton INT8 GEMM with the dequantize fused (`qandc::int8_linear`). At fc1's shape
 also the MLP's middle both ways (issue 17): `_scaled_mm` then GELU + quantize compiled by Inductor (what the FP8
 engines run), and qandc's fused Triton kernel (`qandc::fp8_linear_gelu_quant`), autotuned and at each of its tile
-configs; each with the promotion and without (`use_fast_accum`, `fast_accum`), with the share of e4m3 outputs equal
-to the exact result's (float64 GEMM) and the share off by more than one e4m3 step. Median of
-`triton.testing.do_bench`; inputs random, never zeros. GPU only.
+configs, and its persistent TMA-fed variant (autotuned); each with the promotion and without (`use_fast_accum`,
+`fast_accum`), with the share of e4m3 outputs equal to the exact result's (float64 GEMM) and the share off by more
+than one e4m3 step. Median of `triton.testing.do_bench`; inputs random, never zeros. GPU only.
 
     python benchmarks/gemm_rates.py --out benchmarks/results/gemm-h200.json
 """
@@ -57,7 +57,8 @@ def rates(m: int, k: int, n: int) -> dict:
 
 def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> tuple:
     """fc1 + GELU + fc2's activation quantize: cuBLASLt then an Inductor kernel, and the fused Triton kernel
-    (autotuned, then each config alone), each promoting the running sum and not; (the kernels, their accuracy)."""
+    (autotuned, then each config alone) and its persistent TMA variant (autotuned), each promoting the running sum
+    and not; (the kernels, their accuracy)."""
     import triton
 
     from qandc.engines import triton_fp8
@@ -76,6 +77,8 @@ def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, b
             a8, b8.t(), scale_a=one, scale_b=weight_scale, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast))
         kernels[f"fp8_triton_gelu_quant{suffix}"] = lambda fast=fast: triton_fp8.fp8_gemm_gelu_quant(
             a8, b8, scale, bias, out_scale, fast_accum=fast)
+        kernels[f"fp8_triton_tma_gelu_quant{suffix}"] = lambda fast=fast: triton_fp8.fp8_gemm_gelu_quant(
+            a8, b8, scale, bias, out_scale, fast_accum=fast, tma=True)
         for config in triton_fp8._CONFIGS:
             blocks = config.kwargs
             grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
@@ -90,7 +93,7 @@ def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, b
     step = torch.where(want.abs() < 2 ** -6, torch.full_like(want, 2 ** -9),
                        2 ** (torch.floor(torch.log2(want.abs())) - 3))  # e4m3's spacing at each value
     accuracy = {}
-    for name in ("fp8_scaled_mm_then_gelu_quant", "fp8_triton_gelu_quant"):
+    for name in ("fp8_scaled_mm_then_gelu_quant", "fp8_triton_gelu_quant", "fp8_triton_tma_gelu_quant"):
         for suffix in ("", "_fast_accum"):
             got = kernels[name + suffix]().float()
             accuracy[name + suffix] = {"exact_share": (got == want).float().mean().item(),

@@ -2,8 +2,9 @@
 layer's FP8 quantize in one kernel) against `quantized.fp8_linear_gelu_quant` (the e4m3 rounding of the exact
 result, tested in test_inductor.py), `triton_int8` against `quantized.int8_linear`'s integer arithmetic. On a GPU
 the kernels themselves; without one, Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the mode is read
-when kernels are defined) at fixed small blocks, since autotuning needs a GPU. All skip where Triton is not
-installed (the CPU CI's torch brings none)."""
+when kernels are defined) at fixed small blocks, since autotuning needs a GPU. The FP8 kernel's persistent TMA variant
+too: the interpreter (Triton 3.9) runs host-side tensor descriptors, loads zero-filled and stores clipped past the
+tensor's end as TMA does. All skip where Triton is not installed (the CPU CI's torch brings none)."""
 
 import json
 import os
@@ -45,6 +46,15 @@ print(json.dumps({"shape": list(got.shape), "exact": (got == want).float().mean(
                                                           | ((want.abs() <= 2 ** -6) & ((got - want).abs() <= 2 ** -8))
                                                           ).all())}))
 """
+GPU = CASE + """
+from qandc.engines.triton_fp8 import fp8_gemm_gelu_quant
+got = fp8_gemm_gelu_quant(x.cuda(), w.cuda(), scale.cuda(), bias.cuda(), out_scale.cuda(), fast_accum={fast_accum},
+                          tma={tma}).float().cpu()
+magnitude = (x.float().abs() @ w.float().abs().t()) * scale / out_scale * 1.13
+"""
+GPU_REPORT = REPORT + """
+print(json.dumps({"within_accumulation": bool(((got - want).abs() <= step * 1.0001 + magnitude * 2 ** -12).all())}))
+"""
 
 
 def stats(code: str, env: dict, lines: int = 1):
@@ -79,15 +89,42 @@ def test_the_kernel_computes_the_op_on_the_gpu(shape, fast_accum):
     adds 2^-12 of the sum of the products' magnitudes (times GELU's largest slope, 1.13) to the step; exact for
     nearly all outputs, with the promotion and without (`fast_accum`). Passed at all three shapes on the H200, with
     it (gpu-logs/kernels-h200-session7.log) and both ways (gpu-logs/kernels-h200-session10.log)."""
-    code = CASE.format(shape=shape) + f"""
-from qandc.engines.triton_fp8 import fp8_gemm_gelu_quant
-got = fp8_gemm_gelu_quant(x.cuda(), w.cuda(), scale.cuda(), bias.cuda(), out_scale.cuda(),
-                          fast_accum={fast_accum}).float().cpu()
-magnitude = (x.float().abs() @ w.float().abs().t()) * scale / out_scale * 1.13
-""" + REPORT + """
-print(json.dumps({"within_accumulation": bool(((got - want).abs() <= step * 1.0001 + magnitude * 2 ** -12).all())}))
+    result, accumulation = stats(GPU.format(shape=shape, fast_accum=fast_accum, tma=False) + GPU_REPORT, {}, lines=2)
+    assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.97
+
+
+# K and N multiples of 16 (the descriptors' rows 16-byte aligned); rows, K and N off the blocks' multiples
+TMA_SHAPES = [(37, 256, 256), (130, 256, 512), (5, 80, 48)]
+TMA_INTERPRETED = CASE + """
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+from qandc.engines import triton_fp8
+got = torch.empty((m, n), dtype=torch.float8_e4m3fn)
+a, b, c = (TensorDescriptor.from_tensor(t, block) for t, block in ((x, [16, 64]), (w, [32, 64]), (got, [16, 32])))
+sms = 3  # fewer programs than tiles: each loops over several
+grid = (min(sms, triton.cdiv(m, 16) * triton.cdiv(n, 32)),)
+triton_fp8._fp8_gemm_gelu_quant_tma_kernel.fn[grid](a, b, c, scale, bias, out_scale.reshape(1), m, n, k, BLOCK_M=16,
+                                                     BLOCK_N=32, BLOCK_K=64, GROUP_M=2, NUM_SMS=sms, PROMOTE={promote})
+got = got.float()
 """
-    result, accumulation = stats(code, {}, lines=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernel itself")
+@pytest.mark.parametrize("shape", TMA_SHAPES)
+@pytest.mark.parametrize("promote", [True, False])
+def test_the_tma_kernel_computes_the_op_under_the_interpreter(shape, promote):
+    """As the pointer kernel under the interpreter: exact but for the interpreter's e4m3 rounding."""
+    result = stats(TMA_INTERPRETED.format(shape=shape, promote=promote) + REPORT, {"TRITON_INTERPRET": "1"})
+    assert result["shape"] == [shape[0], shape[2]] and result["exact_but_interpreter_rounding"]
+    assert result["exact"] > 0.95
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", TMA_SHAPES)
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_the_tma_kernel_computes_the_op_on_the_gpu(shape, fast_accum):
+    """As the pointer kernel on the GPU (`fp8_gemm_gelu_quant(..., tma=True)`, autotuned). Not run on a GPU yet."""
+    result, accumulation = stats(GPU.format(shape=shape, fast_accum=fast_accum, tma=True) + GPU_REPORT, {}, lines=2)
     assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.97
 
 

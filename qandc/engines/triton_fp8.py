@@ -6,13 +6,16 @@ epilogue: fc1 there writes bf16 [M, 4 · hidden] and a separate kernel reads it 
 element and nothing reads it twice. CUDA only (imported on first use); the CPU computes the same in PyTorch
 (`quantized.fp8_linear_gelu_quant`). `tests/test_triton_kernels.py` checks it against that computation under
 Triton's interpreter and on a GPU; whether it beats cuBLASLt + the separate kernel is for the GPU profile
-(`benchmarks/profile_step.py --fused-fp8-mlp`)."""
+(`benchmarks/profile_step.py --fused-fp8-mlp`). A second variant (`tma=True`) is persistent (one program an SM, each
+looping over output tiles in the same grouped order) and reads its operands and writes its output through TMA tensor
+descriptors, as Triton's persistent-matmul tutorial does; same epilogue and promotion."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .triton_tiles import even_k, tile_product
 
@@ -26,6 +29,24 @@ _CONFIGS = [
         # the fastest at DiT-XL/2's fc1 on an H200 (136 µs; 128 x 256 x 64, 128 x 64 x 128 with 5 stages and 64 x
         # 256 x 128 tried there too: 170-334 µs, benchmarks/results/gpu-logs/gemm-h200-session8.log)
         (128, 128, 128, 3, 4),
+    ]
+]
+
+
+def _tma_blocks(nargs: dict) -> None:
+    # the descriptors' block shapes are the config's tiles (a pre_hook: the autotuner calls it before each launch)
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    nargs["c_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
+
+
+# Hopper FP8 tiles for the TMA kernel; 128 x 256 only with 8 warps (its float32 accumulator, twice that promoting)
+_TMA_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w,
+                  pre_hook=_tma_blocks)
+    for bm, bn, bk, s, w in [
+        (128, 128, 128, 3, 4), (128, 128, 128, 4, 4), (128, 128, 128, 4, 8), (128, 256, 128, 3, 8),
+        (128, 256, 64, 4, 8), (256, 128, 128, 3, 8),
     ]
 ]
 
@@ -53,15 +74,68 @@ def _fp8_gemm_gelu_quant_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_scale_ptr
     tl.store(c, hidden.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # (first row, first column) of output tile `tile`, in `tile_product`'s grouped order
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = tile // width * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    return (first_m + (tile % width) % group_m) * BLOCK_M, (tile % width) // group_m * BLOCK_N
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K", "PROMOTE"])
+@triton.jit
+def _fp8_gemm_gelu_quant_tma_kernel(a_desc, b_desc, c_desc, scale_ptr, bias_ptr, out_scale_ptr, M, N, K,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, PROMOTE: tl.constexpr = True):
+    """`_fp8_gemm_gelu_quant_kernel` persistent and TMA-fed: NUM_SMS programs, each taking every NUM_SMS-th tile.
+    The descriptors zero-fill rows (and K) past the tensor's end on loads and drop them on the store, so no masks."""
+    start = tl.program_id(0)
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    # the epilogue's own tile counter, as in the tutorial (a workaround for Blackwell's pipelining)
+    tile_c = start - NUM_SMS
+    for tile in tl.range(start, tiles, NUM_SMS, flatten=True):
+        off_m, off_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_blocks):
+            a_tile = a_desc.load([off_m, k * BLOCK_K])
+            b_tile = b_desc.load([off_n, k * BLOCK_K]).T
+            if PROMOTE:  # as `tile_product`: the running sum promoted to float32 every K block
+                acc = tl.dot(a_tile, b_tile, acc, max_num_imprecise_acc=BLOCK_K, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(a_tile, b_tile, acc, out_dtype=tl.float32)
+
+        tile_c += NUM_SMS
+        off_m, off_n = _tile(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        hidden = _gelu_tanh(acc * scale[None, :] + bias[None, :]) / tl.load(out_scale_ptr)
+        hidden = tl.minimum(tl.maximum(hidden, -FP8_MAX), FP8_MAX)
+        c_desc.store([off_m, off_n], hidden.to(c_desc.dtype))
+
+
 def fp8_gemm_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                        out_scale: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
+                        out_scale: torch.Tensor, fast_accum: bool = False, tma: bool = False) -> torch.Tensor:
     """e4m3 clamp(gelu_tanh((x @ weight.T) * scale + bias) / out_scale) for e4m3 x [M, K], e4m3 weight [N, K],
     float32 scale [N], bias [N], out_scale a float32 scalar tensor. `fast_accum`: no float32 promotion of the
-    running sum (`_scaled_mm`'s `use_fast_accum`; faster, less exact: `benchmarks/gemm_rates.py` measures both)."""
+    running sum (`_scaled_mm`'s `use_fast_accum`; faster, less exact: `benchmarks/gemm_rates.py` measures both).
+    `tma`: the persistent TMA kernel; its descriptors want K and N multiples of 16 (rows 16-byte aligned)."""
     x, weight = x.contiguous(), weight.contiguous()
     (m, k), n = x.shape, weight.shape[0]
     out = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=x.device)
+    scale, bias, out_scale = scale.float().contiguous(), bias.contiguous(), out_scale.float().reshape(1)
+    if tma:
+        assert k % 16 == 0 and n % 16 == 0, f"the TMA kernel needs K and N multiples of 16, not {k} and {n}"
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        # block shapes set per config by `_tma_blocks`
+        a, b, c = (TensorDescriptor.from_tensor(t, [1, 1]) for t in (x, weight, out))
+        grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)  # noqa: E731
+        _fp8_gemm_gelu_quant_tma_kernel[grid](a, b, c, scale, bias, out_scale, m, n, k, NUM_SMS=sms,
+                                              PROMOTE=not fast_accum)
+        return out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _fp8_gemm_gelu_quant_kernel[grid](x, weight, scale.float().contiguous(), bias.contiguous(),
-                                      out_scale.float().reshape(1), out, m, n, k, PROMOTE=not fast_accum)
+    _fp8_gemm_gelu_quant_kernel[grid](x, weight, scale, bias, out_scale, out, m, n, k, PROMOTE=not fast_accum)
     return out
