@@ -66,33 +66,6 @@ def stats(code: str, env: dict, lines: int = 1):
     return reports[0] if lines == 1 else reports
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernel itself")
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("promote", [True, False])
-def test_the_kernel_computes_the_op_under_the_interpreter(shape, promote):
-    """Exact, but for the interpreter's own float32 → e4m3 conversion (Triton 3.9; seen on a plain load-convert-store
-    kernel too): where rounding carries into the exponent it gives half the value (just below 2^n → 2^(n-1)), and
-    subnormals (to 2^-6) land up to two of their steps (2^-9) off. The interpreter accumulates in float32 either way:
-    what the promotion changes on a GPU is `benchmarks/gemm_rates.py`'s to measure."""
-    result = stats(INTERPRETED.format(shape=shape, promote=promote) + REPORT, {"TRITON_INTERPRET": "1"})
-    assert result["shape"] == [shape[0], shape[2]] and result["exact_but_interpreter_rounding"]
-    assert result["exact"] > 0.95
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("fast_accum", [False, True])
-def test_the_kernel_computes_the_op_on_the_gpu(shape, fast_accum):
-    """Within one e4m3 step of the exact result, plus what Hopper's FP8 tensor cores lose accumulating: they keep ~14
-    bits of a running sum between float32 promotions. Seen on the H200 against the one-step bound alone: at K = 80
-    1.5% of outputs off, at K = 256 some beyond a step, with the promotion every K block and without. So the bound
-    adds 2^-12 of the sum of the products' magnitudes (times GELU's largest slope, 1.13) to the step; exact for
-    nearly all outputs, with the promotion and without (`fast_accum`). Passed at all three shapes on the H200, with
-    it (gpu-logs/kernels-h200-session7.log) and both ways (gpu-logs/kernels-h200-session10.log)."""
-    result, accumulation = stats(GPU.format(shape=shape, fast_accum=fast_accum, tma=False) + GPU_REPORT, {}, lines=2)
-    assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.97
-
-
 # K and N multiples of 16 (the descriptors' rows 16-byte aligned); rows, K and N off the blocks' multiples
 TMA_SHAPES = [(37, 256, 256), (130, 256, 512), (5, 80, 48)]
 TMA_INTERPRETED = CASE + """
@@ -109,22 +82,37 @@ got = got.float()
 """
 
 
+KERNELS = [("pointer", shape) for shape in SHAPES] + [("tma", shape) for shape in TMA_SHAPES]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernel itself")
-@pytest.mark.parametrize("shape", TMA_SHAPES)
+@pytest.mark.parametrize("kernel, shape", KERNELS)
 @pytest.mark.parametrize("promote", [True, False])
-def test_the_tma_kernel_computes_the_op_under_the_interpreter(shape, promote):
-    """As the pointer kernel under the interpreter: exact but for the interpreter's e4m3 rounding."""
-    result = stats(TMA_INTERPRETED.format(shape=shape, promote=promote) + REPORT, {"TRITON_INTERPRET": "1"})
+def test_the_kernel_computes_the_op_under_the_interpreter(kernel, shape, promote):
+    """Exact, but for the interpreter's own float32 → e4m3 conversion (Triton 3.9; seen on a plain load-convert-store
+    kernel too): where rounding carries into the exponent it gives half the value (just below 2^n → 2^(n-1)), and
+    subnormals (to 2^-6) land up to two of their steps (2^-9) off. The interpreter accumulates in float32 either way:
+    what the promotion changes on a GPU is `benchmarks/gemm_rates.py`'s to measure. Both kernels: the pointer one and
+    the persistent TMA one (several tiles a program)."""
+    code = {"pointer": INTERPRETED, "tma": TMA_INTERPRETED}[kernel]
+    result = stats(code.format(shape=shape, promote=promote) + REPORT, {"TRITON_INTERPRET": "1"})
     assert result["shape"] == [shape[0], shape[2]] and result["exact_but_interpreter_rounding"]
     assert result["exact"] > 0.95
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", TMA_SHAPES)
+@pytest.mark.parametrize("kernel, shape", KERNELS)
 @pytest.mark.parametrize("fast_accum", [False, True])
-def test_the_tma_kernel_computes_the_op_on_the_gpu(shape, fast_accum):
-    """As the pointer kernel on the GPU (`fp8_gemm_gelu_quant(..., tma=True)`, autotuned). Not run on a GPU yet."""
-    result, accumulation = stats(GPU.format(shape=shape, fast_accum=fast_accum, tma=True) + GPU_REPORT, {}, lines=2)
+def test_the_kernel_computes_the_op_on_the_gpu(kernel, shape, fast_accum):
+    """Within one e4m3 step of the exact result, plus what Hopper's FP8 tensor cores lose accumulating: they keep ~14
+    bits of a running sum between float32 promotions. Seen on the H200 against the one-step bound alone: at K = 80
+    1.5% of outputs off, at K = 256 some beyond a step, with the promotion every K block and without. So the bound
+    adds 2^-12 of the sum of the products' magnitudes (times GELU's largest slope, 1.13) to the step; exact for
+    nearly all outputs, with the promotion and without (`fast_accum`). The pointer kernel passed at all three shapes
+    on the H200, with it (gpu-logs/kernels-h200-session7.log) and both ways (gpu-logs/kernels-h200-session10.log);
+    the TMA kernel (`fp8_gemm_gelu_quant(..., tma=True)`, autotuned) has not run on a GPU yet."""
+    code = GPU.format(shape=shape, fast_accum=fast_accum, tma=kernel == "tma") + GPU_REPORT
+    result, accumulation = stats(code, {}, lines=2)
     assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.97
 
 
