@@ -3,8 +3,8 @@ wide; issue 17): as Inductor compiles the model's expression for the FP8 engines
 forced, coordinate-descent tuning), and as qandc's Triton kernel (`qandc::add_norm_modulate_fp8`, autotuned, then
 each of its configs), against a bf16 copy of the same bytes (the memory's rate in practice). Median of
 `triton.testing.do_bench`; GB/s counts x and delta read, x' and the e4m3 written (7 bytes an element). The kernel's
-outputs are compared with the op's float32 computation (`quantized.add_norm_modulate_fp8` on the CPU path's
-arithmetic, run here on the GPU). GPU only.
+outputs are compared with the op's float32 computation (`quantized.add_norm_modulate_float32`, run here on the
+GPU). GPU only.
 
     python benchmarks/norm_rates.py --out benchmarks/results/norm-h200.json
 """
@@ -17,7 +17,7 @@ import triton.testing
 
 from qandc.artifacts import write_json
 from qandc.engines import triton_norm
-from qandc.engines.quantized import to_fp8
+from qandc.engines.quantized import add_norm_modulate_float32, to_fp8
 from qandc.model.dit import modulate
 
 BATCH, TOKENS, WIDTH, EPS = 32, 256, 1152, 1e-6
@@ -28,13 +28,6 @@ def model_expression(x, delta, gate, shift, scale, q_scale):
     x = x + gate.unsqueeze(1) * delta
     normed = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=EPS)
     return x, to_fp8(modulate(normed, shift, scale).reshape(-1, x.shape[-1]), q_scale)
-
-
-def float32_expression(x, delta, gate, shift, scale, q_scale):
-    """The op's arithmetic: float32 throughout, the residual stream rounded to bf16 once."""
-    added = (x.float() + gate.float().unsqueeze(1) * delta.float()).bfloat16()
-    normed = torch.nn.functional.layer_norm(added.float(), added.shape[-1:], eps=EPS)
-    return added, to_fp8(normed * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1), q_scale)
 
 
 def main() -> None:
@@ -72,7 +65,7 @@ def main() -> None:
             results[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
             continue
         results[name] = {"us": ms * 1e3, "gb_per_s": 7 * elements / (ms * 1e-3) / 1e9}
-    want_x, want_q = float32_expression(*inputs)
+    want_x, want_q = add_norm_modulate_float32(*inputs, EPS)
     accuracy = {}
     for name in ("inductor_default", "triton_autotuned"):
         got_x, got_q = kernels[name](*inputs)

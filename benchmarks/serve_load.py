@@ -82,6 +82,11 @@ def offline_rate(engines: Path, batch: int, steps: int | None, runs: int) -> flo
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - started
+    return median_rate(once, batch, runs)
+
+
+def median_rate(once, batch: int, runs: int) -> float:
+    """`batch` over the median of `runs` timed calls `once(seed)` (seeds 1..runs), after a warm-up call (seed 0)."""
     once(0)
     return batch / statistics.median(once(seed) for seed in range(1, runs + 1))
 
@@ -101,8 +106,7 @@ def engine_process_rate(engines: Path, batch: int, steps: int | None, runs: int)
             process.generate(labels, [seed] * batch, steps or defaults.steps, defaults.sampler, defaults.cfg_scale,
                              range(batch))
             return process.last_run["seconds"]
-        once(0)
-        return batch / statistics.median(once(seed) for seed in range(1, runs + 1))
+        return median_rate(once, batch, runs)
     finally:
         process.close()
 
@@ -355,11 +359,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     max_batches = [int(b) for b in args.max_batch.split(",")]
-    processes = f"-processes-{args.engine_processes}" if args.engine_processes > 1 else ""  # in state names
+    variant = f"-processes-{args.engine_processes}" if args.engine_processes > 1 else ""  # in state and result names
     engines = Path(args.engines) if args.engines else build_engines_here(work, max_batches, args.cache)
     print(f"engines ready at {time.perf_counter() - started:.0f} s", flush=True)
     for max_batch in max_batches:
-        done = state / f"{card}-max-batch-{max_batch}{processes}.json"
+        done = state / f"{card}-max-batch-{max_batch}{variant}.json"
         if done.is_file():
             continue
         if time.perf_counter() - started > args.budget_s:  # a fresh machine may spend it building the engines
@@ -368,7 +372,7 @@ def main() -> int:
         write_json(done, measure(engines, max_batch, args))
         print(f"max-batch {max_batch} done at {time.perf_counter() - started:.0f} s", flush=True)
     manifest = read_json(engines / "manifest.json")
-    points = [read_json(state / f"{card}-max-batch-{b}{processes}.json") for b in max_batches]
+    points = [read_json(state / f"{card}-max-batch-{b}{variant}.json") for b in max_batches]
     headline = max(points, key=lambda p: p["max_batch"])
     result = {
         "card": card, "device_name": device_name(),
@@ -384,8 +388,8 @@ def main() -> int:
         "targets": {"throughput_ratio_vs_generate": ">= 0.9 (GPU)", "p99_over_p50_at_half_load": "<= 2 (GPU)"},
     }
     results = Path(args.results)
-    write_json(results / f"serve-{card}{processes}.json", result)
-    plot(result, results / f"serve-{card}{processes}.png")
+    write_json(results / f"serve-{card}{variant}.json", result)
+    plot(result, results / f"serve-{card}{variant}.png")
     print({k: result[k] for k in ("card", "headline_max_batch", "throughput_ratio_vs_generate",
                                   "p99_over_p50_at_half_load")})
     return 0

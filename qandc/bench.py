@@ -51,10 +51,13 @@ class Config:
         return self.precision if self.precision.startswith("w8a8") else None
 
 
-# the fastest FP8 engines (issue 17): fc1 + GELU + quantize and each residual add + norm + quantize as Triton kernels,
-# GEMMs without float32 promotion (fast accumulation's FD on the reference model is within the promoting engines'
-# bootstrap interval; the fused kernels' FD is not measured yet: their quality is taken from the plain engines' rows)
-FUSED_FP8 = {"fused_fp8_mlp": True, "fused_fp8_norm": True, "fp8_fast_accum": True}
+# build_inductor's FP8 options -> their mark in engine folder and state names
+FP8_OPTION_SUFFIXES = {"fused_fp8_mlp": "-fusedmlp", "fused_fp8_norm": "-fusednorm", "fp8_fast_accum": "-fastaccum"}
+# the fastest FP8 engines (issue 17), every option on: fc1 + GELU + quantize and each residual add + norm + quantize
+# as Triton kernels, GEMMs without float32 promotion (fast accumulation's FD on the reference model is within the
+# promoting engines' bootstrap interval; the fused kernels' FD is not measured yet: their quality is taken from the
+# plain engines' rows)
+FUSED_FP8 = dict.fromkeys(FP8_OPTION_SUFFIXES, True)
 CONFIGS = [
     Config("fp32-eager-ddpm250", 250, "fp32", compiled=False, quality="baseline:ddpm-250"),
     Config("fp32-eager-50", STEPS, "fp32", compiled=False, quality="ablation:fp"),
@@ -164,10 +167,6 @@ def _step_times(denoiser, config, rows: int) -> tuple[float, float | None]:
 
     ms_full = graph_ms("full", 20 if config.steps <= STEPS else 5)
     return ms_full, None if config.cache == "none" else graph_ms("reuse", 50)
-
-
-# build_inductor's FP8 options -> their mark in engine folder and state names
-FP8_OPTION_SUFFIXES = {"fused_fp8_mlp": "-fusedmlp", "fused_fp8_norm": "-fusednorm", "fp8_fast_accum": "-fastaccum"}
 
 
 def _memory_mark() -> int:

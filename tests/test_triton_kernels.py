@@ -118,7 +118,7 @@ def test_the_kernel_computes_the_op_on_the_gpu(kernel, shape, fast_accum):
 
 NORM = """
 import json, torch, triton
-from qandc.engines.quantized import add_norm_modulate_fp8, to_fp8
+from qandc.engines.quantized import add_norm_modulate_float32, add_norm_modulate_fp8
 from qandc.engines import triton_norm
 b, t, c = {shape}
 torch.manual_seed(c)
@@ -140,9 +140,10 @@ got_x, got = triton_norm.add_norm_modulate_fp8(x.cuda(), delta.cuda(), gate.cuda
 """
 NORM_REPORT = """
 got_x, got = got_x.float().cpu(), got.float().cpu()
-# the e4m3 of the kernel's own residual stream: the interpreter's bf16 truncation then moves nothing downstream
-normed = torch.nn.functional.layer_norm(got_x, (c,), eps=1e-6)
-own = to_fp8(normed * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1), q_scale).float()
+# the e4m3 of the kernel's own residual stream (nothing added to it): the interpreter's bf16 truncation then moves
+# nothing downstream
+own = add_norm_modulate_float32(got_x.bfloat16(), torch.zeros_like(delta), gate, shift, scale, q_scale, 1e-6)[1]
+own = own.float()
 power = (own != 0) & (torch.log2(own.abs()) == torch.log2(own.abs()).round())
 print(json.dumps({"x_within_bf16_step": bool(((got_x - want_x).abs() <= want_x.abs() * 2 ** -7).all()),
                   "x_exact": (got_x == want_x).float().mean().item(), "exact": (got == want).float().mean().item(),

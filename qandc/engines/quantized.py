@@ -74,6 +74,12 @@ def add_norm_modulate_fp8(x: torch.Tensor, delta: torch.Tensor, gate: torch.Tens
         from .triton_norm import add_norm_modulate_fp8 as kernel
 
         return kernel(x, delta, gate, shift, scale, q_scale, eps)
+    return add_norm_modulate_float32(x, delta, gate, shift, scale, q_scale, eps)
+
+
+def add_norm_modulate_float32(x, delta, gate, shift, scale, q_scale, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_norm_modulate_fp8`'s arithmetic in PyTorch on any device: float32 throughout, the residual stream
+    rounded once to x's dtype (the op's CPU path, and what the GPU kernel is checked against)."""
     added = (x.float() + gate.float().unsqueeze(1) * delta.float()).to(x.dtype).contiguous()
     normed = torch.nn.functional.layer_norm(added.float(), added.shape[-1:], eps=eps)
     return added, to_fp8(normed * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1), q_scale)
@@ -147,6 +153,11 @@ class QuantLinear(nn.Module):
         return torch._scaled_mm(q, self.weight.t(), scale_a=scale_a, scale_b=scale_b, bias=self.bias,
                                 out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
 
+    def from_fp8(self, q: torch.Tensor) -> torch.Tensor:
+        """`fp8_matmul` of an e4m3 activation of any leading shape [..., K]; bf16 [..., N]."""
+        out = self.fp8_matmul(q.reshape(-1, q.shape[-1]))
+        return out.reshape(*q.shape[:-1], out.shape[-1])
+
 
 class FusedFp8Mlp(nn.Module):
     """An MLP (fc1 → GELU tanh → fc2) whose two Linears are FP8 QuantLinears: fc1, the GELU and fc2's activation
@@ -196,14 +207,13 @@ class FusedFp8Block(DiTBlock):
 
         def attention():
             q = stream.branch_input(self.norm1, shift_msa, scale_msa, qkv.input_scale)
-            return self.attn.attend(qkv.fp8_matmul(q.reshape(-1, q.shape[-1])).reshape(*q.shape[:-1], -1))
+            return self.attn.attend(qkv.from_fp8(q))
 
         def mlp():
             q = stream.branch_input(self.norm2, shift_mlp, scale_mlp, self.mlp.fc1.input_scale)
             if isinstance(self.mlp, FusedFp8Mlp):
                 return self.mlp.from_fp8(q)
-            hidden = self.mlp.fc1.fp8_matmul(q.reshape(-1, q.shape[-1])).reshape(*q.shape[:-1], -1)
-            return self.mlp.fc2(self.mlp.act(hidden))
+            return self.mlp.fc2(self.mlp.act(self.mlp.fc1.from_fp8(q)))
 
         stream.hand(*self.branch_parts(f"{name}.attn", gate_msa, io, attention))
         stream.hand(*self.branch_parts(f"{name}.mlp", gate_mlp, io, mlp))
@@ -238,16 +248,15 @@ class _Residual:
         return q
 
 
-def fuse_fp8_norms(model: nn.Module) -> int:
+def fuse_fp8_norms(model: nn.Module) -> None:
     """Replace, in place, every DiT block of `model` whose qkv and fc1 are FP8 QuantLinears by a FusedFp8Block
-    (the last of each run of them adds its MLP branch itself); the number replaced."""
+    (the last of each run of them adds its MLP branch itself)."""
     blocks = model.blocks
     fusable = [isinstance(getattr(b.attn, "qkv", None), QuantLinear) and b.attn.qkv.fmt == "fp8"
                and isinstance(b.mlp.fc1, QuantLinear) and b.mlp.fc1.fmt == "fp8" for b in blocks]
     for i, block in enumerate(blocks):
         if fusable[i]:
             blocks[i] = FusedFp8Block(block, last=i + 1 == len(blocks) or not fusable[i + 1])
-    return sum(fusable)
 
 
 def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16,

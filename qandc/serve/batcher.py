@@ -3,9 +3,8 @@ images, or whatever arrived within `max_wait_ms` of the oldest), padded to a bat
 handed to an engine process (`EngineProcess`; one, or several on one GPU, whose host work then overlaps) by one
 batching thread; a thread a process collects its results. A full batch is handed over while another runs (it waits
 in the pipe), so under load the engines go from batch to batch without waiting on this process; a partial one waits
-for idle engines, taking what arrives meanwhile. Each sample
-keeps its own noise key (request seed, sample id), so an image does not depend on what it was batched with; a sample
-whose output is not finite fails only its own request."""
+for idle engines, taking what arrives meanwhile. Each sample keeps its own noise key (request seed, sample id), so an
+image does not depend on what it was batched with; a sample whose output is not finite fails only its own request."""
 
 from __future__ import annotations
 
