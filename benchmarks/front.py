@@ -18,8 +18,9 @@ float32 model's (labels i % 10, sample i keyed by (seed, i)).
    the whole sampling runs of --batch images (twice the rows with CFG) after a warm-up batch. The bf16 no-cache
    engines of each sampler are timed again in every command (a chunk of the work) as that chunk's reference.
    Points measured once and no longer picked (a cheaper point screened since) stay in the JSON. With
-   --fp8-fast-accum the W8A8-FP8 points run engines whose FP8 GEMMs skip the float32 promotion of their running sum
-   (issue 17's fastest step): rows of their own, compared with the promoting ones in targets' `fp8_fast_accum`.
+   --fp8-kernels fastaccum the W8A8-FP8 points run engines whose FP8 GEMMs skip the float32 promotion of their
+   running sum, with --fp8-kernels fused those of issue 17's fastest step (bench.FUSED_FP8: fused MLP and norm
+   kernels, fast accumulation): rows of their own, compared with the promoting ones in `fp8_kernels`.
 3. summary: front-<card>.json (`rows`: screened and measured points; `peers` from benchmarks/front_peers.py's JSON;
    `targets`; `searches`: every plan with its search) and front-<card>.png.
 
@@ -44,7 +45,7 @@ import torch
 
 from _common import generate_images, ran_on, seed_state
 from qandc.artifacts import atomic_path, sha256_file, write_json
-from qandc.bench import card_name, device_name
+from qandc.bench import FUSED_FP8, card_name, device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
 from qandc.calibration.plan_search import FAMILY, PlanSearch, auto_plan
 from qandc.formats.recipe import VarianceCompensation, load_vc
@@ -68,9 +69,12 @@ PRECISIONS = ("bf16", "w8a8-fp8", "w8a8-int8")
 SAMPLERS = ("ddim", "ddpm")
 QUALITY_TARGETS = (1.10, 1.25)
 ROOT = Path(__file__).resolve().parent.parent
-# a measured row's `path` -> its state folder: FP8 engines with fast accumulation (--fp8-fast-accum) are kept apart,
-# out of the front, its targets and its plot
-MEASURED = {"inductor-engines": "measure", "inductor-engines-fastaccum": "measure-fastaccum"}
+# --fp8-kernels: build_inductor's FP8 options of each variant of the W8A8-FP8 engines
+FP8_KERNELS = {"promoting": {}, "fastaccum": {"fp8_fast_accum": True}, "fused": FUSED_FP8}
+# a measured row's `path` -> its state folder: the FP8 variants' rows are kept apart, out of the front, its targets
+# and its plot
+MEASURED = {"inductor-engines": "measure",
+            **{f"inductor-engines-{v}": f"measure-{v}" for v in FP8_KERNELS if v != "promoting"}}
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,10 @@ class Front:
     """The state folder and the model: plans, recipes, reference images and rows, each computed once."""
 
     def __init__(self, state: Path, work: Path, device: torch.device, search_samples: int, calibration: dict,
-                 steps: int = STEPS, fp8_fast_accum: bool = False):
+                 steps: int = STEPS, fp8_kernels: str = "promoting"):
         self.state, self.work, self.device, self.steps = state, work, device, steps
         self.search_samples, self.calibration = search_samples, calibration
-        self.fp8_fast_accum = fp8_fast_accum
+        self.fp8_kernels = fp8_kernels
         for sub in ("plans", "recipes", "reference", "screen", *MEASURED.values(), "speed"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         self.ran_on = ran_on(state, device)  # the card the state's rows ran on
@@ -227,25 +231,26 @@ class Front:
                 "class_accuracy": result["class_accuracy"], "psnr": result["psnr"], "ssim": result["ssim"]}
 
     # --- measure --------------------------------------------------------------------------------------------------
-    def fast_accum(self, point: Point) -> bool:
-        """Whether the point's engines skip the float32 promotion: its FP8 points, in a --fp8-fast-accum command."""
-        return self.fp8_fast_accum and point.precision == "w8a8-fp8"
+    def fp8_variant(self, point: Point) -> str:
+        """The FP8 kernels of the point's engines: --fp8-kernels for its FP8 points, "promoting" for the others."""
+        return self.fp8_kernels if point.precision == "w8a8-fp8" else "promoting"
 
     def engine_path(self, point: Point) -> str:
-        """A measured row's `path`: the fast-accumulation engines' rows are kept apart."""
-        return "inductor-engines-fastaccum" if self.fast_accum(point) else "inductor-engines"
+        """A measured row's `path`: the FP8 variants' rows are kept apart."""
+        variant = self.fp8_variant(point)
+        return "inductor-engines" if variant == "promoting" else f"inductor-engines-{variant}"
 
     def engines(self, point: Point, plan: CachePlan, batch: int) -> Path:
         from qandc.engines import build_inductor
 
-        fast = self.fast_accum(point)
-        folder = (self.work / "engines" /
-                  f"{point.sampler}-{point.precision}-{self.plan_key(plan)}{'-fastaccum' if fast else ''}")
+        variant = self.fp8_variant(point)
+        folder = (self.work / "engines" / f"{point.sampler}-{point.precision}-{self.plan_key(plan)}"
+                                          f"{'' if variant == 'promoting' else '-' + variant}")
         if not (folder / "manifest.json").exists():
             recipe = self.recipe(point, plan) if point.precision != "bf16" else None
             build_inductor(self.model, folder, plan=plan, recipe_dir=recipe,
                            sampler=SamplerDefaults(self.steps, point.sampler, CFG), batch_sizes=[2 * batch],
-                           fp8_fast_accum=fast)
+                           **FP8_KERNELS[variant])
         return folder
 
     def run_engines(self, point: Point, n: int, batch: int, timed_batches: int | None = None):
@@ -388,14 +393,17 @@ def targets(rows: list[dict], peers: list[dict]) -> dict:
         return row["sampler"], Front.plan_key(CachePlan.from_dict(row["plan"]))
 
     promoted = {point_key(r): r for r in measured if r["precision"] == "w8a8-fp8"}
-    fast = [(r, promoted.get(point_key(r))) for r in rows if r["path"] == "inductor-engines-fastaccum"]
-    if fast:  # FP8 engines without float32 promotion against the same points' promoting engines (same seeds)
-        result["fp8_fast_accum"] = [
-            {"sampler": r["sampler"], "method": r["method"], "compute_fraction": r["compute_fraction"],
-             "fd_ratio_vs_fp": r["fd_ratio_vs_fp"], "fd_ci": r["fd_ci"],
-             "fd_ratio_vs_promoting": p and r["fd"] / p["fd"],
-             "speedup_vs_promoting": p and r["speedup_vs_bf16_compiled"] / p["speedup_vs_bf16_compiled"]}
-            for r, p in fast]
+    # the FP8 variants' engines against the same points' promoting engines (same seeds)
+    variants = {path.removeprefix("inductor-engines-"): [(r, promoted.get(point_key(r))) for r in rows
+                                                         if r["path"] == path]
+                for path in MEASURED if path != "inductor-engines"}
+    result["fp8_kernels"] = {
+        variant: [{"sampler": r["sampler"], "method": r["method"], "compute_fraction": r["compute_fraction"],
+                   "fd_ratio_vs_fp": r["fd_ratio_vs_fp"], "fd_ci": r["fd_ci"],
+                   "fd_ratio_vs_promoting": p and r["fd"] / p["fd"],
+                   "speedup_vs_promoting": p and r["speedup_vs_bf16_compiled"] / p["speedup_vs_bf16_compiled"]}
+                  for r, p in pairs]
+        for variant, pairs in variants.items() if pairs}
     # the issue's reading: at each fraction of the grid, qandc's best within ±TOLERANCE against the best peer's; and
     # a user's, with a budget of that fraction: qandc's best at that fraction or below (a cheaper point counts)
     for key in ("", "_within_budget"):
@@ -499,9 +507,11 @@ def main():
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS),
                         help="bf16 first (it picks forecast orders)")
     parser.add_argument("--phases", nargs="*", default=["screen", "measure", "summary"])
-    parser.add_argument("--fp8-fast-accum", action="store_true",
-                        help="measure the W8A8-FP8 points on engines whose FP8 GEMMs skip the float32 promotion of "
-                             "their running sum (rows kept apart, out of the front: targets' fp8_fast_accum)")
+    parser.add_argument("--fp8-kernels", choices=list(FP8_KERNELS), default="promoting",
+                        help="the W8A8-FP8 engines measured: FP8 GEMMs promoting their running sum to float32, "
+                             "without that promotion (fastaccum), or issue 17's fastest step (fused: Triton MLP and "
+                             "norm kernels, fast accumulation); other than promoting, rows are kept apart, out of "
+                             "the front (fp8_kernels)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop between points after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-front")
     parser.add_argument("--work", default="/tmp/qandc-front-work", help="engines and Inductor's compile cache")
@@ -519,7 +529,7 @@ def main():
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     front = Front(state, work, device, args.search_samples,
                   {"budget": args.budget, "pool_samples": args.pool_samples, "vc_samples": args.vc_samples,
-                   "batch_size": 512}, args.steps, args.fp8_fast_accum)
+                   "batch_size": 512}, args.steps, args.fp8_kernels)
     if args.seed_from:
         print(f"{front.seed(json.loads(Path(args.seed_from).read_text()))} state files from {args.seed_from}")
 
