@@ -2,8 +2,11 @@
 wide; issue 17): as Inductor compiles the model's expression for the FP8 engines (default, one-pass reductions
 forced, coordinate-descent tuning), and as qandc's Triton kernel (`qandc::add_norm_modulate_fp8`, autotuned, then
 each of its configs), against a bf16 copy of the same bytes (the memory's rate in practice). Median of
-`triton.testing.do_bench`; GB/s counts x and delta read, x' and the e4m3 written (7 bytes an element). The kernel's
-outputs are compared with the op's float32 computation (`quantized.add_norm_modulate_float32`, run here on the
+`triton.testing.do_bench`; GB/s counts x and delta read, x' and the e4m3 written (7 bytes an element). Kernels
+called through Python (Inductor's, the op's autotuned wrapper) are timed with their host time where launching is
+slower than the kernel (a 30 us kernel: the op's wrapper read 28.5 us in one sitting and 64.4 in another), which the
+engines' CUDA graphs do not pay: `autotuned_config` also gives the direct launch of the config autotuning chose. The
+kernel's outputs are compared with the op's float32 computation (`quantized.add_norm_modulate_float32`, run here on the
 GPU). GPU only.
 
     python benchmarks/norm_rates.py --out benchmarks/results/norm-h200.json
@@ -75,7 +78,8 @@ def main() -> None:
     best = triton_norm._add_norm_modulate_fp8_kernel.best_config
     write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                           "shape_btc": [BATCH, TOKENS, WIDTH], "kernels": results, "accuracy": accuracy,
-                          "autotuned_config": {"ROWS": best.kwargs["ROWS"], "num_warps": best.num_warps}})
+                          "autotuned_config": {"ROWS": best.kwargs["ROWS"], "num_warps": best.num_warps,
+                                               **results[f"triton_rows{best.kwargs['ROWS']}_warps{best.num_warps}"]}})
     for name, r in results.items():
         print(f"{name:32s} " + (f"{r['us']:7.1f} us {r['gb_per_s']:7.0f} GB/s" if "us" in r else r["error"]))
     for name, r in accuracy.items():

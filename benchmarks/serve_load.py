@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import signal
 import socket
@@ -185,70 +186,139 @@ def loop_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes: int, steps,
-                      pid: int | None = None, processes: int = 1) -> dict:
-    """`concurrency` clients posting back to back: the saturating rate (after a warm-up of a quarter of the time),
-    with what the engines did meanwhile (`engine_share`), the share of a core this client used (near 1: the client,
-    not the server, set the rate) and, given the server's `pid`, its loop's CPU per request."""
-    done, counter = [], iter(range(10 ** 9))
-    start = time.perf_counter()
-    measure_from, stop = start + seconds / 4, start + seconds * 1.25
+def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes: int, steps,
+                pid: int | None = None, processes: int = 1, clients: int = 1) -> dict:
+    """`concurrency` clients posting back to back, spread over `clients` client processes: the saturating rate
+    (after a warm-up of a quarter of the time), with what the engines did meanwhile (`engine_share`), the share of a
+    core the busiest client process used (near 1: the load generator, not the server, set the rate) and, given the
+    server's `pid`, its loop's CPU per request."""
+    shares = [concurrency // clients + (k < concurrency % clients) for k in range(clients)]
     counters = []
 
-    async def scrape(http, at: float):
-        await asyncio.sleep(max(0.0, at - time.perf_counter()))
-        counters.append({**engine_counters((await http.get("/metrics")).text),
-                         "loop_cpu": loop_cpu_seconds(pid) if pid else None, "client_cpu": time.process_time()})
+    def scrape():
+        counters.append({**engine_counters(httpx.get(url + "/metrics", timeout=60).text),
+                         "loop_cpu": loop_cpu_seconds(pid) if pid else None})
 
-    async def client(http):
-        while time.perf_counter() < stop:
-            sent = time.perf_counter()
-            response = await http.post("/v1/generate", json=request_body(next(counter), images, classes, steps))
-            if response.status_code == 200 and sent >= measure_from:
-                done.append(time.perf_counter() - sent)
+    def window(start: float) -> None:  # the parent's part: the server's counters where the measured window opens
+        time.sleep(max(0.0, start + seconds / 4 - time.time()))  # and closes
+        scrape()
+        time.sleep(max(0.0, start + seconds * 1.25 - time.time()))
+        scrape()
 
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
-        await asyncio.gather(*[client(http) for _ in range(concurrency)], scrape(http, measure_from),
-                             scrape(http, stop))
-    window = stop - measure_from
+    parts = run_clients(_closed_clients, [dict(url=url, concurrency=n, seconds=seconds, images=images,
+                                               classes=classes, steps=steps, first_request=k * 10 ** 7)
+                                          for k, n in enumerate(shares) if n], window)
+    done = [latency for part in parts for latency in part["latencies"]]
     before, after = counters
     loop_cpu = after["loop_cpu"] - before["loop_cpu"] if after["loop_cpu"] is not None else None
     requests = (after["images"] - before["images"]) / images
-    return {"concurrency": concurrency, "requests_per_s": len(done) / window,
-            "images_per_s": len(done) * images / window, **percentiles(done),
-            **engine_share(before, after, window, processes),
-            "client_cpu_share": (after["client_cpu"] - before["client_cpu"]) / window,
+    return {"concurrency": concurrency, "client_processes": len(parts), "requests_per_s": len(done) / seconds,
+            "images_per_s": len(done) * images / seconds, **percentiles(done),
+            **engine_share(before, after, seconds, processes),
+            "client_cpu_share": max(part["cpu_share"] for part in parts),
             "loop_cpu_ms_per_request": loop_cpu / requests * 1e3 if loop_cpu is not None and requests else None}
 
 
-async def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed: int,
-                    processes: int = 1) -> dict:
-    """Poisson arrivals at `rate` requests per second for `seconds`: latency of each, how many were refused."""
-    rng = np.random.default_rng(seed)
-    latencies, refused = [], 0
+async def _closed_clients(url: str, concurrency: int, seconds: float, images: int, classes: int, steps,
+                          first_request: int, start: float) -> dict:
+    """One client process's part of `closed_loop`: latencies of the requests sent in the measured window (from a
+    quarter of `seconds` after `start`, a wall-clock time, to 1.25 `seconds` after it) and the share of a core it
+    used there."""
+    measure_from, stop = start + seconds / 4, start + seconds * 1.25
+    done, counter = [], iter(range(first_request, first_request + 10 ** 7))
 
-    async def one(http, i):
-        nonlocal refused
-        sent = time.perf_counter()
-        response = await http.post("/v1/generate", json=request_body(i, images, classes, steps))
-        if response.status_code == 200:
-            latencies.append(time.perf_counter() - sent)
-        else:
-            refused += 1
+    async def client(http):
+        while time.time() < stop:
+            sent = time.time()
+            response = await http.post("/v1/generate", json=request_body(next(counter), images, classes, steps))
+            if response.status_code == 200 and sent >= measure_from:
+                done.append(time.time() - sent)
+
+    async def cpu_at(at: float) -> float:
+        await asyncio.sleep(max(0.0, at - time.time()))
+        return time.process_time()
 
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
-        before = engine_counters((await http.get("/metrics")).text)
-        tasks, start, due, i = [], time.perf_counter(), 0.0, 0
+        *_, cpu_from, cpu_to = await asyncio.gather(*[client(http) for _ in range(concurrency)],
+                                                    cpu_at(measure_from), cpu_at(stop))
+    return {"latencies": done, "cpu_share": (cpu_to - cpu_from) / seconds}
+
+
+def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed: int,
+              processes: int = 1, clients: int = 1) -> dict:
+    """Poisson arrivals at `rate` requests per second for `seconds` (`clients` client processes, each a Poisson
+    stream of rate / clients): latency of each, how many were refused."""
+    before = engine_counters(httpx.get(url + "/metrics", timeout=60).text)
+    parts = run_clients(_open_clients, [dict(url=url, rate=rate / clients, seconds=seconds, images=images,
+                                             classes=classes, steps=steps, seed=(seed, k),
+                                             first_request=k * 10 ** 7) for k in range(clients)])
+    after = engine_counters(httpx.get(url + "/metrics", timeout=60).text)
+    elapsed = max(part["elapsed"] for part in parts)
+    latencies = [latency for part in parts for latency in part["latencies"]]
+    return {"offered_requests_per_s": rate, "sent": sum(part["sent"] for part in parts),
+            "refused": sum(sum(part["refused"].values()) for part in parts),
+            "refused_by_status": {str(code): sum(part["refused"].get(code, 0) for part in parts)
+                                  for code in sorted({c for part in parts for c in part["refused"]})},
+            "images_per_s": len(latencies) * images / elapsed,
+            **percentiles(latencies), **engine_share(before, after, elapsed, processes)}
+
+
+async def _open_clients(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed,
+                        first_request: int, start: float) -> dict:
+    """One client process's Poisson stream of `open_loop` from `start` (wall clock)."""
+    rng = np.random.default_rng(seed)
+    latencies, refused = [], {}
+
+    async def one(http, i):
+        sent = time.time()
+        response = await http.post("/v1/generate", json=request_body(i, images, classes, steps))
+        if response.status_code == 200:
+            latencies.append(time.time() - sent)
+        else:
+            refused[response.status_code] = refused.get(response.status_code, 0) + 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
+        tasks, due, i = [], 0.0, 0
         while due < seconds:
-            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(one(http, i)))
+            await asyncio.sleep(max(0.0, start + due - time.time()))
+            tasks.append(asyncio.ensure_future(one(http, first_request + i)))
             due, i = due + rng.exponential(1 / rate), i + 1
         await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-        after = engine_counters((await http.get("/metrics")).text)
-    return {"offered_requests_per_s": rate, "sent": i, "refused": refused,
-            "images_per_s": len(latencies) * images / elapsed, **percentiles(latencies),
-            **engine_share(before, after, elapsed, processes)}
+    return {"latencies": latencies, "refused": refused, "sent": i, "elapsed": time.time() - start}
+
+
+def run_clients(clients, parts: list[dict], during=None) -> list[dict]:
+    """`clients(**part, start=...)` (a coroutine function of this module) in a spawned process a part, all from one
+    wall-clock `start` once every process is up; `during(start)` runs here meanwhile. One asyncio httpx client
+    process is slow at many concurrent requests (encode/httpx#3215): on the H200 machine one took 64% of a core at
+    174 requests a second, and the batches it fed fell from 64 images to ~24 within the saturating run."""
+    context = multiprocessing.get_context("spawn")
+    ready, starts, results = context.Barrier(len(parts) + 1), context.Queue(), context.Queue()
+    workers = [context.Process(target=_client_process, args=(clients.__name__, part, ready, starts, results),
+                               daemon=True) for part in parts]
+    for worker in workers:
+        worker.start()
+    ready.wait(timeout=120)
+    start = time.time() + 0.2
+    for _ in workers:
+        starts.put(start)
+    if during is not None:
+        during(start)
+    out = [results.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    failed = [o["error"] for o in out if "error" in o]
+    if failed:
+        raise SystemExit(f"a client process failed: {failed[0]}")
+    return out
+
+
+def _client_process(name: str, part: dict, ready, starts, results) -> None:
+    ready.wait(timeout=120)
+    try:
+        results.put(asyncio.run(globals()[name](**part, start=starts.get())))
+    except Exception as e:  # the parent reports it
+        results.put({"error": f"{type(e).__name__}: {e}"})
 
 
 def percentiles(latencies: list[float]) -> dict:
@@ -274,22 +344,24 @@ def measure(engines: Path, max_batch: int, args) -> dict:
     print(f"max-batch {max_batch}: the engine process alone {alone:.1f} images/s", flush=True)
     process, url = start_server(engines, max_batch, args, Path(args.state) / f"server-{max_batch}.log")
     try:
-        # batches' worth of clients: one running and one handed over behind it a process, one queued, one on its
-        # way back
-        batches = 2 * args.engine_processes + 2
+        # batches' worth of clients: one running and one handed over behind it a process, a full one queued when
+        # either ends, one on its way back, one spare (with one fewer, an H200 run's batches fell to ~24 images
+        # once the clients lagged)
+        batches = 2 * args.engine_processes + 3
         concurrency = batches * max(1, max_batch // args.images_per_request) + 2
-        saturating = asyncio.run(closed_loop(url, concurrency, args.duration_s, args.images_per_request, classes,
-                                             args.steps, process.pid, args.engine_processes))
+        saturating = closed_loop(url, concurrency, args.duration_s, args.images_per_request, classes, args.steps,
+                                 process.pid, args.engine_processes, args.client_processes)
         print(f"  saturating: {saturating['images_per_s']:.1f} images/s, p50 {saturating['p50_s']:.3f} s; engines "
               f"busy {saturating['engine_busy_share']:.0%} at {saturating['engine_images_per_s']:.1f} images/s, "
               f"{saturating['mean_batch_images']:.1f} images a batch; loop CPU "
               f"{saturating['loop_cpu_ms_per_request'] or float('nan'):.2f} ms a request; client "
-              f"{saturating['client_cpu_share']:.0%} of a core", flush=True)
+              f"{saturating['client_cpu_share']:.0%} of a core (the busiest of {saturating['client_processes']} "
+              "client processes)", flush=True)
         loads = []
         for k, fraction in enumerate(LOAD_FRACTIONS):
-            point = asyncio.run(open_loop(url, fraction * saturating["requests_per_s"], args.duration_s,
-                                          args.images_per_request, classes, args.steps, seed=k,
-                                          processes=args.engine_processes))
+            point = open_loop(url, fraction * saturating["requests_per_s"], args.duration_s,
+                              args.images_per_request, classes, args.steps, seed=k, processes=args.engine_processes,
+                              clients=args.client_processes)
             loads.append({"fraction": fraction, **point})
             print(f"  {fraction:.2f} x: {point['images_per_s']:.1f} images/s, p50 {point['p50_s']:.3f} s, "
                   f"p99 {point['p99_s']:.3f} s, refused {point['refused']}; engines busy "
@@ -343,6 +415,8 @@ def main() -> int:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--engine-processes", type=int, default=1,
                         help="the server's engine processes (qandc serve --engine-processes); points kept apart")
+    parser.add_argument("--client-processes", type=int, default=4 if gpu else 1,
+                        help="load-generating processes (one asyncio httpx client takes ~3.7 ms of CPU a request)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the engines')")
     parser.add_argument("--duration-s", type=float, default=10.0 if gpu else 8.0, help="per load point")
     parser.add_argument("--runs", type=int, default=20, help="timed offline runs (median)")
@@ -380,7 +454,7 @@ def main() -> int:
                     "model": manifest["model"], "plan": manifest["plan"], "sampler": manifest["sampler"],
                     "source": "given --engines" if args.engines else f"built here ({args.cache})"},
         "images_per_request": args.images_per_request, "max_wait_ms": args.max_wait_ms, "steps": args.steps,
-        "engine_processes": args.engine_processes,
+        "engine_processes": args.engine_processes, "client_processes": args.client_processes,
         "duration_s": args.duration_s, "load_average_at_start": load_average,
         "load_fractions": list(LOAD_FRACTIONS), "headline_max_batch": headline["max_batch"],
         "throughput_ratio_vs_generate": headline["throughput_ratio_vs_generate"],

@@ -28,6 +28,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from qandc.artifacts import sha256_file  # noqa: E402
 from qandc.engines import build_engines  # noqa: E402
@@ -165,6 +166,28 @@ def test_the_load_benchmark_reads_the_engines_share_from_metrics(server):
     assert after["seconds"] - before["seconds"] == pytest.approx(sum(t[1] for t in timings))
     share = serve_load.engine_share(before, after, wall)
     assert 0 < share["engine_busy_share"] < 1 and share["mean_batch_images"] == 6 / len(timings)
+
+
+def test_the_load_benchmark_spreads_its_clients_over_processes(server):
+    """The closed and the open loop of serve_load run in two client processes each: every request they count is
+    one the server answered, and the open loop's two Poisson streams send about the rate asked for."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serve_load
+
+    def answered() -> float:
+        return sum(s.value for f in text_string_to_metric_families(httpx.get(server + "/metrics").text)
+                   for s in f.samples if s.name == "qandc_serve_requests_total" and s.labels["status"] == "200")
+
+    before = answered()
+    classes = NAN_CLASS  # labels 0..6: none of them NaN
+    closed = serve_load.closed_loop(server, 4, 2.0, 2, classes, STEPS, clients=2)
+    assert closed["client_processes"] == 2 and closed["completed"] > 0
+    assert 0 < closed["client_cpu_share"] < 2
+    between = answered()
+    assert between - before >= closed["completed"]
+    opened = serve_load.open_loop(server, 10.0, 2.0, 2, classes, STEPS, seed=0, clients=2)
+    assert opened["refused_by_status"] == {} and opened["completed"] == opened["sent"] == answered() - between
+    assert 5 <= opened["sent"] <= 40  # 20 expected (Poisson, two streams of 5 a second for 2 s)
 
 
 @pytest.mark.parametrize("body, status, message", [

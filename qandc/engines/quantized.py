@@ -51,11 +51,14 @@ def fp8_linear_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
                           out_scale: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
     """e4m3 x [M, K] times e4m3 weight [N, K]^T, times scale [N] (float32), plus bias [N], through GELU (tanh),
     quantized to e4m3 with the static scale `out_scale` (the next layer's activation scale); e4m3 [M, N].
-    `fast_accum`: the GPU kernel's running sum without float32 promotion (the CPU sums in float32 either way)."""
+    `fast_accum`: the GPU kernel's running sum without float32 promotion (the CPU sums in float32 either way).
+    On Hopper and later, with K and N multiples of 16, the persistent TMA kernel runs (fc1 of DiT-XL/2 on an H200:
+    106 us against the pointer kernel's 114 without promotion, 126 against 136 with it; `gemm-h200.json`)."""
     if x.is_cuda:
         from .triton_fp8 import fp8_gemm_gelu_quant
 
-        return fp8_gemm_gelu_quant(x, weight, scale, bias, out_scale, fast_accum)
+        tma = torch.cuda.get_device_capability(x.device) >= (9, 0) and x.shape[1] % 16 == 0 == weight.shape[0] % 16
+        return fp8_gemm_gelu_quant(x, weight, scale, bias, out_scale, fast_accum, tma)
     hidden = torch.nn.functional.gelu((x.float() @ weight.float().t()) * scale + bias.float(), approximate="tanh")
     return to_fp8(hidden, out_scale)
 
