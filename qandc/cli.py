@@ -584,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per request, queue and sampling: 504 after")
     p.add_argument("--max-body-kb", type=argument(integer, minimum=1), default=64, help="request body size limit")
     p.add_argument("--engine-processes", type=argument(integer, minimum=1), default=1,
-                   help="processes loading the engines on the device, running batches side by side (a small, "
-                        "host-bound model gains from 2: one's Python and kernel launches overlap the other's)")
+                   help="processes loading the engines on the device, running batches side by side; without "
+                        "NVIDIA MPS their CUDA contexts time-slice the GPU (2 halved the throughput on an H200)")
     p.add_argument("--nan-fallback", action="store_true",
                    help="recompute a step whose engine output holds NaN / Inf with the float model of the engines' "
                         "checkpoint (default: the requests whose samples are not finite fail with a 500)")

@@ -1,6 +1,6 @@
 """Dynamic batching: requests with the same sampler settings are merged into one engine batch (up to `max_batch`
 images, or whatever arrived within `max_wait_ms` of the oldest), padded to a batch-size bucket warmed at start, and
-handed to an engine process (`EngineProcess`; one, or several on one GPU, whose host work then overlaps) by one
+handed to an engine process (`EngineProcess`; one, or several on one device: see `ServeOptions`) by one
 batching thread; a thread a process collects its results. A full batch is handed over while another runs (it waits
 in the pipe), so under load the engines go from batch to batch without waiting on this process; a partial one waits
 for idle engines, taking what arrives meanwhile. Each sample keeps its own noise key (request seed, sample id), so an
