@@ -14,6 +14,9 @@
 #                                                   # the residual add + norm + quantize kernels (norm_rates.py)
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
+#   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again (its kernels changed)
+#   bash benchmarks/gpu_session.sh fullstep         # issue 17's one-run comparison: that step, the floor, the peers
+#                                                   # (qandc bench; stages resume: call until fullstep.log says so)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions uvloop
 # httptools" for serve: fastapi 0.165 imports opentelemetry-api and annotated-doc, the torch machine's
@@ -96,6 +99,23 @@ fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum,
       --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
   save profile
+}
+
+fusedstep() {  # the fused MLP (now its TMA kernel on Hopper) + fused norms + fast accumulation, measured anew
+  timeout -s INT 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
+    --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --remeasure --state /tmp/qandc-profile/steps \
+    --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
+  save profile
+}
+
+fullstep() {  # DiT-XL/2 only: the FP8 engines as the bench builds them, the fused ones, bf16 compiled, the floor and
+  # every peer in one sitting, into bench-h200-fullstep.json (the peers' max-autotune compiles take ~10 minutes on
+  # a fresh machine: stages resume from the state while the machine is warm, or from fullstep.tgz carried back)
+  timeout -s INT 560 python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
+    --work /tmp/fullstep-work --budget-s 400 --only bf16-compiled-50 fp8-only fp8-fused-only fp8-floor peers \
+    > "$OUT/fullstep.log" 2>&1
+  echo "qandc bench exit status $?" >> "$OUT/fullstep.log"
+  save fullstep
 }
 
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines (the CPU CI has no GPU and no Triton)

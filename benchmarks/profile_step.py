@@ -367,6 +367,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed-from", type=Path,
                         help="results JSON whose rows a missing --state takes (a new machine keeps no state); "
                              "rows of another model, plan, row count or CUDA-graph setting are left out")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure this command's variants again, replacing their rows in --state (and those "
+                             "--seed-from gave it): a kernel changed under the same settings")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="run the compiled engines without CUDA graphs (where a profile of graph replays is empty)")
@@ -433,6 +436,8 @@ def main(argv=None) -> None:
         variant = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
                    "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent, **fp8}
         keys = [state_key(meta, {**variant, "sampler": s}) for s in (args.samplers if args.run else [None])]
+        for key in keys if args.remeasure else []:
+            (state / f"{key}.json").unlink(missing_ok=True)
         if all((state / f"{k}.json").is_file() for k in keys):
             continue
         engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], **fp8)

@@ -190,6 +190,13 @@ def test_a_new_state_takes_the_rows_of_earlier_results_it_lacks(tmp_path):
                                  "--seed-from", str(seed)) / "profile-step-cpu.json").read_text())
         other_rows = json.loads((_run(tmp_path / "other", "--rows", "4", "--repeats", "1", "--precisions",
                                       "w8a8-int8", "--seed-from", str(seed)) / "profile-step-cpu.json").read_text())
+        remeasured = json.loads((_run(tmp_path / "re", "--rows", "2", "--repeats", "1", "--precisions", "w8a8-int8",
+                                      "--quantized-mode", "max-autotune-no-cudagraphs", "--seed-from", str(seed),
+                                      "--remeasure") / "profile-step-cpu.json").read_text())
     assert again["rows"] == earlier["rows"]  # no variant measured again: both came from the seed
+    by_mode = lambda rows, mode: [r for r in rows if r["compile_mode"] == mode]  # noqa: E731
+    mode = "max-autotune-no-cudagraphs"  # --remeasure: this command's variant measured anew, the other seeded
+    assert by_mode(remeasured["rows"], mode) != by_mode(earlier["rows"], mode)
+    assert by_mode(remeasured["rows"], "default") == by_mode(earlier["rows"], "default")
     assert {r["compile_mode"] for r in again["rows"]} == {"default", "max-autotune-no-cudagraphs"}
     assert len(other_rows["rows"]) == len(earlier["rows"]) // 2  # another row count: its own variant, none seeded
