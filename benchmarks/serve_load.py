@@ -4,21 +4,24 @@ should approach under saturating load.
 
 For each --max-batch: the offline rate (the engines loaded here, median of timed runs after a warm-up; read before
 the server and again after it, the higher of the two counts: a disturbed reading shows as a gap), then a server
-(`python -m qandc serve`, a subprocess) driven by an asyncio httpx client with requests of --images-per-request
-images: a closed loop that keeps the queue full gives the saturating rate; then open-loop Poisson arrivals at
-fractions of it give latency against offered load. Each finished --max-batch is kept in --state (a rerun skips it);
---budget-s stops before the next one (exit 3: rerun to resume). The server's engine process is also timed alone
-(no server, no client) at the same batch size, to tell a slower process from the load around it.
+(`python -m qandc serve`, a subprocess) driven by asyncio httpx clients in --client-processes processes with
+requests of --images-per-request images: a closed loop that keeps the queue full gives the saturating rate; then
+open-loop Poisson arrivals at fractions of it give latency against offered load. Each finished --max-batch is kept
+in --state (a rerun skips it); --budget-s stops before the next one (exit 3: rerun to resume). The server's engine
+process is also timed alone (no server, no client) at the same batch size, to tell a slower process from the load
+around it.
 
 Engines: --engines DIR, or built into --work: on a GPU the shipped reference model with a quick W8A8-INT8 recipe under
 the default plan's shape (Inductor engines, compiled for every bucket's rows); on the CPU a tiny float DiT (ONNX
 Runtime engines). Writes benchmarks/results/serve-<card>.json (headline keys `throughput_ratio_vs_generate` and
 `p99_over_p50_at_half_load`, at the largest --max-batch) and serve-<card>.png (serve-<card>-processes-N.* with
---engine-processes N > 1).
+--engine-processes N > 1, serve-<card>-rungraphs.* with --run-graphs: one CUDA graph a whole sampling run, offline
+and in the server alike).
 
     python benchmarks/serve_load.py                                  # GPU: reference model, max-batch 16 and 64
     python benchmarks/serve_load.py --max-batch 4,16 --duration-s 6  # the CPU run (tiny ORT engines)
     python benchmarks/serve_load.py --max-batch 64 --engine-processes 2  # a server of two engine processes
+    python benchmarks/serve_load.py --max-batch 64 --run-graphs          # whole-run CUDA graphs
 """
 
 from __future__ import annotations
@@ -72,9 +75,9 @@ def build_engines_here(work: Path, max_batches: list[int], cache: str) -> Path:
     return out
 
 
-def offline_rate(engines: Path, batch: int, steps: int | None, runs: int) -> float:
+def offline_rate(engines: Path, batch: int, steps: int | None, runs: int, run_graphs: bool = False) -> float:
     """Images per second of Pipeline.generate at `batch` images (median over `runs`, after a warm-up run)."""
-    pipeline = Pipeline.load(engines)
+    pipeline = Pipeline.load(engines, run_graphs=run_graphs)
     labels = [i % pipeline.config.num_classes for i in range(batch)]
 
     def once(seed):
@@ -92,13 +95,13 @@ def median_rate(once, batch: int, runs: int) -> float:
     return batch / statistics.median(once(seed) for seed in range(1, runs + 1))
 
 
-def engine_process_rate(engines: Path, batch: int, steps: int | None, runs: int) -> float:
+def engine_process_rate(engines: Path, batch: int, steps: int | None, runs: int, run_graphs: bool = False) -> float:
     """Images per second of the server's engine process alone (`EngineProcess.generate` at `batch` images, no server
     and no client; its own sampling seconds, median over `runs` after a warm-up run): where the server's engines run
     slower than `offline_rate`, this tells the process from the load around it."""
     from qandc.serve.engine_process import EngineProcess
 
-    process = EngineProcess(engines)
+    process = EngineProcess(engines, run_graphs=run_graphs)
     try:
         defaults = process.sampler_defaults
         labels = [i % process.config.num_classes for i in range(batch)]
@@ -124,7 +127,7 @@ def start_server(engines: Path, max_batch: int, args, log: Path) -> tuple:
     command = [sys.executable, "-m", "qandc", "serve", str(engines), "--port", str(port), "--max-batch",
                str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-images", str(args.images_per_request),
                "--max-queue", str(64 * max_batch), "--timeout-s", "300", "--engine-processes",
-               str(args.engine_processes)]
+               str(args.engine_processes)] + (["--run-graphs"] if args.run_graphs else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "w") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
@@ -333,14 +336,14 @@ def measure(engines: Path, max_batch: int, args) -> dict:
     classes = read_json(engines / "manifest.json")["model"]["num_classes"]
 
     def offline(when: str) -> float:
-        rate = offline_rate(engines, max_batch, args.steps, args.runs)
+        rate = offline_rate(engines, max_batch, args.steps, args.runs, args.run_graphs)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the offline engines are gone: the GPU is the next one's alone
         print(f"max-batch {max_batch}: offline {rate:.1f} images/s ({when} the server)", flush=True)
         return rate
 
     before = offline("before")
-    alone = engine_process_rate(engines, max_batch, args.steps, args.runs)
+    alone = engine_process_rate(engines, max_batch, args.steps, args.runs, args.run_graphs)
     print(f"max-batch {max_batch}: the engine process alone {alone:.1f} images/s", flush=True)
     process, url = start_server(engines, max_batch, args, Path(args.state) / f"server-{max_batch}.log")
     try:
@@ -415,6 +418,9 @@ def main() -> int:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--engine-processes", type=int, default=1,
                         help="the server's engine processes (qandc serve --engine-processes); points kept apart")
+    parser.add_argument("--run-graphs", action="store_true",
+                        help="one CUDA graph a whole sampling run, offline and in the server (qandc serve "
+                             "--run-graphs); points kept apart")
     parser.add_argument("--client-processes", type=int, default=4 if gpu else 1,
                         help="load-generating processes (one asyncio httpx client takes ~3.7 ms of CPU a request)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the engines')")
@@ -433,7 +439,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     max_batches = [int(b) for b in args.max_batch.split(",")]
-    variant = f"-processes-{args.engine_processes}" if args.engine_processes > 1 else ""  # in state and result names
+    variant = (f"-processes-{args.engine_processes}" if args.engine_processes > 1 else "") + \
+        ("-rungraphs" if args.run_graphs else "")  # in state and result names
     engines = Path(args.engines) if args.engines else build_engines_here(work, max_batches, args.cache)
     print(f"engines ready at {time.perf_counter() - started:.0f} s", flush=True)
     for max_batch in max_batches:
@@ -455,6 +462,7 @@ def main() -> int:
                     "source": "given --engines" if args.engines else f"built here ({args.cache})"},
         "images_per_request": args.images_per_request, "max_wait_ms": args.max_wait_ms, "steps": args.steps,
         "engine_processes": args.engine_processes, "client_processes": args.client_processes,
+        "run_graphs": args.run_graphs,
         "duration_s": args.duration_s, "load_average_at_start": load_average,
         "load_fractions": list(LOAD_FRACTIONS), "headline_max_batch": headline["max_batch"],
         "throughput_ratio_vs_generate": headline["throughput_ratio_vs_generate"],

@@ -37,6 +37,9 @@ def _device(name: str | None) -> torch.device:
 SEED = argument(integer, minimum=0)
 CFG_SCALE = argument(real)
 # what the stages import, checked before any work (qandc.requires names the extra that brings each)
+RUN_GRAPHS_HELP = ("with engines on a GPU: sample each batch shape as one CUDA graph of the whole run (the engine "
+                   "calls and the sampler's arithmetic between them) instead of one graph an engine call; the "
+                   "first batch of a shape runs twice (warm-up, capture); not with --nan-fallback")
 QUANTIZATION = ["modelopt.torch.quantization", "modelopt.torch.export"]
 EXPORT = ["onnx", "polygraphy.backend.onnxrt", "onnxruntime"]
 
@@ -185,7 +188,8 @@ def _generate_pipeline(args, plan, device):
         if args.recipe or args.cache:
             raise QandcError("--engines carries its own recipe and cache plan: leave --recipe and --cache out")
         manifest = str(Path(args.engines) / "manifest.json")
-        return Pipeline.load(args.engines, fallback=args.nan_fallback), manifest, manifest
+        return (Pipeline.load(args.engines, fallback=args.nan_fallback, run_graphs=args.run_graphs), manifest,
+                manifest)
     model = _load_model(args, args.recipe)
     if not args.recipe:
         return Pipeline.from_model(model.to(device), plan), f"--cache {args.cache or 'none'}", None
@@ -246,7 +250,8 @@ def cmd_serve(args) -> None:
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_images=args.max_images or args.max_batch, timeout_s=args.timeout_s,
                            max_body_bytes=args.max_body_kb * 1024, engine_processes=args.engine_processes)
-    serve(args.engines, args.host, args.port, options, nan_fallback=args.nan_fallback, vae=args.vae, device=device)
+    serve(args.engines, args.host, args.port, options, nan_fallback=args.nan_fallback, vae=args.vae, device=device,
+          run_graphs=args.run_graphs)
 
 
 def cmd_calibrate(args) -> None:
@@ -553,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --engines: check every step as it runs and recompute a step whose engine output holds "
                         "NaN / Inf with the float model of the engines' checkpoint (default: the run fails, naming "
                         "the steps)")
+    p.add_argument("--run-graphs", action="store_true", help=RUN_GRAPHS_HELP)
     p.add_argument("--seed", type=SEED, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="labels per batch and per shard file (default 64)")
@@ -589,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nan-fallback", action="store_true",
                    help="recompute a step whose engine output holds NaN / Inf with the float model of the engines' "
                         "checkpoint (default: the requests whose samples are not finite fail with a 500)")
+    p.add_argument("--run-graphs", action="store_true", help=RUN_GRAPHS_HELP)
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory: latents are decoded into PNG images "
                                  "(default: latent models answer in npz)")
     p.add_argument("--device", help="CUDA device the engines load on (default: cuda when available, else cpu)")

@@ -204,3 +204,35 @@ def test_sampling_on_the_engines_never_waits_for_the_gpu(model, tmp_path, sample
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("plan, sampler", [("searched-forecast2", "ddpm"), ("interval-forecast2", "ddim")])
+def test_whole_run_graphs_sample_what_the_steps_do(built, plan, sampler):
+    """`Pipeline.load(run_graphs=True)`: a batch samples from static buffers refilled each time (initial noise,
+    every step's noise, labels) with the Taylor weights the first run left; on the CPU it runs eagerly from them.
+    Bitwise the step-by-step samples, batch after batch (other seeds, labels and ids), with the same step counts."""
+    folder = built("onnxruntime", plan) / "engines"
+    steps, whole = Pipeline.load(folder), Pipeline.load(folder, run_graphs=True)
+    steps.vc = whole.vc = torch.linspace(0.98, 1.03, STEPS)[:, None].repeat(1, 4)  # VC after every step too
+    for labels, seed, ids in (([1, 2, 7], SEED, [0, 1, 2]), ([4, 4, 0], 9, [3, 8, 1]), ([0, 1, 2], [1, 2, 3], None)):
+        expected = steps.generate(labels, seed, STEPS, sampler, sample_ids=ids)
+        assert torch.equal(whole.generate(labels, seed, STEPS, sampler, sample_ids=ids), expected)
+        assert whole.last_run == steps.last_run and whole.last_run["graphs"] == counts(PLANS[plan])
+    assert len(whole.run_graphs) == 1  # one shape and setting: one run graph, its buffers refilled
+    with pytest.raises(QandcError, match="exclude each other"):
+        Pipeline.load(folder, run_graphs=True, fallback=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.compile, CUDA graphs)")
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_whole_run_cuda_graph_replays_what_the_step_graphs_compute(model, tmp_path, sampler):
+    """One CUDA graph of the whole run (forecast weights, DDPM noise, VC) against one graph an engine call: the same
+    kernels on the same inputs, batch after batch (the second and third replay refilled buffers)."""
+    build_inductor(copy.deepcopy(model).to("cuda"), tmp_path, PLANS["searched-forecast2"], batch_sizes=[6])
+    steps, whole = Pipeline.load(tmp_path), Pipeline.load(tmp_path, run_graphs=True)
+    steps.vc = whole.vc = torch.linspace(0.98, 1.03, STEPS)[:, None].repeat(1, model.config.in_channels)
+    for labels, seed in (([1, 2, 7], SEED), ([4, 4, 0], 9), ([0, 1, 2], 11)):
+        expected = steps.generate(labels, seed, STEPS, sampler)
+        got = whole.generate(labels, seed, STEPS, sampler)
+        assert rel_err(got, expected) < 1e-5 and whole.last_run == steps.last_run
+    assert whole.run_graphs[(3, STEPS, sampler, 1.5, 0.0, True)].captured[0] is not None  # a CUDA graph

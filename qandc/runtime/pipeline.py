@@ -12,6 +12,7 @@ each step is checked as it runs and a non-finite one is recomputed by the fallba
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +24,9 @@ from ..errors import QandcError
 from ..formats.manifest import EngineManifest
 from ..formats.recipe import vc_correction
 from ..model.dit import DiTConfig, branch_names
-from ..sampling import CachePlan, SamplerDefaults, sample
+from ..sampling import (CachePlan, SamplerDefaults, SamplingRun, check_labels, draw_noise, draws_step_noise,
+                        model_labels, sample, sample_generators)
+from ..sampling.cache import to_device
 
 
 class CudaGraphEngine:
@@ -68,6 +71,97 @@ class CudaGraphEngine:
         return graph, inputs, outputs
 
 
+class RunGraph:
+    """A whole sampling run of one shape and setting (labels, steps, sampler, guidance, eta, plan, VC) as one CUDA
+    graph: the engine calls and the sampler's arithmetic between them (a few dozen small kernels a step) replayed at
+    once, where the step-by-step path launches them from Python, one engine graph a step. The first batch runs
+    eagerly on the engines themselves (compiling, and leaving the VC table and the forecast's Taylor weights on the
+    device: nothing is copied from the host inside the capture), then a run is captured on static buffers — initial
+    noise, every step's noise, labels — which each batch refills with the numbers `sample` draws from the same
+    generators. On a CPU the captured run is not a graph: each batch runs it eagerly from the same buffers."""
+
+    def __init__(self, denoiser: "EngineDenoiser", steps: int, sampler: str, cfg_scale: float, eta: float,
+                 plan: CachePlan, correction):
+        self.denoiser, self.steps, self.sampler, self.cfg_scale, self.eta = denoiser, steps, sampler, cfg_scale, eta
+        self.plan, self.correction = plan, correction
+        config = denoiser.config
+        self.shape = (config.in_channels, config.input_size, config.input_size)
+        self.captured = None  # (graph or None, the run's static output, its engine calls, its finiteness checks)
+
+    def sample(self, labels, seed, sample_ids) -> torch.Tensor:
+        """The batch's final samples (a new tensor), as `sample` gives them for these labels, seeds and ids."""
+        labels = check_labels(labels, self.denoiser.config.num_classes)
+        generators = sample_generators(seed, sample_ids, len(labels))
+        x0 = draw_noise(generators, self.shape)
+        noise = (draw_noise(generators, self.shape, self.steps - 1)
+                 if draws_step_noise(self.sampler, self.eta, self.steps) else None)
+        y = model_labels(labels, self.cfg_scale != 1.0, self.denoiser.config.num_classes)
+        if self.captured is None:
+            self._capture(labels, x0, noise, y)
+        else:
+            for static, value in ((self.x0, x0), (self.noise, noise), (self.y, y)):
+                if static is not None:
+                    static.copy_(to_device(value, static.device))
+        graph, out, calls, checks = self.captured
+        denoiser = self.denoiser
+        if graph is None:  # on a CPU: the run itself, eagerly from the buffers
+            return self._loop(self._static_run()).clone()
+        graph.replay()
+        denoiser.checks = list(checks)
+        for name, count in calls.items():
+            denoiser.calls[name] += count
+        return out.clone()
+
+    def _run(self, labels, x0, noise) -> SamplingRun:
+        return SamplingRun(self.denoiser, labels, self.steps, self.sampler, self.cfg_scale, x0, 0, self.plan,
+                           self.eta, step_noise=noise)
+
+    def _static_run(self) -> SamplingRun:
+        """A run reading the static buffers, with the Taylor weights the first run left on the device."""
+        run = self._run(self.labels, self.x0, self.noise)
+        run.y, run.cache.taylor = self.y, self.taylor
+        return run
+
+    def _loop(self, run: SamplingRun) -> torch.Tensor:
+        for step in range(self.steps):
+            run.step()
+            if self.correction is not None:
+                run.x = self.correction(step, run.x)
+        return run.x
+
+    def _capture(self, labels, x0, noise, y) -> None:
+        """The first batch: the static buffers, an eager run on the engines themselves, then (CUDA) the capture.
+        Neither counts as engine calls of the batch."""
+        denoiser, device = self.denoiser, self.denoiser.device
+        self.labels, self.x0, self.y = labels, to_device(x0, device), to_device(y, device)
+        self.noise = to_device(noise, device) if noise is not None else None
+        cuda, calls_before = device.type == "cuda", dict(denoiser.calls)
+        denoiser.direct = True  # an engine's own CUDA graph cannot replay inside a capture
+        try:
+            side = torch.cuda.Stream() if cuda else None
+            if cuda:
+                side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():  # compiles, autotunes
+                warm = self._run(labels, self.x0, self.noise)
+                self._loop(warm)
+            self.taylor = warm.cache.taylor
+            if not cuda:
+                self.captured = (None, None, None, None)
+                return
+            torch.cuda.current_stream().wait_stream(side)
+            run = self._static_run()
+            graph, before = torch.cuda.CUDAGraph(), dict(denoiser.calls)
+            denoiser.start_run()
+            with torch.cuda.graph(graph):
+                out = self._loop(run)
+            self.captured = (graph, out, {name: denoiser.calls[name] - before[name] for name in before},
+                             list(denoiser.checks))
+        finally:
+            denoiser.direct = False
+            denoiser.calls.update(calls_before)
+            denoiser.start_run()
+
+
 def nonfinite_samples(images: torch.Tensor) -> torch.Tensor:
     """Which samples (rows) hold a NaN or an Inf: a bool tensor of len(images)."""
     return (~torch.isfinite(images)).flatten(1).any(1)
@@ -83,6 +177,7 @@ class EngineDenoiser:
         self.graphs = manifest.graphs
         self.device = engines["full"].device
         backend = get_backend(manifest.backend)
+        self.direct_engines, self.direct = engines, False  # direct: calls skip the engines' own CUDA graphs
         if cuda_graphs and backend.capabilities.cuda_graphs and self.device.type == "cuda":
             static = set()
             engines = {name: CudaGraphEngine(engine, static) for name, engine in engines.items()}
@@ -127,7 +222,7 @@ class EngineDenoiser:
             raise QandcError(f"a batch of {rows} rows (guidance doubles the labels) exceeds the engines' profile of "
                              f"{self.max_batch}; lower --batch-size or rebuild with a larger --max-batch")
         self.calls[spec.name] += 1
-        outputs = self.engines[spec.name].infer(feeds)
+        outputs = (self.direct_engines if self.direct else self.engines)[spec.name].infer(feeds)
         if not self._finite(outputs["out"], spec.name):
             outputs = self._recompute(spec, feeds, outputs)
         return {**outputs, "out": outputs["out"].float()}
@@ -154,13 +249,18 @@ class Pipeline:
         self.sampler_defaults = sampler_defaults or SamplerDefaults()
         self.last_run = None
         self.load_seconds = None  # Pipeline.load: how long loading the engines (and the fallback model) took
+        self.run_graphs: dict | None = None  # Pipeline.load(run_graphs=True): a RunGraph per shape and setting
 
     @classmethod
     def load(cls, folder: str | Path, compile: bool = True, cuda_graphs: bool = True,
-             fallback: bool = False) -> "Pipeline":
+             fallback: bool = False, run_graphs: bool = False) -> "Pipeline":
         """`compile` / `cuda_graphs`: Inductor engines on a GPU only (False for eager runs and comparisons).
         `fallback`: load the float model of the checkpoint the engines were built from, to recompute steps whose
-        engine output is not finite."""
+        engine output is not finite. `run_graphs`: each batch shape and setting samples as one CUDA graph of the
+        whole run (`RunGraph`; not with `fallback`, which decides step by step)."""
+        if run_graphs and fallback:
+            raise QandcError("whole-run graphs and the NaN fallback exclude each other: the fallback decides step "
+                             "by step")
         started = time.perf_counter()
         manifest, engines = load_engines(folder, compile)
         model = None
@@ -168,6 +268,7 @@ class Pipeline:
             model = manifest.checkpoint_model(folder).to(engines["full"].device).eval()
         pipeline = cls(EngineDenoiser(manifest, engines, cuda_graphs, model), manifest.plan, manifest.vc_table,
                        manifest.sampler, manifest)
+        pipeline.run_graphs = {} if run_graphs else None
         pipeline.load_seconds = time.perf_counter() - started
         return pipeline
 
@@ -217,12 +318,18 @@ class Pipeline:
         defaults = self.sampler_defaults
         steps = steps or defaults.steps
         correction = vc_correction(self.vc, steps, self.name, self.config.in_channels) if use_vc else None
+        sampler, cfg_scale = sampler or defaults.sampler, defaults.cfg_scale if cfg_scale is None else cfg_scale
         if self.runs_engines:
             calls = dict(self.denoiser.calls)
             self.denoiser.start_run()
-        images = sample(self.denoiser, labels, steps, sampler or defaults.sampler,
-                        defaults.cfg_scale if cfg_scale is None else cfg_scale, seed=seed, plan=self.plan,
-                        eta=eta, correction=correction, sample_ids=sample_ids, progress=progress)
+        if self.run_graphs is not None:
+            key = (len(labels), steps, sampler, cfg_scale, eta, use_vc)
+            if key not in self.run_graphs:
+                self.run_graphs[key] = RunGraph(self.denoiser, steps, sampler, cfg_scale, eta, self.plan, correction)
+            images = self.run_graphs[key].sample(labels, seed, sample_ids)
+        else:
+            images = sample(self.denoiser, labels, steps, sampler, cfg_scale, seed=seed, plan=self.plan, eta=eta,
+                            correction=correction, sample_ids=sample_ids, progress=progress)
         if self.runs_engines:
             self._check_engine_run(calls, steps, allow_nonfinite)
         elif not allow_nonfinite and nonfinite_samples(images).any():  # never return a black image silently

@@ -2,7 +2,8 @@
 
 from .diffusion import Diffusion, space_timesteps
 from .plan import CachePlan
-from .sampler import SAMPLERS, SamplerDefaults, SamplingRun, check_labels, draw_noise, sample, sample_generator
+from .sampler import (SAMPLERS, SamplerDefaults, SamplingRun, check_labels, draw_noise, draws_step_noise, model_labels,
+                      sample, sample_generator, sample_generators)
 
 __all__ = ["SAMPLERS", "CachePlan", "Diffusion", "SamplerDefaults", "SamplingRun", "check_labels", "draw_noise",
-           "sample", "sample_generator", "space_timesteps"]
+           "draws_step_noise", "model_labels", "sample", "sample_generator", "sample_generators", "space_timesteps"]

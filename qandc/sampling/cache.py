@@ -12,7 +12,7 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device` without waiting for the device's queued work (a copy from pageable memory would
     wait for it: the host could not run ahead of the steps it launched); a CUDA copy goes through pinned memory."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or tensor.is_cuda:
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
@@ -27,6 +27,9 @@ class BranchCache:
         self.tensors: dict[str, torch.Tensor] = {}
         self.steps: dict[str, list[int]] = {}  # branch -> its computation steps, latest first (K kept)
         self.counts: dict[str, int] = {}
+        # step -> its Taylor weights on the device, made once: another run of the same plan can take them (a CUDA
+        # graph capture of a whole run must not copy from the host)
+        self.taylor: dict[int, torch.Tensor] = {}
 
     def _weights(self, branch: str, step: int, reused: bool) -> list[float]:
         seen, count = self.steps.get(branch, []), self.counts.get(branch, 0)
@@ -50,10 +53,12 @@ class BranchCache:
                                                  device=self.device)
             feeds[name] = self.tensors[name]
         if self.order:
-            table = [self._weights(b, step, True) for b in spec.reuse]
-            table += [self._weights(b, step, False) for b in spec.emit]
-            feeds[TAYLOR] = to_device(torch.tensor(table, dtype=torch.float32), self.device).expand(rows, -1, -1) \
-                .contiguous()
+            if step not in self.taylor:
+                table = [self._weights(b, step, True) for b in spec.reuse]
+                table += [self._weights(b, step, False) for b in spec.emit]
+                self.taylor[step] = to_device(torch.tensor(table, dtype=torch.float32), self.device) \
+                    .expand(rows, -1, -1).contiguous()
+            feeds[TAYLOR] = self.taylor[step]
         return feeds
 
     def store(self, spec, step: int, outputs: dict[str, torch.Tensor]) -> None:

@@ -116,13 +116,46 @@ def check_labels(labels, num_classes: int) -> torch.Tensor:
     return labels
 
 
+def sample_generators(seed: int | Sequence[int] | None, sample_ids, n: int) -> list[torch.Generator]:
+    """Each sample's generator, keyed by (seed, sample_ids[i]) or, given a seed per sample, (seed[i],
+    sample_ids[i]); ids default to 0..n-1, a missing seed to a fresh one."""
+    seed = int(np.random.SeedSequence().entropy % 2 ** 32) if seed is None else seed
+    seeds = [seed] * n if np.ndim(seed) == 0 else list(seed)  # one seed per sample: a batch of requests
+    sample_ids = range(n) if sample_ids is None else sample_ids
+    if len(sample_ids) != n or len(seeds) != n:
+        raise QandcError(f"{len(sample_ids)} sample ids and {len(seeds)} seeds for {n} labels")
+    return [sample_generator(int(s), int(i)) for s, i in zip(seeds, sample_ids)]
+
+
+def model_labels(labels: torch.Tensor, guided: bool, num_classes: int) -> torch.Tensor:
+    """The class labels the model sees: with guidance the batch again with the null class."""
+    return torch.cat([labels, torch.full_like(labels, num_classes)]) if guided else labels
+
+
+def draws_step_noise(sampler: str, eta: float, steps: int) -> bool:
+    """Whether the steps draw noise (DDPM, or DDIM with eta > 0): steps - 1 draws a sample after its initial one."""
+    return (sampler == "ddpm" or eta > 0) and steps > 1
+
+
+class StepNoise:
+    """Every step's noise already on the device (n, draws, *shape): what a whole-run CUDA graph reads."""
+
+    def __init__(self, noise: torch.Tensor):
+        self.noise = noise
+
+    def take(self, step: int) -> torch.Tensor:
+        return self.noise[:, step]
+
+
 class SamplingRun:
     """One DDPM / DDIM trajectory of a batch, advanced a step at a time: `x` is the current sample. `sample` drives
-    it to the end; VC fitting drives two runs in lockstep (same noise keys) and moves `x` between them."""
+    it to the end; VC fitting drives two runs in lockstep (same noise keys) and moves `x` between them.
+    `step_noise`: every step's noise on the device (draws_step_noise's count), instead of drawing it from the
+    samples' generators as the run goes."""
 
     def __init__(self, model, labels, steps: int, sampler: str = "ddpm", cfg_scale: float = 1.0, noise=None,
                  seed: int | Sequence[int] | None = None, plan: CachePlan | None = None, eta: float = 0.0,
-                 sample_ids=None):
+                 sample_ids=None, step_noise: torch.Tensor | None = None):
         config = model.config
         if sampler not in SAMPLERS:
             raise QandcError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
@@ -135,12 +168,7 @@ class SamplingRun:
         self.graphs = engine_graphs(self.plan, model.branch_names)
         self.device = model.device
         self.shape = (config.in_channels, config.input_size, config.input_size)
-        seed = int(np.random.SeedSequence().entropy % 2 ** 32) if seed is None else seed
-        seeds = [seed] * n if np.ndim(seed) == 0 else list(seed)  # one seed per sample: a batch of requests
-        sample_ids = range(n) if sample_ids is None else sample_ids
-        if len(sample_ids) != n or len(seeds) != n:
-            raise QandcError(f"{len(sample_ids)} sample ids and {len(seeds)} seeds for {n} labels")
-        self.generators = [sample_generator(int(s), int(i)) for s, i in zip(seeds, sample_ids)]
+        self.generators = sample_generators(seed, sample_ids, n)
         if noise is None:
             x = draw_noise(self.generators, self.shape)
         else:
@@ -148,11 +176,14 @@ class SamplingRun:
             if tuple(x.shape) != (n, *self.shape):
                 raise QandcError(f"noise has shape {tuple(x.shape)}, expected {(n, *self.shape)}")
         self.x = to_device(x, self.device)
-        draws_noise = (sampler == "ddpm" or eta > 0) and steps > 1
-        self.noise = NoiseStream(self.generators, self.shape, steps - 1, self.device) if draws_noise else None
+        if not draws_step_noise(sampler, eta, steps):
+            self.noise = None
+        elif step_noise is not None:
+            self.noise = StepNoise(step_noise)
+        else:
+            self.noise = NoiseStream(self.generators, self.shape, steps - 1, self.device)
         self.guided = cfg_scale != 1.0
-        y = torch.cat([self.labels, torch.full_like(self.labels, config.num_classes)]) if self.guided else self.labels
-        self.y = to_device(y, self.device)
+        self.y = to_device(model_labels(self.labels, self.guided, config.num_classes), self.device)
         tokens = (config.input_size // config.patch_size) ** 2
         self.cache = BranchCache(self.plan.forecast, TORCH_FACTOR_DTYPES[self.plan.factors],
                                  (tokens, config.hidden_size), self.device)

@@ -380,13 +380,14 @@ def encode_npz(samples: torch.Tensor, job: Job) -> dict:
 
 
 def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
-          nan_fallback: bool = False, vae: str | Path | None = None, device: torch.device | None = None) -> None:
+          nan_fallback: bool = False, vae: str | Path | None = None, device: torch.device | None = None,
+          run_graphs: bool = False) -> None:
     """Load the engines (in `options.engine_processes` processes of their own, at once, on `device`) and the VAE
     folder `vae` once and serve them until SIGINT / SIGTERM (which finish the accepted requests first)."""
     import uvicorn
 
     with ThreadPoolExecutor(options.engine_processes) as loading:
-        loads = [loading.submit(EngineProcess, engine_dir, nan_fallback, device)
+        loads = [loading.submit(EngineProcess, engine_dir, nan_fallback, device, run_graphs)
                  for _ in range(options.engine_processes)]
     processes = [load.result() for load in loads if load.exception() is None]
     try:

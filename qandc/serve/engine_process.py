@@ -28,13 +28,16 @@ class EngineProcess:
     (batches run in the order submitted, one at a time: a batch submitted while another runs waits in the pipe);
     `close`.
     Loading waits for the engines and raises their load error as the parent's own. `device`: a CUDA device whose
-    index the process makes current (engines built on "cuda" load on the current device)."""
+    index the process makes current (engines built on "cuda" load on the current device); `run_graphs`:
+    `Pipeline.load`'s."""
 
-    def __init__(self, engine_dir: str | Path, nan_fallback: bool = False, device: torch.device | None = None):
+    def __init__(self, engine_dir: str | Path, nan_fallback: bool = False, device: torch.device | None = None,
+                 run_graphs: bool = False):
         context = multiprocessing.get_context("spawn")  # a forked CUDA context is unusable
         self._pipe, child = context.Pipe()
         index = device.index if device is not None and device.type == "cuda" else None
-        self.process = context.Process(target=_run_engines, args=(child, str(engine_dir), nan_fallback, index),
+        self.process = context.Process(target=_run_engines,
+                                       args=(child, str(engine_dir), nan_fallback, index, run_graphs),
                                        name="qandc-engines", daemon=True)
         self.process.start()
         child.close()
@@ -95,7 +98,7 @@ class EngineProcess:
         return QandcError(f"the engine process exited (status {self.process.exitcode})")
 
 
-def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | None) -> None:
+def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | None, run_graphs: bool) -> None:
     """The engine process: load, report, then run each batch the pipe brings until it brings None or closes.
     SIGINT / SIGTERM are the server's to handle: the process finishes the batches it is given."""
     from ..runtime import Pipeline
@@ -106,7 +109,7 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
     try:
         if device_index is not None:
             torch.cuda.set_device(device_index)
-        pipeline = Pipeline.load(engine_dir, fallback=nan_fallback)
+        pipeline = Pipeline.load(engine_dir, fallback=nan_fallback, run_graphs=run_graphs)
     except Exception as e:
         pipe.send(("error", one_line(e)))
         return
