@@ -8,7 +8,8 @@
 #                                                   # FRONT_ARGS="--fp8-kernels fused": issue 17's FP8 kernels)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; two calls: build, measure;
-#                                                   # SERVE_ARGS="--duration-s 6" passes it more options)
+#                                                   # SERVE_ARGS="--duration-s 6" passes it more options,
+#                                                   # "--run-graphs": whole-run CUDA graphs)
 #   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
 #   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways,
 #                                                   # the residual add + norm + quantize kernels (norm_rates.py)
