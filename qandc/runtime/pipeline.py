@@ -12,7 +12,6 @@ each step is checked as it runs and a non-finite one is recomputed by the fallba
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Sequence
@@ -130,31 +129,29 @@ class RunGraph:
         return run.x
 
     def _capture(self, labels, x0, noise, y) -> None:
-        """The first batch: the static buffers, an eager run on the engines themselves, then (CUDA) the capture.
-        Neither counts as engine calls of the batch."""
+        """The first batch: the static buffers; on a GPU an eager run on the engines themselves (compiling and
+        autotuning; it leaves each step's Taylor weights on the device), then the capture. Neither counts as engine
+        calls of the batch."""
         denoiser, device = self.denoiser, self.denoiser.device
         self.labels, self.x0, self.y = labels, to_device(x0, device), to_device(y, device)
         self.noise = to_device(noise, device) if noise is not None else None
-        cuda, calls_before = device.type == "cuda", dict(denoiser.calls)
+        self.taylor = {}  # every run of this graph shares them: the same plan and steps
+        if device.type != "cuda":
+            self.captured = (None, None, None, None)
+            return
+        calls_before = dict(denoiser.calls)
         denoiser.direct = True  # an engine's own CUDA graph cannot replay inside a capture
         try:
-            side = torch.cuda.Stream() if cuda else None
-            if cuda:
-                side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():  # compiles, autotunes
-                warm = self._run(labels, self.x0, self.noise)
-                self._loop(warm)
-            self.taylor = warm.cache.taylor
-            if not cuda:
-                self.captured = (None, None, None, None)
-                return
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._loop(self._static_run())
             torch.cuda.current_stream().wait_stream(side)
-            run = self._static_run()
-            graph, before = torch.cuda.CUDAGraph(), dict(denoiser.calls)
+            run, graph = self._static_run(), torch.cuda.CUDAGraph()
             denoiser.start_run()
             with torch.cuda.graph(graph):
                 out = self._loop(run)
-            self.captured = (graph, out, {name: denoiser.calls[name] - before[name] for name in before},
+            self.captured = (graph, out, {name: denoiser.calls[name] - calls_before[name] for name in calls_before},
                              list(denoiser.checks))
         finally:
             denoiser.direct = False
