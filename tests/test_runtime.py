@@ -67,6 +67,12 @@ def test_generate_with_engines(built, tmp_path):
     assert caption.startswith(PLAN.describe()) and "w8a8-int8 (onnxruntime engines) + VC" in caption
     assert main(["generate", "--engines", str(root / "engines"), "--recipe", str(root / "recipe"), "--out",
                  str(tmp_path / "h")]) == 2
+    assert main(["generate", "--engines", str(root / "engines"), "--labels", "1,2", "--steps", "8", "--seed", "5",
+                 "--run-graphs", "--out", str(tmp_path / "r")]) == 0  # whole-run graphs: the same samples
+    assert np.array_equal(np.load(tmp_path / "r" / "samples.npz")["samples"], samples)
+    assert [json.loads((tmp_path / d / "config.json").read_text())["whole_run_graphs"] for d in "gr"] == [False, True]
+    assert main(["generate", "--engines", str(root / "engines"), "--labels", "1", "--run-graphs", "--nan-fallback",
+                 "--out", str(tmp_path / "f")]) == 2
 
 
 def test_generate_takes_the_sampler_settings_and_model_config_of_its_artifact(tmp_path, capsys):

@@ -159,6 +159,7 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
         "guidance": config.guidance, "labels": labels.tolist(), **settings, "recipe": provenance.recipe,
         "engines": provenance.engines, "vc": uses_vc, "caption": caption,
         "noise_keying": "per sample: generator keyed by (seed, index)", "vae": vae, "device": str(pipeline.device),
+        "whole_run_graphs": pipeline.run_graphs is not None,
         "world_size": world.size, "shards": {"folder": "shards", "count": len(units), "size": options.batch_size,
                                              "fixed_batch": rows},
         "sampling_seconds": seconds, "sampled_images": sum(r["sampled_images"] for r in ranks),
