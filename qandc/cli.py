@@ -686,6 +686,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(line: str) -> None:
+    """`line` on stderr in one write: the ranks of a torchrun job share the stream, and print's separate write of
+    the newline let two ranks' lines run into one (tests/test_hostile_concurrency.py, 1 run in 2)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command: 0 on success; 2 and one line for an expected failure (a bad input, a file that cannot be
     written); 130 and one line on Ctrl-C (every file written so far is whole: the same command resumes)."""
@@ -697,12 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     except QandcError as e:
         if args.debug:
             raise
-        print(f"qandc: error: {e}", file=sys.stderr)
+        error_line(f"qandc: error: {e}")
         return 2
     except OSError as e:  # a write outside atomic_path (which names its file) failed
         if args.debug or e.errno not in WRITE_ERRORS:
             raise
-        print(f"qandc: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)
+        error_line(f"qandc: error: {e.filename or 'writing'}: {e.strerror}")
         return 2
     except KeyboardInterrupt:
         if args.debug:
