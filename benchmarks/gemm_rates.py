@@ -3,11 +3,13 @@ and without the float32 promotion of its running sum (`use_fast_accum`), `torch.
 plus its dequantize, and qandc's Triton INT8 GEMM with the dequantize fused (`qandc::int8_linear`). At fc1's shape
 also the MLP's middle both ways (issue 17): `_scaled_mm` then GELU + quantize compiled by Inductor (what the FP8
 engines run), and qandc's fused Triton kernel (`qandc::fp8_linear_gelu_quant`), autotuned and at each of its tile
-configs, and its persistent TMA-fed variant (autotuned); each with the promotion and without (`use_fast_accum`,
-`fast_accum`), with the share of e4m3 outputs equal to the exact result's (float64 GEMM) and the share off by more
-than one e4m3 step. Median of `triton.testing.do_bench`; inputs random, never zeros. GPU only.
+configs, its persistent TMA-fed variant (autotuned), and cuBLASLt's GELU + bias epilogue with an e4m3 output
+(through nvmath-python, where installed); each with the promotion and without (`use_fast_accum`, `fast_accum`),
+the last two also replayed in a CUDA graph; with the share of e4m3 outputs equal to the exact result's (float64
+GEMM) and the share off by more than one e4m3 step. Median of `triton.testing.do_bench`; inputs random, never zeros.
+GPU only.
 
-    python benchmarks/gemm_rates.py --out benchmarks/results/gemm-h200.json
+    python benchmarks/gemm_rates.py --out benchmarks/results/gemm-h200.json [--shapes fc1]
 """
 
 import argparse
@@ -20,6 +22,10 @@ from qandc.engines.quantized import int8_linear
 
 SHAPES = {"qkv": (8192, 1152, 3456), "proj": (8192, 1152, 1152), "fc1": (8192, 1152, 4608),
           "fc2": (8192, 4608, 1152), "adaLN": (32, 1152, 6912)}
+
+# the MLP's middle timed in a CUDA graph too (the nvmath call's Python costs more than its kernel's time)
+GRAPHED = {f"{name}{suffix}" for name in ("fp8_triton_tma_gelu_quant", "fp8_cublaslt_gelu_quant")
+           for suffix in ("", "_fast_accum")}
 
 
 def rates(m: int, k: int, n: int) -> dict:
@@ -52,6 +58,12 @@ def rates(m: int, k: int, n: int) -> dict:
             out[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
             continue
         out[name] = {"us": ms * 1e3, "tflops": 2 * m * k * n / (ms * 1e-3) / 1e12}
+        if name in GRAPHED:  # replayed as the engines run it: no launch cost, and capture-safe or an error
+            try:
+                out[name]["us_cuda_graph"] = triton.testing.do_bench_cudagraph(fn, rep=200,
+                                                                              return_mode="median") * 1e3
+            except Exception as e:
+                out[name]["cuda_graph_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     return out
 
 
@@ -87,14 +99,18 @@ def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, b
             kernels[name] = lambda grid=grid, config=config, fast=fast: triton_fp8._fp8_gemm_gelu_quant_kernel.fn[
                 grid](a8, b8, scale, bias, out_scale.reshape(1), out, m, n, k, **config.kwargs, PROMOTE=not fast,
                       num_stages=config.num_stages, num_warps=config.num_warps)
+    kernels.update(cublaslt_kernels(a8, b8, weight_scale, bias, out_scale))
     exact = torch.nn.functional.gelu((a8.float().double() @ b8.float().double().t()) * scale.double()
                                      + bias.double(), approximate="tanh") / out_scale.double()
     want = exact.clamp(-448, 448).float().to(torch.float8_e4m3fn).float()
     step = torch.where(want.abs() < 2 ** -6, torch.full_like(want, 2 ** -9),
                        2 ** (torch.floor(torch.log2(want.abs())) - 3))  # e4m3's spacing at each value
     accuracy = {}
-    for name in ("fp8_scaled_mm_then_gelu_quant", "fp8_triton_gelu_quant", "fp8_triton_tma_gelu_quant"):
+    for name in ("fp8_scaled_mm_then_gelu_quant", "fp8_triton_gelu_quant", "fp8_triton_tma_gelu_quant",
+                 "fp8_cublaslt_gelu_quant"):
         for suffix in ("", "_fast_accum"):
+            if name + suffix not in kernels:
+                continue
             got = kernels[name + suffix]().float()
             accuracy[name + suffix] = {"exact_share": (got == want).float().mean().item(),
                                        "beyond_one_step_share": ((got - want).abs() > step * 1.0001).float().mean()
@@ -102,21 +118,46 @@ def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, b
     return kernels, accuracy
 
 
+def cublaslt_kernels(a8, b8, weight_scale, bias, out_scale) -> dict:
+    """fc1 + GELU + quantize as one cuBLASLt call (nvmath-python's Matmul, planned once: per-tensor scales, the
+    GELU + bias epilogue, e4m3 output scaled by 1 / out_scale), each promoting and not; {} without nvmath. cuBLASLt's
+    bias runs along the rows of A, so it computes the transpose, weight @ x.T, into a column-major [N, M] result
+    (its layout follows C's, given with beta 0 and never read): the [M, N] row-major output the next GEMM reads."""
+    try:
+        import nvmath
+        from nvmath.linalg.advanced import Matmul, MatmulEpilog, MatmulOptions
+    except ImportError:
+        return {}
+    (m, _), n = a8.shape, b8.shape[0]
+    kernels, one = {}, torch.ones((), device="cuda")
+    layout = torch.empty((m, n), dtype=torch.bfloat16, device="cuda").t()
+    for fast in (False, True):
+        matmul = Matmul(b8, a8.t(), c=layout, beta=0.0,
+                        quantization_scales={"a": weight_scale.reshape(()), "b": one,
+                                             "d": (1 / out_scale).reshape(())},
+                        options=MatmulOptions(result_type=nvmath.CudaDataType.CUDA_R_8F_E4M3, fast_accumulation=fast))
+        matmul.plan(epilog=MatmulEpilog.GELU_BIAS, epilog_inputs={"bias": bias})
+        kernels["fp8_cublaslt_gelu_quant" + ("_fast_accum" if fast else "")] = lambda matmul=matmul: \
+            matmul.execute().t()
+    return kernels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES), help="the shapes to time")
     args = parser.parse_args()
-    results = {name: {"shape_mkn": list(shape), **rates(*shape)} for name, shape in SHAPES.items()}
+    results = {name: {"shape_mkn": list(SHAPES[name]), **rates(*SHAPES[name])} for name in args.shapes}
     write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": results})
     print(f"{'shape':6s} " + " ".join(f"{k:>26s}" for k in ("bf16", "fp8_scaled_mm", "int8_int_mm_plus_dequant",
                                                             "int8_triton_fused")))
     for name, r in results.items():
         print(f"{name:6s} " + " ".join(f"{r[k]['us']:9.1f} us {r[k]['tflops']:7.0f} TF  " for k in
                                        ("bf16", "fp8_scaled_mm", "int8_int_mm_plus_dequant", "int8_triton_fused")))
-    for kernel, r in results["fc1"].items():
+    for kernel, r in results.get("fc1", {}).items():
         if kernel.startswith("fp8_") and kernel != "fp8_gelu_quant_accuracy":
             print(f"fc1 {kernel:55s} " + (f"{r['us']:9.1f} us {r['tflops']:7.0f} TF" if "us" in r else r["error"]))
-    for kernel, r in results["fc1"]["fp8_gelu_quant_accuracy"].items():
+    for kernel, r in results.get("fc1", {}).get("fp8_gelu_quant_accuracy", {}).items():
         print(f"fc1 {kernel:55s} exact {r['exact_share']:.4f}, beyond one e4m3 step {r['beyond_one_step_share']:.2e}")
 
 

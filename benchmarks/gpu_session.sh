@@ -13,19 +13,21 @@
 #   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
 #   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways,
 #                                                   # the residual add + norm + quantize kernels (norm_rates.py)
+#   bash benchmarks/gpu_session.sh fc1              # gemm's GEMM rates alone
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
-#   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again (its kernels changed)
+#   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
+#                                                   # by cuBLASLt (nvmath-python)
 #   bash benchmarks/gpu_session.sh fullstep         # issue 17's one-run comparison: that step, the floor, the peers
 #                                                   # (qandc bench; stages resume: call until fullstep.log says so)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions uvloop
-# httptools" for serve: fastapi 0.165 imports opentelemetry-api and annotated-doc, the torch machine's
-# typing_extensions lacks what anyio 4.16 imports, uvicorn runs on uvloop and httptools where it finds them) and
-# `.gpu-states/NAME.tgz` of earlier calls of this
-# session. Each job's state comes back as $OUT/NAME.tgz (copy it to .gpu-states/), results written on the machine as
-# $OUT/results.tgz. A state missing its rows starts from the committed JSON (--seed-from: the machine and a new
-# checkout keep nothing between sessions). Every job stops itself before the device's 10-minute limit.
+# httptools nvmath-python" for serve and cuBLASLt's FP8 GELU epilogue: fastapi 0.165 imports opentelemetry-api and
+# annotated-doc, the torch machine's typing_extensions lacks what anyio 4.16 imports, uvicorn runs on uvloop and
+# httptools where it finds them; the machine has nvmath's cuda-bindings) and `.gpu-states/NAME.tgz` of earlier calls
+# of this session. Each job's state comes back as $OUT/NAME.tgz (copy it to .gpu-states/), results written on the
+# machine as $OUT/results.tgz. A state missing its rows starts from the committed JSON (--seed-from: the machine and a
+# new checkout keep nothing between sessions). Every job stops itself before the device's 10-minute limit.
 set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?run on the device machine: \$OUT is where results come back}"
@@ -102,10 +104,13 @@ fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum,
   save profile
 }
 
-fusedstep() {  # the fused MLP (now its TMA kernel on Hopper) + fused norms + fast accumulation, measured anew
-  timeout -s INT 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
-    --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --remeasure --state /tmp/qandc-profile/steps \
-    --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
+fusedstep() {  # the fused MLP + fused norms + fast accumulation: the MLP's Triton kernel (its TMA one on Hopper)
+  # measured anew, then cuBLASLt's GELU epilogue in its place (nvmath-python, in the bundle)
+  for kernel in "triton --remeasure" auto; do
+    timeout -s INT 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
+      --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --fp8-mlp-kernel $kernel \
+      --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
+  done
   save profile
 }
 
@@ -129,6 +134,10 @@ gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and til
   # the residual add + norm + quantize kernels (~1 minute)
   timeout -s INT 300 python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
   timeout -s INT 150 python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
+}
+
+fc1() {  # gemm's GEMM rates alone (the MLP's middle: Triton's fused kernels and cuBLASLt's GELU epilogue)
+  timeout -s INT 300 python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
 }
 
 serve() {  # a fresh machine builds the engines (~220 s) and stops: call it again on the warm machine to measure

@@ -39,7 +39,7 @@ from _common import table
 from qandc.artifacts import atomic_path, read_json, write_json
 from qandc.bench import (FP8_OPTION_SUFFIXES, _slug, card_name, config_engines, device_name, fp8_floor,
                          full_step_flops, load_ready, make_model)
-from qandc.engines import inductor_backend
+from qandc.engines import cublaslt_fp8, inductor_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES_MODE = inductor_backend.COMPILE_MODES[True]  # the quantized engines' own mode (before --quantized-mode)
@@ -275,7 +275,8 @@ def state_key(meta: dict, row: dict) -> str:
             + (f"-{quantized_mode}" if quantized_mode else "")
             + "".join(f"-{k}={v}" for k, v in sorted(row.get("inductor_config", {}).items()))
             + (f"-persistent{row['persistent_reductions_up_to']}" if row.get("persistent_reductions_up_to") else "")
-            + "".join(suffix for option, suffix in FP8_OPTION_SUFFIXES.items() if row.get(option)))
+            + "".join(suffix for option, suffix in FP8_OPTION_SUFFIXES.items() if row.get(option))
+            + ("-cublaslt" if row.get("fp8_mlp_kernel") == "cublaslt" else ""))
 
 
 def seed_state(state: Path, meta: dict, seed: dict) -> None:
@@ -297,7 +298,8 @@ def compiled_as(row: dict) -> str:
     return " ".join([row.get("compile_mode", ""), *(f"{k}={v}" for k, v in row.get("inductor_config", {}).items()),
                      *([f"persistent reductions to {row['persistent_reductions_up_to']}"]
                        if row.get("persistent_reductions_up_to") else []),
-                     *(["fused FP8 MLP"] if row.get("fused_fp8_mlp") else []),
+                     *([f"fused FP8 MLP ({row.get('fp8_mlp_kernel', 'triton')})"] if row.get("fused_fp8_mlp")
+                       else []),
                      *(["fused FP8 norms"] if row.get("fused_fp8_norm") else []),
                      *(["FP8 fast accumulation"] if row.get("fp8_fast_accum") else [])])
 
@@ -392,6 +394,10 @@ def main(argv=None) -> None:
                         help="W8A8-FP8 engines with each residual add, LayerNorm, modulation and quantize before qkv "
                              "and fc1 as one Triton kernel of several rows a program (qandc.engines.triton_norm) "
                              "instead of Inductor's; rows kept apart")
+    parser.add_argument("--fp8-mlp-kernel", choices=("auto", "triton"), default="auto",
+                        help="the fused MLP's kernel: auto takes cuBLASLt's GELU epilogue where it can run "
+                             "(nvmath-python installed, compute capability 8.9+; qandc.engines.cublaslt_fp8), else "
+                             "the Triton kernel; triton: the Triton kernel always. Rows record the one that ran")
     parser.add_argument("--fp8-fast-accum", action="store_true",
                         help="W8A8-FP8 engines whose GEMMs keep their running sums without float32 promotion "
                              "(`_scaled_mm(use_fast_accum=True)`, the fused kernel's too); rows kept apart")
@@ -403,6 +409,7 @@ def main(argv=None) -> None:
     if len(inductor_settings) < len(args.inductor_config) or unknown:
         parser.error(f"--inductor-config takes KEY=VALUE of torch._inductor.config: {args.inductor_config}")
     torch._inductor.config.load_config({k: ast.literal_eval(v) for k, v in inductor_settings.items()})
+    cublaslt_fp8.ENABLED = args.fp8_mlp_kernel == "auto"
     persistent = args.persistent_reductions_up_to
     if persistent:
         persistent_reductions_up_to(persistent)
@@ -435,6 +442,8 @@ def main(argv=None) -> None:
         fp8 = {option: getattr(args, option) and precision == "w8a8-fp8" for option in FP8_OPTION_SUFFIXES}
         variant = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
                    "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent, **fp8}
+        if fp8["fused_fp8_mlp"]:
+            variant["fp8_mlp_kernel"] = "cublaslt" if cublaslt_fp8.usable_on(device) else "triton"
         keys = [state_key(meta, {**variant, "sampler": s}) for s in (args.samplers if args.run else [None])]
         for key in keys if args.remeasure else []:
             (state / f"{key}.json").unlink(missing_ok=True)

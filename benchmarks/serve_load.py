@@ -9,7 +9,8 @@ requests of --images-per-request images: a closed loop that keeps the queue full
 open-loop Poisson arrivals at fractions of it give latency against offered load. Each finished --max-batch is kept
 in --state (a rerun skips it); --budget-s stops before the next one (exit 3: rerun to resume). The server's engine
 process is also timed alone (no server, no client) at the same batch size, to tell a slower process from the load
-around it.
+around it; alone and in the server, an engine batch's time is split into its launch (wall and CPU: noise, launches,
+replays queued) and its wait for the GPU, to tell a host-bound batch from a GPU-bound one.
 
 Engines: --engines DIR, or built into --work: on a GPU the shipped reference model with a quick W8A8-INT8 recipe under
 the default plan's shape (Inductor engines, compiled for every bucket's rows); on the CPU a tiny float DiT (ONNX
@@ -89,28 +90,42 @@ def offline_rate(engines: Path, batch: int, steps: int | None, runs: int, run_gr
     return median_rate(once, batch, runs)
 
 
+# where an engine batch's seconds go (engine_process.LaunchedBatch): its launch's wall and CPU time, the wait after
+BATCH_TIMES = ("host_seconds", "cpu_seconds", "wait_seconds")
+
+
 def median_rate(once, batch: int, runs: int) -> float:
     """`batch` over the median of `runs` timed calls `once(seed)` (seeds 1..runs), after a warm-up call (seed 0)."""
     once(0)
     return batch / statistics.median(once(seed) for seed in range(1, runs + 1))
 
 
-def engine_process_rate(engines: Path, batch: int, steps: int | None, runs: int, run_graphs: bool = False) -> float:
+def engine_process_rate(engines: Path, batch: int, steps: int | None, runs: int, run_graphs: bool = False) -> tuple:
     """Images per second of the server's engine process alone (`EngineProcess.generate` at `batch` images, no server
-    and no client; its own sampling seconds, median over `runs` after a warm-up run): where the server's engines run
-    slower than `offline_rate`, this tells the process from the load around it."""
+    and no client; its own sampling seconds, median over `runs` after a warm-up run), and a batch's median times in
+    ms (`BATCH_TIMES` and `seconds`): where the server's engines run slower than `offline_rate`, this tells the
+    process from the load around it. One batch waits in the pipe while one runs, as the server hands them over."""
     from qandc.serve.engine_process import EngineProcess
 
     process = EngineProcess(engines, run_graphs=run_graphs)
     try:
         defaults = process.sampler_defaults
         labels = [i % process.config.num_classes for i in range(batch)]
+        runs_done = []
+
+        def submit(seed):
+            process.submit(labels, [seed] * batch, steps or defaults.steps, defaults.sampler, defaults.cfg_scale,
+                           range(batch))
 
         def once(seed):
-            process.generate(labels, [seed] * batch, steps or defaults.steps, defaults.sampler, defaults.cfg_scale,
-                             range(batch))
+            submit(seed + 1)  # the next batch waits while this one's result comes back
+            process.result()
+            runs_done.append(process.last_run)
             return process.last_run["seconds"]
-        return median_rate(once, batch, runs)
+        submit(0)
+        rate = median_rate(once, batch, runs)
+        process.result()
+        return rate, {k: 1e3 * statistics.median(r[k] for r in runs_done[1:]) for k in ("seconds", *BATCH_TIMES)}
     finally:
         process.close()
 
@@ -161,10 +176,12 @@ def request_body(i: int, images: int, num_classes: int, steps: int | None) -> di
 
 
 def engine_counters(text: str) -> dict:
-    """From the server's /metrics: engine batches run, their real images and their seconds so far."""
+    """From the server's /metrics: engine batches run, their real images, their seconds so far and where those went
+    (the engine process's launch wall and CPU time and its wait for the device)."""
     values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
     return {"batches": values["qandc_serve_batch_images_count"], "images": values["qandc_serve_batch_images_sum"],
-            "seconds": values["qandc_serve_sampling_seconds_total"]}
+            "seconds": values["qandc_serve_sampling_seconds_total"],
+            **{k: values[f"qandc_serve_engine_{k}_total"] for k in BATCH_TIMES}}
 
 
 def engine_share(before: dict, after: dict, window: float, processes: int = 1) -> dict:
@@ -175,7 +192,9 @@ def engine_share(before: dict, after: dict, window: float, processes: int = 1) -
     batches, images, seconds = (after[k] - before[k] for k in ("batches", "images", "seconds"))
     return {"engine_busy_share": seconds / (window * processes),
             "engine_images_per_s": images * processes / seconds if seconds else None,
-            "mean_batch_images": images / batches if batches else None}
+            "mean_batch_images": images / batches if batches else None,
+            "batch_ms": {k: 1e3 * (after[k] - before[k]) / batches if batches else None
+                         for k in ("seconds", *BATCH_TIMES)}}
 
 
 def loop_cpu_seconds(pid: int) -> float | None:
@@ -324,6 +343,14 @@ def _client_process(name: str, part: dict, ready, starts, results) -> None:
         results.put({"error": f"{type(e).__name__}: {e}"})
 
 
+def batch_times(ms: dict) -> str:
+    """A batch's times (`engine_share`'s batch_ms) in a line: where an engine batch's time went."""
+    if ms["seconds"] is None:
+        return "no batch"
+    return (f"{ms['seconds']:.1f} ms: launching {ms['host_seconds']:.1f} (CPU {ms['cpu_seconds']:.1f}), waiting for "
+            f"the GPU {ms['wait_seconds']:.1f}")
+
+
 def percentiles(latencies: list[float]) -> dict:
     if not latencies:
         return {"p50_s": None, "p99_s": None, "completed": 0}
@@ -343,8 +370,9 @@ def measure(engines: Path, max_batch: int, args) -> dict:
         return rate
 
     before = offline("before")
-    alone = engine_process_rate(engines, max_batch, args.steps, args.runs, args.run_graphs)
-    print(f"max-batch {max_batch}: the engine process alone {alone:.1f} images/s", flush=True)
+    alone, alone_ms = engine_process_rate(engines, max_batch, args.steps, args.runs, args.run_graphs)
+    print(f"max-batch {max_batch}: the engine process alone {alone:.1f} images/s; a batch {batch_times(alone_ms)}",
+          flush=True)
     process, url = start_server(engines, max_batch, args, Path(args.state) / f"server-{max_batch}.log")
     try:
         # batches' worth of clients: one running and one handed over behind it a process, a full one queued when
@@ -356,7 +384,7 @@ def measure(engines: Path, max_batch: int, args) -> dict:
                                  process.pid, args.engine_processes, args.client_processes)
         print(f"  saturating: {saturating['images_per_s']:.1f} images/s, p50 {saturating['p50_s']:.3f} s; engines "
               f"busy {saturating['engine_busy_share']:.0%} at {saturating['engine_images_per_s']:.1f} images/s, "
-              f"{saturating['mean_batch_images']:.1f} images a batch; loop CPU "
+              f"{saturating['mean_batch_images']:.1f} images a batch ({batch_times(saturating['batch_ms'])}); loop CPU "
               f"{saturating['loop_cpu_ms_per_request'] or float('nan'):.2f} ms a request; client "
               f"{saturating['client_cpu_share']:.0%} of a core (the busiest of {saturating['client_processes']} "
               "client processes)", flush=True)
@@ -374,7 +402,8 @@ def measure(engines: Path, max_batch: int, args) -> dict:
     readings = [before, offline("after")]
     half = next(p for p in loads if p["fraction"] == 0.5)
     return {"max_batch": max_batch, "offline_images_per_s": max(readings), "offline_readings": readings,
-            "engine_process_alone_images_per_s": alone, "saturating": saturating, "loads": loads,
+            "engine_process_alone_images_per_s": alone, "engine_process_alone_batch_ms": alone_ms,
+            "saturating": saturating, "loads": loads,
             "throughput_ratio_vs_generate": saturating["images_per_s"] / max(readings),
             "p99_over_p50_at_half_load": half["p99_s"] / half["p50_s"]}
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import reference as ref
 from conftest import rel_err, tiny_model
 from qandc.errors import QandcError
+from qandc.sampling import sampler
 from qandc.sampling import CachePlan, Diffusion, draw_noise, sample, sample_generator, space_timesteps
 
 
@@ -66,6 +67,21 @@ def test_noise_drawn_at_once_equals_the_draws_step_by_step(shape):
     gens = [sample_generator(3, i) for i in range(3)]
     step_by_step = torch.stack([draw_noise(gens, shape) for _ in range(5)], dim=1)
     assert at_once.shape == (3, 5, *shape) and torch.equal(at_once, step_by_step)
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 16), (3, 5, 7)])
+def test_a_large_draw_spread_over_threads_gives_each_sample_its_own_numbers(shape, monkeypatch):
+    """Above PARALLEL_DRAW_VALUES the samples are drawn on several threads: each sample still gets the numbers its
+    own generator gives, in the batch's order, whatever thread drew it."""
+    monkeypatch.setattr(sampler, "DRAW_THREADS", 3)  # shares of 5, 5, 5 and 2 samples on 3 threads
+    monkeypatch.setattr(sampler, "_DRAW_POOL", [])
+    monkeypatch.setattr(sampler, "PARALLEL_DRAW_VALUES", 1000)
+    n, count = 17, 9
+    drawn = draw_noise([sample_generator(11, i) for i in range(n)], shape, count)
+    alone = torch.stack([draw_noise([sample_generator(11, i)], shape, count)[0] for i in range(n)])
+    assert sampler._DRAW_POOL and torch.equal(drawn, alone)
+    first = draw_noise([sample_generator(11, i) for i in range(n)], shape)
+    assert torch.equal(first, alone[:, 0])
 
 
 def test_unguided_sampling_calls_the_plain_model(model):

@@ -289,6 +289,32 @@ def test_two_engine_processes_run_batches_side_by_side(engines):
         assert np.array_equal(samples_of(response), pipeline.generate(body["labels"], body["seed"], SLOW_STEPS))
 
 
+def test_an_engine_process_with_whole_run_graphs_launches_a_waiting_batch_before_collecting_the_one_before(engines):
+    """With whole-run graphs the engine process launches the next batch, when one waits in the pipe, before it
+    copies the current one's samples out (on a GPU its noise is drawn while the replay runs): replies still come in
+    order, each batch's samples are `generate`'s, and the batches' seconds add up to no more than the time they
+    took together (the overlap counted once), the first's spanning the second's launch."""
+    process = EngineProcess(engines, run_graphs=True)
+    batches = [([1, 2], [5, 5], [0, 1]), ([3, 4, 5], [6, 6, 9], [0, 1, 0]), ([6], [7], [2])]
+    try:
+        started = time.perf_counter()
+        for labels, seeds, ids in batches:
+            process.submit(labels, seeds, STEPS, "ddpm", 1.5, ids)
+        results, runs = [], []
+        for _ in batches:
+            results.append(process.result())
+            runs.append(process.last_run)
+        took = time.perf_counter() - started
+    finally:
+        process.close()
+    pipeline = Pipeline.load(engines)
+    for (labels, seeds, ids), got in zip(batches, results):
+        assert torch.equal(got, pipeline.generate(labels, seeds, STEPS, "ddpm", 1.5, sample_ids=ids))
+    assert sum(run["seconds"] for run in runs) <= took
+    assert runs[0]["seconds"] >= runs[0]["host_seconds"] + runs[1]["host_seconds"]
+    assert all(run["cpu_seconds"] > 0 and run["wait_seconds"] >= 0 for run in runs)
+
+
 def test_timeout_is_504(engines):
     with running(engines, max_batch=1, max_images=1, timeout_s=0.05) as (url, app):
         response = httpx.post(url + "/v1/generate", json={"labels": [1], "steps": SLOW_STEPS // 2})

@@ -110,10 +110,46 @@ def test_the_kernel_computes_the_op_on_the_gpu(kernel, shape, fast_accum):
     adds 2^-12 of the sum of the products' magnitudes (times GELU's largest slope, 1.13) to the step; exact for
     nearly all outputs, with the promotion and without (`fast_accum`). The pointer kernel passed at all three shapes
     on the H200, with it (gpu-logs/kernels-h200-session7.log) and both ways (gpu-logs/kernels-h200-session10.log);
-    the TMA kernel (`fp8_gemm_gelu_quant(..., tma=True)`, autotuned) has not run on a GPU yet."""
+    the TMA kernel (`fp8_gemm_gelu_quant(..., tma=True)`, autotuned) at its three, both ways
+    (gpu-logs/kernels-h200-session13.log)."""
     code = GPU.format(shape=shape, fast_accum=fast_accum, tma=kernel == "tma") + GPU_REPORT
     result, accumulation = stats(code, {}, lines=2)
     assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.97
+
+
+CUBLASLT = CASE + """
+from qandc.engines import cublaslt_fp8
+tensorwise = scale.mean()
+want = fp8_linear_gelu_quant(x, w, tensorwise.expand(n).contiguous(), bias, out_scale).float()
+args = [x.cuda(), w.cuda(), tensorwise.cuda(), bias.cuda(), (1 / out_scale).cuda()]
+assert cublaslt_fp8.usable(args[0], args[1])
+got = cublaslt_fp8.fp8_gemm_gelu_quant(*args, fast_accum={fast_accum})
+other = (torch.randn(m, k) * 4).to(torch.float8_e4m3fn).cuda()
+eager = cublaslt_fp8.fp8_gemm_gelu_quant(other, *args[1:], fast_accum={fast_accum})
+static, graph = args[0].clone(), torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    replayed = cublaslt_fp8.fp8_gemm_gelu_quant(static, *args[1:], fast_accum={fast_accum})
+static.copy_(other)
+graph.replay()
+replay = {{"replay_equal": torch.equal(replayed.float(), eager.float())}}
+got = got.float().cpu()
+magnitude = (x.float().abs() @ w.float().abs().t()) * tensorwise / out_scale * 1.13
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", TMA_SHAPES)
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_cublaslt_computes_the_op_on_the_gpu_and_replays_in_a_cuda_graph(shape, fast_accum):
+    """`cublaslt_fp8.fp8_gemm_gelu_quant` (nvmath-python's cuBLASLt FP8 GEMM with the GELU + bias epilogue, a
+    tensor-wide weight scale) against the op's exact rounding, within the Triton kernel's bound; and captured in a
+    CUDA graph, then replayed on other inputs copied into the captured one, it gives what an eager call on them
+    gives (its operands rebound by pointer, its plan made before the capture)."""
+    pytest.importorskip("nvmath")
+    code = CUBLASLT.format(shape=shape, fast_accum=fast_accum) + GPU_REPORT + "print(json.dumps(replay))\n"
+    result, accumulation, replay = stats(code, {}, lines=3)
+    assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.9
+    assert replay["replay_equal"]
 
 
 NORM = """

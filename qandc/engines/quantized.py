@@ -10,7 +10,9 @@
 - `fuse_fp8_mlps` (`quantize_for_inference(..., fused_fp8_mlp=True)`): an MLP whose fc1 and fc2 are both FP8 runs
   fc1, its GELU and fc2's activation quantize as one op, `qandc::fp8_linear_gelu_quant` (on CUDA a Triton GEMM with
   that epilogue, `triton_fp8.py`), so the hidden activation is written once, as e4m3; the GELU then sees fc1's
-  float32 epilogue instead of its bf16 output.
+  float32 epilogue instead of its bf16 output. With a tensor-wide weight scale the op is
+  `qandc::fp8_linear_gelu_quant_tensorwise`: one cuBLASLt call with its GELU epilogue where nvmath-python is
+  installed (`cublaslt_fp8.py`), else the same Triton GEMM.
 Rounding follows ModelOpt's fake quant (INT8: round-half-even, clamp to [-128, 127], scale amax/127; FP8: scale
 amax/448), so the engines compute what the fake-quant model computes, up to bf16 and accumulation order.
 Everything not quantized runs in bf16.
@@ -65,6 +67,27 @@ def fp8_linear_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
 
 @fp8_linear_gelu_quant.register_fake
 def _(x, weight, scale, bias, out_scale, fast_accum=False):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("qandc::fp8_linear_gelu_quant_tensorwise", mutates_args=())
+def fp8_linear_gelu_quant_tensorwise(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                                     out_scale: torch.Tensor, inverse_out_scale: torch.Tensor,
+                                     fast_accum: bool = False) -> torch.Tensor:
+    """`fp8_linear_gelu_quant` with a tensor-wide `scale` (the product of both operands' scales, shape ()) and the
+    inverse of `out_scale` too: on CUDA one cuBLASLt call with the GELU + bias epilogue where `cublaslt_fp8.usable`
+    (nvmath-python installed, compute capability 8.9 or later), else the Triton kernel."""
+    if x.is_cuda:
+        from . import cublaslt_fp8
+
+        if cublaslt_fp8.usable(x, weight):
+            return cublaslt_fp8.fp8_gemm_gelu_quant(x, weight, scale, bias, inverse_out_scale, fast_accum)
+    return fp8_linear_gelu_quant(x, weight, scale.reshape(1).expand(weight.shape[0]).contiguous(), bias, out_scale,
+                                 fast_accum)
+
+
+@fp8_linear_gelu_quant_tensorwise.register_fake
+def _(x, weight, scale, bias, out_scale, inverse_out_scale, fast_accum=False):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float8_e4m3fn)
 
 
@@ -164,11 +187,16 @@ class QuantLinear(nn.Module):
 
 class FusedFp8Mlp(nn.Module):
     """An MLP (fc1 → GELU tanh → fc2) whose two Linears are FP8 QuantLinears: fc1, the GELU and fc2's activation
-    quantize as one op, then fc2's `_scaled_mm` on the e4m3 hidden activation."""
+    quantize as one op, then fc2's `_scaled_mm` on the e4m3 hidden activation. With fc1's weight scale tensor-wide,
+    the op is `fp8_linear_gelu_quant_tensorwise` (cuBLASLt's GELU epilogue where usable)."""
 
     def __init__(self, fc1: QuantLinear, fc2: QuantLinear):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
+        self.tensorwise = fc1.weight_scale.dim() == 0
+        if self.tensorwise:
+            self.register_buffer("scale", fc1.weight_scale * fc1.input_scale)
+            self.register_buffer("inverse_hidden_scale", 1 / fc2.input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_fp8(to_fp8(x, self.fc1.input_scale))
@@ -176,8 +204,14 @@ class FusedFp8Mlp(nn.Module):
     def from_fp8(self, q: torch.Tensor) -> torch.Tensor:
         """The MLP of an input already quantized with fc1's input scale (e4m3 [..., C]); bf16 out."""
         shape = q.shape
-        hidden = fp8_linear_gelu_quant(q.reshape(-1, shape[-1]), self.fc1.weight, self.fc1.out_scale, self.fc1.bias,
-                                       self.fc2.input_scale, self.fc1.fast_accum)
+        q = q.reshape(-1, shape[-1])
+        if self.tensorwise:
+            hidden = fp8_linear_gelu_quant_tensorwise(q, self.fc1.weight, self.scale, self.fc1.bias,
+                                                      self.fc2.input_scale, self.inverse_hidden_scale,
+                                                      self.fc1.fast_accum)
+        else:
+            hidden = fp8_linear_gelu_quant(q, self.fc1.weight, self.fc1.out_scale, self.fc1.bias,
+                                           self.fc2.input_scale, self.fc1.fast_accum)
         out = self.fc2.fp8_matmul(hidden)
         return out.reshape(*shape[:-1], out.shape[-1])
 

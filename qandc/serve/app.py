@@ -102,6 +102,12 @@ class Metrics:
                                        "handed to the engines", registry=r)
         self.sampling_seconds = Counter("qandc_serve_sampling_seconds", "seconds the engines spent on batches "
                                         "(sampling and the copy out)", registry=r)
+        self.host_seconds = Counter("qandc_serve_engine_host_seconds", "seconds the engine process spent launching "
+                                    "batches (noise, launches, graph replays queued)", registry=r)
+        self.cpu_seconds = Counter("qandc_serve_engine_cpu_seconds", "CPU seconds the engine process used launching "
+                                   "batches", registry=r)
+        self.wait_seconds = Counter("qandc_serve_engine_wait_seconds", "seconds the engine process waited for the "
+                                    "device to finish a batch (near 0: the host is the limit)", registry=r)
         self.step_seconds = Histogram("qandc_serve_step_seconds", "sampling seconds per step of a batch",
                                       buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2), registry=r)
         self.engine_steps = Counter("qandc_serve_engine_steps", "sampling steps by engine kind (full, reuse)",
@@ -116,6 +122,9 @@ class Metrics:
         self.batch_images.observe(run.images)
         self.padded_images.inc(run.padded - run.images)
         self.sampling_seconds.inc(run.seconds)
+        self.host_seconds.inc(run.host_seconds)
+        self.cpu_seconds.inc(run.cpu_seconds)
+        self.wait_seconds.inc(run.wait_seconds)
         self.step_seconds.observe(run.seconds / run.steps)
         for kind, count in run.engine_steps.items():
             self.engine_steps.labels(kind).inc(count)

@@ -55,7 +55,8 @@ class Job:
 @dataclass(frozen=True)
 class BatchRun:
     """What one engine batch did, for the metrics: real and padded images, seconds, steps by graph kind, steps
-    recomputed by the float model, real images whose output is not finite."""
+    recomputed by the float model, real images whose output is not finite, and where its seconds went (the engine
+    process's `host_seconds`, `cpu_seconds` and `wait_seconds`: `engine_process.LaunchedBatch`)."""
 
     images: int
     padded: int
@@ -64,6 +65,9 @@ class BatchRun:
     engine_steps: dict
     fallback_steps: int
     nonfinite: int
+    host_seconds: float
+    cpu_seconds: float
+    wait_seconds: float
 
 
 class QueueFull(Exception):
@@ -258,7 +262,8 @@ class Batcher:
         bad = nonfinite_samples(samples)
         return samples, bad, BatchRun(images, size, jobs[0].key.steps, last["seconds"],
                                       {"full": last.get("full", 0), "reuse": last.get("reuse", 0)},
-                                      len(last.get("fallback_steps", ())), int(bad.sum()))
+                                      len(last.get("fallback_steps", ())), int(bad.sum()), last["host_seconds"],
+                                      last["cpu_seconds"], last["wait_seconds"])
 
     def _deliver(self, jobs: list[Job], samples: torch.Tensor, bad: torch.Tensor, run: BatchRun) -> None:
         """On the event loop: each request its samples, or the error of its non-finite ones."""

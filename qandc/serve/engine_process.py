@@ -100,7 +100,9 @@ class EngineProcess:
 
 def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | None, run_graphs: bool) -> None:
     """The engine process: load, report, then run each batch the pipe brings until it brings None or closes.
-    SIGINT / SIGTERM are the server's to handle: the process finishes the batches it is given."""
+    SIGINT / SIGTERM are the server's to handle: the process finishes the batches it is given. With whole-run graphs
+    a batch is only launched before its samples are collected, and a next batch already waiting is launched in
+    between: its host work (its generators and noise, drawn on the CPU) runs while the GPU replays the one before."""
     from ..runtime import Pipeline
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -115,24 +117,60 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
         return
     pipe.send(("loaded", {"manifest": pipeline.manifest, "max_batch": pipeline.denoiser.max_batch,
                           "device": str(pipeline.device)}))
+    pending, free_since = None, time.perf_counter()  # a launched batch not collected; when the last one was
     while True:
+        if pending is not None and not (run_graphs and pipe.poll()):
+            pipe.send(pending.collect(free_since))
+            pending, free_since = None, time.perf_counter()
         try:
             batch = pipe.recv()
         except EOFError:
-            return
+            batch = None
         if batch is None:
+            if pending is not None:
+                pipe.send(pending.collect(free_since))
             return
+        launched = LaunchedBatch(pipeline, batch)
+        if pending is not None:
+            pipe.send(pending.collect(free_since))
+            free_since = time.perf_counter()
+        pending = launched
+
+
+class LaunchedBatch:
+    """One batch's `Pipeline.generate`, its samples not yet copied to the host (a whole-run graph's replay may
+    still be running); `collect` copies them and gives the reply, with the batch's timing: `seconds`, the
+    engines' time on it from its launch or the previous batch's end, whichever is later (so the batches' seconds
+    add up to the time the engines were busy); `host_seconds` and `cpu_seconds`, the wall and the process's CPU
+    time of its launch (noise, launches, replays queued); `wait_seconds`, the time its copy to the host waited for
+    the device (near 0: the host is the limit)."""
+
+    def __init__(self, pipeline, batch):
         labels, seeds, steps, sampler, cfg_scale, sample_ids = batch
+        self.started, cpu = time.perf_counter(), time.process_time()
+        self.samples, self.error = None, None
         try:
-            started = time.perf_counter()
-            samples = pipeline.generate(labels, seeds, steps, sampler, cfg_scale, sample_ids=sample_ids,
-                                        allow_nonfinite=True).cpu()
-            run = {**pipeline.last_run, "seconds": time.perf_counter() - started}
-            reply = ("done", (samples.numpy().astype(np.float32, copy=False), run))
+            self.samples = pipeline.generate(labels, seeds, steps, sampler, cfg_scale, sample_ids=sample_ids,
+                                             allow_nonfinite=True)
+            self.run = dict(pipeline.last_run)
         except Exception as e:
             log.exception("a batch of %d images failed", len(labels))
-            reply = ("error", one_line(e))
-        pipe.send(reply)
+            self.error = one_line(e)
+        self.launched, self.cpu_seconds = time.perf_counter(), time.process_time() - cpu
+
+    def collect(self, free_since: float) -> tuple:
+        if self.error is not None:
+            return "error", self.error
+        waiting = time.perf_counter()
+        try:
+            samples = self.samples.cpu().numpy().astype(np.float32, copy=False)
+        except Exception as e:
+            log.exception("a batch of %d images failed", len(self.samples))
+            return "error", one_line(e)
+        done = time.perf_counter()
+        return "done", (samples, {**self.run, "seconds": done - max(self.started, free_since),
+                                  "host_seconds": self.launched - self.started, "cpu_seconds": self.cpu_seconds,
+                                  "wait_seconds": done - waiting})
 
 
 def one_line(error: Exception) -> str:
