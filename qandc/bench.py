@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_path, write_json
+from .engines import cublaslt_fp8
 from .errors import QandcError
 from .sampling.plan import DEFAULT_PLAN_SEARCH, default_plan_shape
 from .step_peers import PEER_STAGES, measure_peer, median_ms, peer
@@ -261,6 +262,8 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
     model.to("cpu")
     return {"name": config.name, "model": model_name, "steps": config.steps, "precision": config.precision,
             "cache": config.cache, "compiled": config.compiled, "fused_fp8": config.fused_fp8,
+            **({"fp8_mlp_kernel": "cublaslt" if cublaslt_fp8.usable_on("cuda") else "triton"}
+               if config.fused_fp8 else {}),
             "images_per_s": BATCH / statistics.median(seconds),
             "seconds_per_batch": statistics.median(seconds), "runs": runs, "ms_full_step": ms_full,
             "ms_reuse_step": ms_reuse, "peak_mem_gb": peak, "quality_from": config.quality,
