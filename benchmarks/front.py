@@ -20,7 +20,8 @@ float32 model's (labels i % 10, sample i keyed by (seed, i)).
    Points measured once and no longer picked (a cheaper point screened since) stay in the JSON. With
    --fp8-kernels fastaccum the W8A8-FP8 points run engines whose FP8 GEMMs skip the float32 promotion of their
    running sum, with --fp8-kernels fused those of issue 17's fastest step (bench.FUSED_FP8: fused MLP and norm
-   kernels, fast accumulation): rows of their own, compared with the promoting ones in `fp8_kernels`.
+   kernels, fast accumulation; fused-cublaslt: cuBLASLt's GELU epilogue for the MLPs instead of the Triton kernel):
+   rows of their own, compared with the promoting ones in `fp8_kernels`.
 3. summary: front-<card>.json (`rows`: screened and measured points; `peers` from benchmarks/front_peers.py's JSON;
    `targets`; `searches`: every plan with its search) and front-<card>.png.
 
@@ -48,6 +49,7 @@ from qandc.artifacts import atomic_path, sha256_file, write_json
 from qandc.bench import FUSED_FP8, card_name, device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
 from qandc.calibration.plan_search import FAMILY, PlanSearch, auto_plan
+from qandc.engines import cublaslt_fp8
 from qandc.formats.recipe import VarianceCompensation, load_vc
 from qandc.images import model_to_images, to_uint8
 from qandc.metrics.evaluate import score
@@ -70,7 +72,9 @@ SAMPLERS = ("ddim", "ddpm")
 QUALITY_TARGETS = (1.10, 1.25)
 ROOT = Path(__file__).resolve().parent.parent
 # --fp8-kernels: build_inductor's FP8 options of each variant of the W8A8-FP8 engines
-FP8_KERNELS = {"promoting": {}, "fastaccum": {"fp8_fast_accum": True}, "fused": FUSED_FP8}
+# (fused: the MLP's Triton kernel; fused-cublaslt: the same engines with cuBLASLt's GELU epilogue for their MLPs,
+# qandc.engines.cublaslt_fp8, which needs nvmath-python)
+FP8_KERNELS = {"promoting": {}, "fastaccum": {"fp8_fast_accum": True}, "fused": FUSED_FP8, "fused-cublaslt": FUSED_FP8}
 # a measured row's `path` -> its state folder: the FP8 variants' rows are kept apart, out of the front, its targets
 # and its plot
 MEASURED = {"inductor-engines": "measure",
@@ -510,8 +514,9 @@ def main():
     parser.add_argument("--fp8-kernels", choices=list(FP8_KERNELS), default="promoting",
                         help="the W8A8-FP8 engines measured: FP8 GEMMs promoting their running sum to float32, "
                              "without that promotion (fastaccum), or issue 17's fastest step (fused: Triton MLP and "
-                             "norm kernels, fast accumulation); other than promoting, rows are kept apart, out of "
-                             "the front (fp8_kernels)")
+                             "norm kernels, fast accumulation; fused-cublaslt: cuBLASLt's GELU epilogue for the "
+                             "MLPs, with nvmath-python); other than promoting, rows are kept apart, out of the front "
+                             "(fp8_kernels)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop between points after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-front")
     parser.add_argument("--work", default="/tmp/qandc-front-work", help="engines and Inductor's compile cache")
@@ -523,6 +528,9 @@ def main():
         parser.error(f"--measure-n ({args.measure_n}) must be a multiple of --batch ({args.batch})")
     begin = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cublaslt_fp8.ENABLED = args.fp8_kernels == "fused-cublaslt"
+    if cublaslt_fp8.ENABLED and not cublaslt_fp8.usable_on(device):
+        parser.error("--fp8-kernels fused-cublaslt needs nvmath-python and a GPU of compute capability 8.9 or later")
     torch.backends.cuda.matmul.allow_tf32 = True
     state, work = Path(args.state), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh peers            # the peers' rows not run yet, two processes (PEER_GROUPS)
 #   bash benchmarks/gpu_session.sh ablation         # the ablation's optional rows
 #   bash benchmarks/gpu_session.sh measure          # the front's engine pass alone (it times images/s;
-#                                                   # FRONT_ARGS="--fp8-kernels fused": issue 17's FP8 kernels)
+#                                                   # FRONT_ARGS="--fp8-kernels fused": issue 17's FP8 kernels,
+#                                                   # "fused-cublaslt": their MLPs by cuBLASLt)
 #   bash benchmarks/gpu_session.sh profile          # sampling-run profile; DiT-XL/2 steps, FP8 default vs max-autotune
 #   bash benchmarks/gpu_session.sh serve            # benchmarks/serve_load.py (issue 19; two calls: build, measure;
 #                                                   # SERVE_ARGS="--duration-s 6" passes it more options,
