@@ -348,7 +348,7 @@ def batch_times(ms: dict) -> str:
     if ms["seconds"] is None:
         return "no batch"
     return (f"{ms['seconds']:.1f} ms: launching {ms['host_seconds']:.1f} (CPU {ms['cpu_seconds']:.1f}), waiting for "
-            f"the GPU {ms['wait_seconds']:.1f}")
+            f"the device {ms['wait_seconds']:.1f}")
 
 
 def percentiles(latencies: list[float]) -> dict:

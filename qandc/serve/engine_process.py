@@ -100,9 +100,10 @@ class EngineProcess:
 
 def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | None, run_graphs: bool) -> None:
     """The engine process: load, report, then run each batch the pipe brings until it brings None or closes.
-    SIGINT / SIGTERM are the server's to handle: the process finishes the batches it is given. With whole-run graphs
-    a batch is only launched before its samples are collected, and a next batch already waiting is launched in
-    between: its host work (its generators and noise, drawn on the CPU) runs while the GPU replays the one before."""
+    SIGINT / SIGTERM are the server's to handle: the process finishes the batches it is given. A batch is launched,
+    then its samples are copied out; with whole-run graphs a next batch already waiting in the pipe is launched in
+    between, so its host work (its generators and noise, drawn on the CPU) runs while the GPU replays the one
+    before."""
     from ..runtime import Pipeline
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -117,7 +118,7 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
         return
     pipe.send(("loaded", {"manifest": pipeline.manifest, "max_batch": pipeline.denoiser.max_batch,
                           "device": str(pipeline.device)}))
-    pending, free_since = None, time.perf_counter()  # a launched batch not collected; when the last one was
+    pending, free_since = None, time.perf_counter()  # a batch launched, not collected; when the last was collected
     while True:
         if pending is not None and not (run_graphs and pipe.poll()):
             pipe.send(pending.collect(free_since))
