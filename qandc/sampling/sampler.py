@@ -81,7 +81,7 @@ def draw_noise(generators: list[torch.Generator], shape, count: int | None = Non
         return torch.stack([torch.randn(shape, generator=g) for _ in range(count)])
 
     values = len(generators) * (count or 1) * math.prod(shape)
-    if values < PARALLEL_DRAW_VALUES or len(generators) < 2:
+    if values < PARALLEL_DRAW_VALUES or min(len(generators), DRAW_THREADS) < 2:
         return torch.stack([draw(g) for g in generators])
     share = -(-len(generators) // DRAW_THREADS)
     shares = [generators[i:i + share] for i in range(0, len(generators), share)]
