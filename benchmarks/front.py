@@ -50,6 +50,7 @@ from qandc.bench import FUSED_FP8, card_name, device_name
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
 from qandc.calibration.plan_search import FAMILY, PlanSearch, auto_plan
 from qandc.engines import cublaslt_fp8
+from qandc.errors import QandcError
 from qandc.formats.recipe import VarianceCompensation, load_vc
 from qandc.images import model_to_images, to_uint8
 from qandc.metrics.evaluate import score
@@ -276,6 +277,8 @@ class Front:
             seconds.append(time.perf_counter() - begin)
             if timed_batches is None:
                 images.append(to_uint8(model_to_images(out, self.model.config))[..., 0])
+        if self.fp8_variant(point) == "fused-cublaslt" and cublaslt_fp8.FAILURE:  # the Triton kernel ran instead
+            raise QandcError(f"cuBLASLt cannot run the fused MLP here: {cublaslt_fp8.FAILURE}")
         speed = batch * (len(seconds) - 1) / sum(seconds[1:])
         return (np.concatenate(images) if images else None), speed, pipeline.last_run
 

@@ -28,6 +28,7 @@ import ast
 import os
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -451,6 +452,8 @@ def main(argv=None) -> None:
             continue
         engine_dir, _ = config_engines(args.model, model, precision, args.plan, work, [rows], **fp8)
         pipeline, load_s = load_ready(engine_dir, device == "cuda", rows, meta["cuda_graphs"])
+        if variant.get("fp8_mlp_kernel") == "cublaslt" and cublaslt_fp8.FAILURE:  # the Triton kernel ran instead
+            sys.exit(f"profile_step: cuBLASLt cannot run the fused MLP here: {cublaslt_fp8.FAILURE}")
         settings = {**variant, "load_s": load_s, "sitting": sitting}
         for key, sampler in zip(keys, args.samplers if args.run else [None]):
             if (state / f"{key}.json").is_file():

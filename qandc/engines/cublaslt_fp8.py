@@ -17,19 +17,30 @@ CUDA only: `tests/test_triton_kernels.py` checks it on a GPU; the CPU machines c
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 # False: `quantized.fp8_linear_gelu_quant_tensorwise` runs the Triton kernel even where cuBLASLt is usable (a profile
 # comparing the two: benchmarks/profile_step.py --fp8-mlp-kernel triton)
 ENABLED = True
+# why cuBLASLt could not plan a call here (its library refused the FP8 epilogue, say), once it could not: from then
+# on the Triton kernel runs, after one warning
+FAILURE: str | None = None
 _PLANS: dict = {}  # (device, m, n, k, fast_accum) -> (Matmul, the C that sets its result's layout)
+log = logging.getLogger("qandc.engines")
+
+
+class Unsupported(Exception):
+    """cuBLASLt could not plan the call (FAILURE says why)."""
 
 
 def usable_on(device: torch.device) -> bool:
-    """Whether cuBLASLt's FP8 GELU epilogue can run on `device`: ENABLED, nvmath-python installed, a CUDA device of
-    compute capability 8.9 or later."""
+    """Whether cuBLASLt's FP8 GELU epilogue can run on `device`: ENABLED, no FAILURE, nvmath-python installed, a CUDA
+    device of compute capability 8.9 or later."""
     device = torch.device(device)
-    if not (ENABLED and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)):
+    if not (ENABLED and FAILURE is None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (8, 9)):
         return False
     try:
         import nvmath.linalg.advanced  # noqa: F401
@@ -47,13 +58,20 @@ def fp8_gemm_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
                         inverse_out_scale: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
     """e4m3 clamp(gelu_tanh((x @ weight.T) * scale + bias) * inverse_out_scale) for e4m3 x [M, K], e4m3 weight
     [N, K], `scale` the float32 product of both operands' tensor-wide scales (shape () or (1,)), bf16 bias [N],
-    `inverse_out_scale` float32 (shape () or (1,)); e4m3 [M, N]. `fast_accum`: cuBLASLt's FP8 fast accumulation."""
+    `inverse_out_scale` float32 (shape () or (1,)); e4m3 [M, N]. `fast_accum`: cuBLASLt's FP8 fast accumulation.
+    Unsupported when cuBLASLt cannot plan it (FAILURE set, a warning logged)."""
+    global FAILURE
     x = x.contiguous()
     (m, k), n = x.shape, weight.shape[0]
     key = (x.device, m, n, k, fast_accum)
     scales = {"a": scale.reshape(()), "b": _one(x.device), "d": inverse_out_scale.reshape(())}
     if key not in _PLANS:
-        _PLANS[key] = _plan(weight, x, bias, scales, fast_accum)
+        try:
+            _PLANS[key] = _plan(weight, x, bias, scales, fast_accum)
+        except Exception as e:  # nvmath's and cuBLASLt's errors have no common base
+            FAILURE = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            log.warning("cuBLASLt cannot run the fused FP8 MLP here (%s): the Triton kernel runs instead", FAILURE)
+            raise Unsupported(FAILURE) from e
     matmul = _PLANS[key][0]
     matmul.reset_operands_unchecked(a=weight, b=x.t(), quantization_scales=scales, epilog_inputs={"bias": bias})
     return matmul.execute().t()

@@ -76,12 +76,15 @@ def fp8_linear_gelu_quant_tensorwise(x: torch.Tensor, weight: torch.Tensor, scal
                                      fast_accum: bool = False) -> torch.Tensor:
     """`fp8_linear_gelu_quant` with a tensor-wide `scale` (the product of both operands' scales, shape ()) and the
     inverse of `out_scale` too: on CUDA one cuBLASLt call with the GELU + bias epilogue where `cublaslt_fp8.usable`
-    (nvmath-python installed, compute capability 8.9 or later), else the Triton kernel."""
+    (nvmath-python installed, compute capability 8.9 or later, and cuBLASLt can plan it), else the Triton kernel."""
     if x.is_cuda:
         from . import cublaslt_fp8
 
         if cublaslt_fp8.usable(x, weight):
-            return cublaslt_fp8.fp8_gemm_gelu_quant(x, weight, scale, bias, inverse_out_scale, fast_accum)
+            try:
+                return cublaslt_fp8.fp8_gemm_gelu_quant(x, weight, scale, bias, inverse_out_scale, fast_accum)
+            except cublaslt_fp8.Unsupported:
+                pass  # warned once; the Triton kernel from now on
     return fp8_linear_gelu_quant(x, weight, scale.reshape(1).expand(weight.shape[0]).contiguous(), bias, out_scale,
                                  fast_accum)
 
