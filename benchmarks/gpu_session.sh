@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways,
 #                                                   # the residual add + norm + quantize kernels (norm_rates.py)
 #   bash benchmarks/gpu_session.sh fc1              # gemm's GEMM rates alone
+#   bash benchmarks/gpu_session.sh norm             # gemm's norm kernel rates alone
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
 #   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
@@ -140,6 +141,10 @@ gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and til
 
 fc1() {  # gemm's GEMM rates alone (the MLP's middle: Triton's fused kernels and cuBLASLt's GELU epilogue)
   timeout -s INT 300 python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
+}
+
+norm() {  # gemm's norm kernel rates alone (~1 minute)
+  timeout -s INT 150 python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
 }
 
 serve() {  # a fresh machine builds the engines (~220 s) and stops: call it again on the warm machine to measure

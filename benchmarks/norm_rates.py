@@ -1,13 +1,13 @@
 """The residual add + LayerNorm + adaLN modulation + FP8 quantize of DiT-XL/2's blocks (32 rows of 256 tokens, 1152
 wide; issue 17): as Inductor compiles the model's expression for the FP8 engines (default, one-pass reductions
 forced, coordinate-descent tuning), and as qandc's Triton kernel (`qandc::add_norm_modulate_fp8`, autotuned, then
-each of its configs), against a bf16 copy of the same bytes (the memory's rate in practice). Median of
-`triton.testing.do_bench`; GB/s counts x and delta read, x' and the e4m3 written (7 bytes an element). Kernels
-called through Python (Inductor's, the op's autotuned wrapper) are timed with their host time where launching is
-slower than the kernel (a 30 us kernel: the op's wrapper read 28.5 us in one sitting and 64.4 in another), which the
-engines' CUDA graphs do not pay: `autotuned_config` also gives the direct launch of the config autotuning chose. The
-kernel's outputs are compared with the op's float32 computation (`quantized.add_norm_modulate_float32`, run here on the
-GPU). GPU only.
+each of its configs: rows a program, warps, a row as one 2048-wide block or as two, 1024 + 128), against a bf16 copy
+of the same bytes (the memory's rate in practice). Median of `triton.testing.do_bench`; GB/s counts x and delta
+read, x' and the e4m3 written (7 bytes an element). Kernels called through Python (Inductor's, the op's autotuned
+wrapper) are timed with their host time where launching is slower than the kernel (a 30 us kernel: the op's wrapper
+read 28.5 us in one sitting and 64.4 in another), which the engines' CUDA graphs do not pay: `autotuned_config` also
+gives the direct launch of the config autotuning chose. The kernel's outputs are compared with the op's float32
+computation (`quantized.add_norm_modulate_float32`, run here on the GPU). GPU only.
 
     python benchmarks/norm_rates.py --out benchmarks/results/norm-h200.json
 """
@@ -33,6 +33,11 @@ def model_expression(x, delta, gate, shift, scale, q_scale):
     return x, to_fp8(modulate(normed, shift, scale).reshape(-1, x.shape[-1]), q_scale)
 
 
+def config_name(rows: int, split: bool, warps: int) -> str:
+    """A kernel config's row name: rows a program, warps, and `_split` for a row as two blocks (1024 + 128)."""
+    return f"triton_rows{rows}_warps{warps}" + ("_split" if split else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -53,12 +58,12 @@ def main() -> None:
     kernels["triton_autotuned"] = lambda *a: triton_norm.add_norm_modulate_fp8(*a, EPS)
     out_x, out_q = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float8_e4m3fn, device="cuda")
     for config in triton_norm._add_norm_modulate_fp8_kernel.configs:
-        rows, warps = config.kwargs["ROWS"], config.num_warps
-        kernels[f"triton_rows{rows}_warps{warps}"] = (
-            lambda *a, rows=rows, warps=warps: triton_norm._add_norm_modulate_fp8_kernel.fn[
+        rows, split, warps = config.kwargs["ROWS"], config.kwargs["SPLIT"], config.num_warps
+        kernels[config_name(rows, split, warps)] = (
+            lambda *a, rows=rows, split=split, warps=warps: triton_norm._add_norm_modulate_fp8_kernel.fn[
                 (triton.cdiv(BATCH * TOKENS, rows),)](x, delta, gate, shift, scale, q_scale.reshape(1), out_x, out_q,
                                                      BATCH * TOKENS, WIDTH, TOKENS, shift.stride(0), EPS,
-                                                     BLOCK_C=triton.next_power_of_2(WIDTH), ROWS=rows,
+                                                     **triton_norm.blocks(WIDTH), ROWS=rows, SPLIT=split,
                                                      num_warps=warps))
     results = {}
     for name, fn in kernels.items():
@@ -78,8 +83,9 @@ def main() -> None:
     best = triton_norm._add_norm_modulate_fp8_kernel.best_config
     write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                           "shape_btc": [BATCH, TOKENS, WIDTH], "kernels": results, "accuracy": accuracy,
-                          "autotuned_config": {"ROWS": best.kwargs["ROWS"], "num_warps": best.num_warps,
-                                               **results[f"triton_rows{best.kwargs['ROWS']}_warps{best.num_warps}"]}})
+                          "autotuned_config": {**best.kwargs, "num_warps": best.num_warps,
+                                               **results[config_name(best.kwargs["ROWS"], best.kwargs["SPLIT"],
+                                                                     best.num_warps)]}})
     for name, r in results.items():
         print(f"{name:32s} " + (f"{r['us']:7.1f} us {r['gb_per_s']:7.0f} GB/s" if "us" in r else r["error"]))
     for name, r in accuracy.items():

@@ -168,7 +168,7 @@ NORM_INTERPRETED = NORM + """
 got_x, got = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float8_e4m3fn)
 triton_norm._add_norm_modulate_fp8_kernel.fn[(triton.cdiv(b * t, 2),)](
     x, delta, gate, shift, scale, q_scale.reshape(1), got_x, got, b * t, c, t, shift.stride(0), 1e-6,
-    BLOCK_C=triton.next_power_of_2(c), ROWS=2)
+    **triton_norm.blocks(c), ROWS=2, SPLIT={split})
 """
 NORM_GPU = NORM + """
 got_x, got = triton_norm.add_norm_modulate_fp8(x.cuda(), delta.cuda(), gate.cuda(), shift.cuda(), scale.cuda(),
@@ -190,12 +190,14 @@ NORM_SHAPES = [(3, 5, 48), (2, 7, 1152)]  # rows off the programs' multiples; Di
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernel itself")
-@pytest.mark.parametrize("shape", NORM_SHAPES)
-def test_the_norm_kernel_computes_the_op_under_the_interpreter(shape):
+@pytest.mark.parametrize("shape", NORM_SHAPES + [(2, 3, 256)])
+@pytest.mark.parametrize("split", [False, True])
+def test_the_norm_kernel_computes_the_op_under_the_interpreter(shape, split):
     """The residual add within a bf16 step (the interpreter truncates to bf16 where the GPU rounds: about half the
     values a step below), and the e4m3 input of the next GEMM what the op's float32 arithmetic gives for that
-    residual stream, but for the interpreter's e4m3 rounding (see above; ~5% of outputs at these sizes)."""
-    result = stats(NORM_INTERPRETED.format(shape=shape) + NORM_REPORT, {"TRITON_INTERPRET": "1"})
+    residual stream, but for the interpreter's e4m3 rounding (see above; ~5% of outputs at these sizes). With the
+    row as one block and as two (`SPLIT`: 32 + 16, 1024 + 128, and 256 + a masked 1 for a power of two)."""
+    result = stats(NORM_INTERPRETED.format(shape=shape, split=split) + NORM_REPORT, {"TRITON_INTERPRET": "1"})
     assert result["x_within_bf16_step"] and result["own_exact_but_interpreter_rounding"] > 0.999
 
 

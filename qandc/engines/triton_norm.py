@@ -2,8 +2,10 @@
 rows a program: x' = x + gate · delta (bf16, written back), q = e4m3(clamp((LN(x') (1 + scale) + shift) / s)).
 Inductor compiles the same computation into one reduction a row, at about half the memory's rate on the H200 (33-36
 µs in the engines for DiT-XL/2's ~66 MB at 32 rows, `benchmarks/results/profile-step-h200.md`); this kernel takes 26
-µs there (28.5 alone against Inductor's 51 and a copy's 21: `benchmarks/norm_rates.py`, `norm-h200.json`). CUDA
-only (imported on first use); the CPU computes the same in PyTorch (`quantized.add_norm_modulate_fp8`)."""
+µs there (28.5 alone against Inductor's 51 and a copy's 21: `benchmarks/norm_rates.py`, `norm-h200.json`). Its
+autotuning also tries a row as two blocks, so that 1152 columns take 1024 + 128 lanes instead of 2048 (session 13,
+not yet timed on a GPU). CUDA only (imported on first use); the CPU computes the same in PyTorch
+(`quantized.add_norm_modulate_fp8`)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,10 @@ import triton.language as tl
 FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 
 
-@triton.autotune(configs=[triton.Config({"ROWS": rows}, num_warps=warps) for rows in (1, 2, 4, 8)
-                          for warps in (4, 8, 16)], key=["C"])
 @triton.jit
-def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_ptr, q_scale_ptr, x_out_ptr, q_ptr,
-                                  M, C, TOKENS, MOD_STRIDE, eps, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
+def _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, cols, M, C, TOKENS, MOD_STRIDE):
+    """x + gate · delta over `cols` of `rows`, written back as bf16; (it in float32, the mask, the offsets, the
+    adaLN offsets)."""
     mask = (rows[:, None] < M) & (cols[None, :] < C)
     offsets = rows[:, None] * C + cols[None, :]
     modulation = (rows // TOKENS)[:, None] * MOD_STRIDE + cols[None, :]  # the row's image's adaLN row
@@ -29,15 +28,57 @@ def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_p
     gate = tl.load(gate_ptr + modulation, mask=mask, other=0.0).to(tl.float32)
     x = (x + gate * delta).to(x_out_ptr.dtype.element_ty)  # the residual stream stays bf16
     tl.store(x_out_ptr + offsets, x, mask=mask)
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    normed = centred * tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)[:, None]
+    return x.to(tl.float32), mask, offsets, modulation
+
+
+@triton.jit
+def _modulate_quantize(normed, mask, offsets, modulation, shift_ptr, scale_ptr, q_scale_ptr, q_ptr):
     shift = tl.load(shift_ptr + modulation, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + modulation, mask=mask, other=0.0).to(tl.float32)
     q = (normed * (1.0 + scale) + shift) / tl.load(q_scale_ptr)
     q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=[triton.Config({"ROWS": rows, "SPLIT": split}, num_warps=warps) for rows in (1, 2, 4, 8)
+                          for warps in (4, 8, 16) for split in (False, True)], key=["C"])
+@triton.jit
+def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_ptr, q_scale_ptr, x_out_ptr, q_ptr,
+                                  M, C, TOKENS, MOD_STRIDE, eps, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
+                                  BLOCK_B: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr):
+    """BLOCK_C: C's next power of two. SPLIT: a row as two blocks instead, BLOCK_A (C's largest power of two) and
+    BLOCK_B (the rest's next power of two; 1 and masked when C is a power of two), so that a row of 1152 takes
+    1024 + 128 lanes, not 2048."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    if SPLIT:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        xa, mask_a, offsets_a, mod_a = _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, tl.arange(0, BLOCK_A),
+                                                 M, C, TOKENS, MOD_STRIDE)
+        xb, mask_b, offsets_b, mod_b = _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, cols_b, M, C, TOKENS,
+                                                 MOD_STRIDE)
+        mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / C
+        centred_a = tl.where(mask_a, xa - mean[:, None], 0.0)
+        centred_b = tl.where(mask_b, xb - mean[:, None], 0.0)
+        rstd = tl.rsqrt((tl.sum(centred_a * centred_a, axis=1) + tl.sum(centred_b * centred_b, axis=1)) / C + eps)
+        _modulate_quantize(centred_a * rstd[:, None], mask_a, offsets_a, mod_a, shift_ptr, scale_ptr, q_scale_ptr,
+                           q_ptr)
+        _modulate_quantize(centred_b * rstd[:, None], mask_b, offsets_b, mod_b, shift_ptr, scale_ptr, q_scale_ptr,
+                           q_ptr)
+    else:
+        x, mask, offsets, modulation = _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, tl.arange(0, BLOCK_C),
+                                                 M, C, TOKENS, MOD_STRIDE)
+        mean = tl.sum(x, axis=1) / C
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
+        _modulate_quantize(centred * rstd[:, None], mask, offsets, modulation, shift_ptr, scale_ptr, q_scale_ptr,
+                           q_ptr)
+
+
+def blocks(c: int) -> dict:
+    """The kernel's block widths for rows of `c`: BLOCK_C, BLOCK_A and BLOCK_B."""
+    below = 1 << (c.bit_length() - 1)
+    return {"BLOCK_C": triton.next_power_of_2(c), "BLOCK_A": below,
+            "BLOCK_B": triton.next_power_of_2(c - below) if c > below else 1}
 
 
 def add_norm_modulate_fp8(x: torch.Tensor, delta: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
@@ -52,5 +93,5 @@ def add_norm_modulate_fp8(x: torch.Tensor, delta: torch.Tensor, gate: torch.Tens
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     grid = lambda meta: (triton.cdiv(b * t, meta["ROWS"]),)  # noqa: E731
     _add_norm_modulate_fp8_kernel[grid](x, delta, gate, shift, scale, q_scale.float().reshape(1), x_out, q, b * t, c,
-                                        t, shift.stride(0), eps, BLOCK_C=triton.next_power_of_2(c))
+                                        t, shift.stride(0), eps, **blocks(c))
     return x_out, q
