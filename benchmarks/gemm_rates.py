@@ -58,6 +58,11 @@ def rates(m: int, k: int, n: int) -> dict:
             out[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
             continue
         out[name] = {"us": ms * 1e3, "tflops": 2 * m * k * n / (ms * 1e-3) / 1e12}
+        if name.startswith("fp8_triton_tma"):  # the tile autotuning chose (the epilogue whole or in halves)
+            from qandc.engines import triton_fp8
+
+            best = triton_fp8._fp8_gemm_gelu_quant_tma_kernel.best_config
+            out[name]["config"] = {**best.kwargs, "num_stages": best.num_stages, "num_warps": best.num_warps}
         if name in GRAPHED:  # replayed as the engines run it: no launch cost, and capture-safe or an error
             try:
                 out[name]["us_cuda_graph"] = triton.testing.do_bench_cudagraph(fn, rep=200,

@@ -73,29 +73,34 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 from qandc.engines import triton_fp8
 got = torch.empty((m, n), dtype=torch.float8_e4m3fn)
-a, b, c = (TensorDescriptor.from_tensor(t, block) for t, block in ((x, [16, 64]), (w, [32, 64]), (got, [16, 32])))
+subtile = {subtile}  # the epilogue in two halves: the output's block half as wide
+a, b, c = (TensorDescriptor.from_tensor(t, block) for t, block in ((x, [16, 64]), (w, [32, 64]),
+                                                                   (got, [16, 16 if subtile else 32])))
 sms = 3  # fewer programs than tiles: each loops over several
 grid = (min(sms, triton.cdiv(m, 16) * triton.cdiv(n, 32)),)
 triton_fp8._fp8_gemm_gelu_quant_tma_kernel.fn[grid](a, b, c, scale, bias, out_scale.reshape(1), m, n, k, BLOCK_M=16,
-                                                     BLOCK_N=32, BLOCK_K=64, GROUP_M=2, NUM_SMS=sms, PROMOTE={promote})
+                                                     BLOCK_N=32, BLOCK_K=64, GROUP_M=2, NUM_SMS=sms,
+                                                     EPILOGUE_SUBTILE=subtile, PROMOTE={promote})
 got = got.float()
 """
 
 
 KERNELS = [("pointer", shape) for shape in SHAPES] + [("tma", shape) for shape in TMA_SHAPES]
+INTERPRETED_KERNELS = KERNELS + [("tma-subtile", shape) for shape in TMA_SHAPES]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernel itself")
-@pytest.mark.parametrize("kernel, shape", KERNELS)
+@pytest.mark.parametrize("kernel, shape", INTERPRETED_KERNELS)
 @pytest.mark.parametrize("promote", [True, False])
 def test_the_kernel_computes_the_op_under_the_interpreter(kernel, shape, promote):
     """Exact, but for the interpreter's own float32 → e4m3 conversion (Triton 3.9; seen on a plain load-convert-store
     kernel too): where rounding carries into the exponent it gives half the value (just below 2^n → 2^(n-1)), and
     subnormals (to 2^-6) land up to two of their steps (2^-9) off. The interpreter accumulates in float32 either way:
     what the promotion changes on a GPU is `benchmarks/gemm_rates.py`'s to measure. Both kernels: the pointer one and
-    the persistent TMA one (several tiles a program)."""
-    code = {"pointer": INTERPRETED, "tma": TMA_INTERPRETED}[kernel]
-    result = stats(code.format(shape=shape, promote=promote) + REPORT, {"TRITON_INTERPRET": "1"})
+    the persistent TMA one (several tiles a program), its epilogue whole and in two halves."""
+    code = INTERPRETED if kernel == "pointer" else TMA_INTERPRETED
+    result = stats(code.format(shape=shape, promote=promote, subtile=kernel == "tma-subtile") + REPORT,
+                   {"TRITON_INTERPRET": "1"})
     assert result["shape"] == [shape[0], shape[2]] and result["exact_but_interpreter_rounding"]
     assert result["exact"] > 0.95
 

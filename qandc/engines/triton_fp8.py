@@ -9,7 +9,8 @@ Triton's interpreter and on a GPU; whether it beats cuBLASLt + the separate kern
 (`benchmarks/profile_step.py --fused-fp8-mlp`). A second variant (`tma=True`) is persistent (one program an SM, each
 looping over output tiles in the same grouped order) and reads its operands and writes its output through TMA tensor
 descriptors, as Triton's persistent-matmul tutorial does; same epilogue and promotion. It ran fc1 of DiT-XL/2 7%
-faster on an H200 (`benchmarks/results/gemm-h200.json`), so the op takes it on Hopper."""
+faster on an H200 (`benchmarks/results/gemm-h200.json`), so the op takes it on Hopper. Its autotuning also tries
+the wide tiles with the epilogue in two halves (`EPILOGUE_SUBTILE`; session 13, not yet timed on a GPU)."""
 
 from __future__ import annotations
 
@@ -35,19 +36,23 @@ _CONFIGS = [
 
 
 def _tma_blocks(nargs: dict) -> None:
-    # the descriptors' block shapes are the config's tiles (a pre_hook: the autotuner calls it before each launch)
+    # the descriptors' block shapes are the config's tiles (a pre_hook: the autotuner calls it before each launch);
+    # the output's is half a tile wide when the epilogue stores it in two halves
     nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-    nargs["c_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
+    nargs["c_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"] // (2 if nargs["EPILOGUE_SUBTILE"] else 1)]
 
 
-# Hopper FP8 tiles for the TMA kernel; 128 x 256 only with 8 warps (its float32 accumulator, twice that promoting)
+# Hopper FP8 tiles for the TMA kernel; 128 x 256 only with 8 warps (its float32 accumulator, twice that promoting).
+# The wide tiles also with their epilogue in two halves (less shared memory staging the output, as Triton's
+# persistent-matmul tutorial does)
 _TMA_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w,
-                  pre_hook=_tma_blocks)
-    for bm, bn, bk, s, w in [
-        (128, 128, 128, 3, 4), (128, 128, 128, 4, 4), (128, 128, 128, 4, 8), (128, 256, 128, 3, 8),
-        (128, 256, 64, 4, 8), (256, 128, 128, 3, 8),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_SUBTILE": sub},
+                  num_stages=s, num_warps=w, pre_hook=_tma_blocks)
+    for bm, bn, bk, s, w, sub in [
+        (128, 128, 128, 3, 4, False), (128, 128, 128, 4, 4, False), (128, 128, 128, 4, 8, False),
+        (128, 256, 128, 3, 8, False), (128, 256, 64, 4, 8, False), (256, 128, 128, 3, 8, False),
+        (128, 256, 128, 3, 8, True), (128, 256, 64, 4, 8, True), (128, 128, 128, 4, 8, True),
     ]
 ]
 
@@ -56,6 +61,16 @@ _TMA_CONFIGS = [
 def _gelu_tanh(x):
     # 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)
     return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.jit
+def _gelu_quant(acc, rn, N, scale_ptr, bias_ptr, out_scale_ptr):
+    """The epilogue of output columns `rn`: per channel scale and bias, GELU (tanh), the static quantize's clamp
+    (float32; the caller converts to e4m3)."""
+    scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
+    bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    hidden = _gelu_tanh(acc * scale[None, :] + bias[None, :]) / tl.load(out_scale_ptr)
+    return tl.minimum(tl.maximum(hidden, -FP8_MAX), FP8_MAX)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "PROMOTE"])
@@ -67,10 +82,7 @@ def _fp8_gemm_gelu_quant_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_scale_ptr
     acc, rm, rn = tile_product(a_ptr, b_ptr, M, N, K, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
                               EVEN_K, PROMOTE)
 
-    scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
-    bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    hidden = _gelu_tanh(acc * scale[None, :] + bias[None, :]) / tl.load(out_scale_ptr)
-    hidden = tl.minimum(tl.maximum(hidden, -FP8_MAX), FP8_MAX)
+    hidden = _gelu_quant(acc, rn, N, scale_ptr, bias_ptr, out_scale_ptr)
     c = c_ptr + rm[:, None] * N + rn[None, :]
     tl.store(c, hidden.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -89,9 +101,11 @@ def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 @triton.jit
 def _fp8_gemm_gelu_quant_tma_kernel(a_desc, b_desc, c_desc, scale_ptr, bias_ptr, out_scale_ptr, M, N, K,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, PROMOTE: tl.constexpr = True):
+                                    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
+                                    PROMOTE: tl.constexpr = True):
     """`_fp8_gemm_gelu_quant_kernel` persistent and TMA-fed: NUM_SMS programs, each taking every NUM_SMS-th tile.
-    The descriptors zero-fill rows (and K) past the tensor's end on loads and drop them on the store, so no masks."""
+    The descriptors zero-fill rows (and K) past the tensor's end on loads and drop them on the store, so no masks.
+    EPILOGUE_SUBTILE: the epilogue computes and stores the tile in two halves of BLOCK_N / 2 columns."""
     start = tl.program_id(0)
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_blocks = tl.cdiv(K, BLOCK_K)
@@ -110,12 +124,17 @@ def _fp8_gemm_gelu_quant_tma_kernel(a_desc, b_desc, c_desc, scale_ptr, bias_ptr,
 
         tile_c += NUM_SMS
         off_m, off_n = _tile(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        rn = off_n + tl.arange(0, BLOCK_N)
-        scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        hidden = _gelu_tanh(acc * scale[None, :] + bias[None, :]) / tl.load(out_scale_ptr)
-        hidden = tl.minimum(tl.maximum(hidden, -FP8_MAX), FP8_MAX)
-        c_desc.store([off_m, off_n], hidden.to(c_desc.dtype))
+        if EPILOGUE_SUBTILE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            rn = off_n + tl.arange(0, BLOCK_N // 2)
+            c_desc.store([off_m, off_n], _gelu_quant(left, rn, N, scale_ptr, bias_ptr, out_scale_ptr)
+                         .to(c_desc.dtype))
+            c_desc.store([off_m, off_n + BLOCK_N // 2],
+                         _gelu_quant(right, rn + BLOCK_N // 2, N, scale_ptr, bias_ptr, out_scale_ptr).to(c_desc.dtype))
+        else:
+            rn = off_n + tl.arange(0, BLOCK_N)
+            c_desc.store([off_m, off_n], _gelu_quant(acc, rn, N, scale_ptr, bias_ptr, out_scale_ptr).to(c_desc.dtype))
 
 
 def fp8_gemm_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
