@@ -74,19 +74,19 @@ def _(x, weight, scale, bias, out_scale, fast_accum=False):
 def fp8_linear_gelu_quant_tensorwise(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                                      out_scale: torch.Tensor, inverse_out_scale: torch.Tensor,
                                      fast_accum: bool = False) -> torch.Tensor:
-    """`fp8_linear_gelu_quant` with a tensor-wide `scale` (the product of both operands' scales, shape ()) and the
-    inverse of `out_scale` too: on CUDA one cuBLASLt call with the GELU + bias epilogue where `cublaslt_fp8.usable`
-    (nvmath-python installed, compute capability 8.9 or later, and cuBLASLt can plan it), else the Triton kernel."""
+    """`fp8_linear_gelu_quant` for a tensor-wide weight scale (`scale` [N] then holds one value, the product of both
+    operands' scales), with the inverse of `out_scale` too: on CUDA one cuBLASLt call with the GELU + bias epilogue
+    where `cublaslt_fp8.usable` (nvmath-python installed, compute capability 8.9 or later, and cuBLASLt can plan
+    it), else the Triton kernel."""
     if x.is_cuda:
         from . import cublaslt_fp8
 
         if cublaslt_fp8.usable(x, weight):
             try:
-                return cublaslt_fp8.fp8_gemm_gelu_quant(x, weight, scale, bias, inverse_out_scale, fast_accum)
+                return cublaslt_fp8.fp8_gemm_gelu_quant(x, weight, scale[:1], bias, inverse_out_scale, fast_accum)
             except cublaslt_fp8.Unsupported:
                 pass  # warned once; the Triton kernel from now on
-    return fp8_linear_gelu_quant(x, weight, scale.reshape(1).expand(weight.shape[0]).contiguous(), bias, out_scale,
-                                 fast_accum)
+    return fp8_linear_gelu_quant(x, weight, scale, bias, out_scale, fast_accum)
 
 
 @fp8_linear_gelu_quant_tensorwise.register_fake
@@ -198,7 +198,6 @@ class FusedFp8Mlp(nn.Module):
         self.fc1, self.fc2 = fc1, fc2
         self.tensorwise = fc1.weight_scale.dim() == 0
         if self.tensorwise:
-            self.register_buffer("scale", fc1.weight_scale * fc1.input_scale)
             self.register_buffer("inverse_hidden_scale", 1 / fc2.input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +208,7 @@ class FusedFp8Mlp(nn.Module):
         shape = q.shape
         q = q.reshape(-1, shape[-1])
         if self.tensorwise:
-            hidden = fp8_linear_gelu_quant_tensorwise(q, self.fc1.weight, self.scale, self.fc1.bias,
+            hidden = fp8_linear_gelu_quant_tensorwise(q, self.fc1.weight, self.fc1.out_scale, self.fc1.bias,
                                                       self.fc2.input_scale, self.inverse_hidden_scale,
                                                       self.fc1.fast_accum)
         else:
