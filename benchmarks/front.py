@@ -46,7 +46,7 @@ import torch
 
 from _common import generate_images, ran_on, seed_state
 from qandc.artifacts import atomic_path, sha256_file, write_json
-from qandc.bench import FUSED_FP8, card_name, device_name
+from qandc.bench import FUSED_FP8, card_name, device_name, fp8_suffix
 from qandc.calibration import CalibrationSettings, apply_recipe, calibrate
 from qandc.calibration.plan_search import FAMILY, PlanSearch, auto_plan
 from qandc.engines import cublaslt_fp8
@@ -248,14 +248,15 @@ class Front:
     def engines(self, point: Point, plan: CachePlan, batch: int) -> Path:
         from qandc.engines import build_inductor
 
-        variant = self.fp8_variant(point)
-        folder = (self.work / "engines" / f"{point.sampler}-{point.precision}-{self.plan_key(plan)}"
-                                          f"{'' if variant == 'promoting' else '-' + variant}")
+        # by their build options: fused and fused-cublaslt run the same engines (the MLP's kernel is chosen at run)
+        options = FP8_KERNELS[self.fp8_variant(point)]
+        folder = (self.work / "engines"
+                  / f"{point.sampler}-{point.precision}-{self.plan_key(plan)}{fp8_suffix(options)}")
         if not (folder / "manifest.json").exists():
             recipe = self.recipe(point, plan) if point.precision != "bf16" else None
             build_inductor(self.model, folder, plan=plan, recipe_dir=recipe,
                            sampler=SamplerDefaults(self.steps, point.sampler, CFG), batch_sizes=[2 * batch],
-                           **FP8_KERNELS[variant])
+                           **options)
         return folder
 
     def run_engines(self, point: Point, n: int, batch: int, timed_batches: int | None = None):

@@ -13,6 +13,7 @@ GPU only.
 """
 
 import argparse
+from functools import partial
 
 import torch
 import triton.testing
@@ -124,32 +125,23 @@ def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, b
 
 
 def cublaslt_kernels(a8, b8, weight_scale, bias, out_scale) -> dict:
-    """fc1 + GELU + quantize as one cuBLASLt call (nvmath-python's Matmul, planned once: per-tensor scales, the
-    GELU + bias epilogue, e4m3 output scaled by 1 / out_scale), each promoting and not; {} without nvmath. cuBLASLt's
-    bias runs along the rows of A, so it computes the transpose, weight @ x.T, into a column-major [N, M] result
-    (its layout follows C's, given with beta 0 and never read): the [M, N] row-major output the next GEMM reads."""
-    try:
-        import nvmath
-        from nvmath.linalg.advanced import Matmul, MatmulEpilog, MatmulOptions
-    except ImportError as e:
-        print(f"no cuBLASLt rows: {e}", flush=True)
+    """fc1 + GELU + quantize as the FP8 engines' one cuBLASLt call (`cublaslt_fp8.fp8_gemm_gelu_quant`: nvmath-python,
+    per-tensor scales, the GELU + bias epilogue, e4m3 output), each promoting and not; {} where it cannot run."""
+    from qandc.engines import cublaslt_fp8
+
+    if not cublaslt_fp8.usable(a8, b8):
+        print("no cuBLASLt rows: nvmath-python is not importable or the GPU is older than compute capability 8.9",
+              flush=True)
         return {}
-    (m, _), n = a8.shape, b8.shape[0]
-    kernels, one = {}, torch.ones((), device="cuda")
-    layout = torch.empty((m, n), dtype=torch.bfloat16, device="cuda").t()
+    kernels, inverse = {}, 1 / out_scale
     for fast in (False, True):
+        call = partial(cublaslt_fp8.fp8_gemm_gelu_quant, a8, b8, weight_scale, bias, inverse, fast)
         try:
-            matmul = Matmul(b8, a8.t(), c=layout, beta=0.0,
-                            quantization_scales={"a": weight_scale.reshape(()), "b": one,
-                                                 "d": (1 / out_scale).reshape(())},
-                            options=MatmulOptions(result_type=nvmath.CudaDataType.CUDA_R_8F_E4M3,
-                                                  fast_accumulation=fast))
-            matmul.plan(epilog=MatmulEpilog.GELU_BIAS, epilog_inputs={"bias": bias})
-        except Exception as e:  # what cuBLASLt refuses here, in the log; the other rows still run
-            print(f"no cuBLASLt row (fast accumulation {fast}): {type(e).__name__}: {e}", flush=True)
+            call()  # plans it
+        except cublaslt_fp8.Unsupported as e:  # what cuBLASLt refuses here, in the log; the other rows still run
+            print(f"no cuBLASLt row (fast accumulation {fast}): {e}", flush=True)
             continue
-        kernels["fp8_cublaslt_gelu_quant" + ("_fast_accum" if fast else "")] = lambda matmul=matmul: \
-            matmul.execute().t()
+        kernels["fp8_cublaslt_gelu_quant" + ("_fast_accum" if fast else "")] = call
     return kernels
 
 

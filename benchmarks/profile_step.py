@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from _common import table
 from qandc.artifacts import atomic_path, read_json, write_json
 from qandc.bench import (FP8_OPTION_SUFFIXES, _slug, card_name, config_engines, device_name, fp8_floor,
-                         full_step_flops, load_ready, make_model)
+                         fp8_suffix, full_step_flops, load_ready, make_model)
 from qandc.engines import cublaslt_fp8, inductor_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,7 +276,7 @@ def state_key(meta: dict, row: dict) -> str:
             + (f"-{quantized_mode}" if quantized_mode else "")
             + "".join(f"-{k}={v}" for k, v in sorted(row.get("inductor_config", {}).items()))
             + (f"-persistent{row['persistent_reductions_up_to']}" if row.get("persistent_reductions_up_to") else "")
-            + "".join(suffix for option, suffix in FP8_OPTION_SUFFIXES.items() if row.get(option))
+            + fp8_suffix(row)
             + ("-cublaslt" if row.get("fp8_mlp_kernel") == "cublaslt" else ""))
 
 
@@ -444,7 +444,7 @@ def main(argv=None) -> None:
         variant = {"precision": precision, "compile_mode": inductor_backend.COMPILE_MODES[precision != "bf16"],
                    "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent, **fp8}
         if fp8["fused_fp8_mlp"]:
-            variant["fp8_mlp_kernel"] = "cublaslt" if cublaslt_fp8.usable_on(device) else "triton"
+            variant["fp8_mlp_kernel"] = cublaslt_fp8.mlp_kernel(device)
         keys = [state_key(meta, {**variant, "sampler": s}) for s in (args.samplers if args.run else [None])]
         for key in keys if args.remeasure else []:
             (state / f"{key}.json").unlink(missing_ok=True)

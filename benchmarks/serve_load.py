@@ -184,6 +184,11 @@ def engine_counters(text: str) -> dict:
             **{k: values[f"qandc_serve_engine_{k}_total"] for k in BATCH_TIMES}}
 
 
+def server_counters(url: str) -> dict:
+    """`engine_counters` of the server at `url` now."""
+    return engine_counters(httpx.get(url + "/metrics", timeout=60).text)
+
+
 def engine_share(before: dict, after: dict, window: float, processes: int = 1) -> dict:
     """What the engines (`processes` engine processes) did in a window: the share of it they were busy (a
     process's mean), their own images/s were all of them busy throughout (the offline rate's counterpart) and the
@@ -218,7 +223,7 @@ def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes
     counters = []
 
     def scrape():
-        counters.append({**engine_counters(httpx.get(url + "/metrics", timeout=60).text),
+        counters.append({**server_counters(url),
                          "loop_cpu": loop_cpu_seconds(pid) if pid else None})
 
     def window(start: float) -> None:  # the parent's part: the server's counters where the measured window opens
@@ -270,11 +275,11 @@ def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, 
               processes: int = 1, clients: int = 1) -> dict:
     """Poisson arrivals at `rate` requests per second for `seconds` (`clients` client processes, each a Poisson
     stream of rate / clients): latency of each, how many were refused."""
-    before = engine_counters(httpx.get(url + "/metrics", timeout=60).text)
+    before = server_counters(url)
     parts = run_clients(_open_clients, [dict(url=url, rate=rate / clients, seconds=seconds, images=images,
                                              classes=classes, steps=steps, seed=(seed, k),
                                              first_request=k * 10 ** 7) for k in range(clients)])
-    after = engine_counters(httpx.get(url + "/metrics", timeout=60).text)
+    after = server_counters(url)
     elapsed = max(part["elapsed"] for part in parts)
     latencies = [latency for part in parts for latency in part["latencies"]]
     return {"offered_requests_per_s": rate, "sent": sum(part["sent"] for part in parts),

@@ -59,6 +59,13 @@ FP8_OPTION_SUFFIXES = {"fused_fp8_mlp": "-fusedmlp", "fused_fp8_norm": "-fusedno
 # engines' bootstrap interval (front-h200.json, targets' fp8_kernels: 0.98x of float32's at DDPM searched + forecast
 # 0.4); the bench's quality columns still take the plain engines' ablation rows
 FUSED_FP8 = dict.fromkeys(FP8_OPTION_SUFFIXES, True)
+
+
+def fp8_suffix(options: dict) -> str:
+    """The mark of build_inductor's FP8 `options` that are on, in engine folder and state names."""
+    return "".join(suffix for option, suffix in FP8_OPTION_SUFFIXES.items() if options.get(option))
+
+
 CONFIGS = [
     Config("fp32-eager-ddpm250", 250, "fp32", compiled=False, quality="baseline:ddpm-250"),
     Config("fp32-eager-50", STEPS, "fp32", compiled=False, quality="ablation:fp"),
@@ -190,8 +197,7 @@ def config_engines(model_name: str, model, precision: str, cache: str, work: Pat
     recipe = None
     if precision.startswith("w8a8"):
         recipe = quick_recipe(model, precision, cache, work / f"{model_name}-{precision}-{_slug(cache)}-recipe")
-    variant = "".join(suffix for option, suffix in FP8_OPTION_SUFFIXES.items() if fp8_options.get(option))
-    engine_dir = work / f"{model_name}-{precision}-{_slug(cache)}{variant}-engines"
+    engine_dir = work / f"{model_name}-{precision}-{_slug(cache)}{fp8_suffix(fp8_options)}-engines"
     if (engine_dir / "manifest.json").is_file():
         return engine_dir, None
     started = time.perf_counter()
@@ -262,8 +268,7 @@ def run_config(model_name: str, model, config: Config, work: Path, runs: int) ->
     model.to("cpu")
     return {"name": config.name, "model": model_name, "steps": config.steps, "precision": config.precision,
             "cache": config.cache, "compiled": config.compiled, "fused_fp8": config.fused_fp8,
-            **({"fp8_mlp_kernel": "cublaslt" if cublaslt_fp8.usable_on("cuda") else "triton"}
-               if config.fused_fp8 else {}),
+            **({"fp8_mlp_kernel": cublaslt_fp8.mlp_kernel("cuda")} if config.fused_fp8 else {}),
             "images_per_s": BATCH / statistics.median(seconds),
             "seconds_per_batch": statistics.median(seconds), "runs": runs, "ms_full_step": ms_full,
             "ms_reuse_step": ms_reuse, "peak_mem_gb": peak, "quality_from": config.quality,

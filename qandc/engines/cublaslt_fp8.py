@@ -49,6 +49,11 @@ def usable_on(device: torch.device) -> bool:
     return True
 
 
+def mlp_kernel(device: torch.device) -> str:
+    """The fused FP8 MLP's kernel on `device`, as results record it: "cublaslt" where `usable_on`, else "triton"."""
+    return "cublaslt" if usable_on(device) else "triton"
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `fp8_gemm_gelu_quant` can run for e4m3 x [M, K] and weight [N, K] here."""
     return x.shape[1] % 16 == 0 == weight.shape[0] % 16 and usable_on(x.device)

@@ -127,14 +127,12 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
             batch = pipe.recv()
         except EOFError:
             batch = None
-        if batch is None:
-            if pending is not None:
-                pipe.send(pending.collect(free_since))
-            return
-        launched = LaunchedBatch(pipeline, batch)
+        launched = LaunchedBatch(pipeline, batch) if batch is not None else None
         if pending is not None:
             pipe.send(pending.collect(free_since))
             free_since = time.perf_counter()
+        if launched is None:
+            return
         pending = launched
 
 
