@@ -137,6 +137,18 @@ def median_ms(call, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def autotuned_configs() -> dict:
+    """The configs Triton's autotuning chose for qandc's kernels that ran in this process (the last choice of each:
+    kernels keyed by shape keep one a shape), by kernel name. GPU only (the CPU machines have no Triton)."""
+    from qandc.engines import triton_fp8, triton_int8, triton_norm
+
+    kernels = [triton_fp8._fp8_gemm_gelu_quant_kernel, triton_fp8._fp8_gemm_gelu_quant_tma_kernel,
+               triton_int8._int8_gemm_kernel, triton_norm._add_norm_modulate_fp8_kernel]
+    return {k.fn.__name__.strip("_"): {**k.best_config.kwargs, "num_warps": k.best_config.num_warps,
+                                       "num_stages": k.best_config.num_stages}
+            for k in kernels if getattr(k, "best_config", None) is not None}
+
+
 def activities(device: str) -> list:
     return [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
 
@@ -463,6 +475,8 @@ def main(argv=None) -> None:
                 found = [{**settings, **profile_run(pipeline, labels, args.steps, sampler)}]
             else:
                 found = [{**settings, **r} for r in profile_graphs(pipeline, rows, args.repeats)]
+            if device == "cuda":
+                found = [{**r, "triton_configs": autotuned_configs()} for r in found]
             write_json(state / f"{key}.json", {"rows": found})
         del pipeline
         torch.compiler.reset()

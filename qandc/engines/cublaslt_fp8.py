@@ -10,10 +10,11 @@ beta 0, which cuBLASLt never reads. One planned `Matmul` a (device, M, N, K, acc
 (outside a CUDA graph capture: the engines run once before they capture); a call rebinds its operands, bias and
 scales — pointers only, nothing copied — so calls are capture-safe.
 
-Tensor-wide weight scales only (cuBLASLt's FP8 scaling on Hopper; the FP8 recipes' default); K and N multiples of
-16 (its FP8 layouts). `usable` says whether a call can run here: nvmath-python installed (carried to the GPU
-machine in `.gpu-bundle`; not a dependency), a CUDA device of compute capability 8.9 or later (`usable_on`).
-CUDA only: `tests/test_triton_kernels.py` checks it on a GPU; the CPU machines cannot run it."""
+Tensor-wide weight scales only (cuBLASLt's FP8 scaling on Hopper; the FP8 recipes' default); rows, K and N multiples
+of 16 (its FP8 layouts; an engine's rows are whole images' tokens: other calls take the Triton kernel). `usable`
+says whether a call can run here: nvmath-python installed (carried to the GPU machine in `.gpu-bundle`; not a
+dependency), a CUDA device of compute capability 8.9 or later (`usable_on`). CUDA only:
+`tests/test_triton_kernels.py` checks it on a GPU; the CPU machines cannot run it."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def mlp_kernel(device: torch.device) -> str:
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `fp8_gemm_gelu_quant` can run for e4m3 x [M, K] and weight [N, K] here."""
-    return x.shape[1] % 16 == 0 == weight.shape[0] % 16 and usable_on(x.device)
+    return x.shape[0] % 16 == x.shape[1] % 16 == weight.shape[0] % 16 == 0 and usable_on(x.device)
 
 
 def fp8_gemm_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,

@@ -91,8 +91,9 @@ class RunGraph:
         """The batch's final samples (a new tensor), as `sample` gives them for these labels, seeds and ids."""
         labels = check_labels(labels, self.denoiser.config.num_classes)
         generators = sample_generators(seed, sample_ids, len(labels))
-        x0 = draw_noise(generators, self.shape)
-        noise = (draw_noise(generators, self.shape, self.steps - 1)
+        pinned = self.denoiser.device.type == "cuda"
+        x0 = draw_noise(generators, self.shape, pin_memory=pinned)
+        noise = (draw_noise(generators, self.shape, self.steps - 1, pin_memory=pinned)
                  if draws_step_noise(self.sampler, self.eta, self.steps) else None)
         y = model_labels(labels, self.cfg_scale != 1.0, self.denoiser.config.num_classes)
         if self.captured is None:

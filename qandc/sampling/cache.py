@@ -14,7 +14,7 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or tensor.is_cuda:
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
 class BranchCache:

@@ -65,27 +65,34 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(key) & (2 ** 63 - 1))
 
 
-def draw_noise(generators: list[torch.Generator], shape, count: int | None = None) -> torch.Tensor:
+def draw_noise(generators: list[torch.Generator], shape, count: int | None = None,
+               pin_memory: bool = False) -> torch.Tensor:
     """One standard-normal draw of `shape` from each sample's generator, stacked (CPU); with `count`, that many
     successive draws at once (n, count, *shape). torch's CPU normal fills 16 values at a time, so for shapes of a
     multiple of 16 values one draw of count x shape gives the successive draws' numbers (tests/test_sampling.py
-    checks it); other shapes are drawn one by one. Many values are drawn on DRAW_THREADS threads, each drawing a
-    share of the samples from their own generators (torch's random calls leave Python's lock): the same numbers as
-    one thread draws."""
+    checks it); other shapes are drawn one by one. Each sample is drawn straight into its slice of the result (no
+    stacking: a large stack is a parallel copy, whose idle OpenMP teams spin on every core). Many values are drawn
+    on DRAW_THREADS threads, each drawing a share of the samples from their own generators (torch's random calls
+    leave Python's lock): the same numbers as one thread draws. `pin_memory`: drawn into pinned memory (a CUDA
+    call: not on a thread beside a CUDA graph capture), which copies to a GPU without a staging copy."""
+    out = torch.empty((len(generators), *(() if count is None else (count,)), *shape), pin_memory=pin_memory)
 
-    def draw(g: torch.Generator) -> torch.Tensor:
-        if count is None:
-            return torch.randn(shape, generator=g)
-        if math.prod(shape) % 16 == 0:
-            return torch.randn((count, *shape), generator=g)
-        return torch.stack([torch.randn(shape, generator=g) for _ in range(count)])
+    def draw(part: range) -> None:
+        for i in part:
+            if count is None or math.prod(shape) % 16 == 0:
+                torch.randn(out.shape[1:], generator=generators[i], out=out[i])
+            else:
+                for j in range(count):
+                    torch.randn(shape, generator=generators[i], out=out[i, j])
 
-    values = len(generators) * (count or 1) * math.prod(shape)
+    values = out.numel()
     if values < PARALLEL_DRAW_VALUES or min(len(generators), DRAW_THREADS) < 2:
-        return torch.stack([draw(g) for g in generators])
-    share = -(-len(generators) // DRAW_THREADS)
-    shares = [generators[i:i + share] for i in range(0, len(generators), share)]
-    return torch.stack([x for drawn in _draw_pool().map(lambda part: [draw(g) for g in part], shares) for x in drawn])
+        draw(range(len(generators)))
+    else:
+        share = -(-len(generators) // DRAW_THREADS)
+        list(_draw_pool().map(draw, [range(i, min(i + share, len(generators)))
+                                     for i in range(0, len(generators), share)]))
+    return out
 
 
 _DRAW_POOL: list[ThreadPoolExecutor] = []
