@@ -16,6 +16,7 @@
 #                                                   # the residual add + norm + quantize kernels (norm_rates.py)
 #   bash benchmarks/gpu_session.sh fc1              # gemm's GEMM rates alone
 #   bash benchmarks/gpu_session.sh norm             # gemm's norm kernel rates alone
+#   bash benchmarks/gpu_session.sh attention        # DiT-XL/2's attention by each SDPA backend (attention_rates.py)
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
 #   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
@@ -43,11 +44,14 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 for t in .gpu-states/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C /tmp; done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 touch /tmp/gpu-session-start
+# a job's time limit, cut to what is left of the call (CALL_S, 570 s: the device stops a command at 600) so that
+# the results below are always packed
+upto() { local left=$(( ${CALL_S:-570} - SECONDS )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 save() { tar czf "$OUT/$1.tgz" -C /tmp "qandc-$1" && echo "saved $1: $(du -h "$OUT/$1.tgz" | cut -f1)"; }
 R=benchmarks/results
 
 quality() {  # the front's points not screened yet (a changed plan search re-screens its points)
-  (cd benchmarks && timeout -s INT 560 python3 front.py --samplers ddpm ddim --phases screen --budget-s 480 \
+  (cd benchmarks && timeout -s INT $(upto 560) python3 front.py --samplers ddpm ddim --phases screen --budget-s 480 \
      --state /tmp/qandc-front --seed-from results/front-h200.json > "$OUT/front.log" 2>&1)
   save front
 }
@@ -56,7 +60,7 @@ peers() {  # the peers' rows not run yet, in processes of their own states (rows
   (cd benchmarks
    for group in ${PEER_GROUPS:-SeaCache FasterCache,PyramidAttentionBroadcast}; do  # methods of a process: a,b
      (name=front-peers-${group%%,*}
-      timeout -s INT 545 python3 front_peers.py --methods none ${group//,/ } --state /tmp/qandc-$name \
+      timeout -s INT $(upto 545) python3 front_peers.py --methods none ${group//,/ } --state /tmp/qandc-$name \
         --budget-s 380 --seed-from results/front-peers-h200.json --out /tmp/$name.json > "$OUT/$name.log" 2>&1
       save $name) &
    done
@@ -64,13 +68,13 @@ peers() {  # the peers' rows not run yet, in processes of their own states (rows
 }
 
 ablation() {  # the ablation's optional rows (the issue's 16 are committed)
-  (cd benchmarks && timeout -s INT 545 python3 ablation.py --state /tmp/qandc-ablation --batch-size 1000 \
+  (cd benchmarks && timeout -s INT $(upto 545) python3 ablation.py --state /tmp/qandc-ablation --batch-size 1000 \
      --budget-s 420 --seed-from results/ablation.json --out "$OUT/ablation.json" > "$OUT/ablation.log" 2>&1)
   save ablation
 }
 
 measure() {
-  (cd benchmarks && timeout -s INT 560 python3 front.py --phases measure --state /tmp/qandc-front \
+  (cd benchmarks && timeout -s INT $(upto 560) python3 front.py --phases measure --state /tmp/qandc-front \
      --seed-from results/front-h200.json --budget-s "${BUDGET:-470}" ${FRONT_ARGS:-} > "$OUT/measure.log" 2>&1)
   save front
 }
@@ -82,12 +86,12 @@ profile() {  # whole sampling runs of the reference model (host- or GPU-bound: D
   # cache stays while the machine is warm: call it again until profile.log shows every row (no variant starts after
   # 360 s of a call)
   local start=$SECONDS
-  timeout -s INT 140 python3 benchmarks/profile_step.py --model reference --run --plan default-shape \
+  timeout -s INT $(upto 140) python3 benchmarks/profile_step.py --model reference --run --plan default-shape \
     --precisions bf16 --state /tmp/qandc-profile/runs > "$OUT/profile.log" 2>&1
   for variant in "" "--persistent-reductions-up-to 2048" "--fused-fp8-mlp" \
                  "--fused-fp8-mlp --persistent-reductions-up-to 2048" "--inductor-config triton.multi_kernel=1"; do
     (( SECONDS - start > 360 )) && break
-    timeout -s INT 200 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
+    timeout -s INT $(upto 200) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
       --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
   save profile
@@ -99,7 +103,7 @@ fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum,
   # (~2 minutes a row on a fresh machine; rows resume like profile's)
   for variant in "" "--fused-fp8-mlp" "--fused-fp8-mlp --inductor-config coordinate_descent_tuning=True" \
                  "--fused-fp8-mlp --fused-fp8-norm"; do
-    timeout -s INT 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
+    timeout -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
       --persistent-reductions-up-to 2048 --fp8-fast-accum --state /tmp/qandc-profile/steps \
       --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
@@ -109,7 +113,7 @@ fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum,
 fusedstep() {  # the fused MLP + fused norms + fast accumulation: the MLP's Triton kernel (its TMA one on Hopper)
   # measured anew, then cuBLASLt's GELU epilogue in its place (nvmath-python, in the bundle)
   for kernel in "triton --remeasure" auto; do
-    timeout -s INT 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
+    timeout -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
       --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --fp8-mlp-kernel $kernel \
       --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
@@ -119,7 +123,7 @@ fusedstep() {  # the fused MLP + fused norms + fast accumulation: the MLP's Trit
 fullstep() {  # DiT-XL/2 only: the FP8 engines as the bench builds them, the fused ones, bf16 compiled, the floor and
   # every peer in one sitting, into bench-h200-fullstep.json (the peers' max-autotune compiles take ~10 minutes on
   # a fresh machine: stages resume from the state while the machine is warm, or from fullstep.tgz carried back)
-  timeout -s INT 560 python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
+  timeout -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
     --work /tmp/fullstep-work --budget-s 400 --only bf16-compiled-50 fp8-only fp8-fused-only fp8-floor peers \
     > "$OUT/fullstep.log" 2>&1
   echo "qandc bench exit status $?" >> "$OUT/fullstep.log"
@@ -128,28 +132,32 @@ fullstep() {  # DiT-XL/2 only: the FP8 engines as the bench builds them, the fus
 
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines, CUDA graphs of steps and of whole runs
   # included (the CPU CI has no GPU and no Triton); KERNELS_K="cublaslt or whole_run" picks some (pytest -k)
-  timeout -s INT 540 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_triton_kernels.py \
+  timeout -s INT $(upto 540) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_triton_kernels.py \
     tests/test_profile_step.py tests/test_inductor.py tests/test_forecast_engines.py ${KERNELS_K:+-k "$KERNELS_K"} \
     > "$OUT/kernels.log" 2>&1
 }
 
 gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and tile sweep, both accumulations), then
   # the residual add + norm + quantize kernels (~1 minute)
-  timeout -s INT 300 python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
-  timeout -s INT 150 python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
+  timeout -s INT $(upto 300) python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
+  timeout -s INT $(upto 150) python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
 }
 
 fc1() {  # gemm's GEMM rates alone (the MLP's middle: Triton's fused kernels and cuBLASLt's GELU epilogue)
-  timeout -s INT 300 python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
+  timeout -s INT $(upto 300) python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
 }
 
 norm() {  # gemm's norm kernel rates alone (~1 minute)
-  timeout -s INT 150 python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
+  timeout -s INT $(upto 150) python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
+}
+
+attention() {  # DiT-XL/2's attention by each SDPA backend, heads as they are and padded (~30 s)
+  timeout -s INT $(upto 120) python3 benchmarks/attention_rates.py --out $R/attention-h200.json > "$OUT/attention.log" 2>&1
 }
 
 serve() {  # a fresh machine builds the engines (~220 s) and stops: call it again on the warm machine to measure
   # (a --max-batch takes ~330 s: offline readings, the engine process alone, the server's warm-up of 7 buckets)
-  timeout -s INT 560 python3 benchmarks/serve_load.py --state /tmp/qandc-serve-load/state \
+  timeout -s INT $(upto 560) python3 benchmarks/serve_load.py --state /tmp/qandc-serve-load/state \
     --work /tmp/qandc-serve-load/work --budget-s 150 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
   tar czf "$OUT/serve-load.tgz" -C /tmp qandc-serve-load/state
   # the built engines and their Inductor cache (~200 s to build on a fresh machine): carried back, a next call skips
