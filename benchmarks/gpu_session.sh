@@ -111,8 +111,11 @@ fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum,
 }
 
 fusedstep() {  # the fused MLP + fused norms + fast accumulation: the MLP's Triton kernel (its TMA one on Hopper)
-  # measured anew, then cuBLASLt's GELU epilogue in its place (nvmath-python, in the bundle)
-  for kernel in "triton --remeasure" auto; do
+  # measured anew, then cuBLASLt's GELU epilogue in its place (nvmath-python, in the bundle); FUSEDSTEP picks other
+  # variants, comma-separated, each --fp8-mlp-kernel's value and more options ("auto --norm-rows-as one-block,...")
+  local variants
+  IFS=, read -ra variants <<< "${FUSEDSTEP:-triton --remeasure,auto}"
+  for kernel in "${variants[@]}"; do
     timeout -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
       --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --fp8-mlp-kernel $kernel \
       --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
