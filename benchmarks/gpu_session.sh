@@ -21,6 +21,7 @@
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
 #   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
 #                                                   # by cuBLASLt (nvmath-python)
+#   bash benchmarks/gpu_session.sh launchers        # that step without CUDA graphs: each kernel's launching op
 #   bash benchmarks/gpu_session.sh fullstep         # issue 17's one-run comparison: that step, the floor, the peers
 #                                                   # (qandc bench; stages resume: call until fullstep.log says so)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
@@ -121,6 +122,13 @@ fusedstep() {  # the fused MLP + fused norms + fast accumulation: the MLP's Trit
       --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
   save profile
+}
+
+launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler links each kernel to the op that
+  # launched it (where the step's memsets come from); its results apart, under $OUT/launchers
+  timeout -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
+    --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --no-cuda-graphs \
+    --state /tmp/qandc-profile/launchers --results "$OUT/launchers" > "$OUT/launchers.log" 2>&1
 }
 
 fullstep() {  # DiT-XL/2 only: the FP8 engines as the bench builds them, the fused ones, bf16 compiled, the floor and

@@ -88,6 +88,18 @@ def work_events(prof, device: str) -> list[tuple[str, float, float, float]]:
     return events
 
 
+def launchers(prof_events, per: int) -> dict[str, dict[str, float]]:
+    """Each kernel's launching ops (the innermost PyTorch op or custom op the profiler links it to) and how often a
+    step, by kernel name: where a memset or a copy comes from. Kernels replayed in a CUDA graph link to no op
+    (`--no-cuda-graphs` attributes them)."""
+    found: dict[str, dict[str, float]] = {}
+    for e in prof_events:
+        for kernel in e.kernels:
+            ops = found.setdefault(kernel.name[:160], {})  # as `grouped` names kernels
+            ops[e.name] = ops.get(e.name, 0.0) + 1 / per
+    return found
+
+
 def busy_us(events) -> float:
     """The union of the events' intervals (µs): time the device had work."""
     total, end = 0.0, float("-inf")
@@ -175,8 +187,13 @@ def profile_graphs(pipeline, rows: int, repeats: int) -> list[dict]:
         if not events:
             raise RuntimeError(f"the profiler recorded no {device} work in the {name} calls (kernels replayed in CUDA "
                                "graphs not traced?): rerun with --no-cuda-graphs")
-        rows_out.append({"graph": name, "ms_step": ms, "busy_ms_per_step": busy_us(events) / 1e3 / repeats,
-                         **grouped(events, repeats)})
+        row = {"graph": name, "ms_step": ms, "busy_ms_per_step": busy_us(events) / 1e3 / repeats,
+               **grouped(events, repeats)}
+        by = launchers(prof.events(), repeats)
+        for k in row["kernels"]:
+            if k["name"] in by:
+                k["launched_by"] = by[k["name"]]
+        rows_out.append(row)
     return rows_out
 
 
@@ -345,8 +362,11 @@ def step_markdown(meta: dict, rows: list[dict]) -> str:
     lines += table(["precision", "Inductor mode", "graph", "sitting", "ms step", "ms busy", "/ floor", *groups], cells)
     for r in rows:
         lines += ["", f"Top kernels, {r['precision']} ({compiled_as(r)}) {r['graph']}:", ""]
-        lines += table(["kernel", "group", "ms per step", "share", "per step"],
-                       [[f"`{k['name'][:100]}`", k["group"], f"{k['ms']:.3f}", f"{k['share']:.1%}", f"{k['count']:g}"]
+        launched = any("launched_by" in k for k in r["kernels"])
+        lines += table(["kernel", "group", "ms per step", "share", "per step", *(["launched by"] if launched else [])],
+                       [[f"`{k['name'][:100]}`", k["group"], f"{k['ms']:.3f}", f"{k['share']:.1%}", f"{k['count']:g}",
+                         *([", ".join(f"`{op}` ×{n:g}" for op, n in k.get("launched_by", {}).items())]
+                           if launched else [])]
                         for k in r["kernels"][:TOP_KERNELS]])
     return "\n".join(lines) + "\n"
 
