@@ -90,11 +90,11 @@ def work_events(prof, device: str) -> list[tuple[str, float, float, float]]:
 
 def launchers(prof_events, per: int) -> dict[str, dict[str, float]]:
     """Each kernel's launching ops (the innermost PyTorch op or custom op the profiler links it to) and how often a
-    step, by kernel name: where a memset or a copy comes from. Kernels replayed in a CUDA graph link to no op
-    (`--no-cuda-graphs` attributes them)."""
+    step, by kernel name: where a memset or a copy comes from. Kernels replayed in a CUDA graph link to no op but
+    this script's range around the replay, which is left out (`--no-cuda-graphs` attributes them)."""
     found: dict[str, dict[str, float]] = {}
     for e in prof_events:
-        for kernel in e.kernels:
+        for kernel in [] if e.name.startswith(ANNOTATION) else e.kernels:
             ops = found.setdefault(kernel.name[:160], {})  # as `grouped` names kernels
             ops[e.name] = ops.get(e.name, 0.0) + 1 / per
     return found
