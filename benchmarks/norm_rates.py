@@ -2,12 +2,13 @@
 wide; issue 17): as Inductor compiles the model's expression for the FP8 engines (default, one-pass reductions
 forced, coordinate-descent tuning), and as qandc's Triton kernel (`qandc::add_norm_modulate_fp8`, autotuned, then
 each of its configs: rows a program, warps, a row as one 2048-wide block or as two, 1024 + 128), against a bf16 copy
-of the same bytes (the memory's rate in practice). Median of `triton.testing.do_bench`; GB/s counts x and delta
-read, x' and the e4m3 written (7 bytes an element). Kernels called through Python (Inductor's, the op's autotuned
-wrapper) are timed with their host time where launching is slower than the kernel (a 30 us kernel: the op's wrapper
-read 28.5 us in one sitting and 64.4 in another), which the engines' CUDA graphs do not pay: `autotuned_config` also
-gives the direct launch of the config autotuning chose. The kernel's outputs are compared with the op's float32
-computation (`quantized.add_norm_modulate_float32`, run here on the GPU). GPU only.
+of the same bytes (the memory's rate in practice). Median of `triton.testing.do_bench` (which flushes L2 between
+calls) and of a CUDA graph's replays (`us_cuda_graph`: the engines' way, inputs left in L2 by the call before); GB/s
+counts x and delta read, x' and the e4m3 written (7 bytes an element). Kernels called through Python (Inductor's,
+the op's autotuned wrapper) are timed with their host time where launching is slower than the kernel (a 30 us
+kernel: the op's wrapper read 28.5 us in one sitting and 64.4 in another), which the engines' CUDA graphs do not
+pay: `autotuned_config` also gives the direct launch of the config autotuning chose. The kernel's outputs are
+compared with the op's float32 computation (`quantized.add_norm_modulate_float32`, run here on the GPU). GPU only.
 
     python benchmarks/norm_rates.py --out benchmarks/results/norm-h200.json
 """
@@ -73,6 +74,11 @@ def main() -> None:
             results[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
             continue
         results[name] = {"us": ms * 1e3, "gb_per_s": 7 * elements / (ms * 1e-3) / 1e9}
+        try:  # replayed in a CUDA graph, as the engines run it: no host cost, and no L2 flush between calls
+            results[name]["us_cuda_graph"] = triton.testing.do_bench_cudagraph(
+                lambda: fn(*inputs), rep=200, return_mode="median") * 1e3
+        except Exception as e:
+            results[name]["cuda_graph_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     want_x, want_q = add_norm_modulate_float32(*inputs, EPS)
     accuracy = {}
     for name in ("inductor_default", "triton_autotuned"):
@@ -87,7 +93,9 @@ def main() -> None:
                                                **results[config_name(best.kwargs["ROWS"], best.kwargs["SPLIT"],
                                                                      best.num_warps)]}})
     for name, r in results.items():
-        print(f"{name:32s} " + (f"{r['us']:7.1f} us {r['gb_per_s']:7.0f} GB/s" if "us" in r else r["error"]))
+        print(f"{name:32s} " + (f"{r['us']:7.1f} us {r['gb_per_s']:7.0f} GB/s, in a CUDA graph "
+                                 + (f"{r['us_cuda_graph']:7.1f} us" if "us_cuda_graph" in r else r["cuda_graph_error"])
+                                 if "us" in r else r["error"]))
     for name, r in accuracy.items():
         print(f"{name:32s} x' equal {r['x_equal_share']:.4f}, e4m3 equal {r['q_equal_share']:.4f}")
 
