@@ -161,6 +161,17 @@ def autotuned_configs() -> dict:
             for k in kernels if getattr(k, "best_config", None) is not None}
 
 
+def back_to_back_ms(call, repeats: int, device: str) -> float:
+    """ms a call of `repeats` calls launched back to back, one wait at the end: as a sampling run meets them (the
+    host's work for a call overlaps the device's for the one before), where `median_ms` waits after each."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3 / repeats
+
+
 def activities(device: str) -> list:
     return [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
 
@@ -187,7 +198,8 @@ def profile_graphs(pipeline, rows: int, repeats: int) -> list[dict]:
         if not events:
             raise RuntimeError(f"the profiler recorded no {device} work in the {name} calls (kernels replayed in CUDA "
                                "graphs not traced?): rerun with --no-cuda-graphs")
-        row = {"graph": name, "ms_step": ms, "busy_ms_per_step": busy_us(events) / 1e3 / repeats,
+        row = {"graph": name, "ms_step": ms, "ms_step_back_to_back": back_to_back_ms(call, max(repeats, 10), device),
+               "busy_ms_per_step": busy_us(events) / 1e3 / repeats,
                **grouped(events, repeats)}
         by = launchers(prof.events(), repeats)
         for k in row["kernels"]:
@@ -343,7 +355,9 @@ def step_markdown(meta: dict, rows: list[dict]) -> str:
              f"FLOPs of a full step {meta['flops_full_step'] / 1e9:.4g} GFLOP; FP8 floor "
              + (f"{floor:.2f} ms at {meta['fp8_gemm_tflops']:.0f} TFLOP/s (`_scaled_mm`, {meta['gemm_shape']})"
                 if floor else "not measured (no GPU)")
-             + ". ms step: median of unprofiled calls; ms busy: the device's busy time in the profiled calls; "
+             + ". ms step: median of unprofiled calls, each waited for; back to back: unprofiled calls launched "
+             "one after another, as a sampling run launches them (– where not measured); ms busy: the device's "
+             "busy time in the profiled calls; "
              "per group: ms per step (share of the work) ×kernels per step.", ""]
     groups = [g for g, _ in GROUPS]
 
@@ -354,12 +368,15 @@ def step_markdown(meta: dict, rows: list[dict]) -> str:
         lines += ["Rows from several sittings (machines of one card, not one run): compare kernels and groups "
                   "across them, step times only roughly.", ""]
     cells = [[r["precision"], compiled_as(r), r["graph"], sitting(r).get("started", "–"),
-              f"{r['ms_step']:.2f}", f"{r['busy_ms_per_step']:.2f}",
+              f"{r['ms_step']:.2f}",
+              f"{r['ms_step_back_to_back']:.2f}" if "ms_step_back_to_back" in r else "–",
+              f"{r['busy_ms_per_step']:.2f}",
               f"{r['ms_step'] / row_floor:.2f}x"
               if (row_floor := sitting(r).get("fp8_floor_ms") or floor) and r["graph"] == "full" else "–",
               *(f"{r['groups'][g]['ms']:.2f} ({r['groups'][g]['share']:.0%}) ×{r['groups'][g]['kernels']:.0f}"
                 for g in groups)] for r in rows]
-    lines += table(["precision", "Inductor mode", "graph", "sitting", "ms step", "ms busy", "/ floor", *groups], cells)
+    lines += table(["precision", "Inductor mode", "graph", "sitting", "ms step", "back to back", "ms busy", "/ floor",
+                    *groups], cells)
     for r in rows:
         lines += ["", f"Top kernels, {r['precision']} ({compiled_as(r)}) {r['graph']}:", ""]
         launched = any("launched_by" in k for k in r["kernels"])

@@ -61,6 +61,7 @@ def test_step_profile_counts_every_linear_once_a_full_step_and_resumes_from_stat
     assert rows["full"]["groups"]["gemm"]["kernels"] == linears
     assert rows["full"]["groups"]["attention"]["kernels"] > 0 == rows["reuse"]["groups"]["attention"]["kernels"]
     assert sum(g["share"] for g in rows["full"]["groups"].values()) == pytest.approx(1.0)
+    assert all(r["ms_step_back_to_back"] > 0 for r in rows.values())
     assert result["flops_full_step"] > 0 and "fp8_floor_ms" not in result
     assert "(cpu, cpu," in (out / "profile-step-cpu.md").read_text()
     shutil.rmtree(tmp_path / "work")  # a rerun takes the rows from --state: no engines needed
