@@ -1,13 +1,13 @@
-"""GEMM rates at DiT-XL/2's shapes (batch 16 + CFG = 32 rows of 256 tokens): bf16 cuBLAS, FP8 `_scaled_mm` with
-and without the float32 promotion of its running sum (`use_fast_accum`), `torch._int_mm` with a column-major weight
-plus its dequantize, and qandc's Triton INT8 GEMM with the dequantize fused (`qandc::int8_linear`). At fc1's shape
-also the MLP's middle both ways (issue 17): `_scaled_mm` then GELU + quantize compiled by Inductor (what the FP8
-engines run), and qandc's fused Triton kernel (`qandc::fp8_linear_gelu_quant`), autotuned and at each of its tile
-configs, its persistent TMA-fed variant (autotuned), and cuBLASLt's GELU + bias epilogue with an e4m3 output
-(through nvmath-python, where installed); each with the promotion and without (`use_fast_accum`, `fast_accum`),
-the last two also replayed in a CUDA graph; with the share of e4m3 outputs equal to the exact result's (float64
-GEMM) and the share off by more than one e4m3 step. Median of `triton.testing.do_bench`; inputs random, never zeros.
-GPU only.
+"""GEMM rates at DiT-XL/2's shapes (batch 16 + CFG = 32 rows of 256 tokens): bf16 cuBLAS, FP8 `_scaled_mm` with and
+without the float32 promotion of its running sum (`use_fast_accum`), `torch._int_mm` with a column-major weight plus
+its dequantize, and qandc's Triton INT8 GEMM with the dequantize fused (`qandc::int8_linear`). At fc1's shape also
+the MLP's middle both ways (issue 17): `_scaled_mm` then GELU + quantize compiled by Inductor (what the FP8 engines
+run), and qandc's fused Triton kernel (`qandc::fp8_linear_gelu_quant`), autotuned and at each of its tile configs,
+its persistent TMA-fed variant (autotuned), and cuBLASLt's GELU + bias epilogue with an e4m3 output (through
+nvmath-python, where installed; the heuristic's algorithm and the fastest of its candidates); each with the
+promotion and without (`use_fast_accum`, `fast_accum`), the last two also replayed in a CUDA graph; with the share
+of e4m3 outputs equal to the exact result's (float64 GEMM) and the share off by more than one e4m3 step. Median of
+`triton.testing.do_bench`; inputs random, never zeros. GPU only.
 
     python benchmarks/gemm_rates.py --out benchmarks/results/gemm-h200.json [--shapes fc1]
 """
@@ -25,8 +25,8 @@ SHAPES = {"qkv": (8192, 1152, 3456), "proj": (8192, 1152, 1152), "fc1": (8192, 1
           "fc2": (8192, 4608, 1152), "adaLN": (32, 1152, 6912)}
 
 # the MLP's middle timed in a CUDA graph too (the nvmath call's Python costs more than its kernel's time)
-GRAPHED = {f"{name}{suffix}" for name in ("fp8_triton_tma_gelu_quant", "fp8_cublaslt_gelu_quant")
-           for suffix in ("", "_fast_accum")}
+GRAPHED = {f"{name}{suffix}" for name in ("fp8_triton_tma_gelu_quant", "fp8_cublaslt_gelu_quant",
+                                           "fp8_cublaslt_autotuned_gelu_quant") for suffix in ("", "_fast_accum")}
 
 
 def rates(m: int, k: int, n: int) -> dict:
@@ -113,7 +113,7 @@ def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, b
                        2 ** (torch.floor(torch.log2(want.abs())) - 3))  # e4m3's spacing at each value
     accuracy = {}
     for name in ("fp8_scaled_mm_then_gelu_quant", "fp8_triton_gelu_quant", "fp8_triton_tma_gelu_quant",
-                 "fp8_cublaslt_gelu_quant"):
+                 "fp8_cublaslt_gelu_quant", "fp8_cublaslt_autotuned_gelu_quant"):
         for suffix in ("", "_fast_accum"):
             if name + suffix not in kernels:
                 continue
@@ -126,7 +126,9 @@ def fused_mlp_kernels(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor, b
 
 def cublaslt_kernels(a8, b8, weight_scale, bias, out_scale) -> dict:
     """fc1 + GELU + quantize as the FP8 engines' one cuBLASLt call (`cublaslt_fp8.fp8_gemm_gelu_quant`: nvmath-python,
-    per-tensor scales, the GELU + bias epilogue, e4m3 output), each promoting and not; {} where it cannot run."""
+    per-tensor scales, the GELU + bias epilogue, e4m3 output), each promoting and not, with the algorithm cuBLASLt's
+    heuristic puts first and with the fastest of its candidates timed (`cublaslt_fp8.AUTOTUNE`, "_autotuned"); {}
+    where it cannot run."""
     from qandc.engines import cublaslt_fp8
 
     if not cublaslt_fp8.usable(a8, b8):
@@ -134,14 +136,23 @@ def cublaslt_kernels(a8, b8, weight_scale, bias, out_scale) -> dict:
               flush=True)
         return {}
     kernels, inverse = {}, 1 / out_scale
-    for fast in (False, True):
-        call = partial(cublaslt_fp8.fp8_gemm_gelu_quant, a8, b8, weight_scale, bias, inverse, fast)
+
+    def call(fast: bool, autotune: bool):
+        cublaslt_fp8.AUTOTUNE = autotune  # part of the plan's key: each call runs its own plan
         try:
-            call()  # plans it
-        except cublaslt_fp8.Unsupported as e:  # what cuBLASLt refuses here, in the log; the other rows still run
-            print(f"no cuBLASLt row (fast accumulation {fast}): {e}", flush=True)
-            continue
-        kernels["fp8_cublaslt_gelu_quant" + ("_fast_accum" if fast else "")] = call
+            return cublaslt_fp8.fp8_gemm_gelu_quant(a8, b8, weight_scale, bias, inverse, fast)
+        finally:
+            cublaslt_fp8.AUTOTUNE = False
+
+    for autotune in (False, True):
+        for fast in (False, True):
+            try:
+                call(fast, autotune)  # plans it
+            except cublaslt_fp8.Unsupported as e:  # what cuBLASLt refuses here, in the log; the other rows still run
+                print(f"no cuBLASLt row (fast accumulation {fast}, autotuned {autotune}): {e}", flush=True)
+                continue
+            name = "fp8_cublaslt" + ("_autotuned" if autotune else "") + "_gelu_quant" + ("_fast_accum" if fast else "")
+            kernels[name] = partial(call, fast, autotune)
     return kernels
 
 

@@ -124,6 +124,7 @@ def test_the_kernel_computes_the_op_on_the_gpu(kernel, shape, fast_accum):
 
 CUBLASLT = CASE + """
 from qandc.engines import cublaslt_fp8
+cublaslt_fp8.AUTOTUNE = {autotune}
 tensorwise = scale.mean()
 want = fp8_linear_gelu_quant(x, w, tensorwise.expand(n).contiguous(), bias, out_scale).float()
 args = [x.cuda(), w.cuda(), tensorwise.cuda(), bias.cuda(), (1 / out_scale).cuda()]
@@ -145,13 +146,16 @@ magnitude = (x.float().abs() @ w.float().abs().t()) * tensorwise / out_scale * 1
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", [(48, 256, 256), (160, 256, 512), (16, 80, 48)])  # cuBLASLt's FP8: multiples of 16
 @pytest.mark.parametrize("fast_accum", [False, True])
-def test_cublaslt_computes_the_op_on_the_gpu_and_replays_in_a_cuda_graph(shape, fast_accum):
+@pytest.mark.parametrize("autotune", [False, True])
+def test_cublaslt_computes_the_op_on_the_gpu_and_replays_in_a_cuda_graph(shape, fast_accum, autotune):
     """`cublaslt_fp8.fp8_gemm_gelu_quant` (nvmath-python's cuBLASLt FP8 GEMM with the GELU + bias epilogue, a
     tensor-wide weight scale) against the op's exact rounding, within the Triton kernel's bound; and captured in a
     CUDA graph, then replayed on other inputs copied into the captured one, it gives what an eager call on them
-    gives (its operands rebound by pointer, its plan made before the capture)."""
+    gives (its operands rebound by pointer, its plan made before the capture); the heuristic's algorithm and the
+    fastest of its candidates alike."""
     pytest.importorskip("nvmath")
-    code = CUBLASLT.format(shape=shape, fast_accum=fast_accum) + GPU_REPORT + "print(json.dumps(replay))\n"
+    code = (CUBLASLT.format(shape=shape, fast_accum=fast_accum, autotune=autotune) + GPU_REPORT
+            + "print(json.dumps(replay))\n")
     result, accumulation, replay = stats(code, {}, lines=3)
     assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.9
     assert replay["replay_equal"]

@@ -25,10 +25,14 @@ import torch
 # False: `quantized.fp8_linear_gelu_quant_tensorwise` runs the Triton kernel even where cuBLASLt is usable (a profile
 # comparing the two: benchmarks/profile_step.py --fp8-mlp-kernel triton)
 ENABLED = True
+# True: a plan's candidate algorithms are timed on its first call's operands and the fastest kept (nvmath's
+# `Matmul.autotune`; outside any capture, as planning is), where False keeps the heuristic's first choice: the
+# engines' default until a measurement says otherwise (benchmarks/gemm_rates.py times both)
+AUTOTUNE = False
 # why cuBLASLt could not plan a call here (its library refused the FP8 epilogue, say), once it could not: from then
 # on the Triton kernel runs, after one warning
 FAILURE: str | None = None
-_PLANS: dict = {}  # (device, m, n, k, fast_accum) -> (Matmul, the C that sets its result's layout)
+_PLANS: dict = {}  # (device, m, n, k, fast_accum, AUTOTUNE) -> (Matmul, the C that sets its result's layout)
 log = logging.getLogger("qandc.engines")
 
 
@@ -69,7 +73,7 @@ def fp8_gemm_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     global FAILURE
     x = x.contiguous()
     (m, k), n = x.shape, weight.shape[0]
-    key = (x.device, m, n, k, fast_accum)
+    key = (x.device, m, n, k, fast_accum, AUTOTUNE)
     scales = {"a": scale.reshape(()), "b": _one(x.device), "d": inverse_out_scale.reshape(())}
     if key not in _PLANS:
         try:
@@ -91,6 +95,8 @@ def _plan(weight, x, bias, scales, fast_accum):
     options = MatmulOptions(result_type=nvmath.CudaDataType.CUDA_R_8F_E4M3, fast_accumulation=fast_accum)
     matmul = Matmul(weight, x.t(), c=layout, beta=0.0, quantization_scales=scales, options=options)
     matmul.plan(epilog=MatmulEpilog.GELU_BIAS, epilog_inputs={"bias": bias})
+    if AUTOTUNE:
+        matmul.autotune(iterations=5)
     return matmul, layout
 
 
