@@ -14,7 +14,7 @@
 #   bash benchmarks/gpu_session.sh kernels          # the Triton GEMMs', Inductor choices' and engines' GPU tests
 #   bash benchmarks/gpu_session.sh gemm             # GEMM rates at DiT-XL/2's shapes, the fused FP8 MLP both ways,
 #                                                   # the residual add + norm + quantize kernels (norm_rates.py)
-#   bash benchmarks/gpu_session.sh fc1              # gemm's GEMM rates alone
+#   bash benchmarks/gpu_session.sh fc1              # gemm's rates at fc1's shape alone (gemm-fc1-h200.json)
 #   bash benchmarks/gpu_session.sh norm             # gemm's norm kernel rates alone
 #   bash benchmarks/gpu_session.sh attention        # DiT-XL/2's attention by each SDPA backend (attention_rates.py)
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
@@ -154,8 +154,10 @@ gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and til
   timeout -s INT $(upto 150) python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
 }
 
-fc1() {  # gemm's GEMM rates alone (the MLP's middle: Triton's fused kernels and cuBLASLt's GELU epilogue)
-  timeout -s INT $(upto 300) python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
+fc1() {  # fc1's GEMM rates alone, the MLP's middle every way (Triton's fused kernels, cuBLASLt's GELU epilogue by
+  # its heuristic's algorithm and autotuned), into gemm-fc1-h200.json (~80 s)
+  timeout -s INT $(upto 300) python3 benchmarks/gemm_rates.py --shapes fc1 --out $R/gemm-fc1-h200.json \
+    > "$OUT/gemm.log" 2>&1
 }
 
 norm() {  # gemm's norm kernel rates alone (~1 minute)
