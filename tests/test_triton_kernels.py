@@ -166,8 +166,8 @@ from qandc.engines import cublaslt_fp8
 tensorwise = scale.mean().expand(n).contiguous()
 args = [t.cuda() for t in (x, w, tensorwise, bias, out_scale, 1 / out_scale)]
 got = torch.ops.qandc.fp8_linear_gelu_quant_tensorwise(*args)
-print(json.dumps({"usable": cublaslt_fp8.usable(args[0], args[1]), "failure": cublaslt_fp8.FAILURE,
-                  "as_triton": torch.equal(got.float(), fp8_linear_gelu_quant(*args[:5]).float())}))
+print(json.dumps({{"usable": cublaslt_fp8.usable(args[0], args[1]), "failure": cublaslt_fp8.FAILURE,
+                   "as_triton": torch.equal(got.float(), fp8_linear_gelu_quant(*args[:5]).float())}}))
 """
 
 
