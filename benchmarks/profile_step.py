@@ -154,11 +154,12 @@ def autotuned_configs() -> dict:
     kernels keyed by shape keep one a shape), by kernel name. GPU only (the CPU machines have no Triton)."""
     from qandc.engines import triton_fp8, triton_int8, triton_norm
 
-    kernels = [triton_fp8._fp8_gemm_gelu_quant_kernel, triton_fp8._fp8_gemm_gelu_quant_tma_kernel,
-               triton_int8._int8_gemm_kernel, triton_norm._add_norm_modulate_fp8_kernel]
-    return {k.fn.__name__.strip("_"): {**k.best_config.kwargs, "num_warps": k.best_config.num_warps,
-                                       "num_stages": k.best_config.num_stages}
-            for k in kernels if getattr(k, "best_config", None) is not None}
+    kernels = {"fp8_gemm_gelu_quant": triton_fp8._fp8_gemm_gelu_quant_kernel,
+               "fp8_gemm_gelu_quant_tma": triton_fp8._fp8_gemm_gelu_quant_tma_kernel,
+               "int8_gemm": triton_int8._int8_gemm_kernel,
+               "add_norm_modulate_fp8": triton_norm._add_norm_modulate_fp8_kernel}
+    return {name: {**k.best_config.kwargs, "num_warps": k.best_config.num_warps, "num_stages": k.best_config.num_stages}
+            for name, k in kernels.items() if getattr(k, "best_config", None) is not None}
 
 
 def back_to_back_ms(call, repeats: int, device: str) -> float:

@@ -224,3 +224,17 @@ def test_kernels_are_attributed_to_the_ops_that_launched_them():
     events[2].append_kernel("x" * 200, 0, 5.0)
     assert profile_step.launchers(events, per=2) == {"Memset (Device)": {"aten::zero_": 1.0, "qandc::op": 0.5},
                                                       "x" * 160: {"qandc::op": 0.5}}
+
+
+def test_the_autotuned_configs_are_those_the_kernels_chose(monkeypatch):
+    """Only kernels that ran (an autotuner with a best config) are reported, each with its config's parameters."""
+    pytest.importorskip("triton")
+    from qandc.engines import triton_fp8, triton_norm
+
+    chosen = {}
+    for name, kernel in (("add_norm_modulate_fp8", triton_norm._add_norm_modulate_fp8_kernel),
+                         ("fp8_gemm_gelu_quant", triton_fp8._fp8_gemm_gelu_quant_kernel)):  # (under heuristics)
+        config = kernel.configs[len(kernel.configs) // 2]
+        monkeypatch.setattr(kernel, "best_config", config, raising=False)
+        chosen[name] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    assert profile_step.autotuned_configs() == chosen
