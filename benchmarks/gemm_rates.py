@@ -19,6 +19,7 @@ import torch
 import triton.testing
 
 from qandc.artifacts import write_json
+from qandc.errors import error_summary
 from qandc.engines.quantized import int8_linear
 
 SHAPES = {"qkv": (8192, 1152, 3456), "proj": (8192, 1152, 1152), "fc1": (8192, 1152, 4608),
@@ -56,7 +57,7 @@ def rates(m: int, k: int, n: int) -> dict:
         try:
             ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
         except Exception as e:  # a tile config this card cannot run (shared memory, registers): recorded, not fatal
-            out[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+            out[name] = {"error": error_summary(e)}
             continue
         out[name] = {"us": ms * 1e3, "tflops": 2 * m * k * n / (ms * 1e-3) / 1e12}
         if name.startswith("fp8_triton_tma"):  # the tile autotuning chose (the epilogue whole or in halves)
@@ -69,7 +70,7 @@ def rates(m: int, k: int, n: int) -> dict:
                 out[name]["us_cuda_graph"] = triton.testing.do_bench_cudagraph(fn, rep=200,
                                                                               return_mode="median") * 1e3
             except Exception as e:
-                out[name]["cuda_graph_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                out[name]["cuda_graph_error"] = error_summary(e)
     return out
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.testing
 
 from qandc.artifacts import write_json
+from qandc.errors import error_summary
 from qandc.engines import triton_norm
 from qandc.engines.quantized import add_norm_modulate_float32, to_fp8
 from qandc.model.dit import modulate
@@ -71,14 +72,14 @@ def main() -> None:
         try:
             ms = triton.testing.do_bench(lambda: fn(*inputs), warmup=50, rep=200, return_mode="median")
         except Exception as e:  # a config this card cannot run: recorded, not fatal
-            results[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+            results[name] = {"error": error_summary(e)}
             continue
         results[name] = {"us": ms * 1e3, "gb_per_s": 7 * elements / (ms * 1e-3) / 1e9}
         try:  # replayed in a CUDA graph, as the engines run it: no host cost, and no L2 flush between calls
             results[name]["us_cuda_graph"] = triton.testing.do_bench_cudagraph(
                 lambda: fn(*inputs), rep=200, return_mode="median") * 1e3
         except Exception as e:
-            results[name]["cuda_graph_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            results[name]["cuda_graph_error"] = error_summary(e)
     want_x, want_q = add_norm_modulate_float32(*inputs, EPS)
     accuracy = {}
     for name in ("inductor_default", "triton_autotuned"):

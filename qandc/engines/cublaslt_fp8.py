@@ -22,6 +22,8 @@ import logging
 
 import torch
 
+from ..errors import error_summary
+
 # False: `quantized.fp8_linear_gelu_quant_tensorwise` runs the Triton kernel even where cuBLASLt is usable (a profile
 # comparing the two: benchmarks/profile_step.py --fp8-mlp-kernel triton)
 ENABLED = True
@@ -79,7 +81,7 @@ def fp8_gemm_gelu_quant(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
         try:
             _PLANS[key] = _plan(weight, x, bias, scales, fast_accum)
         except Exception as e:  # nvmath's and cuBLASLt's errors have no common base
-            FAILURE = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            FAILURE = error_summary(e)
             log.warning("cuBLASLt cannot run the fused FP8 MLP here (%s): the Triton kernel runs instead", FAILURE)
             raise Unsupported(FAILURE) from e
     matmul = _PLANS[key][0]

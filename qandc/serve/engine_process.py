@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import QandcError
+from ..errors import QandcError, error_summary
 
 log = logging.getLogger("qandc.serve")
 
@@ -174,5 +174,6 @@ class LaunchedBatch:
 
 def one_line(error: Exception) -> str:
     """What a request learns of an engine error: a QandcError's message, or the type and first line of another."""
-    line = (str(error).splitlines() or [""])[0]
-    return line if isinstance(error, QandcError) else f"the engines failed: {type(error).__name__}: {line}"
+    if isinstance(error, QandcError):
+        return (str(error).splitlines() or [""])[0]
+    return f"the engines failed: {error_summary(error)}"
