@@ -18,6 +18,7 @@ dependency), a CUDA device of compute capability 8.9 or later (`usable_on`). CUD
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -45,9 +46,14 @@ class Unsupported(Exception):
 def usable_on(device: torch.device) -> bool:
     """Whether cuBLASLt's FP8 GELU epilogue can run on `device`: ENABLED, no FAILURE, nvmath-python installed, a CUDA
     device of compute capability 8.9 or later."""
-    device = torch.device(device)
-    if not (ENABLED and FAILURE is None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (8, 9)):
+    return ENABLED and FAILURE is None and _supported(torch.device(device))
+
+
+@functools.cache
+def _supported(device: torch.device) -> bool:
+    """nvmath-python installed and `device` a CUDA device of compute capability 8.9 or later (asked once a device:
+    the op asks on every call)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         return False
     try:
         import nvmath.linalg.advanced  # noqa: F401
