@@ -45,6 +45,11 @@ def seed_state(files: dict[Path, dict]) -> int:
     return len(missing)
 
 
+def config_params(config) -> dict:
+    """A Triton autotuning config as results record it: its kernel parameters, warps and stages."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """The lines of a markdown table: the header, its rule, a line per row of cells."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),

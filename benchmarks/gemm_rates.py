@@ -18,6 +18,7 @@ from functools import partial
 import torch
 import triton.testing
 
+from _common import config_params
 from qandc.artifacts import write_json
 from qandc.errors import error_summary
 from qandc.engines.quantized import int8_linear
@@ -63,8 +64,7 @@ def rates(m: int, k: int, n: int) -> dict:
         if name.startswith("fp8_triton_tma"):  # the tile autotuning chose (the epilogue whole or in halves)
             from qandc.engines import triton_fp8
 
-            best = triton_fp8._fp8_gemm_gelu_quant_tma_kernel.best_config
-            out[name]["config"] = {**best.kwargs, "num_stages": best.num_stages, "num_warps": best.num_warps}
+            out[name]["config"] = config_params(triton_fp8._fp8_gemm_gelu_quant_tma_kernel.best_config)
         if name in GRAPHED:  # replayed as the engines run it: no launch cost, and capture-safe or an error
             try:
                 out[name]["us_cuda_graph"] = triton.testing.do_bench_cudagraph(fn, rep=200,

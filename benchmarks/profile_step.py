@@ -36,7 +36,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from _common import table
+from _common import config_params, table
 from qandc.artifacts import atomic_path, read_json, write_json
 from qandc.bench import (FP8_OPTION_SUFFIXES, _slug, card_name, config_engines, device_name, fp8_floor,
                          fp8_suffix, full_step_flops, load_ready, make_model)
@@ -158,8 +158,8 @@ def autotuned_configs() -> dict:
                "fp8_gemm_gelu_quant_tma": triton_fp8._fp8_gemm_gelu_quant_tma_kernel,
                "int8_gemm": triton_int8._int8_gemm_kernel,
                "add_norm_modulate_fp8": triton_norm._add_norm_modulate_fp8_kernel}
-    return {name: {**k.best_config.kwargs, "num_warps": k.best_config.num_warps, "num_stages": k.best_config.num_stages}
-            for name, k in kernels.items() if getattr(k, "best_config", None) is not None}
+    return {name: config_params(k.best_config) for name, k in kernels.items()
+            if getattr(k, "best_config", None) is not None}
 
 
 def back_to_back_ms(call, repeats: int, device: str) -> float:
