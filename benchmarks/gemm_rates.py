@@ -136,14 +136,14 @@ def cublaslt_kernels(a8, b8, weight_scale, bias, out_scale) -> dict:
         print("no cuBLASLt rows: nvmath-python is not importable or the GPU is older than compute capability 8.9",
               flush=True)
         return {}
-    kernels, inverse = {}, 1 / out_scale
+    kernels, inverse, engines_choice = {}, 1 / out_scale, cublaslt_fp8.AUTOTUNE
 
     def call(fast: bool, autotune: bool):
         cublaslt_fp8.AUTOTUNE = autotune  # part of the plan's key: each call runs its own plan
         try:
             return cublaslt_fp8.fp8_gemm_gelu_quant(a8, b8, weight_scale, bias, inverse, fast)
         finally:
-            cublaslt_fp8.AUTOTUNE = False
+            cublaslt_fp8.AUTOTUNE = engines_choice
 
     for autotune in (False, True):
         for fast in (False, True):

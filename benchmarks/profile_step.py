@@ -320,6 +320,7 @@ def state_key(meta: dict, row: dict) -> str:
             + (f"-persistent{row['persistent_reductions_up_to']}" if row.get("persistent_reductions_up_to") else "")
             + fp8_suffix(row)
             + ("-cublaslt" if row.get("fp8_mlp_kernel") == "cublaslt" else "")
+            + ("-autotuned" if row.get("cublaslt_autotune") else "")
             + (f"-norm-{row['norm_rows_as']}" if row.get("norm_rows_as") else ""))
 
 
@@ -342,7 +343,8 @@ def compiled_as(row: dict) -> str:
     return " ".join([row.get("compile_mode", ""), *(f"{k}={v}" for k, v in row.get("inductor_config", {}).items()),
                      *([f"persistent reductions to {row['persistent_reductions_up_to']}"]
                        if row.get("persistent_reductions_up_to") else []),
-                     *([f"fused FP8 MLP ({row.get('fp8_mlp_kernel', 'triton')})"] if row.get("fused_fp8_mlp")
+                     *([f"fused FP8 MLP ({row.get('fp8_mlp_kernel', 'triton')}"
+                        f"{', autotuned' if row.get('cublaslt_autotune') else ''})"] if row.get("fused_fp8_mlp")
                        else []),
                      *([f"fused FP8 norms{f' (rows as {row[k]})' if row.get(k := 'norm_rows_as') else ''}"]
                        if row.get("fused_fp8_norm") else []),
@@ -507,6 +509,8 @@ def main(argv=None) -> None:
                    "inductor_config": inductor_settings, "persistent_reductions_up_to": persistent, **fp8}
         if fp8["fused_fp8_mlp"]:
             variant["fp8_mlp_kernel"] = cublaslt_fp8.mlp_kernel(device)
+            if variant["fp8_mlp_kernel"] == "cublaslt" and cublaslt_fp8.AUTOTUNE:  # its algorithm timed, not the first
+                variant["cublaslt_autotune"] = True
         if fp8["fused_fp8_norm"] and args.norm_rows_as != "any":
             variant["norm_rows_as"] = args.norm_rows_as
         keys = [state_key(meta, {**variant, "sampler": s}) for s in (args.samplers if args.run else [None])]
