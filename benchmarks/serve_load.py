@@ -2,15 +2,16 @@
 throughput of `Pipeline.generate` at the same batch size (images per second of its sampling time), which the server
 should approach under saturating load.
 
-For each --max-batch: the offline rate (the engines loaded here, median of timed runs after a warm-up; read before
-the server and again after it, the higher of the two counts: a disturbed reading shows as a gap), then a server
-(`python -m qandc serve`, a subprocess) driven by asyncio httpx clients in --client-processes processes with
-requests of --images-per-request images: a closed loop that keeps the queue full gives the saturating rate; then
-open-loop Poisson arrivals at fractions of it give latency against offered load. Each finished --max-batch is kept
-in --state (a rerun skips it); --budget-s stops before the next one (exit 3: rerun to resume). The server's engine
-process is also timed alone (no server, no client) at the same batch size, to tell a slower process from the load
-around it; alone and in the server, an engine batch's time is split into its launch (wall and CPU: noise, launches,
-replays queued) and its wait for the GPU, to tell a host-bound batch from a GPU-bound one.
+For each --max-batch: a server (`python -m qandc serve`, a subprocess) driven by asyncio httpx clients in
+--client-processes processes with requests of --images-per-request images: a closed loop that keeps the queue full
+gives the saturating rate; then open-loop Poisson arrivals at fractions of it give latency against offered load.
+Then the offline rate (the engines loaded here, median of timed runs after a warm-up; read twice, the higher of the
+two counts: a disturbed reading shows as a gap). The server's engine process is also timed alone (no server, no
+client) at the same batch size, to tell a slower process from the load around it; alone and in the server, an engine
+batch's time is split into its launch (wall and CPU: noise, launches, replays queued) and its wait for the GPU, to
+tell a host-bound batch from a GPU-bound one. Each of these phases is kept in --state as it ends (a run stopped by a
+time limit resumes at the next on the same machine) and each finished --max-batch (a rerun skips it); --budget-s
+stops before the next --max-batch (exit 3: rerun to resume).
 
 Engines: --engines DIR, or built into --work: on a GPU the shipped reference model with a quick W8A8-INT8 recipe under
 the default plan's shape (Inductor engines, compiled for every bucket's rows); on the CPU a tiny float DiT (ONNX
@@ -363,21 +364,59 @@ def percentiles(latencies: list[float]) -> dict:
             "completed": len(latencies)}
 
 
-def measure(engines: Path, max_batch: int, args) -> dict:
-    """One --max-batch: the offline rate, the saturating rate, latency at fractions of it."""
-    classes = read_json(engines / "manifest.json")["model"]["num_classes"]
+def sitting() -> str:
+    """This machine's boot (a fresh device machine boots anew): phases of one --max-batch compare one sitting's
+    readings only."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return boot.read_text().strip() if boot.is_file() else socket.gethostname()
 
-    def offline(when: str) -> float:
+
+# one --max-batch's readings, in this order, each kept in the state as it ends: the server under load first (the
+# costly one: its warm-up captures every bucket), then the offline rate, the engine process alone, the offline rate
+# again (the higher offline reading counts: a disturbed one shows as a gap)
+PHASES = ("served", "offline", "alone", "offline_again")
+
+
+def measure(engines: Path, max_batch: int, args, partial: Path) -> dict:
+    """One --max-batch: the saturating rate and latency at fractions of it, the offline rate, the engine process
+    alone. Finished phases are kept in `partial` (a run stopped by its time limit resumes at the next phase on the
+    same machine; on another one it starts over)."""
+    classes = read_json(engines / "manifest.json")["model"]["num_classes"]
+    done = read_json(partial) if partial.is_file() else {}
+    if done.get("sitting") != sitting():
+        done = {"sitting": sitting()}
+
+    def offline() -> float:
         rate = offline_rate(engines, max_batch, args.steps, args.runs, args.run_graphs)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the offline engines are gone: the GPU is the next one's alone
-        print(f"max-batch {max_batch}: offline {rate:.1f} images/s ({when} the server)", flush=True)
+        print(f"max-batch {max_batch}: offline {rate:.1f} images/s", flush=True)
         return rate
 
-    before = offline("before")
-    alone, alone_ms = engine_process_rate(engines, max_batch, args.steps, args.runs, args.run_graphs)
-    print(f"max-batch {max_batch}: the engine process alone {alone:.1f} images/s; a batch {batch_times(alone_ms)}",
-          flush=True)
+    def alone() -> dict:
+        rate, ms = engine_process_rate(engines, max_batch, args.steps, args.runs, args.run_graphs)
+        print(f"max-batch {max_batch}: the engine process alone {rate:.1f} images/s; a batch {batch_times(ms)}",
+              flush=True)
+        return {"images_per_s": rate, "batch_ms": ms}
+
+    phases = {"served": lambda: served(engines, max_batch, classes, args), "offline": offline, "alone": alone,
+              "offline_again": offline}
+    for phase in PHASES:
+        if phase not in done:
+            done[phase] = phases[phase]()
+            write_json(partial, done)
+    saturating, loads = done["served"]["saturating"], done["served"]["loads"]
+    readings = [done["offline"], done["offline_again"]]
+    half = next(p for p in loads if p["fraction"] == 0.5)
+    return {"max_batch": max_batch, "offline_images_per_s": max(readings), "offline_readings": readings,
+            "engine_process_alone_images_per_s": done["alone"]["images_per_s"],
+            "engine_process_alone_batch_ms": done["alone"]["batch_ms"], "saturating": saturating, "loads": loads,
+            "throughput_ratio_vs_generate": saturating["images_per_s"] / max(readings),
+            "p99_over_p50_at_half_load": half["p99_s"] / half["p50_s"]}
+
+
+def served(engines: Path, max_batch: int, classes: int, args) -> dict:
+    """A server at `max_batch`: its saturating rate (a closed loop), then latency at fractions of it (open loops)."""
     process, url = start_server(engines, max_batch, args, Path(args.state) / f"server-{max_batch}.log")
     try:
         # batches' worth of clients: one running and one handed over behind it a process, a full one queued when
@@ -404,13 +443,7 @@ def measure(engines: Path, max_batch: int, args) -> dict:
                   f"{point['engine_busy_share']:.0%}", flush=True)
     finally:
         stop_server(process)
-    readings = [before, offline("after")]
-    half = next(p for p in loads if p["fraction"] == 0.5)
-    return {"max_batch": max_batch, "offline_images_per_s": max(readings), "offline_readings": readings,
-            "engine_process_alone_images_per_s": alone, "engine_process_alone_batch_ms": alone_ms,
-            "saturating": saturating, "loads": loads,
-            "throughput_ratio_vs_generate": saturating["images_per_s"] / max(readings),
-            "p99_over_p50_at_half_load": half["p99_s"] / half["p50_s"]}
+    return {"saturating": saturating, "loads": loads}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -484,7 +517,7 @@ def main() -> int:
         if time.perf_counter() - started > args.budget_s:  # a fresh machine may spend it building the engines
             print(f"budget of {args.budget_s:.0f} s spent: rerun to resume")
             return 3
-        write_json(done, measure(engines, max_batch, args))
+        write_json(done, measure(engines, max_batch, args, done.with_suffix(".phases.json")))
         print(f"max-batch {max_batch} done at {time.perf_counter() - started:.0f} s", flush=True)
     manifest = read_json(engines / "manifest.json")
     points = [read_json(state / f"{card}-max-batch-{b}{variant}.json") for b in max_batches]
