@@ -113,7 +113,7 @@ fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum,
 
 fusedstep() {  # the fused MLP + fused norms + fast accumulation: the MLP's Triton kernel (its TMA one on Hopper)
   # measured anew, then cuBLASLt's GELU epilogue in its place (nvmath-python, in the bundle); FUSEDSTEP picks other
-  # variants, comma-separated, each --fp8-mlp-kernel's value and more options ("auto --norm-rows-as one-block,...")
+  # variants, comma-separated, each --fp8-mlp-kernel's value and more options ("auto --remeasure,triton")
   local variants
   IFS=, read -ra variants <<< "${FUSEDSTEP:-triton --remeasure,auto}"
   for kernel in "${variants[@]}"; do
@@ -125,7 +125,8 @@ fusedstep() {  # the fused MLP + fused norms + fast accumulation: the MLP's Trit
 }
 
 launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler links each kernel to the op that
-  # launched it (where the step's memsets come from); its results apart, under $OUT/launchers
+  # launched it (where the step's memsets come from); its results apart, under $OUT/launchers (committed as
+  # profile-step-launchers-<card>.*)
   timeout -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
     --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --no-cuda-graphs \
     --state /tmp/qandc-profile/launchers --results "$OUT/launchers" > "$OUT/launchers.log" 2>&1

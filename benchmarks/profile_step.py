@@ -321,7 +321,7 @@ def state_key(meta: dict, row: dict) -> str:
             + fp8_suffix(row)
             + ("-cublaslt" if row.get("fp8_mlp_kernel") == "cublaslt" else "")
             + ("-autotuned" if row.get("cublaslt_autotune") else "")
-            + (f"-norm-{row['norm_rows_as']}" if row.get("norm_rows_as") else ""))
+            + (f"-norm-{row['norm_rows_as']}" if row.get("norm_rows_as") else ""))  # session 15's norm probes
 
 
 def seed_state(state: Path, meta: dict, seed: dict) -> None:
@@ -453,9 +453,6 @@ def main(argv=None) -> None:
                         help="the fused MLP's kernel: auto takes cuBLASLt's GELU epilogue where it can run "
                              "(nvmath-python installed, compute capability 8.9+; qandc.engines.cublaslt_fp8), else "
                              "the Triton kernel; triton: the Triton kernel always. Rows record the one that ran")
-    parser.add_argument("--norm-rows-as", choices=("any", "one-block", "two-blocks"), default="any",
-                        help="with --fused-fp8-norm: the configs the norm kernel's autotuning may choose, a row as "
-                             "one power-of-two block, as two (1152 = 1024 + 128), or any (default); rows kept apart")
     parser.add_argument("--fp8-fast-accum", action="store_true",
                         help="W8A8-FP8 engines whose GEMMs keep their running sums without float32 promotion "
                              "(`_scaled_mm(use_fast_accum=True)`, the fused kernel's too); rows kept apart")
@@ -473,13 +470,6 @@ def main(argv=None) -> None:
         persistent_reductions_up_to(persistent)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.norm_rows_as != "any":
-        if device != "cuda" or not args.fused_fp8_norm:
-            parser.error("--norm-rows-as: the fused norms' Triton kernel (--fused-fp8-norm) runs on a GPU only")
-        from qandc.engines import triton_norm
-
-        kernel = triton_norm._add_norm_modulate_fp8_kernel
-        kernel.configs = [c for c in kernel.configs if c.kwargs["SPLIT"] == (args.norm_rows_as == "two-blocks")]
     if device == "cuda":  # CUPTI set up before any CUDA graph is captured, so that their replays are traced
         with profile(activities=activities(device)):
             torch.zeros(1, device=device)
@@ -511,8 +501,6 @@ def main(argv=None) -> None:
             variant["fp8_mlp_kernel"] = cublaslt_fp8.mlp_kernel(device)
             if variant["fp8_mlp_kernel"] == "cublaslt" and cublaslt_fp8.AUTOTUNE:  # its algorithm timed, not the first
                 variant["cublaslt_autotune"] = True
-        if fp8["fused_fp8_norm"] and args.norm_rows_as != "any":
-            variant["norm_rows_as"] = args.norm_rows_as
         keys = [state_key(meta, {**variant, "sampler": s}) for s in (args.samplers if args.run else [None])]
         for key in keys if args.remeasure else []:
             (state / f"{key}.json").unlink(missing_ok=True)

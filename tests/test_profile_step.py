@@ -203,15 +203,6 @@ def test_a_new_state_takes_the_rows_of_earlier_results_it_lacks(tmp_path):
     assert len(other_rows["rows"]) == len(earlier["rows"]) // 2  # another row count: its own variant, none seeded
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")
-def test_the_norm_kernels_configs_are_refused_where_the_kernel_does_not_run(capsys):
-    """--norm-rows-as picks among the Triton norm kernel's configs: on a CPU (no Triton) it is one line of error."""
-    with pytest.raises(SystemExit) as stopped:
-        profile_step.main(["--model", "tiny", "--precisions", "w8a8-fp8", "--fused-fp8-norm",
-                           "--norm-rows-as", "two-blocks"])
-    assert stopped.value.code == 2 and "--norm-rows-as" in capsys.readouterr().err
-
-
 def test_kernels_are_attributed_to_the_ops_that_launched_them():
     """A memset linked to `aten::zero_` twice in two profiled steps and once to `qandc::op`: 1 and 0.5 a step; an op
     that launched nothing adds nothing, nor does the script's own range."""

@@ -229,6 +229,17 @@ def test_the_norm_kernel_computes_the_op_under_the_interpreter(shape, split):
     assert result["x_within_bf16_step"] and result["own_exact_but_interpreter_rounding"] > 0.999
 
 
+@pytest.mark.parametrize("width, split", [(1152, True), (48, True), (256, False), (64, False)])
+def test_the_norm_kernel_autotunes_rows_as_two_blocks_where_the_width_is_no_power_of_two(width, split):
+    """The configs autotuning may choose at a width: every rows × warps pair, all two-block or all one-block."""
+    from qandc.engines import triton_norm
+
+    kernel = triton_norm._add_norm_modulate_fp8_kernel
+    kept = kernel.early_config_prune(kernel.configs, {"C": width})
+    assert {c.kwargs["SPLIT"] for c in kept} == {split}
+    assert len(kept) == len(kernel.configs) // 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", NORM_SHAPES)
 def test_the_norm_kernel_computes_the_op_on_the_gpu(shape):

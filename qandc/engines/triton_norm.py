@@ -2,10 +2,10 @@
 rows a program: x' = x + gate · delta (bf16, written back), q = e4m3(clamp((LN(x') (1 + scale) + shift) / s)).
 Inductor compiles the same computation into one reduction a row, at about half the memory's rate on the H200 (33-36
 µs in the engines for DiT-XL/2's ~66 MB at 32 rows, `benchmarks/results/profile-step-h200.md`); this kernel takes 26
-µs there (28.5 alone against Inductor's 51 and a copy's 21: `benchmarks/norm_rates.py`, `norm-h200.json`). Its
-autotuning also tries a row as two blocks, so that 1152 columns take 1024 + 128 lanes instead of 2048 (session 13,
-not yet timed on a GPU). CUDA only (imported on first use); the CPU computes the same in PyTorch
-(`quantized.add_norm_modulate_fp8`)."""
+µs there (28.5 alone against Inductor's 51 and a copy's 21: `benchmarks/norm_rates.py`, `norm-h200.json`). A row
+whose width is not a power of two runs as two blocks, so that 1152 columns take 1024 + 128 lanes instead of 2048: 22
+µs a call in DiT-XL/2's step (`rows_as_two_blocks`). CUDA only (imported on first use); the CPU computes the same in
+PyTorch (`quantized.add_norm_modulate_fp8`)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,20 @@ def _modulate_quantize(normed, mask, offsets, modulation, shift_ptr, scale_ptr, 
     tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
+def rows_as_two_blocks(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs autotuning chooses among at a width C: a row as two blocks (SPLIT) where C is not a power of two,
+    as one block where it is. Autotuning times its candidates on inputs flushed from L2, where the step's come partly
+    hot, and chose one block at DiT-XL/2's 1152 (2 rows, 8 warps): that step's norms took 1.60 ms, 1.48 among the
+    one-block configs alone and 1.27 among the two-block ones (4 rows, 4 warps; H200, one sitting,
+    `profile-step-h200.md`, session 15)."""
+    c = named_args["C"]
+    split = c & (c - 1) != 0
+    return [config for config in configs if config.kwargs["SPLIT"] == split]
+
+
 @triton.autotune(configs=[triton.Config({"ROWS": rows, "SPLIT": split}, num_warps=warps) for rows in (1, 2, 4, 8)
-                          for warps in (4, 8, 16) for split in (False, True)], key=["C"])
+                          for warps in (4, 8, 16) for split in (False, True)], key=["C"],
+                 prune_configs_by={"early_config_prune": rows_as_two_blocks})
 @triton.jit
 def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_ptr, q_scale_ptr, x_out_ptr, q_ptr,
                                   M, C, TOKENS, MOD_STRIDE, eps, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
