@@ -241,10 +241,10 @@ def test_the_norm_kernel_autotunes_rows_as_two_blocks_where_the_width_is_no_powe
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", NORM_SHAPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES + [(2, 3, 256)])
 def test_the_norm_kernel_computes_the_op_on_the_gpu(shape):
     """The residual add exact (float32, rounded once to bf16 as the op does), the e4m3 outputs nearly all equal:
-    the GPU's float32 sums run in another order than the CPU's. Not run as a test on a GPU yet;
+    the GPU's float32 sums run in another order than the CPU's; rows as two blocks, and as one at a width of 256. Not run as a test on a GPU yet;
     `benchmarks/norm_rates.py` found all of both equal at DiT-XL/2's shape on the H200
     (gpu-logs/norm-h200-session11.log)."""
     result = stats(NORM_GPU.format(shape=shape) + NORM_REPORT, {})
