@@ -244,11 +244,38 @@ def test_the_norm_kernel_autotunes_rows_as_two_blocks_where_the_width_is_no_powe
 @pytest.mark.parametrize("shape", NORM_SHAPES + [(2, 3, 256)])
 def test_the_norm_kernel_computes_the_op_on_the_gpu(shape):
     """The residual add exact (float32, rounded once to bf16 as the op does), the e4m3 outputs nearly all equal:
-    the GPU's float32 sums run in another order than the CPU's; rows as two blocks, and as one at a width of 256. Not run as a test on a GPU yet;
+    the GPU's float32 sums run in another order than the CPU's; rows as two blocks, and as one at a width of 256.
     `benchmarks/norm_rates.py` found all of both equal at DiT-XL/2's shape on the H200
     (gpu-logs/norm-h200-session11.log)."""
     result = stats(NORM_GPU.format(shape=shape) + NORM_REPORT, {})
     assert result["x_exact"] == 1.0 and result["exact"] > 0.99
+
+
+AUTOTUNED_TWICE = """
+import json, torch
+from qandc.engines import triton_int8, triton_norm
+torch.manual_seed(0)
+x, w = (torch.randint(-128, 128, s, dtype=torch.int8, device="cuda") for s in ((64, 256), (128, 256)))
+triton_int8.int8_gemm(x, w, torch.rand(128, device="cuda"), torch.randn(128, device="cuda").bfloat16())
+rows, modulation = torch.randn(2, 8, 1152, device="cuda").bfloat16(), torch.randn(2, 1152, device="cuda").bfloat16()
+triton_norm.add_norm_modulate_fp8(rows, rows, modulation, modulation, modulation, torch.tensor(0.1, device="cuda"),
+                                  1e-6)
+kernels = {"int8": triton_int8._int8_gemm_kernel, "norm": triton_norm._add_norm_modulate_fp8_kernel}
+print(json.dumps({name: {"timed": hasattr(k, "bench_time"), "chosen": str(k.best_config)}
+                  for name, k in kernels.items()}))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_autotuning_choices_are_kept_on_disk_for_a_later_process(tmp_path):
+    """The INT8 GEMM's and the norm kernel's autotuning (cache_results): a first process times the configs, a second
+    one with the same Triton cache takes the first one's choice without timing any."""
+    first, second = (stats(AUTOTUNED_TWICE, {"TRITON_CACHE_DIR": str(tmp_path)}) for _ in range(2))
+    for kernel in ("int8", "norm"):
+        assert first[kernel]["timed"] and not second[kernel]["timed"]
+        assert second[kernel]["chosen"] == first[kernel]["chosen"]
+    assert {p.name for p in tmp_path.rglob("*.autotune.json")} == {"_int8_gemm_kernel.autotune.json",
+                                                                     "_add_norm_modulate_fp8_kernel.autotune.json"}
 
 
 INT8 = """

@@ -73,7 +73,7 @@ def _gelu_quant(acc, rn, N, scale_ptr, bias_ptr, out_scale_ptr):
     return tl.minimum(tl.maximum(hidden, -FP8_MAX), FP8_MAX)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "PROMOTE"])
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "PROMOTE"], cache_results=True)  # as triton_int8's
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _fp8_gemm_gelu_quant_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, out_scale_ptr, c_ptr, M, N, K,
@@ -97,7 +97,8 @@ def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     return (first_m + (tile % width) % group_m) * BLOCK_M, (tile % width) // group_m * BLOCK_N
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K", "PROMOTE"])
+@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K", "PROMOTE"])  # no disk cache: Triton keeps no choice
+# among configs of a pre_hook
 @triton.jit
 def _fp8_gemm_gelu_quant_tma_kernel(a_desc, b_desc, c_desc, scale_ptr, bias_ptr, out_scale_ptr, M, N, K,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -21,7 +21,10 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+# cache_results: autotuning's choice for a shape kept in Triton's cache on disk, so that a later process of this
+# machine (a server's warm-up, the offline run, a rank) takes it instead of timing every config again, and picks the
+# same one (`tests/test_triton_kernels.py`)
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"], cache_results=True)
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K,

@@ -53,7 +53,7 @@ def rows_as_two_blocks(configs: list, named_args: dict, **kwargs) -> list:
 
 @triton.autotune(configs=[triton.Config({"ROWS": rows, "SPLIT": split}, num_warps=warps) for rows in (1, 2, 4, 8)
                           for warps in (4, 8, 16) for split in (False, True)], key=["C"],
-                 prune_configs_by={"early_config_prune": rows_as_two_blocks})
+                 prune_configs_by={"early_config_prune": rows_as_two_blocks}, cache_results=True)  # as triton_int8's
 @triton.jit
 def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_ptr, q_scale_ptr, x_out_ptr, q_ptr,
                                   M, C, TOKENS, MOD_STRIDE, eps, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
