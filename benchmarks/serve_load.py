@@ -46,7 +46,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from qandc.artifacts import atomic_path, read_json, write_json
-from qandc.bench import card_name, device_name
+from qandc.bench import card_name, device_name, sitting
 from qandc.runtime import Pipeline
 from qandc.serve import batch_buckets
 
@@ -364,13 +364,6 @@ def percentiles(latencies: list[float]) -> dict:
             "completed": len(latencies)}
 
 
-def sitting() -> str:
-    """This machine's boot (a fresh device machine boots anew): phases of one --max-batch compare one sitting's
-    readings only."""
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    return boot.read_text().strip() if boot.is_file() else socket.gethostname()
-
-
 # one --max-batch's readings, in this order, each kept in the state as it ends: the server under load first (the
 # costly one: its warm-up captures every bucket), then the offline rate, the engine process alone, the offline rate
 # again (the higher offline reading counts: a disturbed one shows as a gap)
@@ -380,7 +373,7 @@ PHASES = ("served", "offline", "alone", "offline_again")
 def measure(engines: Path, max_batch: int, args, partial: Path) -> dict:
     """One --max-batch: the saturating rate and latency at fractions of it, the offline rate, the engine process
     alone. Finished phases are kept in `partial` (a run stopped by its time limit resumes at the next phase on the
-    same machine; on another one it starts over)."""
+    same machine, `sitting`; on another one it starts over: its readings compare one sitting's only)."""
     classes = read_json(engines / "manifest.json")["model"]["num_classes"]
     done = read_json(partial) if partial.is_file() else {}
     if done.get("sitting") != sitting():

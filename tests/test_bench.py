@@ -106,6 +106,26 @@ def test_bench_compares_the_fastest_engine_full_step_with_the_best_measured_peer
     assert (results / "bench-h200.png").stat().st_size > 10_000
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_bench_compares_the_fastest_row_with_the_peers_of_its_sitting_only(tmp_path):
+    """Rows of two machines (a call lost its machine halfway): the faster peer ran on the other one, so the
+    comparison takes the slower peer of the fastest row's own sitting; with no peer there, none is made."""
+    state, results = tmp_path / "state", tmp_path / "results"
+    state.mkdir()
+    _rows(state, {}, {"peer-compile-bf16": 16.8, "peer-torchao-fp8-tensor": 16.3})
+    for path in state.glob("*.json"):
+        row = json.loads(path.read_text())
+        path.write_text(json.dumps({**row, "sitting": "b" if path.name.endswith("torchao-fp8-tensor.json") else "a"}))
+    fastest = min((c for c in CONFIGS if c.compiled and c.precision != "fp32"), key=CONFIGS.index)
+    result = bench("h200", state, tmp_path / "work", results)
+    assert result["sittings"] == 2 and result["best_peer"] == "compile-bf16"
+    assert result["full_step_speedup_vs_best_peer"] == pytest.approx(16.8 / (10.0 + CONFIGS.index(fastest)))
+    moved = state / "dit-xl-2--peer-compile-bf16.json"
+    moved.write_text(json.dumps({**json.loads(moved.read_text()), "sitting": "b"}))
+    result = bench("h200", state, tmp_path / "work", results)
+    assert "full_step_speedup_vs_best_peer" not in result and "best_peer" not in result
+
+
 def test_load_ready_loads_the_engines_and_runs_every_graph_once(tmp_path):
     from conftest import tiny_model
 
