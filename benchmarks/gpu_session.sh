@@ -23,7 +23,7 @@
 #                                                   # by cuBLASLt (nvmath-python)
 #   bash benchmarks/gpu_session.sh launchers        # that step without CUDA graphs: each kernel's launching op
 #   bash benchmarks/gpu_session.sh fullstep         # issue 17's one-run comparison: that step, the floor, the peers
-#                                                   # (qandc bench; stages resume: call until fullstep.log says so)
+#                                                   # (qandc bench; FULLSTEP="bf16-compiled-50 peers": the rest)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions uvloop
 # httptools nvmath-python" for serve and cuBLASLt's FP8 GELU epilogue: fastapi 0.165 imports opentelemetry-api and
@@ -132,12 +132,14 @@ launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler 
     --state /tmp/qandc-profile/launchers --results "$OUT/launchers" > "$OUT/launchers.log" 2>&1
 }
 
-fullstep() {  # DiT-XL/2 only: the FP8 engines as the bench builds them, the fused ones, bf16 compiled, the floor and
-  # every peer in one sitting, into bench-h200-fullstep.json (the peers' max-autotune compiles take ~10 minutes on
-  # a fresh machine: stages resume from the state while the machine is warm, or from fullstep.tgz carried back)
+fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the peers into bench-h200-fullstep.json.
+  # The peers' max-autotune compiles take ~10 minutes on a fresh machine, more than a call: stages resume from the
+  # state on a warm machine or from fullstep.tgz carried back, but a new machine is a new sitting, and the bench
+  # compares its fastest row with the peers of that row's sitting only — so FULLSTEP (the stages, in this order)
+  # defaults to that row beside the two fastest peers seen so far; a second call adds the rest (and bf16 engines)
   timeout -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
-    --work /tmp/fullstep-work --budget-s 400 --only bf16-compiled-50 fp8-only fp8-fused-only fp8-floor peers \
-    > "$OUT/fullstep.log" 2>&1
+    --work /tmp/fullstep-work --budget-s 400 \
+    --only ${FULLSTEP:-fp8-fused-only fp8-floor peer-torchao-fp8-tensor peer-compile-bf16} > "$OUT/fullstep.log" 2>&1
   echo "qandc bench exit status $?" >> "$OUT/fullstep.log"
   save fullstep
 }
