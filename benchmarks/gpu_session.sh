@@ -135,7 +135,7 @@ launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler 
 fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the peers into bench-h200-fullstep.json.
   # The peers' max-autotune compiles take ~10 minutes on a fresh machine, more than a call: stages resume from the
   # state on a warm machine or from fullstep.tgz carried back, but a new machine is a new sitting, and the bench
-  # compares its fastest row with the peers of that row's sitting only — so FULLSTEP (the stages, in this order)
+  # compares its fastest row with the peers of that row's sitting only — so FULLSTEP (the stages; the bench's order)
   # defaults to that row beside the two fastest peers seen so far; a second call adds the rest (and bf16 engines)
   timeout -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
     --work /tmp/fullstep-work --budget-s 400 \
