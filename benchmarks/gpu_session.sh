@@ -111,11 +111,12 @@ fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum,
   save profile
 }
 
-fusedstep() {  # the fused MLP + fused norms + fast accumulation: the MLP's Triton kernel (its TMA one on Hopper)
-  # measured anew, then cuBLASLt's GELU epilogue in its place (nvmath-python, in the bundle); FUSEDSTEP picks other
-  # variants, comma-separated, each --fp8-mlp-kernel's value and more options ("auto --remeasure,triton")
+fusedstep() {  # the fused MLP + fused norms + fast accumulation, measured anew: the MLP by cuBLASLt's GELU epilogue
+  # (nvmath-python, in the bundle; its row under the same key as session 15's, whose norm kernel had chosen one-block
+  # rows: `triton_configs` tells them apart), then by the Triton kernel (its TMA one on Hopper); FUSEDSTEP picks other
+  # variants, comma-separated, each --fp8-mlp-kernel's value and more options
   local variants
-  IFS=, read -ra variants <<< "${FUSEDSTEP:-triton --remeasure,auto}"
+  IFS=, read -ra variants <<< "${FUSEDSTEP:-auto --remeasure,triton --remeasure}"
   for kernel in "${variants[@]}"; do
     timeout -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
       --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --fp8-mlp-kernel $kernel \
