@@ -4,6 +4,10 @@ INT8 runs through PyTorch integer matmuls; the Triton kernel, torch.compile and 
 (those tests skip here)."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,7 +83,8 @@ def test_inductor_engines_run_the_q_and_c_pipeline(recipe, tmp_path, device):
     model = model.to(device)
     manifest = build_inductor(model, tmp_path, recipe_dir=folder, batch_sizes=[6])
     assert manifest.backend == "inductor" and manifest.plan == PLAN
-    assert set(manifest.files) == {"full.pt2", "reuse.pt2"} | ({"inductor-cache.bin"} if device == "cuda" else set())
+    assert set(manifest.files) == {"full.pt2", "reuse.pt2"} | ({"inductor-cache.bin", "triton-autotune.json"}
+                                                                if device == "cuda" else set())
     engine_model = quantize_for_inference(model, folder)
     _, engines = load_engines(tmp_path)
     x, t, y = torch.randn(6, 4, 8, 8, device=device), torch.arange(6, device=device) * 150, torch.arange(6,
@@ -121,6 +126,25 @@ def test_cuda_graphs_replay_what_eager_engines_compute(recipe, tmp_path):
     graphed = Pipeline.load(tmp_path).generate([1, 5], seed=2, steps=8)
     eager = Pipeline.load(tmp_path, compile=False, cuda_graphs=False).generate([1, 5], seed=2, steps=8)
     assert rel_err(graphed, eager) < 1e-2
+
+
+@gpu
+def test_engines_hand_their_autotuning_choices_to_a_fresh_process(recipe, tmp_path):
+    """A process loading the engines (with an empty Triton cache, so no disk cache helps) runs them without timing
+    any config of qandc's Triton kernels: the build's choices came with the engines."""
+    model, folder = recipe
+    build_inductor(model.to("cuda"), tmp_path / "engines", recipe_dir=folder, batch_sizes=[4])
+    saved = json.loads((tmp_path / "engines" / "triton-autotune.json").read_text())
+    if "int8" in folder.name:
+        assert saved["int8_gemm"]  # the INT8 GEMMs autotuned at the build's shapes
+    code = (f"import json\nfrom qandc.runtime import Pipeline\nfrom qandc.engines import autotune_choices\n"
+            f"Pipeline.load({str(tmp_path / 'engines')!r}).generate([1, 5], seed=2, steps=8)\n"
+            "tuners = autotune_choices._autotuners().items()\n"
+            "print(json.dumps(sorted(n for n, t in tuners if hasattr(t, 'bench_time'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -251,6 +251,32 @@ def test_the_norm_kernel_computes_the_op_on_the_gpu(shape):
     assert result["x_exact"] == 1.0 and result["exact"] > 0.99
 
 
+def test_autotune_choices_go_back_to_the_autotuners_they_came_from():
+    """What `autotune_choices.chosen` reads from the autotuners, through JSON, `restore` puts back: the same configs
+    under the same keys; a config or a kernel this qandc does not have is skipped."""
+    from qandc.engines import autotune_choices, triton_int8, triton_norm
+
+    int8, norm = triton_int8._int8_gemm_kernel, triton_norm._add_norm_modulate_fp8_kernel
+    held = {tuner: dict(tuner.cache) for tuner in autotune_choices._autotuners().values()}
+    int8_key = (8192, 1152, 4608, "torch.int8", "torch.int8", "torch.float32", "torch.bfloat16", "torch.bfloat16")
+    norm_key = (1152, "torch.bfloat16", "torch.bfloat16", "torch.bfloat16", "torch.float8_e4m3fn")
+    try:
+        for tuner in held:
+            tuner.cache.clear()
+        int8.cache[int8_key], norm.cache[norm_key] = int8.configs[3], norm.configs[7]
+        choices = json.loads(json.dumps(autotune_choices.chosen()))
+        choices["int8_gemm"].append([[1, 2, 3], "BLOCK_M: 7, num_warps: 3"])  # no such config
+        choices["a_kernel_gone"] = [[[1], str(int8.configs[0])]]
+        int8.cache.clear()
+        norm.cache.clear()
+        assert autotune_choices.restore(choices) == 2
+        assert int8.cache == {int8_key: int8.configs[3]} and norm.cache == {norm_key: norm.configs[7]}
+    finally:
+        for tuner, cache in held.items():
+            tuner.cache.clear()
+            tuner.cache.update(cache)
+
+
 AUTOTUNED_TWICE = """
 import json, torch
 from qandc.engines import triton_int8, triton_norm

@@ -2,8 +2,9 @@
 the recipe's FP8 / INT8 layers as real kernels, `quantized.py`), each saved as a `torch.export` program (`full.pt2`,
 `reuse.pt2`, `reuse1.pt2`, ...; batch dynamic), plus Inductor's portable compile cache (`inductor-cache.bin`) filled
 at build time for every graph at the batch sizes asked for, so that loading recompiles from the cache instead of
-autotuning again. Cache tensors of plain reuse are bf16 (the "model" dtype), forecast factors float32 or bf16 as the
-plan says.
+autotuning again, and the choices qandc's own Triton kernels' autotuning made then (`autotune_choices`), so that a
+process loading the engines times none of them again. Cache tensors of plain reuse are bf16 (the "model" dtype),
+forecast factors float32 or bf16 as the plan says.
 
 AOTInductor packages would be the natural artifact, but loading one segfaulted on the GPU machine's torch 2.11
 (environment.md); an exported program plus its saved compile cache is the reloadable engine instead. A build is
@@ -21,13 +22,14 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..artifacts import atomic_path
+from ..artifacts import atomic_path, read_json, write_json
 from ..errors import QandcError
 from ..formats.manifest import EngineManifest, pipeline_fields
 from ..locking import holds_output
 from ..model.graphs import GraphSpec, PathGraph, example_feeds
 from ..readers import open_regular, refuse_zip_bomb, regular_file
 from ..staging import check_apart, staged_folder
+from . import autotune_choices
 from . import quantized as quantized_module  # also registers qandc::int8_linear, which the programs call
 from .backend import Backend, BuildResult, Capabilities, check_engine_inputs
 
@@ -62,8 +64,9 @@ def build_files(model, out_dir: Path, graphs: dict[str, GraphSpec], batch_sizes)
     if cuda:
         _fill_compile_cache(model, out_dir, engines, graphs, batch_sizes)
     record = {"device": model.device.type, "compiled_batch_sizes": list(batch_sizes) if cuda else [],
-              "compile_cache": CACHE if cuda else None}
-    return BuildResult(engines, [*engines.values(), *([CACHE] if cuda else [])], record)
+              "compile_cache": CACHE if cuda else None,
+              "autotune_choices": autotune_choices.FILE if cuda else None}
+    return BuildResult(engines, [*engines.values(), *([CACHE, autotune_choices.FILE] if cuda else [])], record)
 
 
 def _fill_compile_cache(model, out_dir: Path, engines: dict, graphs: dict[str, GraphSpec], batch_sizes) -> None:
@@ -77,6 +80,7 @@ def _fill_compile_cache(model, out_dir: Path, engines: dict, graphs: dict[str, G
     blob, _ = torch.compiler.save_cache_artifacts()
     with atomic_path(out_dir / CACHE) as tmp:
         tmp.write_bytes(blob)
+    write_json(out_dir / autotune_choices.FILE, autotune_choices.chosen())  # qandc's Triton kernels', at these shapes
 
 
 class InductorEngine:
@@ -135,6 +139,8 @@ class InductorBackend(Backend):
             cache = folder / manifest.build["compile_cache"]
             with open_regular(cache) as f:
                 torch.compiler.load_cache_artifacts(f.read())  # before anything compiles in this process
+        if manifest.build.get("autotune_choices"):  # older engines have none
+            autotune_choices.restore(read_json(folder / manifest.build["autotune_choices"]))
         compiled = compile and manifest.build["device"] == "cuda"
         return {g: InductorEngine(folder / file, manifest.graphs[g], compiled, manifest.recipe is not None)
                 for g, file in manifest.engines.items()}

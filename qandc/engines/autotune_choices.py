@@ -1,0 +1,37 @@
+"""The choices Triton's autotuning of qandc's own kernels (`triton_int8`, `triton_fp8`, `triton_norm`) holds once the
+engines' graphs have run at every batch size of the build, saved beside the engines (`FILE`) and handed back to the
+autotuners when the engines load: a process that loads them — a server's warm-up, the offline run, each rank on any
+host — times no config again for those shapes and runs the one the build chose, so every process computes alike.
+Triton's own disk cache (`cache_results`) keeps choices for one machine only. A choice whose key or config this
+Triton or qandc does not have is skipped (that shape is timed as before). CUDA only (imported on first use)."""
+
+from __future__ import annotations
+
+FILE = "triton-autotune.json"
+
+
+def _autotuners() -> dict:
+    from . import triton_fp8, triton_int8, triton_norm
+
+    return {"int8_gemm": triton_int8._int8_gemm_kernel,
+            "fp8_gemm_gelu_quant": triton_fp8._fp8_gemm_gelu_quant_kernel,
+            "fp8_gemm_gelu_quant_tma": triton_fp8._fp8_gemm_gelu_quant_tma_kernel,
+            "add_norm_modulate_fp8": triton_norm._add_norm_modulate_fp8_kernel}
+
+
+def chosen() -> dict[str, list]:
+    """Every autotuner's choices in this process: {kernel: [[its key's values, the config as Triton prints it]]}."""
+    return {name: [[list(key), str(config)] for key, config in tuner.cache.items()]
+            for name, tuner in _autotuners().items() if tuner.cache}
+
+
+def restore(choices: dict[str, list]) -> int:
+    """Hand `choices` (as `chosen` gives them) to the autotuners; how many they took."""
+    taken = 0
+    for name, tuner in _autotuners().items():
+        configs = {str(config): config for config in tuner.configs}
+        for key, config in choices.get(name, []):
+            if config in configs:
+                tuner.cache[tuple(key)] = configs[config]
+                taken += 1
+    return taken
