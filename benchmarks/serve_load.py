@@ -364,20 +364,14 @@ def percentiles(latencies: list[float]) -> dict:
             "completed": len(latencies)}
 
 
-# one --max-batch's readings, in this order, each kept in the state as it ends: the server under load first (the
-# costly one: its warm-up captures every bucket), then the offline rate, the engine process alone, the offline rate
-# again (the higher offline reading counts: a disturbed one shows as a gap)
-PHASES = ("served", "offline", "alone", "offline_again")
-
-
 def measure(engines: Path, max_batch: int, args, partial: Path) -> dict:
     """One --max-batch: the saturating rate and latency at fractions of it, the offline rate, the engine process
     alone. Finished phases are kept in `partial` (a run stopped by its time limit resumes at the next phase on the
     same machine, `sitting`; on another one it starts over: its readings compare one sitting's only)."""
     classes = read_json(engines / "manifest.json")["model"]["num_classes"]
-    done = read_json(partial) if partial.is_file() else {}
-    if done.get("sitting") != sitting():
-        done = {"sitting": sitting()}
+    done, here = read_json(partial) if partial.is_file() else {}, sitting()
+    if done.get("sitting") != here:
+        done = {"sitting": here}
 
     def offline() -> float:
         rate = offline_rate(engines, max_batch, args.steps, args.runs, args.run_graphs)
@@ -392,11 +386,14 @@ def measure(engines: Path, max_batch: int, args, partial: Path) -> dict:
               flush=True)
         return {"images_per_s": rate, "batch_ms": ms}
 
+    # the phases in their order: the server under load first (the costly one: its warm-up captures every bucket),
+    # then the offline rate, the engine process alone, the offline rate again (the higher offline reading counts: a
+    # disturbed one shows as a gap)
     phases = {"served": lambda: served(engines, max_batch, classes, args), "offline": offline, "alone": alone,
               "offline_again": offline}
-    for phase in PHASES:
+    for phase, run in phases.items():
         if phase not in done:
-            done[phase] = phases[phase]()
+            done[phase] = run()
             write_json(partial, done)
     saturating, loads = done["served"]["saturating"], done["served"]["loads"]
     readings = [done["offline"], done["offline_again"]]
