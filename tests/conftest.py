@@ -1,3 +1,8 @@
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -31,6 +36,16 @@ def save_tiny_dit_pipeline(path, num_classes=5, **vae_config):
                                   up_block_types=("UpDecoderBlock2D",) * 2, **vae_config)
     diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler()).save_pretrained(path)
     return path
+
+
+def python_json(code: str, env: dict, lines: int = 1):
+    """The JSON the last `lines` lines of a Python child running `code` (with `env` added) print: one object, or a
+    list of `lines` (a child: what the code sets up — an interpreter mode, a cache folder — is its own)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.strip().splitlines()[-lines:]]
+    return reports[0] if lines == 1 else reports
 
 
 def rel_err(a, b) -> float:

@@ -5,14 +5,11 @@ INT8 runs through PyTorch integer matmuls; the Triton kernel, torch.compile and 
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import rel_err, tiny_model
+from conftest import python_json, rel_err, tiny_model
 from qandc.calibration import CalibrationSettings, SelectorParams, apply_recipe, calibrate
 from qandc.engines import load_engines
 from qandc.engines import build_inductor
@@ -141,10 +138,7 @@ def test_engines_hand_their_autotuning_choices_to_a_fresh_process(recipe, tmp_pa
             f"Pipeline.load({str(tmp_path / 'engines')!r}).generate([1, 5], seed=2, steps=8)\n"
             "tuners = autotune_choices._autotuners().items()\n"
             "print(json.dumps(sorted(n for n, t in tuners if hasattr(t, 'bench_time'))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert python_json(code, {"TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}) == []
 
 
 @pytest.mark.parametrize("device", DEVICES)

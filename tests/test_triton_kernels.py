@@ -7,12 +7,11 @@ too: the interpreter (Triton 3.9) runs host-side tensor descriptors, loads zero-
 tensor's end as TMA does. All skip where Triton is not installed (the CPU CI's torch brings none)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from conftest import python_json
 
 pytest.importorskip("triton")
 
@@ -57,15 +56,6 @@ print(json.dumps({"within_accumulation": bool(((got - want).abs() <= step * 1.00
 """
 
 
-def stats(code: str, env: dict, lines: int = 1):
-    """The JSON the last `lines` lines of `code`'s output hold (one object, or a list of `lines`)."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
-    assert done.returncode == 0, done.stderr[-2000:]
-    reports = [json.loads(line) for line in done.stdout.strip().splitlines()[-lines:]]
-    return reports[0] if lines == 1 else reports
-
-
 # K and N multiples of 16 (the descriptors' rows 16-byte aligned); rows, K and N off the blocks' multiples
 TMA_SHAPES = [(37, 256, 256), (130, 256, 512), (5, 80, 48)]
 TMA_INTERPRETED = CASE + """
@@ -99,7 +89,7 @@ def test_the_kernel_computes_the_op_under_the_interpreter(kernel, shape, promote
     what the promotion changes on a GPU is `benchmarks/gemm_rates.py`'s to measure. Both kernels: the pointer one and
     the persistent TMA one (several tiles a program), its epilogue whole and in two halves."""
     code = INTERPRETED if kernel == "pointer" else TMA_INTERPRETED
-    result = stats(code.format(shape=shape, promote=promote, subtile=kernel == "tma-subtile") + REPORT,
+    result = python_json(code.format(shape=shape, promote=promote, subtile=kernel == "tma-subtile") + REPORT,
                    {"TRITON_INTERPRET": "1"})
     assert result["shape"] == [shape[0], shape[2]] and result["exact_but_interpreter_rounding"]
     assert result["exact"] > 0.95
@@ -118,7 +108,7 @@ def test_the_kernel_computes_the_op_on_the_gpu(kernel, shape, fast_accum):
     the TMA kernel (`fp8_gemm_gelu_quant(..., tma=True)`, autotuned) at its three, both ways
     (gpu-logs/kernels-h200-session13.log)."""
     code = GPU.format(shape=shape, fast_accum=fast_accum, tma=kernel == "tma") + GPU_REPORT
-    result, accumulation = stats(code, {}, lines=2)
+    result, accumulation = python_json(code, {}, lines=2)
     assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.97
 
 
@@ -156,7 +146,7 @@ def test_cublaslt_computes_the_op_on_the_gpu_and_replays_in_a_cuda_graph(shape, 
     pytest.importorskip("nvmath")
     code = (CUBLASLT.format(shape=shape, fast_accum=fast_accum, autotune=autotune) + GPU_REPORT
             + "print(json.dumps(replay))\n")
-    result, accumulation, replay = stats(code, {}, lines=3)
+    result, accumulation, replay = python_json(code, {}, lines=3)
     assert result["shape"] == [shape[0], shape[2]] and accumulation["within_accumulation"] and result["exact"] > 0.9
     assert replay["replay_equal"]
 
@@ -176,7 +166,7 @@ def test_rows_cublaslt_refuses_take_the_triton_kernel_without_disabling_cublaslt
     """37 rows (not a multiple of 16: cuBLASLt's FP8 refuses them) go to the Triton kernel before cuBLASLt is asked,
     so its refusal does not turn cuBLASLt off for the shapes it runs."""
     pytest.importorskip("nvmath")
-    result = stats(REFUSED.format(shape=(37, 256, 256)), {})
+    result = python_json(REFUSED.format(shape=(37, 256, 256)), {})
     assert result == {"usable": False, "failure": None, "as_triton": True}
 
 
@@ -225,7 +215,7 @@ def test_the_norm_kernel_computes_the_op_under_the_interpreter(shape, split):
     values a step below), and the e4m3 input of the next GEMM what the op's float32 arithmetic gives for that
     residual stream, but for the interpreter's e4m3 rounding (see above; ~5% of outputs at these sizes). With the
     row as one block and as two (`SPLIT`: 32 + 16, 1024 + 128, and 256 + a masked 1 for a power of two)."""
-    result = stats(NORM_INTERPRETED.format(shape=shape, split=split) + NORM_REPORT, {"TRITON_INTERPRET": "1"})
+    result = python_json(NORM_INTERPRETED.format(shape=shape, split=split) + NORM_REPORT, {"TRITON_INTERPRET": "1"})
     assert result["x_within_bf16_step"] and result["own_exact_but_interpreter_rounding"] > 0.999
 
 
@@ -247,7 +237,7 @@ def test_the_norm_kernel_computes_the_op_on_the_gpu(shape):
     the GPU's float32 sums run in another order than the CPU's; rows as two blocks, and as one at a width of 256.
     `benchmarks/norm_rates.py` found all of both equal at DiT-XL/2's shape on the H200
     (gpu-logs/norm-h200-session11.log)."""
-    result = stats(NORM_GPU.format(shape=shape) + NORM_REPORT, {})
+    result = python_json(NORM_GPU.format(shape=shape) + NORM_REPORT, {})
     assert result["x_exact"] == 1.0 and result["exact"] > 0.99
 
 
@@ -296,7 +286,7 @@ print(json.dumps({name: {"timed": hasattr(k, "bench_time"), "chosen": str(k.best
 def test_autotuning_choices_are_kept_on_disk_for_a_later_process(tmp_path):
     """The INT8 GEMM's and the norm kernel's autotuning (cache_results): a first process times the configs, a second
     one with the same Triton cache takes the first one's choice without timing any."""
-    first, second = (stats(AUTOTUNED_TWICE, {"TRITON_CACHE_DIR": str(tmp_path)}) for _ in range(2))
+    first, second = (python_json(AUTOTUNED_TWICE, {"TRITON_CACHE_DIR": str(tmp_path)}) for _ in range(2))
     for kernel in ("int8", "norm"):
         assert first[kernel]["timed"] and not second[kernel]["timed"]
         assert second[kernel]["chosen"] == first[kernel]["chosen"]
@@ -330,5 +320,5 @@ print(json.dumps({"shape": list(got.shape), "within_bf16_step": bool(close.all()
 def test_the_int8_kernel_computes_integer_products_under_the_interpreter(shape):
     """Exact int32 products, scaled in float32; the interpreter truncates to bf16 where the GPU rounds to nearest
     (about half the outputs a bf16 step below, none further)."""
-    result = stats(INT8.format(shape=shape) + INT8_REPORT, {"TRITON_INTERPRET": "1"})
+    result = python_json(INT8.format(shape=shape) + INT8_REPORT, {"TRITON_INTERPRET": "1"})
     assert result["shape"] == [shape[0], shape[2]] and result["within_bf16_step"] and result["exact"] > 0.3
