@@ -17,6 +17,7 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qandc.artifacts import write_json
+from qandc.errors import error_summary
 
 BATCH, TOKENS, HEADS, HEAD_DIM, BLOCKS = 32, 256, 16, 72, 28
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -51,7 +52,7 @@ def main() -> None:
                 got = call()[..., :HEAD_DIM].float()
                 ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
             except RuntimeError as e:  # the backend refuses these inputs (head size, layout, card)
-                results[row] = {"error": (str(e).splitlines() or [""])[0]}
+                results[row] = {"error": error_summary(e)}
                 continue
             results[row] = {"us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12,
                             "ms_per_step": ms * BLOCKS, "max_abs_diff": (got - reference).abs().max().item()}
