@@ -48,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from qandc.artifacts import atomic_path, read_json, write_json
 from qandc.bench import card_name, device_name, sitting
 from qandc.runtime import Pipeline
-from qandc.serve import batch_buckets
+from qandc.serve import batch_buckets, warm_up_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)
@@ -60,7 +60,8 @@ def build_engines_here(work: Path, max_batches: list[int], cache: str) -> Path:
     from qandc.bench import config_engines, config_plan, make_model
 
     if torch.cuda.is_available():
-        rows = sorted({2 * b for b in batch_buckets(max(max_batches))} | {1})  # what the warm-up runs (guided)
+        rows = sorted({2 * size if guided else size for max_batch in max_batches  # what each server's warm-up runs
+                       for size, guided in warm_up_batches(batch_buckets(max_batch))})
         return config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", cache, work, rows)[0]
     out = work / "engines-cpu"
     if (out / "manifest.json").is_file():

@@ -239,8 +239,9 @@ def _provenance(args):
 def cmd_serve(args) -> None:
     """Serve an engine folder over HTTP (FastAPI + uvicorn): POST /v1/generate, GET /healthz, /readyz, /metrics.
     Concurrent requests with the same steps, sampler and guidance are batched (up to --max-batch images or
-    --max-wait-ms), padded to power-of-two batch sizes warmed at start; an image equals what qandc generate gives
-    for the same seed, label and sample id. SIGINT / SIGTERM finish the accepted requests, then exit."""
+    --max-wait-ms), padded to batch-size buckets warmed at start (powers of two and, from 12, their midpoints);
+    an image equals what qandc generate gives for the same seed, label and sample id. SIGINT / SIGTERM finish the
+    accepted requests, then exit."""
     require_all(["fastapi", "uvicorn", "prometheus_client"] + (["diffusers"] if args.vae else []), "qandc serve")
     from .serve import ServeOptions, serve
 

@@ -36,7 +36,7 @@ from qandc.errors import QandcError  # noqa: E402
 from qandc.exporter import export  # noqa: E402
 from qandc.images import model_to_images, to_uint8  # noqa: E402
 from qandc.runtime import Pipeline  # noqa: E402
-from qandc.serve import EngineProcess, ServeOptions, create_app  # noqa: E402
+from qandc.serve import EngineProcess, ServeOptions, batch_buckets, create_app, warm_up_batches  # noqa: E402
 
 NAN_CLASS = 7  # its label embedding is NaN: every sample of this class comes out NaN, and only those
 STEPS = 8
@@ -110,6 +110,18 @@ def samples_of(response) -> np.ndarray:
 def server(engines):
     with running(engines, max_batch=8, max_images=4, max_wait_ms=300) as (url, app):
         yield url
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 7, 16, 20, 64, 100, 256])
+def test_buckets_pad_a_batch_by_less_than_half_beyond_8_images_and_the_warm_up_runs_each_shape(max_batch):
+    buckets = batch_buckets(max_batch)
+    assert buckets == sorted(set(buckets)) and buckets[0] == 1 and buckets[-1] == max_batch
+    for images in range(1, max_batch + 1):
+        padded = next(b for b in buckets if b >= images)
+        assert padded < (1.5 * images if images > 8 else 2 * images)
+    warmed_rows = {2 * size if guided else size for size, guided in warm_up_batches(buckets)}
+    assert all(2 * size in warmed_rows and size in warmed_rows for size in buckets)  # guided and unguided batches
+    assert len(warm_up_batches(buckets)) == len(warmed_rows)  # no shape warmed twice
 
 
 def test_images_equal_generate_whatever_they_are_batched_with(engines, server, tmp_path):

@@ -3,7 +3,8 @@ loads an engine folder in a process of its own, `create_app` builds the service 
 it until SIGINT / SIGTERM."""
 
 from .app import GenerateRequest, ServeOptions, create_app, serve
-from .batcher import Batcher, batch_buckets
+from .batcher import Batcher, batch_buckets, warm_up_batches
 from .engine_process import EngineProcess
 
-__all__ = ["Batcher", "EngineProcess", "GenerateRequest", "ServeOptions", "batch_buckets", "create_app", "serve"]
+__all__ = ["Batcher", "EngineProcess", "GenerateRequest", "ServeOptions", "batch_buckets", "create_app", "serve",
+           "warm_up_batches"]

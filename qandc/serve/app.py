@@ -43,7 +43,7 @@ NoNegative = Annotated[int, Field(ge=0, lt=2 ** 63)]
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """Batching and limits: `max_batch` images per engine batch (padded to power-of-two buckets), `max_wait_ms` the
+    """Batching and limits: `max_batch` images per engine batch (padded to `batch_buckets`), `max_wait_ms` the
     oldest request waits for company, `max_queue` images waiting at most, `max_images` per request, `timeout_s` per
     request (queue and sampling), `max_body_bytes` per request body, `engine_processes` loading the engines on the
     device (batches run on them side by side; without NVIDIA MPS their CUDA contexts time-slice the GPU: two gave

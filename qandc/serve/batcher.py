@@ -83,8 +83,20 @@ class NonFiniteSamples(QandcError):
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """The padded batch sizes: powers of two below `max_batch`, and `max_batch`."""
-    return sorted({2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch} | {max_batch})
+    """The padded batch sizes: powers of two and, from 12 on, the midpoints between them (12, 24, 48, 96, ...), below
+    `max_batch`; and `max_batch`. Beyond 8 images, where a batch's time grows with its size, padding adds less than
+    half (powers of two alone: up to nearly as much again — 17 images ran as 32, and the requests that arrived during
+    that longer batch filled the next past 16 again: at half load on an H200 the mean batch was 17.5 images and p99
+    latency 2.3x p50, session 16)."""
+    ladder = {2 ** k for k in range(max_batch.bit_length())} | {3 * 2 ** k for k in range(2, max_batch.bit_length())}
+    return sorted({b for b in ladder if b < max_batch} | {max_batch})
+
+
+def warm_up_batches(buckets: list[int]) -> list[tuple[int, bool]]:
+    """(images, guided) of the warm-up's batches: every bucket guided (guidance doubles the rows), and unguided where
+    a bucket's row count is no guided batch's: serving meets no new shape."""
+    guided_rows = {2 * b for b in buckets}
+    return [(size, guided) for size in buckets for guided in ((True, False) if size not in guided_rows else (True,))]
 
 
 class Batcher:
@@ -145,18 +157,15 @@ class Batcher:
         self.ready = True
 
     def _warm_up(self) -> None:
-        """One guided batch at every bucket (guidance doubles the rows), and an unguided one where a bucket's row
-        count is no guided batch's, with the engines' steps and sampler, on every process at once: serving meets
-        no new shape."""
+        """The `warm_up_batches` with the engines' steps and sampler, on every process at once."""
         defaults = self.engines[0].sampler_defaults
-        guided = defaults.cfg_scale if defaults.cfg_scale != 1.0 else 2.0  # any scale but 1 doubles the rows
-        guided_rows = {2 * b for b in self.buckets}
-        for size in self.buckets:
-            for scale in (guided, 1.0) if size not in guided_rows else (guided,):
-                for process in self.engines:
-                    process.submit([0] * size, [0] * size, defaults.steps, defaults.sampler, scale, range(size))
-                for process in self.engines:
-                    process.result()
+        guided_scale = defaults.cfg_scale if defaults.cfg_scale != 1.0 else 2.0  # any scale but 1 doubles the rows
+        for size, guided in warm_up_batches(self.buckets):
+            for process in self.engines:
+                process.submit([0] * size, [0] * size, defaults.steps, defaults.sampler,
+                               guided_scale if guided else 1.0, range(size))
+            for process in self.engines:
+                process.result()
 
     async def run(self) -> None:
         """Serve batches until `close()` and the queue is empty: one thread hands them over, one a process
