@@ -107,6 +107,17 @@ def test_inductor_engines_run_the_q_and_c_pipeline(recipe, tmp_path, device):
     assert rel_err(images.cpu(), expected.cpu()) < 5e-2
 
 
+def test_a_build_record_naming_a_file_outside_the_checksummed_ones_is_refused(recipe, tmp_path):
+    model, folder = recipe
+    build_inductor(model, tmp_path, recipe_dir=folder)
+    (tmp_path / "choices.json").write_text("{}")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["build"]["autotune_choices"] = "choices.json"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QandcError, match="autotune_choices 'choices.json' is not one of the manifest's checksummed"):
+        load_engines(tmp_path)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_inductor_engines_of_a_dit_with_per_block_embedders(tmp_path, device):
     model = tiny_model(guidance="all", block_embedders=True).to(device)

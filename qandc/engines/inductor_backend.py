@@ -135,15 +135,24 @@ class InductorBackend(Backend):
     def load(self, folder, manifest, compile=True):
         if manifest.build["device"] == "cuda" and not torch.cuda.is_available():
             raise QandcError(f"{folder}: Inductor engines built for a GPU; this machine has none")
-        if manifest.build["compile_cache"]:
-            cache = folder / manifest.build["compile_cache"]
+        cache, choices = (_build_file(folder, manifest, key) for key in ("compile_cache", "autotune_choices"))
+        if cache:
             with open_regular(cache) as f:
                 torch.compiler.load_cache_artifacts(f.read())  # before anything compiles in this process
-        if manifest.build.get("autotune_choices"):  # older engines have none
-            autotune_choices.restore(read_json(folder / manifest.build["autotune_choices"]))
+        if choices:  # older engines have none
+            autotune_choices.restore(read_json(choices))
         compiled = compile and manifest.build["device"] == "cuda"
         return {g: InductorEngine(folder / file, manifest.graphs[g], compiled, manifest.recipe is not None)
                 for g, file in manifest.engines.items()}
+
+
+def _build_file(folder: Path, manifest, key: str) -> Path | None:
+    """The file the build record names under `key` (None where it names none): one of the manifest's checksummed
+    files, else refused (a hand-edited record must not point at a file nothing verified)."""
+    name = manifest.build.get(key)
+    if name and name not in manifest.files:
+        raise QandcError(f"{folder}: the build record's {key} {name!r} is not one of the manifest's checksummed files")
+    return folder / name if name else None
 
 
 @holds_output("build-engine")
