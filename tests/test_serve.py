@@ -412,3 +412,19 @@ def test_serve_command_finishes_accepted_requests_on_sigterm(engines):
     assert all(re.search(f"request term-{i}: 1 images", log) for i in range(4)), log
     assert log.index("Shutting down") < max(log.index(f"request term-{i}:") for i in range(4))  # answered after
     assert "Finished server process" in log
+
+
+def test_the_batching_model_runs_a_lone_request_after_the_wait_in_its_bucket():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import batching_model
+
+    def batch_s(size):
+        return 0.02 + 0.001 * size
+
+    # a request every ~100 s: each waits max_wait (10 ms), then runs alone as its bucket (3 or 4 images as 4: 24 ms)
+    for images in (3, 4):
+        assert batching_model.latencies([1, 2, 4, 8], 0.01, images, 8, 0.01, batch_s, 1000, seed=0) == \
+            pytest.approx((0.034, 0.034))
+    # busy: queued requests wait for the batch ahead of them
+    p50, p99 = batching_model.latencies([1, 2, 4, 8], 30, 4, 8, 0.01, batch_s, 100, seed=0)
+    assert 0.034 < p50 < p99
