@@ -157,15 +157,19 @@ class Batcher:
         self.ready = True
 
     def _warm_up(self) -> None:
-        """The `warm_up_batches` with the engines' steps and sampler, on every process at once."""
+        """The `warm_up_batches` with the engines' steps and sampler, on every process at once; each one's seconds
+        logged (compiling from the engines' cache, capturing graphs: where a warm-up's time goes)."""
         defaults = self.engines[0].sampler_defaults
         guided_scale = defaults.cfg_scale if defaults.cfg_scale != 1.0 else 2.0  # any scale but 1 doubles the rows
         for size, guided in warm_up_batches(self.buckets):
+            started = time.monotonic()
             for process in self.engines:
                 process.submit([0] * size, [0] * size, defaults.steps, defaults.sampler,
                                guided_scale if guided else 1.0, range(size))
             for process in self.engines:
                 process.result()
+            log.info("warm-up: a batch of %d images, %s, in %.1f s", size, "guided" if guided else "unguided",
+                     time.monotonic() - started)
 
     async def run(self) -> None:
         """Serve batches until `close()` and the queue is empty: one thread hands them over, one a process
