@@ -172,9 +172,11 @@ attention() {  # DiT-XL/2's attention by each SDPA backend, heads as they are an
   timeout -s INT $(upto 120) python3 benchmarks/attention_rates.py --out $R/attention-h200.json > "$OUT/attention.log" 2>&1
 }
 
-serve() {  # a fresh machine builds the engines (200-240 s), then measures a --max-batch if the build ended within
-  # SERVE_BUDGET s (330): the server (its warm-up of 7 buckets 90-170 s, the load points ~50), then the offline
-  # readings and the engine process alone (~40-70 s each); phases cut by the call's limit resume on a warm machine
+serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts of 7 buckets; 12 of 10 buckets since
+  # the midpoints: more), then measures a --max-batch if the build ended within SERVE_BUDGET s (330): the server (its
+  # warm-up 90-170 s for 7 buckets, the load points ~50), then the offline readings and the engine process alone
+  # (~40-70 s each); phases cut by the call's limit resume on a warm machine: fire the next call at once (the
+  # device gives a machine back after 30 s idle)
   timeout -s INT $(upto 560) python3 benchmarks/serve_load.py --state /tmp/qandc-serve-load/state \
     --work /tmp/qandc-serve-load/work --budget-s ${SERVE_BUDGET:-330} ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
   tar czf "$OUT/serve-load.tgz" -C /tmp qandc-serve-load/state  # the built engines (55 MB packed) cannot come back
