@@ -5,8 +5,8 @@ measured (`serve-<card>*.json`: each load point's mean batch and batch time). It
 of the saturating rate for each bucket ladder and writes benchmarks/results/batching-model-<card>.json. A model, not a
 measurement: it leaves out the server's own latency (HTTP, queueing, copies), which `serve_load.py` measures.
 
-    python benchmarks/batching_model.py                      # from serve-h200-rungraphs.json
-    python benchmarks/batching_model.py --images-per-request 3
+    python benchmarks/batching_model.py                      # from serve-h200-rungraphs.json, its request size
+    python benchmarks/batching_model.py --images-per-request 3  # batching-model-h200-3-images.json
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def latencies(buckets, rate, images, max_batch, wait, batch_s, seconds, seed) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measured", default=str(RESULTS / "serve-h200-rungraphs.json"))
-    parser.add_argument("--images-per-request", type=int, default=4)
+    parser.add_argument("--images-per-request", type=int, help="default: the measured run's")
     parser.add_argument("--seconds", type=float, default=200.0, help="simulated seconds a point")
     args = parser.parse_args()
     measured = json.loads(Path(args.measured).read_text())
@@ -61,22 +61,23 @@ def main() -> None:
     rows = [point["saturating"], *point["loads"]]
     slope, fixed = np.polyfit([r["mean_batch_images"] for r in rows], [r["batch_ms"]["seconds"] for r in rows], 1)
     max_batch, wait = point["max_batch"], measured["max_wait_ms"] / 1000
-    saturating = point["saturating"]["requests_per_s"] * measured["images_per_request"] / args.images_per_request
+    images = args.images_per_request or measured["images_per_request"]
+    saturating = point["saturating"]["requests_per_s"] * measured["images_per_request"] / images
     print(f"a batch: {fixed:.1f} ms + {slope:.3f} ms an image (fitted to {Path(args.measured).name}); "
-          f"saturating rate {saturating:.0f} requests/s of {args.images_per_request} images")
+          f"saturating rate {saturating:.0f} requests/s of {images} images")
     result = {"measured": Path(args.measured).name, "batch_ms": {"fixed": fixed, "per_image": slope},
-              "max_batch": max_batch, "max_wait_ms": wait * 1000, "images_per_request": args.images_per_request,
-              "ladders": {}}
+              "max_batch": max_batch, "max_wait_ms": wait * 1000, "images_per_request": images, "ladders": {}}
     for name, ladder in LADDERS.items():
         buckets, points = ladder(max_batch), []
         for fraction in (0.25, 0.5, 0.75):
-            p50, p99 = latencies(buckets, fraction * saturating, args.images_per_request, max_batch, wait,
+            p50, p99 = latencies(buckets, fraction * saturating, images, max_batch, wait,
                                  lambda size: (fixed + slope * size) / 1000, args.seconds, seed=0)
             points.append({"fraction": fraction, "p50_s": p50, "p99_s": p99, "p99_over_p50": p99 / p50})
         result["ladders"][name] = {"buckets": buckets, "points": points}
         print(f"{name:45s} " + "  ".join(f"{p['fraction']:.2f}x: p50 {p['p50_s'] * 1000:5.1f} ms p99/p50 "
                                           f"{p['p99_over_p50']:.2f}" for p in points))
-    out = RESULTS / f"batching-model-{measured['card']}.json"
+    other_size = "" if images == measured["images_per_request"] else f"-{images}-images"
+    out = RESULTS / f"batching-model-{measured['card']}{other_size}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out.relative_to(RESULTS.parents[1])}")
 
