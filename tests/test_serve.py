@@ -178,6 +178,9 @@ def test_the_load_benchmark_reads_the_engines_share_from_metrics(server):
     assert after["seconds"] - before["seconds"] == pytest.approx(sum(t[1] for t in timings))
     share = serve_load.engine_share(before, after, wall)
     assert 0 < share["engine_busy_share"] < 1 and share["mean_batch_images"] == 6 / len(timings)
+    batches = {(t["batch_padded"], t["sampling_seconds"]) for t in (r.json()["timing"] for r in responses)}
+    padded = sum(size for size, _ in batches)
+    assert share["padding_share"] == pytest.approx((padded - 6) / padded)
 
 
 def test_the_load_benchmark_spreads_its_clients_over_processes(server):
