@@ -412,6 +412,9 @@ def test_serve_command_finishes_accepted_requests_on_sigterm(engines):
     finally:
         process.kill()
     log = process.stderr.read()
+    warmed = re.findall(r"warm-up: a batch of (\d) images, (\w+), in [\d.]+ s \(Inductor compilations by its cache: "
+                        r"0 hit, 0 missed, 0 bypassed\)", log)  # ONNX Runtime engines compile nothing
+    assert warmed == [("1", "guided"), ("1", "unguided"), ("2", "guided")], log
     assert all(re.search(f"request term-{i}: 1 images", log) for i in range(4)), log
     assert log.index("Shutting down") < max(log.index(f"request term-{i}:") for i in range(4))  # answered after
     assert "Finished server process" in log

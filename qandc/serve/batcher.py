@@ -158,7 +158,7 @@ class Batcher:
 
     def _warm_up(self) -> None:
         """The `warm_up_batches` with the engines' steps and sampler, on every process at once; each one's seconds
-        logged (compiling from the engines' cache, capturing graphs: where a warm-up's time goes)."""
+        and Inductor compilations logged (where a warm-up's time goes)."""
         defaults = self.engines[0].sampler_defaults
         guided_scale = defaults.cfg_scale if defaults.cfg_scale != 1.0 else 2.0  # any scale but 1 doubles the rows
         for size, guided in warm_up_batches(self.buckets):
@@ -168,8 +168,10 @@ class Batcher:
                                guided_scale if guided else 1.0, range(size))
             for process in self.engines:
                 process.result()
-            log.info("warm-up: a batch of %d images, %s, in %.1f s", size, "guided" if guided else "unguided",
-                     time.monotonic() - started)
+            compiles = self.engines[0].last_run["compiles"]
+            log.info("warm-up: a batch of %d images, %s, in %.1f s (Inductor compilations by its cache: %d hit, "
+                     "%d missed, %d bypassed)", size, "guided" if guided else "unguided", time.monotonic() - started,
+                     compiles["hit"], compiles["miss"], compiles["bypass"])
 
     async def run(self) -> None:
         """Serve batches until `close()` and the queue is empty: one thread hands them over, one a process

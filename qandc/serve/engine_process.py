@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 from ..errors import QandcError, error_summary
 
@@ -142,16 +143,20 @@ class LaunchedBatch:
     engines' time on it from its launch or the previous batch's end, whichever is later (so the batches' seconds
     add up to the time the engines were busy); `host_seconds` and `cpu_seconds`, the wall and the process's CPU
     time of its launch (noise, launches, replays queued); `wait_seconds`, the time its copy to the host waited for
-    the device (near 0: the host is the limit)."""
+    the device (near 0: the host is the limit); `compiles`, Inductor's compilations during its launch by how its
+    FX graph cache answered (hit, miss, bypass: what a warm-up batch spent its time on)."""
 
     def __init__(self, pipeline, batch):
         labels, seeds, steps, sampler, cfg_scale, sample_ids = batch
         self.started, cpu = time.perf_counter(), time.process_time()
         self.samples, self.error = None, None
+        compiles = dict(counters["inductor"])
         try:
             self.samples = pipeline.generate(labels, seeds, steps, sampler, cfg_scale, sample_ids=sample_ids,
                                              allow_nonfinite=True)
-            self.run = dict(pipeline.last_run)
+            self.run = {**pipeline.last_run, "compiles": {
+                answer: counters["inductor"][f"fxgraph_cache_{answer}"] - compiles.get(f"fxgraph_cache_{answer}", 0)
+                for answer in ("hit", "miss", "bypass")}}
         except Exception as e:
             log.exception("a batch of %d images failed", len(labels))
             self.error = one_line(e)
