@@ -179,11 +179,16 @@ def request_body(i: int, images: int, num_classes: int, steps: int | None) -> di
 
 def engine_counters(text: str) -> dict:
     """From the server's /metrics: engine batches run, their real and padding images, their seconds so far and where
-    those went (the engine process's launch wall and CPU time and its wait for the device)."""
-    values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    those went (the engine process's launch wall and CPU time and its wait for the device); the server process's
+    garbage collections' seconds and its full (generation 2) collections."""
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    values = {s.name: s.value for s in samples}
     return {"batches": values["qandc_serve_batch_images_count"], "images": values["qandc_serve_batch_images_sum"],
             "padding": values["qandc_serve_padded_images_total"],
             "seconds": values["qandc_serve_sampling_seconds_total"],
+            "gc_seconds": sum(s.value for s in samples if s.name == "qandc_serve_gc_seconds_total"),
+            "gc_full": sum(s.value for s in samples if s.name == "qandc_serve_gc_collections_total"
+                           and s.labels["generation"] == "2"),
             **{k: values[f"qandc_serve_engine_{k}_total"] for k in BATCH_TIMES}}
 
 
@@ -196,12 +201,15 @@ def engine_share(before: dict, after: dict, window: float, processes: int = 1) -
     """What the engines (`processes` engine processes) did in a window: the share of it they were busy (a
     process's mean), their own images/s were all of them busy throughout (the offline rate's counterpart) and the
     mean real images a batch and the share of the images run that were padding — where a shortfall against the
-    offline rate goes: idle engines (the HTTP side or batch forming), smaller or padded batches, or slower batches."""
+    offline rate goes: idle engines (the HTTP side or batch forming), smaller or padded batches, or slower batches;
+    and the server's garbage collections (seconds, full ones), which stop its threads: a latency tail."""
     batches, images, padding, seconds = (after[k] - before[k] for k in ("batches", "images", "padding", "seconds"))
     return {"engine_busy_share": seconds / (window * processes),
             "engine_images_per_s": images * processes / seconds if seconds else None,
             "mean_batch_images": images / batches if batches else None,
             "padding_share": padding / (images + padding) if batches else None,
+            "server_gc": {"seconds": after["gc_seconds"] - before["gc_seconds"],
+                          "full_collections": after["gc_full"] - before["gc_full"]},
             "batch_ms": {k: 1e3 * (after[k] - before[k]) / batches if batches else None
                          for k in ("seconds", *BATCH_TIMES)}}
 
@@ -434,7 +442,8 @@ def served(engines: Path, max_batch: int, classes: int, args) -> dict:
             print(f"  {fraction:.2f} x: {point['images_per_s']:.1f} images/s, p50 {point['p50_s']:.3f} s, "
                   f"p99 {point['p99_s']:.3f} s, refused {point['refused']}; engines busy "
                   f"{point['engine_busy_share']:.0%}, {point['mean_batch_images'] or 0:.1f} images a batch, "
-                  f"{point['padding_share'] or 0:.0%} of them padding", flush=True)
+                  f"{point['padding_share'] or 0:.0%} of them padding; server GC {point['server_gc']['seconds']:.3f} s "
+                  f"({point['server_gc']['full_collections']:.0f} full)", flush=True)
     finally:
         stop_server(process)
     return {"saturating": saturating, "loads": loads}

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import contextlib
+import gc
 import io
 import os
 import re
@@ -161,6 +162,21 @@ def test_concurrent_requests_share_engine_batches(server):
     assert metric(server, "qandc_serve_images_total") - before["qandc_serve_images_total"] == 6
     # interval 3 over 8 steps: 3 full steps a batch, not a request
     assert metric(server, "qandc_serve_engine_steps_total", kind="full") - full == 3 * batches
+
+
+def test_the_servers_garbage_collections_are_timed_and_what_warm_up_left_is_frozen(server):
+    before = serve_load_counters(server)
+    gc.collect()  # the server runs in this process: its hook times this one
+    after = serve_load_counters(server)
+    assert after["gc_full"] - before["gc_full"] >= 1 and after["gc_seconds"] > before["gc_seconds"]
+    assert metric(server, "qandc_serve_gc_frozen_objects") > 1000
+
+
+def serve_load_counters(url):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serve_load
+
+    return serve_load.engine_counters(httpx.get(url + "/metrics").text)
 
 
 def test_the_load_benchmark_reads_the_engines_share_from_metrics(server):

@@ -7,6 +7,7 @@ holding the GIL."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import signal
@@ -104,7 +105,8 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
     SIGINT / SIGTERM are the server's to handle: the process finishes the batches it is given. A batch is launched,
     then its samples are copied out; with whole-run graphs a next batch already waiting in the pipe is launched in
     between, so its host work (its generators and noise, drawn on the CPU) runs while the GPU replays the one
-    before."""
+    before. The objects alive after loading, and after a batch that compiled, leave the garbage collector's
+    generations (`gc.freeze`): a full collection, which stops the launches, then walks only what batches allocate."""
     from ..runtime import Pipeline
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -117,6 +119,7 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
     except Exception as e:
         pipe.send(("error", one_line(e)))
         return
+    gc.freeze()
     pipe.send(("loaded", {"manifest": pipeline.manifest, "max_batch": pipeline.denoiser.max_batch,
                           "device": str(pipeline.device)}))
     pending, free_since = None, time.perf_counter()  # a batch launched, not collected; when the last was collected
@@ -129,6 +132,8 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
         except EOFError:
             batch = None
         launched = LaunchedBatch(pipeline, batch) if batch is not None else None
+        if launched is not None and any(launched.run.get("compiles", {}).values()):
+            gc.freeze()  # the compiled engines' objects
         if pending is not None:
             pipe.send(pending.collect(free_since))
             free_since = time.perf_counter()
@@ -149,7 +154,7 @@ class LaunchedBatch:
     def __init__(self, pipeline, batch):
         labels, seeds, steps, sampler, cfg_scale, sample_ids = batch
         self.started, cpu = time.perf_counter(), time.process_time()
-        self.samples, self.error = None, None
+        self.samples, self.error, self.run = None, None, {}
         compiles = dict(counters["inductor"])
         try:
             self.samples = pipeline.generate(labels, seeds, steps, sampler, cfg_scale, sample_ids=sample_ids,
