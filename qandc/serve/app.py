@@ -211,6 +211,7 @@ def create_app(processes: list[EngineProcess], engine_dir: str | Path, options: 
             await running
         finally:
             gc.callbacks.remove(metrics.gc_pauses)
+            gc.unfreeze()  # stopping: the frozen objects go as everything else does (no extension reports leaks)
         batcher.executor.shutdown(wait=True)
         if decoder is not None:
             decoder.shutdown(wait=True)

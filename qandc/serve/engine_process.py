@@ -138,6 +138,7 @@ def _run_engines(pipe, engine_dir: str, nan_fallback: bool, device_index: int | 
             pipe.send(pending.collect(free_since))
             free_since = time.perf_counter()
         if launched is None:
+            gc.unfreeze()  # exiting: the frozen objects go as everything else does (no extension reports leaks)
             return
         pending = launched
 
