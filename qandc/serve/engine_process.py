@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch._dynamo.utils import counters
 
 from ..errors import QandcError, error_summary
 
@@ -153,6 +152,8 @@ class LaunchedBatch:
     FX graph cache answered (hit, miss, bypass: what a warm-up batch spent its time on)."""
 
     def __init__(self, pipeline, batch):
+        from torch._dynamo.utils import counters  # the engine process's (the server's need not import dynamo)
+
         labels, seeds, steps, sampler, cfg_scale, sample_ids = batch
         self.started, cpu = time.perf_counter(), time.process_time()
         self.samples, self.error, self.run = None, None, {}
