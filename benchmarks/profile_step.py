@@ -152,13 +152,9 @@ def median_ms(call, repeats: int, device: str) -> float:
 def autotuned_configs() -> dict:
     """The configs Triton's autotuning chose for qandc's kernels that ran in this process (the last choice of each:
     kernels keyed by shape keep one a shape), by kernel name. GPU only (the CPU machines have no Triton)."""
-    from qandc.engines import triton_fp8, triton_int8, triton_norm
+    from qandc.engines.autotune_choices import autotuners
 
-    kernels = {"fp8_gemm_gelu_quant": triton_fp8._fp8_gemm_gelu_quant_kernel,
-               "fp8_gemm_gelu_quant_tma": triton_fp8._fp8_gemm_gelu_quant_tma_kernel,
-               "int8_gemm": triton_int8._int8_gemm_kernel,
-               "add_norm_modulate_fp8": triton_norm._add_norm_modulate_fp8_kernel}
-    return {name: config_params(k.best_config) for name, k in kernels.items()
+    return {name: config_params(k.best_config) for name, k in autotuners().items()
             if getattr(k, "best_config", None) is not None}
 
 

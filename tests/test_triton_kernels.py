@@ -247,7 +247,7 @@ def test_autotune_choices_go_back_to_the_autotuners_they_came_from():
     from qandc.engines import autotune_choices, triton_int8, triton_norm
 
     int8, norm = triton_int8._int8_gemm_kernel, triton_norm._add_norm_modulate_fp8_kernel
-    held = {tuner: dict(tuner.cache) for tuner in autotune_choices._autotuners().values()}
+    held = {tuner: dict(tuner.cache) for tuner in autotune_choices.autotuners().values()}
     int8_key = (8192, 1152, 4608, "torch.int8", "torch.int8", "torch.float32", "torch.bfloat16", "torch.bfloat16")
     norm_key = (1152, "torch.bfloat16", "torch.bfloat16", "torch.bfloat16", "torch.float8_e4m3fn")
     try:

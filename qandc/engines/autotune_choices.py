@@ -10,7 +10,8 @@ from __future__ import annotations
 FILE = "triton-autotune.json"
 
 
-def _autotuners() -> dict:
+def autotuners() -> dict:
+    """qandc's autotuned Triton kernels, by name."""
     from . import triton_fp8, triton_int8, triton_norm
 
     return {"int8_gemm": triton_int8._int8_gemm_kernel,
@@ -22,13 +23,13 @@ def _autotuners() -> dict:
 def chosen() -> dict[str, list]:
     """Every autotuner's choices in this process: {kernel: [[its key's values, the config as Triton prints it]]}."""
     return {name: [[list(key), str(config)] for key, config in tuner.cache.items()]
-            for name, tuner in _autotuners().items() if tuner.cache}
+            for name, tuner in autotuners().items() if tuner.cache}
 
 
 def restore(choices: dict[str, list]) -> int:
     """Hand `choices` (as `chosen` gives them) to the autotuners; how many they took."""
     taken = 0
-    for name, tuner in _autotuners().items():
+    for name, tuner in autotuners().items():
         configs = {str(config): config for config in tuner.configs}
         for key, config in choices.get(name, []):
             if config in configs:
