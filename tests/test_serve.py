@@ -39,6 +39,10 @@ from qandc.images import model_to_images, to_uint8  # noqa: E402
 from qandc.runtime import Pipeline  # noqa: E402
 from qandc.serve import EngineProcess, ServeOptions, batch_buckets, create_app, warm_up_batches  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import batching_model  # noqa: E402
+import serve_load  # noqa: E402
+
 NAN_CLASS = 7  # its label embedding is NaN: every sample of this class comes out NaN, and only those
 STEPS = 8
 SLOW_STEPS = 1000  # a batch that takes a while (0.25-0.7 s on 2 CPU cores), to fill the queue behind it
@@ -165,24 +169,14 @@ def test_concurrent_requests_share_engine_batches(server):
 
 
 def test_the_servers_garbage_collections_are_timed_and_what_warm_up_left_is_frozen(server):
-    before = serve_load_counters(server)
+    before = serve_load.server_counters(server)
     gc.collect()  # the server runs in this process: its hook times this one
-    after = serve_load_counters(server)
+    after = serve_load.server_counters(server)
     assert after["gc_full"] - before["gc_full"] >= 1 and after["gc_seconds"] > before["gc_seconds"]
     assert metric(server, "qandc_serve_gc_frozen_objects") > 1000
 
 
-def serve_load_counters(url):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import serve_load
-
-    return serve_load.engine_counters(httpx.get(url + "/metrics").text)
-
-
 def test_the_load_benchmark_reads_the_engines_share_from_metrics(server):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import serve_load
-
     before = serve_load.engine_counters(httpx.get(server + "/metrics").text)
     started = time.perf_counter()
     responses = post_all(server, [{"labels": [i, i + 1], "seed": i, "steps": STEPS} for i in (0, 2, 4)])
@@ -202,9 +196,6 @@ def test_the_load_benchmark_reads_the_engines_share_from_metrics(server):
 def test_the_load_benchmark_spreads_its_clients_over_processes(server):
     """The closed and the open loop of serve_load run in two client processes each: every request they count is
     one the server answered, and the open loop's two Poisson streams send about the rate asked for."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import serve_load
-
     def answered() -> float:
         return sum(s.value for f in text_string_to_metric_families(httpx.get(server + "/metrics").text)
                    for s in f.samples if s.name == "qandc_serve_requests_total" and s.labels["status"] == "200")
@@ -437,9 +428,6 @@ def test_serve_command_finishes_accepted_requests_on_sigterm(engines):
 
 
 def test_the_batching_model_runs_a_lone_request_after_the_wait_in_its_bucket():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import batching_model
-
     def batch_s(size):
         return 0.02 + 0.001 * size
 
