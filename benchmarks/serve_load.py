@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import multiprocessing
 import os
 import signal
@@ -258,12 +259,25 @@ def closed_loop(url: str, concurrency: int, seconds: float, images: int, classes
             "loop_cpu_ms_per_request": loop_cpu / requests * 1e3 if loop_cpu is not None and requests else None}
 
 
+def http_client(url: str) -> httpx.AsyncClient:
+    """A load generator's client: no limit on connections, and every one it opened kept alive."""
+    return httpx.AsyncClient(base_url=url, timeout=300,
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+
+
+async def open_connections(http: httpx.AsyncClient, count: int) -> None:
+    """Open `count` connections before the load starts (concurrent GET /healthz; they stay in the pool), so that no
+    measured request waits on its own: in session 17's H200 run each load point began with ~3x its rate of requests
+    for ~50 ms (15 requests, 60 images, within the server's first 10 ms wait at half load), which then queued behind
+    one another and made that point's p99."""
+    await asyncio.gather(*(http.get("/healthz") for _ in range(count)))
+
+
 async def _closed_clients(url: str, concurrency: int, seconds: float, images: int, classes: int, steps,
-                          first_request: int, start: float) -> dict:
+                          first_request: int, start) -> dict:
     """One client process's part of `closed_loop`: latencies of the requests sent in the measured window (from a
-    quarter of `seconds` after `start`, a wall-clock time, to 1.25 `seconds` after it) and the share of a core it
-    used there."""
-    measure_from, stop = start + seconds / 4, start + seconds * 1.25
+    quarter of `seconds` after the start, a wall-clock time `start()` gives once this process is set up, to 1.25
+    `seconds` after it) and the share of a core it used there."""
     done, counter = [], iter(range(first_request, first_request + 10 ** 7))
 
     async def client(http):
@@ -277,7 +291,10 @@ async def _closed_clients(url: str, concurrency: int, seconds: float, images: in
         await asyncio.sleep(max(0.0, at - time.time()))
         return time.process_time()
 
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
+    async with http_client(url) as http:
+        await open_connections(http, concurrency)
+        begin = start()
+        measure_from, stop = begin + seconds / 4, begin + seconds * 1.25
         *_, cpu_from, cpu_to = await asyncio.gather(*[client(http) for _ in range(concurrency)],
                                                     cpu_at(measure_from), cpu_at(stop))
     return {"latencies": done, "cpu_share": (cpu_to - cpu_from) / seconds}
@@ -286,7 +303,7 @@ async def _closed_clients(url: str, concurrency: int, seconds: float, images: in
 def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed: int,
               processes: int = 1, clients: int = 1) -> dict:
     """Poisson arrivals at `rate` requests per second for `seconds` (`clients` client processes, each a Poisson
-    stream of rate / clients): latency of each, how many were refused."""
+    stream of rate / clients): latency of each, how many were refused, how late the clients sent them."""
     before = server_counters(url)
     parts = run_clients(_open_clients, [dict(url=url, rate=rate / clients, seconds=seconds, images=images,
                                              classes=classes, steps=steps, seed=(seed, k),
@@ -294,43 +311,51 @@ def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, 
     after = server_counters(url)
     elapsed = max(part["elapsed"] for part in parts)
     latencies = [latency for part in parts for latency in part["latencies"]]
+    late = [delay for part in parts for delay in part["late"]]
     return {"offered_requests_per_s": rate, "sent": sum(part["sent"] for part in parts),
             "refused": sum(sum(part["refused"].values()) for part in parts),
             "refused_by_status": {str(code): sum(part["refused"].get(code, 0) for part in parts)
                                   for code in sorted({c for part in parts for c in part["refused"]})},
             "images_per_s": len(latencies) * images / elapsed,
-            **percentiles(latencies), **engine_share(before, after, elapsed, processes)}
+            **percentiles(latencies), **engine_share(before, after, elapsed, processes),
+            "client_late_ms": {f"p{q}": float(np.percentile(late, q)) * 1e3 for q in (50, 99, 100)}}
 
 
 async def _open_clients(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed,
-                        first_request: int, start: float) -> dict:
-    """One client process's Poisson stream of `open_loop` from `start` (wall clock)."""
+                        first_request: int, start) -> dict:
+    """One client process's Poisson stream of `open_loop` from the wall-clock time `start()` gives once this process
+    has opened a quarter second's worth of connections: each request's latency and how late it went out (a late
+    client sends its overdue requests at once: a burst the Poisson stream does not have)."""
     rng = np.random.default_rng(seed)
-    latencies, refused = [], {}
+    latencies, refused, late = [], {}, []
 
-    async def one(http, i):
+    async def one(http, i, due_at):
         sent = time.time()
+        late.append(sent - due_at)
         response = await http.post("/v1/generate", json=request_body(i, images, classes, steps))
         if response.status_code == 200:
             latencies.append(time.time() - sent)
         else:
             refused[response.status_code] = refused.get(response.status_code, 0) + 1
 
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
+    async with http_client(url) as http:
+        await open_connections(http, math.ceil(rate / 4) + 4)
+        begin = start()
         tasks, due, i = [], 0.0, 0
         while due < seconds:
-            await asyncio.sleep(max(0.0, start + due - time.time()))
-            tasks.append(asyncio.ensure_future(one(http, first_request + i)))
+            await asyncio.sleep(max(0.0, begin + due - time.time()))
+            tasks.append(asyncio.ensure_future(one(http, first_request + i, begin + due)))
             due, i = due + rng.exponential(1 / rate), i + 1
         await asyncio.gather(*tasks)
-    return {"latencies": latencies, "refused": refused, "sent": i, "elapsed": time.time() - start}
+    return {"latencies": latencies, "refused": refused, "sent": i, "elapsed": time.time() - begin, "late": late}
 
 
 def run_clients(clients, parts: list[dict], during=None) -> list[dict]:
     """`clients(**part, start=...)` (a coroutine function of this module) in a spawned process a part, all from one
-    wall-clock `start` once every process is up; `during(start)` runs here meanwhile. One asyncio httpx client
-    process is slow at many concurrent requests (encode/httpx#3215): on the H200 machine one took 64% of a core at
-    174 requests a second, and the batches it fed fell from 64 images to ~24 within the saturating run."""
+    wall-clock time, which `start()` gives each once every process is set up; `during(start)` runs here meanwhile.
+    One asyncio httpx client process is slow at many concurrent requests (encode/httpx#3215): on the H200 machine
+    one took 64% of a core at 174 requests a second, and the batches it fed fell from 64 images to ~24 within the
+    saturating run."""
     context = multiprocessing.get_context("spawn")
     ready, starts, results = context.Barrier(len(parts) + 1), context.Queue(), context.Queue()
     workers = [context.Process(target=_client_process, args=(clients.__name__, part, ready, starts, results),
@@ -353,9 +378,12 @@ def run_clients(clients, parts: list[dict], during=None) -> list[dict]:
 
 
 def _client_process(name: str, part: dict, ready, starts, results) -> None:
-    ready.wait(timeout=120)
+    def start() -> float:  # called once the client is set up: the start shared by every client process
+        ready.wait(timeout=120)
+        return starts.get()
+
     try:
-        results.put(asyncio.run(globals()[name](**part, start=starts.get())))
+        results.put(asyncio.run(globals()[name](**part, start=start)))
     except Exception as e:  # the parent reports it
         results.put({"error": f"{type(e).__name__}: {e}"})
 
@@ -443,7 +471,8 @@ def served(engines: Path, max_batch: int, classes: int, args) -> dict:
                   f"p99 {point['p99_s']:.3f} s, refused {point['refused']}; engines busy "
                   f"{point['engine_busy_share']:.0%}, {point['mean_batch_images'] or 0:.1f} images a batch, "
                   f"{point['padding_share'] or 0:.0%} of them padding; server GC {point['server_gc']['seconds']:.3f} s "
-                  f"({point['server_gc']['full_collections']:.0f} full)", flush=True)
+                  f"({point['server_gc']['full_collections']:.0f} full); requests sent late by "
+                  f"{point['client_late_ms']['p99']:.1f} ms at p99", flush=True)
     finally:
         stop_server(process)
     return {"saturating": saturating, "loads": loads}

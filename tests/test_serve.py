@@ -195,7 +195,8 @@ def test_the_load_benchmark_reads_the_engines_share_from_metrics(server):
 
 def test_the_load_benchmark_spreads_its_clients_over_processes(server):
     """The closed and the open loop of serve_load run in two client processes each: every request they count is
-    one the server answered, and the open loop's two Poisson streams send about the rate asked for."""
+    one the server answered, and the open loop's two Poisson streams send about the rate asked for, none of it
+    before its due time."""
     def answered() -> float:
         return sum(s.value for f in text_string_to_metric_families(httpx.get(server + "/metrics").text)
                    for s in f.samples if s.name == "qandc_serve_requests_total" and s.labels["status"] == "200")
@@ -210,6 +211,8 @@ def test_the_load_benchmark_spreads_its_clients_over_processes(server):
     opened = serve_load.open_loop(server, 10.0, 2.0, 2, classes, STEPS, seed=0, clients=2)
     assert opened["refused_by_status"] == {} and opened["completed"] == opened["sent"] == answered() - between
     assert 5 <= opened["sent"] <= 40  # 20 expected (Poisson, two streams of 5 a second for 2 s)
+    late = opened["client_late_ms"]  # each request against its own stream's due time, from the shared start
+    assert 0 <= late["p50"] <= late["p99"] <= late["p100"]
 
 
 @pytest.mark.parametrize("body, status, message", [
