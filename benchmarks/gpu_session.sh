@@ -135,14 +135,19 @@ launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler 
 
 fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the peers into bench-h200-fullstep.json.
   # The peers' max-autotune compiles take ~10 minutes on a fresh machine, more than a call: stages resume from the
-  # state on a warm machine or from fullstep.tgz carried back, but a new machine is a new sitting, and the bench
-  # compares its fastest row with the peers of that row's sitting only — so FULLSTEP (the stages; the bench's order)
-  # defaults to that row beside the two fastest peers seen so far; a second call adds the rest (and bf16 engines)
+  # state on the same (warm) machine. A new machine is a new sitting, and the bench compares its fastest row with the
+  # peers of that row's sitting only: leave fullstep.tgz out of .gpu-states (its rows would count as done there).
+  # FULLSTEP (the stages; the bench's order) defaults to that row beside the two fastest peers seen so far; a second
+  # call adds the rest (and bf16 engines). Inductor's autotune timings come back as fullstep-timings.tgz (a few kB;
+  # carried in .gpu-states, a fresh machine reads them instead of timing every choice again: in session 17 that took
+  # 123 s for the bf16 peer's GEMM shapes and 272 s for five of the FP8 peer's, 97-106 choices a shape; the peers' rows
+  # then say their cache was not empty)
   timeout -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
     --work /tmp/fullstep-work --budget-s 400 \
     --only ${FULLSTEP:-fp8-fused-only fp8-floor peer-torchao-fp8-tensor peer-compile-bf16} > "$OUT/fullstep.log" 2>&1
   echo "qandc bench exit status $?" >> "$OUT/fullstep.log"
   save fullstep
+  tar czf "$OUT/fullstep-timings.tgz" -C /tmp fullstep-work/inductor/cache && echo "kept the autotune timings"
 }
 
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines, CUDA graphs of steps and of whole runs
