@@ -181,15 +181,20 @@ def request_body(i: int, images: int, num_classes: int, steps: int | None) -> di
 def engine_counters(text: str) -> dict:
     """From the server's /metrics: engine batches run, their real and padding images, their seconds so far and where
     those went (the engine process's launch wall and CPU time and its wait for the device); the server process's
-    garbage collections' seconds and its full (generation 2) collections."""
+    garbage collections' seconds and its full (generation 2) collections; its event loop's wake-ups late by more
+    than 10 ms, and their lateness in all."""
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     values = {s.name: s.value for s in samples}
+    on_time = next(s.value for s in samples if s.name == "qandc_serve_loop_lag_seconds_bucket"
+                   and float(s.labels["le"]) == 0.01)
     return {"batches": values["qandc_serve_batch_images_count"], "images": values["qandc_serve_batch_images_sum"],
             "padding": values["qandc_serve_padded_images_total"],
             "seconds": values["qandc_serve_sampling_seconds_total"],
             "gc_seconds": sum(s.value for s in samples if s.name == "qandc_serve_gc_seconds_total"),
             "gc_full": sum(s.value for s in samples if s.name == "qandc_serve_gc_collections_total"
                            and s.labels["generation"] == "2"),
+            "loop_stalls": values["qandc_serve_loop_lag_seconds_count"] - on_time,
+            "loop_lag": values["qandc_serve_loop_lag_seconds_sum"],
             **{k: values[f"qandc_serve_engine_{k}_total"] for k in BATCH_TIMES}}
 
 
@@ -203,7 +208,8 @@ def engine_share(before: dict, after: dict, window: float, processes: int = 1) -
     process's mean), their own images/s were all of them busy throughout (the offline rate's counterpart) and the
     mean real images a batch and the share of the images run that were padding — where a shortfall against the
     offline rate goes: idle engines (the HTTP side or batch forming), smaller or padded batches, or slower batches;
-    and the server's garbage collections (seconds, full ones), which stop its threads: a latency tail."""
+    and the server's garbage collections (seconds, full ones), which stop its threads, and its event loop's stalls
+    (wake-ups late by more than 10 ms, and the lateness of all): latency tails."""
     batches, images, padding, seconds = (after[k] - before[k] for k in ("batches", "images", "padding", "seconds"))
     return {"engine_busy_share": seconds / (window * processes),
             "engine_images_per_s": images * processes / seconds if seconds else None,
@@ -211,6 +217,8 @@ def engine_share(before: dict, after: dict, window: float, processes: int = 1) -
             "padding_share": padding / (images + padding) if batches else None,
             "server_gc": {"seconds": after["gc_seconds"] - before["gc_seconds"],
                           "full_collections": after["gc_full"] - before["gc_full"]},
+            "server_loop": {"stalls_over_10ms": after["loop_stalls"] - before["loop_stalls"],
+                            "lag_seconds": after["loop_lag"] - before["loop_lag"]},
             "batch_ms": {k: 1e3 * (after[k] - before[k]) / batches if batches else None
                          for k in ("seconds", *BATCH_TIMES)}}
 
@@ -471,7 +479,8 @@ def served(engines: Path, max_batch: int, classes: int, args) -> dict:
                   f"p99 {point['p99_s']:.3f} s, refused {point['refused']}; engines busy "
                   f"{point['engine_busy_share']:.0%}, {point['mean_batch_images'] or 0:.1f} images a batch, "
                   f"{point['padding_share'] or 0:.0%} of them padding; server GC {point['server_gc']['seconds']:.3f} s "
-                  f"({point['server_gc']['full_collections']:.0f} full); requests sent late by "
+                  f"({point['server_gc']['full_collections']:.0f} full); its loop stalled "
+                  f"{point['server_loop']['stalls_over_10ms']:.0f} times; requests sent late by "
                   f"{point['client_late_ms']['p99']:.1f} ms at p99", flush=True)
     finally:
         stop_server(process)

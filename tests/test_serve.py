@@ -176,6 +176,24 @@ def test_the_servers_garbage_collections_are_timed_and_what_warm_up_left_is_froz
     assert metric(server, "qandc_serve_gc_frozen_objects") > 1000
 
 
+def test_a_stalled_event_loop_shows_in_the_metrics(server):
+    """Holding the GIL for 0.15 s stalls the server's loop (its thread): the loop's watch sees a wake-up late by more
+    than 10 ms, which serve_load counts."""
+    before = serve_load.server_counters(server)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # the server's thread waits for this one's GIL instead of taking it after 5 ms
+    try:
+        until = time.perf_counter() + 0.15
+        while time.perf_counter() < until:
+            pass
+    finally:
+        sys.setswitchinterval(interval)
+    time.sleep(0.05)
+    after = serve_load.server_counters(server)
+    share = serve_load.engine_share(before, after, 1.0)["server_loop"]
+    assert share["stalls_over_10ms"] >= 1 and share["lag_seconds"] >= 0.1
+
+
 def test_the_load_benchmark_reads_the_engines_share_from_metrics(server):
     before = serve_load.engine_counters(httpx.get(server + "/metrics").text)
     started = time.perf_counter()

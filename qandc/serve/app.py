@@ -41,6 +41,7 @@ from .engine_process import EngineProcess
 log = logging.getLogger("qandc.serve")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 NoNegative = Annotated[int, Field(ge=0, lt=2 ** 63)]
+LAG_PERIOD = 0.01  # seconds: the event loop's watch (`watch_loop`)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class Metrics:
         self.nonfinite_images = Counter("qandc_serve_nonfinite_images", "images whose output was NaN / Inf (their "
                                         "requests failed)", registry=r)
         self.queued_images = Gauge("qandc_serve_queued_images", "images waiting for a batch", registry=r)
+        self.loop_lag = Histogram("qandc_serve_loop_lag_seconds", f"how late the event loop woke from a "
+                                  f"{LAG_PERIOD * 1e3:.0f} ms sleep (a stalled loop holds every request's reading, "
+                                  f"queueing and answer)", buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1),
+                                  registry=r)
         self.gc_pauses = GcPauses()
         r.register(self.gc_pauses)
 
@@ -136,6 +141,16 @@ class Metrics:
         self.nonfinite_images.inc(run.nonfinite)
         for job in jobs:
             self.queue_seconds.observe(job.batched - job.enqueued)
+
+
+async def watch_loop(lag: Histogram) -> None:
+    """Sleep LAG_PERIOD on the event loop, again and again, observing into `lag` how late each wake-up came: a long
+    callback, a garbage collection or a burst of new connections shows as a stall of every request in flight."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LAG_PERIOD
+        await asyncio.sleep(LAG_PERIOD)
+        lag.observe(max(0.0, loop.time() - due))
 
 
 class GcPauses:
@@ -202,6 +217,7 @@ def create_app(processes: list[EngineProcess], engine_dir: str | Path, options: 
     async def lifespan(app: FastAPI):
         started = time.perf_counter()
         gc.callbacks.append(metrics.gc_pauses)
+        watching = asyncio.ensure_future(watch_loop(metrics.loop_lag))
         try:
             warm = asyncio.ensure_future(batcher.warm_up())
             warm.add_done_callback(lambda _: warmed(started))
@@ -210,6 +226,7 @@ def create_app(processes: list[EngineProcess], engine_dir: str | Path, options: 
             batcher.close()
             await running
         finally:
+            watching.cancel()
             gc.callbacks.remove(metrics.gc_pauses)
             gc.unfreeze()  # stopping: the frozen objects go as everything else does (no extension reports leaks)
         batcher.executor.shutdown(wait=True)
