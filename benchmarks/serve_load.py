@@ -275,9 +275,10 @@ def http_client(url: str) -> httpx.AsyncClient:
 
 async def open_connections(http: httpx.AsyncClient, count: int) -> None:
     """Open `count` connections before the load starts (concurrent GET /healthz; they stay in the pool), so that no
-    measured request waits on its own: in session 17's H200 run each load point began with ~3x its rate of requests
-    for ~50 ms (15 requests, 60 images, within the server's first 10 ms wait at half load), which then queued behind
-    one another and made that point's p99."""
+    measured request waits on its own or on the client's first-use setup. In session 17's H200 run each load point
+    began with ~3x its rate of requests for ~40 ms (at half load 15 requests, 60 images, reached the server within
+    6 ms), which queued behind one another and made that point's p99; whether the clients or the server bunched them
+    was not recorded then (each point now records the clients' lateness and the server loop's stalls)."""
     await asyncio.gather(*(http.get("/healthz") for _ in range(count)))
 
 

@@ -145,7 +145,7 @@ class Metrics:
 
 async def watch_loop(lag: Histogram) -> None:
     """Sleep LAG_PERIOD on the event loop, again and again, observing into `lag` how late each wake-up came: a long
-    callback, a garbage collection or a burst of new connections shows as a stall of every request in flight."""
+    callback, a garbage collection or anything else holding the loop shows, as it stalls every request in flight."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + LAG_PERIOD
