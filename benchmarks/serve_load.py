@@ -53,6 +53,7 @@ from qandc.serve import batch_buckets, warm_up_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)
+START_AHEAD = 0.5  # seconds from the client processes' barrier to their shared start (`run_clients`)
 
 
 def build_engines_here(work: Path, max_batches: list[int], cache: str) -> Path:
@@ -285,8 +286,8 @@ async def open_connections(http: httpx.AsyncClient, count: int) -> None:
 async def _closed_clients(url: str, concurrency: int, seconds: float, images: int, classes: int, steps,
                           first_request: int, start) -> dict:
     """One client process's part of `closed_loop`: latencies of the requests sent in the measured window (from a
-    quarter of `seconds` after the start, a wall-clock time `start()` gives once this process is set up, to 1.25
-    `seconds` after it) and the share of a core it used there."""
+    quarter of `seconds` after the start, the wall-clock time `start()` gives, to 1.25 `seconds` after it) and the
+    share of a core it used there."""
     done, counter = [], iter(range(first_request, first_request + 10 ** 7))
 
     async def client(http):
@@ -301,8 +302,8 @@ async def _closed_clients(url: str, concurrency: int, seconds: float, images: in
         return time.process_time()
 
     async with http_client(url) as http:
-        await open_connections(http, concurrency)
         begin = start()
+        await open_connections(http, concurrency)
         measure_from, stop = begin + seconds / 4, begin + seconds * 1.25
         *_, cpu_from, cpu_to = await asyncio.gather(*[client(http) for _ in range(concurrency)],
                                                     cpu_at(measure_from), cpu_at(stop))
@@ -332,9 +333,9 @@ def open_loop(url: str, rate: float, seconds: float, images: int, classes: int, 
 
 async def _open_clients(url: str, rate: float, seconds: float, images: int, classes: int, steps, seed,
                         first_request: int, start) -> dict:
-    """One client process's Poisson stream of `open_loop` from the wall-clock time `start()` gives once this process
-    has opened a quarter second's worth of connections: each request's latency and how late it went out (a late
-    client sends its overdue requests at once: a burst the Poisson stream does not have)."""
+    """One client process's Poisson stream of `open_loop` from the wall-clock time `start()` gives, a quarter second's
+    worth of connections opened before it: each request's latency and how late it went out (a late client sends its
+    overdue requests at once: a burst the Poisson stream does not have)."""
     rng = np.random.default_rng(seed)
     latencies, refused, late = [], {}, []
 
@@ -348,8 +349,8 @@ async def _open_clients(url: str, rate: float, seconds: float, images: int, clas
             refused[response.status_code] = refused.get(response.status_code, 0) + 1
 
     async with http_client(url) as http:
-        await open_connections(http, math.ceil(rate / 4) + 4)
         begin = start()
+        await open_connections(http, math.ceil(rate / 4) + 4)
         tasks, due, i = [], 0.0, 0
         while due < seconds:
             await asyncio.sleep(max(0.0, begin + due - time.time()))
@@ -361,7 +362,9 @@ async def _open_clients(url: str, rate: float, seconds: float, images: int, clas
 
 def run_clients(clients, parts: list[dict], during=None) -> list[dict]:
     """`clients(**part, start=...)` (a coroutine function of this module) in a spawned process a part, all from one
-    wall-clock time, which `start()` gives each once every process is set up; `during(start)` runs here meanwhile.
+    wall-clock time, which `start()` gives each once every process is up, START_AHEAD seconds ahead (time to open
+    connections: opened earlier, they could idle out, uvicorn closing them after 5 s, while slower processes start);
+    `during(start)` runs here meanwhile.
     One asyncio httpx client process is slow at many concurrent requests (encode/httpx#3215): on the H200 machine
     one took 64% of a core at 174 requests a second, and the batches it fed fell from 64 images to ~24 within the
     saturating run."""
@@ -372,7 +375,7 @@ def run_clients(clients, parts: list[dict], during=None) -> list[dict]:
     for worker in workers:
         worker.start()
     ready.wait(timeout=120)
-    start = time.time() + 0.2
+    start = time.time() + START_AHEAD
     for _ in workers:
         starts.put(start)
     if during is not None:
@@ -387,7 +390,7 @@ def run_clients(clients, parts: list[dict], during=None) -> list[dict]:
 
 
 def _client_process(name: str, part: dict, ready, starts, results) -> None:
-    def start() -> float:  # called once the client is set up: the start shared by every client process
+    def start() -> float:  # the start shared by every client process, once they are all up
         ready.wait(timeout=120)
         return starts.get()
 
