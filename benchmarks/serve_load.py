@@ -278,7 +278,8 @@ async def open_connections(http: httpx.AsyncClient, count: int) -> None:
     """Open `count` connections before the load starts (concurrent GET /healthz; they stay in the pool), so that no
     measured request waits on its own or on the client's first-use setup. In session 17's H200 run each load point
     began with ~3x its rate of requests for ~40 ms (at half load 15 requests, 60 images, reached the server within
-    6 ms), which queued behind one another and made that point's p99; whether the clients or the server bunched them
+    6 ms), which queued behind one another and made that point's p99. Four of them were the client processes' first
+    requests, all due at the start (no longer: `_open_clients`); whether the clients or the server bunched the rest
     was not recorded then (each point now records the clients' lateness and the server loop's stalls)."""
     await asyncio.gather(*(http.get("/healthz") for _ in range(count)))
 
@@ -351,7 +352,8 @@ async def _open_clients(url: str, rate: float, seconds: float, images: int, clas
     async with http_client(url) as http:
         begin = start()
         await open_connections(http, math.ceil(rate / 4) + 4)
-        tasks, due, i = [], 0.0, 0
+        tasks, due, i = [], rng.exponential(1 / rate), 0  # a Poisson stream's first arrival too comes after a gap
+        # (at 0 every client process sent one at the same instant: the point's first batch held one of each)
         while due < seconds:
             await asyncio.sleep(max(0.0, begin + due - time.time()))
             tasks.append(asyncio.ensure_future(one(http, first_request + i, begin + due)))
