@@ -140,8 +140,8 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
   # FULLSTEP (the stages; the bench's order) defaults to that row beside the two fastest peers seen so far; a second
   # call adds the rest (and bf16 engines). Inductor's autotune timings come back as fullstep-timings.tgz (a few kB;
   # carried in .gpu-states, a fresh machine reads them instead of timing every choice again: in session 17 that took
-  # 123 s for the bf16 peer's GEMM shapes and 272 s for the FP8 peer's, 45-76 s an FP8 shape of 106 choices; the peers' rows
-  # then say their cache was not empty)
+  # 123 s for the bf16 peer's GEMM shapes and 272 s for the FP8 peer's, 45-76 s an FP8 shape of 106 choices; the
+  # peers' rows then say their cache was not empty)
   timeout -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
     --work /tmp/fullstep-work --budget-s 400 \
     --only ${FULLSTEP:-fp8-fused-only fp8-floor peer-torchao-fp8-tensor peer-compile-bf16} > "$OUT/fullstep.log" 2>&1
