@@ -150,6 +150,26 @@ def test_inductor_engines_follow_the_pytorch_sampler(model, built, plan):
     assert rel_err(images, sample(model, LABELS, STEPS, "ddpm", 1.5, seed=SEED, plan=PLANS[plan])) < 5e-2
 
 
+@pytest.mark.parametrize("plan", ["interval-forecast2", "searched-bf16", "searched-order0"])
+def test_each_engine_sees_one_layout_of_its_inputs_over_a_run(built, plan):
+    """A compiled engine specialises on its inputs' strides: the cache tensors it takes must have one layout whether
+    they are the zeros a run starts from or factors an engine returned, and the build's example feeds that layout
+    (the compile cache it fills is then what a run looks up)."""
+    pipeline = Pipeline.load(built("inductor", plan) / "engines")
+    layouts = {}
+    for name, engine in pipeline.denoiser.engines.items():
+        def infer(feeds, engine=engine, seen=layouts.setdefault(name, set())):
+            seen.add(tuple((n, feeds[n].stride()) for n in engine.input_names))
+            return type(engine).infer(engine, feeds)
+        engine.infer = infer
+    pipeline.generate(LABELS, seed=SEED, steps=STEPS)
+    assert all(len(seen) == 1 for seen in layouts.values()), layouts
+    bf16 = quantize_for_inference(tiny_model(guidance="all"), None)
+    feeds = example_feeds(bf16, pipeline.manifest.graphs, batch=2 * len(LABELS))
+    for name, (layout,) in layouts.items():
+        assert tuple((n, feeds[name][n].stride()) for n, _ in layout) == layout, name
+
+
 class NanOut:
     """An engine whose output `out` is NaN (as an overflowed FP8 scale leaves it); its cache tensors are kept."""
 

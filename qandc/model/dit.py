@@ -360,7 +360,11 @@ class DiT(nn.Module):
         for i, b in enumerate(spec.emit, start=len(spec.reuse)):
             previous = [feeds[n] for n in factor_names(b, order)]
             new = refresh(io.out[b], previous, None if weights is None else weights[:, i], factor_dtype)
-            outputs.update(zip(factor_names(b, order + 1), (factor.to(factor_dtype) for factor in new)))
+            # contiguous, as the zeros a run starts from: a branch can come out transposed (the residual stream
+            # keeps the patch embedding's layout), and a compiled engine specialises on its inputs' strides — the
+            # full graph was compiled twice a shape (zeros, then its own factors), and the build's compile cache,
+            # filled from example feeds of the second layout, missed the first step
+            outputs.update(zip(factor_names(b, order + 1), (factor.to(factor_dtype).contiguous() for factor in new)))
         return outputs
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
