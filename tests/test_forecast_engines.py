@@ -151,7 +151,7 @@ def test_inductor_engines_follow_the_pytorch_sampler(model, built, plan):
 
 
 @pytest.mark.parametrize("plan", ["interval-forecast2", "searched-bf16", "searched-order0"])
-def test_each_engine_sees_one_layout_of_its_inputs_over_a_run(built, plan):
+def test_each_engine_sees_one_layout_of_its_inputs_over_a_run(model, built, plan):
     """A compiled engine specialises on its inputs' strides: the cache tensors it takes must have one layout whether
     they are the zeros a run starts from or factors an engine returned, and the build's example feeds that layout
     (the compile cache it fills is then what a run looks up)."""
@@ -164,8 +164,7 @@ def test_each_engine_sees_one_layout_of_its_inputs_over_a_run(built, plan):
         engine.infer = infer
     pipeline.generate(LABELS, seed=SEED, steps=STEPS)
     assert all(len(seen) == 1 for seen in layouts.values()), layouts
-    bf16 = quantize_for_inference(tiny_model(guidance="all"), None)
-    feeds = example_feeds(bf16, pipeline.manifest.graphs, batch=2 * len(LABELS))
+    feeds = example_feeds(quantize_for_inference(model, None), pipeline.manifest.graphs, batch=2 * len(LABELS))
     for name, (layout,) in layouts.items():
         assert tuple((n, feeds[name][n].stride()) for n, _ in layout) == layout, name
 

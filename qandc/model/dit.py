@@ -360,10 +360,9 @@ class DiT(nn.Module):
         for i, b in enumerate(spec.emit, start=len(spec.reuse)):
             previous = [feeds[n] for n in factor_names(b, order)]
             new = refresh(io.out[b], previous, None if weights is None else weights[:, i], factor_dtype)
-            # contiguous, as the zeros a run starts from: a branch can come out transposed (the residual stream
-            # keeps the patch embedding's layout), and a compiled engine specialises on its inputs' strides — the
-            # full graph was compiled twice a shape (zeros, then its own factors), and the build's compile cache,
-            # filled from example feeds of the second layout, missed the first step
+            # contiguous, like the zeros a run starts from: a branch can come out transposed (the residual stream
+            # keeps the patch embedding's layout), and a compiled engine specialises on its inputs' strides (one
+            # compilation a graph and shape, the one the build's compile cache holds)
             outputs.update(zip(factor_names(b, order + 1), (factor.to(factor_dtype).contiguous() for factor in new)))
         return outputs
 
