@@ -144,6 +144,12 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def back_to_back_ms(fn, calls: int = 10, repeats: int = 5) -> float:
+    """ms per call of `fn` called `calls` times one after another, the host queueing each while the device runs the
+    last (as a sampling run launches its steps, and as the FP8 floor's GEMM is timed), median of `repeats`."""
+    return median_ms(lambda: [fn() for _ in range(calls)], repeats) / calls
+
+
 def _measure(p: Peer, model, rows: int, inductor_cache: str | None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reason = skip_reason(p, device)
@@ -171,6 +177,7 @@ def _measure(p: Peer, model, rows: int, inductor_cache: str | None) -> dict:
     if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite output")
     row["ms_full_step"] = median_ms(call, 20)
+    row["ms_full_step_back_to_back"] = back_to_back_ms(call)
     row["device_name"] = torch.cuda.get_device_name()
     row["versions"] = {p.library: importlib.import_module(p.library).__version__} if p.library else {}
     return row
