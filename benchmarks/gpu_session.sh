@@ -190,6 +190,7 @@ serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts 
     ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
   if [ -n "${FXKEYS:-}" ]; then
     for log in "$OUT/serve.log" /tmp/qandc-serve-load/state/server-*.log; do
+      [ -f "$log" ] || continue
       grep -oE 'hash details for key [a-z0-9]+|\[[0-9]+/[0-9]+\] \[[a-z0-9]{40,64}\] [A-Za-z_]+(\[[^]]*\])?' "$log" \
         > "${log%.log}.fxkeys"
       grep -v 'codecache.py' "$log" > "$log.short" && mv "$log.short" "$log"
