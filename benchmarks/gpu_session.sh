@@ -184,14 +184,15 @@ serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts 
   # device gives a machine back after 30 s idle)
   # FXKEYS=1: Inductor's FX graph cache keys, part by part (TORCH_LOGS), of the build's compilations (serve.fxkeys)
   # and the server's (server-*.fxkeys in the state), to tell what differs where a fresh server misses the cache
-  # the build filled (session 17: every warm-up compilation missed, 200 s; on a warm machine they hit, 56 s)
+  # the build filled (session 17: every warm-up compilation missed, 200 s; on a warm machine they hit, 56 s); the
+  # inputs' TensorMetadata kept (session 18: every input's hash differed, the graphs' did not)
   timeout -s INT $(upto 560) env ${FXKEYS:+TORCH_LOGS=+torch._inductor.codecache} python3 benchmarks/serve_load.py \
     --state /tmp/qandc-serve-load/state --work /tmp/qandc-serve-load/work --budget-s ${SERVE_BUDGET:-330} \
     ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
   if [ -n "${FXKEYS:-}" ]; then
     for log in "$OUT/serve.log" /tmp/qandc-serve-load/state/server-*.log; do
       [ -f "$log" ] || continue
-      grep -oE 'hash details for key [a-z0-9]+|\[[0-9]+/[0-9]+\] \[[a-z0-9]{40,64}\] [A-Za-z_]+(\[[^]]*\])?' "$log" \
+      grep -oE 'hash details for key [a-z0-9]+|\[[0-9]+/[0-9]+\] \[[a-z0-9]{40,64}\] [A-Za-z_]+(\[[^]]*\])?(: TensorMetadata.{0,420})?' "$log" \
         > "${log%.log}.fxkeys"
       grep -v 'codecache.py' "$log" > "$log.short" && mv "$log.short" "$log"
     done
