@@ -106,6 +106,7 @@ def test_bench_compares_the_fastest_engine_full_step_with_the_best_measured_peer
     assert result["full_step_speedup_vs_best_peer"] == pytest.approx(16.8 / (10.0 + CONFIGS.index(fastest)))
     assert result["full_step_speedup_vs_best_peer_back_to_back"] == pytest.approx(
         16.3 / (9.0 + CONFIGS.index(fastest)))
+    assert result["fastest_full_step_over_fp8_floor"] == pytest.approx((10.0 + CONFIGS.index(fastest)) / 4.0)
     peers = {r["name"]: r for r in result["peers"]}
     assert peers["torchao-int8"]["skipped"] == "torchao is not installed" and "torchao-fp8-tensor" not in peers
     assert (results / "bench-h200.png").stat().st_size > 10_000
@@ -125,8 +126,17 @@ def test_bench_compares_the_fastest_row_with_the_peers_of_its_sitting_only(tmp_p
     result = bench("h200", state, tmp_path / "work", results)
     assert result["sittings"] == 2 and result["best_peer"] == "compile-bf16"
     assert result["full_step_speedup_vs_best_peer"] == pytest.approx(16.8 / (10.0 + CONFIGS.index(fastest)))
-    moved = state / "dit-xl-2--peer-compile-bf16.json"
-    moved.write_text(json.dumps({**json.loads(moved.read_text()), "sitting": "b"}))
+    assert result["best_peer_back_to_back"] == "compile-bf16"
+    faster = state / "dit-xl-2--peer-compile-bf16.json"  # another peer of the sitting, faster back to back only
+    (state / "dit-xl-2--peer-diffusers-compile.json").write_text(json.dumps(
+        {**json.loads(faster.read_text()), "name": "diffusers-compile", "ms_full_step": 17.5,
+         "ms_full_step_back_to_back": 14.0}))
+    result = bench("h200", state, tmp_path / "work", results)
+    assert result["best_peer"] == "compile-bf16" and result["best_peer_back_to_back"] == "diffusers-compile"
+    assert result["full_step_speedup_vs_best_peer_back_to_back"] == pytest.approx(
+        14.0 / (9.0 + CONFIGS.index(fastest)))
+    for moved in state.glob("dit-xl-2--peer-*.json"):
+        moved.write_text(json.dumps({**json.loads(moved.read_text()), "sitting": "b"}))
     result = bench("h200", state, tmp_path / "work", results)
     assert "full_step_speedup_vs_best_peer" not in result and "best_peer" not in result
 
