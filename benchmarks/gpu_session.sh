@@ -185,7 +185,9 @@ serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts 
   # FXKEYS=1: Inductor's FX graph cache keys, part by part (TORCH_LOGS), of the build's compilations (serve.fxkeys)
   # and the server's (server-*.fxkeys in the state), to tell what differs where a fresh server misses the cache
   # the build filled (session 17: every warm-up compilation missed, 200 s; on a warm machine they hit, 56 s); the
-  # inputs' TensorMetadata kept (session 18: every input's hash differed, the graphs' did not)
+  # inputs' TensorMetadata kept (session 18: every input's hash differed, the graphs' did not; session 20 found why:
+  # the build's process pickled memory formats through __mp_main__, the server's through torch._utils --
+  # inductor_backend.stable_cache_keys)
   timeout -s INT $(upto 560) env ${FXKEYS:+TORCH_LOGS=+torch._inductor.codecache} python3 benchmarks/serve_load.py \
     --state /tmp/qandc-serve-load/state --work /tmp/qandc-serve-load/work --budget-s ${SERVE_BUDGET:-330} \
     ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1

@@ -152,6 +152,21 @@ def test_engines_hand_their_autotuning_choices_to_a_fresh_process(recipe, tmp_pa
     assert python_json(code, {"TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}) == []
 
 
+@gpu
+def test_a_fresh_process_compiles_nothing_the_build_compiled(recipe, tmp_path):
+    """A process whose main script imports multiprocessing and then torch (as the serve benchmark's did, unlike the
+    build's here) loads the engines with an empty Inductor cache folder: every compilation is a hit of the compile
+    cache the engines carry (session 20: a fresh `qandc serve` missed all of them; `stable_cache_keys`)."""
+    model, folder = recipe
+    build_inductor(model.to("cuda"), tmp_path / "engines", recipe_dir=folder, batch_sizes=[4])
+    code = ("import multiprocessing\nimport torch\nimport json\nfrom torch._dynamo.utils import counters\n"
+            "from qandc.runtime import Pipeline\n"
+            f"Pipeline.load({str(tmp_path / 'engines')!r}).generate([1, 5], seed=2, steps=8)\n"
+            "print(json.dumps({k: counters['inductor'][f'fxgraph_cache_{k}'] for k in ('hit', 'miss')}))")
+    compiles = python_json(code, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
+    assert compiles["miss"] == 0 and compiles["hit"] > 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_fp8_mlps_compute_what_the_unfused_ones_do(recipe, tmp_path, device):
     """fc1, GELU and fc2's activation quantize as one op: as close to fake quant as the unfused engines; its

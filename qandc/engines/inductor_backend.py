@@ -15,6 +15,8 @@ graphs need a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
 import io
 import platform
 from pathlib import Path
@@ -83,6 +85,33 @@ def _fill_compile_cache(model, out_dir: Path, engines: dict, graphs: dict[str, G
     write_json(out_dir / autotune_choices.FILE, autotune_choices.chosen())  # qandc's Triton kernels', at these shapes
 
 
+def _memory_format(name: str) -> torch.memory_format:
+    return getattr(torch, name)
+
+
+def _reduce_memory_format(memory_format: torch.memory_format):
+    return _memory_format, (str(memory_format).removeprefix("torch."),)
+
+
+@contextlib.contextmanager
+def stable_cache_keys():
+    """Inductor's compile-cache keys the same in every process. A key pickles each input's memory format, which
+    names no module of its own, so pickle names the first module in `sys.modules` it can reach it through: that is
+    `__mp_main__` (= `__main__`, registered by an early `import multiprocessing`) when the main script holds `torch`,
+    else `torch._utils` — a server or script loading the engines then missed every graph the build compiled (torch
+    2.11, H200, session 20: the serve benchmark's build against `qandc serve`, 0 hits a warm-up batch). Within the
+    block memory formats pickle through a function of this module, whatever the main script imports."""
+    previous = copyreg.dispatch_table.get(torch.memory_format)
+    copyreg.dispatch_table[torch.memory_format] = _reduce_memory_format
+    try:
+        yield
+    finally:
+        if previous is None:
+            del copyreg.dispatch_table[torch.memory_format]
+        else:
+            copyreg.dispatch_table[torch.memory_format] = previous
+
+
 class InductorEngine:
     """One exported graph: `infer(feeds)` with tensors by input name, returns tensors by output name, on the
     engine's device. `compile=True` runs it through torch.compile (Inductor); False runs the program eagerly."""
@@ -113,7 +142,7 @@ class InductorEngine:
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_engine_inputs(self, feeds)
-        with torch.no_grad():
+        with torch.no_grad(), stable_cache_keys():  # a call may compile (a new batch size)
             outputs = self.fn(*[feeds[n].to(self.device) for n in self.input_names])
         return dict(zip(self.output_names, outputs))
 
