@@ -400,7 +400,7 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
             best_peer = min(rivals, key=lambda r: r["ms_full_step_back_to_back"])
             result.update(best_peer_back_to_back=best_peer["name"], full_step_speedup_vs_best_peer_back_to_back=
                           best_peer["ms_full_step_back_to_back"] / fastest["ms_full_step_back_to_back"])
-    if fastest is not None and fastest.get("sitting") == floors.get("dit-xl-2", {}).get("sitting"):
+    if fastest is not None and "dit-xl-2" in floors and fastest.get("sitting") == floors["dit-xl-2"].get("sitting"):
         floor = floors["dit-xl-2"]["fp8_floor_ms"]  # the fastest row against the floor read in its sitting
         result["fastest_full_step_over_fp8_floor"] = fastest["ms_full_step"] / floor
         if "ms_full_step_back_to_back" in fastest:
