@@ -616,11 +616,12 @@ def test_bad_inputs_through_the_command(art, tmp_path):
         argv, named, _ = CASES[name](tmp, art)
         runs[name] = (tmp, named, subprocess.Popen([sys.executable, "-m", "qandc", *argv], cwd=tmp, text=True,
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    debug = subprocess.run([sys.executable, "-m", "qandc", "--debug", *argv], capture_output=True, text=True, cwd=tmp)
     for name, (tmp, named, process) in runs.items():
         stderr = process.communicate()[1]
         assert process.returncode == 2, (name, stderr)
         assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, (name, stderr)
         assert named is None or str(named) in stderr
         assert not (tmp / "MARKER").exists()
+    # after the last case's run: beside it, the two would contend for its output folder's lock
+    debug = subprocess.run([sys.executable, "-m", "qandc", "--debug", *argv], capture_output=True, text=True, cwd=tmp)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "QandcError" in debug.stderr
