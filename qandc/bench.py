@@ -395,16 +395,14 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
         result.update(fastest_full_step=fastest["name"], best_peer=best_peer["name"],
                       full_step_speedup_vs_best_peer=best_peer["ms_full_step"] / fastest["ms_full_step"])
         # back to back the order of the peers can differ (a peer's host launch hides behind its last call's work)
-        rivals = [r for r in rivals if "ms_full_step_back_to_back" in r]
-        if rivals and "ms_full_step_back_to_back" in fastest:
-            best_peer = min(rivals, key=lambda r: r["ms_full_step_back_to_back"])
+        timed = [r for r in rivals if "ms_full_step_back_to_back" in r]
+        if timed and "ms_full_step_back_to_back" in fastest:
+            best_peer = min(timed, key=lambda r: r["ms_full_step_back_to_back"])
             result.update(best_peer_back_to_back=best_peer["name"], full_step_speedup_vs_best_peer_back_to_back=
                           best_peer["ms_full_step_back_to_back"] / fastest["ms_full_step_back_to_back"])
     if fastest is not None and "dit-xl-2" in floors and fastest.get("sitting") == floors["dit-xl-2"].get("sitting"):
-        floor = floors["dit-xl-2"]["fp8_floor_ms"]  # the fastest row against the floor read in its sitting
-        result["fastest_full_step_over_fp8_floor"] = fastest["ms_full_step"] / floor
-        if "ms_full_step_back_to_back" in fastest:
-            result["fastest_full_step_over_fp8_floor_back_to_back"] = fastest["ms_full_step_back_to_back"] / floor
+        # the fastest row against the floor read in its sitting
+        result.update(_over_floor("fastest_full_step_over_fp8_floor", fastest, floors["dit-xl-2"]["fp8_floor_ms"]))
     best = max((by_name[("dit-xl-2", name)] for name in QC_CONFIGS if ("dit-xl-2", name) in by_name),
                key=lambda r: r["images_per_s"], default=None)
     if best is not None:
@@ -414,11 +412,16 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
             if ("dit-xl-2", base) in by_name:
                 result[key] = best["images_per_s"] / by_name[("dit-xl-2", base)]["images_per_s"]
         if "dit-xl-2" in floors:
-            floor = floors["dit-xl-2"]["fp8_floor_ms"]
-            result["full_step_over_fp8_floor"] = best["ms_full_step"] / floor
-            if "ms_full_step_back_to_back" in best:
-                result["full_step_over_fp8_floor_back_to_back"] = best["ms_full_step_back_to_back"] / floor
+            result.update(_over_floor("full_step_over_fp8_floor", best, floors["dit-xl-2"]["fp8_floor_ms"]))
     return result
+
+
+def _over_floor(key: str, row: dict, floor_ms: float) -> dict:
+    """`key` (the row's full step over the FP8 floor) and, where the row has it, `key`_back_to_back."""
+    ratios = {key: row["ms_full_step"] / floor_ms}
+    if "ms_full_step_back_to_back" in row:
+        ratios[f"{key}_back_to_back"] = row["ms_full_step_back_to_back"] / floor_ms
+    return ratios
 
 
 def plot(result: dict, path: Path) -> None:
