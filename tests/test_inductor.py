@@ -137,34 +137,27 @@ def test_cuda_graphs_replay_what_eager_engines_compute(recipe, tmp_path):
 
 
 @gpu
-def test_engines_hand_their_autotuning_choices_to_a_fresh_process(recipe, tmp_path):
-    """A process loading the engines (with an empty Triton cache, so no disk cache helps) runs them without timing
-    any config of qandc's Triton kernels: the build's choices came with the engines."""
+def test_a_fresh_process_takes_the_builds_compilations_and_autotuning_choices(recipe, tmp_path):
+    """A process loading the engines with empty Triton and Inductor cache folders, its main script importing
+    multiprocessing and then torch (as the serve benchmark's did, unlike the build's here): every compilation is a hit
+    of the compile cache the engines carry (session 20: a fresh `qandc serve` missed all of them;
+    `stable_cache_keys`), and no config of qandc's Triton kernels is timed: the build's choices came with the
+    engines."""
     model, folder = recipe
     build_inductor(model.to("cuda"), tmp_path / "engines", recipe_dir=folder, batch_sizes=[4])
     saved = json.loads((tmp_path / "engines" / "triton-autotune.json").read_text())
     if "int8" in folder.name:
         assert saved["int8_gemm"]  # the INT8 GEMMs autotuned at the build's shapes
-    code = (f"import json\nfrom qandc.runtime import Pipeline\nfrom qandc.engines import autotune_choices\n"
+    code = ("import multiprocessing\nimport torch\nimport json\nfrom torch._dynamo.utils import counters\n"
+            "from qandc.runtime import Pipeline\nfrom qandc.engines import autotune_choices\n"
             f"Pipeline.load({str(tmp_path / 'engines')!r}).generate([1, 5], seed=2, steps=8)\n"
             "tuners = autotune_choices.autotuners().items()\n"
-            "print(json.dumps(sorted(n for n, t in tuners if hasattr(t, 'bench_time'))))")
-    assert python_json(code, {"TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}) == []
-
-
-@gpu
-def test_a_fresh_process_compiles_nothing_the_build_compiled(recipe, tmp_path):
-    """A process whose main script imports multiprocessing and then torch (as the serve benchmark's did, unlike the
-    build's here) loads the engines with an empty Inductor cache folder: every compilation is a hit of the compile
-    cache the engines carry (session 20: a fresh `qandc serve` missed all of them; `stable_cache_keys`)."""
-    model, folder = recipe
-    build_inductor(model.to("cuda"), tmp_path / "engines", recipe_dir=folder, batch_sizes=[4])
-    code = ("import multiprocessing\nimport torch\nimport json\nfrom torch._dynamo.utils import counters\n"
-            "from qandc.runtime import Pipeline\n"
-            f"Pipeline.load({str(tmp_path / 'engines')!r}).generate([1, 5], seed=2, steps=8)\n"
-            "print(json.dumps({k: counters['inductor'][f'fxgraph_cache_{k}'] for k in ('hit', 'miss')}))")
-    compiles = python_json(code, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
-    assert compiles["miss"] == 0 and compiles["hit"] > 0
+            "print(json.dumps({'timed': sorted(n for n, t in tuners if hasattr(t, 'bench_time')),\n"
+            "                  **{k: counters['inductor'][f'fxgraph_cache_{k}'] for k in ('hit', 'miss')}}))")
+    loaded = python_json(code, {"TRITON_CACHE_DIR": str(tmp_path / "triton-cache"),
+                                "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
+    assert loaded["timed"] == []
+    assert loaded["miss"] == 0 and loaded["hit"] > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
