@@ -89,14 +89,17 @@ def work_events(prof, device: str) -> list[tuple[str, float, float, float]]:
 
 
 def launchers(prof_events, per: int) -> dict[str, dict[str, float]]:
-    """Each kernel's launching ops (the innermost PyTorch op or custom op the profiler links it to) and how often a
-    step, by kernel name: where a memset or a copy comes from. Kernels replayed in a CUDA graph link to no op but
-    this script's range around the replay, which is left out (`--no-cuda-graphs` attributes them)."""
+    """Each kernel's launching ops (the innermost PyTorch op or custom op the profiler links it to, with its first
+    input's shape) and how often a step, by kernel name: where a memset or a copy comes from. Kernels replayed in a
+    CUDA graph link to no op but this script's range around the replay, which is left out (`--no-cuda-graphs`
+    attributes them)."""
     found: dict[str, dict[str, float]] = {}
     for e in prof_events:
+        first = e.input_shapes[0] if e.input_shapes else None  # recorded with record_shapes: which copy, which GEMM
+        op = f"{e.name} {list(first)}" if first else e.name
         for kernel in [] if e.name.startswith(ANNOTATION) else e.kernels:
             ops = found.setdefault(kernel.name[:160], {})  # as `grouped` names kernels
-            ops[e.name] = ops.get(e.name, 0.0) + 1 / per
+            ops[op] = ops.get(op, 0.0) + 1 / per
     return found
 
 
@@ -186,7 +189,7 @@ def profile_graphs(pipeline, rows: int, repeats: int) -> list[dict]:
         for _ in range(3):
             call()
         ms = median_ms(call, max(repeats, 10), device)
-        with profile(activities=activities(device)) as prof:
+        with profile(activities=activities(device), record_shapes=True) as prof:
             for _ in range(repeats):
                 with record_function(f"{ANNOTATION}{name}"):
                     call()

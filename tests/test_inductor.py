@@ -291,3 +291,40 @@ def test_fused_fp8_norms_compute_what_the_unfused_blocks_do(recipe, tmp_path, de
         want = fused.forward_graph(manifest.graphs["full"], feeds)["out"]
         engines = Pipeline.load(tmp_path / "engines").denoiser.forward_graph(manifest.graphs["full"], feeds)["out"]
     assert rel_err(engines.float(), want.float()) < 1e-2
+
+
+
+
+@gpu
+def test_compiled_the_norm_op_takes_its_residual_stream_contiguous(monkeypatch):
+    """Compiled from an exported program, as the engines are, a fused block's norm op gets a contiguous residual
+    stream even where the graph makes it transposed (as the patch embedding's convolution does), and nothing is
+    copied to make it so but the stream itself: the op's wrapper copied it eagerly (`aten::copy_ [32, 256, 1152]`,
+    63 µs a DiT-XL/2 step on an H200, session 21); the op's contiguous-strides tag instead made Inductor copy the
+    adaLN chunks too (`triton_poi_fused_add_norm_modulate_fp8_split_view_*`)."""
+    from qandc.engines import quantized, triton_norm
+
+    seen = []
+
+    def recorded(x, delta, gate, shift, scale, *rest):
+        seen.append([t.is_contiguous() for t in (x, delta, gate)])
+        return kernel(x, delta, gate, shift, scale, *rest)
+
+    kernel = triton_norm.add_norm_modulate_fp8
+    monkeypatch.setattr(triton_norm, "add_norm_modulate_fp8", recorded)
+    norm = torch.nn.LayerNorm(64, elementwise_affine=False, eps=1e-6)
+
+    class Step(torch.nn.Module):
+        def forward(self, image, delta, modulation):
+            x = image.flatten(2).transpose(1, 2) + 1  # [B, T, C], its channels no longer innermost in memory
+            gate, shift, scale = modulation.chunk(3, dim=1)  # rows of the adaLN output: strided
+            stream = quantized._Residual(x, delta, gate)
+            return stream.branch_input(norm, shift, scale, torch.tensor(0.5, device=x.device)), stream.x
+
+    inputs = [torch.randn(shape, device="cuda").bfloat16() for shape in ((2, 64, 8, 8), (2, 64, 64), (2, 192))]
+    program = torch.export.export(Step(), tuple(inputs))
+    torch._dynamo.reset()
+    got_q, got_x = torch.compile(program.module())(*inputs)
+    want_q, want_x = Step()(*inputs)
+    assert seen == [[True, True, False]] * 2  # compiled, then eagerly; the gate strided both times
+    assert torch.equal(got_x, want_x) and (got_q.float() == want_q.float()).float().mean() > 0.99

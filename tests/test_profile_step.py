@@ -204,17 +204,21 @@ def test_a_new_state_takes_the_rows_of_earlier_results_it_lacks(tmp_path):
 
 
 def test_kernels_are_attributed_to_the_ops_that_launched_them():
-    """A memset linked to `aten::zero_` twice in two profiled steps and once to `qandc::op`: 1 and 0.5 a step; an op
-    that launched nothing adds nothing, nor does the script's own range."""
+    """A memset linked to `aten::zero_` of one shape twice in two profiled steps, to one of another shape once and
+    once to `qandc::op` (no shapes recorded): 1, 0.5 and 0.5 a step; an op that launched nothing adds nothing, nor
+    does the script's own range."""
     from torch.autograd.profiler_util import FunctionEvent
 
-    events = [FunctionEvent(i, name, thread=0, start_us=i, end_us=i + 1) for i, name in
-              enumerate(["aten::zero_", "aten::zero_", "qandc::op", "aten::view", "profile_step::full"])]
-    for e in [*events[:3], events[4]]:  # the script's own range: a CUDA graph's replay links its kernels there
+    shapes = [[[8192, 1152], []], [[8192, 1152], []], [[32, 6912]], None, None, None]
+    events = [FunctionEvent(i, name, thread=0, start_us=i, end_us=i + 1, input_shapes=shape) for i, (name, shape) in
+              enumerate(zip(["aten::zero_", "aten::zero_", "aten::zero_", "qandc::op", "aten::view",
+                             "profile_step::full"], shapes))]
+    for e in [*events[:4], events[5]]:  # the script's own range: a CUDA graph's replay links its kernels there
         e.append_kernel("Memset (Device)", 0, 1.0)
-    events[2].append_kernel("x" * 200, 0, 5.0)
-    assert profile_step.launchers(events, per=2) == {"Memset (Device)": {"aten::zero_": 1.0, "qandc::op": 0.5},
-                                                      "x" * 160: {"qandc::op": 0.5}}
+    events[3].append_kernel("x" * 200, 0, 5.0)
+    assert profile_step.launchers(events, per=2) == {
+        "Memset (Device)": {"aten::zero_ [8192, 1152]": 1.0, "aten::zero_ [32, 6912]": 0.5, "qandc::op": 0.5},
+        "x" * 160: {"qandc::op": 0.5}}
 
 
 def test_the_autotuned_configs_are_those_the_kernels_chose(monkeypatch):

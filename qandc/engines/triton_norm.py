@@ -4,7 +4,7 @@ Inductor compiles the same computation into one reduction a row, at about half t
 µs in the engines for DiT-XL/2's ~66 MB at 32 rows, `benchmarks/results/profile-step-h200.md`); this kernel takes 26
 µs there (28.5 alone against Inductor's 51 and a copy's 21: `benchmarks/norm_rates.py`, `norm-h200.json`). A row
 whose width is not a power of two runs as two blocks, so that 1152 columns take 1024 + 128 lanes instead of 2048: 22
-µs a call in DiT-XL/2's step (`rows_as_two_blocks`). CUDA only (imported on first use); the CPU computes the same in
+µs a call in DiT-XL/2's step (`measured_config`). CUDA only (imported on first use); the CPU computes the same in
 PyTorch (`quantized.add_norm_modulate_fp8`)."""
 
 from __future__ import annotations
@@ -40,20 +40,23 @@ def _modulate_quantize(normed, mask, offsets, modulation, shift_ptr, scale_ptr, 
     tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
-def rows_as_two_blocks(configs: list, named_args: dict, **kwargs) -> list:
-    """The configs autotuning chooses among at a width C: a row as two blocks (SPLIT) where C is not a power of two,
-    as one block where it is. Autotuning times its candidates on inputs flushed from L2, where the step's come partly
-    hot, and chose one block at DiT-XL/2's 1152 (2 rows, 8 warps): that step's norms took 1.60 ms, 1.48 among the
-    one-block configs alone and 1.27 among the two-block ones (4 rows, 4 warps; H200, one sitting,
-    `profile-step-h200.md`, session 15)."""
+def measured_config(configs: list, named_args: dict, **kwargs) -> list:
+    """The one config the kernel runs at a width C: 4 rows a program, 4 warps, a row as two blocks (SPLIT) where C
+    is not a power of two, as one block where it is. Measured, not autotuned: autotuning times its candidates on
+    inputs flushed from L2, where the step's come partly hot, and its choice changed from machine to machine -- 2
+    rows × 8 warps one-block in session 15 (the step's norms 1.60 ms against 1.27 with this config), 4 rows × 16
+    warps in session 21 (1.60 ms again: 10.22 ms a step). Replayed in a CUDA graph at DiT-XL/2's shape this config
+    took 23.3 µs, the fastest of the 24 (`benchmarks/norm_rates.py`, `norm-h200.json`; H200)."""
     c = named_args["C"]
     split = c & (c - 1) != 0
-    return [config for config in configs if config.kwargs["SPLIT"] == split]
+    return [config for config in configs
+            if config.kwargs == {"ROWS": 4, "SPLIT": split} and config.num_warps == 4]
 
 
+# every config kept for norm_rates.py's sweep, one run (measured_config); cache_results as triton_int8's
 @triton.autotune(configs=[triton.Config({"ROWS": rows, "SPLIT": split}, num_warps=warps) for rows in (1, 2, 4, 8)
                           for warps in (4, 8, 16) for split in (False, True)], key=["C"],
-                 prune_configs_by={"early_config_prune": rows_as_two_blocks}, cache_results=True)  # as triton_int8's
+                 prune_configs_by={"early_config_prune": measured_config}, cache_results=True)
 @triton.jit
 def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_ptr, q_scale_ptr, x_out_ptr, q_ptr,
                                   M, C, TOKENS, MOD_STRIDE, eps, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
