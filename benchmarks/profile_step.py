@@ -81,7 +81,8 @@ def work_events(prof, device: str) -> list[tuple[str, float, float, float]]:
     events = []
     for e in prof.events():
         if (device == "cuda" and e.device_type == DeviceType.CUDA and not DEVICE_WAITS.match(e.name)
-                and not e.name.startswith(ANNOTATION)):  # record_function ranges appear on the GPU's timeline too
+                and not e.is_user_annotation):  # record_function ranges on the GPU's timeline: this script's, and
+            # Inductor's around each compiled graph ("## Call CompiledFxGraph ... ##"), as torch's own tables skip them
             events.append((e.name, e.time_range.start, e.time_range.end, e.time_range.elapsed_us()))
         elif device == "cpu" and e.device_type == DeviceType.CPU and not e.name.startswith(ANNOTATION):
             events.append((e.name, e.time_range.start, e.time_range.end, e.self_cpu_time_total))

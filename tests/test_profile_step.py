@@ -99,16 +99,19 @@ def test_cupti_wait_records_are_not_work():
     assert not any(profile_step.DEVICE_WAITS.match(name) for name in GPU_NAMES)
 
 
-def test_the_scripts_own_ranges_on_the_gpu_timeline_are_not_work():
+def test_annotated_ranges_on_the_gpu_timeline_are_not_work():
+    """The script's own ranges and Inductor's around a compiled graph (user annotations), and waits: not work."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
 
     def event(name, start, end):
         return SimpleNamespace(name=name, device_type=DeviceType.CUDA,
+                               is_user_annotation=name.startswith(("profile_step::", "## ")),
                                time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start))
 
     prof = SimpleNamespace(events=lambda: [event("profile_step::full", 0.0, 100.0),
+                                           event("## Call CompiledFxGraph fabc ##", 0.5, 99.0),
                                            event("nvjet_sm90_qqtst_TNT", 1.0, 41.0), event("Stream Sync", 41.0, 90.0),
                                            event("triton_poi_fused_add_0", 50, 52)])
     events = profile_step.work_events(prof, "cuda")

@@ -459,3 +459,11 @@ def test_the_batching_model_runs_a_lone_request_after_the_wait_in_its_bucket():
     # busy: queued requests wait for the batch ahead of them
     p50, p99 = batching_model.latencies([1, 2, 4, 8], 30, 4, 8, 0.01, batch_s, 100, seed=0)
     assert 0.034 < p50 < p99
+
+
+def test_the_load_benchmark_counts_failed_requests_apart_from_those_turned_away():
+    """500s (non-finite samples, engine errors) are failures; 503 (queue full, warming up) and 504 (no result in
+    time) are the load turned away."""
+    point = {"loads": [{"refused_by_status": {"500": 3, "503": 5}}, {"refused_by_status": {"504": 2}},
+                       {"refused_by_status": {"500": 1}}]}
+    assert serve_load.failed_requests(point) == 4
