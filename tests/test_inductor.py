@@ -145,13 +145,15 @@ def test_whole_run_graphs_of_interleaved_batch_sizes_sample_what_the_steps_do(re
     model, folder = recipe
     build_inductor(model.to("cuda"), tmp_path, recipe_dir=folder, batch_sizes=[4])
     steps, whole = Pipeline.load(tmp_path), Pipeline.load(tmp_path, run_graphs=True)
-    batches = [([1, 5], 2), ([3, 3, 0, 9], 4), ([7], 5), ([1, 5], 6), ([2, 4, 6, 8, 0, 1], 7), ([3, 3, 0, 9], 8),
-               ([7], 9), ([2, 4, 6, 8, 0, 1], 10)]
-    launched = [whole.generate(labels, seed, steps=8, allow_nonfinite=True) for labels, seed in batches]
-    for (labels, seed), got in zip(batches, launched):
-        want = steps.generate(labels, seed, steps=8)
-        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5, (labels, seed)
-    assert len(whole.run_graphs) == 4
+    batches = [([1, 5], 2, 1.5), ([3, 3, 0, 9], 4, 1.5), ([7], 5, 1.5), ([3, 3, 0, 9], 3, 1.0), ([1, 5], 6, 1.5),
+               ([2, 4, 6, 8, 0, 1], 7, 1.5), ([3, 3, 0, 9], 8, 1.5), ([7], 9, 1.5), ([4, 4, 2, 1], 1, 1.0),
+               ([2, 4, 6, 8, 0, 1], 10, 1.5)]  # unguided 4 labels: the rows of guided 2, another graph
+    launched = [whole.generate(labels, seed, steps=8, cfg_scale=cfg, allow_nonfinite=True)
+                for labels, seed, cfg in batches]
+    for (labels, seed, cfg), got in zip(batches, launched):
+        want = steps.generate(labels, seed, steps=8, cfg_scale=cfg)
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5, (labels, seed, cfg)
+    assert len(whole.run_graphs) == 5
 
 
 @gpu
