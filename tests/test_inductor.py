@@ -313,8 +313,6 @@ def test_fused_fp8_norms_compute_what_the_unfused_blocks_do(recipe, tmp_path, de
     assert rel_err(engines.float(), want.float()) < 1e-2
 
 
-
-
 @gpu
 def test_compiled_the_norm_op_takes_its_residual_stream_contiguous(monkeypatch):
     """Compiled from an exported program, as the engines are, a fused block's norm op gets a contiguous residual
