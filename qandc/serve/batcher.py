@@ -284,6 +284,9 @@ class Batcher:
         """On the event loop: each request its samples, or the error of its non-finite ones."""
         self.batch_seconds = run.seconds
         self.on_batch(run, jobs)
+        if run.nonfinite:  # which rows of which bucket: where a fault of the engines shows its pattern
+            log.warning("a batch of %d images (bucket %d, %d steps) came out not finite in rows %s", run.images,
+                        run.padded, run.steps, bad.nonzero().flatten().tolist())
         start = 0
         for job in jobs:
             part, part_bad = samples[start:start + len(job.labels)], bad[start:start + len(job.labels)]
