@@ -222,8 +222,8 @@ def test_the_norm_kernel_computes_the_op_under_the_interpreter(shape, split):
 @pytest.mark.parametrize("width, split", [(1152, True), (48, True), (256, False), (64, False)])
 def test_the_norm_kernel_runs_its_measured_config_rows_as_two_blocks_where_the_width_is_no_power_of_two(width,
                                                                                                          split):
-    """One config left at every width, none to time: 4 rows, 4 warps, two-block where the width is no power of
-    two."""
+    """One config left at every width, no choice for autotuning: 4 rows, 4 warps, two-block where the width is no
+    power of two."""
     from qandc.engines import triton_norm
 
     kernel = triton_norm._add_norm_modulate_fp8_kernel
