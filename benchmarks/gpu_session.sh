@@ -22,6 +22,7 @@
 #   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
 #                                                   # by cuBLASLt (nvmath-python)
 #   bash benchmarks/gpu_session.sh launchers        # that step without CUDA graphs: each kernel's launching op
+#   bash benchmarks/gpu_session.sh rungraphs        # whole-run graphs against step-by-step engines (run_graph_check.py)
 #   bash benchmarks/gpu_session.sh fullstep         # issue 17's one-run comparison: that step, the floor, the peers
 #                                                   # (qandc bench; FULLSTEP="bf16-compiled-50 peers": the rest)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
@@ -123,6 +124,12 @@ fusedstep() {  # the fused MLP + fused norms + fast accumulation, measured anew:
       --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
   save profile
+}
+
+rungraphs() {  # whole-run graphs against the step-by-step engines, batch by batch, on the serve benchmark's engines
+  # (benchmarks/run_graph_check.py: buckets 4, 8, 12, step noise drawn in parallel and serially; ~2 minutes)
+  timeout -s INT $(upto 300) python3 benchmarks/run_graph_check.py --out $R/run-graph-check-h200.json \
+    > "$OUT/rungraphs.log" 2>&1
 }
 
 launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler links each kernel to the op that

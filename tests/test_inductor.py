@@ -75,6 +75,27 @@ def test_a_zero_amax_is_refused():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt,per_channel", [("fp8", False), ("fp8", True), ("int8", False)])
+def test_stacked_quant_linears_give_each_layers_output_side_by_side(device, fmt, per_channel):
+    """Layers of one input scale (a DiT's adaLN Linears all take the condition) as one GEMM: each slice of its
+    output is what its layer computes, though their weight scales differ; layers of other input scales refuse."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, 48) for _ in range(3)]
+    amax = lambda lin: lin.weight.abs().amax(1, keepdim=True) if per_channel else lin.weight.abs().amax()  # noqa
+    layers = [QuantLinear(lin, amax(lin) * (i + 1), torch.tensor(3.0), fmt).to(device)
+              for i, lin in enumerate(linears)]
+    stacked = QuantLinear.stacked(layers)
+    x = torch.randn(32, 64, device=device).bfloat16()
+    with torch.no_grad():
+        want = torch.cat([layer(x) for layer in layers], dim=1).float()
+        got = stacked(x).float()
+    assert got.shape == (32, 144) and rel_err(got, want) < 1e-2
+    assert not torch.equal(got[:, :48], got[:, 48:96])
+    with pytest.raises(QandcError, match="one input scale"):
+        QuantLinear.stacked([layers[0], QuantLinear(linears[1], amax(linears[1]), torch.tensor(2.0), fmt)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_inductor_engines_run_the_q_and_c_pipeline(recipe, tmp_path, device):
     model, folder = recipe
     model = model.to(device)
@@ -287,6 +308,8 @@ def test_fused_fp8_norms_compute_what_the_unfused_blocks_do(recipe, tmp_path, de
     fused = quantize_for_inference(model, folder, fused_fp8_mlp=True, fused_fp8_norm=True)
     unfused = quantize_for_inference(model, folder, fused_fp8_mlp=True)
     assert [getattr(b, "last", None) for b in fused.blocks] == [False] * (depth - 1) + [True]
+    # every block's adaLN Linear takes the one condition: one GEMM for all, in the first block
+    assert [(b.slot, b.modulations is not None) for b in fused.blocks] == [(i, i == 0) for i in range(depth)]
     x = torch.randn(6, 4, 8, 8, device=device).bfloat16()
     t = torch.tensor([0, 100, 400, 700, 900, 999], device=device)
     y = torch.tensor([0, 1, 2, 3, 10, 10], device=device)
@@ -306,6 +329,8 @@ def test_fused_fp8_norms_compute_what_the_unfused_blocks_do(recipe, tmp_path, de
     assert manifest.build["fused_fp8_norm_blocks"] == depth
     program = torch.export.load(str(tmp_path / "engines" / "full.pt2"))
     assert sum("add_norm_modulate_fp8" in str(node.target) for node in program.graph.nodes) == 2 * depth - 1
+    # qkv, proj and fc2 a block and the stacked adaLN GEMM (fc1 is in the fused MLP's op)
+    assert sum("_scaled_mm" in str(node.target) for node in program.graph.nodes) == 3 * depth + 1
     feeds = {"x": x.float(), "t": t, "y": y}
     with torch.no_grad():
         want = fused.forward_graph(manifest.graphs["full"], feeds)["out"]

@@ -159,6 +159,25 @@ class QuantLinear(nn.Module):
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(weight.shape[0])
         self.register_buffer("bias", bias.to(torch.bfloat16))
 
+    @classmethod
+    def stacked(cls, layers: list["QuantLinear"]) -> "QuantLinear":
+        """One QuantLinear computing `layers` (one format, one input scale) side by side: their quantized weights
+        stacked along N with per-channel weight scales, so that one GEMM gives their outputs concatenated, each as
+        its layer gives it up to the order in which the epilogue applies the two scales."""
+        first = layers[0]
+        if any(layer.fmt != first.fmt or not torch.equal(layer.input_scale, first.input_scale) for layer in layers):
+            raise QandcError("only layers of one format and one input scale can be stacked")
+        stacked = cls.__new__(cls)
+        nn.Module.__init__(stacked)
+        stacked.fmt, stacked.fast_accum = first.fmt, first.fast_accum
+        stacked.register_buffer("weight", torch.cat([layer.weight for layer in layers]))
+        stacked.register_buffer("input_scale", first.input_scale.clone())
+        stacked.register_buffer("weight_scale", torch.cat([layer.weight_scale.expand(layer.weight.shape[0])
+                                                           for layer in layers]))
+        for name in ("out_scale", "bias"):
+            stacked.register_buffer(name, torch.cat([getattr(layer, name) for layer in layers]))
+        return stacked
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -230,18 +249,28 @@ def fuse_fp8_mlps(model: nn.Module) -> None:
 class FusedFp8Block(DiTBlock):
     """A DiT block whose FP8 qkv and fc1 take their e4m3 inputs from `qandc::add_norm_modulate_fp8`: the residual
     add of the branch before and the next branch's LayerNorm, modulation and quantize in one pass. The MLP branch's
-    residual add is handed to the next block, as (x, branch output, gate), unless the block is `last` of a run of
-    fused blocks; the cache's reads and writes are the DiTBlock's (`DiTBlock.branch_parts`)."""
+    residual add is handed to the next block, as (x, branch output, gate, modulations), unless the block is `last`
+    of a run of fused blocks; the cache's reads and writes are the DiTBlock's (`DiTBlock.branch_parts`). With
+    `slot`, the block's adaLN output is that slot of its run's modulations, which the run's first block computes
+    (`modulations`: one GEMM for every block of the run, whose adaLN Linears take the same input) and hands on."""
 
-    def __init__(self, block: DiTBlock, last: bool):
+    def __init__(self, block: DiTBlock, last: bool, slot: int | None = None, modulations: nn.Module | None = None):
         nn.Module.__init__(self)
-        self.norm1, self.attn, self.norm2 = block.norm1, block.attn, block.norm2
-        self.mlp, self.adaLN_modulation = block.mlp, block.adaLN_modulation
-        self.last = last
+        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+        self.adaLN_modulation = block.adaLN_modulation if slot is None else None
+        self.modulations, self.slot, self.last = modulations, slot, last
 
     def forward(self, x, c, name: str = "", io=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        stream = _Residual(*(x if isinstance(x, tuple) else (x,)))
+        x, delta, gate, modulations = x if isinstance(x, tuple) else (x, None, None, None)
+        if self.modulations is not None:
+            modulations = self.modulations(c)
+        if self.slot is None:
+            own = self.adaLN_modulation(c)
+        else:
+            width = 6 * self.norm1.normalized_shape[0]
+            own = modulations[:, self.slot * width:(self.slot + 1) * width]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = own.chunk(6, dim=1)
+        stream = _Residual(x, delta, gate)
         qkv = self.attn.qkv
 
         def attention():
@@ -256,7 +285,7 @@ class FusedFp8Block(DiTBlock):
 
         stream.hand(*self.branch_parts(f"{name}.attn", gate_msa, io, attention))
         stream.hand(*self.branch_parts(f"{name}.mlp", gate_mlp, io, mlp))
-        return stream.added() if self.last else (stream.x, stream.delta, stream.gate)
+        return stream.added() if self.last else (stream.x, stream.delta, stream.gate, modulations)
 
 
 class _Residual:
@@ -293,13 +322,29 @@ class _Residual:
 
 def fuse_fp8_norms(model: nn.Module) -> None:
     """Replace, in place, every DiT block of `model` whose qkv and fc1 are FP8 QuantLinears by a FusedFp8Block
-    (the last of each run of them adds its MLP branch itself)."""
+    (the last of each run of them adds its MLP branch itself). Where every block of a run takes the model's one
+    condition (no block embedders) and their adaLN Linears are FP8 of one input scale (calibrated on that same
+    input), the run computes them as one stacked GEMM (`QuantLinear.stacked`): on DiT-XL/2 28 launches of a
+    [32, 1152] x [1152, 6912] GEMM, 0.18 ms a step on an H200, as one."""
     blocks = model.blocks
     fusable = [isinstance(getattr(b.attn, "qkv", None), QuantLinear) and b.attn.qkv.fmt == "fp8"
                and isinstance(b.mlp.fc1, QuantLinear) and b.mlp.fc1.fmt == "fp8" for b in blocks]
-    for i, block in enumerate(blocks):
-        if fusable[i]:
-            blocks[i] = FusedFp8Block(block, last=i + 1 == len(blocks) or not fusable[i + 1])
+    start = 0
+    while start < len(blocks):
+        end = start
+        while end < len(blocks) and fusable[end]:
+            end += 1
+        run = range(start, end)
+        linears = [blocks[i].adaLN_modulation[-1] for i in run]
+        shared = len(run) > 1 and not len(getattr(model, "block_embedders", ())) and all(
+            isinstance(m, QuantLinear) and m.fmt == "fp8" and torch.equal(m.input_scale, linears[0].input_scale)
+            for m in linears)
+        modulations = nn.Sequential(blocks[start].adaLN_modulation[0], QuantLinear.stacked(linears)) if shared \
+            else None
+        for slot, i in enumerate(run):
+            blocks[i] = FusedFp8Block(blocks[i], last=i + 1 == end, slot=slot if shared else None,
+                                      modulations=modulations if shared and slot == 0 else None)
+        start = end + 1
 
 
 def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16,

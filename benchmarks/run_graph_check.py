@@ -1,0 +1,96 @@
+"""Whole-run CUDA graphs (`Pipeline.load(..., run_graphs=True)`) against the step-by-step engines, batch by batch, on
+the serve benchmark's engines: the reference model's quick W8A8-INT8 Inductor engines under the default plan's shape.
+Batches are made as the server makes them: requests of up to 4 images with a seed each, labels at random. Each batch
+is sampled both ways, with the step noise drawn in parallel (as the server does from 8 images of this model on) and
+serially; the script prints and writes, per bucket, how many batches gave non-finite rows (which rows) or differed.
+
+Why: session 21's and 22's serve loads with --run-graphs failed requests on non-finite samples, all of them (session
+22: 173 batches) in bucket 8 -- 16 rows, the smallest bucket whose step noise is drawn on several threads -- mostly in
+its last rows; without whole-run graphs none did (session 13). GPU only.
+
+    python benchmarks/run_graph_check.py --out benchmarks/results/run-graph-check-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qandc.artifacts import write_json
+from qandc.bench import card_name, config_engines, device_name, make_model
+from qandc.runtime import Pipeline
+from qandc.runtime.pipeline import nonfinite_samples
+from qandc.sampling import sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batches(size: int, count: int, seed: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """(labels, seeds, sample ids) of `count` batches of `size` images, requests of up to 4 images each."""
+    rng = np.random.default_rng(seed)
+    made = []
+    for _ in range(count):
+        labels, seeds, ids = [], [], []
+        while len(labels) < size:
+            n = min(int(rng.integers(1, 5)), size - len(labels))
+            labels += rng.integers(0, 10, n).tolist()
+            seeds += [int(rng.integers(0, 2 ** 31))] * n
+            ids += list(range(n))
+        made.append((labels, seeds, ids))
+    return made
+
+
+def check(whole: Pipeline, steps: Pipeline, size: int, count: int) -> dict:
+    """Both ways, batch by batch: the batches whose rows came out not finite (rows by batch) and those that differ."""
+    result = {"batches": count, "nonfinite_whole_run": {}, "nonfinite_step_by_step": {}, "differing": 0}
+    for i, (labels, seeds, ids) in enumerate(batches(size, count, size)):
+        got = whole.generate(labels, seeds, sample_ids=ids, allow_nonfinite=True).float()
+        want = steps.generate(labels, seeds, sample_ids=ids, allow_nonfinite=True).float()
+        for key, images in (("nonfinite_whole_run", got), ("nonfinite_step_by_step", want)):
+            rows = nonfinite_samples(images).nonzero().flatten().tolist()
+            if rows:
+                result[key][i] = rows
+        finite = torch.isfinite(got) & torch.isfinite(want)
+        result["differing"] += int(not torch.allclose(got[finite], want[finite], rtol=1e-3, atol=1e-3)
+                                   or not torch.equal(torch.isfinite(got), torch.isfinite(want)))
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="4,8,12", help="images a batch (buckets), comma-separated")
+    parser.add_argument("--batches", type=int, default=30, help="batches a bucket and way of drawing")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qandc-run-graph-check"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/run-graph-check-h200.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("run_graph_check.py: needs a CUDA GPU (whole-run graphs are CUDA graphs)", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",")]
+    engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape",
+                                args.work, sorted(2 * s for s in sizes))
+    whole, steps = Pipeline.load(engines, run_graphs=True), Pipeline.load(engines)
+    parallel = sampler.PARALLEL_DRAW_VALUES
+    results = {}
+    for draws, threshold in (("parallel", 0), ("serial", float("inf"))):
+        sampler.PARALLEL_DRAW_VALUES = threshold
+        for size in sizes:
+            row = check(whole, steps, size, args.batches)
+            results[f"{size} images, {draws} draws"] = row
+            print(f"{size} images, noise drawn {draws}: {len(row['nonfinite_whole_run'])} of {row['batches']} "
+                  f"batches not finite by whole-run graphs {row['nonfinite_whole_run']}, "
+                  f"{len(row['nonfinite_step_by_step'])} step by step; {row['differing']} differ", flush=True)
+    sampler.PARALLEL_DRAW_VALUES = parallel
+    write_json(args.out, {"card": card_name(), "device_name": device_name(),
+                          "engines": "reference model, quick W8A8-INT8 recipe, default plan shape (serve_load.py's)",
+                          "results": results})
+    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
