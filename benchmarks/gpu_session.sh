@@ -127,8 +127,9 @@ fusedstep() {  # the fused MLP + fused norms + fast accumulation, measured anew:
 }
 
 rungraphs() {  # whole-run graphs against the step-by-step engines, batch by batch, on the serve benchmark's engines
-  # (benchmarks/run_graph_check.py: buckets 4, 8, 12, step noise drawn in parallel and serially; ~2 minutes)
-  timeout -s INT $(upto 300) python3 benchmarks/run_graph_check.py --out $R/run-graph-check-h200.json \
+  # (benchmarks/run_graph_check.py: buckets 4, 8, 12, step noise drawn in parallel and serially; ~2 minutes;
+  # RUNGRAPHS: its options)
+  timeout -s INT $(upto 300) python3 benchmarks/run_graph_check.py --out $R/run-graph-check-h200.json ${RUNGRAPHS:-} \
     > "$OUT/rungraphs.log" 2>&1
 }
 

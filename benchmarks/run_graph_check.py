@@ -23,8 +23,9 @@ import torch
 from qandc.artifacts import write_json
 from qandc.bench import card_name, config_engines, device_name, make_model
 from qandc.runtime import Pipeline
-from qandc.runtime.pipeline import nonfinite_samples
+from qandc.runtime.pipeline import RunGraph, nonfinite_samples
 from qandc.sampling import sampler
+from qandc.sampling.cache import to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,24 +47,40 @@ def batches(size: int, count: int, seed: int) -> list[tuple[list[int], list[int]
 
 def check(whole: Pipeline, steps: Pipeline, size: int, count: int) -> dict:
     """Both ways, batch by batch: the batches whose rows came out not finite (rows by batch) and those that differ."""
-    result = {"batches": count, "nonfinite_whole_run": {}, "nonfinite_step_by_step": {}, "differing": 0}
+    result = {"batches": count, "nonfinite_whole_run": {}, "nonfinite_step_by_step": {}, "differing": 0,
+              "max_abs_difference": 0.0}
     for i, (labels, seeds, ids) in enumerate(batches(size, count, size)):
         got = whole.generate(labels, seeds, sample_ids=ids, allow_nonfinite=True).float()
+        bad_steps = whole.denoiser.nonfinite_steps()
+        if bad_steps:
+            result.setdefault("first_nonfinite_step", {})[i] = bad_steps[0]
         want = steps.generate(labels, seeds, sample_ids=ids, allow_nonfinite=True).float()
         for key, images in (("nonfinite_whole_run", got), ("nonfinite_step_by_step", want)):
             rows = nonfinite_samples(images).nonzero().flatten().tolist()
             if rows:
                 result[key][i] = rows
         finite = torch.isfinite(got) & torch.isfinite(want)
+        result["max_abs_difference"] = max(result["max_abs_difference"], float((got - want)[finite].abs().max()))
         result["differing"] += int(not torch.allclose(got[finite], want[finite], rtol=1e-3, atol=1e-3)
                                    or not torch.equal(torch.isfinite(got), torch.isfinite(want)))
     return result
+
+
+def eager_capture(self, labels, x0, noise, y) -> None:
+    """`RunGraph._capture` as on a CPU: the static buffers, no graph (each batch runs the run eagerly from them)."""
+    device = self.denoiser.device
+    self.labels, self.x0, self.y = labels, to_device(x0, device), to_device(y, device)
+    self.noise = to_device(noise, device) if noise is not None else None
+    self.taylor, self.captured = {}, (None, None, None, None)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4,8,12", help="images a batch (buckets), comma-separated")
     parser.add_argument("--batches", type=int, default=30, help="batches a bucket and way of drawing")
+    parser.add_argument("--draws", default="parallel,serial", help="ways of drawing the step noise")
+    parser.add_argument("--uncaptured", action="store_true",
+                        help="also the whole runs from their static buffers without a CUDA graph (eagerly)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qandc-run-graph-check"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/run-graph-check-h200.json")
     args = parser.parse_args(argv)
@@ -76,14 +93,21 @@ def main(argv=None) -> int:
     whole, steps = Pipeline.load(engines, run_graphs=True), Pipeline.load(engines)
     parallel = sampler.PARALLEL_DRAW_VALUES
     results = {}
-    for draws, threshold in (("parallel", 0), ("serial", float("inf"))):
-        sampler.PARALLEL_DRAW_VALUES = threshold
+    variants = [(draws, "graph") for draws in args.draws.split(",")]
+    if args.uncaptured:
+        variants.append((args.draws.split(",")[0], "uncaptured"))
+    for draws, mode in variants:
+        sampler.PARALLEL_DRAW_VALUES = {"parallel": 0, "serial": float("inf")}[draws]
+        if mode == "uncaptured":
+            RunGraph._capture = eager_capture
+            whole = Pipeline.load(engines, run_graphs=True)
         for size in sizes:
             row = check(whole, steps, size, args.batches)
-            results[f"{size} images, {draws} draws"] = row
-            print(f"{size} images, noise drawn {draws}: {len(row['nonfinite_whole_run'])} of {row['batches']} "
-                  f"batches not finite by whole-run graphs {row['nonfinite_whole_run']}, "
-                  f"{len(row['nonfinite_step_by_step'])} step by step; {row['differing']} differ", flush=True)
+            results[f"{size} images, {draws} draws, {mode}"] = row
+            print(f"{size} images, noise drawn {draws}, {mode}: {len(row['nonfinite_whole_run'])} of "
+                  f"{row['batches']} batches not finite by whole runs {row['nonfinite_whole_run']} (first steps "
+                  f"{row.get('first_nonfinite_step')}), {len(row['nonfinite_step_by_step'])} step by step; "
+                  f"{row['differing']} differ (at most {row['max_abs_difference']:.3g})", flush=True)
     sampler.PARALLEL_DRAW_VALUES = parallel
     write_json(args.out, {"card": card_name(), "device_name": device_name(),
                           "engines": "reference model, quick W8A8-INT8 recipe, default plan shape (serve_load.py's)",
