@@ -1,8 +1,10 @@
 """Whole-run CUDA graphs (`Pipeline.load(..., run_graphs=True)`) against the step-by-step engines, batch by batch, on
 the serve benchmark's engines: the reference model's quick W8A8-INT8 Inductor engines under the default plan's shape.
 Batches are made as the server makes them: requests of up to 4 images with a seed each, labels at random. Each batch
-is sampled both ways, with the step noise drawn in parallel (as the server does from 8 images of this model on) and
-serially; the script prints and writes, per bucket, how many batches gave non-finite rows (which rows) or differed.
+is sampled five ways -- step by step without CUDA graphs (the reference), with a CUDA graph a step, with whole-run
+graphs, and whole runs from their static buffers uncaptured, with and without step graphs -- with the step noise
+drawn in parallel (as the server does from 8 images of this model on) or serially; the script prints and writes, per
+bucket and way, how many batches gave non-finite rows (which rows) or differed from the reference.
 
 Why: session 21's and 22's serve loads with --run-graphs failed requests on non-finite samples, all of them (session
 22: 173 batches) in bucket 8 -- 16 rows, the smallest bucket whose step noise is drawn on several threads -- mostly in
@@ -23,6 +25,7 @@ import torch
 from qandc.artifacts import write_json
 from qandc.bench import card_name, config_engines, device_name, make_model
 from qandc.runtime import Pipeline
+from qandc.runtime import pipeline as pipeline_module
 from qandc.runtime.pipeline import RunGraph, nonfinite_samples
 from qandc.sampling import sampler
 from qandc.sampling.cache import to_device
@@ -45,33 +48,49 @@ def batches(size: int, count: int, seed: int) -> list[tuple[list[int], list[int]
     return made
 
 
-def check(whole: Pipeline, steps: Pipeline, size: int, count: int) -> dict:
-    """Both ways, batch by batch: the batches whose rows came out not finite (rows by batch) and those that differ."""
-    result = {"batches": count, "nonfinite_whole_run": {}, "nonfinite_step_by_step": {}, "differing": 0,
-              "max_abs_difference": 0.0}
+class UncapturedRunGraph(RunGraph):
+    def _capture(self, labels, x0, noise, y) -> None:
+        """As on a CPU: the static buffers, no graph (each batch runs the whole run eagerly from them)."""
+        device = self.denoiser.device
+        self.labels, self.x0, self.y = labels, to_device(x0, device), to_device(y, device)
+        self.noise = to_device(noise, device) if noise is not None else None
+        self.taylor, self.captured = {}, (None, None, None, None)
+
+
+def generate(pipeline: Pipeline, uncaptured: bool, labels, seeds, ids) -> torch.Tensor:
+    """The batch's samples by `pipeline`; `uncaptured`: its whole runs without a CUDA graph."""
+    pipeline_module.RunGraph = UncapturedRunGraph if uncaptured else RunGraph
+    try:
+        return pipeline.generate(labels, seeds, sample_ids=ids, allow_nonfinite=True).float()
+    finally:
+        pipeline_module.RunGraph = RunGraph
+
+
+def check(ways: dict, size: int, count: int) -> dict:
+    """Every way (name -> (pipeline, uncaptured)) batch by batch against the first: per way, the batches whose
+    rows came out not finite (rows by batch; the first non-finite step), those that differ from the first way's
+    samples, and the largest difference."""
+    results = {name: {"batches": count, "nonfinite": {}, "first_nonfinite_step": {}, "differing": 0,
+                      "max_abs_difference": 0.0} for name in ways}
     for i, (labels, seeds, ids) in enumerate(batches(size, count, size)):
-        got = whole.generate(labels, seeds, sample_ids=ids, allow_nonfinite=True).float()
-        bad_steps = whole.denoiser.nonfinite_steps()
-        if bad_steps:
-            result.setdefault("first_nonfinite_step", {})[i] = bad_steps[0]
-        want = steps.generate(labels, seeds, sample_ids=ids, allow_nonfinite=True).float()
-        for key, images in (("nonfinite_whole_run", got), ("nonfinite_step_by_step", want)):
+        first = None
+        for name, (pipeline, uncaptured) in ways.items():
+            images, result = generate(pipeline, uncaptured, labels, seeds, ids), results[name]
+            bad_steps = pipeline.denoiser.nonfinite_steps()
+            if bad_steps:
+                result["first_nonfinite_step"][i] = bad_steps[0]
             rows = nonfinite_samples(images).nonzero().flatten().tolist()
             if rows:
-                result[key][i] = rows
-        finite = torch.isfinite(got) & torch.isfinite(want)
-        result["max_abs_difference"] = max(result["max_abs_difference"], float((got - want)[finite].abs().max()))
-        result["differing"] += int(not torch.allclose(got[finite], want[finite], rtol=1e-3, atol=1e-3)
-                                   or not torch.equal(torch.isfinite(got), torch.isfinite(want)))
-    return result
-
-
-def eager_capture(self, labels, x0, noise, y) -> None:
-    """`RunGraph._capture` as on a CPU: the static buffers, no graph (each batch runs the run eagerly from them)."""
-    device = self.denoiser.device
-    self.labels, self.x0, self.y = labels, to_device(x0, device), to_device(y, device)
-    self.noise = to_device(noise, device) if noise is not None else None
-    self.taylor, self.captured = {}, (None, None, None, None)
+                result["nonfinite"][i] = rows
+            if first is None:
+                first = images
+                continue
+            finite = torch.isfinite(images) & torch.isfinite(first)
+            result["max_abs_difference"] = max(result["max_abs_difference"],
+                                               float((images - first)[finite].abs().max()))
+            result["differing"] += int(not torch.allclose(images[finite], first[finite], rtol=1e-3, atol=1e-3)
+                                       or not torch.equal(torch.isfinite(images), torch.isfinite(first)))
+    return results
 
 
 def main(argv=None) -> int:
@@ -79,8 +98,6 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="4,8,12", help="images a batch (buckets), comma-separated")
     parser.add_argument("--batches", type=int, default=30, help="batches a bucket and way of drawing")
     parser.add_argument("--draws", default="parallel,serial", help="ways of drawing the step noise")
-    parser.add_argument("--uncaptured", action="store_true",
-                        help="also the whole runs from their static buffers without a CUDA graph (eagerly)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qandc-run-graph-check"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/run-graph-check-h200.json")
     args = parser.parse_args(argv)
@@ -90,24 +107,23 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape",
                                 args.work, sorted(2 * s for s in sizes))
-    whole, steps = Pipeline.load(engines, run_graphs=True), Pipeline.load(engines)
+    ways = {"step by step, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False), False),
+            "step graphs": (Pipeline.load(engines), False),
+            "whole-run graphs": (Pipeline.load(engines, run_graphs=True), False),
+            "whole runs uncaptured, step graphs": (Pipeline.load(engines, run_graphs=True), True),
+            "whole runs uncaptured, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False, run_graphs=True),
+                                                      True)}
     parallel = sampler.PARALLEL_DRAW_VALUES
     results = {}
-    variants = [(draws, "graph") for draws in args.draws.split(",")]
-    if args.uncaptured:
-        variants.append((args.draws.split(",")[0], "uncaptured"))
-    for draws, mode in variants:
+    for draws in args.draws.split(","):
         sampler.PARALLEL_DRAW_VALUES = {"parallel": 0, "serial": float("inf")}[draws]
-        if mode == "uncaptured":
-            RunGraph._capture = eager_capture
-            whole = Pipeline.load(engines, run_graphs=True)
         for size in sizes:
-            row = check(whole, steps, size, args.batches)
-            results[f"{size} images, {draws} draws, {mode}"] = row
-            print(f"{size} images, noise drawn {draws}, {mode}: {len(row['nonfinite_whole_run'])} of "
-                  f"{row['batches']} batches not finite by whole runs {row['nonfinite_whole_run']} (first steps "
-                  f"{row.get('first_nonfinite_step')}), {len(row['nonfinite_step_by_step'])} step by step; "
-                  f"{row['differing']} differ (at most {row['max_abs_difference']:.3g})", flush=True)
+            for name, row in check(ways, size, args.batches).items():
+                results[f"{size} images, {draws} draws, {name}"] = row
+                print(f"{size} images, noise drawn {draws}, {name}: {len(row['nonfinite'])} of {row['batches']} "
+                      f"batches not finite {row['nonfinite']} (first steps {row['first_nonfinite_step']}); "
+                      f"{row['differing']} differ from the first way's (at most {row['max_abs_difference']:.3g})",
+                      flush=True)
     sampler.PARALLEL_DRAW_VALUES = parallel
     write_json(args.out, {"card": card_name(), "device_name": device_name(),
                           "engines": "reference model, quick W8A8-INT8 recipe, default plan shape (serve_load.py's)",
