@@ -195,6 +195,9 @@ class QuantLinear(nn.Module):
         """bf16 output of the e4m3 activation `q` (quantized with this layer's input scale) [M, K]."""
         if self.weight_scale.dim() == 0:
             scale_a, scale_b = self.input_scale, self.weight_scale
+        elif not q.is_cuda:  # row-wise scales: torch 2.11's CPU _scaled_mm takes tensor-wide ones only
+            product = q.float() @ self.weight.float().t()  # e4m3 products are exact in float32
+            return (product * self.out_scale + self.bias.float()).to(torch.bfloat16)
         else:  # row-wise scales: both operands per row
             scale_a = self.input_scale.expand(q.shape[0], 1).contiguous()
             scale_b = self.weight_scale.reshape(1, -1)
