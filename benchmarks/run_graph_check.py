@@ -1,14 +1,18 @@
 """Whole-run CUDA graphs (`Pipeline.load(..., run_graphs=True)`) against the step-by-step engines, batch by batch, on
 the serve benchmark's engines: the reference model's quick W8A8-INT8 Inductor engines under the default plan's shape.
 Batches are made as the server makes them: requests of up to 4 images with a seed each, labels at random. Each batch
-is sampled five ways -- step by step without CUDA graphs (the reference), with a CUDA graph a step, with whole-run
-graphs, and whole runs from their static buffers uncaptured, with and without step graphs -- with the step noise
-drawn in parallel (as the server does from 8 images of this model on) or serially; the script prints and writes, per
-bucket and way, how many batches gave non-finite rows (which rows) or differed from the reference.
+is sampled six ways -- step by step without CUDA graphs (the reference), with a CUDA graph a step, with whole-run
+graphs (noise drawn into pinned memory, as they do, and into pageable memory), and whole runs from their static
+buffers uncaptured, with and without step graphs -- with the step noise drawn in parallel (as the server does from 8
+images of this model on) or serially; the script prints and writes, per bucket and way, how many batches gave
+non-finite rows (which rows; the first non-finite step) or differed from the reference.
 
 Why: session 21's and 22's serve loads with --run-graphs failed requests on non-finite samples, all of them (session
-22: 173 batches) in bucket 8 -- 16 rows, the smallest bucket whose step noise is drawn on several threads -- mostly in
-its last rows; without whole-run graphs none did (session 13). GPU only.
+22: 173 batches) in bucket 8 (16 rows), mostly in its last rows; without whole-run graphs none did (session 13).
+Session 22's first runs here: at 8 images every batch of the whole-run graphs was non-finite (from step 6, a reuse
+step), with serial draws too; run uncaptured from the same buffers its batches were finite but differed from the step
+graphs' (by up to 0.43); at 4 and 12 images both were equal to them bitwise (12 differed in one run's order, 4, 8,
+12). On the CPU (no pinned memory, no CUDA graphs) the whole runs equal the steps at 8, 16 and 24 rows. GPU only.
 
     python benchmarks/run_graph_check.py --out benchmarks/results/run-graph-check-h200.json
 """
@@ -28,6 +32,7 @@ from qandc.runtime import Pipeline
 from qandc.runtime import pipeline as pipeline_module
 from qandc.runtime.pipeline import RunGraph, nonfinite_samples
 from qandc.sampling import sampler
+from qandc.sampling.sampler import draw_noise
 from qandc.sampling.cache import to_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,25 +62,31 @@ class UncapturedRunGraph(RunGraph):
         self.taylor, self.captured = {}, (None, None, None, None)
 
 
-def generate(pipeline: Pipeline, uncaptured: bool, labels, seeds, ids) -> torch.Tensor:
-    """The batch's samples by `pipeline`; `uncaptured`: its whole runs without a CUDA graph."""
+def pageable_draws(generators, shape, count=None, pin_memory=False) -> torch.Tensor:
+    return draw_noise(generators, shape, count)
+
+
+def generate(pipeline: Pipeline, uncaptured: bool, pageable: bool, labels, seeds, ids) -> torch.Tensor:
+    """The batch's samples by `pipeline`; `uncaptured`: its whole runs without a CUDA graph; `pageable`: their
+    noise drawn into pageable memory, not pinned."""
     pipeline_module.RunGraph = UncapturedRunGraph if uncaptured else RunGraph
+    pipeline_module.draw_noise = pageable_draws if pageable else draw_noise
     try:
         return pipeline.generate(labels, seeds, sample_ids=ids, allow_nonfinite=True).float()
     finally:
-        pipeline_module.RunGraph = RunGraph
+        pipeline_module.RunGraph, pipeline_module.draw_noise = RunGraph, draw_noise
 
 
 def check(ways: dict, size: int, count: int) -> dict:
-    """Every way (name -> (pipeline, uncaptured)) batch by batch against the first: per way, the batches whose
+    """Every way (name -> (pipeline, uncaptured, pageable)) batch by batch against the first: per way, the batches whose
     rows came out not finite (rows by batch; the first non-finite step), those that differ from the first way's
     samples, and the largest difference."""
     results = {name: {"batches": count, "nonfinite": {}, "first_nonfinite_step": {}, "differing": 0,
                       "max_abs_difference": 0.0} for name in ways}
     for i, (labels, seeds, ids) in enumerate(batches(size, count, size)):
         first = None
-        for name, (pipeline, uncaptured) in ways.items():
-            images, result = generate(pipeline, uncaptured, labels, seeds, ids), results[name]
+        for name, (pipeline, uncaptured, pageable) in ways.items():
+            images, result = generate(pipeline, uncaptured, pageable, labels, seeds, ids), results[name]
             bad_steps = pipeline.denoiser.nonfinite_steps()
             if bad_steps:
                 result["first_nonfinite_step"][i] = bad_steps[0]
@@ -107,12 +118,13 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape",
                                 args.work, sorted(2 * s for s in sizes))
-    ways = {"step by step, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False), False),
-            "step graphs": (Pipeline.load(engines), False),
-            "whole-run graphs": (Pipeline.load(engines, run_graphs=True), False),
-            "whole runs uncaptured, step graphs": (Pipeline.load(engines, run_graphs=True), True),
+    ways = {"step by step, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False), False, False),
+            "step graphs": (Pipeline.load(engines), False, False),
+            "whole-run graphs": (Pipeline.load(engines, run_graphs=True), False, False),
+            "whole-run graphs, pageable draws": (Pipeline.load(engines, run_graphs=True), False, True),
+            "whole runs uncaptured, step graphs": (Pipeline.load(engines, run_graphs=True), True, False),
             "whole runs uncaptured, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False, run_graphs=True),
-                                                      True)}
+                                                      True, False)}
     parallel = sampler.PARALLEL_DRAW_VALUES
     results = {}
     for draws in args.draws.split(","):
