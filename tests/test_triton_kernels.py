@@ -244,7 +244,8 @@ def test_the_norm_kernel_computes_the_op_on_the_gpu(shape):
 
 def test_autotune_choices_go_back_to_the_autotuners_they_came_from():
     """What `autotune_choices.chosen` reads from the autotuners, through JSON, `restore` puts back: the same configs
-    under the same keys; a config or a kernel this qandc does not have is skipped."""
+    under the same keys; a config or a kernel this qandc does not have is skipped, and so is a config the kernel's
+    pruning no longer keeps (older engines' norm choices: the kernel runs its measured config now)."""
     from qandc.engines import autotune_choices, triton_int8, triton_norm
 
     int8, norm = triton_int8._int8_gemm_kernel, triton_norm._add_norm_modulate_fp8_kernel
@@ -254,14 +255,18 @@ def test_autotune_choices_go_back_to_the_autotuners_they_came_from():
     try:
         for tuner in held:
             tuner.cache.clear()
-        int8.cache[int8_key], norm.cache[norm_key] = int8.configs[3], norm.configs[7]
+        (measured,) = triton_norm.measured_config(norm.configs, {"C": 1152})
+        older = next(c for c in norm.configs if c is not measured)  # what an older build's autotuning could pick
+        int8.cache[int8_key], norm.cache[norm_key] = int8.configs[3], older
         choices = json.loads(json.dumps(autotune_choices.chosen()))
         choices["int8_gemm"].append([[1, 2, 3], "BLOCK_M: 7, num_warps: 3"])  # no such config
         choices["a_kernel_gone"] = [[[1], str(int8.configs[0])]]
         int8.cache.clear()
         norm.cache.clear()
-        assert autotune_choices.restore(choices) == 2
-        assert int8.cache == {int8_key: int8.configs[3]} and norm.cache == {norm_key: norm.configs[7]}
+        assert autotune_choices.restore(choices) == 1
+        assert int8.cache == {int8_key: int8.configs[3]} and norm.cache == {}
+        choices["add_norm_modulate_fp8"] = [[list(norm_key), str(measured)]]
+        assert autotune_choices.restore(choices) == 2 and norm.cache == {norm_key: measured}
     finally:
         for tuner, cache in held.items():
             tuner.cache.clear()

@@ -3,7 +3,9 @@ engines' graphs have run at every batch size of the build, saved beside the engi
 autotuners when the engines load: a process that loads them — a server's warm-up, the offline run, each rank on any
 host — times no config again for those shapes and runs the one the build chose, so every process computes alike.
 Triton's own disk cache (`cache_results`) keeps choices for one machine only. A choice whose key or config this
-Triton or qandc does not have is skipped (that shape is timed as before). CUDA only (imported on first use)."""
+Triton or qandc does not have, or that the kernel's early pruning no longer keeps for its key (a choice qandc now makes
+itself, as `triton_norm.measured_config`: older engines then run today's config), is skipped (that shape is tuned as
+before). CUDA only (imported on first use)."""
 
 from __future__ import annotations
 
@@ -32,7 +34,18 @@ def restore(choices: dict[str, list]) -> int:
     for name, tuner in autotuners().items():
         configs = {str(config): config for config in tuner.configs}
         for key, config in choices.get(name, []):
-            if config in configs:
+            if config in configs and kept(tuner, key, configs[config]):
                 tuner.cache[tuple(key)] = configs[config]
                 taken += 1
     return taken
+
+
+def kept(tuner, key, config) -> bool:
+    """Whether `tuner`'s early pruning keeps `config` for the saved `key` (its leading values are the key
+    arguments'): always without pruning, never where the pruning needs more than the key to tell."""
+    if tuner.early_config_prune is None:
+        return True
+    try:
+        return any(c is config for c in tuner.early_config_prune(tuner.configs, dict(zip(tuner.keys, key))))
+    except KeyError:
+        return False
