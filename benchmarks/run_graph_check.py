@@ -5,7 +5,9 @@ is sampled six ways -- step by step without CUDA graphs (the reference), with a 
 graphs (noise drawn into pinned memory, as they do, and into pageable memory), and whole runs from their static
 buffers uncaptured, with and without step graphs -- with the step noise drawn in parallel (as the server does from 8
 images of this model on) or serially; the script prints and writes, per bucket and way, how many batches gave
-non-finite rows (which rows; the first non-finite step) or differed from the reference.
+non-finite rows (which rows; the first non-finite step) or differed from the reference. First, each engine graph is
+called on its example feeds with NaN placed just before or after each input in memory, and with NaN in the memory
+its intermediates will take: an engine that reads outside its inputs or memory it did not write gives other outputs.
 
 Why: session 21's and 22's serve loads with --run-graphs failed requests on non-finite samples, all of them (session
 22: 173 batches) in bucket 8 (16 rows), mostly in its last rows; without whole-run graphs none did (session 13).
@@ -28,6 +30,7 @@ import torch
 
 from qandc.artifacts import write_json
 from qandc.bench import card_name, config_engines, device_name, make_model
+from qandc.model.graphs import example_feeds
 from qandc.runtime import Pipeline
 from qandc.runtime import pipeline as pipeline_module
 from qandc.runtime.pipeline import RunGraph, nonfinite_samples
@@ -104,6 +107,43 @@ def check(ways: dict, size: int, count: int) -> dict:
     return results
 
 
+def surrounded(tensor: torch.Tensor, before: bool) -> torch.Tensor:
+    """`tensor` copied into one half of a buffer twice its size whose other half (before or after it) holds NaN, or
+    for an integer tensor a value far out of any range."""
+    fill = float("nan") if tensor.is_floating_point() else 1 << 30
+    buffer = torch.full((2 * tensor.numel(),), fill, dtype=tensor.dtype, device=tensor.device)
+    part = buffer[tensor.numel():] if before else buffer[:tensor.numel()]
+    return part.view(tensor.shape).copy_(tensor)
+
+
+def neighbour_check(engines: Path, rows: list[int]) -> dict:
+    """Each engine graph at each row count on its example feeds, fed as fresh tensors and again with NaN (far
+    out-of-range integers) just before or just after each input in memory, and with the caching allocator's free
+    memory NaN: an engine whose outputs change reads outside its inputs or memory it did not write. By graph and
+    rows: whether each placement gave the same outputs, and any NaN in them."""
+    denoiser = Pipeline.load(engines, cuda_graphs=False).denoiser
+    results = {}
+    for count in rows:
+        feeds = example_feeds(denoiser, denoiser.graphs, count)
+        for name in denoiser.graphs:
+            engine = denoiser.direct_engines[name]
+            clean = engine.infer({n: t.clone() for n, t in feeds[name].items()})
+            row = {}
+            for placement in ("NaN before", "NaN after", "NaN in the free memory"):
+                if placement == "NaN in the free memory":  # what the engine allocates starts as NaN
+                    torch.full((1 << 28,), float("nan"), device=denoiser.device)  # 1 GiB of NaN, freed at once
+                    inputs = {n: t.clone() for n, t in feeds[name].items()}
+                else:
+                    inputs = {n: surrounded(t, placement == "NaN before") for n, t in feeds[name].items()}
+                got = engine.infer(inputs)
+                row[placement] = {
+                    "same": all(torch.equal(got[o].nan_to_num(7.0), clean[o].nan_to_num(7.0)) for o in clean),
+                    "nonfinite_outputs": sorted(o for o in got if not torch.isfinite(got[o].float()).all())}
+            results[f"{name} at {count} rows"] = row
+            print(f"{name} at {count} rows: {row}", flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4,8,12", help="images a batch (buckets), comma-separated")
@@ -118,6 +158,7 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape",
                                 args.work, sorted(2 * s for s in sizes))
+    neighbours = neighbour_check(engines, sorted(2 * s for s in sizes))
     ways = {"step by step, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False), False, False),
             "step graphs": (Pipeline.load(engines), False, False),
             "whole-run graphs": (Pipeline.load(engines, run_graphs=True), False, False),
@@ -139,7 +180,7 @@ def main(argv=None) -> int:
     sampler.PARALLEL_DRAW_VALUES = parallel
     write_json(args.out, {"card": card_name(), "device_name": device_name(),
                           "engines": "reference model, quick W8A8-INT8 recipe, default plan shape (serve_load.py's)",
-                          "results": results})
+                          "results": results, "engines_beside_nan": neighbours})
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 
