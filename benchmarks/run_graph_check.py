@@ -66,6 +66,7 @@ class UncapturedRunGraph(RunGraph):
 
 
 def pageable_draws(generators, shape, count=None, pin_memory=False) -> torch.Tensor:
+    """`draw_noise` into pageable memory, whatever `pin_memory` asks."""
     return draw_noise(generators, shape, count)
 
 
