@@ -36,7 +36,6 @@ from qandc.runtime import pipeline as pipeline_module
 from qandc.runtime.pipeline import RunGraph, nonfinite_samples
 from qandc.sampling import sampler
 from qandc.sampling.sampler import draw_noise
-from qandc.sampling.cache import to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,10 +58,8 @@ def batches(size: int, count: int, seed: int) -> list[tuple[list[int], list[int]
 class UncapturedRunGraph(RunGraph):
     def _capture(self, labels, x0, noise, y) -> None:
         """As on a CPU: the static buffers, no graph (each batch runs the whole run eagerly from them)."""
-        device = self.denoiser.device
-        self.labels, self.x0, self.y = labels, to_device(x0, device), to_device(y, device)
-        self.noise = to_device(noise, device) if noise is not None else None
-        self.taylor, self.captured = {}, (None, None, None, None)
+        self._static_buffers(labels, x0, noise, y)
+        self.captured = (None, None, None, None)
 
 
 def pageable_draws(generators, shape, count=None, pin_memory=False) -> torch.Tensor:

@@ -129,14 +129,19 @@ class RunGraph:
                 run.x = self.correction(step, run.x)
         return run.x
 
+    def _static_buffers(self, labels, x0, noise, y) -> None:
+        """The buffers every batch refills (on the device) and the Taylor weights the first run will leave."""
+        device = self.denoiser.device
+        self.labels, self.x0, self.y = labels, to_device(x0, device), to_device(y, device)
+        self.noise = to_device(noise, device) if noise is not None else None
+        self.taylor = {}  # every run of this graph shares them: the same plan and steps
+
     def _capture(self, labels, x0, noise, y) -> None:
         """The first batch: the static buffers; on a GPU an eager run on the engines themselves (compiling and
         autotuning; it leaves each step's Taylor weights on the device), then the capture. Neither counts as engine
         calls of the batch."""
         denoiser, device = self.denoiser, self.denoiser.device
-        self.labels, self.x0, self.y = labels, to_device(x0, device), to_device(y, device)
-        self.noise = to_device(noise, device) if noise is not None else None
-        self.taylor = {}  # every run of this graph shares them: the same plan and steps
+        self._static_buffers(labels, x0, noise, y)
         if device.type != "cuda":
             self.captured = (None, None, None, None)
             return
