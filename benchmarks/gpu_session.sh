@@ -23,6 +23,7 @@
 #                                                   # by cuBLASLt (nvmath-python)
 #   bash benchmarks/gpu_session.sh launchers        # that step without CUDA graphs: each kernel's launching op
 #   bash benchmarks/gpu_session.sh rungraphs        # whole-run graphs against step-by-step engines (run_graph_check.py)
+#   bash benchmarks/gpu_session.sh localize         # where those engines read memory they did not write (16 rows)
 #   bash benchmarks/gpu_session.sh fullstep         # issue 17's one-run comparison: that step, the floor, the peers
 #                                                   # (qandc bench; FULLSTEP="bf16-compiled-50 peers": the rest)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
@@ -131,6 +132,13 @@ rungraphs() {  # whole-run graphs against the step-by-step engines, batch by bat
   # RUNGRAPHS: its options)
   timeout -s INT $(upto 300) python3 benchmarks/run_graph_check.py --out $R/run-graph-check-h200.json ${RUNGRAPHS:-} \
     > "$OUT/rungraphs.log" 2>&1
+}
+
+localize() {  # where the serve engines read memory they did not write, at 16 rows (run_graph_check.py --localize:
+  # each input beside NaN, the programs eagerly over NaN memory, the INT8 GEMM alone; ~1 minute; LOCALIZE: more
+  # options, e.g. --no-cudnn-attention)
+  timeout -s INT $(upto 200) python3 benchmarks/run_graph_check.py --localize 16 --out $R/run-graph-localize-h200.json \
+    ${LOCALIZE:-} > "$OUT/localize.log" 2>&1
 }
 
 launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler links each kernel to the op that

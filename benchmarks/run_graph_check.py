@@ -15,6 +15,16 @@ Session 22's first runs here: at 8 images every batch of the whole-run graphs wa
 step), with serial draws too; run uncaptured from the same buffers its batches were finite but differed from the step
 graphs' (by up to 0.43); at 4 and 12 images both were equal to them bitwise (12 differed in one run's order, 4, 8,
 12). On the CPU (no pinned memory, no CUDA graphs) the whole runs equal the steps at 8, 16 and 24 rows. GPU only.
+Session 23 (H200): whole-run graphs are not the cause. At 8 images the reference way itself (step by step, no CUDA
+graphs) gave non-finite batches, and the compiled full graph at 16 rows gave other outputs -- its cached trunk and
+forecast difference only, NaN with NaN just before any input -- whenever the memory around its inputs or its
+intermediates changed; the same program run eagerly gave the same outputs with NaN in all free memory, the reuse graph
+was unaffected, and the INT8 Triton GEMM alone was exact at every shape of the program with NaN around it
+(`--localize 16`). The graph's last kernel (Inductor's output code: `gpu-logs/localize-full16-code-h200-session23.txt`)
+is a looped reduction that stores the trunk in its first loop and reads it back in its second for the forecast's
+difference, with no barrier between the two: what `inductor_backend.one_pass_reductions` now prevents. Its other
+foreign kernel, cuDNN's attention on strided q, k, v, is checked alone by `--attention`; `--no-cudnn-attention`
+compiles without it.
 
     python benchmarks/run_graph_check.py --out benchmarks/results/run-graph-check-h200.json
 """
@@ -27,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qandc.artifacts import write_json
 from qandc.bench import card_name, config_engines, device_name, make_model
@@ -142,20 +154,152 @@ def neighbour_check(engines: Path, rows: list[int]) -> dict:
     return results
 
 
+class FirstNonfinite(TorchDispatchMode):
+    """Records the first ops (up to 8) whose floating outputs are not finite although their floating inputs are."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.count = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.count += 1
+        if len(self.ops) < 8:
+            floats = lambda tree: [t for t in pytree.tree_leaves(tree)  # noqa: E731
+                                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if (any(not torch.isfinite(t.float()).all() for t in floats(out))
+                    and all(torch.isfinite(t.float()).all() for t in floats((args, kwargs)))):
+                self.ops.append({"op_index": self.count, "op": str(func),
+                                 "inputs": [[str(t.dtype), list(t.shape)] for t in pytree.tree_leaves((args, kwargs))
+                                            if isinstance(t, torch.Tensor)]})
+        return out
+
+
+def nan_memory(device) -> None:
+    """The caching allocator's free memory NaN: 1 GiB of NaN, freed at once."""
+    torch.full((1 << 28,), float("nan"), device=device)
+
+
+def localize(engines: Path, rows: int) -> dict:
+    """Where an engine reads memory it did not write, at `rows` rows: (1) the compiled engines with NaN beside one
+    input at a time; (2) the programs run eagerly with NaN in the free memory, the first ops giving non-finite
+    outputs from finite inputs; (3) the INT8 Triton GEMM alone at every weight shape of the full program and row
+    counts of its callers, its output from NaN memory and its A beside other values, against integer arithmetic."""
+    from qandc.engines.triton_int8 import int8_gemm
+
+    results = {"compiled, NaN beside one input": {}, "eager, NaN in the free memory": {}, "int8_gemm alone": {}}
+    compiled, eager = (Pipeline.load(engines, compile=c, cuda_graphs=False).denoiser for c in (True, False))
+    feeds = example_feeds(compiled, compiled.graphs, rows)
+    for name in compiled.graphs:
+        engine = compiled.direct_engines[name]
+        clean = engine.infer({n: t.clone() for n, t in feeds[name].items()})
+        for changed in feeds[name]:
+            for before in (True, False):
+                inputs = {n: surrounded(t, before) if n == changed else t.clone() for n, t in feeds[name].items()}
+                got = engine.infer(inputs)
+                key = f"{name}: NaN {'before' if before else 'after'} {changed}"
+                results["compiled, NaN beside one input"][key] = found = {
+                    "same": all(torch.equal(got[o].nan_to_num(7.0), clean[o].nan_to_num(7.0)) for o in clean),
+                    "nonfinite_outputs": sorted(o for o in got if not torch.isfinite(got[o].float()).all())}
+                print(f"compiled, {key}: {found}", flush=True)
+        engine = eager.direct_engines[name]
+        clean = engine.infer({n: t.clone() for n, t in feeds[name].items()})
+        nan_memory(eager.device)
+        with FirstNonfinite() as mode:
+            got = engine.infer({n: t.clone() for n, t in feeds[name].items()})
+        results["eager, NaN in the free memory"][name] = {
+            "same": all(torch.equal(got[o].nan_to_num(7.0), clean[o].nan_to_num(7.0)) for o in clean),
+            "ops": mode.count, "first_nonfinite_ops": mode.ops}
+        print(f"eager, NaN in the free memory, {name}: {results['eager, NaN in the free memory'][name]}", flush=True)
+    tokens = (compiled.config.input_size // compiled.config.patch_size) ** 2
+    weights = {tuple(b.shape): b for b in eager.direct_engines["full"].module.buffers()
+               if b.dtype == torch.int8 and b.dim() == 2}
+    generator = torch.Generator(device=eager.device).manual_seed(0)
+    for (n, k), weight in sorted(weights.items()):
+        scale = torch.rand(n, device=eager.device, generator=generator) * 1e-3
+        bias = torch.randn(n, device=eager.device, generator=generator).to(torch.bfloat16)
+        for m in sorted({r for c in (rows // 2, rows, rows + rows // 2) for r in (c, c * tokens)}):
+            x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=eager.device, generator=generator)
+            expected = ((x.double() @ weight.double().t()).float()  # exact: |sums| < 2^53
+                         * scale + bias.float()).to(torch.bfloat16)
+            row = {}
+            for placement in ("fresh", "NaN memory", "127 before", "127 after"):
+                if placement == "NaN memory":
+                    nan_memory(eager.device)
+                a = x.clone()
+                if placement.startswith("127"):
+                    buffer = torch.full((2 * x.numel(),), 127, dtype=torch.int8, device=eager.device)
+                    a = (buffer[x.numel():] if "before" in placement else buffer[:x.numel()]).view(x.shape).copy_(x)
+                got = int8_gemm(a, weight, scale, bias)
+                row[placement] = {"nonfinite": int((~torch.isfinite(got.float())).sum()),
+                                  "max_abs_difference": float((got.float() - expected.float()).nan_to_num(1e9)
+                                                              .abs().max())}
+            results["int8_gemm alone"][f"M={m} N={n} K={k}"] = row
+            print(f"int8_gemm alone, M={m} N={n} K={k}: {row}", flush=True)
+    return results
+
+
+def attention_check() -> dict:
+    """cuDNN's SDPA kernel (the one Inductor's engines call) on q, k, v as the engines pass them -- strided views of
+    one [B, S, 3 * H * D] qkv buffer -- and contiguous, at the reference model's shapes (B rows, 4 heads of 64, 256
+    tokens) and DiT-XL/2's, against the math backend: with the free memory NaN and with NaN just before / after the
+    qkv buffer, its non-finite outputs and largest difference."""
+    results = {}
+    for b, h, d in [(8, 4, 64), (16, 4, 64), (24, 4, 64), (32, 4, 64), (32, 16, 72)]:
+        generator = torch.Generator(device="cuda").manual_seed(b)
+        qkv = torch.randn(b, 256, 3 * h * d, device="cuda", generator=generator).to(torch.bfloat16)
+        parts = [qkv[..., i * h * d:(i + 1) * h * d].view(b, 256, h, d).transpose(1, 2) for i in range(3)]
+        expected = torch.nn.functional.scaled_dot_product_attention(*[t.float() for t in parts])
+        for layout in ("strided", "contiguous"):
+            for placement in ("fresh", "NaN memory", "NaN before", "NaN after"):
+                if placement == "NaN memory":
+                    nan_memory("cuda")
+                buffer = qkv.clone() if placement in ("fresh", "NaN memory") else surrounded(qkv, "before" in placement)
+                q, k, v = (buffer[..., i * h * d:(i + 1) * h * d].view(b, 256, h, d).transpose(1, 2) for i in range(3))
+                if layout == "contiguous":
+                    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+                try:
+                    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0].float()
+                    row = {"nonfinite": int((~torch.isfinite(out)).sum()),
+                           "max_abs_difference": float((out - expected).nan_to_num(1e9).abs().max())}
+                except RuntimeError as e:
+                    row = {"error": str(e)[:200]}
+                results[f"B={b} H={h} D={d} {layout} {placement}"] = row
+                print(f"cuDNN attention, B={b} H={h} D={d} {layout} {placement}: {row}", flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4,8,12", help="images a batch (buckets), comma-separated")
     parser.add_argument("--batches", type=int, default=30, help="batches a bucket and way of drawing")
     parser.add_argument("--draws", default="parallel,serial", help="ways of drawing the step noise")
+    parser.add_argument("--localize", type=int, metavar="ROWS",
+                        help="only find where the engines read memory they did not write, at ROWS rows")
+    parser.add_argument("--attention", action="store_true", help="only check cuDNN's attention kernel")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="SDPA without its cuDNN backend in this process: the engines compile with another, "
+                             "past Inductor's caches (whose graphs may call cuDNN's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qandc-run-graph-check"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/run-graph-check-h200.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("run_graph_check.py: needs a CUDA GPU (whole-run graphs are CUDA graphs)", file=sys.stderr)
         return 2
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch._inductor.config.force_disable_caches = True
+    if args.attention:
+        write_json(args.out, {"card": card_name(), "device_name": device_name(), "cudnn_attention": attention_check()})
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape",
                                 args.work, sorted(2 * s for s in sizes))
+    if args.localize:
+        write_json(args.out, {"card": card_name(), "device_name": device_name(), "rows": args.localize,
+                              "localized": localize(engines, args.localize)})
+        print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+        return 0
     neighbours = neighbour_check(engines, sorted(2 * s for s in sizes))
     ways = {"step by step, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False), False, False),
             "step graphs": (Pipeline.load(engines), False, False),

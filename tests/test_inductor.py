@@ -372,3 +372,25 @@ def test_compiled_the_norm_op_takes_its_residual_stream_contiguous(monkeypatch):
     want_q, want_x = Step()(*inputs)
     assert seen == [[True, True, False]] * 2  # compiled, then eagerly; the gate strided both times
     assert torch.equal(got_x, want_x) and (got_q.float() == want_q.float()).float().mean() > 0.99
+
+
+@gpu
+def test_a_forecasting_full_graph_reads_no_memory_it_did_not_write(tmp_path):
+    """The reference model's quick INT8 engines under the default plan's shape (forecast 1), compiled at 16 rows: with
+    the caching allocator's free memory NaN before each call, every call gives the outputs the program gives run
+    eagerly. Session 23 (H200, torch 2.11): before `one_pass_reductions`, this graph's cached trunk came from a looped
+    reduction kernel that read back what it had stored in its first loop, and its outputs followed the free memory --
+    NaN trunks in 7 of 10 calls, samples non-finite from the next reuse step (`run_graph_check.py --localize 16`)."""
+    from qandc.bench import config_engines, make_model
+    from qandc.model.graphs import example_feeds
+
+    engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape", tmp_path,
+                                [16])
+    compiled, eager = (Pipeline.load(engines, compile=c, cuda_graphs=False).denoiser for c in (True, False))
+    feeds = example_feeds(eager, eager.graphs, 16)["full"]
+    want = eager.direct_engines["full"].infer(feeds)
+    for _ in range(5):
+        torch.full((1 << 28,), float("nan"), device="cuda")  # 1 GiB of NaN, freed at once: what the call allocates
+        got = compiled.direct_engines["full"].infer({n: t.clone() for n, t in feeds.items()})
+        for name in want:
+            assert torch.isfinite(got[name]).all() and rel_err(got[name].float(), want[name].float()) < 5e-2, name

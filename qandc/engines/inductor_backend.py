@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import functools
 import io
 import platform
 from pathlib import Path
@@ -112,6 +113,63 @@ def stable_cache_keys():
             copyreg.dispatch_table[torch.memory_format] = previous
 
 
+ONE_PASS_REDUCTIONS_UP_TO = 2048
+
+
+class _OnePassReductions:
+    """Inductor's choices handler while an engine compiles: reductions of up to `ONE_PASS_REDUCTIONS_UP_TO`
+    elements as one-pass (persistent) Triton kernels, whatever their hint; everything else as `prior` decides."""
+
+    def __init__(self, prior):
+        self.prior = prior
+
+    def should_use_persistent_reduction(self, features, cooperative_reduction: bool) -> bool:
+        from torch._inductor.virtualized import V
+
+        if (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
+                and V.graph.sizevars.statically_known_leq(features.reduction_numel, ONE_PASS_REDUCTIONS_UP_TO)):
+            return True
+        return self.prior.should_use_persistent_reduction(features, cooperative_reduction)
+
+    def __getattr__(self, name):
+        return getattr(self.prior, name)
+
+
+@functools.cache
+def _in_cache_key():
+    """A post-grad pass that changes nothing but Inductor's cache keys: graphs compiled under `one_pass_reductions`
+    never come back from a cache filled without it (or from engines built before it)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class OnePassReductionsKey(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return f"qandc one-pass reductions up to {ONE_PASS_REDUCTIONS_UP_TO}"
+
+    return OnePassReductionsKey()
+
+
+@contextlib.contextmanager
+def one_pass_reductions():
+    """Compilations within the block make row reductions of up to `ONE_PASS_REDUCTIONS_UP_TO` elements one-pass
+    Triton kernels. A looped reduction kernel that stores a tensor in its first loop may read it back in its second
+    (the final block's kernel of a forecasting full graph stores the cached trunk, then reads it for the forecast's
+    difference); Triton can give the store and the read to different threads with no barrier between them, so the
+    read may see the memory as it was (Inductor in torch 2.11 and 2.13 puts none there; pytorch#190517). Session 23
+    (H200, torch 2.11) met it in the reference model's INT8 full graph at 16 rows: its cached outputs changed with
+    whatever the caching allocator's memory held (NaN there: NaN trunks, samples non-finite from the next reuse
+    step), while the same program run eagerly did not (`benchmarks/run_graph_check.py --localize`). A one-pass
+    kernel keeps the stored tensor in registers and reads nothing back. Cache keys carry the setting. GPU test:
+    `test_a_forecasting_full_graph_reads_no_memory_it_did_not_write`."""
+    from torch._inductor.virtualized import V
+
+    with V.set_choices_handler(_OnePassReductions(V.choices)), \
+            torch._inductor.config.patch(post_grad_custom_post_pass=_in_cache_key()):
+        yield
+
+
 class InductorEngine:
     """One exported graph: `infer(feeds)` with tensors by input name, returns tensors by output name, on the
     engine's device. `compile=True` runs it through torch.compile (Inductor); False runs the program eagerly."""
@@ -142,7 +200,8 @@ class InductorEngine:
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_engine_inputs(self, feeds)
-        with torch.no_grad(), stable_cache_keys():  # a call may compile (a new batch size)
+        compiling = one_pass_reductions() if self.compiled else contextlib.nullcontext()
+        with torch.no_grad(), stable_cache_keys(), compiling:  # a call may compile (a new batch size)
             outputs = self.fn(*[feeds[n].to(self.device) for n in self.input_names])
         return dict(zip(self.output_names, outputs))
 
