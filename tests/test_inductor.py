@@ -380,7 +380,7 @@ def test_a_forecasting_full_graph_reads_no_memory_it_did_not_write(tmp_path):
     the caching allocator's free memory NaN before each call, every call gives the outputs the program gives run
     eagerly. Session 23 (H200, torch 2.11): before `one_pass_reductions`, this graph's cached trunk came from a looped
     reduction kernel that read back what it had stored in its first loop, and its outputs followed the free memory --
-    NaN trunks in 7 of 10 calls, samples non-finite from the next reuse step (`run_graph_check.py --localize 16`)."""
+    NaN trunks in 5 of 10 calls, samples non-finite from the next reuse step (`run_graph_check.py --localize 16`)."""
     from qandc.bench import config_engines, make_model
     from qandc.model.graphs import example_feeds
 

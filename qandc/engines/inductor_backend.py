@@ -155,7 +155,7 @@ def _in_cache_key():
 def one_pass_reductions():
     """Compilations within the block make row reductions of up to `ONE_PASS_REDUCTIONS_UP_TO` elements one-pass
     Triton kernels. A looped reduction kernel that stores a tensor in its first loop may read it back in its second
-    (the final block's kernel of a forecasting full graph stores the cached trunk, then reads it for the forecast's
+    (the last kernel of a forecasting full graph stores the cached trunk, then reads it for the forecast's
     difference); Triton can give the store and the read to different threads with no barrier between them, so the
     read may see the memory as it was (Inductor in torch 2.11 and 2.13 puts none there; pytorch#190517). Session 23
     (H200, torch 2.11) met it in the reference model's INT8 full graph at 16 rows: its cached outputs changed with
