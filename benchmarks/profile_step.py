@@ -278,24 +278,10 @@ def reading(row: dict, device: str) -> str:
 
 
 def persistent_reductions_up_to(limit: int) -> None:
-    """Inductor's choices for this process, but one-pass (persistent) Triton kernels for inner reductions of up to
-    `limit` elements (Inductor's own limit is 1024: DiT-XL/2's 1152-wide LayerNorm + modulate + quantize kernels loop
-    over their rows twice). Compile caches off: they would hand back kernels compiled under the default choice."""
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
-
-    class PersistentRows(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-            if (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
-                    and features.get_reduction_hint() == ReductionHint.INNER):
-                return V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-
-    V.set_choices_handler(PersistentRows())
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
+    """The engines' one-pass reduction limit for this process (`inductor_backend.ONE_PASS_REDUCTIONS_UP_TO`, 2048
+    by default since session 23; Inductor's own is 1024 for inner reductions, 64 for others): row reductions of up
+    to `limit` elements compile as one-pass Triton kernels. Compile cache keys carry it."""
+    inductor_backend.ONE_PASS_REDUCTIONS_UP_TO = limit
 
 
 def make(name: str, device: str):
@@ -440,8 +426,9 @@ def main(argv=None) -> None:
                              "triton.multi_kernel=1 (persistent reductions up to 16384 elements: DiT-XL/2's 1152-wide "
                              "LayerNorm kernels are looped reductions at the default's 1024); rows kept apart")
     parser.add_argument("--persistent-reductions-up-to", type=int, metavar="N",
-                        help="one-pass Triton kernels for row reductions of up to N elements (Inductor's limit: 1024; "
-                             "DiT-XL/2's rows are 1152 wide), compile caches off; rows kept apart")
+                        help="one-pass Triton kernels for row reductions of up to N elements (the engines' "
+                             "default: 2048; Inductor's own limit: 1024, DiT-XL/2's rows are 1152 wide); rows kept "
+                             "apart")
     parser.add_argument("--fused-fp8-mlp", action="store_true",
                         help="W8A8-FP8 engines with fc1, GELU and fc2's activation quantize as one Triton kernel "
                              "(qandc.engines.triton_fp8) instead of cuBLASLt + an Inductor kernel; rows kept apart")

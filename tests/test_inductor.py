@@ -394,3 +394,31 @@ def test_a_forecasting_full_graph_reads_no_memory_it_did_not_write(tmp_path):
         got = compiled.direct_engines["full"].infer({n: t.clone() for n, t in feeds.items()})
         for name in want:
             assert torch.isfinite(got[name]).all() and rel_err(got[name].float(), want[name].float()) < 5e-2, name
+
+
+@gpu
+def test_reductions_compile_one_pass_whatever_their_hint():
+    """Under `one_pass_reductions`, a LayerNorm over rows read transposed (the patch embedding's layout, not an
+    "inner" reduction to Inductor) fused with a stored difference -- the last kernel of a forecasting full graph in
+    small -- compiles to one-pass kernels only: no reduction loop, so nothing stored in one loop is read back in
+    another."""
+    from torch._inductor.utils import run_and_get_code
+
+    from qandc.engines.inductor_backend import one_pass_reductions
+
+    def last_kernel(x, conv, old, weight):
+        embedded = conv.flatten(2).transpose(1, 2).float()
+        trunk = x.float() - embedded
+        normed = torch.nn.functional.layer_norm(x.float() + embedded, (x.shape[-1],))
+        return normed.bfloat16(), trunk, (trunk - old) * weight
+
+    inputs = (torch.randn(16, 256, 256, device="cuda").bfloat16(),
+              torch.randn(16, 256, 16, 16, device="cuda").bfloat16(), torch.randn(16, 256, 256, device="cuda"),
+              torch.rand(16, 1, 1, device="cuda"))
+    torch._dynamo.reset()
+    with one_pass_reductions():
+        got, code = run_and_get_code(torch.compile(last_kernel, dynamic=False), *inputs)
+    kernels = "".join(code)
+    assert "persistent_reduction" in kernels and "for r0_offset" not in kernels
+    for g, w in zip(got, last_kernel(*inputs)):
+        assert rel_err(g.float(), w.float()) < 1e-2
