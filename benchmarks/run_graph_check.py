@@ -242,7 +242,7 @@ def localize(engines: Path, rows: int) -> dict:
 def attention_check() -> dict:
     """cuDNN's SDPA kernel (the one Inductor's engines call) on q, k, v as the engines pass them -- strided views of
     one [B, S, 3 * H * D] qkv buffer -- and contiguous, at the reference model's shapes (B rows, 4 heads of 64, 256
-    tokens) and DiT-XL/2's, against the math backend: with the free memory NaN and with NaN just before / after the
+    tokens) and DiT-XL/2's, against SDPA in float32: with the free memory NaN and with NaN just before / after the
     qkv buffer, its non-finite outputs and largest difference."""
     results = {}
     for b, h, d in [(8, 4, 64), (16, 4, 64), (24, 4, 64), (32, 4, 64), (32, 16, 72)]:
@@ -281,24 +281,29 @@ def main(argv=None) -> int:
                         help="SDPA without its cuDNN backend in this process: the engines compile with another, "
                              "past Inductor's caches (whose graphs may call cuDNN's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qandc-run-graph-check"))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/run-graph-check-h200.json")
+    parser.add_argument("--out", type=Path, help="the JSON to write (default: benchmarks/results/"
+                        "run-graph-check-<card>.json, run-graph-localize-<card>.json with --localize, "
+                        "cudnn-attention-<card>.json with --attention)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("run_graph_check.py: needs a CUDA GPU (whole-run graphs are CUDA graphs)", file=sys.stderr)
         return 2
+    name = "cudnn-attention" if args.attention else "run-graph-localize" if args.localize else "run-graph-check"
+    out = args.out or ROOT / f"benchmarks/results/{name}-{card_name()}.json"
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch._inductor.config.force_disable_caches = True
     if args.attention:
-        write_json(args.out, {"card": card_name(), "device_name": device_name(), "cudnn_attention": attention_check()})
+        write_json(out, {"card": card_name(), "device_name": device_name(), "cudnn_attention": attention_check()})
+        print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape",
                                 args.work, sorted(2 * s for s in sizes))
     if args.localize:
-        write_json(args.out, {"card": card_name(), "device_name": device_name(), "rows": args.localize,
+        write_json(out, {"card": card_name(), "device_name": device_name(), "rows": args.localize,
                               "localized": localize(engines, args.localize)})
-        print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+        print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
         return 0
     neighbours = neighbour_check(engines, sorted(2 * s for s in sizes))
     ways = {"step by step, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False), False, False),
@@ -320,10 +325,10 @@ def main(argv=None) -> int:
                       f"{row['differing']} differ from the first way's (at most {row['max_abs_difference']:.3g})",
                       flush=True)
     sampler.PARALLEL_DRAW_VALUES = parallel
-    write_json(args.out, {"card": card_name(), "device_name": device_name(),
+    write_json(out, {"card": card_name(), "device_name": device_name(),
                           "engines": "reference model, quick W8A8-INT8 recipe, default plan shape (serve_load.py's)",
                           "results": results, "engines_beside_nan": neighbours})
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 
 
