@@ -67,6 +67,7 @@ def build_files(model, out_dir: Path, graphs: dict[str, GraphSpec], batch_sizes)
     if cuda:
         _fill_compile_cache(model, out_dir, engines, graphs, batch_sizes)
     record = {"device": model.device.type, "compiled_batch_sizes": list(batch_sizes) if cuda else [],
+              "one_pass_reductions_up_to": ONE_PASS_REDUCTIONS_UP_TO if cuda else None,
               "compile_cache": CACHE if cuda else None,
               "autotune_choices": autotune_choices.FILE if cuda else None}
     return BuildResult(engines, [*engines.values(), *([CACHE, autotune_choices.FILE] if cuda else [])], record)
