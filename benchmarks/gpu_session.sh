@@ -130,15 +130,14 @@ fusedstep() {  # the fused MLP + fused norms + fast accumulation, measured anew:
 rungraphs() {  # whole-run graphs against the step-by-step engines, batch by batch, on the serve benchmark's engines
   # (benchmarks/run_graph_check.py: buckets 4, 8, 12, step noise drawn in parallel and serially; ~2 minutes;
   # RUNGRAPHS: its options)
-  timeout -s INT $(upto 300) python3 benchmarks/run_graph_check.py --out $R/run-graph-check-h200.json ${RUNGRAPHS:-} \
-    > "$OUT/rungraphs.log" 2>&1
+  timeout -s INT $(upto 300) python3 benchmarks/run_graph_check.py ${RUNGRAPHS:-} > "$OUT/rungraphs.log" 2>&1
 }
 
 localize() {  # where the serve engines read memory they did not write, at 16 rows (run_graph_check.py --localize:
   # each input beside NaN, the programs eagerly over NaN memory, the INT8 GEMM alone; ~1 minute; LOCALIZE: more
   # options, e.g. --no-cudnn-attention)
-  timeout -s INT $(upto 200) python3 benchmarks/run_graph_check.py --localize 16 --out $R/run-graph-localize-h200.json \
-    ${LOCALIZE:-} > "$OUT/localize.log" 2>&1
+  timeout -s INT $(upto 200) python3 benchmarks/run_graph_check.py --localize 16 ${LOCALIZE:-} \
+    > "$OUT/localize.log" 2>&1
 }
 
 launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler links each kernel to the op that

@@ -26,7 +26,7 @@ difference, with no barrier between the two: what `inductor_backend.one_pass_red
 foreign kernel, cuDNN's attention on strided q, k, v, is checked alone by `--attention`; `--no-cudnn-attention`
 compiles without it.
 
-    python benchmarks/run_graph_check.py --out benchmarks/results/run-graph-check-h200.json
+    python benchmarks/run_graph_check.py  # writes benchmarks/results/run-graph-check-<card>.json
 """
 
 from __future__ import annotations
@@ -126,6 +126,21 @@ def surrounded(tensor: torch.Tensor, before: bool) -> torch.Tensor:
     return part.view(tensor.shape).copy_(tensor)
 
 
+def nan_memory(device) -> None:
+    """The caching allocator's free memory NaN: 1 GiB of NaN, freed at once."""
+    torch.full((1 << 28,), float("nan"), device=device)
+
+
+def same_outputs(got: dict, clean: dict) -> bool:
+    """Whether an engine's outputs `got` equal `clean` bitwise, NaN where NaN."""
+    return all(torch.equal(got[o].nan_to_num(7.0), clean[o].nan_to_num(7.0)) for o in clean)
+
+
+def nonfinite_outputs(got: dict) -> list[str]:
+    """The names of the outputs holding NaN or Inf."""
+    return sorted(o for o in got if not torch.isfinite(got[o].float()).all())
+
+
 def neighbour_check(engines: Path, rows: list[int]) -> dict:
     """Each engine graph at each row count on its example feeds, fed as fresh tensors and again with NaN (far
     out-of-range integers) just before or just after each input in memory, and with the caching allocator's free
@@ -141,14 +156,14 @@ def neighbour_check(engines: Path, rows: list[int]) -> dict:
             row = {}
             for placement in ("NaN before", "NaN after", "NaN in the free memory"):
                 if placement == "NaN in the free memory":  # what the engine allocates starts as NaN
-                    torch.full((1 << 28,), float("nan"), device=denoiser.device)  # 1 GiB of NaN, freed at once
+                    nan_memory(denoiser.device)
                     inputs = {n: t.clone() for n, t in feeds[name].items()}
                 else:
                     inputs = {n: surrounded(t, placement == "NaN before") for n, t in feeds[name].items()}
                 got = engine.infer(inputs)
                 row[placement] = {
-                    "same": all(torch.equal(got[o].nan_to_num(7.0), clean[o].nan_to_num(7.0)) for o in clean),
-                    "nonfinite_outputs": sorted(o for o in got if not torch.isfinite(got[o].float()).all())}
+                    "same": same_outputs(got, clean),
+                    "nonfinite_outputs": nonfinite_outputs(got)}
             results[f"{name} at {count} rows"] = row
             print(f"{name} at {count} rows: {row}", flush=True)
     return results
@@ -175,11 +190,6 @@ class FirstNonfinite(TorchDispatchMode):
         return out
 
 
-def nan_memory(device) -> None:
-    """The caching allocator's free memory NaN: 1 GiB of NaN, freed at once."""
-    torch.full((1 << 28,), float("nan"), device=device)
-
-
 def localize(engines: Path, rows: int) -> dict:
     """Where an engine reads memory it did not write, at `rows` rows: (1) the compiled engines with NaN beside one
     input at a time; (2) the programs run eagerly with NaN in the free memory, the first ops giving non-finite
@@ -199,8 +209,8 @@ def localize(engines: Path, rows: int) -> dict:
                 got = engine.infer(inputs)
                 key = f"{name}: NaN {'before' if before else 'after'} {changed}"
                 results["compiled, NaN beside one input"][key] = found = {
-                    "same": all(torch.equal(got[o].nan_to_num(7.0), clean[o].nan_to_num(7.0)) for o in clean),
-                    "nonfinite_outputs": sorted(o for o in got if not torch.isfinite(got[o].float()).all())}
+                    "same": same_outputs(got, clean),
+                    "nonfinite_outputs": nonfinite_outputs(got)}
                 print(f"compiled, {key}: {found}", flush=True)
         engine = eager.direct_engines[name]
         clean = engine.infer({n: t.clone() for n, t in feeds[name].items()})
@@ -208,7 +218,7 @@ def localize(engines: Path, rows: int) -> dict:
         with FirstNonfinite() as mode:
             got = engine.infer({n: t.clone() for n, t in feeds[name].items()})
         results["eager, NaN in the free memory"][name] = {
-            "same": all(torch.equal(got[o].nan_to_num(7.0), clean[o].nan_to_num(7.0)) for o in clean),
+            "same": same_outputs(got, clean),
             "ops": mode.count, "first_nonfinite_ops": mode.ops}
         print(f"eager, NaN in the free memory, {name}: {results['eager, NaN in the free memory'][name]}", flush=True)
     tokens = (compiled.config.input_size // compiled.config.patch_size) ** 2
