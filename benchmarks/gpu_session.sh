@@ -166,10 +166,22 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
 }
 
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines, CUDA graphs of steps and of whole runs
-  # included (the CPU CI has no GPU and no Triton); KERNELS_K="cublaslt or whole_run" picks some (pytest -k)
-  timeout -s INT $(upto 540) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_triton_kernels.py \
+  # included (the CPU CI has no GPU and no Triton); KERNELS_K="cublaslt or whole_run" picks some (pytest -k);
+  # FXKEYS=1: the FX graph cache keys part by part of every process the tests start, in turn (kernels.fxkeys; each
+  # line names its process), to tell what differs where a fresh process misses the build's compilations
+  local codecache=/tmp/kernels-codecache.log
+  rm -f $codecache
+  timeout -s INT $(upto 540) env ${FXKEYS:+TORCH_LOGS=+torch._inductor.codecache TORCH_LOGS_OUT=$codecache} \
+    python3 -m pytest -q -p no:cacheprovider -rfE ${FXKEYS:+--show-capture=no} tests/test_triton_kernels.py \
     tests/test_profile_step.py tests/test_inductor.py tests/test_forecast_engines.py ${KERNELS_K:+-k "$KERNELS_K"} \
     > "$OUT/kernels.log" 2>&1
+  [ -f $codecache ] && fxkeys $codecache > "$OUT/kernels.fxkeys"
+}
+
+fxkeys() {  # a TORCH_LOGS=+torch._inductor.codecache log's FX graph cache keys with every line of their parts (the
+  # graph's code, the inputs' TensorMetadata), each line led by its process id
+  awk '/hash details for key/ { match($0, /codecache\.py:[0-9]+\]/); site = substr($0, RSTART, RLENGTH) }
+       site != "" && index($0, site)' "$1" | sed -E 's/^[A-Z][0-9]{4} [0-9:.]+ ([0-9]+) [^]]*\] /\1 /' | cut -c1-600
 }
 
 gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and tile sweep, both accumulations), then
@@ -209,8 +221,7 @@ serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts 
   if [ -n "${FXKEYS:-}" ]; then
     for log in "$OUT/serve.log" /tmp/qandc-serve-load/state/server-*.log; do
       [ -f "$log" ] || continue
-      grep -oE 'hash details for key [a-z0-9]+|\[[0-9]+/[0-9]+\] \[[a-z0-9]{40,64}\] [A-Za-z_]+(\[[^]]*\])?(: TensorMetadata.{0,420})?' "$log" \
-        > "${log%.log}.fxkeys"
+      fxkeys "$log" > "${log%.log}.fxkeys"
       grep -v 'codecache.py' "$log" > "$log.short" && mv "$log.short" "$log"
     done
   fi

@@ -198,7 +198,7 @@ def test_a_fresh_process_takes_the_builds_compilations_and_autotuning_choices(re
     loaded = python_json(code, {"TRITON_CACHE_DIR": str(tmp_path / "triton-cache"),
                                 "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
     assert loaded["timed"] == []
-    assert loaded["miss"] == 0 and loaded["hit"] > 0
+    assert loaded["miss"] == 0 and loaded["hit"] > 0, loaded
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -377,23 +377,30 @@ def test_compiled_the_norm_op_takes_its_residual_stream_contiguous(monkeypatch):
 @gpu
 def test_a_forecasting_full_graph_reads_no_memory_it_did_not_write(tmp_path):
     """The reference model's quick INT8 engines under the default plan's shape (forecast 1), compiled at 16 rows: with
-    the caching allocator's free memory NaN before each call, every call gives the outputs the program gives run
-    eagerly. Session 23 (H200, torch 2.11): before `one_pass_reductions`, this graph's cached trunk came from a looped
-    reduction kernel that read back what it had stored in its first loop, and its outputs followed the free memory --
-    NaN trunks in 5 of 10 calls, samples non-finite from the next reuse step (`run_graph_check.py --localize 16`)."""
+    the caching allocator's free memory NaN before each call, every call gives, bit for bit, what a call over zeroed
+    memory gave, all finite. Session 23 (H200, torch 2.11): before `one_pass_reductions`, this graph's cached trunk
+    came from a looped reduction kernel that read back what it had stored in its first loop, and its outputs followed
+    the free memory -- NaN trunks in 5 of 10 calls, samples non-finite from the next reuse step
+    (`run_graph_check.py --localize 16`). (Against the eager program the forecast's difference is not a fair
+    reference: eager rounds the trunk to bf16 before subtracting, 17% off the compiled difference on the H200.)"""
     from qandc.bench import config_engines, make_model
     from qandc.model.graphs import example_feeds
 
     engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape", tmp_path,
                                 [16])
     compiled, eager = (Pipeline.load(engines, compile=c, cuda_graphs=False).denoiser for c in (True, False))
-    feeds = example_feeds(eager, eager.graphs, 16)["full"]
-    want = eager.direct_engines["full"].infer(feeds)
+    feeds = example_feeds(eager, eager.graphs, 16)["full"]  # the eager program computes the cache inputs
+    full = compiled.direct_engines["full"]
+
+    def call_over(fill: float) -> dict:
+        torch.full((1 << 28,), fill, device="cuda")  # 1 GiB, freed at once: what the call allocates
+        return {n: t.clone() for n, t in full.infer({n: t.clone() for n, t in feeds.items()}).items()}
+
+    want = call_over(0.0)
+    assert all(torch.isfinite(t).all() for t in want.values())
     for _ in range(5):
-        torch.full((1 << 28,), float("nan"), device="cuda")  # 1 GiB of NaN, freed at once: what the call allocates
-        got = compiled.direct_engines["full"].infer({n: t.clone() for n, t in feeds.items()})
-        for name in want:
-            assert torch.isfinite(got[name]).all() and rel_err(got[name].float(), want[name].float()) < 5e-2, name
+        got = call_over(float("nan"))
+        assert all(torch.equal(got[n], want[n]) for n in want), [n for n in want if not torch.equal(got[n], want[n])]
 
 
 @gpu
