@@ -183,7 +183,9 @@ def test_a_fresh_process_takes_the_builds_compilations_and_autotuning_choices(re
     multiprocessing and then torch (as the serve benchmark's did, unlike the build's here): every compilation is a hit
     of the compile cache the engines carry (session 20: a fresh `qandc serve` missed all of them;
     `stable_cache_keys`), and no config of qandc's Triton kernels is timed: the build's choices came with the
-    engines."""
+    engines. Sessions 21-24 (H200): engines built in a process that had compiled some of their graphs before (the
+    reuse graph INT8 and FP8 engines share, earlier tests' engines of the recipe) lacked those graphs: taken from the
+    cache, they were left out of the saved one (`_fill_compile_cache`'s namespace)."""
     model, folder = recipe
     build_inductor(model.to("cuda"), tmp_path / "engines", recipe_dir=folder, batch_sizes=[4])
     saved = json.loads((tmp_path / "engines" / "triton-autotune.json").read_text())

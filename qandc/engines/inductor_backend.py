@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
-import functools
 import io
 import platform
+import uuid
 from pathlib import Path
 
 import torch
@@ -64,19 +64,28 @@ def build_files(model, out_dir: Path, graphs: dict[str, GraphSpec], batch_sizes)
             tmp.write_bytes(buffer.getvalue())
         engines[name] = f"{name}{SUFFIX}"
     cuda = model.device.type == "cuda"
+    namespace = uuid.uuid4().hex if cuda else None
     if cuda:
-        _fill_compile_cache(model, out_dir, engines, graphs, batch_sizes)
+        _fill_compile_cache(model, out_dir, engines, graphs, batch_sizes, namespace)
     record = {"device": model.device.type, "compiled_batch_sizes": list(batch_sizes) if cuda else [],
               "one_pass_reductions_up_to": ONE_PASS_REDUCTIONS_UP_TO if cuda else None,
+              "compile_cache_namespace": namespace,
               "compile_cache": CACHE if cuda else None,
               "autotune_choices": autotune_choices.FILE if cuda else None}
     return BuildResult(engines, [*engines.values(), *([CACHE, autotune_choices.FILE] if cuda else [])], record)
 
 
-def _fill_compile_cache(model, out_dir: Path, engines: dict, graphs: dict[str, GraphSpec], batch_sizes) -> None:
+def _fill_compile_cache(model, out_dir: Path, engines: dict, graphs: dict[str, GraphSpec], batch_sizes,
+                        namespace: str) -> None:
+    """Compile every graph at every batch size under the engine set's own cache `namespace` and save what was
+    compiled. In a namespace no earlier build used, every compilation is compiled here, not taken from a cache: on
+    torch 2.11 (H200, session 24) a graph the process had compiled before for other engines -- the reuse graph,
+    the same in a model's INT8 and FP8 engines -- came from the cache and was missing from the saved artifacts, so a
+    fresh process loading those engines compiled it again."""
     torch.compiler.reset()
     quantized = any(isinstance(m, quantized_module.QuantLinear) for m in model.modules())
-    loaded = {g: InductorEngine(out_dir / file, graphs[g], True, quantized) for g, file in engines.items()}
+    loaded = {g: InductorEngine(out_dir / file, graphs[g], True, quantized, namespace)
+              for g, file in engines.items()}
     for rows in batch_sizes:
         feeds = example_feeds(model, graphs, rows)  # cache inputs of the engines' dtype and shapes
         for name, engine in loaded.items():
@@ -136,10 +145,9 @@ class _OnePassReductions:
         return getattr(self.prior, name)
 
 
-@functools.cache
-def _in_cache_key():
+def _in_cache_key(namespace: str):
     """A post-grad pass that changes nothing but Inductor's cache keys: graphs compiled under `one_pass_reductions`
-    never come back from a cache filled without it (or from engines built before it)."""
+    never come back from a cache filled without it (or from engines built before it), nor from another `namespace`."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class OnePassReductionsKey(CustomGraphPass):
@@ -147,13 +155,14 @@ def _in_cache_key():
             return None
 
         def uuid(self) -> str:
-            return f"qandc one-pass reductions up to {ONE_PASS_REDUCTIONS_UP_TO}"
+            key = f"qandc one-pass reductions up to {ONE_PASS_REDUCTIONS_UP_TO}"
+            return f"{key}; engine set {namespace}" if namespace else key
 
     return OnePassReductionsKey()
 
 
 @contextlib.contextmanager
-def one_pass_reductions():
+def one_pass_reductions(namespace: str = ""):
     """Compilations within the block make row reductions of up to `ONE_PASS_REDUCTIONS_UP_TO` elements one-pass
     Triton kernels. A looped reduction kernel that stores a tensor in its first loop may read it back in its second
     (the last kernel of a forecasting full graph stores the cached trunk, then reads it for the forecast's
@@ -162,20 +171,23 @@ def one_pass_reductions():
     (H200, torch 2.11) met it in the reference model's INT8 full graph at 16 rows: its cached outputs changed with
     whatever the caching allocator's memory held (NaN there: NaN trunks, samples non-finite from the next reuse
     step), while the same program run eagerly did not (`benchmarks/run_graph_check.py --localize`). A one-pass
-    kernel keeps the stored tensor in registers and reads nothing back. Cache keys carry the setting. GPU test:
+    kernel keeps the stored tensor in registers and reads nothing back. Cache keys carry the setting and
+    `namespace` (an engine set's own, `_fill_compile_cache`). GPU test:
     `test_a_forecasting_full_graph_reads_no_memory_it_did_not_write`."""
     from torch._inductor.virtualized import V
 
     with V.set_choices_handler(_OnePassReductions(V.choices)), \
-            torch._inductor.config.patch(post_grad_custom_post_pass=_in_cache_key()):
+            torch._inductor.config.patch(post_grad_custom_post_pass=_in_cache_key(namespace)):
         yield
 
 
 class InductorEngine:
     """One exported graph: `infer(feeds)` with tensors by input name, returns tensors by output name, on the
-    engine's device. `compile=True` runs it through torch.compile (Inductor); False runs the program eagerly."""
+    engine's device. `compile=True` runs it through torch.compile (Inductor), its compile-cache keys in the engine
+    set's `cache_namespace`; False runs the program eagerly."""
 
-    def __init__(self, path: Path, spec: GraphSpec, compile: bool = True, quantized: bool = False):
+    def __init__(self, path: Path, spec: GraphSpec, compile: bool = True, quantized: bool = False,
+                 cache_namespace: str = ""):
         refuse_zip_bomb(regular_file(path), "torch.export program")
         try:
             program = torch.export.load(str(path))
@@ -193,7 +205,7 @@ class InductorEngine:
         if self.device.type == "cuda":  # under torchrun: this rank's GPU, not the one the build ran on
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.module.to(self.device)
-        self.compiled = compile
+        self.compiled, self.cache_namespace = compile, cache_namespace
         if compile:  # one compilation per batch size (dynamic=False): a server's buckets pass dynamo's default of 8,
             # after which it would run the program uncompiled, silently
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_BATCH_SIZES)
@@ -201,7 +213,7 @@ class InductorEngine:
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_engine_inputs(self, feeds)
-        compiling = one_pass_reductions() if self.compiled else contextlib.nullcontext()
+        compiling = one_pass_reductions(self.cache_namespace) if self.compiled else contextlib.nullcontext()
         with torch.no_grad(), stable_cache_keys(), compiling:  # a call may compile (a new batch size)
             outputs = self.fn(*[feeds[n].to(self.device) for n in self.input_names])
         return dict(zip(self.output_names, outputs))
@@ -231,7 +243,8 @@ class InductorBackend(Backend):
         if choices:  # older engines have none
             autotune_choices.restore(read_json(choices))
         compiled = compile and manifest.build["device"] == "cuda"
-        return {g: InductorEngine(folder / file, manifest.graphs[g], compiled, manifest.recipe is not None)
+        namespace = str(manifest.build.get("compile_cache_namespace") or "")  # older engines have none
+        return {g: InductorEngine(folder / file, manifest.graphs[g], compiled, manifest.recipe is not None, namespace)
                 for g, file in manifest.engines.items()}
 
 
