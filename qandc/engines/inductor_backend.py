@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import functools
 import io
 import platform
 import uuid
@@ -145,6 +146,7 @@ class _OnePassReductions:
         return getattr(self.prior, name)
 
 
+@functools.cache  # one pass a namespace: an engine enters the block at every call
 def _in_cache_key(namespace: str):
     """A post-grad pass that changes nothing but Inductor's cache keys: graphs compiled under `one_pass_reductions`
     never come back from a cache filled without it (or from engines built before it), nor from another `namespace`."""
