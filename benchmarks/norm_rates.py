@@ -66,7 +66,7 @@ def main() -> None:
                 (triton.cdiv(BATCH * TOKENS, rows),)](x, delta, gate, shift, scale, q_scale.reshape(1), out_x, out_q,
                                                      BATCH * TOKENS, WIDTH, TOKENS, shift.stride(0), EPS,
                                                      **triton_norm.blocks(WIDTH), ROWS=rows, SPLIT=split,
-                                                     num_warps=warps))
+                                                     DEPENDENT=False, num_warps=warps))
     results = {}
     for name, fn in kernels.items():
         try:

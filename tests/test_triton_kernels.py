@@ -186,7 +186,7 @@ NORM_INTERPRETED = NORM + """
 got_x, got = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float8_e4m3fn)
 triton_norm._add_norm_modulate_fp8_kernel.fn[(triton.cdiv(b * t, 2),)](
     x, delta, gate, shift, scale, q_scale.reshape(1), got_x, got, b * t, c, t, shift.stride(0), 1e-6,
-    **triton_norm.blocks(c), ROWS=2, SPLIT={split})
+    **triton_norm.blocks(c), ROWS=2, SPLIT={split}, DEPENDENT=False)
 """
 NORM_GPU = NORM + """
 got_x, got = triton_norm.add_norm_modulate_fp8(x.cuda(), delta.cuda(), gate.cuda(), shift.cuda(), scale.cuda(),
@@ -232,13 +232,15 @@ def test_the_norm_kernel_runs_its_measured_config_rows_as_two_blocks_where_the_w
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dependent", [False, True])
 @pytest.mark.parametrize("shape", NORM_SHAPES + [(2, 3, 256)])
-def test_the_norm_kernel_computes_the_op_on_the_gpu(shape):
+def test_the_norm_kernel_computes_the_op_on_the_gpu(shape, dependent):
     """The residual add exact (float32, rounded once to bf16 as the op does), the e4m3 outputs nearly all equal:
-    the GPU's float32 sums run in another order than the CPU's; rows as two blocks, and as one at a width of 256.
+    the GPU's float32 sums run in another order than the CPU's; rows as two blocks, and as one at a width of 256;
+    launched as a dependent launch too (TORCHINDUCTOR_ENABLE_PDL=1), right after the copies of its inputs.
     `benchmarks/norm_rates.py` found all of both equal at DiT-XL/2's shape on the H200
     (gpu-logs/norm-h200-session11.log)."""
-    result = python_json(NORM_GPU.format(shape=shape) + NORM_REPORT, {})
+    result = python_json(NORM_GPU.format(shape=shape) + NORM_REPORT, {"TORCHINDUCTOR_ENABLE_PDL": str(int(dependent))})
     assert result["x_exact"] == 1.0 and result["exact"] > 0.99
 
 

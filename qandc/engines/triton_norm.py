@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._inductor import config as inductor_config
 
 FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 
@@ -60,10 +61,14 @@ def measured_config(configs: list, named_args: dict, **kwargs) -> list:
 @triton.jit
 def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_ptr, q_scale_ptr, x_out_ptr, q_ptr,
                                   M, C, TOKENS, MOD_STRIDE, eps, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
-                                  BLOCK_B: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr):
+                                  BLOCK_B: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+                                  DEPENDENT: tl.constexpr):
     """BLOCK_C: C's next power of two. SPLIT: a row as two blocks instead, BLOCK_A (C's largest power of two) and
     BLOCK_B (the rest's next power of two; 1 and masked when C is a power of two), so that a row of 1152 takes
-    1024 + 128 lanes, not 2048."""
+    1024 + 128 lanes, not 2048. DEPENDENT: launched before the previous kernel ends (programmatic dependent launch),
+    so it waits for that kernel's writes before reading anything."""
+    if DEPENDENT:
+        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     if SPLIT:
         cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
@@ -107,6 +112,10 @@ def add_norm_modulate_fp8(x: torch.Tensor, delta: torch.Tensor, gate: torch.Tens
     x_out = torch.empty_like(x)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     grid = lambda meta: (triton.cdiv(b * t, meta["ROWS"]),)  # noqa: E731
+    # launched as Inductor launches the engines' own kernels: dependent where `triton.enable_pdl` is set
+    # (TORCHINDUCTOR_ENABLE_PDL=1), so that its launch overlaps the end of the GEMM before it; an experiment, not yet
+    # measured on a GPU
+    dependent = {"launch_pdl": True} if getattr(inductor_config.triton, "enable_pdl", False) else {}
     _add_norm_modulate_fp8_kernel[grid](x, delta, gate, shift, scale, q_scale.float().reshape(1), x_out, q, b * t, c,
-                                        t, shift.stride(0), eps, **blocks(c))
+                                        t, shift.stride(0), eps, **blocks(c), DEPENDENT=bool(dependent), **dependent)
     return x_out, q
