@@ -258,14 +258,15 @@ def attention_check() -> dict:
     for b, h, d in [(8, 4, 64), (16, 4, 64), (24, 4, 64), (32, 4, 64), (32, 16, 72)]:
         generator = torch.Generator(device="cuda").manual_seed(b)
         qkv = torch.randn(b, 256, 3 * h * d, device="cuda", generator=generator).to(torch.bfloat16)
-        parts = [qkv[..., i * h * d:(i + 1) * h * d].view(b, 256, h, d).transpose(1, 2) for i in range(3)]
-        expected = torch.nn.functional.scaled_dot_product_attention(*[t.float() for t in parts])
+        heads = lambda buffer: [buffer[..., i * h * d:(i + 1) * h * d].view(b, 256, h, d).transpose(1, 2)  # noqa: E731
+                                for i in range(3)]  # q, k, v: strided views of the one buffer
+        expected = torch.nn.functional.scaled_dot_product_attention(*[t.float() for t in heads(qkv)])
         for layout in ("strided", "contiguous"):
             for placement in ("fresh", "NaN memory", "NaN before", "NaN after"):
                 if placement == "NaN memory":
                     nan_memory("cuda")
                 buffer = qkv.clone() if placement in ("fresh", "NaN memory") else surrounded(qkv, "before" in placement)
-                q, k, v = (buffer[..., i * h * d:(i + 1) * h * d].view(b, 256, h, d).transpose(1, 2) for i in range(3))
+                q, k, v = heads(buffer)
                 if layout == "contiguous":
                     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
                 try:
@@ -277,6 +278,13 @@ def attention_check() -> dict:
                 results[f"B={b} H={h} D={d} {layout} {placement}"] = row
                 print(f"cuDNN attention, B={b} H={h} D={d} {layout} {placement}: {row}", flush=True)
     return results
+
+
+def write_results(out: Path, **results) -> int:
+    """`results` with the card into `out`; the exit status."""
+    write_json(out, {"card": card_name(), "device_name": device_name(), **results})
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -304,17 +312,12 @@ def main(argv=None) -> int:
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch._inductor.config.force_disable_caches = True
     if args.attention:
-        write_json(out, {"card": card_name(), "device_name": device_name(), "cudnn_attention": attention_check()})
-        print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-        return 0
+        return write_results(out, cudnn_attention=attention_check())
     sizes = [int(s) for s in args.sizes.split(",")]
     engines, _ = config_engines("reference", make_model("reference", "cuda"), "w8a8-int8", "default-shape",
                                 args.work, sorted(2 * s for s in sizes))
     if args.localize:
-        write_json(out, {"card": card_name(), "device_name": device_name(), "rows": args.localize,
-                              "localized": localize(engines, args.localize)})
-        print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-        return 0
+        return write_results(out, rows=args.localize, localized=localize(engines, args.localize))
     neighbours = neighbour_check(engines, sorted(2 * s for s in sizes))
     ways = {"step by step, no CUDA graphs": (Pipeline.load(engines, cuda_graphs=False), False, False),
             "step graphs": (Pipeline.load(engines), False, False),
@@ -335,11 +338,8 @@ def main(argv=None) -> int:
                       f"{row['differing']} differ from the first way's (at most {row['max_abs_difference']:.3g})",
                       flush=True)
     sampler.PARALLEL_DRAW_VALUES = parallel
-    write_json(out, {"card": card_name(), "device_name": device_name(),
-                          "engines": "reference model, quick W8A8-INT8 recipe, default plan shape (serve_load.py's)",
-                          "results": results, "engines_beside_nan": neighbours})
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    return 0
+    return write_results(out, engines="reference model, quick W8A8-INT8 recipe, default plan shape (serve_load.py's)",
+                         results=results, engines_beside_nan=neighbours)
 
 
 if __name__ == "__main__":
