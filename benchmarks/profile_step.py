@@ -470,8 +470,7 @@ def main(argv=None) -> None:
     kind = "run" if args.run else "step"
     meta = {"card": card, "device_name": device_name(device),
             "torch": torch.__version__, "model": args.model, "plan": args.plan, "batch_rows": rows,
-            "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
-            "quantized_mode": inductor_backend.COMPILE_MODES[True], "inductor_config": inductor_settings}
+            "compiled": device == "cuda", "cuda_graphs": device == "cuda" and not args.no_cuda_graphs}
     if args.run:
         meta["images"] = args.images
     else:

@@ -88,7 +88,7 @@ def test_a_quantized_mode_is_kept_apart_from_the_engines_own(tmp_path):
         tried = json.loads((_run(tmp_path, "--rows", "2", "--repeats", "1", "--precisions", "w8a8-int8",
                                  "--quantized-mode", "max-autotune-no-cudagraphs")
                             / "profile-step-cpu.json").read_text())
-    assert {r["compile_mode"] for r in own["rows"]} == {"default"} == {own["quantized_mode"]}
+    assert {r["compile_mode"] for r in own["rows"]} == {"default"}
     assert [r["compile_mode"] for r in tried["rows"]].count("max-autotune-no-cudagraphs") == len(own["rows"])
     assert all(r in tried["rows"] for r in own["rows"])  # the state's other variant beside it, not replaced
     assert len(list((tmp_path / "state").glob("*.json"))) == 2
@@ -132,7 +132,6 @@ def test_inductor_settings_are_applied_recorded_and_kept_apart(tmp_path):
     assert all(r["inductor_config"] == {} for r in plain["rows"])
     configs = [r["inductor_config"] for r in tried["rows"]]
     assert configs.count({}) == configs.count({"triton.multi_kernel": "1"}) == len(plain["rows"]) == len(configs) / 2
-    assert tried["inductor_config"] != plain["inductor_config"]
     assert len(list((tmp_path / "state").glob("*.json"))) == 2
     with pytest.raises(SystemExit):
         _run(tmp_path, "--inductor-config", "triton.no_such_setting=1")
