@@ -113,8 +113,8 @@ def add_norm_modulate_fp8(x: torch.Tensor, delta: torch.Tensor, gate: torch.Tens
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     grid = lambda meta: (triton.cdiv(b * t, meta["ROWS"]),)  # noqa: E731
     # launched as Inductor launches the engines' own kernels: dependent where `triton.enable_pdl` is set
-    # (TORCHINDUCTOR_ENABLE_PDL=1), so that its launch overlaps the end of the GEMM before it; an experiment, not yet
-    # measured on a GPU
+    # (TORCHINDUCTOR_ENABLE_PDL=1), so that one switch makes the whole step's Triton kernels dependent launches. Off
+    # by default: on the H200 the FP8 step gained nothing by it (session 25, README's bench section)
     dependent = {"launch_pdl": True} if getattr(inductor_config.triton, "enable_pdl", False) else {}
     _add_norm_modulate_fp8_kernel[grid](x, delta, gate, shift, scale, q_scale.float().reshape(1), x_out, q, b * t, c,
                                         t, shift.stride(0), eps, **blocks(c), DEPENDENT=bool(dependent), **dependent)
