@@ -244,6 +244,71 @@ def test_the_norm_kernel_computes_the_op_on_the_gpu(shape, dependent):
     assert result["x_exact"] == 1.0 and result["exact"] > 0.99
 
 
+ATTENTION = """
+import json, torch, triton
+from qandc.engines import triton_attention
+from qandc.engines.quantized import attention_float32
+b, t, heads, d = {shape}
+torch.manual_seed(t * d)
+qkv = (torch.randn(b, t, 3 * heads * d) * 1.5).bfloat16()
+q_scale = torch.tensor(0.004)
+want = attention_float32(qkv, heads, q_scale).float()
+"""
+ATTENTION_INTERPRETED = ATTENTION + """
+got = torch.empty((b, t, heads * d), dtype=torch.float8_e4m3fn)
+triton_attention._attention_fp8_kernel.fn[(triton.cdiv(t, 16), b * heads)](
+    qkv.float(), q_scale.reshape(1), got, t, heads, heads * d, d, 1.4426950408889634 / d ** 0.5,
+    **triton_attention.head_blocks(d), BLOCK_M=16, BLOCK_N=16)
+"""
+ATTENTION_GPU = ATTENTION + """
+got = triton_attention.attention_fp8(qkv.cuda(), heads, q_scale.cuda())
+"""
+# within one e4m3 step of the float32 attention's (the kernel rounds the probabilities to bf16 for the second
+# product), but for the interpreter's e4m3 rounding of powers of two and subnormals (see REPORT)
+ATTENTION_REPORT = """
+got = got.float().cpu()
+step = torch.where(want.abs() < 2 ** -6, torch.full_like(want, 2 ** -9), 2 ** (torch.floor(torch.log2(want.abs())) - 3))
+power = (want != 0) & (torch.log2(want.abs()) == torch.log2(want.abs()).round())
+close = ((got - want).abs() <= step * 1.0001) | (power & (got == want / 2)) | ((want.abs() <= 2 ** -6)
+                                                                                & ((got - want).abs() <= 2 ** -8))
+print(json.dumps({"shape": list(got.shape), "exact": (got == want).float().mean().item(), "close": bool(close.all()),
+                  "nonzero": (got != 0).float().mean().item()}))
+"""
+# DiT-XL/2's head dim (64 + 16 masked past 8), a power of two, 32 + 16, one block of 16 masked past 8; tokens off
+# the blocks' multiples
+ATTENTION_SHAPES = [(2, 37, 3, 72), (1, 20, 2, 64), (2, 33, 2, 40), (1, 9, 2, 8)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernel itself")
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_the_attention_kernel_computes_the_op_under_the_interpreter(shape):
+    """The e4m3 attention within a step of `attention_float32`'s everywhere, equal nearly everywhere, at blocks of
+    16 queries and 16 keys (the online softmax over several key blocks, the last one masked). The bf16 inputs given
+    as float32: the interpreter (Triton 3.9) multiplies bf16 operands of `tl.dot` as their raw 16 bits."""
+    result = python_json(ATTENTION_INTERPRETED.format(shape=shape) + ATTENTION_REPORT, {"TRITON_INTERPRET": "1"})
+    b, t, heads, d = shape
+    assert result["shape"] == [b, t, heads * d] and result["close"] and result["exact"] > 0.9, result
+    assert result["nonzero"] > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES + [(4, 256, 16, 72)])
+def test_the_attention_kernel_computes_the_op_on_the_gpu(shape):
+    """As under the interpreter, with the autotuned blocks, and at DiT-XL/2's heads and tokens."""
+    result = python_json(ATTENTION_GPU.format(shape=shape) + ATTENTION_REPORT, {})
+    assert result["close"] and result["exact"] > 0.9, result
+
+
+@pytest.mark.parametrize("d, blocks", [(72, (64, 16, True)), (64, (64, 16, False)), (40, (32, 16, True)),
+                                       (8, (16, 16, False)), (96, (64, 32, True)), (1152, (1024, 128, True))])
+def test_the_attention_kernel_takes_a_head_as_one_block_or_two(d, blocks):
+    """A power-of-two head dim as one block (16 at least), any other as its largest power of two and the rest
+    rounded up to one of at least 16: the tensor cores compute 80 wide for DiT-XL/2's 72, not 128."""
+    from qandc.engines import triton_attention
+
+    assert tuple(triton_attention.head_blocks(d).values()) == blocks
+
+
 def test_autotune_choices_go_back_to_the_autotuners_they_came_from():
     """What `autotune_choices.chosen` reads from the autotuners, through JSON, `restore` puts back: the same configs
     under the same keys; a config or a kernel this qandc does not have is skipped, and so is a config the kernel's
