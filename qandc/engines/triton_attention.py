@@ -27,8 +27,11 @@ def _head_block(ptr, rows, cols, T, ROW_STRIDE, D):
                    mask=(rows[:, None] < T) & (cols[None, :] < D), other=0.0)
 
 
+# key blocks of 64 and 128 (FlashAttention's), and of 256: DiT-XL/2's 256 tokens in one, no softmax rescaling
 @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                          for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3)],
+                          for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+                 + [triton.Config({"BLOCK_M": m, "BLOCK_N": 256}, num_warps=w, num_stages=2)
+                    for m, w in ((64, 4), (64, 8), (128, 8))],
                  key=["T", "D"], cache_results=True)
 @triton.jit
 def _attention_fp8_kernel(qkv_ptr, q_scale_ptr, out_ptr, T, H, C, D: tl.constexpr, qk_scale, BLOCK_A: tl.constexpr,
