@@ -90,7 +90,7 @@ def attention_fp8_out(qkv: torch.Tensor, flops: int) -> dict:
     out = torch.empty(BATCH, TOKENS, HEADS * HEAD_DIM, dtype=torch.float8_e4m3fn, device="cuda")
 
     def launch(blocks: dict) -> torch.Tensor:
-        kernel.fn[(triton.cdiv(TOKENS, blocks["BLOCK_M"]), BATCH * HEADS)](
+        kernel.fn[triton_attention.grid(BATCH * HEADS, TOKENS)(blocks)](
             qkv, q_scale.reshape(1), out, TOKENS, HEADS, HEADS * HEAD_DIM, HEAD_DIM,
             math.log2(math.e) / math.sqrt(HEAD_DIM), **triton_attention.head_blocks(HEAD_DIM), **blocks)
         return out

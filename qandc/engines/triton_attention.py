@@ -41,9 +41,11 @@ def _attention_fp8_kernel(qkv_ptr, q_scale_ptr, out_ptr, T, H, C, D: tl.constexp
     least K). D a constant, so that the compiler knows a head's offset 16-byte aligned (72 is no multiple of 16, the
     runtime integers it assumes aligned) and the column masks constant over the loads' vectors. qk_scale: 1/√D ·
     log2(e)."""
-    image, head = tl.program_id(1) // H, tl.program_id(1) % H
+    per_head = tl.cdiv(T, BLOCK_M)  # a head's programs side by side (they read the same keys and values)
+    image_head, block = tl.program_id(0) // per_head, tl.program_id(0) % per_head
+    image, head = (image_head // H).to(tl.int64), image_head % H  # offsets past 2^31 elements at large batches
     base = qkv_ptr + image * T * 3 * C + head * D
-    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    queries = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_a = tl.arange(0, BLOCK_A)
     cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
     q_a = _head_block(base, queries, cols_a, T, 3 * C, D)
@@ -91,6 +93,12 @@ def head_blocks(d: int) -> dict:
     return {"BLOCK_A": first, "BLOCK_B": max(16, triton.next_power_of_2(d - first)), "SPLIT": True}
 
 
+def grid(image_heads: int, tokens: int):
+    """The kernel's launch grid for `image_heads` (images × heads) of `tokens` tokens, given its blocks: one
+    dimension, so that no batch meets the 65535 programs of a second one."""
+    return lambda blocks: (image_heads * triton.cdiv(tokens, blocks["BLOCK_M"]),)
+
+
 def attention_fp8(qkv: torch.Tensor, heads: int, q_scale: torch.Tensor) -> torch.Tensor:
     """e4m3 [B, T, C] of the attention over the bf16 qkv projection's output [B, T, 3C] (`heads` heads of C /
     heads), quantized with the static scale `q_scale` (the output projection's input scale)."""
@@ -99,7 +107,6 @@ def attention_fp8(qkv: torch.Tensor, heads: int, q_scale: torch.Tensor) -> torch
     d = c // heads
     qkv = qkv.contiguous()
     out = torch.empty((b, t, c), dtype=torch.float8_e4m3fn, device=qkv.device)
-    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * heads)  # noqa: E731
-    _attention_fp8_kernel[grid](qkv, q_scale.float().reshape(1), out, t, heads, c, d, math.log2(math.e) / math.sqrt(d),
-                                **head_blocks(d))
+    _attention_fp8_kernel[grid(b * heads, t)](qkv, q_scale.float().reshape(1), out, t, heads, c, d,
+                                              math.log2(math.e) / math.sqrt(d), **head_blocks(d))
     return out
