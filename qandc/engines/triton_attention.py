@@ -79,6 +79,8 @@ def _attention_fp8_kernel(qkv_ptr, q_scale_ptr, out_ptr, T, H, C, D: tl.constexp
 
 @triton.jit
 def _store_fp8(out, values, rows, cols, T, D):
+    """`values` (already divided by the scale) clamped to e4m3's range and stored at `out`'s [rows, cols] as e4m3,
+    but past T and D."""
     values = tl.minimum(tl.maximum(values, -FP8_MAX), FP8_MAX)
     tl.store(out + cols[None, :], values.to(out.dtype.element_ty), mask=(rows[:, None] < T) & (cols[None, :] < D))
 
