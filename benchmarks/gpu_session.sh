@@ -45,6 +45,8 @@ export PYTHONPATH=/tmp/site:$PWD
 # (its hooks' caches), and ran out of memory beside the ablation at 2500 rows a batch (1000 here): segments that grow
 # fragment less
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# the fullstep job's autotune timings as last committed (a new checkout has no .gpu-states), then this session's
+tar xzf benchmarks/results/fullstep-autotune-timings-h200.tgz -C /tmp
 for t in .gpu-states/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C /tmp; done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 touch /tmp/gpu-session-start
@@ -154,8 +156,9 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
   # state on the same (warm) machine. A new machine is a new sitting, and the bench compares its fastest row with the
   # peers of that row's sitting only: leave fullstep.tgz out of .gpu-states (its rows would count as done there).
   # FULLSTEP (the stages; the bench's order) defaults to that row beside the two fastest peers seen so far; a second
-  # call adds the rest (and bf16 engines). Inductor's autotune timings come back as fullstep-timings.tgz (a few kB;
-  # carried in .gpu-states, a fresh machine reads them instead of timing every choice again: in session 17 that took
+  # call adds the rest (and bf16 engines). Inductor's autotune timings come back as fullstep-timings.tgz (40 kB;
+  # carried in .gpu-states within a session and committed as $R/fullstep-autotune-timings-h200.tgz, which every call
+  # unpacks first: a fresh machine reads them instead of timing every choice again: in session 17 that took
   # 123 s for the bf16 peer's GEMM shapes and 272 s for the FP8 peer's, 45-76 s an FP8 shape of 106 choices; the
   # peers' rows then say their cache was not empty)
   timeout -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
@@ -163,7 +166,8 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
     --only ${FULLSTEP:-fp8-fused-only fp8-floor peer-torchao-fp8-tensor peer-compile-bf16} > "$OUT/fullstep.log" 2>&1
   echo "qandc bench exit status $?" >> "$OUT/fullstep.log"
   save fullstep
-  tar czf "$OUT/fullstep-timings.tgz" -C /tmp fullstep-work/inductor/cache && echo "kept the autotune timings"
+  tar czf "$OUT/fullstep-timings.tgz" -C /tmp fullstep-work/inductor/cache && echo "kept the autotune timings" \
+    "(commit them as $R/fullstep-autotune-timings-h200.tgz)"
 }
 
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines, CUDA graphs of steps and of whole runs
