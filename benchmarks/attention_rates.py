@@ -88,11 +88,10 @@ def attention_fp8_out(qkv: torch.Tensor, flops: int) -> dict:
     calls = {"cudnn_then_quantize": cudnn_then_quantize,
              "triton_autotuned": lambda: triton_attention.attention_fp8(qkv, HEADS, q_scale)}
     out = torch.empty(BATCH, TOKENS, HEADS * HEAD_DIM, dtype=torch.float8_e4m3fn, device="cuda")
+    positional, columns = triton_attention.arguments(qkv, HEADS, q_scale, out)
 
     def launch(blocks: dict) -> torch.Tensor:
-        kernel.fn[triton_attention.grid(BATCH * HEADS, TOKENS)(blocks)](
-            qkv, q_scale.reshape(1), out, TOKENS, HEADS, HEADS * HEAD_DIM, HEAD_DIM,
-            math.log2(math.e) / math.sqrt(HEAD_DIM), **triton_attention.head_blocks(HEAD_DIM), **blocks)
+        kernel.fn[triton_attention.grid(BATCH * HEADS, TOKENS)(blocks)](*positional, **columns, **blocks)
         return out
 
     for config in kernel.configs:

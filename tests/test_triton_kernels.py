@@ -256,9 +256,9 @@ want = attention_float32(qkv, heads, q_scale).float()
 """
 ATTENTION_INTERPRETED = ATTENTION + """
 got = torch.empty((b, t, heads * d), dtype=torch.float8_e4m3fn)
+positional, columns = triton_attention.arguments(qkv.float(), heads, q_scale, got)
 triton_attention._attention_fp8_kernel.fn[triton_attention.grid(b * heads, t)({{"BLOCK_M": 16}})](
-    qkv.float(), q_scale.reshape(1), got, t, heads, heads * d, d, 1.4426950408889634 / d ** 0.5,
-    **triton_attention.head_blocks(d), BLOCK_M=16, BLOCK_N=16)
+    *positional, **columns, BLOCK_M=16, BLOCK_N=16)
 """
 ATTENTION_GPU = ATTENTION + """
 got = triton_attention.attention_fp8(qkv.cuda(), heads, q_scale.cuda())

@@ -101,14 +101,19 @@ def grid(image_heads: int, tokens: int):
     return lambda blocks: (image_heads * triton.cdiv(tokens, blocks["BLOCK_M"]),)
 
 
+def arguments(qkv: torch.Tensor, heads: int, q_scale: torch.Tensor, out: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernel's arguments for contiguous `qkv` [B, T, 3C] into `out` [B, T, C], but its tiles (BLOCK_M,
+    BLOCK_N, warps, stages): the positional ones, and the head's column blocks."""
+    t, c = qkv.shape[1], qkv.shape[2] // 3
+    d = c // heads
+    return (qkv, q_scale.float().reshape(1), out, t, heads, c, d, math.log2(math.e) / math.sqrt(d)), head_blocks(d)
+
+
 def attention_fp8(qkv: torch.Tensor, heads: int, q_scale: torch.Tensor) -> torch.Tensor:
     """e4m3 [B, T, C] of the attention over the bf16 qkv projection's output [B, T, 3C] (`heads` heads of C /
     heads), quantized with the static scale `q_scale` (the output projection's input scale)."""
     b, t, c3 = qkv.shape
-    c = c3 // 3
-    d = c // heads
-    qkv = qkv.contiguous()
-    out = torch.empty((b, t, c), dtype=torch.float8_e4m3fn, device=qkv.device)
-    _attention_fp8_kernel[grid(b * heads, t)](qkv, q_scale.float().reshape(1), out, t, heads, c, d,
-                                              math.log2(math.e) / math.sqrt(d), **head_blocks(d))
+    out = torch.empty((b, t, c3 // 3), dtype=torch.float8_e4m3fn, device=qkv.device)
+    positional, columns = arguments(qkv.contiguous(), heads, q_scale, out)
+    _attention_fp8_kernel[grid(b * heads, t)](*positional, **columns)
     return out
