@@ -268,13 +268,23 @@ class FusedFp8Mlp(nn.Module):
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
+def _is_fp8(layer) -> bool:
+    """Whether `layer` is an FP8 QuantLinear."""
+    return isinstance(layer, QuantLinear) and layer.fmt == "fp8"
+
+
+def _replace_each(model: nn.Module, kind: type, fusable, fused) -> None:
+    """Replace, in place, every `kind` module of `model` that is `fusable` by `fused(module)`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, kind) and fusable(module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, fused(module))
+
+
 def fuse_fp8_mlps(model: nn.Module) -> None:
     """Replace, in place, every MLP of `model` whose fc1 and fc2 are FP8 QuantLinears by a FusedFp8Mlp."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Mlp) and all(isinstance(m, QuantLinear) and m.fmt == "fp8"
-                                           for m in (module.fc1, module.fc2)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, FusedFp8Mlp(module.fc1, module.fc2))
+    _replace_each(model, Mlp, lambda mlp: _is_fp8(mlp.fc1) and _is_fp8(mlp.fc2),
+                  lambda mlp: FusedFp8Mlp(mlp.fc1, mlp.fc2))
 
 
 class FusedFp8Attention(Attention):
@@ -292,10 +302,7 @@ class FusedFp8Attention(Attention):
 def fuse_fp8_attentions(model: nn.Module) -> None:
     """Replace, in place, every attention of `model` whose output projection is an FP8 QuantLinear by a
     FusedFp8Attention."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Attention) and isinstance(module.proj, QuantLinear) and module.proj.fmt == "fp8":
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, FusedFp8Attention(module))
+    _replace_each(model, Attention, lambda attn: _is_fp8(attn.proj), FusedFp8Attention)
 
 
 class FusedFp8Block(DiTBlock):
@@ -379,8 +386,7 @@ def fuse_fp8_norms(model: nn.Module) -> None:
     input), the run computes them as one stacked GEMM (`QuantLinear.stacked`): on DiT-XL/2 28 launches of a
     [32, 1152] x [1152, 6912] GEMM, 0.18 ms a step on an H200, became one of 0.07 ms (session 22's profile)."""
     blocks = model.blocks
-    fusable = [isinstance(getattr(b.attn, "qkv", None), QuantLinear) and b.attn.qkv.fmt == "fp8"
-               and isinstance(b.mlp.fc1, QuantLinear) and b.mlp.fc1.fmt == "fp8" for b in blocks]
+    fusable = [_is_fp8(getattr(b.attn, "qkv", None)) and _is_fp8(b.mlp.fc1) for b in blocks]
     start = 0
     while start < len(blocks):
         end = start
@@ -389,8 +395,7 @@ def fuse_fp8_norms(model: nn.Module) -> None:
         run = range(start, end)
         linears = [blocks[i].adaLN_modulation[-1] for i in run]
         shared = len(run) > 1 and not len(getattr(model, "block_embedders", ())) and all(
-            isinstance(m, QuantLinear) and m.fmt == "fp8" and torch.equal(m.input_scale, linears[0].input_scale)
-            for m in linears)
+            _is_fp8(m) and torch.equal(m.input_scale, linears[0].input_scale) for m in linears)
         modulations = nn.Sequential(blocks[start].adaLN_modulation[0], QuantLinear.stacked(linears)) if shared \
             else None
         for slot, i in enumerate(run):
