@@ -35,15 +35,12 @@ class EagerEngine:
 
 class EagerBackend(Backend):
     name = "eager-test"
-    capabilities = Capabilities(devices=("cpu",), precisions=("float",), builds_from="checkpoint",
-                                batch_profile=True)
+    capabilities = Capabilities(devices=("cpu",), precisions=("float",), batch_profile=True)
 
     def versions(self):
         return {"torch": torch.__version__}
 
     def build(self, export_dir, export, out, options):
-        if export.recipe is not None:
-            raise QandcError("eager-test builds float engines only")
         engines = {}
         for name, spec in export.graphs.items():
             write_json(out / f"{name}.eager.json", {"graph": spec.to_dict()})
@@ -79,7 +76,7 @@ def test_a_registered_backend_runs_through_build_load_and_the_runtime(tmp_path):
         pipeline.generate([1, 2, 3], seed=3, steps=6)  # 6 rows with guidance: the declared batch profile holds
 
 
-def test_a_failing_build_leaves_nothing(tmp_path):
+def test_a_backend_refuses_an_export_of_a_precision_it_does_not_build(tmp_path):
     model = tiny_model(guidance="all")
     save_checkpoint(model, tmp_path / "tiny.pt", {})
     export(model, tmp_path / "onnx", PLAN, checkpoint=tmp_path / "tiny.pt")
@@ -90,6 +87,6 @@ def test_a_failing_build_leaves_nothing(tmp_path):
         write_json(tmp, {**data, "recipe": {"preset": "w8a8-int8", "sha256": sha}, "files": {
             **data["files"], "recipe.json": sha}, "lineage": {**data["lineage"], "recipe": {"path": "recipe.json",
                                                                                           "sha256": sha}}})
-    with pytest.raises(QandcError, match="float engines only"):
+    with pytest.raises(QandcError, match="the eager-test backend builds float engines, not w8a8-int8"):
         build_engines(tmp_path / "onnx", tmp_path / "engines", "eager-test")
     assert not (tmp_path / "engines").exists()

@@ -22,14 +22,13 @@ from ..formats.manifest import EngineManifest, ExportManifest
 
 @dataclass(frozen=True)
 class Capabilities:
-    """devices: where its engines run. precisions: the graphs it builds ("float" and recipe presets).
-    builds_from: "onnx" (the export's graphs) or "checkpoint" (the checkpoint the export names, with its recipe).
+    """devices: where its engines run. precisions: the exports it builds engines of ("float", or the recipe presets
+    it takes); `build_engines` refuses any other before building.
     cuda_graphs: its engines may be captured and replayed as CUDA graphs. batch_profile: its engines take batches
     only up to the `max_batch` they were built for."""
 
     devices: tuple[str, ...]
     precisions: tuple[str, ...]
-    builds_from: str
     cuda_graphs: bool = False
     batch_profile: bool = False
 

@@ -23,6 +23,10 @@ def build_engines(onnx_dir: str | Path, out: str | Path, backend: str, max_batch
     onnx_dir, out = Path(onnx_dir), Path(out)
     chosen = get_backend(backend)
     export = ExportManifest.read(onnx_dir)
+    precision = "float" if export.recipe is None else export.recipe["preset"]
+    if precision not in chosen.capabilities.precisions:
+        raise QandcError(f"the {backend} backend builds {', '.join(chosen.capabilities.precisions)} engines, not "
+                         f"{precision} ({onnx_dir})")
     checkpoint = export.lineage.get("checkpoint")
     check_apart(out, {"--onnx": onnx_dir, "the export's checkpoint": checkpoint and onnx_dir / checkpoint["path"]},
                 EngineManifest.KIND)

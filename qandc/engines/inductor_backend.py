@@ -224,7 +224,7 @@ class InductorEngine:
 class InductorBackend(Backend):
     name = "inductor"
     capabilities = Capabilities(devices=("cpu", "cuda"), precisions=("float", "w8a8-int8", "w8a8-fp8"),
-                                builds_from="checkpoint", cuda_graphs=True)
+                                cuda_graphs=True)
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}

@@ -99,8 +99,7 @@ class OrtEngine:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    capabilities = Capabilities(devices=("cpu", "cuda"), precisions=("float", "w8a8-int8", "w8a8-fp8"),
-                                builds_from="onnx")
+    capabilities = Capabilities(devices=("cpu", "cuda"), precisions=("float", "w8a8-int8", "w8a8-fp8"))
     requires = ("onnxruntime", "onnx")  # onnx: INT8 graphs run rewritten (ort_int8)
 
     def versions(self) -> dict[str, str]:

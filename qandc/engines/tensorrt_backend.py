@@ -129,7 +129,7 @@ class TrtEngine:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    capabilities = Capabilities(devices=("cuda",), precisions=("float", "w8a8-int8", "w8a8-fp8"), builds_from="onnx",
+    capabilities = Capabilities(devices=("cuda",), precisions=("float", "w8a8-int8", "w8a8-fp8"),
                                 batch_profile=True)
     requires = ("tensorrt",)
 

@@ -26,8 +26,6 @@ import torch.nn as nn
 from ..errors import QandcError
 from .forecast import TAYLOR, factor_names
 
-ROLES = ("x", "t", "y", "cache", "weights", "out")
-DTYPES = ("float32", "bfloat16", "int64", "model")
 FACTOR_SPEC_DTYPES = {"float32": "float32", "bf16": "bfloat16"}
 TRUNK = "trunk"  # the pseudo-branch of a plan that reuses every branch: the blocks' sum, x_L - x_0
 
