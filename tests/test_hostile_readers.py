@@ -85,12 +85,6 @@ def _deep_json(depth: int = 100_000) -> bytes:
     return b'{"model": ' + b"[" * depth + b"]" * depth + b"}"
 
 
-def _deflated(size: int) -> bytes:
-    """A raw deflate stream of `size` zero bytes."""
-    zero, packer = bytes(1 << 24), zlib.compressobj(1, zlib.DEFLATED, -15)
-    return b"".join(packer.compress(zero) for _ in range(size // len(zero))) + packer.flush()
-
-
 def _zip_bomb_npz(path: Path, size: int) -> None:
     """An .npz whose one member is a valid uint8 array of `size` zeros, deflated (a few MB on disk)."""
     header = io.BytesIO()
