@@ -57,6 +57,9 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None)
         raise QandcError(f"unknown split {split!r}; choose train or test")
     data_dir = Path(data_dir) if data_dir else DATA_DIR
     images = _read_idx(_find(f"{SPLITS[split]}-images-idx3-ubyte", data_dir), 3)
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise QandcError(f"{data_dir}: the {split} split's images are {images.shape[1]}x{images.shape[2]}, not "
+                         f"Fashion-MNIST's {IMAGE_SIZE}x{IMAGE_SIZE}")
     labels = _read_idx(_find(f"{SPLITS[split]}-labels-idx1-ubyte", data_dir), 1)
     if len(images) != len(labels):
         raise QandcError(f"{data_dir}: {len(images)} images but {len(labels)} labels in the {split} split")

@@ -54,6 +54,9 @@ def test_missing_or_broken_data_gives_one_line(tmp_path, tiny_dataset):
         f.write(b"not an idx file")
     with pytest.raises(QandcError, match="not an IDX"):
         load_fashion_mnist("train", folder)
+    _write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((64, 32, 32), np.uint8))
+    with pytest.raises(QandcError, match="images are 32x32, not Fashion-MNIST's 28x28"):
+        load_fashion_mnist("train", folder)
 
 
 def test_model_space_round_trips_to_images():
