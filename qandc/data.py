@@ -63,6 +63,9 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None)
     labels = _read_idx(_find(f"{SPLITS[split]}-labels-idx1-ubyte", data_dir), 1)
     if len(images) != len(labels):
         raise QandcError(f"{data_dir}: {len(images)} images but {len(labels)} labels in the {split} split")
+    if labels.size and labels.max() >= len(CLASSES):
+        raise QandcError(f"{data_dir}: the {split} split has label {labels.max()}; Fashion-MNIST's run from 0 to "
+                         f"{len(CLASSES) - 1}")
     return images, labels
 
 

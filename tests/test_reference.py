@@ -57,6 +57,10 @@ def test_missing_or_broken_data_gives_one_line(tmp_path, tiny_dataset):
     _write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((64, 32, 32), np.uint8))
     with pytest.raises(QandcError, match="images are 32x32, not Fashion-MNIST's 28x28"):
         load_fashion_mnist("train", folder)
+    _write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((64, 28, 28), np.uint8))
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(64) % 11)
+    with pytest.raises(QandcError, match="has label 10; Fashion-MNIST's run from 0 to 9"):
+        load_fashion_mnist("train", folder)
 
 
 def test_model_space_round_trips_to_images():
