@@ -32,13 +32,14 @@ def portable_path(path: str | os.PathLike, folder: str | os.PathLike | None = No
     return f"<elsewhere>/{path.name}"
 
 
-def portable_command(module: str, args: list[str], folder: str | os.PathLike | None = None) -> str:
-    """`python -m module args` with every absolute path in `args` (also after `--option=`) made portable."""
-    def portable(arg: str) -> str:
-        option, equals, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+def portable_command(words: list[str], folder: str | os.PathLike | None = None) -> str:
+    """The command line `words` (as typed: the program, then its arguments) with every absolute path (also after
+    `--option=`) made portable."""
+    def portable(word: str) -> str:
+        option, equals, value = word.rpartition("=") if word.startswith("--") else ("", "", word)
         return option + equals + (portable_path(value, folder) if os.path.isabs(value) else value)
 
-    return " ".join(["python", "-m", module, *map(portable, args)])
+    return " ".join(map(portable, words))
 
 
 @contextlib.contextmanager

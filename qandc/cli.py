@@ -411,7 +411,7 @@ def cmd_train(args) -> None:
     from .train import train
 
     with output_lock(args.out, "train"):
-        train(args)
+        train(args, args.command_line)
 
 
 def cmd_bench(args) -> None:
@@ -698,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command: 0 on success; 2 and one line for an expected failure (a bad input, a file that cannot be
     written); 130 and one line on Ctrl-C (every file written so far is whole: the same command resumes)."""
     args = build_parser().parse_args(argv)
+    args.command_line = ["qandc", *(sys.argv[1:] if argv is None else argv)]  # as typed, for the records
     chatter.show(args.verbose)
     try:
         distributed.torchrun_environment()  # torchrun's variables, checked before any work

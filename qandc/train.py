@@ -54,7 +54,9 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def train(args) -> None:
+def train(args, command: list[str]) -> None:
+    """Train into `args.out` (resuming what it holds); `command`: the command line as typed, for the log and the
+    exported sidecar."""
     out = Path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = load_fashion_mnist("train", args.data_dir)
@@ -78,7 +80,7 @@ def train(args) -> None:
         opt.load_state_dict(state["opt"])
         step = state["step"]
         _log(out, f"resumed at step {step}")
-    _log(out, f"command: {portable_command('qandc.train', sys.argv[1:], out)}")
+    _log(out, f"command: {portable_command(command, out)}")
     if not step:
         _log(out, f"config: {config.to_dict()} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
     diffusion = Diffusion(1000, learn_sigma=True)
@@ -129,7 +131,7 @@ def train(args) -> None:
         record = {"classes": list(CLASSES),
                   "data": {"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "split": "train (60k)",
                            "preprocess": "uint8/127.5-1, pad 28->32 with -1, random h-flip, pixel_unshuffle(2)"},
-                  "training": {"command": portable_command("qandc.train", sys.argv[1:], Path(args.export).parent),
+                  "training": {"command": portable_command(command, Path(args.export).parent),
                                "steps": step, "batch_size": args.batch_size,
                                "lr": args.lr, "ema_decay": args.ema_decay, "label_dropout": args.label_dropout,
                                "seed": args.seed, "bf16_autocast": device.type == "cuda",
@@ -167,4 +169,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m qandc.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    train(parser.parse_args())
+    train(parser.parse_args(), ["python", "-m", "qandc.train", *sys.argv[1:]])

@@ -15,9 +15,9 @@ def test_portable_path_is_relative_to_the_project_or_the_artifact(tmp_path):
 
 
 def test_portable_command_rewrites_every_absolute_argument(tmp_path):
-    command = portable_command("qandc.train", ["--out", str(tmp_path / "run"), f"--export={tmp_path}/ref.pt",
-                                               "--minutes", "7.5", f"--data={PROJECT}/data"], tmp_path)
-    assert command == "python -m qandc.train --out $OUT/run --export=$OUT/ref.pt --minutes 7.5 --data=data"
+    command = portable_command(["qandc", "train", "--out", str(tmp_path / "run"), f"--export={tmp_path}/ref.pt",
+                                "--minutes", "7.5", f"--data={PROJECT}/data"], tmp_path)
+    assert command == "qandc train --out $OUT/run --export=$OUT/ref.pt --minutes 7.5 --data=data"
 
 
 def test_committed_results_and_sidecars_hold_no_machine_paths():

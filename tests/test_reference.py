@@ -1,6 +1,7 @@
 """The Fashion-MNIST data loader, resumable training, and the shipped reference model and classifier."""
 
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -71,25 +72,28 @@ def test_model_space_round_trips_to_images():
     assert np.array_equal(to_uint8(model_to_images(x, config))[..., 0], images.numpy())
 
 
-def _train_args(out, steps, data_dir):
-    from qandc.cli import build_parser
-    return build_parser().parse_args(["train", "--out", str(out), "--steps", str(steps), "--hidden", "32",
-                                      "--depth", "2", "--heads", "2", "--batch-size", "8", "--log-every", "1",
-                                      "--data-dir", str(data_dir), "--device", "cpu"])
+def _train(out, steps, data_dir, *more):
+    from qandc.cli import main
+    assert main(["train", "--out", str(out), "--steps", str(steps), "--hidden", "32", "--depth", "2", "--heads", "2",
+                 "--batch-size", "8", "--log-every", "1", "--data-dir", str(data_dir), "--device", "cpu", *more]) == 0
 
 
 def test_training_resumes_exactly(tmp_path, tiny_dataset):
-    from qandc.train import train
     folder, *_ = tiny_dataset
-    train(_train_args(tmp_path / "straight", 4, folder))
-    train(_train_args(tmp_path / "chunked", 2, folder))
-    train(_train_args(tmp_path / "chunked", 4, folder))  # resumes at step 2
+    _train(tmp_path / "straight", 4, folder)
+    _train(tmp_path / "chunked", 2, folder)
+    _train(tmp_path / "chunked", 4, folder, "--export", str(tmp_path / "chunked" / "ema.pt"))  # resumes at step 2
     a, b = (torch.load(p / "train.pt", weights_only=True) for p in (tmp_path / "straight", tmp_path / "chunked"))
     assert a["step"] == b["step"] == 4
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
     assert (tmp_path / "chunked" / "grid.png").exists()
-    assert "resumed at step 2" in (tmp_path / "chunked" / "log.txt").read_text()
+    log = (tmp_path / "chunked" / "log.txt").read_text()
+    assert "resumed at step 2" in log
+    typed = "qandc train --out $OUT --steps 4 --hidden 32 --depth 2 --heads 2 --batch-size 8 --log-every 1 --data-dir"
+    assert f"command: {typed} <elsewhere>/{folder.name} --device cpu --export $OUT/ema.pt" in log  # rerunnable
+    sidecar = json.loads((tmp_path / "chunked" / "ema.json").read_text())
+    assert sidecar["training"]["command"].startswith(typed) and sidecar["training"]["steps"] == 4
 
 
 def test_shipped_reference_model():

@@ -77,7 +77,7 @@ def classify(model: FashionCNN, images: np.ndarray, batch: int = 1000) -> tuple[
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
 
 
-def train_classifier(out: Path, epochs: int, seed: int, data_dir=None, device=None) -> dict:
+def train_classifier(out: Path, epochs: int, seed: int, command: list[str], data_dir=None, device=None) -> dict:
     """Train on the train split, measure test accuracy, write weights + test feature statistics + record."""
     from ..data import load_fashion_mnist
 
@@ -117,7 +117,7 @@ def train_classifier(out: Path, epochs: int, seed: int, data_dir=None, device=No
     record = {"test_accuracy": accuracy, "epochs": epochs, "seed": seed, "train_seconds": time.time() - start,
               "features": FEATURES, "stats": "mean and covariance of the 10k test images' penultimate features",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "command": portable_command("qandc.metrics.classifier", sys.argv[1:], out)}
+              "command": portable_command(command, out)}
     write_json(out / RECORD, record)
     return record
 
@@ -131,4 +131,5 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir")
     a = parser.parse_args()
-    print(json.dumps(train_classifier(Path(a.out), a.epochs, a.seed, a.data_dir)))
+    command = ["python", "-m", "qandc.metrics.classifier", *sys.argv[1:]]
+    print(json.dumps(train_classifier(Path(a.out), a.epochs, a.seed, command, a.data_dir)))
