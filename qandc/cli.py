@@ -480,7 +480,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+        none = action.default is None or action.default is False or action.default is argparse.SUPPRESS  # not 0
+        if "default" in text or not action.option_strings or none or action.default == []:
             return text
         return f"{text} (default %(default)s)"
 

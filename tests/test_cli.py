@@ -198,7 +198,8 @@ def test_every_help_shows_the_defaults():
     for name, sub in subparsers.items():
         helps = _option_helps(sub.format_help())
         for action in sub._actions:
-            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            stated = action.default is not None and action.default is not False and action.default != []
+            if action.option_strings and stated and action.default is not argparse.SUPPRESS:  # 0 is stated too
                 assert "default" in helps[action.option_strings[0]], (name, action.option_strings)
     calibrate = _option_helps(subparsers["calibrate"].format_help())
     for option, default in (("--preset", "w8a8-fp8"), ("--selector", "tap"), ("--steps", "50"), ("--sampler", "ddpm"),
