@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qandc.artifacts import sha256_file
 from qandc.serve import batch_buckets
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,7 +66,9 @@ def main() -> None:
     saturating = point["saturating"]["requests_per_s"] * measured["images_per_request"] / images
     print(f"a batch: {fixed:.1f} ms + {slope:.3f} ms an image (fitted to {Path(args.measured).name}); "
           f"saturating rate {saturating:.0f} requests/s of {images} images")
-    result = {"measured": Path(args.measured).name, "batch_ms": {"fixed": fixed, "per_image": slope},
+    # the measured run by name and content: a later load run rewrites the file of that name
+    result = {"measured": Path(args.measured).name, "measured_sha256": sha256_file(args.measured),
+              "batch_ms": {"fixed": fixed, "per_image": slope},
               "max_batch": max_batch, "max_wait_ms": wait * 1000, "images_per_request": images, "ladders": {}}
     for name, ladder in LADDERS.items():
         buckets, points = ladder(max_batch), []
