@@ -579,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve engines over HTTP with dynamic batching", description=cmd_serve.__doc__)
     p.add_argument("engines", help="engine directory from qandc build-engine")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=argument(integer, minimum=0), default=8000, help="port to listen on")
+    p.add_argument("--port", type=argument(integer, minimum=0, maximum=65535), default=8000,
+                   help="port to listen on (0: any free port, logged)")
     p.add_argument("--max-batch", type=argument(integer, minimum=1), default=16,
                    help="images per engine batch (guidance doubles its rows)")
     p.add_argument("--max-wait-ms", type=argument(real, low=0), default=10.0,
@@ -600,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-graphs", action="store_true", help=RUN_GRAPHS_HELP)
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory: latents are decoded into PNG images "
                                  "(default: latent models answer in npz)")
-    p.add_argument("--device", help="CUDA device the engines load on (default: cuda when available, else cpu)")
+    p.add_argument("--device", help="torch device the engines load on (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="pool, TAP selection, ModelOpt quantization and VC: a quant recipe",

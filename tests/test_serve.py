@@ -389,6 +389,39 @@ def test_an_engine_folder_that_fails_to_load_is_one_error_here(engines, tmp_path
         EngineProcess(broken)
 
 
+def test_a_port_in_use_fails_at_once_before_the_engines_load(engines, capsys):
+    from qandc.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.perf_counter()
+        assert main(["serve", str(engines), "--port", str(port)]) == 2
+        assert time.perf_counter() - started < 5  # no engine process started, no warm-up
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qandc: error: cannot listen on 127.0.0.1:{port}: ") and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit, match="2"):  # a usage error, argparse's exit
+        main(["serve", str(engines), "--port", "70000"])
+    assert "--port: must be an integer from 0 to 65535" in capsys.readouterr().err
+
+
+def test_a_shutdown_during_the_warm_up_stops_it(engines, caplog):
+    from qandc.serve.batcher import Batcher
+
+    process = EngineProcess(engines)
+    try:
+        batcher = Batcher([process], 4, 10.0, 16)
+        batcher.close()  # as SIGTERM's shutdown does, here before the first warm-up batch
+        with caplog.at_level("INFO", "qandc.serve"):
+            asyncio.run(batcher.warm_up())
+        assert not batcher.ready and "warm-up stopped: shutting down" in caplog.text
+        assert "warm-up: a batch" not in caplog.text
+    finally:
+        batcher.executor.shutdown()
+        process.close()
+
+
 def test_latents_come_as_npz_or_through_the_vae_as_png(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from qandc.images import decode_latents, load_vae

@@ -11,6 +11,7 @@ import gc
 import io
 import logging
 import re
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -453,9 +454,41 @@ def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opt
           nan_fallback: bool = False, vae: str | Path | None = None, device: torch.device | None = None,
           run_graphs: bool = False) -> None:
     """Load the engines (in `options.engine_processes` processes of their own, at once, on `device`) and the VAE
-    folder `vae` once and serve them until SIGINT / SIGTERM (which finish the accepted requests first)."""
+    folder `vae` once and serve them until SIGINT / SIGTERM (which finish the accepted requests first). The address
+    is taken first: a port in use or an address not of this machine fails at once, not after the engines load."""
     import uvicorn
 
+    sock = listening_socket(host, port)
+    try:
+        app = _loaded_app(engine_dir, options, nan_fallback, vae, device, run_graphs)
+    except BaseException:
+        sock.close()
+        raise
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    address, bound = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d", f"[{address}]" if ":" in address else address, bound)
+    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=None)).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port` (0: any free port), as uvicorn would bind it; one line when it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as e:
+        raise QandcError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise QandcError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _loaded_app(engine_dir, options: ServeOptions, nan_fallback: bool, vae, device, run_graphs: bool) -> FastAPI:
+    """The engine processes, loaded at once, and the service over them."""
     with ThreadPoolExecutor(options.engine_processes) as loading:
         loads = [loading.submit(EngineProcess, engine_dir, nan_fallback, device, run_graphs)
                  for _ in range(options.engine_processes)]
@@ -463,11 +496,8 @@ def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opt
     try:
         if len(processes) < len(loads):
             raise next(load.exception() for load in loads if load.exception() is not None)
-        app = create_app(processes, engine_dir, options, vae and load_vae(vae, processes[0].device))
+        return create_app(processes, engine_dir, options, vae and load_vae(vae, processes[0].device))
     except BaseException:
         for process in processes:
             process.close()
         raise
-    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.setLevel(logging.INFO)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)

@@ -148,13 +148,14 @@ class Batcher:
                 self.queued_images -= len(job.labels)
 
     async def warm_up(self) -> None:
-        """Run the warm-up batches; a failure is kept in `failure` (the server then never turns ready)."""
+        """Run the warm-up batches; a failure is kept in `failure` (the server then never turns ready). `close()`
+        during the warm-up stops it after the batch that runs (a SIGTERM then does not wait for every bucket)."""
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
         except Exception as e:
             self.failure = f"the warm-up failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             raise
-        self.ready = True
+        self.ready = not self.closing
 
     def _warm_up(self) -> None:
         """The `warm_up_batches` with the engines' steps and sampler, on every process at once; each one's seconds
@@ -162,6 +163,9 @@ class Batcher:
         defaults = self.engines[0].sampler_defaults
         guided_scale = defaults.cfg_scale if defaults.cfg_scale != 1.0 else 2.0  # any scale but 1 doubles the rows
         for size, guided in warm_up_batches(self.buckets):
+            if self.closing:
+                log.info("warm-up stopped: shutting down")
+                return
             started = time.monotonic()
             for process in self.engines:
                 process.submit([0] * size, [0] * size, defaults.steps, defaults.sampler,
