@@ -4,7 +4,7 @@ each a one-line error naming the argument or field, before any work.
 One check per kind: `integer` (whole numbers within bounds, below 2**63), `real` (finite floats, optionally
 within bounds). `check` applies one to a named value (a QandcError); `argument` makes it an argparse type.
 `output_folder` and `output_file` are argparse types for where a command writes: refused before any work when it
-is a file (a folder), a dangling link, under a file, or not writable."""
+is empty, a file (a folder), a dangling link, under a file, or not writable."""
 
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def argument(kind: Callable, **bounds) -> Callable[[str], object]:
 
 def output_folder(text: str) -> str:
     """An argparse type for an output folder: an existing writable folder, or one that can be created."""
+    _not_empty(text)
     path = Path(text)
     _not_dangling(path, text)
     if path.exists() and not path.is_dir():
@@ -84,12 +85,18 @@ def output_folder(text: str) -> str:
 def output_file(text: str) -> str:
     """An argparse type for an output file (written beside and renamed onto): not a folder, in a folder that is
     writable or can be created."""
+    _not_empty(text)
     path = Path(text)
     _not_dangling(path, text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a directory")
     _writable(path.parent, text)
     return text
+
+
+def _not_empty(text: str) -> None:
+    if not text.strip():  # Path("") is the working directory: writing there was never what was asked
+        raise argparse.ArgumentTypeError("an empty path")
 
 
 def _not_dangling(path: Path, text: str) -> None:
