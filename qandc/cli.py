@@ -317,8 +317,12 @@ def cmd_run(args) -> None:
     """The whole pipeline in one folder: calibrate -> export -> build-engine -> generate (through the engines) ->
     eval; each stage is skipped when its artifacts are there and valid."""
     from .engines import get_backend
+    from .formats.recipe import EXPORTABLE
     from .run import run
 
+    if args.preset not in EXPORTABLE:
+        raise QandcError(f"--preset {args.preset} is fake quant only, and run builds engines: choose "
+                         f"{' or '.join(EXPORTABLE)}, or calibrate it and generate --recipe")
     require_all(QUANTIZATION + EXPORT + list(get_backend(args.backend).requires), "qandc run")
     if distributed.torchrun_environment()[0] > 1:
         raise QandcError("qandc run is one process; under torchrun, run calibrate and generate")
