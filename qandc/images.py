@@ -46,8 +46,11 @@ def to_pil(image: np.ndarray) -> Image.Image:
 def load_vae(vae_dir: str | Path, device: torch.device | str = "cpu"):
     """A local diffusers AutoencoderKL directory, in eval mode on `device` (diffusers is optional)."""
     AutoencoderKL = require("diffusers", "--vae").AutoencoderKL
-    try:
-        return AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).to(device).eval()
+    if not (Path(vae_dir) / "config.json").is_file():  # before diffusers, whose message speaks of the Hub
+        raise QandcError(f"{vae_dir}: not a local diffusers AutoencoderKL (no config.json there)")
+    try:  # low_cpu_mem_usage off: without accelerate diffusers turns it off itself, with a notice on stderr
+        return AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True,
+                                             low_cpu_mem_usage=False).to(device).eval()
     except (OSError, ValueError) as e:
         raise QandcError(f"{vae_dir}: not a local diffusers AutoencoderKL ({str(e).splitlines()[0][:160]})") from None
 

@@ -18,7 +18,8 @@ from ..artifacts import library_versions, sha256_file, write_json
 from ..distributed import World
 from ..errors import QandcError
 from ..formats.recipe import QuantRecipe
-from ..images import CAPTION_SEPARATOR, decode_latents, has_image_space, model_to_images, save_grid, to_uint8
+from ..images import (CAPTION_SEPARATOR, decode_latents, has_image_space, load_vae, model_to_images, save_grid,
+                      to_uint8)
 from ..locking import holds_output
 from ..sampling import SAMPLERS, check_labels, space_timesteps
 from ..sampling.diffusion import TRAIN_STEPS
@@ -79,6 +80,7 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     one row per label, captioned from `class_names`. `world` (from distributed.init) is left once the shards are
     done."""
     labels = check_labels(labels, pipeline.config.num_classes)
+    decoder = vae and load_vae(vae, pipeline.device)  # loaded before sampling: a bad folder fails at once
     out = Path(out)
     engine_steps = {"full": 0, "reuse": 0, "graphs": {}, "fallback_steps": 0}  # reuse: every reuse graph's steps
 
@@ -150,7 +152,7 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     shown = distributed.write_merged(files, ("samples", "labels"), len(labels), out / "samples.npz",
                                      head=GRID_LIMIT)["samples"]
     caption = describe_samples(pipeline, options, provenance, uses_vc)
-    _save_grid(pipeline, torch.from_numpy(shown), labels, out, vae, per_class, class_names, caption)
+    _save_grid(pipeline, torch.from_numpy(shown), labels, out, decoder, per_class, class_names, caption)
     merge_seconds = time.perf_counter() - started
     config = pipeline.config
     record = {
@@ -189,9 +191,10 @@ def describe_samples(pipeline: Pipeline, options: SamplingOptions, provenance: P
         "steps", f"CFG {options.cfg_scale:g}", f"seed {options.seed}"])
 
 
-def _save_grid(pipeline: Pipeline, shown: torch.Tensor, labels: torch.Tensor, out: Path, vae: str | None,
+def _save_grid(pipeline: Pipeline, shown: torch.Tensor, labels: torch.Tensor, out: Path, vae,
                per_class: int | None, class_names: Sequence[str], caption: str) -> None:
-    """out/grid.png of the `shown` samples, when they are images or `vae` decodes them, with `caption` above."""
+    """out/grid.png of the `shown` samples, when they are images or the loaded `vae` decodes them, with `caption`
+    above."""
     if vae:
         images = decode_latents(shown.to(pipeline.device), vae).cpu()
     elif has_image_space(pipeline.config):
