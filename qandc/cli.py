@@ -201,11 +201,21 @@ def _generate_pipeline(args, plan, device):
     return pipeline, str(Path(args.recipe) / RECIPE), Path(args.recipe) / VC
 
 
+MAX_IMAGES = 10 ** 7  # one command's samples (FD-50k takes 50k); config.json lists every label
+
+
 def _generate_labels(labels: list[int] | None, per_class: int | None, num_images: int | None,
                      num_classes: int) -> torch.Tensor:
     """`labels` (default 0,1,2,3) each `per_class` times in a row, or `num_images` labels cycling over `labels`
-    (default every class)."""
+    (default every class); at most MAX_IMAGES in all."""
     from .sampling import check_labels
+
+    count = len(labels if labels is not None else range(4))
+    asked = (f"--num-images {num_images}" if num_images is not None else
+             f"--per-class {per_class} x {count} labels = {(per_class or 1) * count} images")
+    if (num_images if num_images is not None else (per_class or 1) * count) > MAX_IMAGES:
+        raise QandcError(f"{asked}: one command makes at most {MAX_IMAGES:,} (split the work over several --out "
+                         "folders and --seed values)")
 
     if num_images is not None:
         if per_class is not None:
