@@ -491,6 +491,8 @@ def _npz_case(problem, **arrays):
 
 CASES.update({
     "eval-npz-no-images": _npz_case("no 'images' array", pictures=IMAGES),
+    "eval-npz-of-generate": _npz_case("a qandc generate samples.npz .* pass its folder",
+                                      samples=np.zeros((3, 4, 16, 16), np.float32), labels=np.array([0, 1, 2])),
     "eval-npz-wrong-shape": _npz_case(r"expected \(N, 28, 28\)", images=np.zeros((3, 32, 32), np.uint8)),
     "eval-npz-rgb": _npz_case(r"expected \(N, 28, 28\)", images=np.zeros((3, 28, 28, 3), np.uint8)),
     "eval-npz-empty": _npz_case("no images", images=IMAGES[:0]),

@@ -66,6 +66,9 @@ def _read_generated(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     data = read_npz(path, ".npz archive")
+    if "images" not in data and "samples" in data:
+        raise QandcError(f"{path}: a qandc generate samples.npz (model-space samples, read with the config.json "
+                         f"beside them): pass its folder, {path.parent}")
     if "images" not in data:
         raise QandcError(f"{path}: no 'images' array (has: {', '.join(data) or 'nothing'})")
     images = data["images"]
