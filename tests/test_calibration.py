@@ -146,6 +146,7 @@ def test_calibrate_with_a_searched_plan(model, tmp_path, spec):
     recipe = calibrate(model, tmp_path, _settings(plan=spec, selector="random", vc="none"))
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert recipe.plan.to_dict() == saved["plan"] and saved["spec"] == spec
+    assert CachePlan.parse(str(tmp_path / "plan.json")) == recipe.cache_plan  # --cache takes the search's file
     if spec.startswith("auto:reuse"):
         assert saved["search"]["reuse_fraction"] >= 0.5
     else:

@@ -3,7 +3,8 @@ whether cached outputs are reused as they are or forecast.
 
 One plain, JSON-serialisable object that every stage and backend reads; none re-derives it.
 CLI grammar: `none | interval=N[,branches=all|attn|mlp|NAME+NAME+...][,regate=0|1][,forecast=K][,factors=F]
-| PLAN.json`; searched plans (`auto...`) are the calibration's (`qandc.calibration.plan_search`).
+| PLAN.json` (a plan, or the `plan.json` a calibration's search keeps: its plan); searched plans (`auto...`) are
+the calibration's (`qandc.calibration.plan_search`).
 
 Reuse sets: a plan has one reuse set (`branches`, the graph "reuse") and, in an explicit schedule, up to
 MAX_REUSE_SETS - 1 more (`reuse_sets`, the graphs "reuse1", "reuse2", ...). Each is its own engine graph, so a
@@ -221,6 +222,8 @@ class CachePlan:
             return cls.none()
         if spec.endswith(".json"):
             data = read_json(spec, "no such cache plan file")
+            if isinstance(data, dict) and {"plan", "search"} <= set(data):  # a search's plan.json: the plan it chose
+                data = data["plan"]
             try:
                 return cls.from_dict(data)
             except QandcError as e:
