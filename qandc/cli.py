@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -405,8 +406,8 @@ def _inspect_run(folder: Path) -> None:
 
 
 def cmd_inspect(args) -> None:
-    """Show what an artifact folder holds (export, engines, recipe, checkpoint sidecar), whether its checksums hold,
-    and which engine backends can run on this machine; a qandc run folder is shown stage by stage."""
+    """Show what an artifact folder holds (export, engines, recipe, pool, plan search, samples, eval), whether its
+    checksums hold, and which engine backends can run on this machine; a qandc run folder is shown stage by stage."""
     from .engines import backend_names, get_backend
 
     folder = Path(args.dir)
@@ -490,7 +491,11 @@ def _table_cell(value) -> str:
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Every option's default at the end of its help, "(default X)", unless the help already speaks of it."""
+    """Every option's default at the end of its help, "(default X)", unless the help already speaks of it; lines
+    wrapped between words only (a cache spec or a stage name is never cut in two)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -560,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     made_for = "default: with --recipe or --engines, the {} it was made for, else {}"
     p.add_argument("--steps", type=int, help="sampling steps, respaced from 1000 (" + made_for.format(
         "steps", plain.steps) + "; a VC table holds one step count: other steps need --no-vc)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], help=made_for.format("sampler", plain.sampler))
+    p.add_argument("--sampler", choices=["ddpm", "ddim"],
+                   help="DDPM (ancestral) or DDIM (" + made_for.format("sampler", plain.sampler) + ")")
     p.add_argument("--eta", type=argument(real, low=0, high=1), default=0.0, help="DDIM eta, 0 to 1 (default 0)")
     p.add_argument("--cfg-scale", type=CFG_SCALE, help="classifier-free guidance scale; 1 = off (" + made_for.format(
         "scale", plain.cfg_scale) + ")")

@@ -207,6 +207,19 @@ def test_every_help_shows_the_defaults():
         assert calibrate[option].endswith(f"(default {default})"), calibrate[option]
 
 
+def test_help_lines_break_between_words_only():
+    """A cache spec's grammar and the bench's stage names come out whole, never cut at a hyphen or mid-word."""
+    from qandc.bench import STAGE_CHOICES
+    from qandc.cli import build_parser
+    from qandc.sampling.plan import AUTO_GRAMMAR
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    words = subparsers["calibrate"].format_help().split()
+    assert all(word in words for word in AUTO_GRAMMAR.split())
+    words = [word.strip(",;:()") for word in subparsers["bench"].format_help().split()]
+    assert all(stage in words for stage in STAGE_CHOICES)
+
+
 def test_chatter_is_silenced_unless_verbose_and_onnx_takes_a_file(tiny_checkpoint, tmp_path, capsys):
     """ModelOpt's "Inserted N quantizers" and the tracer's warnings show with --verbose only; build-engine --onnx
     takes a file of the export folder."""
