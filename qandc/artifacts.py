@@ -132,10 +132,12 @@ def read_safetensors(path: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
     from .errors import QandcError
-    from .readers import regular_file
+    from .readers import open_regular
 
+    with open_regular(path):  # opened here first: safetensors says "No such file" of a file it may not read
+        pass
     try:
-        return load_file(regular_file(path))
+        return load_file(path)
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         detail = str(e).splitlines()[0][:160] if str(e) else repr(e)
         raise QandcError(f"{path}: not readable safetensors ({detail})") from None

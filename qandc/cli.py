@@ -411,6 +411,8 @@ def cmd_inspect(args) -> None:
     from .engines import backend_names, get_backend
 
     folder = Path(args.dir)
+    if not folder.is_dir():
+        raise QandcError(f"{folder}: {'not a directory' if folder.exists() else 'no such directory'}")
     if any((folder / stage).is_dir() for stage in RUN_STAGES):
         _inspect_run(folder)
     elif not _inspect_artifact(folder):

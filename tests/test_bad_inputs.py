@@ -453,6 +453,7 @@ CASES.update({
     "engines-folder-missing": lambda tmp, art: (COMMANDS["engines"](tmp, art, tmp / "no"), tmp / "no",
                                                 "no manifest.json"),
     "inspect-empty-folder": lambda tmp, art: (["inspect", str(tmp)], tmp, "holds no qandc artifact"),
+    "inspect-no-folder": lambda tmp, art: (["inspect", str(tmp / "no")], tmp / "no", "no such directory"),
     "vae-folder-missing": lambda tmp, art: (_generate(tmp, art / "m.pt", "--vae", str(tmp / "no")), tmp / "no",
                                             "not a local diffusers AutoencoderKL \\(no config.json there\\)"),
     "export-cache-branch-the-model-lacks": _export_branch_the_model_lacks,

@@ -401,6 +401,40 @@ def test_hostile_reader_input(case, outcomes):
     assert outcome == "clear", f"{case.name} ({case.does}): {outcome}: {detail}"
 
 
+def test_a_safetensors_file_this_user_may_not_read_is_named_so():
+    """Not "No such file or directory", which safetensors itself says of it (as root, a child that has become
+    `nobody` reads it: root reads every file; its folder is open to all, pytest's are not)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qandc.artifacts import read_safetensors
+
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o755)
+    path = folder / "amax.safetensors"
+    save_file({"a": torch.zeros(2)}, str(path))
+    path.chmod(0)
+    reader, writer = os.pipe()
+    if (child := os.fork()) == 0:  # pragma: no cover - the child reports through the pipe and exits
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            read_safetensors(path)
+            message = "read"
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+        os.write(writer, message.encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    with os.fdopen(reader) as answer:
+        said = answer.read()
+    path.unlink()
+    folder.rmdir()
+    assert said == f"QandcError: {path}: not readable (Permission denied)"
+
+
 if __name__ == "__main__":
     from collections import Counter
 
