@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import textwrap
@@ -171,6 +172,12 @@ def cmd_generate(args) -> None:
                 per_class=args.per_class, class_names=class_names) is None:
         return  # not rank 0
     out = Path(args.out)
+    if (out / "eval.json").is_file():  # eval's record of the samples this run replaced, if it is one
+        from .metrics.evaluate import stale_note
+
+        with contextlib.suppress(QandcError):
+            if stale := stale_note(read_json(out / "eval.json"), out):
+                print(f"note: {out / 'eval.json'} is {stale}", file=sys.stderr)
     grid = bool(vae) or has_image_space(pipeline.config)
     if not grid:
         print(f"{pipeline.config.in_channels}-channel latents saved to {out / 'samples.npz'}; no grid.png without "
@@ -355,6 +362,7 @@ RUN_STAGES = ("recipe", "onnx", "engines", "samples")  # qandc run's sub-folders
 def _inspect_artifact(folder: Path) -> bool:
     """Print what one artifact folder holds and whether its checksums hold; False when it holds no artifact."""
     from .formats.manifest import MANIFESTS
+    from .metrics.evaluate import stale_note
 
     found = False
     for name in ("manifest.json", "recipe.json", "pool.json", "plan.json", "config.json", "eval.json"):
@@ -369,8 +377,11 @@ def _inspect_artifact(folder: Path) -> bool:
                 raise QandcError(f"{path}: manifest kind {data.get('kind')!r} is none of {', '.join(MANIFESTS)}")
             data = kind.read(folder, verify=False).to_dict()
         keys = {k: data[k] for k in ("kind", "format_version", "backend", "preset", "plan", "plan_search", "sampler",
-                                     "steps", "lineage", "versions") if k in data}
+                                     "steps", "n", "fd", "class_accuracy", "psnr", "ssim", "lineage", "versions")
+                if k in data}
         print(f"{name}: {json.dumps(keys)}")
+        if name == "eval.json" and (stale := stale_note(data, folder)):
+            print(f"  {stale}")
         files = data.get("files", {})
         if not isinstance(files, dict):
             raise QandcError(f"{path}: 'files' is not an object of file names and checksums")
@@ -384,7 +395,7 @@ def _inspect_artifact(folder: Path) -> bool:
 
 def _inspect_run(folder: Path) -> None:
     """Print each stage of a qandc run folder in order, the evaluation's key numbers, and the stages missing."""
-    from .metrics.evaluate import fd_text
+    from .metrics.evaluate import fd_text, stale_note
 
     missing = []
     for i, stage in enumerate(RUN_STAGES, 1):
@@ -397,8 +408,11 @@ def _inspect_run(folder: Path) -> None:
         result = read_json(folder / "eval.json")
         try:
             print(f"  class accuracy {result['class_accuracy']:.4f}  (n={result['n']}); {fd_text(result)}")
+            stale = stale_note(result, folder / "samples")
         except (KeyError, TypeError, ValueError):
             raise QandcError(f"{folder / 'eval.json'}: not an evaluation qandc run wrote") from None
+        if stale:
+            print(f"  {stale}")
     else:
         print("  missing")
         missing.append("eval.json")

@@ -268,6 +268,16 @@ def test_inspect_walks_a_run_folder_stage_by_stage(tiny_checkpoint, tmp_path, ca
     out = capsys.readouterr().out
     assert "class accuracy 0.7500  (n=4); no FD below n=129" in out and "every stage is there" in out
     assert "reuse.ort.onnx: CHECKSUM MISMATCH" in out
+    samples = ["generate", "--labels", "1", "--steps", "2", "--out", str(run / "samples")]  # the reference model
+    assert main(samples) == 0 and main(["eval", "--samples", str(run / "samples")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(run / "samples")]) == 0
+    out = capsys.readouterr().out
+    assert '"class_accuracy": ' in out and "of other samples" not in out
+    assert main([*samples, "--seed", "5"]) == 0  # other samples into that folder: its eval.json is of the old ones
+    assert f"note: {run / 'samples' / 'eval.json'} is of other samples" in capsys.readouterr().err
+    assert main(["inspect", str(run / "samples")]) == 0
+    assert f"of other samples: {run / 'samples' / 'samples.npz'} has changed since" in capsys.readouterr().out
 
 
 def test_no_escape_codes_when_stderr_is_not_a_terminal(checkpoint, tmp_path):

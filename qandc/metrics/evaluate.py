@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..artifacts import read_json
+from ..artifacts import read_json, sha256_file
 from ..errors import QandcError
 from ..images import has_image_space, model_to_images, to_uint8
 from ..model.dit import DiTConfig
@@ -147,9 +147,28 @@ def evaluate(samples_path, reference_path=None, classifier_assets=None) -> dict:
             raise QandcError(f"{reference_path}: {len(reference)} reference images for {len(images)} samples")
     result = score(images, labels, reference, classifier_assets)
     result["samples"] = source
+    scored = _scored_file(Path(samples_path))
+    result["samples_sha256"] = scored and sha256_file(scored)
     if reference is not None:
         result["reference"] = reference_source
     return result
+
+
+def _scored_file(path: Path) -> Path | None:
+    """The file an evaluation of `path` scores: a generate folder's samples.npz, an .npz itself (None: PNGs)."""
+    if path.is_dir():
+        return path / "samples.npz" if (path / "samples.npz").is_file() else None
+    return path
+
+
+def stale_note(result: dict, samples_folder: Path) -> str | None:
+    """What to say when the evaluation `result` scored other samples than `samples_folder`'s samples.npz holds now
+    (a later generate into that folder), else None."""
+    scored = result.get("samples_sha256") if isinstance(result, dict) else None
+    now = samples_folder / "samples.npz"
+    if isinstance(scored, str) and now.is_file() and sha256_file(now) != scored:
+        return f"of other samples: {now} has changed since (qandc eval it again)"
+    return None
 
 
 FD_RELIABLE_FACTOR = 10  # FD is flagged unreliable below this many samples per feature dimension
