@@ -21,6 +21,7 @@ from .data import CLASSES, IMAGE_SIZE, PADDED_SIZE, UNSHUFFLE, images_to_model, 
 from .errors import QandcError
 from .model import DiT, DiTConfig, initialize_weights, save_checkpoint
 from .model.checkpoint import torch_load
+from .progress import progress
 from .sampling import Diffusion, sample
 from .values import argument, integer, output_file, output_folder, real
 
@@ -87,6 +88,7 @@ def train(args, command: list[str]) -> None:
     forward = torch.compile(model) if args.compile else model
     model.train()
     start, last_save, losses = time.time(), time.time(), []
+    bar = progress(total=args.steps, initial=step, desc="training", unit="step")
     while step < args.steps and time.time() - start < args.minutes * 60:
         g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # resumable data order
         idx = torch.randint(0, len(images), (args.batch_size,), device=device, generator=g)
@@ -106,6 +108,7 @@ def train(args, command: list[str]) -> None:
         loss.backward()
         opt.step()
         step += 1
+        bar.update()
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
@@ -117,11 +120,14 @@ def train(args, command: list[str]) -> None:
         if time.time() - last_save > 300:
             _save_state(state_path, model, ema, opt, step, args)
             last_save = time.time()
+    bar.close()
     _save_state(state_path, model, ema, opt, step, args)
     _log(out, f"saved step {step} after {time.time() - start:.0f} s in this chunk")
     ema.eval()
     grid_labels = torch.arange(10).repeat_interleave(10)
-    samples = sample(ema, grid_labels, 50, "ddpm", cfg_scale=args.grid_cfg, seed=0)
+    print(f"sampling grid.png: {len(grid_labels)} images of the EMA weights, DDPM-50, CFG {args.grid_cfg:g}",
+          file=sys.stderr)
+    samples = sample(ema, grid_labels, 50, "ddpm", cfg_scale=args.grid_cfg, seed=0, progress=True)
     from .images import model_to_images, save_grid, to_uint8
     save_grid(to_uint8(model_to_images(samples, config)), out / "grid.png", columns=10)
     if args.export:
