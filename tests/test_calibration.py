@@ -3,6 +3,7 @@ quant), VC, resumable stages, and `generate --recipe`."""
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,7 +126,8 @@ def test_vc_table_is_fitted_per_step_and_used_by_generate(model, recipe_dir, tmp
     assert np.allclose(with_vc, direct.numpy(), rtol=1e-4, atol=1e-4 * np.abs(with_vc).max())
     assert not np.allclose(with_vc, np.load(tmp_path / "novc" / "samples.npz")["samples"])
     config = json.loads((tmp_path / "vc" / "config.json").read_text())
-    assert config["recipe"] == str(recipe_dir) and config["vc"] is True
+    assert (tmp_path / "vc" / config["recipe"]).resolve() == recipe_dir.resolve() and config["vc"] is True
+    assert not Path(config["recipe"]).is_absolute() and not Path(config["checkpoint"]).is_absolute()
     assert config["caption"] == f"{PLAN.describe()} · w8a8-int8 (fake quant) + VC · ddpm 9 steps · CFG 1.5 · seed 4"
     assert main(args[:-2] + ["--steps", "10", "--out", str(tmp_path / "x")]) == 2  # VC table is for 9 steps
     assert main(args + ["--cache", "interval=2", "--out", str(tmp_path / "y")]) == 2  # not the recipe's plan

@@ -2,6 +2,7 @@
 and its scaling factor, and the DiTPipeline-like call."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -76,7 +77,7 @@ def test_generate_decodes_with_the_pipeline_folders_vae(folder, tmp_path):
     assert main(["generate", "--checkpoint", str(folder), "--labels", "0,4", "--steps", "2", "--out",
                  str(tmp_path / "g")]) == 0
     record = json.loads((tmp_path / "g" / "config.json").read_text())
-    assert record["vae"] == str(folder / "vae")
+    assert record["vae"] == os.path.relpath(folder / "vae", tmp_path / "g")  # relative to the samples, as manifests
     latents = torch.from_numpy(np.load(tmp_path / "g" / "samples.npz")["samples"])
     pipe = QandcDiTPipeline.from_pretrained(folder)
     images = pipe([0, 4], 2, generator=torch.Generator().manual_seed(0)).images

@@ -4,6 +4,7 @@ config.json."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -155,12 +156,18 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     _save_grid(pipeline, torch.from_numpy(shown), labels, out, decoder, per_class, class_names, caption)
     merge_seconds = time.perf_counter() - started
     config = pipeline.config
+
+    def recorded(path: str | None) -> str | None:
+        """A source's path relative to the samples folder (as manifests record theirs): true wherever both move."""
+        return path and os.path.relpath(Path(path).resolve(), out.resolve())
+
     record = {
-        "command": "generate", "checkpoint": provenance.checkpoint,
+        "command": "generate", "checkpoint": recorded(provenance.checkpoint),
         "checkpoint_sha256": provenance.sha256.get("checkpoint"), "model": config.to_dict(),
-        "guidance": config.guidance, "labels": labels.tolist(), **settings, "recipe": provenance.recipe,
-        "engines": provenance.engines, "vc": uses_vc, "caption": caption,
-        "noise_keying": "per sample: generator keyed by (seed, index)", "vae": vae, "device": str(pipeline.device),
+        "guidance": config.guidance, "labels": labels.tolist(), **settings, "recipe": recorded(provenance.recipe),
+        "engines": recorded(provenance.engines), "vc": uses_vc, "caption": caption,
+        "noise_keying": "per sample: generator keyed by (seed, index)", "vae": recorded(vae),
+        "device": str(pipeline.device),
         "whole_run_graphs": pipeline.run_graphs is not None,
         "world_size": world.size, "shards": {"folder": "shards", "count": len(units), "size": options.batch_size,
                                              "fixed_batch": rows},
