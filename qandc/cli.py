@@ -487,7 +487,7 @@ def cmd_eval(args) -> None:
         raise QandcError(f"--out {out}: is a directory")
     check_file_apart(out, {"--samples": samples, "--reference": args.reference})
     with output_lock(out.parent, "eval"):
-        result = evaluate(samples, args.reference)
+        result = evaluate(samples, args.reference, record_in=out.parent)
         write_json(out, {"command": "eval", **result, "versions": {
             **library_versions(), "scipy": scipy.__version__, "scikit-image": skimage.__version__}})
     rows = [(key, result[key]) for key in ("n", "fd", "class_accuracy", "psnr", "ssim", "mse") if key in result]

@@ -58,4 +58,4 @@ def run(model, out: str | Path, settings, backend: str, checkpoint: str, labels:
     generate(Pipeline.load(engine_dir), labels, samples_dir, options, provenance=Provenance.of_engines(engine_dir),
              per_class=per_class, class_names=read_sidecar(checkpoint).get("classes") or [])
     print("[5/5] eval", file=sys.stderr)
-    return evaluate(samples_dir)
+    return evaluate(samples_dir, record_in=out)

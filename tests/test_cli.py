@@ -274,6 +274,7 @@ def test_inspect_walks_a_run_folder_stage_by_stage(tiny_checkpoint, tmp_path, ca
     assert main(["inspect", str(run / "samples")]) == 0
     out = capsys.readouterr().out
     assert '"class_accuracy": ' in out and "of other samples" not in out
+    assert json.loads((run / "samples" / "eval.json").read_text())["samples"] == "qandc generate directory ."
     assert main([*samples, "--seed", "5"]) == 0  # other samples into that folder: its eval.json is of the old ones
     assert f"note: {run / 'samples' / 'eval.json'} is of other samples" in capsys.readouterr().err
     assert main(["inspect", str(run / "samples")]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -25,16 +26,16 @@ CHUNK = 4096  # samples turned into images at a time (bounds the memory of large
 
 
 def read_samples(path) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(uint8 images (N, 28, 28), int labels (N,) or None, a description of the source) from a `qandc generate`
+    """(uint8 images (N, 28, 28), int labels (N,) or None, the kind of source) from a `qandc generate`
     directory, an .npz file with `images` and optional `labels`, or a folder of PNG files (labelled when every
     name starts with the label and '_')."""
     path = Path(path)
     if path.is_dir() and (path / "samples.npz").exists():
-        return (*_read_generated(path), f"qandc generate directory {path}")
+        return (*_read_generated(path), "qandc generate directory")
     if path.is_dir():
-        return (*_read_pngs(path), f"PNG folder {path}")
+        return (*_read_pngs(path), "PNG folder")
     if path.is_file() and path.suffix == ".npz":
-        return (*_read_npz(path), f"npz file {path}")
+        return (*_read_npz(path), "npz file")
     if path.exists():
         raise QandcError(f"{path}: not a qandc generate directory, an .npz file or a folder of PNG files")
     raise QandcError(f"{path}: no such file or directory")
@@ -137,20 +138,24 @@ def _checked(path: Path, images: np.ndarray, labels) -> tuple[np.ndarray, np.nda
     return images, labels.astype(np.int64)
 
 
-def evaluate(samples_path, reference_path=None, classifier_assets=None) -> dict:
-    """Score samples read from disk (see `read_samples`); see `score` for the metrics."""
-    images, labels, source = read_samples(samples_path)
-    reference, reference_source = None, None
+def evaluate(samples_path, reference_path=None, classifier_assets=None, record_in=None) -> dict:
+    """Score samples read from disk (see `read_samples`); see `score` for the metrics. The sources are recorded by
+    kind and path, relative to the folder `record_in` (where the record is written) when given."""
+    def source(kind: str, path) -> str:
+        return f"{kind} {os.path.relpath(Path(path).resolve(), Path(record_in).resolve()) if record_in else path}"
+
+    images, labels, kind = read_samples(samples_path)
+    reference = None
     if reference_path is not None:
-        reference, _, reference_source = read_samples(reference_path)
+        reference, _, reference_kind = read_samples(reference_path)
         if len(reference) != len(images):
             raise QandcError(f"{reference_path}: {len(reference)} reference images for {len(images)} samples")
     result = score(images, labels, reference, classifier_assets)
-    result["samples"] = source
+    result["samples"] = source(kind, samples_path)
     scored = _scored_file(Path(samples_path))
     result["samples_sha256"] = scored and sha256_file(scored)
     if reference is not None:
-        result["reference"] = reference_source
+        result["reference"] = source(reference_kind, reference_path)
     return result
 
 
