@@ -38,6 +38,7 @@ def _device(name: str | None) -> torch.device:
 
 SEED = argument(integer, minimum=0)
 CFG_SCALE = argument(real)
+STEPS = argument(integer, maximum=1000)  # sampling steps, respaced from the 1000 training steps
 # what the stages import, checked before any work (qandc.requires names the extra that brings each)
 RUN_GRAPHS_HELP = ("with engines on a GPU: sample each batch shape as one CUDA graph of the whole run (the engine "
                    "calls and the sampler's arithmetic between them) instead of one graph an engine call; the "
@@ -68,12 +69,12 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"cache plan: a searched one, {AUTO_GRAMMAR} (default {DEFAULT_PLAN_SEARCH}: the plan of "
                         "least output error within that compute fraction, searched on this model's own "
                         "trajectories, so it fits any model; kept in OUT/plan.json), or a fixed one as for generate")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps of the trajectories, respaced from 1000")
+    p.add_argument("--steps", type=STEPS, default=50, help="sampling steps of the trajectories, respaced from 1000")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler of the trajectories")
     p.add_argument("--cfg-scale", type=CFG_SCALE, default=1.5, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--seed", type=SEED, default=0, help="pool, selection and VC seed (default 0)")
     p.add_argument("--tap-m", type=argument(integer), default=3, help="TAP parallel subsamplings (default 3)")
-    p.add_argument("--clusters", type=int, default=100, help="TAP / kmeans clusters (default 100)")
+    p.add_argument("--clusters", type=argument(integer), default=100, help="TAP / kmeans clusters (default 100)")
     p.add_argument("--alpha", type=argument(real, low=0, high=1), default=0.5,
                    help="TAP spatial vs temporal affinity weight (default 0.5)")
     p.add_argument("--tau", type=argument(real, low=0, low_open=True), default=0.1,
@@ -579,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N samples, labels cycling over --labels (for FD over many samples; not with --per-class)")
     plain = SamplerDefaults()
     made_for = "default: with --recipe or --engines, the {} it was made for, else {}"
-    p.add_argument("--steps", type=int, help="sampling steps, respaced from 1000 (" + made_for.format(
+    p.add_argument("--steps", type=STEPS, help="sampling steps, respaced from 1000 (" + made_for.format(
         "steps", plain.steps) + "; a VC table holds one step count: other steps need --no-vc)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"],
                    help="DDPM (ancestral) or DDIM (" + made_for.format("sampler", plain.sampler) + ")")

@@ -64,7 +64,7 @@ def _run(*args):
     (["--labels", "5"], "label 5 is out of range"),
     (["--cache", "interval=0"], "interval"),
     (["--cache", "interval=2,branches=blocks.99.mlp"], "blocks.99.mlp"),
-    (["--steps", "0"], "steps must be"),
+    (["--steps", "0"], "--steps: must be an integer from 1 to 1000"),
     (["--sampler", "euler"], "invalid choice"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(checkpoint, tmp_path, args, message):
