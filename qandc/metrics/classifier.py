@@ -78,7 +78,8 @@ def classify(model: FashionCNN, images: np.ndarray, batch: int = 1000) -> tuple[
 
 
 def train_classifier(out: Path, epochs: int, seed: int, command: list[str], data_dir=None, device=None) -> dict:
-    """Train on the train split, measure test accuracy, write weights + test feature statistics + record."""
+    """Train on the train split, measure test accuracy, write weights + test feature statistics + record (with
+    `command`, the command line as typed)."""
     from ..data import load_fashion_mnist
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

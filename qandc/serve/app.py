@@ -472,7 +472,8 @@ def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opt
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host`:`port` (0: any free port), as uvicorn would bind it; one line when it cannot be."""
+    """A TCP socket bound to the first address `host` resolves to, at `port` (0: any free port); one line when it
+    cannot be."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (OSError, UnicodeError) as e:
