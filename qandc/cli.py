@@ -199,6 +199,11 @@ def _generate_pipeline(args, plan, device):
         manifest = str(Path(args.engines) / "manifest.json")
         return (Pipeline.load(args.engines, fallback=args.nan_fallback, run_graphs=args.run_graphs), manifest,
                 manifest)
+    engines_only = [flag for flag, given in (("--nan-fallback", args.nan_fallback), ("--run-graphs", args.run_graphs))
+                    if given]
+    if engines_only or (args.no_vc and not args.recipe):
+        raise QandcError(f"{(engines_only or ['--no-vc'])[0]} acts on "
+                         f"{'--engines' if engines_only else '--recipe or --engines (their VC table)'}, not given")
     model = _load_model(args, args.recipe)
     if not args.recipe:
         return Pipeline.from_model(model.to(device), plan), f"--cache {args.cache or 'none'}", None

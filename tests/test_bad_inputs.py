@@ -441,6 +441,11 @@ def _auto_plan_json_truncated(tmp, art):
     return _calibrate(tmp, art, "--cache", "auto"), tmp / "r" / "plan.json", "not valid JSON"
 
 
+def _flag_case(flag, problem):
+    """generate of good inputs with a flag that acts on what is not given."""
+    return lambda tmp, art: (_generate(tmp, art / "m.pt", flag), None, problem)
+
+
 def _out_is_a_file(tmp, art):
     (tmp / "out").write_text("x")
     return _generate(tmp, art / "m.pt"), tmp / "out", "not a directory"
@@ -454,6 +459,9 @@ CASES.update({
                                                 "no manifest.json"),
     "inspect-empty-folder": lambda tmp, art: (["inspect", str(tmp)], tmp, "holds no qandc artifact"),
     "inspect-no-folder": lambda tmp, art: (["inspect", str(tmp / "no")], tmp / "no", "no such directory"),
+    "run-graphs-without-engines": _flag_case("--run-graphs", "--run-graphs acts on --engines, not given"),
+    "nan-fallback-without-engines": _flag_case("--nan-fallback", "--nan-fallback acts on --engines, not given"),
+    "no-vc-without-a-vc-table": _flag_case("--no-vc", "--no-vc acts on --recipe or --engines \\(their VC table\\)"),
     "vae-folder-missing": lambda tmp, art: (_generate(tmp, art / "m.pt", "--vae", str(tmp / "no")), tmp / "no",
                                             "not a local diffusers AutoencoderKL \\(no config.json there\\)"),
     "export-cache-branch-the-model-lacks": _export_branch_the_model_lacks,
