@@ -15,6 +15,7 @@ from . import __version__, chatter, distributed
 from .artifacts import WRITE_ERRORS, library_versions, read_json, sha256_file, write_json
 from .errors import QandcError
 from .formats.lineage import confined, digest
+from .formats.recipe import EXPORTABLE, PRESETS
 from .locking import output_lock
 from .model.checkpoint import REFERENCE_CHECKPOINT
 from .requires import require_all
@@ -56,9 +57,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention heads, when the hidden size matches no named config")
 
 
-def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["w8a8-int8", "w8a8-fp8", "w4a8"], default="w8a8-fp8",
-                   help="weight / activation formats of the block Linears")
+def _add_calibration_arguments(p: argparse.ArgumentParser, presets: tuple[str, ...] = PRESETS) -> None:
+    p.add_argument("--preset", choices=presets, default="w8a8-fp8",
+                   help="weight / activation formats of the block Linears" + (
+                       "" if presets == PRESETS else " (w4a8 is fake quant only: calibrate's alone)"))
     p.add_argument("--fp8-weight-per-channel", action="store_true", help="w8a8-fp8: per-output-channel weights")
     p.add_argument("--selector", choices=["tap", "uniform", "random", "kmeans"], default="tap",
                    help="how the calibration set is picked from the pool")
@@ -341,12 +343,8 @@ def cmd_run(args) -> None:
     """The whole pipeline in one folder: calibrate -> export -> build-engine -> generate (through the engines) ->
     eval; each stage is skipped when its artifacts are there and valid."""
     from .engines import get_backend
-    from .formats.recipe import EXPORTABLE
     from .run import run
 
-    if args.preset not in EXPORTABLE:
-        raise QandcError(f"--preset {args.preset} is fake quant only, and run builds engines: choose "
-                         f"{' or '.join(EXPORTABLE)}, or calibrate it and generate --recipe")
     require_all(QUANTIZATION + EXPORT + list(get_backend(args.backend).requires), "qandc run")
     if distributed.torchrun_environment()[0] > 1:
         raise QandcError("qandc run is one process; under torchrun, run calibrate and generate")
@@ -659,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="calibrate -> export -> build-engine -> generate -> eval, in one folder",
                        description=cmd_run.__doc__)
     _add_model_arguments(p)
-    _add_calibration_arguments(p)
+    _add_calibration_arguments(p, EXPORTABLE)  # run builds engines
     p.add_argument("--backend", choices=backend_names(), default="onnxruntime", help="engine backend")
     p.add_argument("--labels", type=_int_list, default=list(range(10)), help="labels to generate (default 0..9)")
     p.add_argument("--per-class", type=int, default=4, help="samples per label (default 4)")

@@ -325,7 +325,7 @@ CASES = [
          "not a directory"),
     Case("run-preset-fake-quant-only", "values", "run --preset w4a8",
          lambda t, a: ["run", "--checkpoint", str(a / "m.pt"), "--preset", "w4a8", "--out", str(t / "run")],
-         "--preset", "fake quant only"),
+         "--preset", "invalid choice: 'w4a8'"),
     Case("generate-out-empty", "environment", "generate --out ''", lambda t, a: _generate(t, a)[:-1] + [""],
          "--out", "empty path"),
     Case("eval-out-empty", "environment", "eval --out ''", lambda t, a: [*_eval_out_dir(t, a)[:-1], ""], "--out",
