@@ -46,13 +46,19 @@ def to_pil(image: np.ndarray) -> Image.Image:
 def load_vae(vae_dir: str | Path, device: torch.device | str = "cpu"):
     """A local diffusers AutoencoderKL directory, in eval mode on `device` (diffusers is optional)."""
     AutoencoderKL = require("diffusers", "--vae").AutoencoderKL
-    if not (Path(vae_dir) / "config.json").is_file():  # before diffusers, whose message speaks of the Hub
-        raise QandcError(f"{vae_dir}: not a local diffusers AutoencoderKL (no config.json there)")
+    check_vae_folder(vae_dir)
     try:  # low_cpu_mem_usage off: without accelerate diffusers turns it off itself, with a notice on stderr
         return AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True,
                                              low_cpu_mem_usage=False).to(device).eval()
     except (OSError, ValueError) as e:
         raise QandcError(f"{vae_dir}: not a local diffusers AutoencoderKL ({str(e).splitlines()[0][:160]})") from None
+
+
+def check_vae_folder(vae_dir: str | Path) -> None:
+    """One line unless `vae_dir` holds a config.json (checked before diffusers, whose message speaks of the Hub, and
+    before anything slow is loaded beside it)."""
+    if not (Path(vae_dir) / "config.json").is_file():
+        raise QandcError(f"{vae_dir}: not a local diffusers AutoencoderKL (no config.json there)")
 
 
 def decode_latents(latents: torch.Tensor, vae) -> torch.Tensor:

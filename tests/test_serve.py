@@ -405,6 +405,14 @@ def test_a_port_in_use_fails_at_once_before_the_engines_load(engines, tmp_path, 
     assert "--port: must be an integer from 0 to 65535" in capsys.readouterr().err
 
 
+def test_a_vae_folder_that_is_none_fails_before_the_engines_load(tmp_path, capsys):
+    from qandc.cli import main
+
+    assert main(["serve", str(tmp_path / "no-engines"), "--port", "0", "--vae", str(tmp_path / "no-vae")]) == 2
+    assert capsys.readouterr().err.strip() == (f"qandc: error: {tmp_path / 'no-vae'}: not a local diffusers "
+                                               "AutoencoderKL (no config.json there)")
+
+
 def test_a_shutdown_during_the_warm_up_stops_it(engines, caplog):
     from qandc.serve.batcher import Batcher
 

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from ..artifacts import sha256_file
 from ..errors import QandcError
 from ..formats.recipe import vc_correction
-from ..images import decode_latents, has_image_space, load_vae, model_to_images, to_pil, to_uint8
+from ..images import check_vae_folder, decode_latents, has_image_space, load_vae, model_to_images, to_pil, to_uint8
 from ..sampling import SAMPLERS, check_labels, space_timesteps
 from ..sampling.diffusion import TRAIN_STEPS
 from .batcher import Batcher, BatchKey, BatchRun, Job, QueueFull
@@ -458,6 +458,8 @@ def serve(engine_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opt
     is taken first: a port in use or an address not of this machine fails at once, not after the engines load."""
     import uvicorn
 
+    if vae is not None:
+        check_vae_folder(vae)  # before the engines load (minutes), as the address
     sock = listening_socket(host, port)
     try:
         app = _loaded_app(engine_dir, options, nan_fallback, vae, device, run_graphs)
