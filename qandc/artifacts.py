@@ -32,6 +32,12 @@ def portable_path(path: str | os.PathLike, folder: str | os.PathLike | None = No
     return f"<elsewhere>/{path.name}"
 
 
+def relative_path(path: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """`path` relative to `folder` (both resolved), as an artifact in `folder` records what it was made from: true
+    wherever the two move together."""
+    return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+
+
 def portable_command(words: list[str], folder: str | os.PathLike | None = None) -> str:
     """The command line `words` (as typed: the program, then its arguments) with every absolute path (also after
     `--option=`) made portable."""

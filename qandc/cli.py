@@ -227,9 +227,10 @@ def _generate_labels(labels: list[int] | None, per_class: int | None, num_images
     from .sampling import check_labels
 
     count = len(labels if labels is not None else range(4))
-    asked = (f"--num-images {num_images}" if num_images is not None else
-             f"--per-class {per_class} x {count} labels = {(per_class or 1) * count} images")
-    if (num_images if num_images is not None else (per_class or 1) * count) > MAX_IMAGES:
+    total = num_images if num_images is not None else (per_class or 1) * count
+    if total > MAX_IMAGES:
+        asked = f"--num-images {total}" if num_images is not None else \
+            f"--per-class {per_class} x {count} labels = {total} images"
         raise QandcError(f"{asked}: one command makes at most {MAX_IMAGES:,} (split the work over several --out "
                          "folders and --seed values)")
 

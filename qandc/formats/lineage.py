@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..artifacts import sha256_file
+from ..artifacts import relative_path, sha256_file
 from ..errors import QandcError
 
 _HASHES: dict[tuple, str] = {}
@@ -38,7 +38,7 @@ def digest(path: str | os.PathLike) -> str | dict:
 
 def reference(path: str | os.PathLike, folder: str | os.PathLike, sha256: str | dict | None = None) -> dict:
     """The reference from an artifact in `folder` to `path` (hashed unless `sha256` is given)."""
-    return {"path": os.path.relpath(Path(path).resolve(), Path(folder).resolve()),
+    return {"path": relative_path(path, folder),
             "sha256": digest(path) if sha256 is None else sha256}
 
 

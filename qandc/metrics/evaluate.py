@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..artifacts import read_json, sha256_file
+from ..artifacts import read_json, relative_path, sha256_file
 from ..errors import QandcError
 from ..images import has_image_space, model_to_images, to_uint8
 from ..model.dit import DiTConfig
@@ -142,7 +141,7 @@ def evaluate(samples_path, reference_path=None, classifier_assets=None, record_i
     """Score samples read from disk (see `read_samples`); see `score` for the metrics. The sources are recorded by
     kind and path, relative to the folder `record_in` (where the record is written) when given."""
     def source(kind: str, path) -> str:
-        return f"{kind} {os.path.relpath(Path(path).resolve(), Path(record_in).resolve()) if record_in else path}"
+        return f"{kind} {relative_path(path, record_in) if record_in else path}"
 
     images, labels, kind = read_samples(samples_path)
     reference = None

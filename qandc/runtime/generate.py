@@ -4,7 +4,6 @@ config.json."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..artifacts import library_versions, sha256_file, write_json
+from ..artifacts import library_versions, relative_path, sha256_file, write_json
 from ..distributed import World
 from ..errors import QandcError
 from ..formats.recipe import QuantRecipe
@@ -158,8 +157,8 @@ def generate(pipeline: Pipeline, labels, out: str | Path, options: SamplingOptio
     config = pipeline.config
 
     def recorded(path: str | None) -> str | None:
-        """A source's path relative to the samples folder (as manifests record theirs): true wherever both move."""
-        return path and os.path.relpath(Path(path).resolve(), out.resolve())
+        """A source's path relative to the samples folder, as manifests record theirs."""
+        return path and relative_path(path, out)
 
     record = {
         "command": "generate", "checkpoint": recorded(provenance.checkpoint),
