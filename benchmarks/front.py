@@ -20,8 +20,7 @@ float32 model's (labels i % 10, sample i keyed by (seed, i)).
    Points measured once and no longer picked (a cheaper point screened since) stay in the JSON. With
    --fp8-kernels fastaccum the W8A8-FP8 points run engines whose FP8 GEMMs skip the float32 promotion of their
    running sum, with --fp8-kernels fused those of issue 17's fastest step (bench.FUSED_FP8: fused MLP and norm
-   kernels, fast accumulation; fused-cublaslt: cuBLASLt's GELU epilogue for the MLPs instead of the Triton kernel;
-   fused-attention: fused-cublaslt, with each attention and its projection's quantize as one Triton kernel too):
+   kernels, fast accumulation; fused-cublaslt: cuBLASLt's GELU epilogue for the MLPs instead of the Triton kernel):
    rows of their own, compared with the promoting ones in `fp8_kernels`.
 3. summary: front-<card>.json (`rows`: screened and measured points; `peers` from benchmarks/front_peers.py's JSON;
    `targets`; `searches`: every plan with its search) and front-<card>.png.
@@ -75,10 +74,8 @@ QUALITY_TARGETS = (1.10, 1.25)
 ROOT = Path(__file__).resolve().parent.parent
 # --fp8-kernels: build_inductor's FP8 options of each variant of the W8A8-FP8 engines
 # (fused: the MLP's Triton kernel; fused-cublaslt: the same engines with cuBLASLt's GELU epilogue for their MLPs,
-# qandc.engines.cublaslt_fp8, which needs nvmath-python; fused-attention: those and the attention's Triton kernel)
-FP8_KERNELS = {"promoting": {}, "fastaccum": {"fp8_fast_accum": True}, "fused": FUSED_FP8, "fused-cublaslt": FUSED_FP8,
-               "fused-attention": {**FUSED_FP8, "fused_fp8_attention": True}}
-CUBLASLT_VARIANTS = ("fused-cublaslt", "fused-attention")  # their MLPs by cuBLASLt
+# qandc.engines.cublaslt_fp8, which needs nvmath-python)
+FP8_KERNELS = {"promoting": {}, "fastaccum": {"fp8_fast_accum": True}, "fused": FUSED_FP8, "fused-cublaslt": FUSED_FP8}
 # a measured row's `path` -> its state folder: the FP8 variants' rows are kept apart, out of the front, its targets
 # and its plot
 MEASURED = {"inductor-engines": "measure",
@@ -281,7 +278,7 @@ class Front:
             seconds.append(time.perf_counter() - begin)
             if timed_batches is None:
                 images.append(to_uint8(model_to_images(out, self.model.config))[..., 0])
-        if self.fp8_variant(point) in CUBLASLT_VARIANTS and cublaslt_fp8.FAILURE:  # the Triton kernel ran instead
+        if self.fp8_variant(point) == "fused-cublaslt" and cublaslt_fp8.FAILURE:  # the Triton kernel ran instead
             raise QandcError(f"cuBLASLt cannot run the fused MLP here: {cublaslt_fp8.FAILURE}")
         speed = batch * (len(seconds) - 1) / sum(seconds[1:])
         return (np.concatenate(images) if images else None), speed, pipeline.last_run
@@ -522,9 +519,8 @@ def main():
                         help="the W8A8-FP8 engines measured: FP8 GEMMs promoting their running sum to float32, "
                              "without that promotion (fastaccum), or issue 17's fastest step (fused: Triton MLP and "
                              "norm kernels, fast accumulation; fused-cublaslt: cuBLASLt's GELU epilogue for the "
-                             "MLPs, with nvmath-python; fused-attention: that and a Triton kernel for each "
-                             "attention and its projection's quantize); other than promoting, rows are kept apart, "
-                             "out of the front (fp8_kernels)")
+                             "MLPs, with nvmath-python); other than promoting, rows are kept apart, out of the front "
+                             "(fp8_kernels)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop between points after this many seconds")
     parser.add_argument("--state", default="/tmp/qandc-front")
     parser.add_argument("--work", default="/tmp/qandc-front-work", help="engines and Inductor's compile cache")
@@ -536,10 +532,9 @@ def main():
         parser.error(f"--measure-n ({args.measure_n}) must be a multiple of --batch ({args.batch})")
     begin = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cublaslt_fp8.ENABLED = args.fp8_kernels in CUBLASLT_VARIANTS
+    cublaslt_fp8.ENABLED = args.fp8_kernels == "fused-cublaslt"
     if cublaslt_fp8.ENABLED and not cublaslt_fp8.usable_on(device):
-        parser.error(f"--fp8-kernels {args.fp8_kernels} needs nvmath-python and a GPU of compute capability 8.9 or "
-                     "later")
+        parser.error("--fp8-kernels fused-cublaslt needs nvmath-python and a GPU of compute capability 8.9 or later")
     torch.backends.cuda.matmul.allow_tf32 = True
     state, work = Path(args.state), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,7 @@
 #                                                   # the residual add + norm + quantize kernels (norm_rates.py)
 #   bash benchmarks/gpu_session.sh fc1              # gemm's rates at fc1's shape alone (gemm-fc1-h200.json)
 #   bash benchmarks/gpu_session.sh norm             # gemm's norm kernel rates alone
-#   bash benchmarks/gpu_session.sh attention        # DiT-XL/2's attention by each SDPA backend, and with its output
-#                                                   # quantized: cuDNN + Inductor against qandc's kernel (attention_rates.py)
+#   bash benchmarks/gpu_session.sh attention        # DiT-XL/2's attention by each SDPA backend (attention_rates.py)
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
 #   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
@@ -205,8 +204,7 @@ norm() {  # gemm's norm kernel rates alone (~1 minute)
   timeout -s INT $(upto 150) python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
 }
 
-attention() {  # DiT-XL/2's attention by each SDPA backend, heads as they are and padded (~30 s), then its FP8 output
-  # by cuDNN + Inductor's quantize and by qandc's Triton kernel, autotuned and each of its 19 configs
+attention() {  # DiT-XL/2's attention by each SDPA backend, heads as they are and padded (~30 s)
   timeout -s INT $(upto 120) python3 benchmarks/attention_rates.py --out $R/attention-h200.json > "$OUT/attention.log" 2>&1
 }
 

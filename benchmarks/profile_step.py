@@ -334,7 +334,8 @@ def compiled_as(row: dict) -> str:
                        else []),
                      *([f"fused FP8 norms{f' (rows as {row[k]})' if row.get(k := 'norm_rows_as') else ''}"]
                        if row.get("fused_fp8_norm") else []),
-                     *(["fused FP8 attention"] if row.get("fused_fp8_attention") else []),
+                     *(["fused FP8 attention"] if row.get("fused_fp8_attention") else []),  # session 28's row:
+                     # a Triton kernel of the attention + its output's quantize, slower in the step; removed since
                      *(["FP8 fast accumulation"] if row.get("fp8_fast_accum") else [])])
 
 
@@ -437,10 +438,6 @@ def main(argv=None) -> None:
                         help="W8A8-FP8 engines with each residual add, LayerNorm, modulation and quantize before qkv "
                              "and fc1 as one Triton kernel of several rows a program (qandc.engines.triton_norm) "
                              "instead of Inductor's; rows kept apart")
-    parser.add_argument("--fused-fp8-attention", action="store_true",
-                        help="W8A8-FP8 engines with each attention and its output projection's activation quantize "
-                             "as one Triton kernel (qandc.engines.triton_attention) instead of cuDNN's attention + an "
-                             "Inductor kernel; rows kept apart")
     parser.add_argument("--fp8-mlp-kernel", choices=("auto", "triton"), default="auto",
                         help="the fused MLP's kernel: auto takes cuBLASLt's GELU epilogue where it can run "
                              "(nvmath-python installed, compute capability 8.9+; qandc.engines.cublaslt_fp8), else "

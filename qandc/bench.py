@@ -54,14 +54,12 @@ class Config:
 
 
 # build_inductor's FP8 options -> their mark in engine folder and state names
-FP8_OPTION_SUFFIXES = {"fused_fp8_mlp": "-fusedmlp", "fused_fp8_norm": "-fusednorm", "fp8_fast_accum": "-fastaccum",
-                       "fused_fp8_attention": "-fusedattn"}
-# the fastest FP8 engines (issue 17): fc1 + GELU + quantize and each residual add + norm + quantize as fused
-# kernels, GEMMs without float32 promotion. Their FD on the reference model is within the promoting engines'
+FP8_OPTION_SUFFIXES = {"fused_fp8_mlp": "-fusedmlp", "fused_fp8_norm": "-fusednorm", "fp8_fast_accum": "-fastaccum"}
+# the fastest FP8 engines (issue 17), every option on: fc1 + GELU + quantize and each residual add + norm + quantize
+# as fused kernels, GEMMs without float32 promotion. Their FD on the reference model is within the promoting engines'
 # bootstrap interval (front-h200.json, targets' fp8_kernels: 0.98x of float32's at DDPM searched + forecast 0.4); the
-# bench's quality columns still take the plain engines' ablation rows. The fused attention is not among them until
-# a GPU has timed it (profile_step.py --fused-fp8-attention)
-FUSED_FP8 = dict.fromkeys(("fused_fp8_mlp", "fused_fp8_norm", "fp8_fast_accum"), True)
+# bench's quality columns still take the plain engines' ablation rows
+FUSED_FP8 = dict.fromkeys(FP8_OPTION_SUFFIXES, True)
 
 
 def fp8_suffix(options: dict) -> str:

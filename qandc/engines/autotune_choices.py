@@ -1,8 +1,7 @@
-"""The choices Triton's autotuning of qandc's own kernels (`triton_int8`, `triton_fp8`, `triton_norm`,
-`triton_attention`) holds once the engines' graphs have run at every batch size of the build, saved beside the engines
-(`FILE`) and handed back to the autotuners when the engines load: a process that loads them — a server's warm-up, the
-offline run, each rank on any host — times no config again for those shapes and runs the one the build chose, so
-every process computes alike.
+"""The choices Triton's autotuning of qandc's own kernels (`triton_int8`, `triton_fp8`, `triton_norm`) holds once the
+engines' graphs have run at every batch size of the build, saved beside the engines (`FILE`) and handed back to the
+autotuners when the engines load: a process that loads them — a server's warm-up, the offline run, each rank on any
+host — times no config again for those shapes and runs the one the build chose, so every process computes alike.
 Triton's own disk cache (`cache_results`) keeps choices for one machine only. A choice whose key or config this
 Triton or qandc does not have, or that the kernel's early pruning no longer keeps for its key (a choice qandc now makes
 itself, as `triton_norm.measured_config`: older engines then run today's config), is skipped (that shape is tuned as
@@ -15,13 +14,12 @@ FILE = "triton-autotune.json"
 
 def autotuners() -> dict:
     """qandc's autotuned Triton kernels, by name."""
-    from . import triton_attention, triton_fp8, triton_int8, triton_norm
+    from . import triton_fp8, triton_int8, triton_norm
 
     return {"int8_gemm": triton_int8._int8_gemm_kernel,
             "fp8_gemm_gelu_quant": triton_fp8._fp8_gemm_gelu_quant_kernel,
             "fp8_gemm_gelu_quant_tma": triton_fp8._fp8_gemm_gelu_quant_tma_kernel,
-            "add_norm_modulate_fp8": triton_norm._add_norm_modulate_fp8_kernel,
-            "attention_fp8": triton_attention._attention_fp8_kernel}
+            "add_norm_modulate_fp8": triton_norm._add_norm_modulate_fp8_kernel}
 
 
 def chosen() -> dict[str, list]:

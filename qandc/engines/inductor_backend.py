@@ -262,32 +262,27 @@ def _build_file(folder: Path, manifest, key: str) -> Path | None:
 @holds_output("build-engine")
 def build_inductor(model, out: str | Path, plan=None, recipe_dir: str | Path | None = None,
                    sampler=None, batch_sizes=(), checkpoint: str = "", fused_fp8_mlp: bool = False,
-                   fp8_fast_accum: bool = False, fused_fp8_norm: bool = False,
-                   fused_fp8_attention: bool = False) -> EngineManifest:
+                   fp8_fast_accum: bool = False, fused_fp8_norm: bool = False) -> EngineManifest:
     """Inductor engines of a float32 `model` in memory (on the device they are for), without an export: bf16, the
     recipe's layers as FP8 / INT8 kernels (`fused_fp8_mlp`: FP8 MLPs as `quantized.FusedFp8Mlp`; `fused_fp8_norm`:
-    blocks with FP8 qkv and fc1 as `quantized.FusedFp8Block`; `fused_fp8_attention`: attentions with an FP8 output
-    projection as `quantized.FusedFp8Attention`; `fp8_fast_accum`: FP8 GEMMs without float32 promotion), its plan,
-    sampler settings and VC table; without a recipe, `plan` (default none) and `sampler` (SamplerDefaults)."""
+    blocks with FP8 qkv and fc1 as `quantized.FusedFp8Block`; `fp8_fast_accum`: FP8 GEMMs without float32
+    promotion), its plan, sampler settings and VC table; without a recipe, `plan` (default none) and `sampler`
+    (SamplerDefaults)."""
     check_apart(out, {"--checkpoint": checkpoint, "--recipe": recipe_dir}, EngineManifest.KIND)
     fields = pipeline_fields(model, plan, recipe_dir, sampler, checkpoint, folder=out)
     engine_model = quantized_module.quantize_for_inference(model, recipe_dir, fused_fp8_mlp=fused_fp8_mlp,
-                                                           fp8_fast_accum=fp8_fast_accum, fused_fp8_norm=fused_fp8_norm,
-                                                           fused_fp8_attention=fused_fp8_attention)
+                                                           fp8_fast_accum=fp8_fast_accum, fused_fp8_norm=fused_fp8_norm)
     fused = sum(isinstance(m, quantized_module.FusedFp8Mlp) for m in engine_model.modules())
     fused_blocks = sum(isinstance(m, quantized_module.FusedFp8Block) for m in engine_model.modules())
-    fused_attentions = sum(isinstance(m, quantized_module.FusedFp8Attention) for m in engine_model.modules())
     for asked, count, what in ((fused_fp8_mlp, fused, "MLP with FP8 fc1 and fc2 to fuse"),
-                               (fused_fp8_norm, fused_blocks, "block with FP8 qkv and fc1 whose norms to fuse"),
-                               (fused_fp8_attention, fused_attentions, "attention with an FP8 output projection")):
+                               (fused_fp8_norm, fused_blocks, "block with FP8 qkv and fc1 whose norms to fuse")):
         if asked and not count:
             raise QandcError(f"{recipe_dir}: no {what} (the recipe's preset or its layers)")
     with staged_folder(out, EngineManifest.KIND) as staging:  # `out` stays as it was until the engines are whole
         result = build_files(engine_model, staging, fields["graphs"], batch_sizes)
         manifest = EngineManifest(**fields, backend=InductorBackend.name, engines=result.engines,
                                   build={**result.record, "fused_fp8_mlps": fused,
-                                         "fused_fp8_norm_blocks": fused_blocks,
-                                         "fused_fp8_attentions": fused_attentions, "fp8_fast_accum": fp8_fast_accum},
+                                         "fused_fp8_norm_blocks": fused_blocks, "fp8_fast_accum": fp8_fast_accum},
                                   versions={"qandc": __version__, "python": platform.python_version(),
                                             **InductorBackend().versions()})
         manifest.write(staging, result.files)

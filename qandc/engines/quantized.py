@@ -13,9 +13,6 @@
   float32 epilogue instead of its bf16 output. With a tensor-wide weight scale the op is
   `qandc::fp8_linear_gelu_quant_tensorwise`: one cuBLASLt call with its GELU epilogue where nvmath-python is
   installed (`cublaslt_fp8.py`), else the same Triton GEMM.
-- `fuse_fp8_attentions` (`fused_fp8_attention=True`): an attention whose output projection is FP8 computes the
-  attention and that projection's activation quantize as one op, `qandc::attention_fp8` (on CUDA a Triton kernel,
-  `triton_attention.py`), so the attention's output is written once, as e4m3, from its float32 result.
 Rounding follows ModelOpt's fake quant (INT8: round-half-even, clamp to [-128, 127], scale amax/127; FP8: scale
 amax/448), so the engines compute what the fake-quant model computes, up to bf16 and accumulation order.
 Everything not quantized runs in bf16.
@@ -30,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QandcError
-from ..model.dit import Attention, DiTBlock, Mlp, modulate
+from ..model.dit import DiTBlock, Mlp, modulate
 
 INT8_MAX, FP8_MAX = 127.0, 448.0
 
@@ -120,31 +117,6 @@ def add_norm_modulate_float32(x, delta, gate, shift, scale, q_scale, eps: float)
 @add_norm_modulate_fp8.register_fake
 def _(x, delta, gate, shift, scale, q_scale, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.float8_e4m3fn)  # contiguous, as the kernel's
-
-
-@torch.library.custom_op("qandc::attention_fp8", mutates_args=())
-def attention_fp8(qkv: torch.Tensor, heads: int, q_scale: torch.Tensor) -> torch.Tensor:
-    """The attention over a qkv projection's output (bf16 [B, T, 3C]: q, k, v, each `heads` heads side by side),
-    quantized to e4m3 with the static scale `q_scale` (the output projection's input scale); e4m3 [B, T, C]."""
-    if qkv.is_cuda:
-        from .triton_attention import attention_fp8 as kernel
-
-        return kernel(qkv, heads, q_scale)
-    return attention_float32(qkv, heads, q_scale)
-
-
-def attention_float32(qkv: torch.Tensor, heads: int, q_scale: torch.Tensor) -> torch.Tensor:
-    """`attention_fp8`'s arithmetic in PyTorch on any device: float32 attention, quantized once (the op's CPU
-    path, and what the GPU kernel is checked against)."""
-    b, t, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    q, k, v = qkv.float().reshape(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    return to_fp8(out.transpose(1, 2).reshape(b, t, c), q_scale)
-
-
-@attention_fp8.register_fake
-def _(qkv, heads, q_scale):
-    return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3), dtype=torch.float8_e4m3fn)
 
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -287,24 +259,6 @@ def fuse_fp8_mlps(model: nn.Module) -> None:
                   lambda mlp: FusedFp8Mlp(mlp.fc1, mlp.fc2))
 
 
-class FusedFp8Attention(Attention):
-    """An attention whose output projection is an FP8 QuantLinear: the attention and the projection's activation
-    quantize as one op (`attention_fp8`), then the projection's `_scaled_mm` on the e4m3 output."""
-
-    def __init__(self, attn: Attention):
-        nn.Module.__init__(self)
-        self.num_heads, self.qkv, self.proj = attn.num_heads, attn.qkv, attn.proj
-
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        return self.proj.from_fp8(attention_fp8(qkv, self.num_heads, self.proj.input_scale))
-
-
-def fuse_fp8_attentions(model: nn.Module) -> None:
-    """Replace, in place, every attention of `model` whose output projection is an FP8 QuantLinear by a
-    FusedFp8Attention."""
-    _replace_each(model, Attention, lambda attn: _is_fp8(attn.proj), FusedFp8Attention)
-
-
 class FusedFp8Block(DiTBlock):
     """A DiT block whose FP8 qkv and fc1 take their e4m3 inputs from `qandc::add_norm_modulate_fp8`: the residual
     add of the branch before and the next branch's LayerNorm, modulation and quantize in one pass. The MLP branch's
@@ -406,13 +360,12 @@ def fuse_fp8_norms(model: nn.Module) -> None:
 
 def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtype=torch.bfloat16,
                            fused_fp8_mlp: bool = False, fp8_fast_accum: bool = False,
-                           fused_fp8_norm: bool = False, fused_fp8_attention: bool = False) -> nn.Module:
+                           fused_fp8_norm: bool = False) -> nn.Module:
     """A copy of `model` in `dtype` with every Linear the recipe quantizes replaced by a QuantLinear carrying the
     recipe's static scales (read from its amax file; ModelOpt is not needed), with `fused_fp8_mlp` its FP8 MLPs
-    fused (`fuse_fp8_mlps`), with `fused_fp8_norm` the residual adds and norms before FP8 qkv and fc1
-    (`fuse_fp8_norms`) and with `fused_fp8_attention` the attentions before FP8 output projections
-    (`fuse_fp8_attentions`); `fp8_fast_accum`: FP8 GEMMs without float32 promotion of the running sum. No recipe:
-    the plain `dtype` model."""
+    fused (`fuse_fp8_mlps`) and with `fused_fp8_norm` the residual adds and norms before FP8 qkv and fc1
+    (`fuse_fp8_norms`); `fp8_fast_accum`: FP8 GEMMs without float32 promotion of the running sum. No recipe: the
+    plain `dtype` model."""
     source = model
     model = copy.deepcopy(model).to(dtype).eval()
     if recipe_dir is None:
@@ -435,8 +388,6 @@ def quantize_for_inference(model: nn.Module, recipe_dir: str | Path | None, dtyp
         setattr(modules[parent], child, layer)
     if fused_fp8_mlp:
         fuse_fp8_mlps(model)
-    if fused_fp8_attention:
-        fuse_fp8_attentions(model)
     if fused_fp8_norm:
         fuse_fp8_norms(model)
     return model
