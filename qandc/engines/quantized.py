@@ -245,18 +245,12 @@ def _is_fp8(layer) -> bool:
     return isinstance(layer, QuantLinear) and layer.fmt == "fp8"
 
 
-def _replace_each(model: nn.Module, kind: type, fusable, fused) -> None:
-    """Replace, in place, every `kind` module of `model` that is `fusable` by `fused(module)`."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, kind) and fusable(module):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, fused(module))
-
-
 def fuse_fp8_mlps(model: nn.Module) -> None:
     """Replace, in place, every MLP of `model` whose fc1 and fc2 are FP8 QuantLinears by a FusedFp8Mlp."""
-    _replace_each(model, Mlp, lambda mlp: _is_fp8(mlp.fc1) and _is_fp8(mlp.fc2),
-                  lambda mlp: FusedFp8Mlp(mlp.fc1, mlp.fc2))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Mlp) and _is_fp8(module.fc1) and _is_fp8(module.fc2):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FusedFp8Mlp(module.fc1, module.fc2))
 
 
 class FusedFp8Block(DiTBlock):
