@@ -17,6 +17,9 @@
 #   bash benchmarks/gpu_session.sh fc1              # gemm's rates at fc1's shape alone (gemm-fc1-h200.json)
 #   bash benchmarks/gpu_session.sh norm             # gemm's norm kernel rates alone
 #   bash benchmarks/gpu_session.sh attention        # DiT-XL/2's attention by each SDPA backend (attention_rates.py)
+#   bash benchmarks/gpu_session.sh fp8attention     # its attention in FP8 by cuDNN against the engines' bf16
+#                                                   # one + quantize, and the padded GEMMs that would feed it
+#                                                   # (fp8_attention.py)
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
 #   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
@@ -28,12 +31,14 @@
 #                                                   # (qandc bench; FULLSTEP="bf16-compiled-50 peers": the rest)
 # Carry `.gpu-bundle` (../shared/tools/gpu-bundle --peers, with EXTRA_WHEELS="fastapi starlette uvicorn h11
 # prometheus_client httpx httpcore anyio sniffio click opentelemetry-api annotated-doc typing_extensions uvloop
-# httptools nvmath-python" for serve and cuBLASLt's FP8 GELU epilogue: fastapi 0.165 imports opentelemetry-api and
-# annotated-doc, the torch machine's typing_extensions lacks what anyio 4.16 imports, uvicorn runs on uvloop and
-# httptools where it finds them; the machine has nvmath's cuda-bindings) and `.gpu-states/NAME.tgz` of earlier calls
-# of this session. Each job's state comes back as $OUT/NAME.tgz (copy it to .gpu-states/), results written on the
-# machine as $OUT/results.tgz. A state missing its rows starts from the committed JSON (--seed-from: the machine and a
-# new checkout keep nothing between sessions). Every job stops itself before the device's 10-minute limit.
+# httptools nvmath-python nvidia-cudnn-frontend==1.16.0" for serve, cuBLASLt's FP8 GELU epilogue and cuDNN's FP8
+# attention: fastapi 0.165 imports opentelemetry-api and annotated-doc, the torch machine's typing_extensions lacks
+# what anyio 4.16 imports, uvicorn runs on uvloop and httptools where it finds them; the machine has nvmath's
+# cuda-bindings; cudnn-frontend 1.16 has no dependencies, later ones pull CUTLASS's DSL) and `.gpu-states/NAME.tgz`
+# of earlier calls of this session. Each job's state comes back as $OUT/NAME.tgz (copy it to .gpu-states/), results
+# written on the machine as $OUT/results.tgz. A state missing its rows starts from the committed JSON (--seed-from:
+# the machine and a new checkout keep nothing between sessions). Every job stops itself before the device's 10-minute
+# limit.
 set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?run on the device machine: \$OUT is where results come back}"
@@ -206,6 +211,11 @@ norm() {  # gemm's norm kernel rates alone (~1 minute)
 
 attention() {  # DiT-XL/2's attention by each SDPA backend, heads as they are and padded (~30 s)
   timeout -s INT $(upto 120) python3 benchmarks/attention_rates.py --out $R/attention-h200.json > "$OUT/attention.log" 2>&1
+}
+
+fp8attention() {  # cuDNN's FP8 attention at DiT-XL/2's shapes (cudnn-frontend 1.16 from the bundle; ~1 minute)
+  timeout -s INT $(upto 200) python3 benchmarks/fp8_attention.py --out $R/fp8-attention-h200.json \
+    > "$OUT/fp8attention.log" 2>&1
 }
 
 serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts of 7 buckets; 12 of 10 buckets since
