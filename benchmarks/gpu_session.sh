@@ -19,7 +19,8 @@
 #   bash benchmarks/gpu_session.sh attention        # DiT-XL/2's attention by each SDPA backend (attention_rates.py)
 #   bash benchmarks/gpu_session.sh fp8attention     # its attention in FP8 by cuDNN against the engines' bf16
 #                                                   # one + quantize, and the padded GEMMs that would feed it
-#                                                   # (fp8_attention.py)
+#                                                   # (fp8_attention.py), then what it costs in FD on the
+#                                                   # reference model (fp8_attention_quality.py, 10k samples)
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
 #   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
@@ -213,9 +214,12 @@ attention() {  # DiT-XL/2's attention by each SDPA backend, heads as they are an
   timeout -s INT $(upto 120) python3 benchmarks/attention_rates.py --out $R/attention-h200.json > "$OUT/attention.log" 2>&1
 }
 
-fp8attention() {  # cuDNN's FP8 attention at DiT-XL/2's shapes (cudnn-frontend 1.16 from the bundle; ~1 minute)
+fp8attention() {  # cuDNN's FP8 attention at DiT-XL/2's shapes (cudnn-frontend 1.16 from the bundle; ~1 minute),
+  # then the reference model's FD with it simulated (a W8A8-FP8 recipe calibrated first; three rows of 10k samples)
   timeout -s INT $(upto 200) python3 benchmarks/fp8_attention.py --out $R/fp8-attention-h200.json \
     > "$OUT/fp8attention.log" 2>&1
+  (cd benchmarks && timeout -s INT $(upto 400) python3 fp8_attention_quality.py \
+     --out results/fp8-attention-quality-h200.json >> "$OUT/fp8attention.log" 2>&1)
 }
 
 serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts of 7 buckets; 12 of 10 buckets since
