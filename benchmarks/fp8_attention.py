@@ -8,8 +8,8 @@ qkv GEMM writes e4m3 padded heads (its weight with zero rows, `_scaled_mm`'s `sc
 reads them (its weight with zero columns): those GEMMs are timed against the engines' too, and a separate quantize +
 pad kernel for the case where the GEMM cannot. Each row: µs a call, `do_bench` and replayed in a CUDA graph (the
 engines' way), or its error; the outputs' relative L2 error to the float32 attention (q, k, v quantized by one scale
-each, and by one scale for all three: what a single GEMM's `scale_result` gives). `per_step`: the three-kernel
-chains' ms a step (28 blocks, CUDA-graph times). Random bf16 inputs (speed, and the arithmetic's error only: the
+each, and by one scale for all three: what a single GEMM's `scale_result` gives). `ms_per_step`: each chain's ms
+a step (28 blocks, CUDA-graph times). Random bf16 inputs (speed, and the arithmetic's error only: the
 model's quality needs the reference model's FD). GPU only, with nvidia-cudnn-frontend (1.16, in the GPU bundle).
 
     python benchmarks/fp8_attention.py --out benchmarks/results/fp8-attention-h200.json
@@ -40,6 +40,7 @@ def timed(call) -> dict:
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want|, L2 over every element."""
     return ((got.float() - want).norm() / want.norm()).item()
 
 
