@@ -24,12 +24,12 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qandc.artifacts import write_json
+from qandc.engines.quantized import FP8_MAX, to_fp8
 from qandc.errors import error_summary
 
 BATCH, TOKENS, HEADS, HEAD_DIM, PADDED, BLOCKS = 32, 256, 16, 72, 80, 28
 ROWS, WIDTH = BATCH * TOKENS, HEADS * HEAD_DIM
 E4M3 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(E4M3).max
 S_SCALE = 256.0  # the probabilities (at most 1) as e4m3: 256 at most, 2^-9 · 256 resolved near 0
 
 
@@ -46,8 +46,8 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def padded_heads(qkv: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """e4m3 [B, T, 3, H, 80] of bf16 qkv [B, T, 3 H 72], each of q, k, v divided by its scale, zero past 72."""
-    heads = qkv.float().reshape(BATCH, TOKENS, 3, HEADS, HEAD_DIM) / scales.reshape(1, 1, 3, 1, 1)
-    return F.pad(heads.clamp(-FP8_MAX, FP8_MAX), (0, PADDED - HEAD_DIM)).to(E4M3)
+    heads = F.pad(qkv.float().reshape(BATCH, TOKENS, 3, HEADS, HEAD_DIM), (0, PADDED - HEAD_DIM))
+    return to_fp8(heads, scales.reshape(1, 1, 3, 1, 1))
 
 
 class CudnnFp8Attention:
@@ -103,8 +103,7 @@ def attention_rows(qkv: torch.Tensor, results: dict) -> dict:
     q, k, v = qkv.reshape(BATCH, TOKENS, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2).reshape(ROWS, WIDTH)
     o_scale = want.abs().amax() / FP8_MAX  # the projection's input scale, as calibration would set it
-    quantize = torch.compile(lambda o: (o.transpose(1, 2).reshape(ROWS, WIDTH).float() / o_scale)
-                             .clamp(-FP8_MAX, FP8_MAX).to(E4M3))
+    quantize = torch.compile(lambda o: to_fp8(o.transpose(1, 2).reshape(ROWS, WIDTH), o_scale))
 
     def cudnn_bf16_then_quantize():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
