@@ -23,11 +23,12 @@ import torch.nn.functional as F
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attention_rates import BATCH, BLOCKS, HEAD_DIM, HEADS, TOKENS, heads
 from qandc.artifacts import write_json
 from qandc.engines.quantized import FP8_MAX, to_fp8
 from qandc.errors import error_summary
 
-BATCH, TOKENS, HEADS, HEAD_DIM, PADDED, BLOCKS = 32, 256, 16, 72, 80, 28
+PADDED = 80  # DiT-XL/2's heads of 72 (attention_rates.py's shapes), padded to a multiple of 16
 ROWS, WIDTH = BATCH * TOKENS, HEADS * HEAD_DIM
 E4M3 = torch.float8_e4m3fn
 S_SCALE = 256.0  # the probabilities (at most 1) as e4m3: 256 at most, 2^-9 · 256 resolved near 0
@@ -46,8 +47,8 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def padded_heads(qkv: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """e4m3 [B, T, 3, H, 80] of bf16 qkv [B, T, 3 H 72], each of q, k, v divided by its scale, zero past 72."""
-    heads = F.pad(qkv.float().reshape(BATCH, TOKENS, 3, HEADS, HEAD_DIM), (0, PADDED - HEAD_DIM))
-    return to_fp8(heads, scales.reshape(1, 1, 3, 1, 1))
+    padded = F.pad(qkv.float().reshape(BATCH, TOKENS, 3, HEADS, HEAD_DIM), (0, PADDED - HEAD_DIM))
+    return to_fp8(padded, scales.reshape(1, 1, 3, 1, 1))
 
 
 class CudnnFp8Attention:
@@ -100,7 +101,7 @@ class CudnnFp8Attention:
 def attention_rows(qkv: torch.Tensor, results: dict) -> dict:
     """The attention rows into `results`; their outputs' relative errors to the float32 attention, by row (the
     one-scale row: q, k, v quantized by one scale, timed as the other)."""
-    q, k, v = qkv.reshape(BATCH, TOKENS, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+    q, k, v = heads(qkv, 0)
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2).reshape(ROWS, WIDTH)
     o_scale = want.abs().amax() / FP8_MAX  # the projection's input scale, as calibration would set it
     quantize = torch.compile(lambda o: to_fp8(o.transpose(1, 2).reshape(ROWS, WIDTH), o_scale))
