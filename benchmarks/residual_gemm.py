@@ -10,15 +10,15 @@ w^T · scales + bias) + x. Rows, at the projection's and fc2's shapes (K 1152 an
 - `cublaslt_alpha_vector`: one cuBLASLt call (nvmath-python's bindings) batched over the images: FP8 operands, alpha
   a device vector of each image (gate · the operands' scales, ALPHA_DEVICE_VECTOR_BETA_HOST with its batch stride),
   the bias epilogue with a bias of each image (gate · bias), beta 1 with C = x: D = x' in bf16; then
-  `triton_norm.norm_modulate_fp8` on it;
-  (`cublaslt_alpha_vector_no_bias`: without the bias epilogue, should cuBLASLt refuse it; its x_error counts the
-  bias left out);
+  `triton_norm.norm_modulate_fp8` on it (`cublaslt_alpha_vector_no_bias`: without the bias epilogue, should
+  cuBLASLt refuse it; its x_error counts the bias left out);
 - `cudnn_fused`: a cuDNN graph (cudnn-frontend): FP8 matmul, × the scales, + bias, × gate [B, 1, N], + x -> x'
   bf16; then the same norm kernel.
 Each row, per shape: `gemm_us`, `norm_us` and `pair_us` (both as one call), replayed in a CUDA graph (the engines'
 way); `x_error`, x' against float32 arithmetic on the same e4m3 operands (relative L2), and `e4m3_equal`, the share of
 the norm's e4m3 output equal to the `engines` row's; or `error` where the library refused it. `ms_per_step`: the
-pairs of both shapes, 28 blocks. Whether cuBLASLt takes an alpha vector with FP8 operands, and cuDNN such an epilogue
+pairs of both shapes, 28 blocks (the [B, N] products of gate with the scales and the bias not timed: the adaLN
+GEMM's epilogue would give them). Whether cuBLASLt takes an alpha vector with FP8 operands, and cuDNN such an epilogue
 on a Hopper GEMM, is what this finds out. GPU only (nvmath-python and nvidia-cudnn-frontend from the GPU bundle).
 
     python benchmarks/residual_gemm.py --out benchmarks/results/residual-gemm-h200.json
