@@ -7,13 +7,14 @@ w^T · scales + bias) + x. Rows, at the projection's and fc2's shapes (K 1152 an
 - `engines`: `_scaled_mm` (bf16 out, bias, fast accumulation), then `add_norm_modulate_fp8` (what the engines run);
 - `scaled_mm_e4m3_out`: the GEMM writing delta as e4m3 at its own scale (folded into gate), the same norm kernel
   reading it (half of delta's bytes, both ways; costs delta's precision);
+- `cudnn_fused`: a cuDNN graph (cudnn-frontend): FP8 matmul, × the scales, + bias, × gate [B, 1, N], + x -> x'
+  bf16; then `triton_norm.norm_modulate_fp8` on it;
 - `cublaslt_alpha_vector`: one cuBLASLt call (nvmath-python's bindings) batched over the images: FP8 operands, alpha
   a device vector of each image (gate · the operands' scales, ALPHA_DEVICE_VECTOR_BETA_HOST with its batch stride),
-  the bias epilogue with a bias of each image (gate · bias), beta 1 with C = x: D = x' in bf16; then
-  `triton_norm.norm_modulate_fp8` on it (`cublaslt_alpha_vector_no_bias`: without the bias epilogue, should
-  cuBLASLt refuse it; its x_error counts the bias left out);
-- `cudnn_fused`: a cuDNN graph (cudnn-frontend): FP8 matmul, × the scales, + bias, × gate [B, 1, N], + x -> x'
-  bf16; then the same norm kernel.
+  the bias epilogue with a bias of each image (gate · bias), beta 1 with C = x: D = x' in bf16; then the same norm
+  kernel (`cublaslt_alpha_vector_no_bias`: without the bias epilogue, should cuBLASLt refuse it; its x_error counts
+  the bias left out). Last, as they call cuBLASLt with raw pointers: the JSON is written after every row, so that
+  the rows before survive a crash there.
 Each row, per shape: `gemm_us`, `norm_us` and `pair_us` (both as one call), replayed in a CUDA graph (the engines'
 way); `x_error`, x' against float32 arithmetic on the same e4m3 operands (relative L2), and `e4m3_equal`, the share of
 the norm's e4m3 output equal to the `engines` row's; or `error` where the library refused it. `ms_per_step`: the
@@ -50,8 +51,8 @@ class Operands:
     """One shape's inputs as the engines hold them: e4m3 activations and weight with tensor-wide scales, a bf16 bias,
     the residual stream x and the adaLN chunks (gate, shift, scale) of each image, the norm's e4m3 scale."""
 
-    def __init__(self, k: int):
-        rows = BATCH * TOKENS
+    def __init__(self, shape: str, k: int):
+        self.shape, rows = shape, BATCH * TOKENS
         self.a = torch.randn(rows, k, device="cuda").to(E4M3)
         self.w = (torch.randn(WIDTH, k, device="cuda") * 4).to(E4M3)
         self.scale_a, self.scale_w = torch.tensor(0.05, device="cuda"), torch.tensor(0.01, device="cuda")
@@ -228,25 +229,28 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {}
-    for shape, k in SHAPES.items():
-        o = Operands(k)
-        engines = engines_calls(o)
-        engines_q = engines[3]()[1]
-        makers = {"engines": lambda: engines, "scaled_mm_e4m3_out": lambda: scaled_mm_e4m3_out_calls(o),
-                  "cublaslt_alpha_vector": lambda: fused_calls(CublasLtResidualGemm(o), o),
-                  "cublaslt_alpha_vector_no_bias": lambda: fused_calls(CublasLtResidualGemm(o, with_bias=False), o),
-                  "cudnn_fused": lambda: fused_calls(CudnnResidualGemm(o), o)}
-        for name, make in makers.items():
+    operands = {shape: Operands(shape, k) for shape, k in SHAPES.items()}
+    engines = {shape: engines_calls(o) for shape, o in operands.items()}
+    engines_q = {shape: calls[3]()[1] for shape, calls in engines.items()}
+    # row by row over both shapes, the raw-pointer cuBLASLt calls last: should one bring the process down, every
+    # row before it is written
+    makers = {"engines": lambda o: engines[o.shape], "scaled_mm_e4m3_out": scaled_mm_e4m3_out_calls,
+              "cudnn_fused": lambda o: fused_calls(CudnnResidualGemm(o), o),
+              "cublaslt_alpha_vector": lambda o: fused_calls(CublasLtResidualGemm(o), o),
+              "cublaslt_alpha_vector_no_bias": lambda o: fused_calls(CublasLtResidualGemm(o, with_bias=False), o)}
+    results, steps = {}, {}
+    for name, make in makers.items():
+        for shape, o in operands.items():
+            results.setdefault(name, {})
             try:
-                results.setdefault(name, {})[shape] = row(make(), o, None if name == "engines" else engines_q)
+                results[name][shape] = row(make(o), o, None if name == "engines" else engines_q[shape])
             except Exception as e:  # a library refusing the graph or the pointer mode: recorded, not fatal
-                results.setdefault(name, {})[shape] = {"error": error_summary(e)}
+                results[name][shape] = {"error": error_summary(e)}
             print(f"{shape:5s} {name:30s} {results[name][shape]}", flush=True)
-    steps = {name: sum(r[s]["pair_us"] for s in SHAPES) * BLOCKS / 1e3 for name, r in results.items()
-             if all("pair_us" in r[s] for s in SHAPES)}
-    write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                          "shape_btc": [BATCH, TOKENS, WIDTH], "k": SHAPES, "rows": results, "ms_per_step": steps})
+        steps = {row_name: sum(r[s]["pair_us"] for s in SHAPES) * BLOCKS / 1e3 for row_name, r in results.items()
+                 if all("pair_us" in r[s] for s in SHAPES)}
+        write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "shape_btc": [BATCH, TOKENS, WIDTH], "k": SHAPES, "rows": results, "ms_per_step": steps})
     for name, ms in steps.items():
         print(f"{name:30s} {ms:6.2f} ms a step")
 
