@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: class-balanced image generation and writing a results table."""
+"""Shared by the benchmark scripts: class-balanced image generation, writing a results table, timing a GPU call."""
 
 from pathlib import Path
 
@@ -23,6 +23,14 @@ def generate_images(model, n: int, steps: int, sampler: str, plan, cfg_scale: fl
             raise RuntimeError("non-finite samples")
         images.append(to_uint8(model_to_images(out, model.config))[..., 0])
     return np.concatenate(images), labels.numpy()
+
+
+def cuda_graph_us(call) -> float:
+    """µs of `call` a call replayed in a CUDA graph, as the engines run (median of Triton's `do_bench_cudagraph`;
+    GPU only: Triton imported here, not by the CPU's benchmarks)."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") * 1e3
 
 
 def ran_on(state: Path, device: torch.device) -> dict:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _common import cuda_graph_us
 from attention_rates import BATCH, BLOCKS, HEAD_DIM, HEADS, TOKENS, heads
 from qandc.artifacts import write_json
 from qandc.engines.quantized import FP8_MAX, to_fp8
@@ -37,7 +38,7 @@ S_SCALE = 256.0  # the probabilities (at most 1) as e4m3: 256 at most, 2^-9 · 2
 def timed(call) -> dict:
     """µs of `call` a call: `do_bench` and replayed in a CUDA graph."""
     return {"us": triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3,
-            "us_cuda_graph": triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") * 1e3}
+            "us_cuda_graph": cuda_graph_us(call)}
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

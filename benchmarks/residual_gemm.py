@@ -29,8 +29,8 @@ import argparse
 
 import numpy as np
 import torch
-import triton.testing
 
+from _common import cuda_graph_us
 from qandc.artifacts import write_json
 from qandc.engines import triton_norm
 from qandc.engines.quantized import FP8_MAX
@@ -40,11 +40,6 @@ BATCH, TOKENS, WIDTH, BLOCKS, EPS = 32, 256, 1152, 28, 1e-6
 SHAPES = {"proj": WIDTH, "fc2": 4 * WIDTH}  # the GEMM's K; N is WIDTH for both
 E4M3 = torch.float8_e4m3fn
 WORKSPACE = 32 << 20
-
-
-def cuda_graph_us(call) -> float:
-    """µs of `call` a call, replayed in a CUDA graph (median)."""
-    return triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") * 1e3
 
 
 class Operands:
@@ -74,25 +69,18 @@ class Operands:
         return triton_norm.norm_modulate_fp8(x, self.shift, self.scale, self.q_scale, EPS)
 
 
-def engines_calls(o: Operands) -> tuple:
-    def gemm():
-        return torch._scaled_mm(o.a, o.w.t(), scale_a=o.scale_a, scale_b=o.scale_w, bias=o.bias,
-                                out_dtype=torch.bfloat16, use_fast_accum=True).reshape(BATCH, TOKENS, WIDTH)
-    delta = gemm()
-
-    def norm(delta=delta):
-        return triton_norm.add_norm_modulate_fp8(o.x, delta, o.gate, o.shift, o.scale, o.q_scale, EPS)
-    return gemm, norm, lambda: norm(gemm()), lambda: norm()
-
-
-def scaled_mm_e4m3_out_calls(o: Operands) -> tuple:
-    inverse, adaln = 1 / o.delta_scale, o.adaln.clone()
-    gate = o.chunks(adaln)[2]
-    gate.copy_(o.gate.float() * o.delta_scale)  # delta's scale folded into gate, in the adaLN output's layout
+def scaled_mm_calls(o: Operands, e4m3_out: bool = False) -> tuple:
+    """`_scaled_mm` then `add_norm_modulate_fp8`, as the engines run them; `e4m3_out`: the GEMM writes delta as e4m3 at
+    its own scale, folded into gate (in the adaLN output's layout, as the kernel reads it)."""
+    gate, out = o.gate, {"out_dtype": torch.bfloat16}
+    if e4m3_out:
+        gate = o.chunks(o.adaln.clone())[2]
+        gate.copy_(o.gate.float() * o.delta_scale)
+        out = {"out_dtype": E4M3, "scale_result": 1 / o.delta_scale}
 
     def gemm():
-        return torch._scaled_mm(o.a, o.w.t(), scale_a=o.scale_a, scale_b=o.scale_w, bias=o.bias, out_dtype=E4M3,
-                                scale_result=inverse, use_fast_accum=True).reshape(BATCH, TOKENS, WIDTH)
+        return torch._scaled_mm(o.a, o.w.t(), scale_a=o.scale_a, scale_b=o.scale_w, bias=o.bias, use_fast_accum=True,
+                                **out).reshape(BATCH, TOKENS, WIDTH)
     delta = gemm()
 
     def norm(delta=delta):
@@ -230,11 +218,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     operands = {shape: Operands(shape, k) for shape, k in SHAPES.items()}
-    engines = {shape: engines_calls(o) for shape, o in operands.items()}
+    engines = {shape: scaled_mm_calls(o) for shape, o in operands.items()}
     engines_q = {shape: calls[3]()[1] for shape, calls in engines.items()}
     # row by row over both shapes, the raw-pointer cuBLASLt calls last: should one bring the process down, every
     # row before it is written
-    makers = {"engines": lambda o: engines[o.shape], "scaled_mm_e4m3_out": scaled_mm_e4m3_out_calls,
+    makers = {"engines": lambda o: engines[o.shape], "scaled_mm_e4m3_out": lambda o: scaled_mm_calls(o, e4m3_out=True),
               "cudnn_fused": lambda o: fused_calls(CudnnResidualGemm(o), o),
               "cublaslt_alpha_vector": lambda o: fused_calls(CublasLtResidualGemm(o), o),
               "cublaslt_alpha_vector_no_bias": lambda o: fused_calls(CublasLtResidualGemm(o, with_bias=False), o)}

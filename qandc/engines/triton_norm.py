@@ -109,32 +109,31 @@ def add_norm_modulate_fp8(x: torch.Tensor, delta: torch.Tensor, gate: torch.Tens
                           scale: torch.Tensor, q_scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + gate · delta, its LayerNorm (eps) modulated and quantized to e4m3 with the static scale q_scale) for x,
     delta [B, T, C] bf16 and gate, shift, scale [B, C] (chunks of the adaLN output: rows of one stride)."""
-    b, t, c = x.shape
     x, delta = x.contiguous(), delta.contiguous()
-    if not (gate.stride() == shift.stride() == scale.stride() and shift.stride(1) == 1):
-        gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
     x_out = torch.empty_like(x)
-    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    grid = lambda meta: (triton.cdiv(b * t, meta["ROWS"]),)  # noqa: E731
     # launched as Inductor launches the engines' own kernels: dependent where `triton.enable_pdl` is set
     # (TORCHINDUCTOR_ENABLE_PDL=1), so that one switch makes the whole step's Triton kernels dependent launches. Off
     # by default: on the H200 the FP8 step gained nothing by it (session 25, README's bench section)
     dependent = {"launch_pdl": True} if getattr(inductor_config.triton, "enable_pdl", False) else {}
-    _add_norm_modulate_fp8_kernel[grid](x, delta, gate, shift, scale, q_scale.float().reshape(1), x_out, q, b * t, c,
-                                        t, shift.stride(0), eps, **blocks(c), DEPENDENT=bool(dependent), **dependent)
-    return x_out, q
+    return x_out, _launch(x, delta, gate, shift, scale, q_scale, eps, x_out, DEPENDENT=bool(dependent), **dependent)
 
 
 def norm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, q_scale: torch.Tensor,
                       eps: float) -> torch.Tensor:
     """`add_norm_modulate_fp8` of a residual stream x [B, T, C] bf16 whose residual add is done already (by the
     GEMM before it, `benchmarks/residual_gemm.py`): the e4m3 of its LayerNorm, modulated, quantized with q_scale."""
-    b, t, c = x.shape
     x = x.contiguous()
-    if not (shift.stride() == scale.stride() and shift.stride(1) == 1):
-        shift, scale = shift.contiguous(), scale.contiguous()
+    return _launch(x, x, shift, shift, scale, q_scale, eps, x, DEPENDENT=False, HAS_DELTA=False)
+
+
+def _launch(x, delta, gate, shift, scale, q_scale, eps, x_out, **options) -> torch.Tensor:
+    """The kernel over contiguous x [B, T, C] (gate, shift and scale made one stride where they are not); its e4m3
+    output. `options`: its DEPENDENT, HAS_DELTA and launch options."""
+    b, t, c = x.shape
+    if not (gate.stride() == shift.stride() == scale.stride() and shift.stride(1) == 1):
+        gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     grid = lambda meta: (triton.cdiv(b * t, meta["ROWS"]),)  # noqa: E731
-    _add_norm_modulate_fp8_kernel[grid](x, x, shift, shift, scale, q_scale.float().reshape(1), x, q, b * t, c, t,
-                                        shift.stride(0), eps, **blocks(c), DEPENDENT=False, HAS_DELTA=False)
+    _add_norm_modulate_fp8_kernel[grid](x, delta, gate, shift, scale, q_scale.float().reshape(1), x_out, q, b * t, c,
+                                        t, shift.stride(0), eps, **blocks(c), **options)
     return q
