@@ -167,8 +167,9 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
   # carried in .gpu-states within a session and committed as $R/fullstep-autotune-timings-h200.tgz, which every call
   # unpacks first: a fresh machine reads them instead of timing every choice again: in session 17 that took
   # 123 s for the bf16 peer's GEMM shapes and 272 s for the FP8 peer's, 45-76 s an FP8 shape of 106 choices; the
-  # peers' rows then say their cache was not empty)
-  timeout -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card h200-fullstep --state /tmp/qandc-fullstep \
+  # peers' rows then say their cache was not empty). FULLSTEP_CARD names the results' file (bench-<card>.json;
+  # default h200-fullstep): a sitting of other rows alone writes its own
+  timeout -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card ${FULLSTEP_CARD:-h200-fullstep} --state /tmp/qandc-fullstep \
     --work /tmp/fullstep-work --budget-s 400 \
     --only ${FULLSTEP:-fp8-fused-only fp8-floor peer-torchao-fp8-tensor peer-compile-bf16} > "$OUT/fullstep.log" 2>&1
   echo "qandc bench exit status $?" >> "$OUT/fullstep.log"
