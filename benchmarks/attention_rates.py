@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qandc.artifacts import write_json
 from qandc.errors import error_summary
+from qandc.model.dit import split_heads
 
 BATCH, TOKENS, HEADS, HEAD_DIM, BLOCKS = 32, 256, 16, 72, 28
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -29,7 +30,7 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 
 def heads(qkv: torch.Tensor, pad: int) -> tuple[torch.Tensor, ...]:
     """q, k, v [B, H, T, D + pad] as the model views them out of qkv [B, T, 3 H D] (zero-padded when `pad`)."""
-    q, k, v = qkv.reshape(BATCH, TOKENS, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+    q, k, v = split_heads(qkv, HEADS)
     return tuple(F.pad(t, (0, pad)) for t in (q, k, v)) if pad else (q, k, v)
 
 

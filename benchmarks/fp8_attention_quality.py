@@ -28,7 +28,7 @@ from qandc.engines.quantized import FP8_MAX, to_fp8
 from qandc.metrics.evaluate import image_similarity, score
 from qandc.model import load_checkpoint
 from qandc.model.checkpoint import REFERENCE_CHECKPOINT
-from qandc.model.dit import Attention
+from qandc.model.dit import Attention, split_heads
 from qandc.sampling import CachePlan
 
 STEPS, P_SCALE = 50, 256.0
@@ -39,15 +39,9 @@ def fake_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
     return to_fp8(x, scale).float() * scale
 
 
-def heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v [B, H, T, D] of the qkv projection's output, as `Attention.attend` views them."""
-    b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    return tuple(qkv.reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4))
-
-
 def fp8_attend(self: Attention, qkv: torch.Tensor) -> torch.Tensor:
     """`Attention.attend` with the attention in FP8 (see the module's docstring); `self.fp8_scales`: q, k, v's."""
-    q, k, v = (fake_e4m3(t, s) for t, s in zip(heads(self, qkv), self.fp8_scales))
+    q, k, v = (fake_e4m3(t, s) for t, s in zip(split_heads(qkv, self.num_heads), self.fp8_scales))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     unnormalised = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
     out = fake_e4m3(unnormalised, 1 / P_SCALE) @ v / unnormalised.sum(dim=-1, keepdim=True)
@@ -62,7 +56,7 @@ def calibrate_attention(model, images: int, batch: int, seed: int) -> dict:
 
     def recorder(name: str, attn: Attention):
         def record(layer, inputs, qkv):
-            found = torch.stack([t.abs().amax() for t in heads(attn, qkv)]).float()
+            found = torch.stack([t.abs().amax() for t in split_heads(qkv, attn.num_heads)]).float()
             amax[name] = torch.maximum(amax[name], found) if name in amax else found
         return record
     hooks = [m.qkv.register_forward_hook(recorder(name, m)) for name, m in model.named_modules()

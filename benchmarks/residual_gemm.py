@@ -228,8 +228,8 @@ def main() -> None:
               "cublaslt_alpha_vector_no_bias": lambda o: fused_calls(CublasLtResidualGemm(o, with_bias=False), o)}
     results, steps = {}, {}
     for name, make in makers.items():
+        results[name] = {}
         for shape, o in operands.items():
-            results.setdefault(name, {})
             try:
                 results[name][shape] = row(make(o), o, None if name == "engines" else engines_q[shape])
             except Exception as e:  # a library refusing the graph or the pointer mode: recorded, not fatal

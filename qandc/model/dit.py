@@ -190,6 +190,13 @@ class ConditionEmbedder(nn.Module):
         return self.t_embedder(t) + self.y_embedder(y)
 
 
+def split_heads(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """q, k, v stacked [3, B, H, T, D] of a qkv projection's output [B, T, 3C] (q, k, v, each `heads` heads side by
+    side)."""
+    b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    return qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -203,7 +210,7 @@ class Attention(nn.Module):
     def attend(self, qkv):
         """The attention and its output projection, from the qkv projection's output [B, T, 3C]."""
         b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = split_heads(qkv, self.num_heads)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
