@@ -30,7 +30,7 @@ from .artifacts import atomic_path, write_json
 from .engines import cublaslt_fp8
 from .errors import QandcError
 from .sampling.plan import DEFAULT_PLAN_SEARCH, default_plan_shape
-from .step_peers import PEER_STAGES, back_to_back_ms, measure_peer, median_ms, peer
+from .step_peers import PEER_STAGES, back_to_back_ms, compiled_summary, measure_peer, median_ms, peer
 
 BATCH, STEPS, CFG, SEED = 16, 50, 1.5, 0
 CACHE_PLAN = "interval=3"  # the first ablation's plan: full step every 3rd, reuse all branches
@@ -375,7 +375,8 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
                         "reload_s: the same after torch.compiler.reset()",
                         "peers: the same DiT-XL/2 weights and full-step inputs (32 rows) run by other stacks "
                         "(qandc.step_peers); compile_s: their first compile in the process, recompile_s: again after "
-                        "torch.compiler.reset()",
+                        "torch.compiler.reset(); compiled: that compile's graphs, graph breaks and graphs run "
+                        "without CUDA graphs (cudagraph_skips, with Inductor's reasons)",
                         "sitting: the machine's boot a row was measured on; full_step_speedup_vs_best_peer compares "
                         "the fastest row with the peers of its sitting only (sittings: how many the rows span)",
                         "ms_full_step: one call at a time, each waited for (the host's launch included); "
@@ -535,8 +536,8 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
                 unmeasured = row.get("skipped") or row.get("failed")
                 print(f"{model_name:10s} {name:20s} " + (f"not measured: {unmeasured}" if unmeasured else
                       f"full {row['ms_full_step']:7.2f} ms ({row['ms_full_step_back_to_back']:.2f} back to back)  "
-                      f"compile {row['compile_s']:.0f} s, again "
-                      f"{row['recompile_s']:.0f} s"), flush=True)
+                      f"compile {row['compile_s']:.0f} s, again {row['recompile_s']:.0f} s  "
+                      f"{compiled_summary(row['compiled'])}"), flush=True)
                 _release()
                 continue
             config = configs[name]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -116,11 +117,55 @@ def kept_settings():
         torch.set_float32_matmul_precision(precision)
 
 
+# where Inductor says why it runs a graph without CUDA graphs (torch._inductor.cudagraph_utils' "cudagraphs" artifact
+# logger: it does not print unless TORCH_LOGS names it, but its warnings reach a handler of its own)
+CUDAGRAPH_SKIP_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+
+
+@contextlib.contextmanager
+def compile_report():
+    """Yield a dict that, on exit, says how torch.compile ran what was called inside: `graphs` compiled by Dynamo,
+    `graph_breaks` (reason -> count), `cudagraph_skips` (graphs run without CUDA graphs) and the reasons Inductor
+    logged for them (`cudagraph_skip_reasons`) — why a step's one call can be slower than its calls back to back."""
+    from torch._dynamo.utils import counters
+
+    reasons: list[str] = []
+
+    class Reasons(logging.Handler):
+        def emit(self, record):
+            reasons.append(record.getMessage())
+
+    before = {key: dict(counters[key]) for key in ("stats", "graph_break", "inductor")}
+    handler, logger = Reasons(logging.WARNING), logging.getLogger(CUDAGRAPH_SKIP_LOGGER)
+    logger.addHandler(handler)
+    report: dict = {}
+    try:
+        yield report
+    finally:
+        logger.removeHandler(handler)
+
+        def added(key, name):
+            return counters[key][name] - before[key].get(name, 0)
+
+        report["graphs"] = added("stats", "unique_graphs")
+        report["graph_breaks"] = {r: added("graph_break", r) for r in counters["graph_break"]
+                                  if added("graph_break", r)}
+        report["cudagraph_skips"] = added("inductor", "cudagraph_skips")
+        report["cudagraph_skip_reasons"] = sorted(set(reasons))
+
+
+def compiled_summary(report: dict) -> str:
+    """One line of a `compile_report`: graphs, graph breaks, graphs without CUDA graphs and why."""
+    why = "; ".join(report["cudagraph_skip_reasons"])
+    return (f"{report['graphs']} graph(s), {sum(report['graph_breaks'].values())} break(s), "
+            f"{report['cudagraph_skips']} without CUDA graphs" + (f" ({why})" if why else ""))
+
+
 def measure_peer(p: Peer, model, rows: int, inductor_cache: str | None = None) -> dict:
     """A bench row: the peer's median ms per full step at `rows` rows (CUDA events, after warm-up), its compile
     time in this process (`compile_s`; a cold compile only when `inductor_cache_was_empty`) and again after
-    torch.compiler.reset() from Inductor's caches (`recompile_s`); `skipped` with the reason where it cannot run,
-    `failed` with the error where it failed."""
+    torch.compiler.reset() from Inductor's caches (`recompile_s`), how that compile ran (`compiled`:
+    `compile_report`); `skipped` with the reason where it cannot run, `failed` with the error where it failed."""
     row = {"name": p.name, "what": p.what, "rows": rows, "compile_mode": PEER_COMPILE_MODE, "torch": torch.__version__}
     try:
         with kept_settings():
@@ -165,15 +210,17 @@ def _measure(p: Peer, model, rows: int, inductor_cache: str | None) -> dict:
     row["compile_s"] = _first_call_s(torch.compile(module, mode=PEER_COMPILE_MODE), step, x, t, y)
     torch.compiler.reset()
     compiled = torch.compile(module, mode=PEER_COMPILE_MODE)
-    row["recompile_s"] = _first_call_s(compiled, step, x, t, y)
 
     def call():
         torch.compiler.cudagraph_mark_step_begin()  # each call a new step of Inductor's CUDA graph trees
         with torch.no_grad():
             return step(compiled, x, t, y)
 
-    for _ in range(3):
-        out = call()
+    with compile_report() as report:  # of the compile that is timed, through the warm-up's CUDA graph recording
+        row["recompile_s"] = _first_call_s(compiled, step, x, t, y)
+        for _ in range(3):
+            out = call()
+    row["compiled"] = report
     if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite output")
     row["ms_full_step"] = median_ms(call, 20)
