@@ -125,7 +125,8 @@ CUDAGRAPH_SKIP_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
 @contextlib.contextmanager
 def compile_report():
     """Yield a dict that, on exit, says how torch.compile ran what was called inside: `graphs` compiled by Dynamo,
-    `graph_breaks` (reason -> count), `cudagraph_skips` (graphs run without CUDA graphs) and the reasons Inductor
+    `graph_breaks` (reason -> count), Inductor's FX graph cache hits, misses and bypasses (`fx_graph_cache`: a
+    compile from the cache is fast), `cudagraph_skips` (graphs run without CUDA graphs) and the reasons Inductor
     logged for them (`cudagraph_skip_reasons`) — why a step's one call can be slower than its calls back to back."""
     from torch._dynamo.utils import counters
 
@@ -150,14 +151,18 @@ def compile_report():
         report["graphs"] = added("stats", "unique_graphs")
         report["graph_breaks"] = {r: added("graph_break", r) for r in counters["graph_break"]
                                   if added("graph_break", r)}
+        report["fx_graph_cache"] = {kind: added("inductor", f"fxgraph_cache_{kind}")
+                                    for kind in ("hit", "miss", "bypass")}
         report["cudagraph_skips"] = added("inductor", "cudagraph_skips")
         report["cudagraph_skip_reasons"] = sorted(set(reasons))
 
 
 def compiled_summary(report: dict) -> str:
-    """One line of a `compile_report`: graphs, graph breaks, graphs without CUDA graphs and why."""
+    """One line of a `compile_report`: graphs, graph breaks, cache use, graphs without CUDA graphs and why."""
     why = "; ".join(report["cudagraph_skip_reasons"])
+    cache = ", ".join(f"{n} {kind}" for kind, n in report["fx_graph_cache"].items() if n)
     return (f"{report['graphs']} graph(s), {sum(report['graph_breaks'].values())} break(s), "
+            f"FX graph cache: {cache or 'not used'}, "
             f"{report['cudagraph_skips']} without CUDA graphs" + (f" ({why})" if why else ""))
 
 

@@ -57,7 +57,7 @@ def test_settings_a_peer_changes_do_not_outlive_it():
     assert torch._inductor.config.coordinate_descent_tuning == tuning
 
 
-def test_a_compile_report_counts_graphs_breaks_and_cudagraph_skips():
+def test_a_compile_report_counts_graphs_breaks_cache_hits_and_cudagraph_skips():
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
     from qandc.step_peers import compile_report, compiled_summary
@@ -67,15 +67,19 @@ def test_a_compile_report_counts_graphs_breaks_and_cudagraph_skips():
         torch._dynamo.graph_break()
         return x + 1
 
-    compiled = torch.compile(step, backend="eager")
     with compile_report() as report:
+        compiled = torch.compile(step)
         compiled(torch.ones(3))
         compiled(torch.ones(3))  # runs the graphs already compiled: nothing new
         log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to cpu device (x)")  # as Inductor logs one
     assert report["graphs"] == 2 and sum(report["graph_breaks"].values()) == 1
+    assert report["fx_graph_cache"]["hit"] + report["fx_graph_cache"]["miss"] == 2  # a hit where an earlier run left it
     assert report["cudagraph_skips"] == 1
     assert report["cudagraph_skip_reasons"] == ["skipping cudagraphs due to cpu device (x)"]
-    assert "2 graph(s), 1 break(s), 1 without CUDA graphs (skipping" in compiled_summary(report)
+    assert "2 graph(s), 1 break(s), FX graph cache: " in compiled_summary(report)
+    assert compiled_summary(report).endswith("1 without CUDA graphs (skipping cudagraphs due to cpu device (x))")
+    torch.compiler.reset()
     with compile_report() as again:
-        compiled(torch.ones(3))
-    assert again == {"graphs": 0, "graph_breaks": {}, "cudagraph_skips": 0, "cudagraph_skip_reasons": []}
+        torch.compile(step)(torch.ones(3))
+    assert again["graphs"] == 2 and again["fx_graph_cache"] == {"hit": 2, "miss": 0, "bypass": 0}
+    assert again["cudagraph_skips"] == 0 and again["cudagraph_skip_reasons"] == []
