@@ -375,8 +375,8 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
                         "reload_s: the same after torch.compiler.reset()",
                         "peers: the same DiT-XL/2 weights and full-step inputs (32 rows) run by other stacks "
                         "(qandc.step_peers); compile_s: their first compile in the process, recompile_s: again after "
-                        "torch.compiler.reset(); compiled: that compile's graphs, graph breaks, FX graph cache hits "
-                        "and graphs run without CUDA graphs (cudagraph_skips, with Inductor's reasons)",
+                        "torch.compiler.reset(); compile_report: that compile's graphs, graph breaks, FX graph "
+                        "cache hits and graphs run without CUDA graphs (cudagraph_skips, with Inductor's reasons)",
                         "sitting: the machine's boot a row was measured on; full_step_speedup_vs_best_peer compares "
                         "the fastest row with the peers of its sitting only (sittings: how many the rows span)",
                         "ms_full_step: one call at a time, each waited for (the host's launch included); "
@@ -537,7 +537,7 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
                 print(f"{model_name:10s} {name:20s} " + (f"not measured: {unmeasured}" if unmeasured else
                       f"full {row['ms_full_step']:7.2f} ms ({row['ms_full_step_back_to_back']:.2f} back to back)  "
                       f"compile {row['compile_s']:.0f} s, again {row['recompile_s']:.0f} s  "
-                      f"{compiled_summary(row['compiled'])}"), flush=True)
+                      f"{compiled_summary(row['compile_report'])}"), flush=True)
                 _release()
                 continue
             config = configs[name]

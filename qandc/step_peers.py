@@ -169,8 +169,8 @@ def compiled_summary(report: dict) -> str:
 def measure_peer(p: Peer, model, rows: int, inductor_cache: str | None = None) -> dict:
     """A bench row: the peer's median ms per full step at `rows` rows (CUDA events, after warm-up), its compile
     time in this process (`compile_s`; a cold compile only when `inductor_cache_was_empty`) and again after
-    torch.compiler.reset() from Inductor's caches (`recompile_s`), how that compile ran (`compiled`:
-    `compile_report`); `skipped` with the reason where it cannot run, `failed` with the error where it failed."""
+    torch.compiler.reset() from Inductor's caches (`recompile_s`), how that compile ran (`compile_report`);
+    `skipped` with the reason where it cannot run, `failed` with the error where it failed."""
     row = {"name": p.name, "what": p.what, "rows": rows, "compile_mode": PEER_COMPILE_MODE, "torch": torch.__version__}
     try:
         with kept_settings():
@@ -225,7 +225,7 @@ def _measure(p: Peer, model, rows: int, inductor_cache: str | None) -> dict:
         row["recompile_s"] = _first_call_s(compiled, step, x, t, y)
         for _ in range(3):
             out = call()
-    row["compiled"] = report
+    row["compile_report"] = report
     if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite output")
     row["ms_full_step"] = median_ms(call, 20)
