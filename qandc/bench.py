@@ -30,7 +30,7 @@ from .artifacts import atomic_path, write_json
 from .engines import cublaslt_fp8
 from .errors import QandcError
 from .sampling.plan import DEFAULT_PLAN_SEARCH, default_plan_shape
-from .step_peers import PEER_STAGES, back_to_back_ms, compiled_summary, measure_peer, median_ms, peer
+from .step_peers import PEER_STAGES, back_to_back_ms, compile_summary, measure_peer, median_ms, peer
 
 BATCH, STEPS, CFG, SEED = 16, 50, 1.5, 0
 CACHE_PLAN = "interval=3"  # the first ablation's plan: full step every 3rd, reuse all branches
@@ -537,7 +537,7 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
                 print(f"{model_name:10s} {name:20s} " + (f"not measured: {unmeasured}" if unmeasured else
                       f"full {row['ms_full_step']:7.2f} ms ({row['ms_full_step_back_to_back']:.2f} back to back)  "
                       f"compile {row['compile_s']:.0f} s, again {row['recompile_s']:.0f} s  "
-                      f"{compiled_summary(row['compile_report'])}"), flush=True)
+                      f"{compile_summary(row['compile_report'])}"), flush=True)
                 _release()
                 continue
             config = configs[name]

@@ -157,7 +157,7 @@ def compile_report():
         report["cudagraph_skip_reasons"] = sorted(set(reasons))
 
 
-def compiled_summary(report: dict) -> str:
+def compile_summary(report: dict) -> str:
     """One line of a `compile_report`: graphs, graph breaks, cache use, graphs without CUDA graphs and why."""
     why = "; ".join(report["cudagraph_skip_reasons"])
     cache = ", ".join(f"{n} {kind}" for kind, n in report["fx_graph_cache"].items() if n)

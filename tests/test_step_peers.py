@@ -60,7 +60,7 @@ def test_settings_a_peer_changes_do_not_outlive_it():
 def test_a_compile_report_counts_graphs_breaks_cache_hits_and_cudagraph_skips():
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
-    from qandc.step_peers import compile_report, compiled_summary
+    from qandc.step_peers import compile_report, compile_summary
 
     def step(x):
         x = x * 2
@@ -76,8 +76,8 @@ def test_a_compile_report_counts_graphs_breaks_cache_hits_and_cudagraph_skips():
     assert report["fx_graph_cache"]["hit"] + report["fx_graph_cache"]["miss"] == 2  # a hit where an earlier run left it
     assert report["cudagraph_skips"] == 1
     assert report["cudagraph_skip_reasons"] == ["skipping cudagraphs due to cpu device (x)"]
-    assert "2 graph(s), 1 break(s), FX graph cache: " in compiled_summary(report)
-    assert compiled_summary(report).endswith("1 without CUDA graphs (skipping cudagraphs due to cpu device (x))")
+    assert "2 graph(s), 1 break(s), FX graph cache: " in compile_summary(report)
+    assert compile_summary(report).endswith("1 without CUDA graphs (skipping cudagraphs due to cpu device (x))")
     torch.compiler.reset()
     with compile_report() as again:
         torch.compile(step)(torch.ones(3))
