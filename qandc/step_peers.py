@@ -130,6 +130,8 @@ def compile_report():
     logged for them (`cudagraph_skip_reasons`) — why a step's one call can be slower than its calls back to back."""
     from torch._dynamo.utils import counters
 
+    from .engines.inductor_backend import fx_graph_cache_answers
+
     reasons: list[str] = []
 
     class Reasons(logging.Handler):
@@ -151,8 +153,7 @@ def compile_report():
         report["graphs"] = added("stats", "unique_graphs")
         report["graph_breaks"] = {r: added("graph_break", r) for r in counters["graph_break"]
                                   if added("graph_break", r)}
-        report["fx_graph_cache"] = {kind: added("inductor", f"fxgraph_cache_{kind}")
-                                    for kind in ("hit", "miss", "bypass")}
+        report["fx_graph_cache"] = fx_graph_cache_answers(before["inductor"])
         report["cudagraph_skips"] = added("inductor", "cudagraph_skips")
         report["cudagraph_skip_reasons"] = sorted(set(reasons))
 

@@ -46,6 +46,15 @@ COMPILE_MODES = {False: "max-autotune-no-cudagraphs", True: "default"}
 MAX_BATCH_SIZES = 64  # batch sizes one engine may be compiled for in a process
 
 
+def fx_graph_cache_answers(before: dict) -> dict:
+    """Inductor's compilations since `before` (a copy of torch._dynamo's counters["inductor"]) by how its FX graph
+    cache answered them: hit, miss, bypass."""
+    from torch._dynamo.utils import counters
+
+    return {answer: counters["inductor"][f"fxgraph_cache_{answer}"] - before.get(f"fxgraph_cache_{answer}", 0)
+            for answer in ("hit", "miss", "bypass")}
+
+
 def build_files(model, out_dir: Path, graphs: dict[str, GraphSpec], batch_sizes) -> BuildResult:
     """Export every graph of `model` (already in its inference dtype and quantized form, on its device) and, on a
     GPU, compile them for `batch_sizes` rows and save the compile cache."""

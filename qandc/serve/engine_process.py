@@ -154,6 +154,8 @@ class LaunchedBatch:
     def __init__(self, pipeline, batch):
         from torch._dynamo.utils import counters  # the engine process's (the server's need not import dynamo)
 
+        from ..engines.inductor_backend import fx_graph_cache_answers
+
         labels, seeds, steps, sampler, cfg_scale, sample_ids = batch
         self.started, cpu = time.perf_counter(), time.process_time()
         self.samples, self.error, self.run = None, None, {}
@@ -161,9 +163,7 @@ class LaunchedBatch:
         try:
             self.samples = pipeline.generate(labels, seeds, steps, sampler, cfg_scale, sample_ids=sample_ids,
                                              allow_nonfinite=True)
-            self.run = {**pipeline.last_run, "compiles": {
-                answer: counters["inductor"][f"fxgraph_cache_{answer}"] - compiles.get(f"fxgraph_cache_{answer}", 0)
-                for answer in ("hit", "miss", "bypass")}}
+            self.run = {**pipeline.last_run, "compiles": fx_graph_cache_answers(compiles)}
         except Exception as e:
             log.exception("a batch of %d images failed", len(labels))
             self.error = one_line(e)
