@@ -162,7 +162,7 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
   # The peers' max-autotune compiles take ~10 minutes on a fresh machine, more than a call: stages resume from the
   # state on the same (warm) machine. A new machine is a new sitting, and the bench compares its fastest row with the
   # peers of that row's sitting only: leave fullstep.tgz out of .gpu-states (its rows would count as done there).
-  # FULLSTEP (the stages; the bench's order) defaults to that row beside the two fastest peers seen so far; a second
+  # FULLSTEP (the stages, run in that order) defaults to that row beside the two fastest peers seen so far; a second
   # call adds the rest (and bf16 engines). Inductor's autotune timings come back as fullstep-timings.tgz (40 kB;
   # carried in .gpu-states within a session and committed as $R/fullstep-autotune-timings-h200.tgz, which every call
   # unpacks first: a fresh machine reads them instead of timing every choice again: in session 17 that took

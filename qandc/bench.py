@@ -482,6 +482,17 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def pending_stages(models, only, state: Path) -> list[tuple[str, str]]:
+    """(model, stage) of every stage of `only` not finished in `state`, model by model, the stages in the order
+    `only` names them (PEERS_STAGE: every peer, there), so that a user spending a budget picks what runs first."""
+    unknown = sorted(set(only) - set(STAGE_CHOICES))
+    if unknown:
+        raise QandcError(f"unknown bench stage {unknown[0]!r}; known: {', '.join(STAGE_CHOICES)}")
+    stages = dict.fromkeys(s for name in only for s in (PEER_STAGES if name == PEERS_STAGE else (name,)))
+    return [(m, name) for m in models for name in stages if (m in PEER_MODELS or name not in PEER_STAGES)
+            and not _finished(state / f"{m}--{name}.json")]
+
+
 def _finished(path: Path) -> bool:
     """A stage's row is in the state folder (a peer skipped for want of a library counts only without a GPU)."""
     return path.is_file() and not ("skipped" in json.loads(path.read_text()) and torch.cuda.is_available())
@@ -496,17 +507,12 @@ def _release() -> None:
 
 def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Path, models=MODELS,
           budget_s: float = 540.0, runs: int = 3, only=STAGES) -> dict | None:
-    """Run the unfinished stages of `only` (configuration names, FLOOR, peer stages or PEERS_STAGE for all of them)
-    within `budget_s`; when they are done, write bench-<card>.json and its plot from every finished stage and return
-    the result (None while stages remain). A peer row skipped for a missing library is tried again on a GPU."""
-    unknown = sorted(set(only) - set(STAGE_CHOICES))
-    if unknown:
-        raise QandcError(f"unknown bench stage {unknown[0]!r}; known: {', '.join(STAGE_CHOICES)}")
-    only = set(only) | (set(PEER_STAGES) if PEERS_STAGE in only else set())
+    """Run the unfinished stages of `only` (configuration names, FLOOR, peer stages or PEERS_STAGE for all of them),
+    in that order, within `budget_s`; when they are done, write bench-<card>.json and its plot from every finished
+    stage and return the result (None while stages remain). A peer row skipped for a missing library is tried again
+    on a GPU."""
     state, work, results_dir = Path(state), Path(work), Path(results_dir)
-    pending = [(m, name) for m in models for name in STAGES
-               if name in only and (m in PEER_MODELS or name not in PEER_STAGES)
-               and not _finished(state / f"{m}--{name}.json")]
+    pending = pending_stages(models, only, state)
     if pending and not torch.cuda.is_available():
         raise QandcError("qandc bench measures GPU speed and needs a CUDA GPU (with every stage asked for done in "
                          "--state, it only rewrites the JSON and the plot)")

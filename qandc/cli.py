@@ -713,8 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no new stage after this many seconds; exit code 3 means rerun to resume")
     p.add_argument("--runs", type=argument(integer), default=3, help="timed sampling runs per configuration (median)")
     p.add_argument("--only", nargs="+", choices=STAGE_CHOICES, metavar="STAGE",
-                   help=f"run only these stages (default all: {', '.join(STAGE_CHOICES[:-1])}; peers: every peer-*); "
-                        "the JSON and the plot are written from every stage finished in --state")
+                   help=f"run only these stages, in this order (default all: {', '.join(STAGE_CHOICES[:-1])}; "
+                        "peers: every peer-*); the JSON and the plot are written from every stage finished in --state")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="score samples: FD, class accuracy, PSNR / SSIM / MSE",

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qandc.bench import CONFIGS, MODELS, PEER_MODELS, bench
+from qandc.bench import CONFIGS, MODELS, PEER_MODELS, bench, pending_stages
 from qandc.errors import QandcError
 from qandc.sampling.plan import default_plan_shape
 from qandc.step_peers import PEER_STAGES
@@ -68,6 +68,16 @@ def test_bench_only_runs_the_stages_named_and_best_qc_weighs_the_default_plan(tm
     assert ("reference", "cache-default") not in {(r["model"], r["name"]) for r in result["configs"]}
     with pytest.raises(QandcError, match="unknown bench stage 'qc-fp16'"):
         bench("h200", state, tmp_path / "work", results, only=["qc-fp16"])
+
+
+def test_bench_runs_the_stages_in_the_order_asked_skipping_those_done(tmp_path):
+    """A user spending a budget names first what must run first: --only's order, peers expanded where named."""
+    (tmp_path / "dit-xl-2--peer-compile-bf16.json").write_text(json.dumps({"ms_full_step": 16.0}))
+    only = ["peer-diffusers-compile", "fp8-floor", "peers", "fp8-fused-only", "fp8-floor"]
+    peers_left = [s for s in PEER_STAGES if s not in ("peer-compile-bf16", "peer-diffusers-compile")]
+    assert pending_stages(["dit-xl-2", "reference"], only, tmp_path) == [
+        ("dit-xl-2", "peer-diffusers-compile"), ("dit-xl-2", "fp8-floor"), *[("dit-xl-2", s) for s in peers_left],
+        ("dit-xl-2", "fp8-fused-only"), ("reference", "fp8-floor"), ("reference", "fp8-fused-only")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
