@@ -55,7 +55,7 @@ def skip_reason(p: Peer, device: str) -> str | None:
     if device != "cuda":
         return "needs a CUDA GPU"
     if p.library and importlib.util.find_spec(p.library) is None:
-        return f"{p.library} is not installed"
+        return f"{p.library} is not installed: pip install 'qandc[peers]'"
     if p.fp8 and torch.cuda.get_device_capability() < (8, 9):
         return "FP8 GEMMs need compute capability 8.9 or newer"
     return None

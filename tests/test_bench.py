@@ -26,7 +26,7 @@ def _rows(state, rates, peer_ms=None):
         for stage in PEER_STAGES:
             ms = (peer_ms or {}).get(stage)
             row = {"name": stage[5:], **({"ms_full_step": ms, "ms_full_step_back_to_back": ms - 0.5} if ms
-                                         else {"skipped": "torchao is not installed"})}
+                                         else {"skipped": "torchao is not installed: pip install 'qandc[peers]'"})}
             (state / f"{model}--{stage}.json").write_text(json.dumps(row))
 
 
@@ -118,7 +118,8 @@ def test_bench_compares_the_fastest_engine_full_step_with_the_best_measured_peer
         16.3 / (9.0 + CONFIGS.index(fastest)))
     assert result["fastest_full_step_over_fp8_floor"] == pytest.approx((10.0 + CONFIGS.index(fastest)) / 4.0)
     peers = {r["name"]: r for r in result["peers"]}
-    assert peers["torchao-int8"]["skipped"] == "torchao is not installed" and "torchao-fp8-tensor" not in peers
+    assert peers["torchao-int8"]["skipped"] == "torchao is not installed: pip install 'qandc[peers]'"
+    assert "torchao-fp8-tensor" not in peers
     assert (results / "bench-h200.png").stat().st_size > 10_000
 
 
