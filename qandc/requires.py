@@ -17,6 +17,7 @@ PROVIDERS = {
     "onnxruntime": ("onnxruntime", "'qandc[ort]' (or 'qandc[ort-gpu]' on a CUDA machine, not both)"),
     "tensorrt": ("TensorRT", "'qandc[tensorrt]' (on a CUDA machine)"),
     "diffusers": ("diffusers", "'qandc[vae]'"),
+    "torchao": ("torchao", "'qandc[peers]'"),
     "fastapi": ("fastapi", "'qandc[serve]'"),
     "uvicorn": ("uvicorn", "'qandc[serve]'"),
     "prometheus_client": ("prometheus_client", "'qandc[serve]'"),

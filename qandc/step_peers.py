@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .requires import PROVIDERS
+
 PEER_COMPILE_MODE = "max-autotune"  # each peer at its best (torch's, torchao's and diffusers' advice)
 
 
@@ -55,7 +57,7 @@ def skip_reason(p: Peer, device: str) -> str | None:
     if device != "cuda":
         return "needs a CUDA GPU"
     if p.library and importlib.util.find_spec(p.library) is None:
-        return f"{p.library} is not installed: pip install 'qandc[peers]'"
+        return f"{p.library} is not installed: pip install {PROVIDERS[p.library][1]}"
     if p.fp8 and torch.cuda.get_device_capability() < (8, 9):
         return "FP8 GEMMs need compute capability 8.9 or newer"
     return None
