@@ -4,11 +4,15 @@
 inside the other) and no artifact folder of another kind. `staged_folder`: export and build-engine build in
 `.<OUT>.staging` beside OUT, the manifest written last, and only then swap it in for OUT: a failed or killed build
 leaves OUT as it was, and a rerun restarts from a clean staging folder (finishing a swap a kill cut short first).
+On Linux the swap is one atomic exchange of the two folders, so that a reader never finds OUT absent; elsewhere (or
+on a file system without it) two renames, which a kill can cut between.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -112,6 +116,24 @@ def _recover(out: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the existing folders `a` and `b` in one step: Linux's renameat2(RENAME_EXCHANGE), called through ctypes
+    as Python's os has no call for it. False where the C library or the file system has no such exchange."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 @contextlib.contextmanager
 def staged_folder(out, kind: str) -> Iterator[Path]:
     """A fresh staging folder beside `out` to build a `kind` artifact in (manifest last); when the block succeeds
@@ -129,6 +151,9 @@ def staged_folder(out, kind: str) -> Iterator[Path]:
         raise
     if (out / LOCK).exists():  # the job's lock goes with the folder (same file: the lock stays held)
         os.replace(out / LOCK, staging / LOCK)
+    if out.exists() and _exchange(staging, out):  # the old folder now at `staging`: removed as a killed build's is
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     if out.exists():
         os.replace(out, retired)
     os.replace(staging, out)

@@ -4,12 +4,13 @@ next build; written files honour the umask."""
 import json
 import os
 import stat
+import sys
 
 import pytest
 
 from qandc.artifacts import umask, write_json
 from qandc.errors import QandcError
-from qandc.staging import staged_folder
+from qandc.staging import _exchange, staged_folder
 
 
 def _artifact(folder, content: str) -> None:
@@ -58,6 +59,18 @@ def test_a_swap_cut_short_is_finished_by_the_next_build(tmp_path, whole):
         raise QandcError("the next build fails")
     assert _contents(out) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_two_folders_are_exchanged_in_one_step(tmp_path):
+    """The swap that keeps --out present throughout: both folders exist before and after, contents traded."""
+    _artifact(tmp_path / "a", "old")
+    _artifact(tmp_path / "b", "new")
+    before = _contents(tmp_path / "a"), _contents(tmp_path / "b")
+    assert _exchange(tmp_path / "a", tmp_path / "b")
+    assert (_contents(tmp_path / "b"), _contents(tmp_path / "a")) == before
+    with pytest.raises(FileNotFoundError):
+        _exchange(tmp_path / "a", tmp_path / "missing")
 
 
 def test_files_honour_the_umask(tmp_path):
