@@ -126,7 +126,7 @@ def test_killed_at_every_file_then_rerun_equals_the_uninterrupted_run(root, comm
         # the staging folder lives a moment after its last files: a kill may come as it is swapped in for --out
         also = (out,) if command in STAGED else ()
         assert _kill_when_written(_argv(command, root, out), written, files[k:], also) == -signal.SIGKILL, files[k]
-        if written.exists():  # the old folder when the kill came after the swap (gone once removed)
+        if written.exists():  # the old folder, whole, when the kill came just after the exchange; gone after
             _assert_whole(written, versions)
         if command in STAGED:  # --out is the old folder or the new one, whole
             assert contents() in (old, new)
