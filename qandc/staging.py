@@ -151,10 +151,11 @@ def staged_folder(out, kind: str) -> Iterator[Path]:
         raise
     if (out / LOCK).exists():  # the job's lock goes with the folder (same file: the lock stays held)
         os.replace(out / LOCK, staging / LOCK)
-    if out.exists() and _exchange(staging, out):
+    if not out.exists():
+        os.replace(staging, out)
+    elif _exchange(staging, out):
         os.replace(staging, retired)  # the old folder, whole: a staging folder with a manifest is never half removed
     else:
-        if out.exists():
-            os.replace(out, retired)
+        os.replace(out, retired)
         os.replace(staging, out)
     shutil.rmtree(retired, ignore_errors=True)
