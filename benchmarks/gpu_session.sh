@@ -21,8 +21,6 @@
 #                                                   # one + quantize, and the padded GEMMs that would feed it
 #                                                   # (fp8_attention.py), then what it costs in FD on the
 #                                                   # reference model (fp8_attention_quality.py, 10k samples)
-#   bash benchmarks/gpu_session.sh residual         # the blocks' residual add folded into the GEMM before it
-#                                                   # (residual_gemm.py), against the engines' GEMM + norm kernel
 #   bash benchmarks/gpu_session.sh fastaccum        # DiT-XL/2 FP8 step profiles with fast accumulation (and
 #                                                   # coordinate-descent tuning, qandc's norm kernel)
 #   bash benchmarks/gpu_session.sh fusedstep        # the fastest FP8 step profiled again, its MLP by Triton and
@@ -223,13 +221,6 @@ fp8attention() {  # cuDNN's FP8 attention at DiT-XL/2's shapes (cudnn-frontend 1
     > "$OUT/fp8attention.log" 2>&1
   (cd benchmarks && timeout -s INT $(upto 400) python3 fp8_attention_quality.py \
      --out results/fp8-attention-quality-h200.json >> "$OUT/fp8attention.log" 2>&1)
-}
-
-residual() {  # DiT-XL/2's residual add folded into the projection's and fc2's GEMMs (cuBLASLt's alpha vector,
-  # a cuDNN graph) against the engines' GEMM + norm kernel (residual_gemm.py; nvmath-python and cudnn-frontend from
-  # the bundle; ~1 minute)
-  timeout -s INT $(upto 200) python3 benchmarks/residual_gemm.py --out $R/residual-gemm-h200.json \
-    > "$OUT/residual.log" 2>&1
 }
 
 serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts of 7 buckets; 12 of 10 buckets since

@@ -18,18 +18,17 @@ FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 
 
 @triton.jit
-def _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, cols, M, C, TOKENS, MOD_STRIDE, HAS_DELTA: tl.constexpr):
-    """x + gate · delta over `cols` of `rows`, written back as bf16 (x alone without HAS_DELTA); (it in float32,
-    the mask, the offsets, the adaLN offsets)."""
+def _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, cols, M, C, TOKENS, MOD_STRIDE):
+    """x + gate · delta over `cols` of `rows`, written back as bf16; (it in float32, the mask, the offsets, the
+    adaLN offsets)."""
     mask = (rows[:, None] < M) & (cols[None, :] < C)
     offsets = rows[:, None] * C + cols[None, :]
     modulation = (rows // TOKENS)[:, None] * MOD_STRIDE + cols[None, :]  # the row's image's adaLN row
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    if HAS_DELTA:
-        delta = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(gate_ptr + modulation, mask=mask, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) + gate * delta).to(x_out_ptr.dtype.element_ty)  # the residual stream stays bf16
-        tl.store(x_out_ptr + offsets, x, mask=mask)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + modulation, mask=mask, other=0.0).to(tl.float32)
+    x = (x + gate * delta).to(x_out_ptr.dtype.element_ty)  # the residual stream stays bf16
+    tl.store(x_out_ptr + offsets, x, mask=mask)
     return x.to(tl.float32), mask, offsets, modulation
 
 
@@ -65,21 +64,20 @@ def measured_config(configs: list, named_args: dict, **kwargs) -> list:
 def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_ptr, q_scale_ptr, x_out_ptr, q_ptr,
                                   M, C, TOKENS, MOD_STRIDE, eps, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
                                   BLOCK_B: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-                                  DEPENDENT: tl.constexpr, HAS_DELTA: tl.constexpr = True):
+                                  DEPENDENT: tl.constexpr):
     """BLOCK_C: C's next power of two. SPLIT: a row as two blocks instead, BLOCK_A (C's largest power of two) and
     BLOCK_B (the rest's next power of two; 1 and masked when C is a power of two), so that a row of 1152 takes
     1024 + 128 lanes, not 2048. DEPENDENT: launched before the previous kernel ends (programmatic dependent launch),
-    so it waits for that kernel's writes before reading anything. HAS_DELTA False: x is the residual stream already
-    (`norm_modulate_fp8`), nothing added, nothing written but the e4m3."""
+    so it waits for that kernel's writes before reading anything."""
     if DEPENDENT:
         tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     if SPLIT:
         cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
         xa, mask_a, offsets_a, mod_a = _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, tl.arange(0, BLOCK_A),
-                                                 M, C, TOKENS, MOD_STRIDE, HAS_DELTA)
+                                                 M, C, TOKENS, MOD_STRIDE)
         xb, mask_b, offsets_b, mod_b = _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, cols_b, M, C, TOKENS,
-                                                 MOD_STRIDE, HAS_DELTA)
+                                                 MOD_STRIDE)
         mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / C
         centred_a = tl.where(mask_a, xa - mean[:, None], 0.0)
         centred_b = tl.where(mask_b, xb - mean[:, None], 0.0)
@@ -90,7 +88,7 @@ def _add_norm_modulate_fp8_kernel(x_ptr, delta_ptr, gate_ptr, shift_ptr, scale_p
                            q_ptr)
     else:
         x, mask, offsets, modulation = _residual(x_ptr, delta_ptr, gate_ptr, x_out_ptr, rows, tl.arange(0, BLOCK_C),
-                                                 M, C, TOKENS, MOD_STRIDE, HAS_DELTA)
+                                                 M, C, TOKENS, MOD_STRIDE)
         mean = tl.sum(x, axis=1) / C
         centred = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
@@ -109,31 +107,17 @@ def add_norm_modulate_fp8(x: torch.Tensor, delta: torch.Tensor, gate: torch.Tens
                           scale: torch.Tensor, q_scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + gate · delta, its LayerNorm (eps) modulated and quantized to e4m3 with the static scale q_scale) for x,
     delta [B, T, C] bf16 and gate, shift, scale [B, C] (chunks of the adaLN output: rows of one stride)."""
+    b, t, c = x.shape
     x, delta = x.contiguous(), delta.contiguous()
+    if not (gate.stride() == shift.stride() == scale.stride() and shift.stride(1) == 1):
+        gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
     x_out = torch.empty_like(x)
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    grid = lambda meta: (triton.cdiv(b * t, meta["ROWS"]),)  # noqa: E731
     # launched as Inductor launches the engines' own kernels: dependent where `triton.enable_pdl` is set
     # (TORCHINDUCTOR_ENABLE_PDL=1), so that one switch makes the whole step's Triton kernels dependent launches. Off
     # by default: on the H200 the FP8 step gained nothing by it (session 25, README's bench section)
     dependent = {"launch_pdl": True} if getattr(inductor_config.triton, "enable_pdl", False) else {}
-    return x_out, _launch(x, delta, gate, shift, scale, q_scale, eps, x_out, DEPENDENT=bool(dependent), **dependent)
-
-
-def norm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, q_scale: torch.Tensor,
-                      eps: float) -> torch.Tensor:
-    """`add_norm_modulate_fp8` of a residual stream x [B, T, C] bf16 whose residual add is done already (by the
-    GEMM before it, `benchmarks/residual_gemm.py`): the e4m3 of its LayerNorm, modulated, quantized with q_scale."""
-    x = x.contiguous()
-    return _launch(x, x, shift, shift, scale, q_scale, eps, x, DEPENDENT=False, HAS_DELTA=False)
-
-
-def _launch(x, delta, gate, shift, scale, q_scale, eps, x_out, **options) -> torch.Tensor:
-    """The kernel over contiguous x [B, T, C] (gate, shift and scale made one stride where they are not); its e4m3
-    output. `options`: its DEPENDENT, HAS_DELTA and launch options."""
-    b, t, c = x.shape
-    if not (gate.stride() == shift.stride() == scale.stride() and shift.stride(1) == 1):
-        gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
-    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    grid = lambda meta: (triton.cdiv(b * t, meta["ROWS"]),)  # noqa: E731
     _add_norm_modulate_fp8_kernel[grid](x, delta, gate, shift, scale, q_scale.float().reshape(1), x_out, q, b * t, c,
-                                        t, shift.stride(0), eps, **blocks(c), **options)
-    return q
+                                        t, shift.stride(0), eps, **blocks(c), DEPENDENT=bool(dependent), **dependent)
+    return x_out, q
