@@ -161,7 +161,7 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
   # state on the same (warm) machine. A new machine is a new sitting, and the bench compares its fastest row with the
   # peers of that row's sitting only: leave fullstep.tgz out of .gpu-states (its rows would count as done there).
   # FULLSTEP (the stages, run in that order) defaults to that row beside the two fastest peers seen so far; a second
-  # call adds the rest (and bf16 engines). Inductor's autotune timings come back as fullstep-timings.tgz (40 kB;
+  # call adds the rest (and bf16 engines). Inductor's autotune results come back as fullstep-timings.tgz (~80 kB;
   # carried in .gpu-states within a session and committed as $R/fullstep-autotune-timings-h200.tgz, which every call
   # unpacks first: a fresh machine reads them instead of timing every choice again: in session 17 that took
   # 123 s for the bf16 peer's GEMM shapes and 272 s for the FP8 peer's, 45-76 s an FP8 shape of 106 choices; the
@@ -172,8 +172,11 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
     --only ${FULLSTEP:-fp8-fused-only fp8-floor peer-torchao-fp8-tensor peer-compile-bf16} > "$OUT/fullstep.log" 2>&1
   echo "qandc bench exit status $?" >> "$OUT/fullstep.log"
   save fullstep
-  tar czf "$OUT/fullstep-timings.tgz" -C /tmp fullstep-work/inductor/cache && echo "kept the autotune timings" \
-    "(commit them as $R/fullstep-autotune-timings-h200.tgz)"
+  # with the GEMM choices' timings (cache/), each Triton kernel's tuned config (*.best_config beside its source: the
+  # coordinate-descent search torchao turns on, max-autotune's pointwise configs), which a new process would redo
+  (cd /tmp && { echo fullstep-work/inductor/cache; find fullstep-work/inductor -name '*.best_config'; } |
+     tar czf "$OUT/fullstep-timings.tgz" -T -) && echo "kept the autotune timings" \
+    "(from an H200: commit them as $R/fullstep-autotune-timings-h200.tgz)"
 }
 
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines, CUDA graphs of steps and of whole runs

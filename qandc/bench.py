@@ -529,10 +529,14 @@ def bench(card: str, state: str | Path, work: str | Path, results_dir: str | Pat
             if time.perf_counter() - begin > budget_s:
                 print(f"budget of {budget_s:.0f} s spent: rerun to resume")
                 return None
+            print(f"{model_name:10s} {name:20s} started at {time.perf_counter() - begin:.0f} s", flush=True)
             model = model or make_model(model_name, "cpu")
             if name == FLOOR:
-                write_json(state / f"{model_name}--{FLOOR}.json",
-                           {**fp8_floor(model.to("cuda"), 2 * BATCH), "sitting": sitting()})
+                floor = fp8_floor(model.to("cuda"), 2 * BATCH)
+                write_json(state / f"{model_name}--{FLOOR}.json", {**floor, "sitting": sitting()})
+                print(f"{model_name:10s} {name:20s} full {floor['fp8_floor_ms']:7.2f} ms "
+                      f"({floor['fp8_gemm_tflops']:.1f} TFLOP/s at {'x'.join(map(str, floor['gemm_shape']))})",
+                      flush=True)
                 model.to("cpu")
                 continue
             if name in PEER_STAGES:
