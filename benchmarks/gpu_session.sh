@@ -50,8 +50,9 @@ export PYTHONPATH=/tmp/site:$PWD
 # (its hooks' caches), and ran out of memory beside the ablation at 2500 rows a batch (1000 here): segments that grow
 # fragment less
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-# the fullstep job's autotune timings as last committed (a new checkout has no .gpu-states), then this session's
-tar xzf benchmarks/results/fullstep-autotune-timings-h200.tgz -C /tmp
+# the fullstep job's autotune timings as last committed for each card (a new checkout has no .gpu-states; Inductor
+# keys the GEMM timings by the device's name), then this session's
+for t in benchmarks/results/fullstep-autotune-timings-*.tgz; do tar xzf "$t" -C /tmp; done
 for t in .gpu-states/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C /tmp; done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 touch /tmp/gpu-session-start
@@ -162,7 +163,7 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
   # peers of that row's sitting only: leave fullstep.tgz out of .gpu-states (its rows would count as done there).
   # FULLSTEP (the stages, run in that order) defaults to that row beside the two fastest peers seen so far; a second
   # call adds the rest (and bf16 engines). Inductor's autotune results come back as fullstep-timings.tgz (~80 kB;
-  # carried in .gpu-states within a session and committed as $R/fullstep-autotune-timings-h200.tgz, which every call
+  # carried in .gpu-states within a session and committed as $R/fullstep-autotune-timings-<card>.tgz, which every call
   # unpacks first: a fresh machine reads them instead of timing every choice again: in session 17 that took
   # 123 s for the bf16 peer's GEMM shapes and 272 s for the FP8 peer's, 45-76 s an FP8 shape of 106 choices; the
   # peers' rows then say their cache was not empty). FULLSTEP_CARD names the results' file (bench-<card>.json;
@@ -176,7 +177,7 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
   # coordinate-descent search torchao turns on, max-autotune's pointwise configs), which a new process would redo
   (cd /tmp && { echo fullstep-work/inductor/cache; find fullstep-work/inductor -name '*.best_config'; } |
      tar czf "$OUT/fullstep-timings.tgz" -T -) && echo "kept the autotune timings" \
-    "(from an H200: commit them as $R/fullstep-autotune-timings-h200.tgz)"
+    "(commit them as $R/fullstep-autotune-timings-<card>.tgz)"
 }
 
 kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines, CUDA graphs of steps and of whole runs
