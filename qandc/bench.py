@@ -376,7 +376,8 @@ def summarize(state: Path, card: str, results_dir: Path) -> dict:
                         "peers: the same DiT-XL/2 weights and full-step inputs (32 rows) run by other stacks "
                         "(qandc.step_peers); compile_s: their first compile in the process, recompile_s: again after "
                         "torch.compiler.reset(); compile_report: that compile's graphs, graph breaks, FX graph "
-                        "cache hits and graphs run without CUDA graphs (cudagraph_skips, with Inductor's reasons)",
+                        "cache hits and graphs run without CUDA graphs (cudagraph_skips, with Inductor's reasons); "
+                        "compile_phases: the first compile's longest phases (nested: seconds and calls)",
                         "sitting: the machine's boot a row was measured on; full_step_speedup_vs_best_peer compares "
                         "the fastest row with the peers of its sitting only (sittings: how many the rows span)",
                         "ms_full_step: one call at a time, each waited for (the host's launch included); "

@@ -160,6 +160,37 @@ def compile_report():
         report["cudagraph_skip_reasons"] = sorted(set(reasons))
 
 
+@contextlib.contextmanager
+def compile_phases(top: int = 12):
+    """Yield a dict that, on exit, holds the `top` phases of torch.compile that took longest inside (name ->
+    {"s": seconds, "calls": n}, from torch._dynamo.utils.compilation_time_metrics: Dynamo's tracing, AOT, Inductor's
+    codegen, GEMM template autotuning and precompiling, Triton kernels' autotuning and coordinate-descent tuning at
+    their first run). Phases nest (a phase's seconds include those within it) and only finished ones count. When
+    the block is interrupted, it prints them first: where a compile longer than a device call went."""
+    from torch._dynamo.utils import compilation_time_metrics as metrics
+
+    before = {name: len(times) for name, times in metrics.items()}
+    phases: dict = {}
+
+    def fill():
+        spent = {name: times[before.get(name, 0):] for name, times in metrics.items()}
+        ranked = sorted(((sum(t), len(t), name) for name, t in spent.items() if t), reverse=True)[:top]
+        phases.update({name: {"s": round(s, 1), "calls": n} for s, n, name in ranked})
+
+    try:
+        yield phases
+    except BaseException:
+        fill()
+        print(f"stopped inside a compile; its finished phases: {phases_summary(phases)}", flush=True)
+        raise
+    fill()
+
+
+def phases_summary(phases: dict) -> str:
+    """One line of `compile_phases`: each phase's seconds and calls, longest first."""
+    return ", ".join(f"{name} {p['s']:.1f} s ({p['calls']}x)" for name, p in phases.items()) or "none"
+
+
 def compile_summary(report: dict) -> str:
     """One line of a `compile_report`: graphs, graph breaks, cache use, graphs without CUDA graphs and why."""
     why = "; ".join(report["cudagraph_skip_reasons"])
@@ -171,9 +202,10 @@ def compile_summary(report: dict) -> str:
 
 def measure_peer(p: Peer, model, rows: int, inductor_cache: str | None = None) -> dict:
     """A bench row: the peer's median ms per full step at `rows` rows (CUDA events, after warm-up), its compile
-    time in this process (`compile_s`; a cold compile only when `inductor_cache_was_empty`) and again after
-    torch.compiler.reset() from Inductor's caches (`recompile_s`), how that compile ran (`compile_report`);
-    `skipped` with the reason where it cannot run, `failed` with the error where it failed."""
+    time in this process (`compile_s`; a cold compile only when `inductor_cache_was_empty`; where it went:
+    `compile_phases`) and again after torch.compiler.reset() from Inductor's caches (`recompile_s`), how that
+    compile ran (`compile_report`); `skipped` with the reason where it cannot run, `failed` with the error where it
+    failed."""
     row = {"name": p.name, "what": p.what, "rows": rows, "compile_mode": PEER_COMPILE_MODE, "torch": torch.__version__}
     try:
         with kept_settings():
@@ -215,7 +247,9 @@ def _measure(p: Peer, model, rows: int, inductor_cache: str | None) -> dict:
     module, step = peer_module(p, model, device)
     row["prepare_s"] = time.perf_counter() - start  # conversion / quantization
     x, t, y = step_inputs(model, rows, device)
-    row["compile_s"] = _first_call_s(torch.compile(module, mode=PEER_COMPILE_MODE), step, x, t, y)
+    with compile_phases() as phases:
+        row["compile_s"] = _first_call_s(torch.compile(module, mode=PEER_COMPILE_MODE), step, x, t, y)
+    row["compile_phases"] = phases
     torch.compiler.reset()
     compiled = torch.compile(module, mode=PEER_COMPILE_MODE)
 

@@ -83,3 +83,25 @@ def test_a_compile_report_counts_graphs_breaks_cache_hits_and_cudagraph_skips():
         torch.compile(step)(torch.ones(3))
     assert again["graphs"] == 2 and again["fx_graph_cache"] == {"hit": 2, "miss": 0, "bypass": 0}
     assert again["cudagraph_skips"] == 0 and again["cudagraph_skip_reasons"] == []
+
+
+def test_compile_phases_are_those_of_the_compiles_inside_and_printed_when_interrupted(capsys):
+    from qandc.step_peers import compile_phases
+
+    def step(x):
+        return torch.nn.functional.gelu(x) * 3
+
+    with compile_phases() as phases:
+        torch.compile(step)(torch.ones(4))
+    assert phases["_compile.compile_inner"]["calls"] == 1 and phases["_compile.compile_inner"]["s"] >= 0
+    assert len(phases) <= 12 and list(phases.values()) == sorted(phases.values(), key=lambda p: -p["s"])
+    with compile_phases() as nothing:
+        torch.compile(step)(torch.ones(4))  # compiled already: no phase runs
+    assert nothing == {}
+    torch.compiler.reset()
+    with pytest.raises(KeyboardInterrupt), compile_phases(top=3) as cut:
+        torch.compile(step)(torch.ones(4))
+        raise KeyboardInterrupt  # as the device call's limit stops a compile
+    assert len(cut) == 3 and cut["_compile.compile_inner"]["calls"] == 1
+    printed = capsys.readouterr().out
+    assert printed.startswith("stopped inside a compile; its finished phases: _compile.compile_inner ")
