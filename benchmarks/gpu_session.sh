@@ -54,13 +54,14 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # keys the GEMM timings by the device's name), then this session's; a warm machine keeps what an earlier call of the
 # session wrote there when it is newer (session 37: the committed timings replaced the three GEMM shapes call 2 had
 # just autotuned)
-for t in benchmarks/results/fullstep-autotune-timings-*.tgz; do tar xzf "$t" -C /tmp --keep-newer-files --warning=no-ignore-newer; done
-for t in .gpu-states/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C /tmp --keep-newer-files --warning=no-ignore-newer; done
+unpack() { tar xzf "$1" -C /tmp --keep-newer-files --warning=no-ignore-newer; }
+for t in benchmarks/results/fullstep-autotune-timings-*.tgz; do unpack "$t"; done
+for t in .gpu-states/*.tgz; do [ -f "$t" ] && unpack "$t"; done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 touch /tmp/gpu-session-start
 # a job's time limit, cut to what is left of the call (CALL_S, 570 s: the device stops a command at 600) so that
-# the results below are always packed; a job still running 15 s after its interrupt is killed (session 37's bench printed
-# its interrupt and had not exited 40 s later, when the device stopped the call before its state was packed)
+# the results below are always packed; a job still running 15 s after its interrupt is killed (session 37's bench
+# printed its interrupt and had not exited 40 s later, when the device stopped the call before its state was packed)
 upto() { local left=$(( ${CALL_S:-570} - SECONDS )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 save() { tar czf "$OUT/$1.tgz" -C /tmp "qandc-$1" && echo "saved $1: $(du -h "$OUT/$1.tgz" | cut -f1)"; }
 R=benchmarks/results
