@@ -60,14 +60,17 @@ for t in .gpu-states/*.tgz; do [ -f "$t" ] && unpack "$t"; done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 touch /tmp/gpu-session-start
 # a job's time limit, cut to what is left of the call (CALL_S, 570 s: the device stops a command at 600) so that
-# the results below are always packed; a job still running 15 s after its interrupt is killed (session 37's bench
-# printed its interrupt and had not exited 40 s later, when the device stopped the call before its state was packed)
+# the results below are always packed
 upto() { local left=$(( ${CALL_S:-570} - SECONDS )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
+# `limited N command...`: the command interrupted at its limit (N s or what is left of the call), killed if it still
+# runs 15 s later (session 37's bench printed its interrupt and had not exited 40 s later, when the device stopped
+# the call before its state was packed)
+limited() { local s; s=$(upto "$1"); shift; timeout -k 15 -s INT "$s" "$@"; }
 save() { tar czf "$OUT/$1.tgz" -C /tmp "qandc-$1" && echo "saved $1: $(du -h "$OUT/$1.tgz" | cut -f1)"; }
 R=benchmarks/results
 
 quality() {  # the front's points not screened yet (a changed plan search re-screens its points)
-  (cd benchmarks && timeout -k 15 -s INT $(upto 560) python3 front.py --samplers ddpm ddim --phases screen --budget-s 480 \
+  (cd benchmarks && limited 560 python3 front.py --samplers ddpm ddim --phases screen --budget-s 480 \
      --state /tmp/qandc-front --seed-from results/front-h200.json > "$OUT/front.log" 2>&1)
   save front
 }
@@ -76,7 +79,7 @@ peers() {  # the peers' rows not run yet, in processes of their own states (rows
   (cd benchmarks
    for group in ${PEER_GROUPS:-SeaCache FasterCache,PyramidAttentionBroadcast}; do  # methods of a process: a,b
      (name=front-peers-${group%%,*}
-      timeout -k 15 -s INT $(upto 545) python3 front_peers.py --methods none ${group//,/ } --state /tmp/qandc-$name \
+      limited 545 python3 front_peers.py --methods none ${group//,/ } --state /tmp/qandc-$name \
         --budget-s 380 --seed-from results/front-peers-h200.json --out /tmp/$name.json > "$OUT/$name.log" 2>&1
       save $name) &
    done
@@ -84,13 +87,13 @@ peers() {  # the peers' rows not run yet, in processes of their own states (rows
 }
 
 ablation() {  # the ablation's optional rows (the issue's 16 are committed)
-  (cd benchmarks && timeout -k 15 -s INT $(upto 545) python3 ablation.py --state /tmp/qandc-ablation --batch-size 1000 \
+  (cd benchmarks && limited 545 python3 ablation.py --state /tmp/qandc-ablation --batch-size 1000 \
      --budget-s 420 --seed-from results/ablation.json --out "$OUT/ablation.json" > "$OUT/ablation.log" 2>&1)
   save ablation
 }
 
 measure() {
-  (cd benchmarks && timeout -k 15 -s INT $(upto 560) python3 front.py --phases measure --state /tmp/qandc-front \
+  (cd benchmarks && limited 560 python3 front.py --phases measure --state /tmp/qandc-front \
      --seed-from results/front-h200.json --budget-s "${BUDGET:-470}" ${FRONT_ARGS:-} > "$OUT/measure.log" 2>&1)
   save front
 }
@@ -102,12 +105,12 @@ profile() {  # whole sampling runs of the reference model (host- or GPU-bound: D
   # cache stays while the machine is warm: call it again until profile.log shows every row (no variant starts after
   # 360 s of a call)
   local start=$SECONDS
-  timeout -k 15 -s INT $(upto 140) python3 benchmarks/profile_step.py --model reference --run --plan default-shape \
+  limited 140 python3 benchmarks/profile_step.py --model reference --run --plan default-shape \
     --precisions bf16 --state /tmp/qandc-profile/runs > "$OUT/profile.log" 2>&1
   for variant in "" "--persistent-reductions-up-to 2048" "--fused-fp8-mlp" \
                  "--fused-fp8-mlp --persistent-reductions-up-to 2048" "--inductor-config triton.multi_kernel=1"; do
     (( SECONDS - start > 360 )) && break
-    timeout -k 15 -s INT $(upto 200) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
+    limited 200 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
       --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
   save profile
@@ -119,7 +122,7 @@ fastaccum() {  # FP8 GEMMs without float32 promotion (cuBLASLt's use_fast_accum,
   # (~2 minutes a row on a fresh machine; rows resume like profile's)
   for variant in "" "--fused-fp8-mlp" "--fused-fp8-mlp --inductor-config coordinate_descent_tuning=True" \
                  "--fused-fp8-mlp --fused-fp8-norm"; do
-    timeout -k 15 -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
+    limited 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 $variant \
       --persistent-reductions-up-to 2048 --fp8-fast-accum --state /tmp/qandc-profile/steps \
       --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
@@ -133,7 +136,7 @@ fusedstep() {  # the fused MLP + fused norms + fast accumulation, measured anew:
   local variants
   IFS=, read -ra variants <<< "${FUSEDSTEP:-auto --remeasure,triton --remeasure}"
   for kernel in "${variants[@]}"; do
-    timeout -k 15 -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
+    limited 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
       --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --fp8-mlp-kernel $kernel \
       --state /tmp/qandc-profile/steps --seed-from $R/profile-step-h200.json >> "$OUT/profile.log" 2>&1
   done
@@ -143,20 +146,20 @@ fusedstep() {  # the fused MLP + fused norms + fast accumulation, measured anew:
 rungraphs() {  # whole-run graphs against the step-by-step engines, batch by batch, on the serve benchmark's engines
   # (benchmarks/run_graph_check.py: buckets 4, 8, 12, step noise drawn in parallel and serially; ~2 minutes;
   # RUNGRAPHS: its options)
-  timeout -k 15 -s INT $(upto 300) python3 benchmarks/run_graph_check.py ${RUNGRAPHS:-} > "$OUT/rungraphs.log" 2>&1
+  limited 300 python3 benchmarks/run_graph_check.py ${RUNGRAPHS:-} > "$OUT/rungraphs.log" 2>&1
 }
 
 localize() {  # where the serve engines read memory they did not write, at 16 rows (run_graph_check.py --localize:
   # each input beside NaN, the programs eagerly over NaN memory, the INT8 GEMM alone; ~1 minute; LOCALIZE: more
   # options, e.g. --no-cudnn-attention)
-  timeout -k 15 -s INT $(upto 200) python3 benchmarks/run_graph_check.py --localize 16 ${LOCALIZE:-} \
+  limited 200 python3 benchmarks/run_graph_check.py --localize 16 ${LOCALIZE:-} \
     > "$OUT/localize.log" 2>&1
 }
 
 launchers() {  # the fastest FP8 step without CUDA graphs, so that the profiler links each kernel to the op that
   # launched it (where the step's memsets come from); its results apart, under $OUT/launchers (committed as
   # profile-step-launchers-<card>.*)
-  timeout -k 15 -s INT $(upto 250) python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
+  limited 250 python3 benchmarks/profile_step.py --model dit-xl-2 --precisions w8a8-fp8 --fused-fp8-mlp \
     --fused-fp8-norm --persistent-reductions-up-to 2048 --fp8-fast-accum --no-cuda-graphs \
     --state /tmp/qandc-profile/launchers --results "$OUT/launchers" > "$OUT/launchers.log" 2>&1
 }
@@ -172,7 +175,7 @@ fullstep() {  # DiT-XL/2 only: qandc's fastest FP8 engines, the floor and the pe
   # 123 s for the bf16 peer's GEMM shapes and 272 s for the FP8 peer's, 45-76 s an FP8 shape of 106 choices; the
   # peers' rows then say their cache was not empty). FULLSTEP_CARD names the results' file (bench-<card>.json;
   # default h200-fullstep): a sitting of other rows alone writes its own
-  timeout -k 15 -s INT $(upto 560) python3 -m qandc bench --models dit-xl-2 --card ${FULLSTEP_CARD:-h200-fullstep} --state /tmp/qandc-fullstep \
+  limited 560 python3 -m qandc bench --models dit-xl-2 --card ${FULLSTEP_CARD:-h200-fullstep} --state /tmp/qandc-fullstep \
     --work /tmp/fullstep-work --budget-s 400 \
     --only ${FULLSTEP:-fp8-fused-only fp8-floor peer-torchao-fp8-tensor peer-compile-bf16} > "$OUT/fullstep.log" 2>&1
   echo "qandc bench exit status $?" >> "$OUT/fullstep.log"
@@ -190,7 +193,7 @@ kernels() {  # the GPU tests of the Triton GEMMs and the Inductor engines, CUDA 
   # line names its process), to tell what differs where a fresh process misses the build's compilations
   local codecache=/tmp/kernels-codecache.log
   rm -f $codecache
-  timeout -k 15 -s INT $(upto 540) env ${FXKEYS:+TORCH_LOGS=+torch._inductor.codecache TORCH_LOGS_OUT=$codecache} \
+  limited 540 env ${FXKEYS:+TORCH_LOGS=+torch._inductor.codecache TORCH_LOGS_OUT=$codecache} \
     python3 -m pytest -q -p no:cacheprovider -rfE ${FXKEYS:+--show-capture=no} tests/test_triton_kernels.py \
     tests/test_profile_step.py tests/test_inductor.py tests/test_forecast_engines.py ${KERNELS_K:+-k "$KERNELS_K"} \
     > "$OUT/kernels.log" 2>&1
@@ -205,29 +208,29 @@ fxkeys() {  # a TORCH_LOGS=+torch._inductor.codecache log's FX graph cache keys 
 
 gemm() {  # ~2 minutes on a fresh machine (the fused kernel's autotuning and tile sweep, both accumulations), then
   # the residual add + norm + quantize kernels (~1 minute)
-  timeout -k 15 -s INT $(upto 300) python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
-  timeout -k 15 -s INT $(upto 150) python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
+  limited 300 python3 benchmarks/gemm_rates.py --out $R/gemm-h200.json > "$OUT/gemm.log" 2>&1
+  limited 150 python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
 }
 
 fc1() {  # fc1's GEMM rates alone, the MLP's middle every way (Triton's fused kernels, cuBLASLt's GELU epilogue by
   # its heuristic's algorithm and autotuned), into gemm-fc1-h200.json (~80 s)
-  timeout -k 15 -s INT $(upto 300) python3 benchmarks/gemm_rates.py --shapes fc1 --out $R/gemm-fc1-h200.json \
+  limited 300 python3 benchmarks/gemm_rates.py --shapes fc1 --out $R/gemm-fc1-h200.json \
     > "$OUT/gemm.log" 2>&1
 }
 
 norm() {  # gemm's norm kernel rates alone (~1 minute)
-  timeout -k 15 -s INT $(upto 150) python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
+  limited 150 python3 benchmarks/norm_rates.py --out $R/norm-h200.json > "$OUT/norm.log" 2>&1
 }
 
 attention() {  # DiT-XL/2's attention by each SDPA backend, heads as they are and padded (~30 s)
-  timeout -k 15 -s INT $(upto 120) python3 benchmarks/attention_rates.py --out $R/attention-h200.json > "$OUT/attention.log" 2>&1
+  limited 120 python3 benchmarks/attention_rates.py --out $R/attention-h200.json > "$OUT/attention.log" 2>&1
 }
 
 fp8attention() {  # cuDNN's FP8 attention at DiT-XL/2's shapes (cudnn-frontend 1.16 from the bundle; ~1 minute),
   # then the reference model's FD with it simulated (a W8A8-FP8 recipe calibrated first; three rows of 10k samples)
-  timeout -k 15 -s INT $(upto 200) python3 benchmarks/fp8_attention.py --out $R/fp8-attention-h200.json \
+  limited 200 python3 benchmarks/fp8_attention.py --out $R/fp8-attention-h200.json \
     > "$OUT/fp8attention.log" 2>&1
-  (cd benchmarks && timeout -k 15 -s INT $(upto 400) python3 fp8_attention_quality.py \
+  (cd benchmarks && limited 400 python3 fp8_attention_quality.py \
      --out results/fp8-attention-quality-h200.json >> "$OUT/fp8attention.log" 2>&1)
 }
 
@@ -242,7 +245,7 @@ serve() {  # a fresh machine builds the engines (200-240 s for the 8 row counts 
   # inputs' TensorMetadata kept (session 18: every input's hash differed, the graphs' did not; session 20 found why:
   # the build's process pickled memory formats through __mp_main__, the server's through torch._utils --
   # inductor_backend.stable_cache_keys)
-  timeout -k 15 -s INT $(upto 560) env ${FXKEYS:+TORCH_LOGS=+torch._inductor.codecache} python3 benchmarks/serve_load.py \
+  limited 560 env ${FXKEYS:+TORCH_LOGS=+torch._inductor.codecache} python3 benchmarks/serve_load.py \
     --state /tmp/qandc-serve-load/state --work /tmp/qandc-serve-load/work --budget-s ${SERVE_BUDGET:-330} \
     ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1
   if [ -n "${FXKEYS:-}" ]; then
